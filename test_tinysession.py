@@ -1,0 +1,1053 @@
+"""The specification of tinysession, as tests.
+
+Run with ``python -m unittest -v`` (or pytest). Tests that need a component
+this machine may lack (a Redis server, Flask, Bottle) skip with the reason;
+with ``TINYSESSION_REQUIRE_ALL=1`` in the environment (CI sets it) such a skip
+is a failure instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import doctest
+import hashlib
+import heapq
+import json
+import logging
+import os
+import pickle
+import random
+import resource
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import tinysession
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REQUIRE_ALL = os.environ.get("TINYSESSION_REQUIRE_ALL") == "1"
+
+
+def require(condition, reason):
+    """Skip the test when ``condition`` is false, or fail under CI."""
+    if condition:
+        return
+    if REQUIRE_ALL:
+        raise AssertionError(f"required by TINYSESSION_REQUIRE_ALL=1: {reason}")
+    raise unittest.SkipTest(reason)
+
+
+def temp_dir(test):
+    """Return a fresh temporary directory removed when ``test`` ends."""
+    holder = tempfile.TemporaryDirectory(prefix="tinysession-test-")
+    test.addCleanup(holder.cleanup)
+    return holder.name
+
+
+def python_process(code, *args, **popen_options):
+    """Start ``python -c code args`` that can import tinysession."""
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, **popen_options)
+
+
+class LogRecords(logging.Handler):
+    """Collect the ``tinysession`` logger's records at WARNING and above."""
+
+    def __enter__(self):
+        self.records = []
+        self.setLevel(logging.WARNING)
+        logging.getLogger("tinysession").addHandler(self)
+        return self.records
+
+    def __exit__(self, *exc_info):
+        logging.getLogger("tinysession").removeHandler(self)
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+
+class _MarkerWriter:
+    """Unpickling this writes a marker file: proof that a planted pickle ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class StoreContract:
+    """Behaviour every store shares; a subclass per store supplies the hooks.
+
+    Hooks: ``make_store(**options)``, ``set_age(store, key, seconds)``,
+    ``mtime(store, key)``, ``raw(store, key)``, ``put_raw(store, key, data)``,
+    ``physical_count(store)`` (records kept, expired or not) and
+    ``store_code`` (an expression building the same store in a child process).
+    """
+
+    def test_round_trip_returns_a_fresh_copy(self):
+        store = self.make_store()
+        record = {"user": 42, "messages": [{"role": "user", "content": "hé"}]}
+        store["abc"] = record
+        loaded = store["abc"]
+        self.assertEqual(loaded, record)
+        loaded["messages"].append("changed")
+        self.assertEqual(store["abc"], record)
+        self.assertIsNot(store["abc"], store["abc"])
+
+    def test_missing_key(self):
+        store = self.make_store()
+        with self.assertRaises(KeyError):
+            store["nope"]
+        self.assertIsNone(store.get("nope"))
+        self.assertEqual(store.get("nope", "default"), "default")
+        self.assertNotIn("nope", store)
+        with self.assertRaises(KeyError):
+            del store["nope"]
+
+    def test_overwrite_delete_len_iter(self):
+        store = self.make_store()
+        for key in ("a", "b", "c"):
+            store[key] = {"k": key}
+        store["b"] = {"k": "new"}
+        self.assertEqual(store["b"], {"k": "new"})
+        self.assertEqual(len(store), 3)
+        self.assertEqual(sorted(store), ["a", "b", "c"])
+        del store["a"]
+        self.assertNotIn("a", store)
+        self.assertEqual(sorted(store), ["b", "c"])
+        self.assertEqual(self.physical_count(store), 2)
+
+    def test_expired_records_are_missing_without_clean(self):
+        store = self.make_store(max_age=60)
+        store["old"] = {"v": 1}
+        store["new"] = {"v": 2}
+        self.set_age(store, "old", 61)
+        self.set_age(store, "new", 59)
+        with self.assertRaises(KeyError):
+            store["old"]
+        self.assertIsNone(store.get("old"))
+        self.assertNotIn("old", store)
+        self.assertEqual(list(store), ["new"])
+        self.assertEqual(len(store), 1)
+        self.assertFalse(store.touch("old"))
+        with self.assertRaises(KeyError):
+            del store["old"]
+        self.assertEqual(store["new"], {"v": 2})
+
+    def test_touch_refreshes_the_mtime_without_rewriting(self):
+        store = self.make_store(max_age=60)
+        store["a"] = {"v": 1}
+        self.set_age(store, "a", 50)
+        before = self.raw(store, "a")
+        now = time.time()
+        self.assertTrue(store.touch("a", now=now))
+        self.assertAlmostEqual(self.mtime(store, "a"), now, delta=0.01)
+        self.assertEqual(self.raw(store, "a"), before)
+        self.assertFalse(store.touch("missing"))
+
+    def test_clean_removes_expired_then_all_but_the_newest(self):
+        store = self.make_store()
+        ages = {"e1": 500, "e2": 400, "k1": 300, "k2": 200, "k3": 100, "k4": 10}
+        for key, age in ages.items():
+            store[key] = {"key": key}
+            self.set_age(store, key, age)
+        self.assertEqual(store.clean(max_age=350, keep=3), 3)
+        self.assertEqual(sorted(store), ["k2", "k3", "k4"])
+        self.assertEqual(self.physical_count(store), 3)
+        self.assertEqual(store.clean(max_age=350, keep=3), 0)
+
+    def test_keep_removes_exactly_the_oldest(self):
+        store = self.make_store()
+        rng = random.Random(7)
+        ages = {f"key{index}": rng.uniform(1, 10000) for index in range(60)}
+        for key, age in ages.items():
+            store[key] = {}
+            self.set_age(store, key, age)
+        self.assertEqual(store.clean(keep=17), 43)
+        self.assertEqual(sorted(store), sorted(heapq.nsmallest(17, ages, key=ages.get)))
+        self.assertEqual(store.clean(keep=0), 17)
+        self.assertEqual(self.physical_count(store), 0)
+
+    def test_clean_uses_the_store_options_and_otherwise_removes_nothing(self):
+        store = self.make_store()
+        for index in range(5):
+            store[f"k{index}"] = {}
+            self.set_age(store, f"k{index}", 1000 * (index + 1))
+        self.assertEqual(store.clean(), 0)
+        self.assertEqual(self.physical_count(store), 5)
+        configured = self.make_store(max_age=2500, max_sessions=1)
+        self.assertEqual(configured.clean(), 4)
+        self.assertEqual(list(configured), ["k0"])
+
+    def test_invalid_keys_raise_before_any_io(self):
+        store = self.make_store()
+        store["good"] = {"v": 1}
+        bad_keys = ["", "../x", "a/b", "a\\b", "..", "a\0b", "x" * 129, "é", "a b", "a.b", "ts-x\n"]
+        for key in bad_keys:
+            with self.subTest(key=key):
+                with self.assertRaises(ValueError):
+                    store[key] = {"v": 2}
+                with self.assertRaises(ValueError):
+                    store[key]
+                with self.assertRaises(ValueError):
+                    del store[key]
+                self.assertRaises(ValueError, store.__contains__, key)
+                with self.assertRaises(ValueError):
+                    store.touch(key)
+        with self.assertRaises(TypeError):
+            store[b"good"]
+        self.assertEqual(list(store), ["good"])
+        self.assertEqual(self.physical_count(store), 1)
+
+    def test_corrupt_record_is_missing_and_logged(self):
+        store = self.make_store()
+        for index, garbage in enumerate([b"", b"{not json", b'{"truncated": [1, 2', b"\xff\xfe\x00"]):
+            key = f"bad{index}"
+            self.put_raw(store, key, garbage)
+            with self.assertLogs("tinysession", "WARNING") as logs:
+                with self.assertRaises(KeyError):
+                    store[key]
+                self.assertIsNone(store.get(key))
+            self.assertIn(key, logs.output[0])
+
+    def test_signed_records_reject_tampering(self):
+        store = self.make_store(secret="s3cret")
+        store["a"] = {"role": "user"}
+        store["b"] = {"role": "admin"}
+        self.assertEqual(store["a"], {"role": "user"})
+        signed = self.raw(store, "a")
+        self.assertNotIn(b"s3cret", signed)
+        tampered = signed.replace(b"user", b"root")
+        self.put_raw(store, "a", tampered)
+        with self.assertLogs("tinysession", "WARNING"):
+            self.assertIsNone(store.get("a"))
+        self.put_raw(store, "c", self.raw(store, "b"))  # a valid record moved to another key
+        with self.assertLogs("tinysession", "WARNING"):
+            self.assertIsNone(store.get("c"))
+        self.put_raw(store, "d", b'{"role": "admin"}')  # unsigned
+        with self.assertLogs("tinysession", "WARNING"):
+            self.assertIsNone(store.get("d"))
+        other = self.make_store(secret="another secret")
+        with self.assertLogs("tinysession", "WARNING"):
+            self.assertIsNone(other.get("b"))
+
+    def test_pickle_needs_a_secret_and_never_runs_a_planted_record(self):
+        with self.assertRaises(ValueError):
+            self.make_store(serializer="pickle")
+        store = self.make_store(serializer="pickle", secret=b"k")
+        store["a"] = {"when": {1, 2}, "bytes": b"\x00"}
+        self.assertEqual(store["a"], {"when": {1, 2}, "bytes": b"\x00"})
+        marker = os.path.join(temp_dir(self), "ran")
+        planted = pickle.dumps(_MarkerWriter(marker))
+        for data in (planted, b"\x00" * 32 + planted):
+            self.put_raw(store, "evil", data)
+            with self.assertLogs("tinysession", "WARNING"):
+                self.assertIsNone(store.get("evil"))
+        self.assertFalse(os.path.exists(marker))
+
+    def test_custom_serializer(self):
+        class Upper:
+            def dumps(self, obj):
+                return obj.upper().encode()
+
+            def loads(self, data):
+                return data.decode().lower()
+
+        store = self.make_store(serializer=Upper())
+        store["a"] = "hello"
+        self.assertEqual(store["a"], "hello")
+        self.assertIn(b"HELLO", self.raw(store, "a"))
+        with self.assertRaises(ValueError):
+            self.make_store(serializer="yaml")
+        with self.assertRaises(ValueError):
+            self.make_store(serializer=object())
+
+    def test_bad_records_and_sizes_leave_the_previous_record(self):
+        store = self.make_store(max_bytes=100)
+        store["a"] = {"v": "small"}
+        with self.assertRaises(tinysession.RecordTooLarge) as caught:
+            store["a"] = {"v": "x" * 200}
+        self.assertIsInstance(caught.exception, ValueError)
+        self.assertIn("max_bytes=100", str(caught.exception))
+        with self.assertRaises(TypeError):
+            store["a"] = {"v": object()}
+        self.assertEqual(store["a"], {"v": "small"})
+        self.assertEqual(self.physical_count(store), 1)
+        self.assertEqual(tinysession.DEFAULT_MAX_BYTES, 256 * 1024)
+
+    def test_max_sessions_holds_at_write_time(self):
+        store = self.make_store(max_sessions=20)
+        highest = 0
+        for index in range(200):
+            store[f"flood{index}"] = {"i": index}
+            highest = max(highest, self.physical_count(store))
+        self.assertLessEqual(highest, 20 + 10)
+        self.assertIn("flood199", store)
+
+    def test_close_is_safe_twice_and_works_as_a_context_manager(self):
+        with self.make_store() as store:
+            store["a"] = {"v": 1}
+        store.close()
+        self.assertEqual(self.make_store()["a"], {"v": 1})
+
+    def test_threads_share_one_store(self):
+        store = self.make_store()
+        errors = []
+
+        def work(worker):
+            try:
+                for index in range(100):
+                    store[f"t{worker}"] = {"i": index, "pad": "x" * index}
+                    self.assertEqual(store[f"t{worker}"]["i"], index)
+                    store.get(f"t{(worker + 1) % 8}")
+            except (AssertionError, KeyError, tinysession.SessionError) as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(store), 8)
+
+    def test_a_writer_killed_mid_write_leaves_whole_records(self):
+        self.make_store()["k0"] = {"seq": -1}
+        code = (
+            "import sys, tinysession\n"
+            f"store = {self.store_code}\n"
+            "seq = 0\n"
+            "while True:\n"
+            "    store['k%d' % (seq % 5)] = {'seq': seq, 'pad': 'x' * (seq * 7919 % 20000)}\n"
+            "    seq += 1\n"
+            "    if seq % 50 == 0:\n"
+            "        print(seq, flush=True)\n"
+        )
+        for _ in range(3):
+            child = python_process(code, stdout=subprocess.PIPE)
+            self.addCleanup(child.stdout.close)
+            for _ in range(random.randint(1, 6)):
+                child.stdout.readline()
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            store = self.make_store()
+            with LogRecords() as warnings:
+                for key in store:
+                    record = store[key]
+                    self.assertEqual(len(record["pad"]), record["seq"] * 7919 % 20000)
+            self.assertEqual(warnings, [])
+
+    def test_four_processes_write_read_and_clean_at_once(self):
+        self.make_store()
+        code = (
+            "import sys, random, tinysession\n"
+            f"store = {self.store_code}\n"
+            "worker = int(sys.argv[1])\n"
+            "for step in range(150):\n"
+            "    key = 'p%d' % random.randrange(12)\n"
+            "    store[key] = {'key': key, 'pad': 'y' * random.randrange(5000)}\n"
+            "    other = store.get('p%d' % random.randrange(12))\n"
+            "    assert other is None or other['pad'] == 'y' * len(other['pad']), other\n"
+            "    if step % 25 == worker:\n"
+            "        store.clean(keep=8)\n"
+            "    if step % 40 == 0:\n"
+            "        list(store)\n"
+            "print('ok')\n"
+        )
+        children = [
+            python_process(code, str(n), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for n in range(4)
+        ]
+        for child in children:
+            out, err = child.communicate(timeout=120)
+            self.assertEqual((child.returncode, out.strip(), err), (0, b"ok", b""))
+
+
+class FileStoreTest(StoreContract, unittest.TestCase):
+    """The store contract, on FileStore."""
+
+    def setUp(self):
+        self.directory = os.path.join(temp_dir(self), "sessions")
+        self.store_code = f"tinysession.FileStore({self.directory!r})"
+
+    def make_store(self, **options):
+        return tinysession.FileStore(self.directory, **options)
+
+    def path(self, key):
+        return os.path.join(self.directory, "ts-" + key)
+
+    def set_age(self, store, key, seconds):
+        then = time.time() - seconds
+        os.utime(self.path(key), (then, then))
+
+    def mtime(self, store, key):
+        return os.stat(self.path(key)).st_mtime
+
+    def raw(self, store, key):
+        with open(self.path(key), "rb") as file:
+            return file.read()
+
+    def put_raw(self, store, key, data):
+        with open(self.path(key), "wb") as file:
+            file.write(data)
+
+    def physical_count(self, store):
+        return sum(name.startswith("ts-") for name in os.listdir(self.directory))
+
+
+class SQLiteStoreTest(StoreContract, unittest.TestCase):
+    """The store contract, on SQLiteStore."""
+
+    def setUp(self):
+        self.path = os.path.join(temp_dir(self), "sessions.sqlite3")
+        self.store_code = f"tinysession.SQLiteStore({self.path!r})"
+
+    def make_store(self, **options):
+        store = tinysession.SQLiteStore(self.path, **options)
+        self.addCleanup(store.close)
+        return store
+
+    def sql(self, statement, parameters=()):
+        with sqlite3.connect(self.path, timeout=5) as connection:
+            return connection.execute(statement, parameters).fetchall()
+
+    def set_age(self, store, key, seconds):
+        self.sql("UPDATE sessions SET mtime = ? WHERE key = ?", (time.time() - seconds, key))
+
+    def mtime(self, store, key):
+        return self.sql("SELECT mtime FROM sessions WHERE key = ?", (key,))[0][0]
+
+    def raw(self, store, key):
+        return self.sql("SELECT data FROM sessions WHERE key = ?", (key,))[0][0]
+
+    def put_raw(self, store, key, data):
+        self.sql("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (key, data, time.time()))
+
+    def physical_count(self, store):
+        return self.sql("SELECT COUNT(*) FROM sessions")[0][0]
+
+
+class FileStoreOnDisk(unittest.TestCase):
+    """FileStore's files: modes, names, debris, strays and links."""
+
+    def setUp(self):
+        self.directory = os.path.join(temp_dir(self), "sessions")
+        self.store = tinysession.FileStore(self.directory)
+
+    def test_modes_and_names(self):
+        self.store["abc"] = {"v": 1}
+        self.assertEqual(stat.S_IMODE(os.stat(self.directory).st_mode), 0o700)
+        self.assertEqual(os.listdir(self.directory), ["ts-abc"])
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.directory, "ts-abc")).st_mode), 0o600)
+        with open(os.path.join(self.directory, "ts-abc"), "rb") as file:
+            self.assertEqual(json.loads(file.read()), {"v": 1})
+
+    def test_clean_removes_only_its_own_files(self):
+        old = time.time() - 10**6
+        strays = ["notes.txt", "ts-", "ts-bad.name", ".ts-x.keep", "session-abc", "TS-abc"]
+        for name in strays:
+            with open(os.path.join(self.directory, name), "w") as file:
+                file.write("keep me")
+            os.utime(os.path.join(self.directory, name), (old, old))
+        os.mkdir(os.path.join(self.directory, "ts-dir"))
+        outside = os.path.join(temp_dir(self), "outside")
+        with open(outside, "w") as file:
+            file.write("outside")
+        os.utime(outside, (old, old))
+        os.symlink(outside, os.path.join(self.directory, "ts-link"))
+        self.store["real"] = {}
+        os.utime(os.path.join(self.directory, "ts-real"), (old, old))
+        self.assertEqual(self.store.clean(max_age=60, keep=0), 1)
+        self.assertEqual(
+            sorted(os.listdir(self.directory)), sorted(strays + ["ts-dir", "ts-link"])
+        )
+        self.assertTrue(os.path.exists(outside))
+        self.assertEqual(list(self.store), [])
+
+    def test_debris_of_killed_writers_goes_once_old(self):
+        old = time.time() - 3600
+        for name in (".ts-old.tmp", ".ts-young.tmp"):
+            with open(os.path.join(self.directory, name), "w") as file:
+                file.write("{")
+        os.utime(os.path.join(self.directory, ".ts-old.tmp"), (old, old))
+        self.assertEqual(self.store.clean(), 0)
+        self.assertEqual(os.listdir(self.directory), [".ts-young.tmp"])
+        self.assertEqual(list(self.store), [])
+
+    def test_symbolic_links_are_not_followed(self):
+        secret_file = os.path.join(temp_dir(self), "secret.json")
+        with open(secret_file, "w") as file:
+            file.write('{"stolen": true}')
+        os.symlink(secret_file, os.path.join(self.directory, "ts-link"))
+        with self.assertLogs("tinysession", "WARNING"):
+            self.assertIsNone(self.store.get("link"))
+        self.assertNotIn("link", self.store)
+        self.assertFalse(self.store.touch("link"))
+
+    def test_oversized_file_is_not_read(self):
+        store = tinysession.FileStore(self.directory, max_bytes=10)
+        with open(os.path.join(self.directory, "ts-big"), "wb") as file:
+            file.write(b'"' + b"x" * 1000 + b'"')
+        with self.assertLogs("tinysession", "WARNING"):
+            self.assertIsNone(store.get("big"))
+
+
+class FileStoreWriteFailures(unittest.TestCase):
+    """A write that fails raises StoreError and keeps the previous record."""
+
+    def setUp(self):
+        self.directory = os.path.join(temp_dir(self), "sessions")
+        self.store = tinysession.FileStore(self.directory)
+        self.store["a"] = {"v": "before"}
+
+    def assert_previous_kept(self):
+        self.assertEqual(self.store["a"], {"v": "before"})
+        self.assertEqual(os.listdir(self.directory), ["ts-a"])
+
+    def test_file_size_limit_like_a_full_disk(self):
+        previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        self.addCleanup(signal.signal, signal.SIGXFSZ, previous_handler)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+        try:
+            with self.assertRaises(tinysession.StoreError) as caught:
+                self.store["a"] = {"v": "x" * 5000}
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        self.assertIsInstance(caught.exception, OSError)
+        self.assertIsInstance(caught.exception, tinysession.SessionError)
+        self.assertIn(os.path.join(self.directory, "ts-a"), str(caught.exception))
+        self.assertIsInstance(caught.exception.__cause__, OSError)
+        self.assert_previous_kept()
+
+    def test_read_only_directory(self):
+        if os.geteuid() == 0:
+            self.skipTest("root writes to read-only directories; covered by the size limit test")
+        os.chmod(self.directory, 0o500)
+        self.addCleanup(os.chmod, self.directory, 0o700)
+        with self.assertRaises(tinysession.StoreError):
+            self.store["a"] = {"v": "after"}
+        self.assert_previous_kept()
+
+    def test_directory_removed_under_the_store(self):
+        os.rename(self.directory, self.directory + ".moved")
+        with self.assertRaises(tinysession.StoreError) as caught:
+            self.store["b"] = {}
+        self.assertIn(self.directory, str(caught.exception))
+        with self.assertRaises(tinysession.StoreError):
+            list(self.store)
+
+
+class SQLiteStoreOnDisk(unittest.TestCase):
+    """SQLiteStore's database: schema, WAL, tables and bad files."""
+
+    def setUp(self):
+        self.path = os.path.join(temp_dir(self), "sessions.db")
+
+    def test_schema_and_journal_mode(self):
+        store = tinysession.SQLiteStore(self.path, table="web_sessions")
+        self.addCleanup(store.close)
+        store["a"] = {"v": 1}
+        with sqlite3.connect(self.path) as connection:
+            columns = connection.execute("PRAGMA table_info(web_sessions)").fetchall()
+            self.assertEqual(
+                [(name, kind, primary) for _, name, kind, _, _, primary in columns],
+                [("key", "TEXT", 1), ("data", "BLOB", 0), ("mtime", "REAL", 0)],
+            )
+            indexes = connection.execute("PRAGMA index_list(web_sessions)").fetchall()
+            self.assertIn("web_sessions_mtime", [row[1] for row in indexes])
+            self.assertEqual(connection.execute("PRAGMA journal_mode").fetchone(), ("wal",))
+            data, mtime = connection.execute("SELECT data, mtime FROM web_sessions").fetchone()
+        self.assertEqual(json.loads(data), {"v": 1})
+        self.assertAlmostEqual(mtime, time.time(), delta=5)
+
+    def test_invalid_table_names(self):
+        for table in ("", "x; DROP TABLE y", 'a"b', "1abc", "a" * 65):
+            with self.subTest(table=table), self.assertRaises(ValueError):
+                tinysession.SQLiteStore(self.path, table=table)
+
+    def test_a_file_that_is_not_a_database(self):
+        with open(self.path, "wb") as file:
+            file.write(b"this is not a database" * 100)
+        with self.assertRaises(tinysession.StoreError) as caught:
+            tinysession.SQLiteStore(self.path)
+        self.assertIn(self.path, str(caught.exception))
+        with open(self.path, "rb") as file:
+            self.assertTrue(file.read().startswith(b"this is not a database"))
+
+    def test_closed_store_raises_store_error(self):
+        store = tinysession.SQLiteStore(self.path)
+        store["a"] = {}
+        store.close()
+        with self.assertRaises(tinysession.StoreError):
+            store["a"]
+
+
+class Options(unittest.TestCase):
+    """Options are checked when a store is made."""
+
+    def test_bad_options(self):
+        directory = temp_dir(self)
+        for options in (
+            {"max_age": -1},
+            {"max_age": "1h"},
+            {"max_sessions": -1},
+            {"max_sessions": 1.5},
+            {"max_bytes": -5},
+            {"secret": ""},
+            {"secret": 42},
+        ):
+            with self.subTest(options=options), self.assertRaises(ValueError):
+                tinysession.FileStore(directory, **options)
+        store = tinysession.FileStore(directory)
+        with self.assertRaises(ValueError):
+            store.clean(keep=-1)
+
+    def test_signing_key_is_not_the_secret(self):
+        directory = temp_dir(self)
+        store = tinysession.FileStore(directory, secret="s")
+        store["a"] = {}
+        with open(os.path.join(directory, "ts-a"), "rb") as file:
+            data = file.read()
+        self.assertEqual(len(data), 32 + 2)
+        self.assertNotEqual(data[:32], hashlib.sha256(b"s").digest())
+
+
+class ModuleSurface(unittest.TestCase):
+    """The module's public surface and its import-time behaviour."""
+
+    def test_docstring_examples_run(self):
+        results = doctest.testmod(tinysession)
+        self.assertGreater(results.attempted, 0)
+        self.assertEqual(results.failed, 0)
+
+    def test_all_is_sorted_and_complete(self):
+        self.assertEqual(tinysession.__all__, sorted(tinysession.__all__))
+        for name in tinysession.__all__:
+            self.assertTrue(hasattr(tinysession, name), name)
+
+    def test_import_does_not_load_optional_modules(self):
+        code = "import sys, tinysession; print(sorted({'sqlite3', 'pickle', 'argparse'} & set(sys.modules)))"
+        child = python_process(code, stdout=subprocess.PIPE)
+        out, _ = child.communicate(timeout=60)
+        self.assertEqual(out.strip(), b"[]")
+
+    def test_logger_has_no_handlers_configured(self):
+        self.assertEqual(logging.getLogger("tinysession").handlers, [])
+
+
+# -- Message window --
+
+
+def system(text="sys"):
+    return {"role": "system", "content": text}
+
+
+def user(text="u"):
+    return {"role": "user", "content": text}
+
+
+def assistant(text="a"):
+    return {"role": "assistant", "content": text}
+
+
+def tool_call(call_id="c1"):
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": call_id, "type": "function",
+                            "function": {"name": "f", "arguments": "{}"}}]}
+
+
+def tool(text="t", call_id="c1"):
+    return {"role": "tool", "tool_call_id": call_id, "content": text}
+
+
+def alternating(rounds, with_system=True):
+    messages = [system()] if with_system else []
+    for n in range(rounds):
+        messages += [user(f"u{n}"), assistant(f"a{n}")]
+    return messages
+
+
+def assert_same_objects(test, result, expected):
+    test.assertEqual(len(result), len(expected))
+    for got, want in zip(result, expected):
+        test.assertIs(got, want)
+
+
+class TrimKeepsSystemMessages(unittest.TestCase):
+    def test_all_leading_system_messages_kept_in_place(self):
+        s1, s2 = system("one"), system("two")
+        messages = [s1, s2] + alternating(4, with_system=False)
+        result = tinysession.trim_messages(messages, max_rounds=1)
+        assert_same_objects(self, result, [s1, s2] + messages[-2:])
+
+    def test_later_system_message_dropped_with_its_round(self):
+        late = system("late")
+        messages = [system(), user("u0"), late, assistant("a0"), user("u1"), assistant("a1")]
+        result = tinysession.trim_messages(messages, max_rounds=1)
+        self.assertNotIn(late, result)
+        assert_same_objects(self, result, [messages[0]] + messages[-2:])
+
+    def test_later_system_message_kept_with_its_round(self):
+        late = system("late")
+        messages = [system(), user("u0"), assistant("a0"), user("u1"), late, assistant("a1")]
+        result = tinysession.trim_messages(messages, max_rounds=1)
+        assert_same_objects(self, result, [messages[0], messages[3], late, messages[5]])
+
+    def test_system_message_after_greeting_is_not_pinned(self):
+        messages = [system("s"), assistant("hello"), system("late"),
+                    user("u0"), assistant("a0"), user("u1"), assistant("a1")]
+        result = tinysession.trim_messages(messages, max_rounds=1)
+        assert_same_objects(self, result, [messages[0]] + messages[-2:])
+
+    def test_system_messages_kept_even_when_they_exceed_max_chars(self):
+        messages = [system("x" * 50), user("u0"), assistant("a0"), user("u1"), assistant("a1")]
+        result = tinysession.trim_messages(messages, max_chars=10)
+        assert_same_objects(self, result, [messages[0]] + messages[-2:])
+
+    def test_only_system_messages_unchanged(self):
+        messages = [system("a"), system("b")]
+        result = tinysession.trim_messages(messages, max_rounds=1, max_chars=0)
+        self.assertEqual(result, messages)
+        self.assertIsNot(result, messages)
+
+
+class TrimKeepsWholeRounds(unittest.TestCase):
+    def test_keeps_last_rounds(self):
+        messages = alternating(6)
+        result = tinysession.trim_messages(messages, max_rounds=2)
+        self.assertEqual([m["content"] for m in result], ["sys", "u4", "a4", "u5", "a5"])
+
+    def test_default_max_rounds_is_five(self):
+        messages = alternating(7)
+        result = tinysession.trim_messages(messages)
+        assert_same_objects(self, result, [messages[0]] + messages[-10:])
+
+    def test_tool_calls_and_results_stay_in_their_round(self):
+        round_with_tools = [user("u1"), tool_call("c1"), tool("r1", "c1"), tool("r2", "c1"),
+                            tool_call("c2"), tool("r3", "c2"), assistant("a1")]
+        messages = ([system(), user("u0"), assistant("a0")] + round_with_tools
+                    + [user("u2"), assistant("a2")])
+        result = tinysession.trim_messages(messages, max_rounds=2)
+        assert_same_objects(self, result, [messages[0]] + round_with_tools + messages[-2:])
+
+    def test_tail_never_starts_with_assistant_or_tool(self):
+        messages = [system(), user("u0"), tool_call(), tool(), assistant("a0"),
+                    user("u1"), tool_call(), tool(), assistant("a1")]
+        result = tinysession.trim_messages(messages, max_rounds=1)
+        self.assertEqual(result[1]["role"], "user")
+        assert_same_objects(self, result, [messages[0]] + messages[5:])
+
+    def test_other_roles_belong_to_their_round(self):
+        note = {"role": "developer", "content": "note"}
+        messages = [user("u0"), assistant("a0"), user("u1"), note, assistant("a1")]
+        result = tinysession.trim_messages(messages, max_rounds=1)
+        assert_same_objects(self, result, messages[2:])
+
+    def test_unchanged_when_within_limits(self):
+        messages = alternating(3)
+        result = tinysession.trim_messages(messages, max_rounds=3)
+        assert_same_objects(self, result, messages)
+        self.assertIsNot(result, messages)
+
+    def test_greeting_kept_when_nothing_is_trimmed(self):
+        messages = [system(), assistant("Hi, how can I help?")] + alternating(2, with_system=False)
+        result = tinysession.trim_messages(messages, max_rounds=2)
+        assert_same_objects(self, result, messages)
+
+    def test_greeting_dropped_when_a_round_is_trimmed(self):
+        messages = [system(), assistant("Hi, how can I help?")] + alternating(3, with_system=False)
+        result = tinysession.trim_messages(messages, max_rounds=2)
+        assert_same_objects(self, result, [messages[0]] + messages[-4:])
+
+    def test_no_user_message_returns_input_unchanged(self):
+        messages = [system(), assistant("a"), tool(), assistant("b")]
+        result = tinysession.trim_messages(messages, max_rounds=1, max_chars=0)
+        assert_same_objects(self, result, messages)
+        self.assertIsNot(result, messages)
+
+    def test_empty_list(self):
+        self.assertEqual(tinysession.trim_messages([]), [])
+
+    def test_trailing_user_message_is_a_round(self):
+        messages = alternating(3) + [user("u3")]
+        result = tinysession.trim_messages(messages, max_rounds=2)
+        assert_same_objects(self, result, [messages[0]] + messages[-3:])
+
+    def test_tuple_input_returns_list(self):
+        messages = tuple(alternating(3))
+        result = tinysession.trim_messages(messages, max_rounds=1)
+        self.assertIsInstance(result, list)
+        assert_same_objects(self, result, [messages[0]] + list(messages[-2:]))
+
+    def test_matches_familiar_slice_for_alternating_conversations(self):
+        for rounds in range(25):
+            for max_rounds in range(1, 12):
+                messages = alternating(rounds)
+                result = tinysession.trim_messages(messages, max_rounds=max_rounds)
+                if len(messages) > 1 + 2 * max_rounds:
+                    expected = [messages[0]] + messages[-2 * max_rounds:]
+                else:
+                    expected = messages
+                with self.subTest(rounds=rounds, max_rounds=max_rounds):
+                    assert_same_objects(self, result, expected)
+
+
+class TrimMaxChars(unittest.TestCase):
+    def test_drops_oldest_rounds_until_within_budget(self):
+        messages = [system("ss")]
+        for _ in range(4):
+            messages += [user("uuu"), assistant("aaaaa")]
+        # 2 chars of system message plus 8 per round
+        for max_chars, kept_rounds in ((17, 1), (18, 2), (25, 2), (26, 3), (33, 3), (34, 4)):
+            with self.subTest(max_chars=max_chars):
+                result = tinysession.trim_messages(messages, max_chars=max_chars)
+                assert_same_objects(self, result, [messages[0]] + messages[-2 * kept_rounds:])
+
+    def test_budget_is_inclusive(self):
+        messages = [user("12345"), assistant("12345")]
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=10), messages)
+
+    def test_newest_round_kept_even_when_over_budget(self):
+        messages = [system("s"), user("u0"), assistant("a0"),
+                    user("x" * 100), assistant("y" * 100)]
+        result = tinysession.trim_messages(messages, max_chars=5)
+        assert_same_objects(self, result, [messages[0]] + messages[-2:])
+
+    def test_zero_budget_keeps_system_and_newest_round(self):
+        messages = alternating(3)
+        result = tinysession.trim_messages(messages, max_chars=0)
+        assert_same_objects(self, result, [messages[0]] + messages[-2:])
+
+    def test_system_messages_count_towards_budget(self):
+        messages = [system("s" * 10), user("u0"), assistant("a0"), user("u1"), assistant("a1")]
+        # rounds alone fit in 8, but not with the 10-char system message
+        result = tinysession.trim_messages(messages, max_chars=15)
+        assert_same_objects(self, result, [messages[0]] + messages[-2:])
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=18), messages)
+
+    def test_greeting_goes_first(self):
+        messages = [system("s"), assistant("hello")] + alternating(2, with_system=False)
+        # total 1 + 5 + 8 = 14; dropping the greeting alone is enough for 9
+        result = tinysession.trim_messages(messages, max_chars=9)
+        assert_same_objects(self, result, [messages[0]] + messages[2:])
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=14), messages)
+
+    def test_max_rounds_applies_before_max_chars(self):
+        messages = alternating(5)
+        result = tinysession.trim_messages(messages, max_rounds=3, max_chars=1000)
+        assert_same_objects(self, result, [messages[0]] + messages[-6:])
+
+    def test_list_of_parts_counts_text_parts_only(self):
+        picture = {"role": "user", "content": [
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 500}},
+            {"type": "text", "text": "here"},
+        ]}
+        messages = [system("s"), user("u0"), assistant("a0"), picture, assistant("ok")]
+        # 1 + 4 + 10 = 15 fits, although the image URL alone is over 500 chars
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=15), messages)
+        assert_same_objects(self, tinysession.trim_messages(messages, max_chars=14),
+                            [messages[0]] + messages[-2:])
+
+    def test_str_parts_count_and_odd_parts_do_not(self):
+        odd = {"role": "user", "content": ["abc", {"type": "text", "text": None},
+                                           {"type": "text"}, {"text": "zzzzzz"}, 42]}
+        messages = [user("u0"), odd]
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=5), messages)
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=4), [odd])
+
+    def test_none_or_missing_content_counts_zero(self):
+        messages = [user("u"), tool_call(), tool(""), {"role": "assistant"}, user("v")]
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=2), messages)
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=1), [messages[-1]])
+
+    def test_other_content_counts_its_str_length(self):
+        messages = [user("u"), {"role": "assistant", "content": 12345}, user("v")]
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=7), messages)
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=6), [messages[-1]])
+
+
+class TrimRejectsBadInput(unittest.TestCase):
+    def test_non_mapping_message_names_its_index(self):
+        messages = alternating(1) + ["hello"]
+        with self.assertRaises(TypeError) as caught:
+            tinysession.trim_messages(messages)
+        self.assertEqual(str(caught.exception), "messages[3] is not a mapping: 'hello'")
+
+    def test_missing_role_names_its_index(self):
+        for bad in ({"content": "x"}, {"role": None, "content": "x"}):
+            with self.subTest(bad=bad):
+                with self.assertRaises(ValueError) as caught:
+                    tinysession.trim_messages([user(), assistant(), bad, user()])
+                self.assertIn("messages[2]", str(caught.exception))
+                self.assertIn("role", str(caught.exception))
+
+    def test_bad_message_rejected_even_when_nothing_is_trimmed(self):
+        with self.assertRaises(TypeError):
+            tinysession.trim_messages([user(), None], max_rounds=10)
+
+    def test_max_rounds_below_one(self):
+        for value in (0, -1):
+            with self.subTest(value=value), self.assertRaisesRegex(ValueError, "max_rounds"):
+                tinysession.trim_messages(alternating(1), max_rounds=value)
+
+    def test_max_rounds_not_an_int(self):
+        for value in (1.5, 2.0, "3", None, True):
+            with self.subTest(value=value), self.assertRaisesRegex(TypeError, "max_rounds"):
+                tinysession.trim_messages(alternating(1), max_rounds=value)
+
+    def test_max_chars_negative(self):
+        with self.assertRaisesRegex(ValueError, "max_chars"):
+            tinysession.trim_messages(alternating(1), max_chars=-1)
+
+    def test_max_chars_not_an_int(self):
+        for value in (10.0, "10", False):
+            with self.subTest(value=value), self.assertRaisesRegex(TypeError, "max_chars"):
+                tinysession.trim_messages(alternating(1), max_chars=value)
+
+    def test_max_chars_is_keyword_only(self):
+        with self.assertRaises(TypeError):
+            tinysession.trim_messages(alternating(1), 5, 100)
+
+    def test_messages_not_a_sequence(self):
+        for value in (None, "user: hi", b"hi", {"role": "user"}, iter([user()]), 3):
+            with self.subTest(value=value), self.assertRaises(TypeError):
+                tinysession.trim_messages(value)
+
+
+ROLES_FOR_CHAOS = ["system", "user", "assistant", "tool", "developer"]
+
+
+def realistic_conversation(rng):
+    """Return messages where tool results always follow the assistant that called them."""
+    messages = [system(f"s{n}") for n in range(rng.choice([0, 0, 1, 1, 2]))]
+    if rng.random() < 0.25:
+        messages.append(assistant("hello"))
+    for n in range(rng.randrange(0, 9)):
+        messages.append(user(rng.choice(["", "u", "question " * rng.randrange(1, 4)])))
+        if rng.random() < 0.1:
+            messages.append(system("late"))
+        for call in range(rng.choice([0, 0, 1, 2])):
+            messages.append(tool_call(f"c{n}.{call}"))
+            for result in range(rng.randrange(1, 3)):
+                messages.append(tool("r" * rng.randrange(0, 6), f"c{n}.{call}"))
+        if rng.random() < 0.85:
+            messages.append(assistant("a" * rng.randrange(0, 8)))
+    return messages
+
+
+def chaotic_conversation(rng):
+    messages = []
+    for _ in range(rng.randrange(0, 15)):
+        content = rng.choice([None, "x" * rng.randrange(0, 6),
+                              [{"type": "text", "text": "p" * rng.randrange(0, 4)},
+                               {"type": "image_url", "image_url": {"url": "u" * 9}}]])
+        messages.append({"role": rng.choice(ROLES_FOR_CHAOS), "content": content})
+    return messages
+
+
+def rounds_in(messages, start):
+    return sum(1 for m in messages[start:] if m["role"] == "user")
+
+
+def content_length(messages):
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content if p.get("type") == "text")
+    return total
+
+
+class TrimProperties(unittest.TestCase):
+    def check_invariants(self, messages, max_rounds, max_chars):
+        snapshot = copy.deepcopy(messages)
+        identities = [id(m) for m in messages]
+        result = tinysession.trim_messages(messages, max_rounds, max_chars=max_chars)
+
+        self.assertEqual(messages, snapshot, "input mutated")
+        self.assertEqual([id(m) for m in messages], identities, "input reordered")
+        self.assertIsNot(result, messages)
+
+        leading = 0
+        while leading < len(messages) and messages[leading]["role"] == "system":
+            leading += 1
+        assert_same_objects(self, result[:leading], messages[:leading])
+        tail = result[leading:]
+        if tail:
+            assert_same_objects(self, tail, messages[len(messages) - len(tail):])
+
+        user_count = rounds_in(messages, leading)
+        kept_rounds = rounds_in(result, leading)
+        within_limits = user_count <= max_rounds and (
+            max_chars is None or content_length(messages) <= max_chars)
+        if len(result) == len(messages):
+            lone_round_without_greeting = user_count == 1 and (
+                leading < len(messages) and messages[leading]["role"] == "user")
+            self.assertTrue(user_count == 0 or within_limits or lone_round_without_greeting)
+        else:
+            self.assertFalse(within_limits, "trimmed although nothing needed to go")
+            self.assertGreaterEqual(kept_rounds, 1)
+            self.assertLessEqual(kept_rounds, max_rounds)
+            self.assertEqual(tail[0]["role"], "user")
+            if max_chars is not None and kept_rounds > 1:
+                self.assertLessEqual(content_length(result), max_chars)
+            if kept_rounds < min(max_rounds, user_count):
+                # one more round would have been over budget
+                start = len(messages) - len(tail) - 1
+                while messages[start]["role"] != "user":
+                    start -= 1
+                bigger = messages[:leading] + messages[start:]
+                self.assertIsNotNone(max_chars)
+                self.assertGreater(content_length(bigger), max_chars)
+
+        positions = {id(m): i for i, m in enumerate(messages)}
+        kept_ids = {id(m) for m in result}
+        for m in result:
+            if m["role"] == "tool":
+                caller = positions[id(m)] - 1
+                while caller >= 0 and messages[caller]["role"] == "tool":
+                    caller -= 1
+                if caller >= 0 and messages[caller]["role"] == "assistant":
+                    self.assertIn(id(messages[caller]), kept_ids, "tool result lost its caller")
+
+        again = tinysession.trim_messages(result, max_rounds, max_chars=max_chars)
+        assert_same_objects(self, again, result)
+        return result
+
+    def test_realistic_conversations(self):
+        rng = random.Random(20240611)
+        trimmed = 0
+        for _ in range(3000):
+            messages = realistic_conversation(rng)
+            max_rounds = rng.randrange(1, 7)
+            max_chars = rng.choice([None, None, 0, rng.randrange(0, 60)])
+            result = self.check_invariants(messages, max_rounds, max_chars)
+            trimmed += len(result) < len(messages)
+        self.assertGreater(trimmed, 1000, "generator rarely exercises trimming")
+
+    def test_chaotic_conversations(self):
+        rng = random.Random(7)
+        for _ in range(3000):
+            messages = chaotic_conversation(rng)
+            max_rounds = rng.randrange(1, 5)
+            max_chars = rng.choice([None, rng.randrange(0, 40)])
+            self.check_invariants(messages, max_rounds, max_chars)
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+if __name__ == "__main__":
+    unittest.main()

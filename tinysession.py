@@ -1,0 +1,797 @@
+"""Server-side web sessions in one file, on the standard library only.
+
+Quick start::
+
+    import tinysession
+
+    store = tinysession.FileStore("/var/lib/myapp/sessions", max_age=3600)
+    store["abc123"] = {"user": 42}
+    store["abc123"]            # -> {'user': 42}, a fresh copy
+    store.touch("abc123")      # slide the idle expiry without rewriting
+    store.clean(keep=10000)    # -> how many records it removed
+
+A store is a ``collections.abc.MutableMapping`` from a key (``[A-Za-z0-9_-]``,
+1 to 128 characters) to a record. Three stores share one contract:
+
+- ``FileStore(directory)``: one file per record, written atomically.
+- ``SQLiteStore(path)``: one table in an SQLite database in WAL mode.
+
+Records expire by modification time: with ``max_age`` (seconds) a record not
+written or touched for that long is missing on every read, cleaned or not.
+``clean()`` reclaims the space and holds ``max_sessions``.
+
+Threads and processes: every store may be shared by the threads of a process,
+and several processes may open the same directory or database at once. The
+last write of a record wins; a reader never sees a partial record.
+
+Security: records are JSON by default. ``serializer="pickle"`` requires a
+``secret``: every record is then signed with HMAC-SHA256 and the signature is
+checked before anything is unpickled, because unpickling data that someone
+else could write runs their code. A record that fails its check is treated as
+missing and logged on the ``tinysession`` logger.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import heapq
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Mapping, MutableMapping, Sequence
+
+__version__ = "0.1.0"
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "FileStore",
+    "RecordTooLarge",
+    "SQLiteStore",
+    "SessionError",
+    "StoreError",
+    "trim_messages",
+]
+
+logger = logging.getLogger("tinysession")
+
+# -- Constants --
+
+DEFAULT_MAX_BYTES = 256 * 1024
+"""Largest serialized record a store accepts unless told otherwise (256 KiB)."""
+
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_TABLE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_SIGNATURE_BYTES = 32
+_FILE_PREFIX = "ts-"
+_TEMP_PREFIX = ".ts-"
+_TEMP_SUFFIX = ".tmp"
+_TEMP_MAX_AGE = 120.0
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_CREATE_FLAGS = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+_SQLITE_BUSY_SECONDS = 5.0
+
+_SQL_CREATE = (
+    'CREATE TABLE IF NOT EXISTS "{table}" '
+    "(key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL)"
+)
+_SQL_INDEX = 'CREATE INDEX IF NOT EXISTS "{table}_mtime" ON "{table}" (mtime)'
+_SQL_GET = 'SELECT data, mtime FROM "{table}" WHERE key = ? AND mtime >= ?'
+_SQL_HAS = 'SELECT 1 FROM "{table}" WHERE key = ? AND mtime >= ?'
+_SQL_PUT = 'INSERT OR REPLACE INTO "{table}" (key, data, mtime) VALUES (?, ?, ?)'
+_SQL_TOUCH = 'UPDATE "{table}" SET mtime = ? WHERE key = ? AND mtime >= ?'
+_SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ?'
+_SQL_KEYS = 'SELECT key FROM "{table}" WHERE mtime >= ?'
+_SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
+_SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime) FROM "{table}"'
+_SQL_SUMMARY_EXPIRED = 'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE mtime < ?'
+_SQL_DELETE_EXPIRED = 'DELETE FROM "{table}" WHERE mtime < ?'
+_SQL_OLDEST_BEYOND = (
+    'SELECT key FROM "{table}" WHERE mtime >= ? ORDER BY mtime DESC, key DESC LIMIT -1 OFFSET ?'
+)
+_SQL_SUMMARY_BEYOND = (
+    'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
+)
+_SQL_DELETE_BEYOND = 'DELETE FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
+_SQL_TEMPLATES = (
+    _SQL_CREATE,
+    _SQL_INDEX,
+    _SQL_GET,
+    _SQL_HAS,
+    _SQL_PUT,
+    _SQL_TOUCH,
+    _SQL_DELETE,
+    _SQL_KEYS,
+    _SQL_COUNT,
+    _SQL_SUMMARY,
+    _SQL_SUMMARY_EXPIRED,
+    _SQL_DELETE_EXPIRED,
+    _SQL_SUMMARY_BEYOND,
+    _SQL_DELETE_BEYOND,
+)
+
+
+# -- Exceptions --
+
+
+class SessionError(Exception):
+    """Root of every error tinysession raises on its own account."""
+
+
+class StoreError(SessionError, OSError):
+    """The backing storage failed: file system, database or server.
+
+    The message names the path (or address) and the cause; the original
+    exception is chained as ``__cause__``.
+    """
+
+
+class RecordTooLarge(SessionError, ValueError):
+    """A serialized record is larger than the store's ``max_bytes``."""
+
+
+# -- Serializers --
+
+
+class _JSONSerializer:
+    """Compact UTF-8 JSON: dicts, lists, strings, numbers, booleans and None."""
+
+    def dumps(self, obj):
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    def loads(self, data):
+        return json.loads(data)
+
+
+class _PickleSerializer:
+    """Pickle at the highest protocol; only ever used on signed records."""
+
+    def __init__(self):
+        import pickle
+
+        self._pickle = pickle
+
+    def dumps(self, obj):
+        return self._pickle.dumps(obj, protocol=self._pickle.HIGHEST_PROTOCOL)
+
+    def loads(self, data):
+        return self._pickle.loads(data)
+
+
+# -- Private helpers --
+
+
+def _now():
+    """Return the current time as a POSIX timestamp: the module's one clock."""
+    return time.time()
+
+
+def _check_key(key):
+    """Return ``key`` if it is a valid store key, else raise before any I/O."""
+    if type(key) is not str:
+        raise TypeError(f"session key must be a str, not {type(key).__name__}")
+    if _KEY_PATTERN.fullmatch(key) is None:
+        raise ValueError(f"invalid session key {key!r}: expected 1 to 128 of [A-Za-z0-9_-]")
+    return key
+
+
+def _check_count(value, name, allow_none=True):
+    """Return ``value`` if it is a non-negative int (or None when allowed)."""
+    if value is None and allow_none:
+        return None
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+    return value
+
+
+def _check_seconds(value, name):
+    """Return ``value`` as a float if it is a non-negative number, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
+    return float(value)
+
+
+def _make_serializer(serializer, secret):
+    """Return the serializer object that ``serializer`` names."""
+    if serializer == "json":
+        return _JSONSerializer()
+    if serializer == "pickle":
+        if secret is None:
+            raise ValueError("serializer='pickle' requires a secret: unsigned pickles run code")
+        return _PickleSerializer()
+    if callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None)):
+        return serializer
+    raise ValueError(f"serializer must be 'json', 'pickle' or an object with dumps() and loads(), not {serializer!r}")
+
+
+def _remove_quietly(path):
+    """Remove ``path``; return False if another process removed it first."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        logger.debug("already removed: %s", path)
+        return False
+    return True
+
+
+class _Sweep:
+    """What one pass of ``clean`` saw and removed (or would remove)."""
+
+    def __init__(self):
+        self.seen = 0
+        self.seen_bytes = 0
+        self.removed = 0
+        self.removed_bytes = 0
+        self.oldest = None
+        self.newest = None
+
+    def see(self, mtime, size):
+        self.seen += 1
+        self.seen_bytes += size
+        if self.oldest is None or mtime < self.oldest:
+            self.oldest = mtime
+        if self.newest is None or mtime > self.newest:
+            self.newest = mtime
+
+
+# -- Stores --
+
+
+class _Store(MutableMapping):
+    """The contract every store shares; subclasses do the I/O.
+
+    A subclass implements ``_read``, ``_write``, ``_delete``, ``_has``,
+    ``_touch``, ``_keys`` and ``_sweep``; everything about keys, records,
+    signatures, sizes and the ``max_sessions`` bound lives here.
+    """
+
+    def __init__(self, *, serializer, secret, max_age, max_sessions, max_bytes):
+        self.serializer = _make_serializer(serializer, secret)
+        if isinstance(secret, str):
+            secret = secret.encode("utf-8")
+        if secret is not None and (not isinstance(secret, bytes) or not secret):
+            raise ValueError("secret must be a non-empty str or bytes")
+        self._signing_key = hashlib.sha256(b"tinysession record\0" + secret).digest() if secret else None
+        self.max_age = _check_seconds(max_age, "max_age")
+        self.max_sessions = _check_count(max_sessions, "max_sessions")
+        self.max_bytes = _check_count(max_bytes, "max_bytes")
+        self._write_lock = threading.Lock()
+        self._writes_before_clean = 1
+
+    # The mapping interface.
+
+    def __getitem__(self, key):
+        return self._load(key)[0]
+
+    def __setitem__(self, key, record):
+        self._save(_check_key(key), self._dumps(key, record))
+
+    def __delitem__(self, key):
+        if not self._delete(_check_key(key), self._cutoff(self.max_age, _now())):
+            raise KeyError(key)
+
+    def __contains__(self, key):
+        return self._has(_check_key(key), self._cutoff(self.max_age, _now()))
+
+    def __iter__(self):
+        return iter(self._keys(self._cutoff(self.max_age, _now())))
+
+    def __len__(self):
+        return sum(1 for _ in self._keys(self._cutoff(self.max_age, _now())))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        """Release the store's resources; safe to call twice."""
+
+    # Maintenance.
+
+    def touch(self, key, *, now=None):
+        """Set the record's mtime to ``now`` without rewriting it.
+
+        Return True if the record exists and is live, False if it is missing
+        or expired (an expired record is not brought back).
+        """
+        now = _now() if now is None else now
+        return self._touch(_check_key(key), now, self._cutoff(self.max_age, now))
+
+    def clean(self, max_age=None, keep=None, *, now=None):
+        """Remove expired records, then all but the ``keep`` newest; return how many.
+
+        ``max_age`` defaults to the store's ``max_age`` and ``keep`` to its
+        ``max_sessions``; with neither, only debris (temporary files of killed
+        writers) is removed. Debris is not counted. One pass over the records,
+        in memory bounded by ``keep``.
+        """
+        return self._clean(max_age, keep, now=now).removed
+
+    def _clean(self, max_age, keep, *, now=None, dry_run=False, progress=None):
+        """Run ``_sweep`` with the defaults filled in and return its ``_Sweep``."""
+        max_age = self.max_age if max_age is None else _check_seconds(max_age, "max_age")
+        keep = self.max_sessions if keep is None else _check_count(keep, "keep")
+        now = _now() if now is None else now
+        return self._sweep(self._cutoff(max_age, now), keep, now, dry_run, progress)
+
+    # Records.
+
+    @staticmethod
+    def _cutoff(max_age, now):
+        """Return the oldest live mtime, or None when nothing expires."""
+        return None if max_age is None else now - max_age
+
+    def _dumps(self, key, record):
+        """Serialize ``record``; raise RecordTooLarge past ``max_bytes``."""
+        payload = self.serializer.dumps(record)
+        if self.max_bytes is not None and len(payload) > self.max_bytes:
+            raise RecordTooLarge(
+                f"session record for key {key!r} is {len(payload)} bytes, "
+                f"over max_bytes={self.max_bytes}"
+            )
+        return payload
+
+    def _seal(self, key, payload):
+        """Return the bytes to store: the payload, signed when there is a secret."""
+        if self._signing_key is None:
+            return payload
+        return hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256") + payload
+
+    def _load(self, key):
+        """Return ``(record, payload, mtime)``; KeyError if missing, expired or unreadable."""
+        data, mtime, where = self._read(_check_key(key), self._cutoff(self.max_age, _now()))
+        try:
+            if self._signing_key is not None:
+                payload = data[_SIGNATURE_BYTES:]
+                expected = hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
+                if not hmac.compare_digest(data[:_SIGNATURE_BYTES], expected):
+                    raise ValueError("bad signature")
+            else:
+                payload = data
+            return self.serializer.loads(payload), payload, mtime
+        except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
+            logger.warning("unreadable session record %s: %s: %s", where, type(exc).__name__, exc)
+            raise KeyError(key) from None
+
+    def _save(self, key, payload):
+        """Store an already serialized payload and hold ``max_sessions``."""
+        self._write(key, self._seal(key, payload))
+        if self.max_sessions is None:
+            return
+        with self._write_lock:
+            self._writes_before_clean -= 1
+            due = self._writes_before_clean <= 0
+            if due:
+                self._writes_before_clean = max(10, self.max_sessions // 10)
+        if due:
+            try:
+                self.clean()
+            except StoreError:
+                logger.warning("cleaning after a write failed", exc_info=True)
+
+    def _read_limit(self):
+        """Return the largest stored record size worth reading, or None."""
+        if self.max_bytes is None:
+            return None
+        return self.max_bytes + (_SIGNATURE_BYTES if self._signing_key is not None else 0)
+
+
+class FileStore(_Store):
+    """Store each record in its own file in one directory.
+
+    ``directory`` is created (mode 0700) if missing; record files are 0600 and
+    named ``ts-<key>``. A write goes to a temporary file ``.ts-*.tmp`` in the
+    same directory and is renamed over the record, so a reader sees the old
+    record or the new one, never a partial one, even if the writer is killed.
+    Files without the ``ts-`` prefix are never read or removed, and symbolic
+    links are never followed.
+
+    Threads and processes: any number of both may share one directory. The
+    last write of a record wins. Records are not fsynced: a killed process
+    loses nothing it finished writing, a power failure may lose the newest.
+    """
+
+    def __init__(
+        self,
+        directory,
+        *,
+        serializer="json",
+        secret=None,
+        max_age=None,
+        max_sessions=None,
+        max_bytes=DEFAULT_MAX_BYTES,
+    ):
+        super().__init__(
+            serializer=serializer,
+            secret=secret,
+            max_age=max_age,
+            max_sessions=max_sessions,
+            max_bytes=max_bytes,
+        )
+        self.directory = os.fspath(directory)
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create session directory {self.directory!r}: {exc}") from exc
+
+    def __repr__(self):
+        return f"FileStore({self.directory!r})"
+
+    def _path(self, key):
+        return os.path.join(self.directory, _FILE_PREFIX + key)
+
+    def _read(self, key, cutoff):
+        path = self._path(key)
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                logger.warning("session file %s is a symbolic link: ignored", path)
+                raise KeyError(key) from None
+            raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
+        try:
+            status = os.fstat(fd)
+            if cutoff is not None and status.st_mtime < cutoff:
+                raise KeyError(key)
+            limit = self._read_limit()
+            if limit is not None and status.st_size > limit:
+                logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
+                raise KeyError(key)
+            return os.read(fd, status.st_size), status.st_mtime, path
+        except OSError as exc:
+            raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    def _write(self, key, data):
+        path = self._path(key)
+        temp_path = os.path.join(self.directory, _TEMP_PREFIX + secrets.token_hex(8) + _TEMP_SUFFIX)
+        try:
+            fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(temp_path, path)
+        except BaseException as exc:
+            try:
+                os.unlink(temp_path)
+            except OSError:
+                pass  # never created, or the directory itself is gone
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write session file {path!r}: {exc.strerror or exc}") from exc
+            raise
+
+    def _delete(self, key, cutoff):
+        path = self._path(key)
+        try:
+            status = os.lstat(path)
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot remove session file {path!r}: {exc.strerror}") from exc
+        return cutoff is None or status.st_mtime >= cutoff
+
+    def _has(self, key, cutoff):
+        try:
+            status = os.lstat(self._path(key))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot stat session file {self._path(key)!r}: {exc.strerror}") from exc
+        return stat.S_ISREG(status.st_mode) and (cutoff is None or status.st_mtime >= cutoff)
+
+    def _touch(self, key, now, cutoff):
+        path = self._path(key)
+        try:
+            status = os.lstat(path)
+            if not stat.S_ISREG(status.st_mode) or (cutoff is not None and status.st_mtime < cutoff):
+                return False
+            os.utime(path, (now, now))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot touch session file {path!r}: {exc.strerror}") from exc
+        return True
+
+    def _scan(self):
+        """Yield ``(name, lstat)`` for each regular file in the directory.
+
+        Files that vanish while the directory is read are skipped.
+        """
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    if not entry.name.startswith((_FILE_PREFIX, _TEMP_PREFIX)):
+                        continue
+                    try:
+                        status = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(status.st_mode):
+                        yield entry.name, status
+        except OSError as exc:
+            raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
+
+    def _keys(self, cutoff):
+        for name, status in self._scan():
+            if name.startswith(_FILE_PREFIX) and (cutoff is None or status.st_mtime >= cutoff):
+                key = name[len(_FILE_PREFIX) :]
+                if _KEY_PATTERN.fullmatch(key):
+                    yield key
+
+    def _sweep(self, cutoff, keep, now, dry_run, progress):
+        sweep = _Sweep()
+        newest = []  # min-heap of (mtime, name, size): the `keep` newest so far
+
+        def remove(name, size):
+            # A file another process removed first is not counted.
+            if dry_run or _remove_quietly(os.path.join(self.directory, name)):
+                sweep.removed += 1
+                sweep.removed_bytes += size
+
+        for name, status in self._scan():
+            if name.startswith(_TEMP_PREFIX):
+                if name.endswith(_TEMP_SUFFIX) and status.st_mtime < now - _TEMP_MAX_AGE and not dry_run:
+                    _remove_quietly(os.path.join(self.directory, name))
+                continue
+            if not _KEY_PATTERN.fullmatch(name[len(_FILE_PREFIX) :]):
+                continue
+            sweep.see(status.st_mtime, status.st_size)
+            if progress is not None and sweep.seen % 10000 == 0:
+                progress(sweep.seen)
+            if (cutoff is not None and status.st_mtime < cutoff) or keep == 0:
+                remove(name, status.st_size)
+            elif keep is not None:
+                item = (status.st_mtime, name, status.st_size)
+                if len(newest) < keep:
+                    heapq.heappush(newest, item)
+                else:
+                    _, old_name, old_size = heapq.heappushpop(newest, item)
+                    remove(old_name, old_size)
+        return sweep
+
+
+class SQLiteStore(_Store):
+    """Store records in one table of an SQLite database.
+
+    The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
+    ``mtime``) is created on first use; the database runs in WAL mode with
+    ``synchronous=NORMAL`` and waits up to five seconds for a lock.
+
+    Threads and processes: each thread gets its own connection, opened on
+    first use; any number of processes may open the same file. The last write
+    of a record wins. Do not put the file on a network file system.
+    """
+
+    def __init__(
+        self,
+        path,
+        *,
+        serializer="json",
+        secret=None,
+        max_age=None,
+        max_sessions=None,
+        max_bytes=DEFAULT_MAX_BYTES,
+        table="sessions",
+    ):
+        import sqlite3
+
+        super().__init__(
+            serializer=serializer,
+            secret=secret,
+            max_age=max_age,
+            max_sessions=max_sessions,
+            max_bytes=max_bytes,
+        )
+        if not isinstance(table, str) or _TABLE_PATTERN.fullmatch(table) is None:
+            raise ValueError(f"invalid table name {table!r}: expected a letter or _, then [A-Za-z0-9_]")
+        self.path = os.fspath(path)
+        self.table = table
+        self._sqlite3 = sqlite3
+        self._sql = {template: template.format(table=table) for template in _SQL_TEMPLATES}
+        self._local = threading.local()
+        self._connections = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        self._connection()
+
+    def __repr__(self):
+        return f"SQLiteStore({self.path!r}, table={self.table!r})"
+
+    def close(self):
+        """Close every thread's connection; safe to call twice."""
+        with self._connections_lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+
+    def _connection(self):
+        """Return this thread's connection, opening it on first use."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and self._local.pid == os.getpid():
+            return connection
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed")
+        try:
+            connection = self._sqlite3.connect(
+                self.path, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(self._sql[_SQL_CREATE])
+            connection.execute(self._sql[_SQL_INDEX])
+        except self._sqlite3.Error as exc:
+            raise StoreError(f"cannot open session database {self.path!r}: {exc}") from exc
+        self._local.connection = connection
+        self._local.pid = os.getpid()
+        with self._connections_lock:
+            self._connections.append(connection)
+        return connection
+
+    def _execute(self, template, parameters=()):
+        """Run one statement for this table and return its cursor; wrap database errors."""
+        try:
+            return self._connection().execute(self._sql[template], parameters)
+        except self._sqlite3.Error as exc:
+            raise StoreError(f"session database {self.path!r}: {exc}") from exc
+
+    @staticmethod
+    def _floor(cutoff):
+        return float("-inf") if cutoff is None else cutoff
+
+    def _read(self, key, cutoff):
+        row = self._execute(_SQL_GET, (key, self._floor(cutoff))).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return row[0], row[1], f"{self.path} table {self.table} key {key!r}"
+
+    def _write(self, key, data):
+        self._execute(_SQL_PUT, (key, data, _now()))
+
+    def _delete(self, key, cutoff):
+        live = self._has(key, cutoff)
+        return self._execute(_SQL_DELETE, (key,)).rowcount > 0 and live
+
+    def _has(self, key, cutoff):
+        return self._execute(_SQL_HAS, (key, self._floor(cutoff))).fetchone() is not None
+
+    def _touch(self, key, now, cutoff):
+        return self._execute(_SQL_TOUCH, (now, key, self._floor(cutoff))).rowcount > 0
+
+    def _keys(self, cutoff):
+        return [row[0] for row in self._execute(_SQL_KEYS, (self._floor(cutoff),)).fetchall()]
+
+    def __len__(self):
+        return self._execute(_SQL_COUNT, (self._floor(self._cutoff(self.max_age, _now())),)).fetchone()[0]
+
+    def _sweep(self, cutoff, keep, now, dry_run, progress):
+        sweep = _Sweep()
+        floor = self._floor(cutoff)
+        connection = self._connection()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                count, size, oldest, newest = connection.execute(self._sql[_SQL_SUMMARY]).fetchone()
+                sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = count, int(size), oldest, newest
+                batches = []
+                if cutoff is not None:
+                    batches.append((_SQL_SUMMARY_EXPIRED, _SQL_DELETE_EXPIRED, (cutoff,)))
+                if keep is not None:
+                    batches.append((_SQL_SUMMARY_BEYOND, _SQL_DELETE_BEYOND, (floor, keep)))
+                for summary, delete, parameters in batches:
+                    count, size = connection.execute(self._sql[summary], parameters).fetchone()
+                    sweep.removed += count
+                    sweep.removed_bytes += int(size)
+                    if not dry_run:
+                        connection.execute(self._sql[delete], parameters)
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        except self._sqlite3.Error as exc:
+            raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
+        return sweep
+
+
+# -- Message window --
+
+
+def trim_messages(messages, max_rounds=5, *, max_chars=None):
+    """Keep the leading system messages and the last ``max_rounds`` whole rounds.
+
+    A round starts at a ``user`` message and runs to the next one, so replies,
+    tool calls and tool results go with it and the kept tail starts at a
+    ``user`` message.  System messages before the first other message are
+    always kept; later ones belong to their round.  Messages between those and
+    the first ``user`` message (a greeting) belong to no round and go first
+    when anything is trimmed.  With ``max_chars``, the oldest kept rounds are
+    then dropped until the total content length, system messages included, is
+    at most ``max_chars``; the newest round is kept even if it alone is over.
+
+    Content length: a str counts its length, a list or tuple of parts counts
+    its str parts and the str ``"text"`` of ``"type": "text"`` parts, None or
+    no content counts 0, anything else counts ``len(str(content))``.
+
+    Returns a new list of the same message objects, equal to the input when
+    nothing needs trimming or there is no ``user`` message; never mutates
+    ``messages``; linear time.  Raises TypeError if ``messages`` is not a
+    sequence, an item is not a mapping or a limit is not an int, and
+    ValueError if a message has no ``role`` (missing or None), ``max_rounds``
+    is below 1 or ``max_chars`` is negative; errors name the message index.
+
+    >>> chat = [{"role": "system", "content": "Be brief."}]
+    >>> for n in range(3):
+    ...     chat += [{"role": "user", "content": f"q{n}"},
+    ...              {"role": "assistant", "content": f"a{n}"}]
+    >>> [m["content"] for m in trim_messages(chat, max_rounds=1)]
+    ['Be brief.', 'q2', 'a2']
+    """
+    if isinstance(messages, (str, bytes, bytearray)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a sequence, not {type(messages).__name__}")
+    _check_limit("max_rounds", max_rounds, 1)
+    if max_chars is not None:
+        _check_limit("max_chars", max_chars, 0)
+    items = list(messages)
+    for index, message in enumerate(items):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"messages[{index}] is not a mapping: {message!r}")
+        if message.get("role") is None:
+            raise ValueError(f"messages[{index}] has no 'role'")
+
+    system_count = 0
+    while system_count < len(items) and items[system_count]["role"] == "system":
+        system_count += 1
+    round_starts = [i for i in range(system_count, len(items)) if items[i]["role"] == "user"]
+    lengths = [_content_length(m.get("content")) for m in items] if max_chars is not None else []
+    if not round_starts or (
+        len(round_starts) <= max_rounds and (max_chars is None or sum(lengths) <= max_chars)
+    ):
+        return items
+
+    first_round = max(len(round_starts) - max_rounds, 0)
+    if max_chars is not None:
+        total = sum(lengths[:system_count]) + sum(lengths[round_starts[first_round]:])
+        while total > max_chars and first_round < len(round_starts) - 1:
+            total -= sum(lengths[round_starts[first_round]:round_starts[first_round + 1]])
+            first_round += 1
+    return items[:system_count] + items[round_starts[first_round]:]
+
+
+def _check_limit(name, value, minimum):
+    """Raise unless ``value`` is an int of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _content_length(content):
+    """Return the length of a message's text, as ``trim_messages`` counts it."""
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return len(content)
+    if not isinstance(content, (list, tuple)):
+        return len(str(content))
+    texts = (part.get("text") if isinstance(part, Mapping) and part.get("type") == "text" else part
+             for part in content)
+    return sum(len(text) for text in texts if isinstance(text, str))
