@@ -12,6 +12,9 @@ import copy
 import doctest
 import hashlib
 import heapq
+import http.client
+import importlib.util
+import io
 import json
 import logging
 import os
@@ -19,6 +22,7 @@ import pickle
 import random
 import resource
 import signal
+import socketserver
 import sqlite3
 import stat
 import subprocess
@@ -27,6 +31,13 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.cookiejar import CookieJar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.util import setup_testing_defaults
+from wsgiref.validate import validator
 
 import tinysession
 
@@ -1045,8 +1056,643 @@ class TrimProperties(unittest.TestCase):
             self.check_invariants(messages, max_rounds, max_chars)
 
 
-if __name__ == "__main__":
-    unittest.main()
+# -- Middleware --
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def get_stderr(self):
+        return io.StringIO()
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def serve(test, app):
+    """Serve ``app`` on a free loopback port in a thread; return its base URL."""
+    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    test.addCleanup(thread.join)
+    test.addCleanup(server.server_close)
+    test.addCleanup(server.shutdown)
+    return f"http://127.0.0.1:{server.server_port}"
+
+
+class Browser:
+    """An HTTP client with a cookie jar, as a browser would talk to the app."""
+
+    def __init__(self, base_url):
+        self.base_url = base_url
+        self.jar = CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def request(self, path="/", data=None, headers=None):
+        """Return ``(status, headers, body)``; HTTP errors are returned, not raised."""
+        request = urllib.request.Request(self.base_url + path, data=data, headers=headers or {})
+        try:
+            response = self.opener.open(request, timeout=30)
+        except urllib.error.HTTPError as error:
+            response = error
+        with response:
+            return response.status, response.headers, response.read()
+
+    def json(self, path="/read"):
+        status, _, body = self.request(path)
+        assert status == 200, (status, body)
+        return json.loads(body)
+
+    def session_id(self):
+        values = [cookie.value for cookie in self.jar if cookie.name == "session"]
+        return values[0] if values else None
+
+
+class CountingFileStore(tinysession.FileStore):
+    """A FileStore that records every backend access, to prove there was none."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accesses = []
+
+    def _read(self, key, cutoff):
+        self.accesses.append(("read", key))
+        return super()._read(key, cutoff)
+
+    def _write(self, key, data):
+        self.accesses.append(("write", key))
+        return super()._write(key, data)
+
+    def _touch(self, key, now, cutoff):
+        self.accesses.append(("touch", key))
+        return super()._touch(key, now, cutoff)
+
+    def _delete(self, key, cutoff):
+        self.accesses.append(("delete", key))
+        return super()._delete(key, cutoff)
+
+
+VALIDATED_KEY = "tinysession.session"
+
+
+def probe_app(environ, start_response):
+    """A WSGI app whose path says what to do with the session.
+
+    Behind ``wsgiref.validate`` the session sits at a dotted key, since the
+    validator takes dotless keys for CGI variables, which must be strings.
+    """
+    path = environ["PATH_INFO"]
+    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+    if path == "/untouched":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"no session here"]
+    session = tinysession.get_session(environ, VALIDATED_KEY if VALIDATED_KEY in environ else "tinysession")
+    if path == "/set":
+        for name, values in query.items():
+            session[name] = values[0]
+    elif path == "/append":
+        session.setdefault("messages", []).append(query.get("m", ["x"])[0])
+    elif path == "/login":
+        session.regenerate()
+        session["user"] = query.get("user", ["ann"])[0]
+    elif path == "/logout":
+        session.invalidate()
+    elif path == "/clear":
+        session.clear()
+    elif path == "/fail":
+        session["broken"] = True
+        raise RuntimeError("the app failed")
+    elif path in ("/stream", "/stream-fail"):
+        len(session)  # loaded before the response starts, so Vary is sent
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Vary", "Accept")])
+
+        def body():
+            yield b"start "
+            session.setdefault("messages", []).append("streamed")
+            if path == "/stream-fail":
+                raise RuntimeError("failed mid-body")
+            yield b"end"
+
+        return body()
+    body = json.dumps(dict(session)).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+
+
+def call(app, path="/read", cookie=None, scheme="http", query=""):
+    """Call ``app`` in-process; return ``(status, headers as a list, body)``."""
+    environ = {"PATH_INFO": path, "QUERY_STRING": query, "wsgi.url_scheme": scheme}
+    setup_testing_defaults(environ)
+    environ.setdefault("SCRIPT_NAME", "")
+    if cookie is not None:
+        environ["HTTP_COOKIE"] = cookie
+    response = {}
+
+    def start_response(status, headers, exc_info=None):
+        response["status"], response["headers"] = status, headers
+        return lambda data: None
+
+    body = app(environ, start_response)
+    try:
+        data = b"".join(body)
+    finally:
+        if hasattr(body, "close"):
+            body.close()
+    return response["status"], response["headers"], data
+
+
+def set_cookies(headers):
+    return [value for name, value in headers if name.lower() == "set-cookie"]
+
+
+class MiddlewareCase(unittest.TestCase):
+    """A probe app behind SessionMiddleware over a FileStore, served over HTTP."""
+
+    middleware_options = {"clean_interval": None}
+    store_options = {}
+
+    def setUp(self):
+        self.directory = os.path.join(temp_dir(self), "sessions")
+        self.store = CountingFileStore(self.directory, **self.store_options)
+        self.app = tinysession.SessionMiddleware(
+            validator(probe_app), self.store, environ_key=VALIDATED_KEY, **self.middleware_options
+        )
+        self.browser = Browser(serve(self, validator(self.app)))
+
+    def session_files(self):
+        return sorted(name for name in os.listdir(self.directory) if name.startswith("ts-"))
+
+    def age_session(self, seconds):
+        for name in self.session_files():
+            then = time.time() - seconds
+            os.utime(os.path.join(self.directory, name), (then, then))
+
+
+class CookieRoundTrip(MiddlewareCase):
+    def test_written_data_comes_back_on_the_next_request(self):
+        self.assertEqual(self.browser.json("/set?user=42&lang=fr"), {"user": "42", "lang": "fr"})
+        self.assertEqual(self.browser.json(), {"user": "42", "lang": "fr"})
+        session_id = self.browser.session_id()
+        self.assertRegex(session_id, r"^[A-Za-z0-9_-]{43}$")
+        expected_key = hashlib.sha256(session_id.encode()).hexdigest()
+        self.assertEqual(self.session_files(), ["ts-" + expected_key])
+        with open(os.path.join(self.directory, "ts-" + expected_key), "rb") as file:
+            stored = file.read()
+        self.assertNotIn(session_id.encode(), stored)
+        self.assertEqual(json.loads(stored)["data"], {"user": "42", "lang": "fr"})
+
+    def test_each_browser_gets_its_own_session(self):
+        other = Browser(self.browser.base_url)
+        self.browser.json("/set?user=ann")
+        other.json("/set?user=bob")
+        self.assertEqual(self.browser.json(), {"user": "ann"})
+        self.assertEqual(other.json(), {"user": "bob"})
+        self.assertNotEqual(self.browser.session_id(), other.session_id())
+
+    def test_get_session_outside_the_middleware(self):
+        with self.assertRaises(tinysession.SessionError):
+            tinysession.get_session({})
+
+
+class LazyLoading(MiddlewareCase):
+    def test_untouched_requests_cost_nothing(self):
+        status, headers, _ = self.browser.request("/untouched")
+        self.assertEqual(status, 200)
+        self.assertIsNone(headers.get("Set-Cookie"))
+        self.assertIsNone(headers.get("Vary"))
+        self.browser.json("/set?a=1")
+        self.store.accesses.clear()
+        status, headers, _ = self.browser.request("/untouched")
+        self.assertEqual((status, headers.get("Set-Cookie")), (200, None))
+        self.assertEqual(self.store.accesses, [])
+
+    def test_reading_an_empty_session_saves_nothing(self):
+        status, headers, body = self.browser.request("/read")
+        self.assertEqual((status, json.loads(body)), (200, {}))
+        self.assertIsNone(headers.get("Set-Cookie"))
+        self.assertEqual(headers.get("Vary"), "Cookie")
+        self.assertEqual(self.session_files(), [])
+
+
+class ChangeDetection(MiddlewareCase):
+    def test_nested_mutation_is_saved(self):
+        for message in ("hello", "how are you", "bye"):
+            self.browser.request(f"/append?m={urllib.parse.quote(message)}")
+        self.assertEqual(self.browser.json(), {"messages": ["hello", "how are you", "bye"]})
+
+    def test_unchanged_session_is_not_rewritten(self):
+        self.browser.json("/set?a=1")
+        self.store.accesses.clear()
+        self.browser.json()
+        self.assertEqual([kind for kind, _ in self.store.accesses], ["read"])
+
+
+class Touching(MiddlewareCase):
+    store_options = {"max_age": 600}
+
+    def test_reads_slide_the_expiry_at_most_once_a_minute(self):
+        self.browser.json("/set?a=1")
+        path = os.path.join(self.directory, self.session_files()[0])
+        inode = os.stat(path).st_ino
+        self.age_session(30)
+        self.browser.json()
+        self.assertAlmostEqual(os.stat(path).st_mtime, time.time() - 30, delta=5)
+        self.age_session(90)
+        self.browser.json()
+        self.assertAlmostEqual(os.stat(path).st_mtime, time.time(), delta=5)
+        self.assertEqual(os.stat(path).st_ino, inode)
+
+
+class Expiry(MiddlewareCase):
+    store_options = {"max_age": 600}
+
+    def test_an_idle_session_expires_and_is_not_adopted(self):
+        self.browser.json("/set?user=ann")
+        old_id = self.browser.session_id()
+        self.age_session(601)
+        self.assertEqual(self.browser.json("/set?user=bob"), {"user": "bob"})
+        self.assertNotEqual(self.browser.session_id(), old_id)
+
+
+class AbsoluteLifetime(MiddlewareCase):
+    middleware_options = {"clean_interval": None, "max_lifetime": 3600}
+
+    def rewrite_created(self, seconds_ago):
+        key = self.session_files()[0][len("ts-") :]
+        record = self.store[key]
+        record["created"] = time.time() - seconds_ago
+        self.store[key] = record
+        return record["created"]
+
+    def test_a_session_past_its_lifetime_is_discarded_even_if_just_used(self):
+        self.browser.json("/set?user=ann")
+        self.rewrite_created(3601)
+        self.assertEqual(self.browser.json(), {})
+        self.assertEqual(self.session_files(), [])
+
+    def test_regenerate_keeps_the_creation_time(self):
+        self.browser.json("/set?user=ann")
+        created = self.rewrite_created(3000)
+        self.browser.json("/login?user=ann")
+        key = self.session_files()[0][len("ts-") :]
+        self.assertEqual(self.store[key]["created"], created)
+        self.rewrite_created(3601)
+        self.assertEqual(self.browser.json(), {})
+
+
+class RegenerateAndInvalidate(MiddlewareCase):
+    def test_regenerate_keeps_data_and_kills_the_old_id(self):
+        self.browser.json("/set?cart=3")
+        old_id = self.browser.session_id()
+        self.assertEqual(self.browser.json("/login?user=ann"), {"cart": "3", "user": "ann"})
+        new_id = self.browser.session_id()
+        self.assertNotEqual(new_id, old_id)
+        self.assertEqual(self.session_files(), ["ts-" + hashlib.sha256(new_id.encode()).hexdigest()])
+        thief = Browser(self.browser.base_url)
+        _status, _headers, body = thief.request("/read", headers={"Cookie": f"session={old_id}"})
+        self.assertEqual(json.loads(body), {})
+
+    def test_invalidate_deletes_the_session_and_expires_the_cookie(self):
+        self.browser.json("/set?user=ann")
+        _status, headers, body = self.browser.request("/logout")
+        self.assertEqual(json.loads(body), {})
+        self.assertIn("Max-Age=0", headers["Set-Cookie"])
+        self.assertEqual(self.session_files(), [])
+        self.assertIsNone(self.browser.session_id())
+
+    def test_an_emptied_session_is_deleted(self):
+        self.browser.json("/set?user=ann")
+        _status, headers, _ = self.browser.request("/clear")
+        self.assertIn("Max-Age=0", headers["Set-Cookie"])
+        self.assertEqual(self.session_files(), [])
+
+    def test_regenerate_after_the_response_started_raises(self):
+        def app(environ, start_response):
+            session = tinysession.get_session(environ)
+            session["a"] = 1
+            start_response("200 OK", [])
+            session.regenerate()
+            return [b""]
+
+        with self.assertRaises(tinysession.SessionError):
+            call(tinysession.SessionMiddleware(app, self.store, clean_interval=None))
+
+
+class StrictMode(MiddlewareCase):
+    def test_a_forged_id_is_never_adopted(self):
+        forged = "A" * 43
+        self.browser.request("/set?user=ann", headers={"Cookie": f"session={forged}"})
+        issued = self.browser.session_id()
+        self.assertNotEqual(issued, forged)
+        self.assertNotIn("ts-" + hashlib.sha256(forged.encode()).hexdigest(), self.session_files())
+        self.assertEqual(len(self.session_files()), 1)
+
+    def test_the_first_live_session_among_several_cookies_wins(self):
+        self.browser.json("/set?user=ann")
+        live = self.browser.session_id()
+        header = f'session="{"B" * 43}"; session=garbage; other=1; session={live}'
+        _status, _headers, body = Browser(self.browser.base_url).request("/read", headers={"Cookie": header})
+        self.assertEqual(json.loads(body), {"user": "ann"})
+
+
+class ExceptionRollback(MiddlewareCase):
+    def test_nothing_is_saved_when_the_app_raises(self):
+        self.browser.json("/set?user=ann")
+        status, _, _ = self.browser.request("/fail")
+        self.assertEqual(status, 500)
+        self.assertEqual(self.browser.json(), {"user": "ann"})
+
+    def test_nothing_is_saved_when_the_body_raises(self):
+        self.browser.json("/set?user=ann")
+        with self.assertRaises(RuntimeError):
+            call(self.app, "/stream-fail", cookie=f"session={self.browser.session_id()}")
+        self.assertEqual(self.browser.json(), {"user": "ann"})
+
+
+class HybridRollback(MiddlewareCase):
+    @staticmethod
+    def hybrid_app(environ, start_response):
+        session = tinysession.get_session(environ)
+        session["user"] = "mallory"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body():
+            yield b"partial"
+            raise RuntimeError("failed mid-body")
+
+        return body()
+
+    def test_changes_made_before_a_failing_body_are_undone(self):
+        self.browser.json("/set?user=ann")
+        app = tinysession.SessionMiddleware(self.hybrid_app, self.store, clean_interval=None)
+        with self.assertRaises(RuntimeError):
+            call(app, cookie=f"session={self.browser.session_id()}")
+        self.assertEqual(self.browser.json(), {"user": "ann"})
+        with self.assertRaises(RuntimeError):
+            call(app)
+        self.assertEqual(len(self.session_files()), 1)
+
+
+class Streaming(MiddlewareCase):
+    def test_changes_made_while_streaming_are_saved_on_close(self):
+        self.browser.json("/set?user=ann")
+        _status, headers, body = self.browser.request("/stream")
+        self.assertEqual(body, b"start end")
+        self.assertEqual(headers["Vary"], "Accept, Cookie")
+        self.assertEqual(self.browser.json(), {"user": "ann", "messages": ["streamed"]})
+
+    def test_a_finished_body_is_saved_before_it_is_returned(self):
+        def app(environ, start_response):
+            tinysession.get_session(environ)["n"] = 1
+            start_response("200 OK", [])
+            return [b"done"]
+
+        middleware = tinysession.SessionMiddleware(app, self.store, clean_interval=None)
+        environ = {}
+        setup_testing_defaults(environ)
+        body = middleware(environ, lambda status, headers, exc_info=None: None)
+        self.assertEqual(body, [b"done"])
+        self.assertEqual(len(self.session_files()), 1)
+
+
+class CookieAttributes(MiddlewareCase):
+    def cookie_for(self, scheme="http", **options):
+        middleware = tinysession.SessionMiddleware(probe_app, self.store, clean_interval=None, **options)
+        _status, headers, _ = call(middleware, "/set", query="a=1", scheme=scheme)
+        (cookie,) = set_cookies(headers)
+        return cookie
+
+    def test_defaults_over_real_http(self):
+        _status, headers, _ = self.browser.request("/set?a=1")
+        cookie = headers["Set-Cookie"]
+        attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")[1:]}
+        self.assertEqual(attributes, {"path", "httponly", "samesite"})
+        self.assertIn("Path=/", cookie)
+        self.assertIn("SameSite=Lax", cookie)
+        self.assertEqual(headers["Vary"], "Cookie")
+
+    def test_secure_follows_the_scheme_unless_forced(self):
+        self.assertIn("Secure", self.cookie_for("https"))
+        self.assertNotIn("Secure", self.cookie_for("http"))
+        self.assertIn("Secure", self.cookie_for("http", secure=True))
+        self.assertNotIn("Secure", self.cookie_for("https", secure=False))
+
+    def test_options(self):
+        cookie = self.cookie_for(
+            cookie_name="sid", path="/app", domain="example.org", samesite="none", cookie_max_age=600,
+            httponly=False,
+        )
+        self.assertTrue(cookie.startswith("sid="))
+        for part in ("Path=/app", "Domain=example.org", "SameSite=None", "Secure", "Max-Age=600"):
+            self.assertIn(part, cookie)
+        self.assertNotIn("HttpOnly", cookie)
+        self.assertIn("SameSite=Strict", self.cookie_for(samesite="Strict"))
+
+    def test_bad_options(self):
+        for options in (
+            {"cookie_name": "bad name"},
+            {"cookie_name": "a;b"},
+            {"path": "/x;y"},
+            {"domain": "a b"},
+            {"samesite": "sometimes"},
+            {"secure": "yes"},
+            {"cookie_max_age": -1},
+        ):
+            with self.subTest(options=options), self.assertRaises(ValueError):
+                tinysession.SessionMiddleware(probe_app, self.store, **options)
+        with self.assertRaises(TypeError):
+            tinysession.SessionMiddleware(probe_app, {})
+
+
+class MalformedCookies(MiddlewareCase):
+    def random_header(self, rng):
+        alphabet = "session=;\"' ,\t\\abcXYZ019-_+/.%\x7f\x80\xe9\xff" + "A" * 10
+        parts = []
+        for _ in range(rng.randint(0, 6)):
+            kind = rng.random()
+            if kind < 0.3:
+                value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+            elif kind < 0.5:
+                value = "A" * rng.choice([0, 1, 42, 44, 100, 5000])
+            elif kind < 0.7:
+                value = '"' + "A" * 42 + rng.choice(["é", "!", " ", "\\"]) + '"'
+            else:
+                value = "".join(rng.choice(alphabet) for _ in range(43))
+            if len(value) == 43 and all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
+                continue  # well formed: that one would be looked up, by design
+            parts.append(rng.choice(["session=", "session =", "Session=", " session=", ""]) + value)
+        return rng.choice(["; ", ";", ",", " "]).join(parts)
+
+    def test_thousands_of_malformed_headers_never_raise_nor_touch_the_store(self):
+        app = tinysession.SessionMiddleware(probe_app, self.store, clean_interval=None)
+        rng = random.Random(1234)
+        for _ in range(3000):
+            header = self.random_header(rng)
+            status, headers, body = call(app, "/read", cookie=header)
+            self.assertEqual((status, json.loads(body)), ("200 OK", {}), header)
+            for cookie in set_cookies(headers):
+                self.assertIn("Max-Age=0", cookie)
+        self.assertEqual(self.store.accesses, [])
+
+    def test_raw_bytes_over_real_http(self):
+        host, port = self.browser.base_url[len("http://") :].split(":")
+        for raw in (b"session=\xff\xfe" * 20, b"session=" + b"A" * 60000, b'session="', b";;;==;"):
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            self.addCleanup(connection.close)
+            connection.putrequest("GET", "/read")
+            connection.putheader("Cookie", raw)
+            connection.endheaders()
+            response = connection.getresponse()
+            self.assertEqual((response.status, response.read()), (200, b"{}"))
+        self.assertEqual(self.store.accesses, [])
+
+
+class ThreadsOnOneSession(MiddlewareCase):
+    def test_many_threads_on_one_session(self):
+        self.browser.json("/set?user=ann")
+        cookie = f"session={self.browser.session_id()}"
+        statuses = []
+
+        def work(worker):
+            client = Browser(self.browser.base_url)
+            for index in range(15):
+                status, _, _ = client.request(f"/append?m={worker}-{index}", headers={"Cookie": cookie})
+                statuses.append(status)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        with LogRecords() as warnings:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        self.assertEqual(statuses, [200] * 120)
+        self.assertEqual(warnings, [])
+        record = self.browser.json()
+        self.assertEqual(record["user"], "ann")
+        self.assertTrue(1 <= len(record["messages"]) <= 120)
+
+
+class BackgroundCleaning(unittest.TestCase):
+    def wait_for_cleaners(self):
+        for thread in threading.enumerate():
+            if thread.name == "tinysession-clean":
+                thread.join(30)
+
+    def test_a_request_starts_a_clean_in_the_background(self):
+        directory = temp_dir(self)
+        store = tinysession.FileStore(directory, max_age=60)
+        store["old"] = {}
+        old = time.time() - 120
+        os.utime(os.path.join(directory, "ts-old"), (old, old))
+        app = tinysession.SessionMiddleware(probe_app, store, clean_interval=300)
+        call(app, "/untouched")
+        self.wait_for_cleaners()
+        self.assertEqual(os.listdir(directory), [])
+        store["old"] = {}
+        os.utime(os.path.join(directory, "ts-old"), (old, old))
+        call(app, "/untouched")
+        self.wait_for_cleaners()
+        self.assertEqual(os.listdir(directory), ["ts-old"])
+
+    def test_clean_errors_are_logged_not_raised(self):
+        class BrokenStore(tinysession.FileStore):
+            def clean(self, max_age=None, keep=None, *, now=None):
+                raise tinysession.StoreError("disk on fire")
+
+        app = tinysession.SessionMiddleware(probe_app, BrokenStore(temp_dir(self)), clean_interval=0)
+        with self.assertLogs("tinysession", "ERROR") as logs:
+            status, _, _ = call(app, "/untouched")
+            self.wait_for_cleaners()
+        self.assertEqual(status, "200 OK")
+        self.assertIn("disk on fire", "\n".join(logs.output))
+
+
+class StoreFailuresDuringRequests(unittest.TestCase):
+    def test_a_failing_store_fails_the_request_instead_of_starting_afresh(self):
+        directory = temp_dir(self)
+        app = tinysession.SessionMiddleware(probe_app, tinysession.FileStore(directory), clean_interval=None)
+        _, headers, _ = call(app, "/set", query="user=ann")
+        cookie = set_cookies(headers)[0].split(";")[0]
+        (name,) = os.listdir(directory)
+        os.unlink(os.path.join(directory, name))
+        os.mkdir(os.path.join(directory, name))  # reading it now fails with EISDIR
+        with self.assertRaises(tinysession.StoreError):
+            call(app, "/read", cookie=cookie)
+
+
+# -- Examples --
+
+
+def load_example(name):
+    """Import ``examples/<name>.py`` as a module."""
+    path = os.path.join(HERE, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ChatExample(unittest.TestCase):
+    def setUp(self):
+        self.chat = load_example("chat")
+
+    def post(self, browser, path="/", **form):
+        return browser.request(path, data=urllib.parse.urlencode(form).encode())
+
+    def test_history_lives_in_the_session_and_is_trimmed(self):
+        for spec in ("sessions", "sessions.db"):
+            store = self.chat.open_store(os.path.join(temp_dir(self), spec))
+            browser = Browser(serve(self, self.chat.make_app(store)))
+            for number in range(1, 8):
+                status, _, page = self.post(browser, message=f"message {number}")
+                self.assertEqual(status, 200)
+            page = page.decode()
+            self.assertIn("You said: message 7", page)
+            self.assertIn("message 3", page)
+            self.assertNotIn("message 2<", page)
+            self.assertEqual(page.count("<li>"), 2 * self.chat.MAX_ROUNDS)
+            stranger = Browser(browser.base_url)
+            self.assertNotIn("message 7", stranger.request("/")[2].decode())
+            status, _, page = self.post(browser, "/logout")
+            self.assertNotIn("<li>", page.decode())
+            self.assertEqual(len(store), 0)
+
+    def test_the_readme_command_serves_the_page(self):
+        directory = os.path.join(temp_dir(self), "sessions")
+        script = os.path.join(HERE, "examples", "chat.py")
+        child = subprocess.Popen(
+            [sys.executable, script, "--port", "0", "--store", directory], stdout=subprocess.PIPE
+        )
+        self.addCleanup(child.wait)
+        self.addCleanup(child.stdout.close)
+        self.addCleanup(child.terminate)
+        url = child.stdout.readline().decode().split()[2]
+        browser = Browser(url.rstrip("/"))
+        status, _, page = self.post(browser, message="hello over a real server")
+        self.assertEqual(status, 200)
+        self.assertIn("You said: hello over a real server", page.decode())
+        self.assertEqual(len(os.listdir(directory)), 1)
+
+
+class FrameworkExamples(unittest.TestCase):
+    def check_visits(self, make_app):
+        directory = temp_dir(self)
+        browser = Browser(serve(self, make_app(tinysession.FileStore(directory))))
+        bodies = [browser.request("/")[2] for _ in range(3)]
+        self.assertEqual(bodies, [b"visits: 1\n", b"visits: 2\n", b"visits: 3\n"])
+        self.assertEqual(len(os.listdir(directory)), 1)
+        self.assertEqual(browser.request("/logout", data=b"")[2], b"bye\n")
+        self.assertEqual(os.listdir(directory), [])
+
+    def test_flask(self):
+        require(importlib.util.find_spec("flask") is not None, "Flask is not installed (pip install flask)")
+        self.check_visits(load_example("flask_app").make_app)
+
+    def test_bottle(self):
+        require(importlib.util.find_spec("bottle") is not None, "Bottle is not installed (pip install bottle)")
+        self.check_visits(load_example("bottle_app").make_app)
 
 
 if __name__ == "__main__":

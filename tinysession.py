@@ -53,8 +53,11 @@ __all__ = [
     "FileStore",
     "RecordTooLarge",
     "SQLiteStore",
+    "Session",
     "SessionError",
+    "SessionMiddleware",
     "StoreError",
+    "get_session",
     "trim_messages",
 ]
 
@@ -77,6 +80,10 @@ _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 )
 _SQLITE_BUSY_SECONDS = 5.0
+_SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
+_MAX_COOKIE_CANDIDATES = 4
+_TOKEN_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_ATTRIBUTE_PATTERN = re.compile(r"[\x21-\x3a\x3c-\x7e]+")
 
 _SQL_CREATE = (
     'CREATE TABLE IF NOT EXISTS "{table}" '
@@ -711,6 +718,232 @@ class SQLiteStore(_Store):
             raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
         return sweep
 
+# -- Session --
+
+
+def _new_session_id():
+    """Return a fresh session id: 256 random bits, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def _store_key(session_id):
+    """Return the store key for ``session_id``: a one-way hash, so stored keys cannot be replayed."""
+    return hashlib.sha256(session_id.encode("ascii")).hexdigest()
+
+
+def _cookie_values(header, name):
+    """Return the values of every cookie called ``name`` in a Cookie header, in order.
+
+    Tolerant: a malformed pair is skipped without hiding the pairs after it.
+    Surrounding double quotes (allowed by RFC 6265) are removed.
+    """
+    if name not in header:
+        return []
+    values = []
+    for pair in header.split(";"):
+        pair_name, equals, value = pair.partition("=")
+        if equals and pair_name.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            values.append(value)
+    return values
+
+
+class Session(MutableMapping):
+    """One request's session: a dict loaded from the store on first use.
+
+    Get it with ``get_session(environ)`` inside an app wrapped in
+    ``SessionMiddleware``. Reading or writing loads it; a request that never
+    touches it costs no store access and sets no cookie. Changes, nested ones
+    included, are found by comparing the serialized record with the one
+    loaded, and saved when the response is finished; nothing is saved if the
+    app raises. A session that ends up empty is deleted and its cookie expired.
+
+    A session belongs to one request and is not shared between threads.
+    """
+
+    __slots__ = (
+        "_cookie_id",
+        "_cookie_sent",
+        "_created",
+        "_data",
+        "_dead_keys",
+        "_environ",
+        "_headers_sent",
+        "_key",
+        "_middleware",
+        "_mtime",
+        "_original",
+        "_payload",
+        "_stored",
+    )
+
+    def __init__(self, middleware, environ):
+        self._middleware = middleware
+        self._environ = environ
+        self._data = None
+
+    def _loaded(self):
+        """Return the session's data, loading it on first use."""
+        if self._data is None:
+            self._load()
+        return self._data
+
+    def __getitem__(self, name):
+        return self._loaded()[name]
+
+    def __setitem__(self, name, value):
+        self._loaded()[name] = value
+
+    def __delitem__(self, name):
+        del self._loaded()[name]
+
+    def __contains__(self, name):
+        return name in self._loaded()
+
+    def __iter__(self):
+        return iter(self._loaded())
+
+    def __len__(self):
+        return len(self._loaded())
+
+    def __repr__(self):
+        return f"<Session {self._data!r}>" if self._data is not None else "<Session (not loaded)>"
+
+    def regenerate(self):
+        """Give the session a new id and keep its data: call it on login.
+
+        The old id stops working when the response is finished. The creation
+        time is kept, so ``max_lifetime`` still counts from the first id.
+        Raises SessionError once the response has started, when the new
+        cookie can no longer be sent.
+        """
+        self._loaded()
+        if self._headers_sent:
+            raise SessionError("regenerate() after start_response(): the new cookie cannot be sent")
+        if self._key is not None:
+            self._dead_keys.append(self._key)
+        self._key = self._payload = self._cookie_id = None
+
+    def invalidate(self):
+        """Empty the session, delete it from the store and expire its cookie: logout.
+
+        Anything written afterwards in the same request starts a new session
+        with a new id.
+        """
+        self._loaded()
+        if self._key is not None:
+            self._dead_keys.append(self._key)
+        self._data = {}
+        self._key = self._payload = self._created = self._cookie_id = None
+
+    def _load(self):
+        middleware = self._middleware
+        self._key = self._payload = self._mtime = self._created = self._cookie_id = None
+        self._cookie_sent = False
+        self._dead_keys = []
+        self._headers_sent = False
+        self._original = (None, None)
+        self._stored = False
+        now = _now()
+        tried = 0
+        for value in _cookie_values(self._environ.get("HTTP_COOKIE", ""), middleware.cookie_name):
+            self._cookie_sent = True
+            if tried == _MAX_COOKIE_CANDIDATES or _SESSION_ID_PATTERN.fullmatch(value) is None:
+                continue
+            tried += 1
+            key = _store_key(value)
+            try:
+                record, payload, mtime = middleware.store._load(key)
+            except KeyError:
+                continue
+            if not (
+                type(record) is dict
+                and type(record.get("data")) is dict
+                and isinstance(record.get("created"), (int, float))
+            ):
+                logger.warning("session record %s is not a session: ignored", key)
+                continue
+            if middleware.max_lifetime is not None and now - record["created"] > middleware.max_lifetime:
+                self._dead_keys.append(key)
+                continue
+            self._key, self._payload, self._mtime = key, payload, mtime
+            self._created, self._cookie_id = record["created"], value
+            self._original = (key, payload)
+            self._data = record["data"]
+            return
+        self._data = {}
+
+    def _response_headers(self, headers):
+        """Add ``Vary: Cookie`` and the session's Set-Cookie to ``headers`` (a new list)."""
+        middleware = self._middleware
+        self._headers_sent = True
+        for index, (name, value) in enumerate(headers):
+            if name.lower() == "vary":
+                if "cookie" not in value.lower() and value.strip() != "*":
+                    headers[index] = (name, value + ", Cookie")
+                break
+        else:
+            headers.append(("Vary", "Cookie"))
+        if self._data:
+            if self._key is None and self._cookie_id is None:
+                self._cookie_id = _new_session_id()
+                headers.append(middleware._set_cookie(self._environ, self._cookie_id))
+            elif middleware.cookie_max_age is not None or self._key is None:
+                headers.append(middleware._set_cookie(self._environ, self._cookie_id))
+        elif self._cookie_sent or self._cookie_id is not None:
+            self._cookie_id = None
+            headers.append(middleware._set_cookie(self._environ, None))
+        return headers
+
+    def _save(self):
+        """Write, touch or delete the record as the request has left it so far.
+
+        Safe to call again later in the request: it then writes only what
+        changed since, which is how changes made while the body is produced
+        are saved when the response is closed.
+        """
+        store = self._middleware.store
+        for key in self._dead_keys:
+            store._delete(key, None)
+            self._stored = True
+        self._dead_keys = []
+        if not self._data:
+            if self._key is not None:
+                store._delete(self._key, None)
+                self._key = self._payload = None
+                self._stored = True
+            return
+        now = _now()
+        if self._created is None:
+            self._created = now
+        if self._key is None and self._cookie_id is None:
+            logger.warning("session started after start_response(): no cookie was sent, not saved")
+            return
+        key = self._key if self._key is not None else _store_key(self._cookie_id)
+        payload = store._dumps(key, {"created": self._created, "data": self._data})
+        if self._key is None or payload != self._payload:
+            store._save(key, payload)
+            self._key, self._payload, self._mtime = key, payload, now
+            self._stored = True
+        elif self._middleware.touch_interval is not None and now - self._mtime >= self._middleware.touch_interval:
+            store.touch(key, now=now)
+            self._mtime = now
+
+    def _undo(self):
+        """Put back the record as it was loaded, after the body failed; log, never raise."""
+        if not self._stored:
+            return
+        store = self._middleware.store
+        original_key, original_payload = self._original
+        try:
+            if self._key is not None and self._key != original_key:
+                store._delete(self._key, None)
+            if original_key is not None:
+                store._save(original_key, original_payload)
+        except SessionError:
+            logger.exception("could not undo the session changes of a failed response")
 
 # -- Message window --
 
@@ -795,3 +1028,191 @@ def _content_length(content):
     texts = (part.get("text") if isinstance(part, Mapping) and part.get("type") == "text" else part
              for part in content)
     return sum(len(text) for text in texts if isinstance(text, str))
+
+
+# -- Middleware --
+
+
+def get_session(environ, environ_key="tinysession"):
+    """Return the request's Session from a WSGI ``environ``.
+
+    Raises SessionError when the app is not wrapped in SessionMiddleware (or
+    the middleware was given another ``environ_key``).
+    """
+    try:
+        return environ[environ_key]
+    except KeyError:
+        raise SessionError(
+            f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
+        ) from None
+
+
+class _SessionBody:
+    """The app's response body: saves later session changes when the server closes it.
+
+    If producing the body raises, changes saved when the app returned are
+    undone, so a failed request leaves the session as it found it.
+    """
+
+    __slots__ = ("_body", "_failed", "_middleware", "_session")
+
+    def __init__(self, body, session, middleware):
+        self._body = body
+        self._session = session
+        self._middleware = middleware
+        self._failed = False
+
+    def __iter__(self):
+        try:
+            yield from self._body
+        except Exception:
+            self._failed = True
+            if self._session._data is not None:
+                self._session._undo()
+            raise
+
+    def close(self):
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+        if not self._failed:
+            self._middleware._finish(self._session)
+
+
+class SessionMiddleware:
+    """Give every request of a WSGI app a server-side session.
+
+    ``app = SessionMiddleware(app, store)`` wraps any WSGI app; inside it,
+    ``get_session(environ)`` returns the request's Session. ``store`` is a
+    FileStore, SQLiteStore or RedisStore; its ``max_age`` is the idle timeout.
+
+    Options: ``cookie_name``, ``path``, ``domain`` (sent only when given),
+    ``secure`` (None: when the request came over https), ``httponly``,
+    ``samesite`` ("Lax", "Strict", "None" which forces Secure, or None to
+    omit it), ``cookie_max_age`` (seconds; None for a browser-session cookie),
+    ``max_lifetime`` (seconds since the session was created, after which it
+    is discarded however recently used), ``touch_interval`` (seconds between
+    mtime refreshes of a session read but not changed; None never),
+    ``clean_interval`` (seconds between background cleans of the store in
+    this process; None never) and ``environ_key``.
+
+    The session id is 256 random bits; the store only sees its SHA-256, and a
+    cookie the server did not issue, or whose session is gone, is never
+    adopted. Thread-safe; several processes may share one store, and then the
+    last write of a session wins.
+    """
+
+    def __init__(
+        self,
+        app,
+        store,
+        *,
+        cookie_name="session",
+        path="/",
+        domain=None,
+        secure=None,
+        httponly=True,
+        samesite="Lax",
+        cookie_max_age=None,
+        max_lifetime=None,
+        touch_interval=60,
+        clean_interval=300,
+        environ_key="tinysession",
+    ):
+        import http.cookies
+
+        if not isinstance(store, _Store):
+            raise TypeError(f"store must be a FileStore, SQLiteStore or RedisStore, not {store!r}")
+        if not isinstance(cookie_name, str) or _TOKEN_PATTERN.fullmatch(cookie_name) is None:
+            raise ValueError(f"invalid cookie name {cookie_name!r}")
+        for name, value in (("path", path), ("domain", domain)):
+            if value is not None and (not isinstance(value, str) or _ATTRIBUTE_PATTERN.fullmatch(value) is None):
+                raise ValueError(f"invalid cookie {name} {value!r}")
+        if samesite is not None:
+            if str(samesite).capitalize() not in ("Lax", "Strict", "None"):
+                raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
+            samesite = samesite.capitalize()
+        if secure not in (None, True, False):
+            raise ValueError(f"secure must be None, True or False, not {secure!r}")
+        self.app = app
+        self.store = store
+        self.cookie_name = cookie_name
+        self.path = path
+        self.domain = domain
+        self.secure = secure
+        self.httponly = bool(httponly)
+        self.samesite = samesite
+        self.cookie_max_age = _check_count(cookie_max_age, "cookie_max_age")
+        self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
+        self.touch_interval = _check_seconds(touch_interval, "touch_interval")
+        self.clean_interval = _check_seconds(clean_interval, "clean_interval")
+        self.environ_key = environ_key
+        self._morsel_class = http.cookies.Morsel
+        self._next_clean = None if clean_interval is None else 0.0
+        self._clean_lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        session = Session(self, environ)
+        environ[self.environ_key] = session
+
+        def session_start_response(status, headers, exc_info=None):
+            if session._data is not None:
+                headers = session._response_headers(list(headers))
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, session_start_response)
+        if type(body) is list or type(body) is tuple:
+            self._finish(session)
+            return body
+        if session._data is not None:
+            try:
+                session._save()
+            except BaseException:
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
+                raise
+        return _SessionBody(body, session, self)
+
+    def _finish(self, session):
+        """Save a loaded session, then start a background clean when one is due."""
+        if session._data is not None:
+            session._save()
+        if self._next_clean is not None and _now() >= self._next_clean:
+            self._start_clean()
+
+    def _start_clean(self):
+        if not self._clean_lock.acquire(blocking=False):
+            return
+        self._next_clean = _now() + self.clean_interval
+        threading.Thread(target=self._clean, name="tinysession-clean", daemon=True).start()
+
+    def _clean(self):
+        try:
+            removed = self.store.clean()
+            logger.debug("background clean of %r removed %d sessions", self.store, removed)
+        except Exception:
+            logger.exception("background clean of %r failed", self.store)
+        finally:
+            self._clean_lock.release()
+
+    def _set_cookie(self, environ, session_id):
+        """Return the Set-Cookie header for ``session_id``, or one that expires the cookie."""
+        morsel = self._morsel_class()
+        morsel.set(self.cookie_name, session_id or "", session_id or "")
+        morsel["path"] = self.path
+        if self.domain is not None:
+            morsel["domain"] = self.domain
+        secure = self.secure if self.secure is not None else environ.get("wsgi.url_scheme") == "https"
+        if secure or self.samesite == "None":
+            morsel["secure"] = True
+        if self.httponly:
+            morsel["httponly"] = True
+        if self.samesite is not None:
+            morsel["samesite"] = self.samesite
+        if session_id is None:
+            morsel["max-age"] = 0
+            morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
+        elif self.cookie_max_age is not None:
+            morsel["max-age"] = self.cookie_max_age
+        return ("Set-Cookie", morsel.OutputString())
