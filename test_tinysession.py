@@ -8,6 +8,7 @@ is a failure instead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import doctest
 import hashlib
@@ -1693,6 +1694,176 @@ class FrameworkExamples(unittest.TestCase):
     def test_bottle(self):
         require(importlib.util.find_spec("bottle") is not None, "Bottle is not installed (pip install bottle)")
         self.check_visits(load_example("bottle_app").make_app)
+
+
+# -- Command line --
+
+
+class CommandLineCase(unittest.TestCase):
+    """Runs ``tinysession.main`` in-process over a FileStore with aged records."""
+
+    def setUp(self):
+        self.directory = os.path.join(temp_dir(self), "sessions")
+        self.store = tinysession.FileStore(self.directory)
+        for index, age in enumerate([10, 20, 30, 4000, 5000, 90000]):
+            self.store[f"k{index}"] = {"pad": "x" * 100}
+            then = time.time() - age
+            os.utime(os.path.join(self.directory, f"ts-k{index}"), (then, then))
+
+    def run_main(self, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = tinysession.main(list(argv))
+        return status, out.getvalue(), err.getvalue()
+
+
+class CommandLineClean(CommandLineCase):
+    def test_max_age_removes_the_expired_and_reports(self):
+        status, out, err = self.run_main("clean", self.directory, "--max-age", "1h")
+        self.assertEqual((status, err), (0, ""))
+        self.assertRegex(out, r"^removed 3 of 6 sessions \(\d+ bytes\) in \d+\.\d\d s, kept 3\n$")
+        self.assertEqual(sorted(self.store), ["k0", "k1", "k2"])
+
+    def test_keep_removes_all_but_the_newest(self):
+        status, out, _ = self.run_main("clean", self.directory, "--keep", "2")
+        self.assertEqual(status, 0)
+        self.assertIn("removed 4 of 6 sessions", out)
+        self.assertEqual(sorted(self.store), ["k0", "k1"])
+
+    def test_dry_run_removes_nothing(self):
+        status, out, _ = self.run_main("clean", self.directory, "--max-age", "2h", "--keep", "1", "--dry-run")
+        self.assertEqual(status, 0)
+        self.assertIn("would remove 5 of 6 sessions", out)
+        self.assertEqual(len(self.store), 6)
+
+    def test_quiet_prints_nothing(self):
+        self.assertEqual(self.run_main("clean", self.directory, "--max-age", "1d", "--quiet"), (0, "", ""))
+        self.assertEqual(len(self.store), 5)
+
+    def test_other_files_are_kept(self):
+        for name in ("notes.txt", "ts-bad.name"):
+            with open(os.path.join(self.directory, name), "w") as file:
+                file.write("mine")
+            os.utime(os.path.join(self.directory, name), (0, 0))
+        status, _, _ = self.run_main("clean", self.directory, "--max-age", "1", "--keep", "0")
+        self.assertEqual(status, 0)
+        self.assertEqual(sorted(os.listdir(self.directory)), ["notes.txt", "ts-bad.name"])
+
+    def test_durations(self):
+        for text, seconds in (("90", 90), ("45s", 45), ("30m", 1800), ("12h", 43200), ("7d", 604800), ("1.5h", 5400)):
+            with self.subTest(text=text):
+                status, out, _ = self.run_main("stats", self.directory, "--json", "--max-age", text)
+                self.assertEqual((status, json.loads(out)["max_age"]), (0, seconds))
+
+    def test_usage_errors_exit_2_naming_the_bad_value(self):
+        for argv, named in (
+            (["clean", self.directory, "--max-age", "5x"], "'5x'"),
+            (["clean", self.directory, "--max-age=-1h"], "'-1h'"),
+            (["clean", self.directory, "--keep=-1"], "'-1'"),
+            (["clean", self.directory, "--keep", "many"], "'many'"),
+            (["clean", self.directory], "--max-age, --keep"),
+            (["vacuum", self.directory], "vacuum"),
+            ([], "COMMAND"),
+        ):
+            with self.subTest(argv=argv):
+                status, out, err = self.run_main(*argv)
+                self.assertEqual(status, 2)
+                self.assertIn(named, err)
+                self.assertEqual(out, "")
+        self.assertEqual(len(self.store), 6)
+
+    def test_operational_errors_exit_1_without_a_traceback(self):
+        not_a_store = os.path.join(temp_dir(self), "notes.txt")
+        with open(not_a_store, "w") as file:
+            file.write("hello")
+        other_database = os.path.join(temp_dir(self), "other.db")
+        with sqlite3.connect(other_database) as connection:
+            connection.execute("CREATE TABLE things (x)")
+        missing = os.path.join(temp_dir(self), "missing")
+        for store, cause in (
+            (missing, "no such directory or file"),
+            (not_a_store, "neither a session directory nor an SQLite database"),
+            (other_database, "no table 'sessions'"),
+        ):
+            with self.subTest(store=store):
+                status, out, err = self.run_main("clean", store, "--keep", "1")
+                self.assertEqual((status, out), (1, ""))
+                self.assertIn(store, err)
+                self.assertIn(cause, err)
+                self.assertNotIn("Traceback", err)
+        self.assertFalse(os.path.exists(missing))
+
+    def test_help_shows_an_example(self):
+        for argv in (["--help"], ["clean", "--help"], ["stats", "--help"]):
+            with self.subTest(argv=argv):
+                status, out, _ = self.run_main(*argv)
+                self.assertEqual(status, 0)
+                self.assertIn("python -m tinysession clean /var/lib/myapp/sessions --max-age 7d", out)
+
+    def test_sqlite_store_and_table(self):
+        path = os.path.join(temp_dir(self), "sessions.db")
+        store = tinysession.SQLiteStore(path, table="web")
+        self.addCleanup(store.close)
+        for index in range(5):
+            store[f"k{index}"] = {}
+        status, out, _ = self.run_main("clean", path, "--table", "web", "--keep", "2")
+        self.assertEqual(status, 0)
+        self.assertIn("removed 3 of 5 sessions", out)
+        self.assertEqual(len(store), 2)
+
+
+class CommandLineStats(CommandLineCase):
+    def test_text(self):
+        status, out, err = self.run_main("stats", self.directory, "--max-age", "1h")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("sessions: 6\n", out)
+        self.assertIn("expired:  3 older than 3600 s", out)
+
+    def test_json(self):
+        status, out, _ = self.run_main("stats", self.directory, "--json", "--max-age", "1h")
+        self.assertEqual(status, 0)
+        report = json.loads(out)
+        self.assertEqual((report["sessions"], report["expired"]), (6, 3))
+        self.assertEqual(report["bytes"], sum(os.path.getsize(os.path.join(self.directory, n)) for n in os.listdir(self.directory)))
+        self.assertAlmostEqual(report["oldest"], time.time() - 90000, delta=60)
+        self.assertAlmostEqual(report["newest"], time.time() - 10, delta=60)
+
+
+class CommandLineProcess(unittest.TestCase):
+    """``python -m tinysession`` as cron runs it: a real process."""
+
+    def run_module(self, *argv):
+        env = dict(os.environ, PYTHONPATH=HERE)
+        return subprocess.run(
+            [sys.executable, "-m", "tinysession", *argv], capture_output=True, text=True, env=env, timeout=60, check=False
+        )
+
+    def test_clean_a_file_store(self):
+        directory = temp_dir(self)
+        store = tinysession.FileStore(directory)
+        store["old"], store["new"] = {}, {}
+        os.utime(os.path.join(directory, "ts-old"), (0, 0))
+        result = self.run_module("clean", directory, "--max-age", "7d")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertTrue(result.stdout.startswith("removed 1 of 2 sessions"))
+        self.assertEqual(os.listdir(directory), ["ts-new"])
+
+    def test_clean_an_sqlite_store(self):
+        path = os.path.join(temp_dir(self), "sessions.sqlite3")
+        store = tinysession.SQLiteStore(path)
+        self.addCleanup(store.close)
+        for index in range(4):
+            store[f"k{index}"] = {}
+        result = self.run_module("clean", path, "--keep", "1", "--quiet")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))
+        self.assertEqual(list(store), ["k3"])
+
+    def test_redis_url_without_redis_py(self):
+        code = "import sys; sys.modules['redis'] = None; import tinysession; sys.exit(tinysession.main(sys.argv[1:]))"
+        child = python_process(code, "stats", "redis://127.0.0.1:1/0", stderr=subprocess.PIPE)
+        _, err = child.communicate(timeout=60)
+        self.assertEqual(child.returncode, 1)
+        self.assertIn(b"pip install redis", err)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ missing and logged on the ``tinysession`` logger.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import heapq
@@ -43,6 +44,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import threading
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -58,6 +60,7 @@ __all__ = [
     "SessionMiddleware",
     "StoreError",
     "get_session",
+    "main",
     "trim_messages",
 ]
 
@@ -75,6 +78,7 @@ _FILE_PREFIX = "ts-"
 _TEMP_PREFIX = ".ts-"
 _TEMP_SUFFIX = ".tmp"
 _TEMP_MAX_AGE = 120.0
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -218,16 +222,6 @@ def _make_serializer(serializer, secret):
     if callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None)):
         return serializer
     raise ValueError(f"serializer must be 'json', 'pickle' or an object with dumps() and loads(), not {serializer!r}")
-
-
-def _remove_quietly(path):
-    """Remove ``path``; return False if another process removed it first."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        logger.debug("already removed: %s", path)
-        return False
-    return True
 
 
 class _Sweep:
@@ -517,13 +511,14 @@ class FileStore(_Store):
             raise StoreError(f"cannot touch session file {path!r}: {exc.strerror}") from exc
         return True
 
-    def _scan(self):
-        """Yield ``(name, lstat)`` for each regular file in the directory.
+    def _scan(self, directory_fd):
+        """Yield ``(name, lstat)`` for each regular file with a store prefix.
 
-        Files that vanish while the directory is read are skipped.
+        Names are relative to ``directory_fd``; files that vanish while the
+        directory is read are skipped.
         """
         try:
-            with os.scandir(self.directory) as entries:
+            with os.scandir(directory_fd) as entries:
                 for entry in entries:
                     if not entry.name.startswith((_FILE_PREFIX, _TEMP_PREFIX)):
                         continue
@@ -536,42 +531,75 @@ class FileStore(_Store):
         except OSError as exc:
             raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
 
+    def _open_directory(self):
+        """Return a file descriptor of the directory, for ``_scan`` and removals relative to it."""
+        try:
+            return os.open(self.directory, _DIRECTORY_FLAGS)
+        except OSError as exc:
+            raise StoreError(f"cannot open session directory {self.directory!r}: {exc.strerror}") from exc
+
     def _keys(self, cutoff):
-        for name, status in self._scan():
-            if name.startswith(_FILE_PREFIX) and (cutoff is None or status.st_mtime >= cutoff):
-                key = name[len(_FILE_PREFIX) :]
-                if _KEY_PATTERN.fullmatch(key):
-                    yield key
+        directory_fd = self._open_directory()
+        try:
+            for name, status in self._scan(directory_fd):
+                if name.startswith(_FILE_PREFIX) and (cutoff is None or status.st_mtime >= cutoff):
+                    key = name[len(_FILE_PREFIX) :]
+                    if _KEY_PATTERN.fullmatch(key):
+                        yield key
+        finally:
+            os.close(directory_fd)
 
     def _sweep(self, cutoff, keep, now, dry_run, progress):
         sweep = _Sweep()
         newest = []  # min-heap of (mtime, name, size): the `keep` newest so far
+        directory_fd = self._open_directory()
 
         def remove(name, size):
-            # A file another process removed first is not counted.
-            if dry_run or _remove_quietly(os.path.join(self.directory, name)):
+            try:
+                if not dry_run:
+                    os.unlink(name, dir_fd=directory_fd)
+            except FileNotFoundError:
+                logger.debug("already removed: %s", name)  # by another cleaner: not counted
+            except OSError as exc:
+                raise StoreError(f"cannot remove session file {name!r} in {self.directory!r}: {exc.strerror}") from exc
+            else:
                 sweep.removed += 1
                 sweep.removed_bytes += size
 
-        for name, status in self._scan():
-            if name.startswith(_TEMP_PREFIX):
-                if name.endswith(_TEMP_SUFFIX) and status.st_mtime < now - _TEMP_MAX_AGE and not dry_run:
-                    _remove_quietly(os.path.join(self.directory, name))
-                continue
-            if not _KEY_PATTERN.fullmatch(name[len(_FILE_PREFIX) :]):
-                continue
-            sweep.see(status.st_mtime, status.st_size)
-            if progress is not None and sweep.seen % 10000 == 0:
-                progress(sweep.seen)
-            if (cutoff is not None and status.st_mtime < cutoff) or keep == 0:
-                remove(name, status.st_size)
-            elif keep is not None:
-                item = (status.st_mtime, name, status.st_size)
-                if len(newest) < keep:
-                    heapq.heappush(newest, item)
-                else:
-                    _, old_name, old_size = heapq.heappushpop(newest, item)
-                    remove(old_name, old_size)
+        oldest = newest_mtime = None
+        prefix_length = len(_FILE_PREFIX)
+        key_match = _KEY_PATTERN.fullmatch
+        try:
+            for name, status in self._scan(directory_fd):
+                mtime = status.st_mtime
+                if name[0] == ".":
+                    if name.endswith(_TEMP_SUFFIX) and mtime < now - _TEMP_MAX_AGE and not dry_run:
+                        with contextlib.suppress(FileNotFoundError):  # another cleaner was first
+                            os.unlink(name, dir_fd=directory_fd)
+                    continue
+                if not key_match(name, prefix_length):
+                    continue
+                size = status.st_size
+                sweep.seen += 1
+                sweep.seen_bytes += size
+                if oldest is None or mtime < oldest:
+                    oldest = mtime
+                if newest_mtime is None or mtime > newest_mtime:
+                    newest_mtime = mtime
+                if progress is not None and sweep.seen % 10000 == 0:
+                    progress(sweep.seen)
+                if (cutoff is not None and mtime < cutoff) or keep == 0:
+                    remove(name, size)
+                elif keep is not None:
+                    item = (mtime, name, size)
+                    if len(newest) < keep:
+                        heapq.heappush(newest, item)
+                    else:
+                        _, old_name, old_size = heapq.heappushpop(newest, item)
+                        remove(old_name, old_size)
+            sweep.oldest, sweep.newest = oldest, newest_mtime
+        finally:
+            os.close(directory_fd)
         return sweep
 
 
@@ -1216,3 +1244,199 @@ class SessionMiddleware:
         elif self.cookie_max_age is not None:
             morsel["max-age"] = self.cookie_max_age
         return ("Set-Cookie", morsel.OutputString())
+
+
+# -- Command line --
+
+_DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SQLITE_HEADER = b"SQLite format 3\0"
+_CLI_EXAMPLES = """examples:
+  python -m tinysession clean /var/lib/myapp/sessions --max-age 7d --quiet
+  python -m tinysession clean /var/lib/myapp/sessions.db --keep 10000 --dry-run
+  python -m tinysession stats redis://127.0.0.1:6379/0 --max-age 12h --json
+
+STORE is a session directory (FileStore), an SQLite database (SQLiteStore), or
+a redis:// URL (RedisStore; needs redis-py). DURATION is seconds, or a number
+with s, m, h or d: 90, 30m, 12h, 7d.
+"""
+
+
+def _duration(text):
+    """Parse ``90``, ``30m``, ``12h`` or ``7d`` into seconds (argparse type)."""
+    import argparse
+
+    match = _DURATION_PATTERN.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected e.g. 90, 30m, 12h or 7d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _count(text):
+    """Parse a non-negative whole number (argparse type)."""
+    import argparse
+
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number >= 0")
+    return int(text)
+
+
+def _format_bytes(size):
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+
+
+def _format_time(timestamp):
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _open_store(spec, table, prefix):
+    """Open the store at ``spec`` without creating anything; SessionError if there is none."""
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            import redis
+        except ImportError:
+            raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
+        return RedisStore(redis.Redis.from_url(spec), prefix=prefix)
+    if os.path.isdir(spec):
+        return FileStore(spec)
+    try:
+        with open(spec, "rb") as file:
+            header = file.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        raise SessionError(f"{spec}: no such directory or file") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {spec!r}: {exc.strerror}") from exc
+    if header != _SQLITE_HEADER:
+        raise SessionError(f"{spec}: neither a session directory nor an SQLite database")
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{spec}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS) as connection:
+            found = connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+            ).fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read session database {spec!r}: {exc}") from exc
+    if found is None:
+        raise SessionError(f"{spec}: no table {table!r} (is --table right?)")
+    return SQLiteStore(spec, table=table)
+
+
+def _progress_printer(stream):
+    """Return a progress callback that rewrites one line of ``stream``, or None if it is no terminal."""
+    if not stream.isatty():
+        return None
+
+    def show(count):
+        stream.write(f"\rscanned {count} sessions...")
+        stream.flush()
+
+    return show
+
+
+def _cmd_clean(args):
+    store = _open_store(args.store, args.table, args.prefix)
+    with store:
+        progress = None if args.quiet else _progress_printer(sys.stderr)
+        started = time.perf_counter()
+        sweep = store._clean(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
+        elapsed = time.perf_counter() - started
+    if progress is not None:
+        sys.stderr.write("\r\033[K")
+    if args.dry_run:
+        print(
+            f"would remove {sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)}),"
+            f" keep {sweep.seen - sweep.removed}; dry run, nothing removed"
+        )
+    elif not args.quiet:
+        print(
+            f"removed {sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)})"
+            f" in {elapsed:.2f} s, kept {sweep.seen - sweep.removed}"
+        )
+    return 0
+
+
+def _cmd_stats(args):
+    store = _open_store(args.store, args.table, args.prefix)
+    with store:
+        sweep = store._clean(args.max_age, None, dry_run=True)
+    expired = sweep.removed if args.max_age is not None else None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "store": args.store,
+                    "sessions": sweep.seen,
+                    "bytes": sweep.seen_bytes,
+                    "oldest": sweep.oldest,
+                    "newest": sweep.newest,
+                    "max_age": args.max_age,
+                    "expired": expired,
+                }
+            )
+        )
+        return 0
+    print(f"store:    {args.store}")
+    print(f"sessions: {sweep.seen}")
+    print(f"size:     {_format_bytes(sweep.seen_bytes)} ({sweep.seen_bytes} bytes)")
+    print(f"oldest:   {_format_time(sweep.oldest)}")
+    print(f"newest:   {_format_time(sweep.newest)}")
+    if expired is not None:
+        print(f"expired:  {expired} older than {args.max_age:g} s")
+    return 0
+
+
+def _parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tinysession",
+        description="Clean and inspect tinysession stores.",
+        epilog=_CLI_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, summary in (
+        ("clean", "remove expired sessions, then all but the newest N"),
+        ("stats", "count sessions, bytes, oldest and newest, and how many are past a max age"),
+    ):
+        command = commands.add_parser(
+            name, help=summary, description=summary, epilog=_CLI_EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_argument("store", metavar="STORE", help="session directory, SQLite file or redis:// URL")
+        command.add_argument("--max-age", type=_duration, metavar="DURATION", help="sessions older than this")
+        command.add_argument("--table", default="sessions", help="SQLite table (default: sessions)")
+        command.add_argument("--prefix", default="session:", help="Redis key prefix (default: session:)")
+        if name == "clean":
+            command.add_argument("--keep", type=_count, metavar="N", help="then keep only the N newest")
+            command.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+            command.add_argument("--quiet", action="store_true", help="print nothing on success (cron)")
+        else:
+            command.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; return the exit status (0 done, 1 failed, 2 usage)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "clean" and args.max_age is None and args.keep is None:
+            parser.error("clean needs --max-age, --keep or both; it will not guess what to remove")
+    except SystemExit as exit:  # argparse exits for --help and usage errors; return the status instead
+        return exit.code
+    try:
+        return _cmd_clean(args) if args.command == "clean" else _cmd_stats(args)
+    except SessionError as exc:
+        print(f"python -m tinysession: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
