@@ -503,6 +503,11 @@ class FileStoreOnDisk(unittest.TestCase):
         self.assertNotIn("link", self.store)
         self.assertFalse(self.store.touch("link"))
 
+    def test_a_fifo_is_not_read(self):
+        os.mkfifo(os.path.join(self.directory, "ts-fifo"))
+        with self.assertLogs("tinysession", "WARNING"):
+            self.assertIsNone(self.store.get("fifo"))
+
     def test_oversized_file_is_not_read(self):
         store = tinysession.FileStore(self.directory, max_bytes=10)
         with open(os.path.join(self.directory, "ts-big"), "wb") as file:
@@ -593,6 +598,29 @@ class SQLiteStoreOnDisk(unittest.TestCase):
         self.assertIn(self.path, str(caught.exception))
         with open(self.path, "rb") as file:
             self.assertTrue(file.read().startswith(b"this is not a database"))
+
+    def test_oversized_row_is_not_read(self):
+        store = tinysession.SQLiteStore(self.path, max_bytes=10)
+        self.addCleanup(store.close)
+        with sqlite3.connect(self.path) as connection:
+            connection.execute("INSERT INTO sessions VALUES ('big', ?, ?)", (b'"' + b"x" * 1000 + b'"', time.time()))
+        with self.assertLogs("tinysession", "WARNING"):
+            self.assertIsNone(store.get("big"))
+
+    def test_connections_of_finished_threads_are_closed(self):
+        store = tinysession.SQLiteStore(self.path)
+        self.addCleanup(store.close)
+        store["a"] = {}
+
+        def read():
+            store.get("a")
+
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            thread = threading.Thread(target=read)
+            thread.start()
+            thread.join()
+        self.assertLess(len(os.listdir("/proc/self/fd")), before + 10)
 
     def test_closed_store_raises_store_error(self):
         store = tinysession.SQLiteStore(self.path)
@@ -1122,9 +1150,9 @@ class CountingFileStore(tinysession.FileStore):
         self.accesses.append(("read", key))
         return super()._read(key, cutoff)
 
-    def _write(self, key, data):
+    def _write(self, key, data, must_exist):
         self.accesses.append(("write", key))
-        return super()._write(key, data)
+        return super()._write(key, data, must_exist)
 
     def _touch(self, key, now, cutoff):
         self.accesses.append(("touch", key))
@@ -1369,6 +1397,33 @@ class RegenerateAndInvalidate(MiddlewareCase):
         self.assertIn("Max-Age=0", headers["Set-Cookie"])
         self.assertEqual(self.session_files(), [])
 
+    def test_a_concurrent_logout_is_not_undone_by_a_slower_request(self):
+        self.browser.json("/set?user=ann")
+        cookie = f"session={self.browser.session_id()}"
+        logout = tinysession.SessionMiddleware(probe_app, self.store, clean_interval=None)
+
+        def slow_request(environ, start_response):
+            tinysession.get_session(environ)["visits"] = 1
+            call(logout, "/logout", cookie=cookie)  # another tab logs out meanwhile
+            start_response("200 OK", [])
+            return [b""]
+
+        call(tinysession.SessionMiddleware(slow_request, self.store, clean_interval=None), cookie=cookie)
+        self.assertEqual(self.session_files(), [])
+        self.assertEqual(call(logout, cookie=cookie)[2], b"{}")
+
+    def test_regenerate_after_the_response_started_raises_even_if_loaded_late(self):
+        def app(environ, start_response):
+            start_response("200 OK", [])
+            tinysession.get_session(environ).regenerate()
+            return [b""]
+
+        self.browser.json("/set?user=ann")
+        with self.assertRaises(tinysession.SessionError):
+            call(tinysession.SessionMiddleware(app, self.store, clean_interval=None),
+                 cookie=f"session={self.browser.session_id()}")
+        self.assertEqual(self.browser.json(), {"user": "ann"})
+
     def test_regenerate_after_the_response_started_raises(self):
         def app(environ, start_response):
             session = tinysession.get_session(environ)
@@ -1474,6 +1529,15 @@ class CookieAttributes(MiddlewareCase):
         self.assertIn("SameSite=Lax", cookie)
         self.assertEqual(headers["Vary"], "Cookie")
 
+    def test_vary_is_merged_by_token(self):
+        def app(environ, start_response):
+            tinysession.get_session(environ)["a"] = 1
+            start_response("200 OK", [("Vary", "Accept-Encoding, X-Cookie-Consent")])
+            return [b""]
+
+        _, headers, _ = call(tinysession.SessionMiddleware(app, self.store, clean_interval=None))
+        self.assertIn(("Vary", "Accept-Encoding, X-Cookie-Consent, Cookie"), headers)
+
     def test_secure_follows_the_scheme_unless_forced(self):
         self.assertIn("Secure", self.cookie_for("https"))
         self.assertNotIn("Secure", self.cookie_for("http"))
@@ -1500,6 +1564,9 @@ class CookieAttributes(MiddlewareCase):
             {"samesite": "sometimes"},
             {"secure": "yes"},
             {"cookie_max_age": -1},
+            {"cookie_max_age": 0},
+            {"cookie_name": "Path"},
+            {"path": None},
         ):
             with self.subTest(options=options), self.assertRaises(ValueError):
                 tinysession.SessionMiddleware(probe_app, self.store, **options)
@@ -1612,13 +1679,13 @@ class BackgroundCleaning(unittest.TestCase):
 
 class StoreFailuresDuringRequests(unittest.TestCase):
     def test_a_failing_store_fails_the_request_instead_of_starting_afresh(self):
-        directory = temp_dir(self)
+        directory = os.path.join(temp_dir(self), "sessions")
         app = tinysession.SessionMiddleware(probe_app, tinysession.FileStore(directory), clean_interval=None)
         _, headers, _ = call(app, "/set", query="user=ann")
         cookie = set_cookies(headers)[0].split(";")[0]
-        (name,) = os.listdir(directory)
-        os.unlink(os.path.join(directory, name))
-        os.mkdir(os.path.join(directory, name))  # reading it now fails with EISDIR
+        os.rename(directory, directory + ".moved")
+        with open(directory, "w"):
+            pass  # reading a session now fails with ENOTDIR
         with self.assertRaises(tinysession.StoreError):
             call(app, "/read", cookie=cookie)
 

@@ -47,6 +47,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 
 __version__ = "0.1.0"
@@ -79,7 +80,9 @@ _TEMP_PREFIX = ".ts-"
 _TEMP_SUFFIX = ".tmp"
 _TEMP_MAX_AGE = 120.0
 _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+)
 _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 )
@@ -94,9 +97,12 @@ _SQL_CREATE = (
     "(key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL)"
 )
 _SQL_INDEX = 'CREATE INDEX IF NOT EXISTS "{table}_mtime" ON "{table}" (mtime)'
-_SQL_GET = 'SELECT data, mtime FROM "{table}" WHERE key = ? AND mtime >= ?'
+_SQL_GET = (
+    'SELECT CASE WHEN LENGTH(data) <= ? THEN data END, mtime FROM "{table}" WHERE key = ? AND mtime >= ?'
+)
 _SQL_HAS = 'SELECT 1 FROM "{table}" WHERE key = ? AND mtime >= ?'
 _SQL_PUT = 'INSERT OR REPLACE INTO "{table}" (key, data, mtime) VALUES (?, ?, ?)'
+_SQL_UPDATE = 'UPDATE "{table}" SET data = ?, mtime = ? WHERE key = ?'
 _SQL_TOUCH = 'UPDATE "{table}" SET mtime = ? WHERE key = ? AND mtime >= ?'
 _SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ?'
 _SQL_KEYS = 'SELECT key FROM "{table}" WHERE mtime >= ?'
@@ -117,6 +123,7 @@ _SQL_TEMPLATES = (
     _SQL_GET,
     _SQL_HAS,
     _SQL_PUT,
+    _SQL_UPDATE,
     _SQL_TOUCH,
     _SQL_DELETE,
     _SQL_KEYS,
@@ -154,8 +161,11 @@ class RecordTooLarge(SessionError, ValueError):
 class _JSONSerializer:
     """Compact UTF-8 JSON: dicts, lists, strings, numbers, booleans and None."""
 
+    def __init__(self):
+        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
     def dumps(self, obj):
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return self._encode(obj).encode("utf-8")
 
     def loads(self, data):
         return json.loads(data)
@@ -365,11 +375,16 @@ class _Store(MutableMapping):
             logger.warning("unreadable session record %s: %s: %s", where, type(exc).__name__, exc)
             raise KeyError(key) from None
 
-    def _save(self, key, payload):
-        """Store an already serialized payload and hold ``max_sessions``."""
-        self._write(key, self._seal(key, payload))
+    def _save(self, key, payload, must_exist=False):
+        """Store an already serialized payload and hold ``max_sessions``.
+
+        With ``must_exist``, write only over an existing record and return
+        False if there is none (another request deleted it: a logout).
+        """
+        if not self._write(key, self._seal(key, payload), must_exist):
+            return False
         if self.max_sessions is None:
-            return
+            return True
         with self._write_lock:
             self._writes_before_clean -= 1
             due = self._writes_before_clean <= 0
@@ -380,6 +395,7 @@ class _Store(MutableMapping):
                 self.clean()
             except StoreError:
                 logger.warning("cleaning after a write failed", exc_info=True)
+        return True
 
     def _read_limit(self):
         """Return the largest stored record size worth reading, or None."""
@@ -445,6 +461,9 @@ class FileStore(_Store):
             raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
         try:
             status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                logger.warning("session file %s is not a regular file: ignored", path)
+                raise KeyError(key)
             if cutoff is not None and status.st_mtime < cutoff:
                 raise KeyError(key)
             limit = self._read_limit()
@@ -457,8 +476,16 @@ class FileStore(_Store):
         finally:
             os.close(fd)
 
-    def _write(self, key, data):
+    def _write(self, key, data, must_exist):
         path = self._path(key)
+        if must_exist:
+            # Narrows, without closing, the race with a concurrent delete.
+            try:
+                os.lstat(path)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise StoreError(f"cannot stat session file {path!r}: {exc.strerror}") from exc
         temp_path = os.path.join(self.directory, _TEMP_PREFIX + secrets.token_hex(8) + _TEMP_SUFFIX)
         try:
             fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
@@ -477,6 +504,7 @@ class FileStore(_Store):
             if isinstance(exc, OSError):
                 raise StoreError(f"cannot write session file {path!r}: {exc.strerror or exc}") from exc
             raise
+        return True
 
     def _delete(self, key, cutoff):
         path = self._path(key)
@@ -504,7 +532,7 @@ class FileStore(_Store):
             status = os.lstat(path)
             if not stat.S_ISREG(status.st_mode) or (cutoff is not None and status.st_mtime < cutoff):
                 return False
-            os.utime(path, (now, now))
+            os.utime(path, (now, now), follow_symlinks=False)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -603,6 +631,26 @@ class FileStore(_Store):
         return sweep
 
 
+class _ConnectionHolder:
+    """One thread's SQLite connection, closed when the thread ends and drops it.
+
+    A connection inherited through a fork is never closed by the child: it
+    belongs to the parent.
+    """
+
+    __slots__ = ("__weakref__", "connection", "pid")
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.pid = os.getpid()
+
+    def close(self):
+        if self.pid == os.getpid():
+            self.connection.close()
+
+    __del__ = close
+
+
 class SQLiteStore(_Store):
     """Store records in one table of an SQLite database.
 
@@ -642,8 +690,8 @@ class SQLiteStore(_Store):
         self._sqlite3 = sqlite3
         self._sql = {template: template.format(table=table) for template in _SQL_TEMPLATES}
         self._local = threading.local()
-        self._connections = []
-        self._connections_lock = threading.Lock()
+        self._holders = weakref.WeakSet()
+        self._holders_lock = threading.Lock()
         self._closed = False
         self._connection()
 
@@ -652,17 +700,17 @@ class SQLiteStore(_Store):
 
     def close(self):
         """Close every thread's connection; safe to call twice."""
-        with self._connections_lock:
+        with self._holders_lock:
             self._closed = True
-            connections, self._connections = self._connections, []
-        for connection in connections:
-            connection.close()
+            holders = list(self._holders)
+        for holder in holders:
+            holder.close()
 
     def _connection(self):
-        """Return this thread's connection, opening it on first use."""
-        connection = getattr(self._local, "connection", None)
-        if connection is not None and self._local.pid == os.getpid():
-            return connection
+        """Return this thread's connection, opening it on first use (and anew after a fork)."""
+        holder = getattr(self._local, "holder", None)
+        if holder is not None and holder.pid == os.getpid():
+            return holder.connection
         if self._closed:
             raise StoreError(f"{self.path}: the store is closed")
         try:
@@ -675,10 +723,10 @@ class SQLiteStore(_Store):
             connection.execute(self._sql[_SQL_INDEX])
         except self._sqlite3.Error as exc:
             raise StoreError(f"cannot open session database {self.path!r}: {exc}") from exc
-        self._local.connection = connection
-        self._local.pid = os.getpid()
-        with self._connections_lock:
-            self._connections.append(connection)
+        holder = _ConnectionHolder(connection)
+        self._local.holder = holder
+        with self._holders_lock:
+            self._holders.add(holder)
         return connection
 
     def _execute(self, template, parameters=()):
@@ -693,13 +741,20 @@ class SQLiteStore(_Store):
         return float("-inf") if cutoff is None else cutoff
 
     def _read(self, key, cutoff):
-        row = self._execute(_SQL_GET, (key, self._floor(cutoff))).fetchone()
+        limit = self._read_limit()
+        row = self._execute(_SQL_GET, (2**62 if limit is None else limit, key, self._floor(cutoff))).fetchone()
         if row is None:
+            raise KeyError(key)
+        if row[0] is None:
+            logger.warning("session record %s table %s key %r is over the size limit: ignored", self.path, self.table, key)
             raise KeyError(key)
         return row[0], row[1], f"{self.path} table {self.table} key {key!r}"
 
-    def _write(self, key, data):
+    def _write(self, key, data, must_exist):
+        if must_exist:
+            return self._execute(_SQL_UPDATE, (data, _now(), key)).rowcount > 0
         self._execute(_SQL_PUT, (key, data, _now()))
+        return True
 
     def _delete(self, key, cutoff):
         live = self._has(key, cutoff)
@@ -811,6 +866,7 @@ class Session(MutableMapping):
         self._middleware = middleware
         self._environ = environ
         self._data = None
+        self._headers_sent = False
 
     def _loaded(self):
         """Return the session's data, loading it on first use."""
@@ -871,7 +927,6 @@ class Session(MutableMapping):
         self._key = self._payload = self._mtime = self._created = self._cookie_id = None
         self._cookie_sent = False
         self._dead_keys = []
-        self._headers_sent = False
         self._original = (None, None)
         self._stored = False
         now = _now()
@@ -906,10 +961,10 @@ class Session(MutableMapping):
     def _response_headers(self, headers):
         """Add ``Vary: Cookie`` and the session's Set-Cookie to ``headers`` (a new list)."""
         middleware = self._middleware
-        self._headers_sent = True
         for index, (name, value) in enumerate(headers):
             if name.lower() == "vary":
-                if "cookie" not in value.lower() and value.strip() != "*":
+                tokens = {token.strip().lower() for token in value.split(",")}
+                if "cookie" not in tokens and "*" not in tokens:
                     headers[index] = (name, value + ", Cookie")
                 break
         else:
@@ -952,7 +1007,10 @@ class Session(MutableMapping):
         key = self._key if self._key is not None else _store_key(self._cookie_id)
         payload = store._dumps(key, {"created": self._created, "data": self._data})
         if self._key is None or payload != self._payload:
-            store._save(key, payload)
+            if not store._save(key, payload, must_exist=self._key is not None):
+                logger.info("session %s was deleted by another request: changes dropped", key[:12])
+                self._key = self._payload = None
+                return
             self._key, self._payload, self._mtime = key, payload, now
             self._stored = True
         elif self._middleware.touch_interval is not None and now - self._mtime >= self._middleware.touch_interval:
@@ -969,7 +1027,7 @@ class Session(MutableMapping):
             if self._key is not None and self._key != original_key:
                 store._delete(self._key, None)
             if original_key is not None:
-                store._save(original_key, original_payload)
+                store._save(original_key, original_payload, must_exist=original_key == self._key)
         except SessionError:
             logger.exception("could not undo the session changes of a failed response")
 
@@ -1151,10 +1209,16 @@ class SessionMiddleware:
 
         if not isinstance(store, _Store):
             raise TypeError(f"store must be a FileStore, SQLiteStore or RedisStore, not {store!r}")
-        if not isinstance(cookie_name, str) or _TOKEN_PATTERN.fullmatch(cookie_name) is None:
+        if (
+            not isinstance(cookie_name, str)
+            or _TOKEN_PATTERN.fullmatch(cookie_name) is None
+            or cookie_name.lower() in http.cookies.Morsel._reserved
+        ):
             raise ValueError(f"invalid cookie name {cookie_name!r}")
         for name, value in (("path", path), ("domain", domain)):
-            if value is not None and (not isinstance(value, str) or _ATTRIBUTE_PATTERN.fullmatch(value) is None):
+            if (value is not None or name == "path") and (
+                not isinstance(value, str) or _ATTRIBUTE_PATTERN.fullmatch(value) is None
+            ):
                 raise ValueError(f"invalid cookie {name} {value!r}")
         if samesite is not None:
             if str(samesite).capitalize() not in ("Lax", "Strict", "None"):
@@ -1171,6 +1235,8 @@ class SessionMiddleware:
         self.httponly = bool(httponly)
         self.samesite = samesite
         self.cookie_max_age = _check_count(cookie_max_age, "cookie_max_age")
+        if cookie_max_age == 0:
+            raise ValueError("cookie_max_age must be at least 1 second, or None for a browser-session cookie")
         self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
         self.touch_interval = _check_seconds(touch_interval, "touch_interval")
         self.clean_interval = _check_seconds(clean_interval, "clean_interval")
@@ -1184,6 +1250,7 @@ class SessionMiddleware:
         environ[self.environ_key] = session
 
         def session_start_response(status, headers, exc_info=None):
+            session._headers_sent = True
             if session._data is not None:
                 headers = session._response_headers(list(headers))
             return start_response(status, headers, exc_info)
@@ -1213,7 +1280,11 @@ class SessionMiddleware:
         if not self._clean_lock.acquire(blocking=False):
             return
         self._next_clean = _now() + self.clean_interval
-        threading.Thread(target=self._clean, name="tinysession-clean", daemon=True).start()
+        try:
+            threading.Thread(target=self._clean, name="tinysession-clean", daemon=True).start()
+        except RuntimeError:
+            self._clean_lock.release()
+            logger.exception("could not start the background clean")
 
     def _clean(self):
         try:
