@@ -8,6 +8,7 @@ is a failure instead.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import doctest
@@ -16,13 +17,16 @@ import heapq
 import http.client
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import os
 import pickle
 import random
 import resource
+import shutil
 import signal
+import socket
 import socketserver
 import sqlite3
 import stat
@@ -446,6 +450,388 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
         return self.sql("SELECT COUNT(*) FROM sessions")[0][0]
 
 
+REDIS_SERVER = shutil.which("redis-server")
+HAVE_REDIS_PY = importlib.util.find_spec("redis") is not None
+_prefix_numbers = itertools.count()
+_shared_redis = []
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port that persists nothing and has no KEYS command."""
+
+    def __init__(self):
+        self.directory = tempfile.mkdtemp(prefix="tinysession-redis-")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = None
+        self.start()
+
+    def start(self):
+        """Start the server and wait until it answers PING."""
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.directory, "--rename-command", "KEYS", ""],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
+                    connection.sendall(b"PING\r\n")
+                    if connection.recv(7) == b"+PONG\r\n":
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.01)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def client(self, **options):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, **options)
+
+
+def _close_shared_redis():
+    while _shared_redis:
+        _shared_redis.pop().close()
+
+
+def redis_case(test):
+    """Give ``test`` the shared server (started on first use), a flushed client and its own prefix."""
+    require(REDIS_SERVER is not None, "redis-server is not installed (apt-get install redis-server)")
+    require(HAVE_REDIS_PY, "redis-py is not installed (pip install redis)")
+    if not _shared_redis:
+        _shared_redis.append(RedisServer())
+        unittest.addModuleCleanup(_close_shared_redis)
+        atexit.register(_close_shared_redis)
+    test.server = _shared_redis[0]
+    test.redis = test.server.client()
+    test.addCleanup(test.redis.close)
+    test.redis.flushdb()
+    test.prefix = f"test{next(_prefix_numbers)}:"
+    test.index = test.prefix + "#index"
+
+
+def set_redis_age(test, key, seconds):
+    """Move a record's mtime, in its hash and in the index, ``seconds`` into the past; keep its TTL."""
+    then = time.time() - seconds
+    test.redis.hset(test.prefix + key, "mtime", then)
+    test.redis.zadd(test.index, {key: then})
+
+
+class RedisStoreTest(StoreContract, unittest.TestCase):
+    """The store contract, on RedisStore."""
+
+    def setUp(self):
+        redis_case(self)
+        self.store_code = (
+            f"tinysession.RedisStore(__import__('redis').Redis(host='127.0.0.1', port={self.server.port}),"
+            f" prefix={self.prefix!r})"
+        )
+
+    def make_store(self, **options):
+        return tinysession.RedisStore(self.redis, prefix=self.prefix, **options)
+
+    def set_age(self, store, key, seconds):
+        set_redis_age(self, key, seconds)
+
+    def mtime(self, store, key):
+        mtime = float(self.redis.hget(self.prefix + key, "mtime"))
+        self.assertEqual(self.redis.zscore(self.index, key), mtime)
+        return mtime
+
+    def raw(self, store, key):
+        return self.redis.hget(self.prefix + key, "data")
+
+    def put_raw(self, store, key, data):
+        now = time.time()
+        self.redis.hset(self.prefix + key, mapping={"data": data, "mtime": now})
+        self.redis.zadd(self.index, {key: now})
+
+    def physical_count(self, store):
+        return sum(name != self.index.encode() for name in self.redis.scan_iter(self.prefix + "*"))
+
+
+class RedisSpecifics(unittest.TestCase):
+    """RedisStore's layout, TTLs, index, neighbours and failures."""
+
+    def setUp(self):
+        redis_case(self)
+
+    def make_store(self, client=None, **options):
+        return tinysession.RedisStore(client or self.redis, prefix=self.prefix, **options)
+
+    def names(self):
+        """Return the keys of the records in Redis, whatever the index says."""
+        names = {name.decode()[len(self.prefix):] for name in self.redis.scan_iter(self.prefix + "*")}
+        return names - {"#index"}
+
+    def members(self):
+        return {member.decode() for member in self.redis.zrange(self.index, 0, -1)}
+
+    def assert_ttl(self, key, milliseconds):
+        self.assertLessEqual(milliseconds - 1000, self.redis.pttl(self.prefix + key))
+        self.assertLessEqual(self.redis.pttl(self.prefix + key), milliseconds)
+
+    def test_layout_one_hash_per_record_and_a_sorted_index(self):
+        store = self.make_store(max_age=3600)
+        self.assertEqual(store.prefix, self.prefix)
+        self.assertEqual(tinysession.RedisStore(self.redis).prefix, "session:")
+        before = time.time()
+        store["abc"] = {"v": 1}
+        store["index"] = {"v": 2}  # a valid key cannot collide with the index
+        name = self.prefix + "abc"
+        self.assertEqual(self.redis.type(name), b"hash")
+        fields = self.redis.hgetall(name)
+        self.assertEqual(set(fields), {b"data", b"mtime"})
+        self.assertEqual(fields[b"data"], b'{"v":1}')
+        mtime = float(fields[b"mtime"])
+        self.assertTrue(before <= mtime <= time.time())
+        self.assertEqual(self.redis.zscore(self.index, "abc"), mtime)
+        self.assertEqual(self.redis.type(self.index), b"zset")
+        self.assertEqual((sorted(store), len(store), store["index"]), (["abc", "index"], 2, {"v": 2}))
+        self.assertEqual(self.names(), {"abc", "index"})
+        self.assertIn(repr(self.prefix), repr(store))
+        self.assertIn(str(self.server.port), repr(store))
+
+    def test_writes_and_touches_set_the_ttl_to_max_age(self):
+        store = self.make_store(max_age=3600)
+        store["a"] = {"v": 1}
+        self.assert_ttl("a", 3600000)
+        self.redis.pexpire(self.prefix + "a", 5000)
+        self.assertTrue(store.touch("a"))
+        self.assert_ttl("a", 3600000)
+        self.redis.pexpire(self.prefix + "a", 5000)
+        store["a"] = {"v": 2}
+        self.assert_ttl("a", 3600000)
+        self.make_store(max_age=1.5)["b"] = {}
+        self.assert_ttl("b", 1500)
+
+    def test_a_write_that_must_replace_a_record_never_creates_one(self):
+        store = self.make_store(max_age=60)
+        payload = store._dumps("a", {"v": 2})
+        self.assertFalse(store._save("a", payload, must_exist=True))
+        self.assertEqual((self.names(), self.members()), (set(), set()))
+        store["a"] = {"v": 1}
+        self.redis.pexpire(self.prefix + "a", 5000)
+        self.assertTrue(store._save("a", payload, must_exist=True))
+        self.assertEqual(store["a"], {"v": 2})
+        self.assert_ttl("a", 60000)
+
+    def test_an_oversized_record_is_not_loaded(self):
+        store = self.make_store(max_bytes=100)
+        store["a"] = {"v": "x" * 90}
+        self.redis.hset(self.prefix + "a", "data", b'{"v": "' + b"x" * 200 + b'"}')
+        with LogRecords() as warnings:
+            self.assertIsNone(store.get("a"))
+        self.assertEqual(len(warnings), 1)
+        self.assertIn(self.prefix + "a", warnings[0])
+        self.assertIn("over the limit", warnings[0])
+
+    def test_without_max_age_records_never_expire_in_redis(self):
+        self.make_store(max_age=60)["a"] = {"v": 1}
+        store = self.make_store()
+        store["a"] = {"v": 2}  # a rewrite drops the TTL an earlier writer set
+        store["b"] = {"v": 3}
+        self.assertTrue(store.touch("b"))
+        self.assertEqual([self.redis.pttl(self.prefix + key) for key in "ab"], [-1, -1])
+
+    def test_redis_removes_expired_records_by_itself(self):
+        store = self.make_store(max_age=0.15)
+        store["a"] = {"v": 1}
+        self.assertEqual(store["a"], {"v": 1})
+        time.sleep(0.2)
+        self.assertEqual(self.redis.exists(self.prefix + "a"), 0)  # no clean ran
+        self.assertEqual((store.get("a"), len(store), list(store)), (None, 0, []))
+        self.assertEqual(self.members(), {"a"})
+        store["b"] = {"v": 2}  # a write drops index members past max_age
+        self.assertEqual(self.members(), {"b"})
+
+    def test_clean_drops_index_members_whose_record_is_gone_without_counting_them(self):
+        store = self.make_store()
+        for key, age in (("gone", 400), ("old", 300), ("new", 100), ("gone2", 50), ("newest", 10)):
+            store[key] = {}
+            set_redis_age(self, key, age)
+        self.redis.delete(self.prefix + "gone", self.prefix + "gone2")  # as if Redis had expired them
+        sweep = store._clean(250, 1, dry_run=True)
+        self.assertEqual((sweep.seen, sweep.removed), (3, 2))
+        self.assertEqual(len(self.members()), 5)
+        self.assertEqual(store.clean(max_age=250), 1)
+        self.assertEqual(self.members(), {"new", "gone2", "newest"})
+        self.assertEqual(store.clean(keep=1), 1)
+        self.assertEqual((self.members(), self.names()), ({"newest"}, {"newest"}))
+
+    def test_sweep_reports_sizes_and_times_and_a_dry_run_removes_nothing(self):
+        store = self.make_store()
+        for key, age in (("old", 500), ("mid", 300), ("new", 10)):
+            store[key] = {"pad": "x" * age}
+            set_redis_age(self, key, age)
+        mtimes = {key: self.redis.zscore(self.index, key) for key in ("old", "mid", "new")}
+        sizes = {key: self.redis.hstrlen(self.prefix + key, "data") for key in mtimes}
+        sweep = store._clean(400, 1, dry_run=True)
+        self.assertEqual((sweep.seen, sweep.seen_bytes), (3, sum(sizes.values())))
+        self.assertEqual((sweep.removed, sweep.removed_bytes), (2, sizes["old"] + sizes["mid"]))
+        self.assertEqual((sweep.oldest, sweep.newest), (mtimes["old"], mtimes["new"]))
+        self.assertEqual((self.names(), self.members()), ({"old", "mid", "new"},) * 2)
+        sweep = store._clean(400, 1)
+        self.assertEqual((sweep.removed, self.names(), self.members()), (2, {"new"}, {"new"}))
+        empty = store._clean(None, 0)
+        self.assertEqual((empty.seen, empty.seen_bytes, empty.oldest), (1, None, mtimes["new"]))
+        self.assertEqual(store._clean(None, 0).oldest, None)
+
+    def test_keep_leaves_exactly_the_newest_after_concurrent_writers(self):
+        store = self.make_store()
+
+        def write(worker):
+            for index in range(50):
+                store[f"w{worker}k{index}"] = {"worker": worker, "index": index}
+
+        threads = [threading.Thread(target=write, args=(worker,)) for worker in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(len(store), 400)
+        mtimes = {key: float(self.redis.hget(self.prefix + key, "mtime")) for key in store}
+        newest = set(sorted(mtimes, key=lambda key: (mtimes[key], key))[-20:])  # Redis breaks ties by key
+        self.assertEqual(store.clean(keep=20), 380)
+        self.assertEqual((set(store), self.names(), self.members()), (newest,) * 3)
+
+    def test_writes_and_cleans_at_once_keep_index_and_records_in_step(self):
+        store = self.make_store()
+        writing = threading.Event()
+        errors = []
+
+        def write(worker):
+            try:
+                for index in range(150):
+                    store[f"k{(worker * 7 + index) % 60}"] = {"worker": worker, "index": index}
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        def clean():
+            try:
+                while writing.is_set():
+                    store.clean(keep=20)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        writing.set()
+        writers = [threading.Thread(target=write, args=(worker,)) for worker in range(6)]
+        cleaner = threading.Thread(target=clean)
+        for thread in [*writers, cleaner]:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        writing.clear()
+        cleaner.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(self.names(), self.members())
+        store.clean(keep=20)
+        self.assertEqual((len(store), len(self.names())), (20, 20))
+        self.assertEqual(self.names(), self.members())
+
+    def test_keys_of_others_are_never_touched(self):
+        self.redis.set("plain", b"not a session")
+        self.redis.hset(self.prefix.rstrip(":"), "data", b"no prefix")
+        self.redis.set(self.prefix.replace("test", "tset") + "a", b"another prefix")
+        other = tinysession.RedisStore(self.redis, prefix="other:")
+        other["a"] = {"theirs": True}
+        foreign = {name: self.redis.dump(name) for name in self.redis.scan_iter()}
+        store = self.make_store(max_age=60, max_sessions=2)
+        for index in range(30):
+            store[f"k{index}"] = {"i": index}
+        store.touch("k29")
+        del store["k29"]
+        count = len(self.names())
+        self.assertEqual((len(store), len(list(store))), (count, count))
+        self.assertEqual(store.clean(max_age=0, keep=0), count)
+        self.assertEqual((len(store), list(store), self.names()), (0, [], set()))
+        self.assertEqual({name: self.redis.dump(name) for name in foreign}, foreign)
+        self.assertTrue(all(self.redis.pttl(name) == -1 for name in foreign))
+        self.assertEqual((other["a"], len(other), list(other)), ({"theirs": True}, 1, ["a"]))
+
+    def test_a_stopped_server_raises_store_error_and_a_restarted_one_serves_again(self):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        server = RedisServer()
+        self.addCleanup(server.close)
+        client = server.client(retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, socket_timeout=2)
+        self.addCleanup(client.close)
+        store = self.make_store(client, max_age=60)
+        store["a"] = {"v": 1}
+        self.assertTrue(store.touch("a"))
+        server.stop()
+
+        def write():
+            store["a"] = {"v": 2}
+
+        def delete():
+            del store["a"]
+
+        operations = {
+            "read": lambda: store["a"],
+            "get": lambda: store.get("a"),
+            "contains": lambda: "a" in store,
+            "write": write,
+            "delete": delete,
+            "touch": lambda: store.touch("a"),
+            "len": lambda: len(store),
+            "iterate": lambda: list(store),
+            "clean": lambda: store.clean(keep=1),
+        }
+        for name, operation in operations.items():
+            with self.subTest(operation=name):
+                with self.assertRaises(tinysession.StoreError) as caught:
+                    operation()
+                self.assertNotIsInstance(caught.exception, KeyError)
+                self.assertIsInstance(caught.exception.__cause__, redis.RedisError)
+                self.assertIn(f"prefix={self.prefix!r}", str(caught.exception))
+                self.assertIn(f":{server.port}/", str(caught.exception))
+        server.start()
+        self.assertIsNone(store.get("a"))  # started with --save '': the data is gone
+        store["b"] = {"v": 2}
+        self.assertEqual(store["b"], {"v": 2})
+        self.assertTrue(store.touch("b"))  # the scripts are loaded again
+        self.assertEqual((len(store), list(store), "b" in store), (1, ["b"], True))
+        self.assertEqual(store.clean(keep=0), 1)
+
+    def test_a_client_that_decodes_responses_is_rejected(self):
+        client = self.server.client(decode_responses=True)
+        self.addCleanup(client.close)
+        with self.assertRaises(ValueError) as caught:
+            self.make_store(client)
+        self.assertIn("decode_responses=False", str(caught.exception))
+        with self.assertRaises(TypeError):
+            tinysession.RedisStore(self.redis, prefix=b"session:")
+
+    def test_close_leaves_the_client_to_its_owner(self):
+        with self.make_store() as store:
+            store["a"] = {"v": 1}
+        store.close()
+        self.assertTrue(self.redis.ping())
+        self.assertEqual(store["a"], {"v": 1})
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
 class FileStoreOnDisk(unittest.TestCase):
     """FileStore's files: modes, names, debris, strays and links."""
 
@@ -664,7 +1050,7 @@ class ModuleSurface(unittest.TestCase):
     """The module's public surface and its import-time behaviour."""
 
     def test_docstring_examples_run(self):
-        results = doctest.testmod(tinysession)
+        results = doctest.testmod(tinysession, verbose=False)
         self.assertGreater(results.attempted, 0)
         self.assertEqual(results.failed, 0)
 
@@ -1894,6 +2280,33 @@ class CommandLineStats(CommandLineCase):
         self.assertEqual(report["bytes"], sum(os.path.getsize(os.path.join(self.directory, n)) for n in os.listdir(self.directory)))
         self.assertAlmostEqual(report["oldest"], time.time() - 90000, delta=60)
         self.assertAlmostEqual(report["newest"], time.time() - 10, delta=60)
+
+
+class CommandLineRedis(CommandLineCase):
+    def test_clean_and_stats_on_a_redis_url(self):
+        redis_case(self)
+        store = tinysession.RedisStore(self.redis, prefix=self.prefix)
+        for index in range(5):
+            store[f"k{index}"] = {"i": index}
+        self.redis.set("foreign", b"keep me")
+        url = f"redis://127.0.0.1:{self.server.port}/0"
+        status, out, _ = self.run_main("stats", url, "--prefix", self.prefix, "--json")
+        self.assertEqual((status, json.loads(out)["sessions"]), (0, 5))
+        status, out, _ = self.run_main("clean", url, "--prefix", self.prefix, "--keep", "2")
+        self.assertEqual(status, 0)
+        self.assertIn("removed 3 of 5 sessions", out)
+        self.assertEqual(sorted(store), ["k3", "k4"])
+        self.assertEqual(self.redis.get("foreign"), b"keep me")
+
+    def test_an_unreachable_server_is_an_operational_error(self):
+        require(HAVE_REDIS_PY, "redis-py is not installed (pip install redis)")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        status, out, err = self.run_main("clean", f"redis://127.0.0.1:{port}/0", "--keep", "1")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn(str(port), err)
+        self.assertNotIn("Traceback", err)
 
 
 class CommandLineProcess(unittest.TestCase):

@@ -1,30 +1,42 @@
 """Server-side web sessions in one file, on the standard library only.
 
-Quick start::
+Quick start: wrap any WSGI app (Flask: ``app.wsgi_app``) and use the session::
 
     import tinysession
 
     store = tinysession.FileStore("/var/lib/myapp/sessions", max_age=3600)
+    app = tinysession.SessionMiddleware(app, store)
+
+    # inside the app, for each request:
+    session = tinysession.get_session(environ)
+    session.setdefault("messages", []).append({"role": "user", "content": "hi"})
+    session.regenerate()      # on login: new id, same data
+    session.invalidate()      # on logout
+
+Stores are ``collections.abc.MutableMapping``s from a key (1 to 128 of
+``[A-Za-z0-9_-]``) to a record, and can be used on their own::
+
     store["abc123"] = {"user": 42}
     store["abc123"]            # -> {'user': 42}, a fresh copy
     store.touch("abc123")      # slide the idle expiry without rewriting
     store.clean(keep=10000)    # -> how many records it removed
 
-A store is a ``collections.abc.MutableMapping`` from a key (``[A-Za-z0-9_-]``,
-1 to 128 characters) to a record. Three stores share one contract:
-
-- ``FileStore(directory)``: one file per record, written atomically.
-- ``SQLiteStore(path)``: one table in an SQLite database in WAL mode.
-
+Three stores share one contract: ``FileStore(directory)``, one file per
+record written atomically; ``SQLiteStore(path)``, one table in WAL mode; and
+``RedisStore(client)``, for several machines, over a client the caller makes.
 Records expire by modification time: with ``max_age`` (seconds) a record not
 written or touched for that long is missing on every read, cleaned or not.
-``clean()`` reclaims the space and holds ``max_sessions``.
+``clean()``, the middleware's background thread or the command line
+``python -m tinysession clean STORE --max-age 7d`` reclaim the space.
+``trim_messages`` keeps a chat history stored in a session bounded.
 
-Threads and processes: every store may be shared by the threads of a process,
-and several processes may open the same directory or database at once. The
-last write of a record wins; a reader never sees a partial record.
+Threads and processes: stores and the middleware may be shared by the
+threads of a process, and several processes (or machines, with Redis) may use
+one store at once. The last write of a record wins; a reader never sees a
+partial record.
 
-Security: records are JSON by default. ``serializer="pickle"`` requires a
+Security: session ids are 256 random bits and the store only sees their
+SHA-256. Records are JSON by default. ``serializer="pickle"`` requires a
 ``secret``: every record is then signed with HMAC-SHA256 and the signature is
 checked before anything is unpickled, because unpickling data that someone
 else could write runs their code. A record that fails its check is treated as
@@ -55,6 +67,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "FileStore",
     "RecordTooLarge",
+    "RedisStore",
     "SQLiteStore",
     "Session",
     "SessionError",
@@ -134,6 +147,63 @@ _SQL_TEMPLATES = (
     _SQL_SUMMARY_BEYOND,
     _SQL_DELETE_BEYOND,
 )
+
+_REDIS_WRITE = """
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'mtime', ARGV[2])
+if ARGV[3] ~= '' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5])
+end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
+return 1
+"""
+_REDIS_TOUCH = """
+local mtime = redis.call('HGET', KEYS[1], 'mtime')
+if not mtime or (ARGV[2] ~= '' and tonumber(mtime) < tonumber(ARGV[2])) then return 0 end
+redis.call('HSET', KEYS[1], 'mtime', ARGV[1])
+if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
+return 1
+"""
+# Removes the expired, then the live ones past `keep`, each with its index
+# member; members whose record is already gone go uncounted. Only a dry run
+# sums the size of every record (seen_bytes is nil otherwise): a real clean
+# must stay O(log N + removed), as the server serves no one while it runs.
+_REDIS_SWEEP = """
+local index, prefix, cutoff, keep = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local dry_run = ARGV[4] == '1'
+local seen, seen_bytes, removed, removed_bytes = redis.call('ZCARD', index), false, 0, 0
+local oldest = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')[2] or false
+local newest = redis.call('ZREVRANGE', index, 0, 0, 'WITHSCORES')[2] or false
+if dry_run then
+    seen_bytes = 0
+    for start = 0, seen - 1, 1000 do
+        for _, member in ipairs(redis.call('ZRANGE', index, start, start + 999)) do
+            seen_bytes = seen_bytes + redis.call('HSTRLEN', prefix .. member, 'data')
+        end
+    end
+end
+local function remove(members)
+    for _, member in ipairs(members) do
+        local name = prefix .. member
+        local size = redis.call('HSTRLEN', name, 'data')
+        if redis.call(dry_run and 'EXISTS' or 'DEL', name) == 1 then
+            removed, removed_bytes = removed + 1, removed_bytes + size
+        else
+            seen = seen - 1
+        end
+        if not dry_run then redis.call('ZREM', index, member) end
+    end
+end
+if cutoff ~= '' then remove(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff)) end
+if keep then
+    local floor = cutoff ~= '' and cutoff or '-inf'
+    remove(redis.call('ZREVRANGEBYSCORE', index, '+inf', floor, 'LIMIT', keep, -1))
+end
+return {seen, seen_bytes, removed, removed_bytes, oldest, newest}
+"""
 
 
 # -- Exceptions --
@@ -800,6 +870,159 @@ class SQLiteStore(_Store):
         except self._sqlite3.Error as exc:
             raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
         return sweep
+
+class RedisStore(_Store):
+    """Store records in Redis, through a redis-py client that the caller owns.
+
+    ``RedisStore(redis.Redis(host="127.0.0.1"), prefix="session:", max_age=3600)``:
+    the same contract and options as FileStore and SQLiteStore. The client
+    must return bytes (``decode_responses=False``, the default); this module
+    never imports redis.
+
+    Layout: the record for ``key`` is the hash ``prefix + key`` with the fields
+    ``data`` (the stored bytes) and ``mtime`` (a POSIX timestamp), so a read
+    is one HMGET and a touch rewrites only ``mtime``. With ``max_age`` every
+    write and touch also sets the hash's TTL to ``max_age``, so Redis removes
+    expired records by itself; reads still check ``mtime``. The sorted set
+    ``prefix + "#index"`` maps every key to its mtime: ``len()``, iteration
+    and ``clean()`` use it (never KEYS or SCAN), and writes drop its members
+    past ``max_age``, so stores sharing a prefix should share ``max_age``. A
+    write, a touch and a clean are one Lua script each, and a delete is one
+    MULTI/EXEC: atomic, index included, in one round trip. A clean costs the
+    server O(log N + removed); a dry run also reads the size of every record.
+    Keys without the prefix are never touched. Needs Redis 4 or later, not
+    Redis Cluster; a maxmemory policy must not evict the index (use
+    noeviction or a volatile-* one).
+
+    Threads and processes: redis-py clients are thread-safe (each thread
+    borrows a connection from the pool), and any number of processes and
+    machines may share one server. The last write of a record wins. Any
+    failure of the client or server raises StoreError; redis-py reconnects by
+    itself, so the store works again once the server is back.
+    """
+
+    def __init__(
+        self,
+        client,
+        *,
+        prefix="session:",
+        serializer="json",
+        secret=None,
+        max_age=None,
+        max_sessions=None,
+        max_bytes=DEFAULT_MAX_BYTES,
+    ):
+        super().__init__(
+            serializer=serializer,
+            secret=secret,
+            max_age=max_age,
+            max_sessions=max_sessions,
+            max_bytes=max_bytes,
+        )
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        describe = getattr(client, "get_connection_kwargs", None)
+        options = describe() if callable(describe) else {}
+        if options.get("decode_responses"):
+            raise ValueError("RedisStore needs a client that returns bytes: pass decode_responses=False")
+        if "path" in options:
+            self._address = f"unix://{options['path']}?db={options.get('db', 0)}"
+        elif "host" in options:
+            self._address = f"redis://{options['host']}:{options.get('port', 6379)}/{options.get('db', 0)}"
+        else:
+            self._address = type(client).__name__
+        self.client = client
+        self.prefix = prefix
+        self._index = prefix + "#index"
+        self._write_script = client.register_script(_REDIS_WRITE)
+        self._touch_script = client.register_script(_REDIS_TOUCH)
+        self._sweep_script = client.register_script(_REDIS_SWEEP)
+
+    def __repr__(self):
+        return f"RedisStore({self._address!r}, prefix={self.prefix!r})"
+
+    def close(self):
+        """Do nothing: the client belongs to the caller, who closes it. Safe to call twice."""
+
+    def _call(self, function, *args):
+        """Return ``function(*args)``; any failure of the client or server becomes a StoreError."""
+        try:
+            return function(*args)
+        except Exception as exc:
+            raise StoreError(f"{self!r}: {type(exc).__name__}: {exc}") from exc
+
+    def _command(self, *command):
+        return self._call(self.client.execute_command, *command)
+
+    def _transaction(self, *commands):
+        """Run the commands in one MULTI/EXEC round trip and return their replies."""
+
+        def run():
+            pipeline = self.client.pipeline(transaction=True)
+            for command in commands:
+                pipeline.execute_command(*command)
+            return pipeline.execute()
+
+        return self._call(run)
+
+    def _ttl(self):
+        return "" if self.max_age is None else max(1, round(self.max_age * 1000))
+
+    @staticmethod
+    def _number(value, none=""):
+        """Return ``value`` as an exact decimal string for Redis, or ``none`` for None."""
+        return none if value is None else repr(float(value))
+
+    def _read(self, key, cutoff):
+        name = self.prefix + key
+        data, mtime = self._command("HMGET", name, "data", "mtime")
+        if data is None or mtime is None or (cutoff is not None and float(mtime) < cutoff):
+            raise KeyError(key)
+        where = f"{self!r} key {name!r}"
+        limit = self._read_limit()
+        if limit is not None and len(data) > limit:
+            logger.warning("session record %s is %d bytes, over the limit: ignored", where, len(data))
+            raise KeyError(key)
+        return data, float(mtime), where
+
+    def _write(self, key, data, must_exist):
+        mtime = _now()
+        cutoff = self._cutoff(self.max_age, mtime)
+        arguments = [data, self._number(mtime), self._ttl(), int(must_exist), self._number(cutoff), key]
+        return self._call(self._write_script, [self.prefix + key, self._index], arguments) == 1
+
+    def _delete(self, key, cutoff):
+        name = self.prefix + key
+        commands = [("HGET", name, "mtime"), ("DEL", name), ("ZREM", self._index, key)]
+        mtime, deleted, _ = self._transaction(*commands)
+        return bool(deleted) and mtime is not None and (cutoff is None or float(mtime) >= cutoff)
+
+    def _has(self, key, cutoff):
+        mtime = self._command("HGET", self.prefix + key, "mtime")
+        return mtime is not None and (cutoff is None or float(mtime) >= cutoff)
+
+    def _touch(self, key, now, cutoff):
+        arguments = [self._number(now), self._number(cutoff), self._ttl(), key]
+        return self._call(self._touch_script, [self.prefix + key, self._index], arguments) == 1
+
+    def _keys(self, cutoff):
+        members = self._command("ZRANGEBYSCORE", self._index, self._number(cutoff, "-inf"), "+inf")
+        return [member.decode("ascii") for member in members]
+
+    def __len__(self):
+        """Count the live records: the index members not older than ``max_age``."""
+        floor = self._number(self._cutoff(self.max_age, _now()), "-inf")
+        return self._command("ZCOUNT", self._index, floor, "+inf")
+
+    def _sweep(self, cutoff, keep, now, dry_run, progress):
+        arguments = [self.prefix, self._number(cutoff), "" if keep is None else keep, int(dry_run)]
+        reply = self._call(self._sweep_script, [self._index], arguments)
+        sweep = _Sweep()
+        sweep.seen, sweep.seen_bytes, sweep.removed, sweep.removed_bytes = reply[:4]
+        sweep.oldest, sweep.newest = (None if mtime is None else float(mtime) for mtime in reply[4:])
+        return sweep
+
+
 
 # -- Session --
 
