@@ -47,19 +47,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import heapq
-import hmac
 import json
 import logging
 import os
 import re
-import secrets
 import stat
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 
 __version__ = "0.1.0"
@@ -85,8 +81,8 @@ logger = logging.getLogger("tinysession")
 DEFAULT_MAX_BYTES = 256 * 1024
 """Largest serialized record a store accepts unless told otherwise (256 KiB)."""
 
-_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_TABLE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_KEY_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+_TABLE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 _SIGNATURE_BYTES = 32
 _FILE_PREFIX = "ts-"
 _TEMP_PREFIX = ".ts-"
@@ -100,10 +96,10 @@ _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 )
 _SQLITE_BUSY_SECONDS = 5.0
-_SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
+_SESSION_ID_LENGTH = 43
 _MAX_COOKIE_CANDIDATES = 4
-_TOKEN_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_ATTRIBUTE_PATTERN = re.compile(r"[\x21-\x3a\x3c-\x7e]+")
+_TOKEN_PATTERN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_ATTRIBUTE_PATTERN = r"[\x21-\x3a\x3c-\x7e]+"
 
 _SQL_CREATE = (
     'CREATE TABLE IF NOT EXISTS "{table}" '
@@ -268,9 +264,14 @@ def _check_key(key):
     """Return ``key`` if it is a valid store key, else raise before any I/O."""
     if type(key) is not str:
         raise TypeError(f"session key must be a str, not {type(key).__name__}")
-    if _KEY_PATTERN.fullmatch(key) is None:
+    if not _is_key(key):
         raise ValueError(f"invalid session key {key!r}: expected 1 to 128 of [A-Za-z0-9_-]")
     return key
+
+
+def _is_key(text):
+    """Return True if ``text`` (a str) is 1 to 128 of ``[A-Za-z0-9_-]``."""
+    return 0 < len(text) <= 128 and not text.strip(_KEY_CHARACTERS)
 
 
 def _check_count(value, name, allow_none=True):
@@ -341,7 +342,11 @@ class _Store(MutableMapping):
             secret = secret.encode("utf-8")
         if secret is not None and (not isinstance(secret, bytes) or not secret):
             raise ValueError("secret must be a non-empty str or bytes")
-        self._signing_key = hashlib.sha256(b"tinysession record\0" + secret).digest() if secret else None
+        self._signing_key = None
+        if secret is not None:
+            import hashlib
+
+            self._signing_key = hashlib.sha256(b"tinysession record\0" + secret).digest()
         self.max_age = _check_seconds(max_age, "max_age")
         self.max_sessions = _check_count(max_sessions, "max_sessions")
         self.max_bytes = _check_count(max_bytes, "max_bytes")
@@ -427,6 +432,8 @@ class _Store(MutableMapping):
         """Return the bytes to store: the payload, signed when there is a secret."""
         if self._signing_key is None:
             return payload
+        import hmac
+
         return hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256") + payload
 
     def _load(self, key):
@@ -434,6 +441,8 @@ class _Store(MutableMapping):
         data, mtime, where = self._read(_check_key(key), self._cutoff(self.max_age, _now()))
         try:
             if self._signing_key is not None:
+                import hmac
+
                 payload = data[_SIGNATURE_BYTES:]
                 expected = hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
                 if not hmac.compare_digest(data[:_SIGNATURE_BYTES], expected):
@@ -556,7 +565,7 @@ class FileStore(_Store):
                 return False
             except OSError as exc:
                 raise StoreError(f"cannot stat session file {path!r}: {exc.strerror}") from exc
-        temp_path = os.path.join(self.directory, _TEMP_PREFIX + secrets.token_hex(8) + _TEMP_SUFFIX)
+        temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
         try:
             fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
             try:
@@ -642,7 +651,7 @@ class FileStore(_Store):
             for name, status in self._scan(directory_fd):
                 if name.startswith(_FILE_PREFIX) and (cutoff is None or status.st_mtime >= cutoff):
                     key = name[len(_FILE_PREFIX) :]
-                    if _KEY_PATTERN.fullmatch(key):
+                    if _is_key(key):
                         yield key
         finally:
             os.close(directory_fd)
@@ -666,7 +675,6 @@ class FileStore(_Store):
 
         oldest = newest_mtime = None
         prefix_length = len(_FILE_PREFIX)
-        key_match = _KEY_PATTERN.fullmatch
         try:
             for name, status in self._scan(directory_fd):
                 mtime = status.st_mtime
@@ -675,7 +683,7 @@ class FileStore(_Store):
                         with contextlib.suppress(FileNotFoundError):  # another cleaner was first
                             os.unlink(name, dir_fd=directory_fd)
                     continue
-                if not key_match(name, prefix_length):
+                if not _is_key(name[prefix_length:]):
                     continue
                 size = status.st_size
                 sweep.seen += 1
@@ -745,6 +753,7 @@ class SQLiteStore(_Store):
         table="sessions",
     ):
         import sqlite3
+        import weakref
 
         super().__init__(
             serializer=serializer,
@@ -753,7 +762,7 @@ class SQLiteStore(_Store):
             max_sessions=max_sessions,
             max_bytes=max_bytes,
         )
-        if not isinstance(table, str) or _TABLE_PATTERN.fullmatch(table) is None:
+        if not isinstance(table, str) or re.fullmatch(_TABLE_PATTERN, table) is None:
             raise ValueError(f"invalid table name {table!r}: expected a letter or _, then [A-Za-z0-9_]")
         self.path = os.fspath(path)
         self.table = table
@@ -1029,11 +1038,15 @@ class RedisStore(_Store):
 
 def _new_session_id():
     """Return a fresh session id: 256 random bits, URL-safe base64 (43 characters)."""
+    import secrets
+
     return secrets.token_urlsafe(32)
 
 
 def _store_key(session_id):
     """Return the store key for ``session_id``: a one-way hash, so stored keys cannot be replayed."""
+    import hashlib
+
     return hashlib.sha256(session_id.encode("ascii")).hexdigest()
 
 
@@ -1156,7 +1169,7 @@ class Session(MutableMapping):
         tried = 0
         for value in _cookie_values(self._environ.get("HTTP_COOKIE", ""), middleware.cookie_name):
             self._cookie_sent = True
-            if tried == _MAX_COOKIE_CANDIDATES or _SESSION_ID_PATTERN.fullmatch(value) is None:
+            if tried == _MAX_COOKIE_CANDIDATES or len(value) != _SESSION_ID_LENGTH or not _is_key(value):
                 continue
             tried += 1
             key = _store_key(value)
@@ -1434,13 +1447,13 @@ class SessionMiddleware:
             raise TypeError(f"store must be a FileStore, SQLiteStore or RedisStore, not {store!r}")
         if (
             not isinstance(cookie_name, str)
-            or _TOKEN_PATTERN.fullmatch(cookie_name) is None
+            or re.fullmatch(_TOKEN_PATTERN, cookie_name) is None
             or cookie_name.lower() in http.cookies.Morsel._reserved
         ):
             raise ValueError(f"invalid cookie name {cookie_name!r}")
         for name, value in (("path", path), ("domain", domain)):
             if (value is not None or name == "path") and (
-                not isinstance(value, str) or _ATTRIBUTE_PATTERN.fullmatch(value) is None
+                not isinstance(value, str) or re.fullmatch(_ATTRIBUTE_PATTERN, value) is None
             ):
                 raise ValueError(f"invalid cookie {name} {value!r}")
         if samesite is not None:
@@ -1542,7 +1555,7 @@ class SessionMiddleware:
 
 # -- Command line --
 
-_DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_DURATION_PATTERN = r"(\d+(?:\.\d+)?)([smhd]?)"
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SQLITE_HEADER = b"SQLite format 3\0"
 _CLI_EXAMPLES = """examples:
@@ -1560,7 +1573,7 @@ def _duration(text):
     """Parse ``90``, ``30m``, ``12h`` or ``7d`` into seconds (argparse type)."""
     import argparse
 
-    match = _DURATION_PATTERN.fullmatch(text.strip())
+    match = re.fullmatch(_DURATION_PATTERN, text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected e.g. 90, 30m, 12h or 7d")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
