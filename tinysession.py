@@ -229,12 +229,17 @@ class _JSONSerializer:
 
     def __init__(self):
         self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        self._decode = json.JSONDecoder().raw_decode
 
     def dumps(self, obj):
         return self._encode(obj).encode("utf-8")
 
     def loads(self, data):
-        return json.loads(data)
+        text = data.decode("utf-8")
+        value, end = self._decode(text)
+        if end != len(text):
+            raise ValueError(f"extra data after the JSON value at offset {end}")
+        return value
 
 
 class _PickleSerializer:
