@@ -110,7 +110,10 @@ _SQL_GET = (
     'SELECT CASE WHEN LENGTH(data) <= ? THEN data END, mtime FROM "{table}" WHERE key = ? AND mtime >= ?'
 )
 _SQL_HAS = 'SELECT 1 FROM "{table}" WHERE key = ? AND mtime >= ?'
-_SQL_PUT = 'INSERT OR REPLACE INTO "{table}" (key, data, mtime) VALUES (?, ?, ?)'
+_SQL_PUT = (
+    'INSERT INTO "{table}" (key, data, mtime) VALUES (?, ?, ?) '
+    "ON CONFLICT (key) DO UPDATE SET data = excluded.data, mtime = excluded.mtime"
+)
 _SQL_UPDATE = 'UPDATE "{table}" SET data = ?, mtime = ? WHERE key = ?'
 _SQL_TOUCH = 'UPDATE "{table}" SET mtime = ? WHERE key = ? AND mtime >= ?'
 _SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ?'
@@ -337,7 +340,7 @@ class _Store(MutableMapping):
     """The contract every store shares; subclasses do the I/O.
 
     A subclass implements ``_read``, ``_write``, ``_delete``, ``_has``,
-    ``_touch``, ``_keys`` and ``_sweep``; everything about keys, records,
+    ``_touch``, ``_keys``, ``_sweep`` and ``_where``; everything about keys, records,
     signatures, sizes and the ``max_sessions`` bound lives here.
     """
 
@@ -443,7 +446,7 @@ class _Store(MutableMapping):
 
     def _load(self, key):
         """Return ``(record, payload, mtime)``; KeyError if missing, expired or unreadable."""
-        data, mtime, where = self._read(_check_key(key), self._cutoff(self.max_age, _now()))
+        data, mtime = self._read(_check_key(key), self._cutoff(self.max_age, _now()))
         try:
             if self._signing_key is not None:
                 import hmac
@@ -456,7 +459,7 @@ class _Store(MutableMapping):
                 payload = data
             return self.serializer.loads(payload), payload, mtime
         except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
-            logger.warning("unreadable session record %s: %s: %s", where, type(exc).__name__, exc)
+            logger.warning("unreadable session record %s: %s: %s", self._where(key), type(exc).__name__, exc)
             raise KeyError(key) from None
 
     def _save(self, key, payload, must_exist=False):
@@ -532,6 +535,9 @@ class FileStore(_Store):
     def _path(self, key):
         return os.path.join(self.directory, _FILE_PREFIX + key)
 
+    def _where(self, key):
+        return self._path(key)
+
     def _read(self, key, cutoff):
         path = self._path(key)
         try:
@@ -554,7 +560,7 @@ class FileStore(_Store):
             if limit is not None and status.st_size > limit:
                 logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
                 raise KeyError(key)
-            return os.read(fd, status.st_size), status.st_mtime, path
+            return os.read(fd, status.st_size), status.st_mtime
         except OSError as exc:
             raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
         finally:
@@ -820,6 +826,9 @@ class SQLiteStore(_Store):
         except self._sqlite3.Error as exc:
             raise StoreError(f"session database {self.path!r}: {exc}") from exc
 
+    def _where(self, key):
+        return f"{self.path} table {self.table} key {key!r}"
+
     @staticmethod
     def _floor(cutoff):
         return float("-inf") if cutoff is None else cutoff
@@ -830,9 +839,9 @@ class SQLiteStore(_Store):
         if row is None:
             raise KeyError(key)
         if row[0] is None:
-            logger.warning("session record %s table %s key %r is over the size limit: ignored", self.path, self.table, key)
+            logger.warning("session record %s is over the size limit: ignored", self._where(key))
             raise KeyError(key)
-        return row[0], row[1], f"{self.path} table {self.table} key {key!r}"
+        return row
 
     def _write(self, key, data, must_exist):
         if must_exist:
@@ -987,17 +996,19 @@ class RedisStore(_Store):
         """Return ``value`` as an exact decimal string for Redis, or ``none`` for None."""
         return none if value is None else repr(float(value))
 
+    def _where(self, key):
+        return f"{self!r} key {self.prefix + key!r}"
+
     def _read(self, key, cutoff):
         name = self.prefix + key
         data, mtime = self._command("HMGET", name, "data", "mtime")
         if data is None or mtime is None or (cutoff is not None and float(mtime) < cutoff):
             raise KeyError(key)
-        where = f"{self!r} key {name!r}"
         limit = self._read_limit()
         if limit is not None and len(data) > limit:
-            logger.warning("session record %s is %d bytes, over the limit: ignored", where, len(data))
+            logger.warning("session record %s is %d bytes, over the limit: ignored", self._where(key), len(data))
             raise KeyError(key)
-        return data, float(mtime), where
+        return data, float(mtime)
 
     def _write(self, key, data, must_exist):
         mtime = _now()

@@ -1,0 +1,1474 @@
+"""Benchmark tinysession against plain baselines and peer session libraries.
+
+    python bench/run.py [--quick] [--dir PARENT] [--redis | --no-redis] [--sections 1234]
+
+Everything runs in one process except where a fresh process is the point
+(cleaning and importing). Contenders are interleaved across repetitions (for
+each repetition, every contender in a rotated order measures one batch), so
+machine drift hits them all alike; tables show medians over repetitions.
+
+1. Store operations: save (new key), load and update (load, append a message,
+   save) of a ~2 KB chat session, per operation, against a plain baseline of
+   the same kind: ``raw-file`` (json + temp file + os.replace) for file stores,
+   ``raw-sqlite`` (one table, WAL, INSERT OR REPLACE / SELECT) for SQLite
+   stores, raw redis-py SET/GET for Redis.
+2. A full WSGI request cycle, called in-process with prepared environs and a
+   cookie jar per user: a request that appends a chat message, one that only
+   reads, one that never touches the session.
+3. Cleaning a store of which half the sessions are expired, each cleaner in a
+   fresh process, with its time and peak memory.
+4. The cost of importing each library in a fresh interpreter.
+
+Markdown goes to stdout, progress to stderr. Peers that cannot be imported are
+skipped with a note, so ``--quick`` runs with the standard library alone
+(tinysession and the baselines). The peer versions used are pinned in
+bench/requirements.txt. tinysession is the tinysession.py of the folder above
+this script (or of $TINYSESSION_ROOT), copied and byte-compiled when the run
+starts, so one run measures one version even if the checkout changes.
+"""
+
+import argparse
+import datetime
+import gc
+import hashlib
+import io
+import json
+import os
+import pickle
+import platform
+import secrets
+import shutil
+import socket
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.environ.get("TINYSESSION_ROOT") or os.path.join(HERE, ".."))
+
+# The module under test, imported by load_tinysession() from a byte-compiled
+# snapshot of ROOT/tinysession.py taken when the run starts: the parent and
+# every child process then measure the same version, even if the checkout
+# changes during the run.
+tinysession = None
+
+FULL = {"store_n": 2000, "store_reps": 5, "req_n": 400, "req_reps": 5, "users": 200,
+            "clean_n": 100_000, "clean_reps": 1, "import_runs": 7}
+# One cleaning run each in the full run: building and tearing down a 100,000-file
+# layout costs ~30 s per cleaner on a 2-core VM disk; raise clean_reps on a faster one.
+QUICK = {"store_n": 200, "store_reps": 3, "req_n": 60, "req_reps": 3, "users": 50,
+             "clean_n": 5000, "clean_reps": 1, "import_runs": 3}
+WARMUP = 20  # operations or requests per contender before any timing
+
+MAX_AGE = 2 * 3600  # the cleaning section's expiry: half the sessions are 3 hours old
+SQLITE_PRAGMAS = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"
+DJANGO_SECRET = "bench-secret-key-not-secret-" + "x" * 30
+FLASK_SECRET = "bench-flask-secret"
+APPEND_TEXT = "And can you check whether my second order has shipped too?"
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def rotated(items, rep):
+    """Return ``items`` rotated by ``rep``, so each contender takes every position in turn."""
+    if not items:
+        return []
+    shift = rep % len(items)
+    return items[shift:] + items[:shift]
+
+
+def proc_status_kb(field, pid="self"):
+    """Return a ``/proc/PID/status`` field in kB (VmRSS, VmHWM), or None off Linux."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss():
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# -- The payload --
+
+
+def chat_record(user_id=42):
+    """A realistic chat session: user id, CSRF token, a system message and ten messages (~2 KB)."""
+    turns = [
+        ("Hi, I ordered a pair of trail running shoes last week and they haven't arrived yet.",
+         ("Sorry to hear that! I can look into it. Could you give me your order number? It starts "
+         "with ACME- and you can find it in the confirmation email we sent you.")),
+        ("Sure, it's ACME-2024-118734.",
+         ("Thanks. Order ACME-2024-118734 shipped on Monday with the standard carrier and is "
+         "currently at the regional sorting centre. The expected delivery date is this Thursday.")),
+        ("Thursday is a problem, I won't be home. Can I change the delivery address?",
+         ("You can redirect it to a pickup point near you while it's still in transit. I can send "
+         "you the link to choose one, or redirect it to your workplace if you give me the address.")),
+        ("A pickup point is fine, please send me the link.",
+         ("Done: the link is in your inbox. Pick a point before Wednesday noon and the parcel will "
+         "be rerouted at no cost. You'll get a text message when it's ready to collect.")),
+        ("Great. Also, what's your return policy if they don't fit?",
+         ("You have 30 days from delivery to return unworn shoes for a full refund or an exchange. "
+         "Returns are free at any pickup point; just print the label from your account page.")),
+    ]
+    messages = [{"role": "system", "content": "You are the support assistant of ACME Outdoor. "
+                 "Be brief and friendly, and always quote the order number when there is one."}]
+    for question, answer in turns:
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": answer})
+    return {"user_id": user_id, "csrf_token": "Xq3v9kR2mT7wLp0sN4yB8cZ1eH6jU5aD-fG_iK2oQ9r",
+            "messages": messages}
+
+
+def new_message():
+    return {"role": "user", "content": APPEND_TEXT}
+
+
+def trim(messages):
+    """Keep the system message and the last ten: the same plain rule in every app."""
+    if len(messages) > 11:
+        del messages[1:len(messages) - 10]
+
+
+def payload_size():
+    return len(json.dumps(chat_record(), separators=(",", ":")).encode())
+
+
+# -- Peers: imported lazily, skipped with a note when missing --
+
+
+class Notes:
+    def __init__(self):
+        self.items = []
+
+    def add(self, text):
+        if text not in self.items:
+            self.items.append(text)
+
+
+NOTES = Notes()
+
+
+def try_import(label, *modules):
+    """Import ``modules``; on failure note the peer as skipped and return False."""
+    import importlib
+
+    try:
+        for module in modules:
+            importlib.import_module(module)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means: skip this peer
+        NOTES.add(f"skipped {label}: {type(exc).__name__}: {exc}")
+        return False
+
+
+_DJANGO = {}
+
+
+def django_settings(file_path, db_path, **extra):
+    import django
+
+    options = {"init_command": SQLITE_PRAGMAS} if django.VERSION >= (5, 1) else {}
+    return dict(
+        SECRET_KEY=DJANGO_SECRET,
+        INSTALLED_APPS=["django.contrib.sessions"],
+        SESSION_FILE_PATH=file_path,
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": db_path, "OPTIONS": options}},
+        USE_TZ=True,
+        **extra,
+    )
+
+
+def django_ready(workdir):
+    """Configure Django once in this process; return the path of an empty migrated database, or None."""
+    if "template" in _DJANGO:
+        return _DJANGO["template"]
+    _DJANGO["template"] = None
+    if not try_import("Django", "django.conf"):
+        return None
+    import django
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connections
+
+    files = os.path.join(workdir, "django-files")
+    os.makedirs(files)
+    template = os.path.join(workdir, "django-template.sqlite3")
+    settings.configure(**django_settings(files, template))
+    django.setup()
+    call_command("migrate", "sessions", verbosity=0)
+    connections["default"].close()
+    if django.VERSION < (5, 1):
+        NOTES.add("Django < 5.1 has no SQLite init_command: its db backend ran with SQLite's default journal")
+    _DJANGO["template"] = template
+    return template
+
+
+def django_use_database(path):
+    from django.db import connections
+
+    connection = connections["default"]
+    connection.close()
+    connection.settings_dict["NAME"] = path
+
+
+_SQLALCHEMY_PRAGMAS = []
+
+
+def sqlalchemy_pragmas():
+    """Give every SQLAlchemy SQLite connection WAL and synchronous=NORMAL, like the other SQLite rows."""
+    if _SQLALCHEMY_PRAGMAS:
+        return
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "connect")
+    def set_pragmas(dbapi_connection, _record):
+        cursor = dbapi_connection.cursor()
+        for pragma in SQLITE_PRAGMAS.split(";"):
+            cursor.execute(pragma)
+        cursor.close()
+
+    _SQLALCHEMY_PRAGMAS.append(set_pragmas)
+
+
+# -- Redis --
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, workdir):
+        self.process = None
+        self.port = None
+        self.workdir = os.path.join(workdir, "redis")
+
+    def start(self):
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(binary):
+            return "no redis-server binary"
+        import redis
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        os.makedirs(self.workdir)
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return None
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        return "redis-server did not answer within 10 s"
+
+    def client(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def open_redis_store(client):
+    return tinysession.RedisStore(client, prefix="bench:", max_age=86400)
+
+
+# -- 1. Store operations --
+#
+# A store contender is a dict: name, group ("file", "sqlite" or "redis"),
+# open(directory) -> handle, create(handle, key, record) -> the key it was
+# stored under, load(handle, key) -> record, update(handle, key, message)
+# and close(handle). The first contender of each group is its baseline.
+
+
+def kv_contender(name, group, open_, get, put, close=lambda handle: None):
+    """A contender for a store addressed by key with get and put."""
+
+    def create(handle, key, record):
+        put(handle, key, record)
+        return key
+
+    def update(handle, key, message):
+        record = get(handle, key)
+        record["messages"].append(message)
+        put(handle, key, record)
+
+    return {"name": name, "group": group, "open": open_, "create": create, "load": get, "update": update, "close": close}
+
+
+def raw_file_contender():
+    def put(directory, key, record):
+        data = json.dumps(record).encode()
+        temp = os.path.join(directory, f".{key}.{secrets.token_hex(4)}.tmp")
+        with open(temp, "wb") as file:
+            file.write(data)
+        os.replace(temp, os.path.join(directory, key))
+
+    def get(directory, key):
+        with open(os.path.join(directory, key), "rb") as file:
+            return json.loads(file.read())
+
+    return kv_contender("raw-file (json, temp file, os.replace)", "file", lambda d: d, get, put)
+
+
+def raw_sqlite_contender():
+    def open_(directory):
+        connection = sqlite3.connect(os.path.join(directory, "raw.sqlite3"), isolation_level=None)
+        for pragma in SQLITE_PRAGMAS.split(";"):
+            connection.execute(pragma)
+        connection.execute("CREATE TABLE s (k TEXT PRIMARY KEY, v BLOB NOT NULL, mtime REAL NOT NULL)")
+        connection.execute("CREATE INDEX s_mtime ON s (mtime)")
+        return connection
+
+    def put(connection, key, record):
+        connection.execute("INSERT OR REPLACE INTO s (k, v, mtime) VALUES (?, ?, ?)",
+                           (key, json.dumps(record).encode(), time.time()))
+
+    def get(connection, key):
+        row = connection.execute("SELECT v FROM s WHERE k = ?", (key,)).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return json.loads(row[0])
+
+    return kv_contender("raw-sqlite (WAL, INSERT OR REPLACE / SELECT)", "sqlite", open_, get, put,
+                        lambda connection: connection.close())
+
+
+def tinysession_contenders(redis_server):
+    def put(store, key, record):
+        store[key] = record
+
+    def get(store, key):
+        return store[key]
+
+    def close(store):
+        store.close()
+
+    contenders = [
+        kv_contender("tinysession FileStore", "file",
+                     lambda d: tinysession.FileStore(os.path.join(d, "s"), max_age=86400), get, put, close),
+        kv_contender("tinysession SQLiteStore", "sqlite",
+                     lambda d: tinysession.SQLiteStore(os.path.join(d, "s.sqlite3"), max_age=86400),
+                     get, put, close),
+    ]
+    if redis_server is not None:
+        def open_redis(_directory):
+            client = redis_server.client()
+            client.flushdb()
+            return open_redis_store(client)
+
+        contenders.append(kv_contender("tinysession RedisStore", "redis", open_redis, get, put, close))
+    return contenders
+
+
+def raw_redis_contender(redis_server):
+    def open_(_directory):
+        client = redis_server.client()
+        client.flushdb()
+        return client
+
+    def put(client, key, record):
+        client.set("raw:" + key, json.dumps(record), ex=86400)
+
+    def get(client, key):
+        data = client.get("raw:" + key)
+        if data is None:
+            raise KeyError(key)
+        return json.loads(data)
+
+    return kv_contender("raw redis-py (SET EX / GET)", "redis", open_, get, put, lambda c: c.close())
+
+
+def cachelib_contender(threshold):
+    from cachelib.file import FileSystemCache
+
+    def get(cache, key):
+        record = cache.get(key)
+        if record is None:
+            raise KeyError(key)
+        return record
+
+    def put(cache, key, record):
+        if not cache.set(key, record):
+            raise OSError(f"cachelib could not store {key}")
+
+    label = "no count" if threshold == 0 else f"threshold={threshold:,}, counts files"
+    return kv_contender(
+        f"cachelib FileSystemCache ({label})", "file",
+        lambda d: FileSystemCache(os.path.join(d, "c"), threshold=threshold, default_timeout=86400), get, put)
+
+
+def beaker_contender():
+    from beaker.session import Session
+
+    def open_(directory):
+        return {"type": "file", "data_dir": os.path.join(directory, "data"),
+                    "lock_dir": os.path.join(directory, "lock"), "use_cookies": False}
+
+    def create(options, key, record):
+        session = Session({}, id=key, **options)
+        session.update(record)
+        session.save()
+        return key
+
+    def load(options, key):
+        session = Session({}, id=key, **options)
+        if "messages" not in session:
+            raise KeyError(key)
+        return session
+
+    def update(options, key, message):
+        session = Session({}, id=key, **options)
+        session["messages"].append(message)
+        session.save()
+
+    return {"name": "Beaker file Session", "group": "file", "open": open_, "create": create, "load": load,
+                "update": update, "close": lambda options: None}
+
+
+def django_contender(backend, template):
+    """Django's file or db SessionStore; Django picks the keys, so create returns its own."""
+    if backend == "file":
+        from django.contrib.sessions.backends.file import SessionStore
+
+        def open_(directory):
+            SessionStore._storage_path = directory  # what SESSION_FILE_PATH is read into, once per class
+    else:
+        from django.contrib.sessions.backends.db import SessionStore
+
+        def open_(directory):
+            path = os.path.join(directory, "django.sqlite3")
+            shutil.copyfile(template, path)
+            django_use_database(path)
+
+    def create(_handle, _key, record):
+        session = SessionStore()
+        session.update(record)
+        session.save()
+        return session.session_key
+
+    def load(_handle, key):
+        record = SessionStore(key).load()
+        if not record:
+            raise KeyError(key)
+        return record
+
+    def update(_handle, key, message):
+        session = SessionStore(key)
+        messages = session["messages"]
+        messages.append(message)
+        session["messages"] = messages
+        session.save()
+
+    return {"name": f"Django {backend} SessionStore", "group": "file" if backend == "file" else "sqlite",
+                "open": open_, "create": create, "load": load, "update": update, "close": lambda handle: None}
+
+
+def sqlitedict_contender():
+    from sqlitedict import SqliteDict
+
+    def put(table, key, record):
+        table[key] = record
+
+    return kv_contender("sqlitedict (autocommit, pickle)", "sqlite",
+                        lambda d: SqliteDict(os.path.join(d, "s.sqlite"), autocommit=True),
+                        lambda table, key: table[key], put, lambda table: table.close())
+
+
+def diskcache_contender():
+    import diskcache
+
+    def get(cache, key):
+        record = cache.get(key)
+        if record is None:
+            raise KeyError(key)
+        return record
+
+    def put(cache, key, record):
+        cache.set(key, record)
+
+    return kv_contender("diskcache Cache", "sqlite", lambda d: diskcache.Cache(d), get, put,
+                        lambda cache: cache.close())
+
+
+def store_contenders(workdir, redis_server):
+    contenders = [raw_file_contender(), raw_sqlite_contender()]
+    if redis_server is not None:
+        contenders.append(raw_redis_contender(redis_server))
+    contenders += tinysession_contenders(redis_server)
+    if try_import("cachelib", "cachelib.file"):
+        contenders += [cachelib_contender(0), cachelib_contender(100_000)]
+    if try_import("Beaker", "beaker.session"):
+        contenders.append(beaker_contender())
+    template = django_ready(workdir)
+    if template is not None:
+        contenders += [django_contender("file", template), django_contender("db", template)]
+    if try_import("sqlitedict", "sqlitedict"):
+        contenders.append(sqlitedict_contender())
+    if try_import("diskcache", "diskcache"):
+        contenders.append(diskcache_contender())
+    return contenders
+
+
+def store_batch(contender, directory, count, record):
+    """Save ``count`` new keys, load them all, update them all; return µs per op of each."""
+    os.makedirs(directory)
+    create, load, update = contender["create"], contender["load"], contender["update"]
+    message = new_message()
+    handle = contender["open"](directory)
+    try:
+        keys = [secrets.token_hex(16) for _ in range(count)]
+        gc.collect()
+        started = time.perf_counter()
+        keys = [create(handle, key, record) for key in keys]
+        saved = time.perf_counter()
+        for key in keys:
+            load(handle, key)
+        loaded = time.perf_counter()
+        for key in keys:
+            update(handle, key, message)
+        updated = time.perf_counter()
+        for key in (keys[0], keys[-1]):
+            messages = load(handle, key)["messages"]
+            if len(messages) != len(record["messages"]) + 1 or messages[-1]["content"] != APPEND_TEXT:
+                raise AssertionError(f"{contender['name']}: update was not stored")
+    finally:
+        contender["close"](handle)
+    shutil.rmtree(directory, ignore_errors=True)
+    scale = 1e6 / count
+    return ((saved - started) * scale, (loaded - saved) * scale, (updated - loaded) * scale)
+
+
+def run_store_section(config, workdir, redis_server):
+    contenders = store_contenders(workdir, redis_server)
+    record = chat_record()
+    results = {c["name"]: [] for c in contenders}
+    log(f"1. store operations: {len(contenders)} contenders, {config['store_n']} keys, "
+        f"{config['store_reps']} repetitions")
+    for contender in contenders:  # warm-up: lazy imports, caches, first connections
+        store_batch(contender, os.path.join(workdir, "warmup"), WARMUP, record)
+    for rep in range(config["store_reps"]):
+        for contender in rotated(contenders, rep):
+            directory = os.path.join(workdir, f"store-{rep}-{secrets.token_hex(4)}")
+            results[contender["name"]].append(store_batch(contender, directory, config["store_n"], record))
+        log(f"  repetition {rep + 1}/{config['store_reps']} done")
+    return contenders, results
+
+
+def print_store_section(config, contenders, results):
+    print(f"## 1. Store operations: µs per operation ({config['store_n']:,} sessions, "
+          f"median of {config['store_reps']} repetitions)\n")
+    print("save = a new key; load = read it back; update = load, append one message, save. "
+          "× = time relative to the first row of the table (the plain baseline of that kind; "
+          "lower is faster).\n")
+    titles = {"file": "File stores, against raw-file", "sqlite": "SQLite stores, against raw-sqlite",
+              "redis": "Redis, against raw redis-py"}
+    for group, title in titles.items():
+        members = [c for c in contenders if c["group"] == group]
+        if not members:
+            continue
+        print(f"### {title}\n")
+        print("| contender | save µs | × | load µs | × | update µs | × |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        baseline = [statistics.median(r[i] for r in results[members[0]["name"]]) for i in range(3)]
+        for contender in members:
+            medians = [statistics.median(r[i] for r in results[contender["name"]]) for i in range(3)]
+            cells = " | ".join(f"{m:.1f} | {m / b:.2f}x" for m, b in zip(medians, baseline))
+            print(f"| {contender['name']} | {cells} |")
+        print()
+
+
+# -- 2. Request cycle --
+#
+# An app contender is a dict: name, framework ("bare WSGI" or "Flask"),
+# make(directory) -> WSGI app, sessions (False for the no-session floor).
+# Apps answer /login (create the session), /append (read it and append a
+# message), /read (only read) and /ping (never touch it).
+
+BASE_ENVIRON = {
+    "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "QUERY_STRING": "", "SERVER_NAME": "localhost",
+    "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "localhost", "REMOTE_ADDR": "127.0.0.1",
+    "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": False,
+    "wsgi.multiprocess": False, "wsgi.run_once": False,
+}
+REQUEST_KINDS = [("append", "/append"), ("read", "/read"), ("untouched", "/ping")]
+
+
+class Browser:
+    """One user: a cookie jar that sends back what the previous responses set."""
+
+    def __init__(self):
+        self.jar = {}
+        self.header = ""
+
+    def request(self, app, path):
+        environ = dict(BASE_ENVIRON)
+        environ["PATH_INFO"] = path
+        environ["wsgi.input"] = io.BytesIO(b"")
+        if self.header:
+            environ["HTTP_COOKIE"] = self.header
+        captured = []
+
+        def start_response(status, headers, exc_info=None):
+            captured.append((status, headers))
+            return lambda data: None
+
+        body = app(environ, start_response)
+        try:
+            content = b"".join(body)
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        status, headers = captured[-1]
+        if status[:3] != "200":
+            raise AssertionError(f"{path}: {status}")
+        for name, value in headers:
+            if name.lower() == "set-cookie":
+                self.set_cookie(value)
+        return content
+
+    def set_cookie(self, header):
+        pair, _, attributes = header.partition(";")
+        name, _, value = pair.partition("=")
+        name, value, attributes = name.strip(), value.strip(), attributes.lower()
+        if not value or "max-age=0" in attributes or "1970" in attributes:
+            self.jar.pop(name, None)
+        else:
+            self.jar[name] = value
+        self.header = "; ".join(f"{k}={v}" for k, v in self.jar.items())
+
+
+def session_view(path, session, save=None):
+    """The views' shared logic on a dict-like session; returns the response body."""
+    if path == "/login":
+        session.update(chat_record())
+    elif path == "/append":
+        messages = session["messages"]
+        messages.append(new_message())
+        trim(messages)
+        session["messages"] = messages
+    else:
+        return session["messages"][-1]["content"]
+    if save is not None:
+        save(session)
+    return "ok"
+
+
+def bare_app(session_of=None, save=None):
+    """A plain WSGI app; ``session_of(environ)`` gives it a session, or it has none."""
+
+    def app(environ, start_response):
+        path = environ["PATH_INFO"]
+        if path == "/ping" or session_of is None:
+            text = "pong"
+        else:
+            text = session_view(path, session_of(environ), save)
+        body = text.encode()
+        start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def flask_app(get_session=None, configure=None):
+    """The same views as a Flask app; ``get_session()`` returns the session inside a request."""
+    from flask import Flask
+
+    app = Flask(__name__)
+    if configure is not None:
+        configure(app)
+
+    def view(path):
+        if get_session is None:
+            return "pong"
+        return session_view(path, get_session())
+
+    app.add_url_rule("/login", "login", lambda: view("/login"))
+    app.add_url_rule("/append", "append", lambda: view("/append"))
+    app.add_url_rule("/read", "read", lambda: view("/read"))
+    app.add_url_rule("/ping", "ping", lambda: "pong")
+    return app
+
+
+def app_contenders(workdir):
+    contenders = [
+        {"name": "no sessions", "framework": "bare WSGI", "sessions": False, "make": lambda d: bare_app()},
+        {"name": "tinysession FileStore", "framework": "bare WSGI", "sessions": True,
+             "make": lambda d: tinysession.SessionMiddleware(
+                 bare_app(tinysession.get_session), tinysession.FileStore(os.path.join(d, "s"), max_age=86400))},
+        {"name": "tinysession SQLiteStore", "framework": "bare WSGI", "sessions": True,
+             "make": lambda d: tinysession.SessionMiddleware(
+                 bare_app(tinysession.get_session),
+                 tinysession.SQLiteStore(os.path.join(d, "s.sqlite3"), max_age=86400))},
+    ]
+    if try_import("Beaker", "beaker.middleware"):
+        from beaker.middleware import SessionMiddleware as BeakerMiddleware
+
+        contenders.append({
+            "name": "Beaker SessionMiddleware (type=file)", "framework": "bare WSGI", "sessions": True,
+            "make": lambda d: BeakerMiddleware(
+                bare_app(lambda environ: environ["beaker.session"], lambda session: session.save()),
+                type="file", data_dir=os.path.join(d, "data"), lock_dir=os.path.join(d, "lock"))})
+    if not try_import("Flask", "flask"):
+        return contenders
+    import flask
+
+    def tinysession_flask(store_factory):
+        def make(directory):
+            def configure(app):
+                app.wsgi_app = tinysession.SessionMiddleware(app.wsgi_app, store_factory(directory))
+
+            return flask_app(lambda: tinysession.get_session(flask.request.environ), configure)
+
+        return make
+
+    def cookie_flask(directory):
+        def configure(app):
+            app.secret_key = FLASK_SECRET
+
+        return flask_app(lambda: flask.session, configure)
+
+    contenders += [
+        {"name": "no session use (floor)", "framework": "Flask", "sessions": False, "make": lambda d: flask_app()},
+        {"name": "tinysession FileStore", "framework": "Flask", "sessions": True,
+             "make": tinysession_flask(lambda d: tinysession.FileStore(os.path.join(d, "s"), max_age=86400))},
+        {"name": "tinysession SQLiteStore", "framework": "Flask", "sessions": True,
+             "make": tinysession_flask(
+                 lambda d: tinysession.SQLiteStore(os.path.join(d, "s.sqlite3"), max_age=86400))},
+        {"name": "Flask signed-cookie session (default)", "framework": "Flask", "sessions": True, "make": cookie_flask},
+    ]
+    if try_import("Flask-Session (cachelib)", "flask_session", "cachelib.file"):
+        def cachelib_flask(directory):
+            from cachelib.file import FileSystemCache
+            from flask_session import Session
+
+            def configure(app):
+                app.secret_key = FLASK_SECRET
+                app.config.update(SESSION_TYPE="cachelib",
+                                  SESSION_CACHELIB=FileSystemCache(os.path.join(directory, "c"), threshold=500))
+                Session(app)
+
+            return flask_app(lambda: flask.session, configure)
+
+        contenders.append({"name": "Flask-Session cachelib FileSystemCache", "framework": "Flask",
+                               "sessions": True, "make": cachelib_flask})
+    if try_import("Flask-Session (SQLAlchemy)", "flask_session", "flask_sqlalchemy", "sqlalchemy"):
+        def sqlalchemy_flask(directory):
+            from flask_session import Session
+            from flask_sqlalchemy import SQLAlchemy
+
+            sqlalchemy_pragmas()
+
+            def configure(app):
+                app.secret_key = FLASK_SECRET
+                app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite:///" + os.path.join(directory, "fs.sqlite3")
+                app.config.update(SESSION_TYPE="sqlalchemy", SESSION_SQLALCHEMY=SQLAlchemy(app))
+                Session(app)
+
+            return flask_app(lambda: flask.session, configure)
+
+        contenders.append({"name": "Flask-Session SQLAlchemy (SQLite)", "framework": "Flask",
+                               "sessions": True, "make": sqlalchemy_flask})
+    return contenders
+
+
+def prepare_app(contender, directory, users):
+    """Build the app, log every user in (one session each) and check a round trip."""
+    os.makedirs(directory)
+    app = contender["make"](directory)
+    browsers = [Browser() for _ in range(users)]
+    for browser in browsers:
+        browser.request(app, "/login")
+        if contender["sessions"] and not browser.jar:
+            raise AssertionError(f"{contender['name']}: /login set no cookie")
+    if contender["sessions"]:
+        probe = browsers[0]
+        before = probe.request(app, "/read").decode()
+        probe.request(app, "/append")
+        after = probe.request(app, "/read").decode()
+        if before == APPEND_TEXT or after != APPEND_TEXT:
+            raise AssertionError(f"{contender['name']}: the appended message did not come back")
+    pong = browsers[0].request(app, "/ping")
+    if pong != b"pong":
+        raise AssertionError(f"{contender['name']}: /ping answered {pong!r}")
+    return {"app": app, "browsers": browsers, "next": 0}
+
+
+def request_batch(state, path, count):
+    """Send ``count`` requests to ``path``, cycling over the users; return µs per request."""
+    app, browsers = state["app"], state["browsers"]
+    users = len(browsers)
+    first = state["next"]
+    gc.collect()
+    started = time.perf_counter()
+    for index in range(first, first + count):
+        browsers[index % users].request(app, path)
+    elapsed = time.perf_counter() - started
+    state["next"] = (first + count) % users
+    return elapsed * 1e6 / count
+
+
+def run_request_section(config, workdir):
+    contenders = app_contenders(workdir)
+    log(f"2. request cycle: {len(contenders)} apps, {config['users']} users each")
+    states = {}
+    for contender in contenders:
+        key = (contender["framework"], contender["name"])
+        states[key] = prepare_app(contender, os.path.join(workdir, f"app-{len(states)}"), config["users"])
+        for _, path in REQUEST_KINDS:  # warm-up
+            request_batch(states[key], path, WARMUP)
+    results = {key: {kind: [] for kind, _ in REQUEST_KINDS} for key in states}
+    for rep in range(config["req_reps"]):
+        for contender in rotated(contenders, rep):
+            key = (contender["framework"], contender["name"])
+            for kind, path in REQUEST_KINDS:
+                results[key][kind].append(request_batch(states[key], path, config["req_n"]))
+        log(f"  repetition {rep + 1}/{config['req_reps']} done")
+    return contenders, results
+
+
+def print_request_section(config, contenders, results):
+    print(f"## 2. Request cycle: µs per request and requests/s ({config['req_n']} requests per kind "
+          f"per repetition over {config['users']} users, median of {config['req_reps']} repetitions)\n")
+    print("In-process WSGI calls with prepared environs, no sockets; each request carries the cookies "
+          "the previous response set; the body is drained and closed. append = read the session and "
+          "append a chat message; read = only read it; untouched = never touch it (the browser still "
+          "sends its cookie). µs cells show (+ the time added over the same framework's app without "
+          "sessions); × = time relative to the same framework's tinysession FileStore (lower is faster).\n")
+    for framework in dict.fromkeys(c["framework"] for c in contenders):
+        members = [c for c in contenders if c["framework"] == framework]
+        medians = {c["name"]: {kind: statistics.median(results[(framework, c["name"])][kind])
+                               for kind, _ in REQUEST_KINDS} for c in members}
+        floor = next((medians[c["name"]] for c in members if not c["sessions"]), None)
+        reference = medians.get("tinysession FileStore")
+        print(f"### {framework}\n")
+        print("| contender | append µs | req/s | × | read µs | req/s | × | untouched µs | req/s | × |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for contender in members:
+            cells = []
+            for kind, _ in REQUEST_KINDS:
+                value = medians[contender["name"]][kind]
+                added = f" ({value - floor[kind]:+.0f})" if floor is not None and contender["sessions"] else ""
+                ratio = f"{value / reference[kind]:.2f}x" if reference else "-"
+                cells.append(f"{value:.0f}{added} | {1e6 / value:,.0f} | {ratio}")
+            print(f"| {contender['name']} | {' | '.join(cells)} |")
+        print()
+
+
+# -- 3. Cleaning --
+#
+# A clean contender is a dict: name, group ("file" against find, "sqlite"
+# against a raw DELETE), layout (a builder below), and either child (a
+# function run in a fresh `run.py _clean` process that sets up and returns
+# the zero-argument cleaner to time) or command (an external program), plus
+# removes(n) and remaining(directory) to check the work was done (extra:
+# files the cleaner adds itself, such as cachelib's trigger key).
+
+
+def _old_or_new(index, now):
+    """Odd indexes are three hours old (expired at MAX_AGE), even ones fresh."""
+    return now - 3 * 3600 if index % 2 else now
+
+
+def _write_file(path, data, mtime):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.utime(path, (mtime, mtime))
+
+
+def _key(index):
+    return hashlib.sha256(b"session %d" % index).hexdigest()
+
+
+def build_tinysession_files(directory, count, now):
+    os.makedirs(directory, mode=0o700)
+    data = json.dumps({"created": now, "data": chat_record()}, separators=(",", ":")).encode()
+    for index in range(count):
+        _write_file(os.path.join(directory, "ts-" + _key(index)), data, _old_or_new(index, now))
+
+
+def build_cachelib_files(directory, count, now):
+    os.makedirs(directory, mode=0o700)
+    body = pickle.dumps(chat_record(), pickle.HIGHEST_PROTOCOL)
+    for index in range(count):
+        expires = int(now) - 3600 if index % 2 else int(now) + 86400
+        name = hashlib.sha256(("session:" + _key(index)).encode()).hexdigest()
+        _write_file(os.path.join(directory, name), struct.pack("I", expires) + body, _old_or_new(index, now))
+
+
+def build_django_files(directory, count, now):
+    from django.contrib.sessions.backends.file import SessionStore
+
+    os.makedirs(directory, mode=0o700)
+    data = SessionStore().encode(chat_record()).encode("ascii")
+    for index in range(count):
+        _write_file(os.path.join(directory, "sessionid" + _key(index)[:32]), data, _old_or_new(index, now))
+
+
+def _sqlite_rows(path, create, insert, rows):
+    connection = sqlite3.connect(path, isolation_level=None)
+    for pragma in SQLITE_PRAGMAS.split(";"):
+        connection.execute(pragma)
+    for statement in create:
+        connection.execute(statement)
+    connection.execute("BEGIN")
+    connection.executemany(insert, rows)
+    connection.execute("COMMIT")
+    connection.close()
+
+
+def build_raw_sqlite(directory, count, now):
+    os.makedirs(directory)
+    data = json.dumps(chat_record()).encode()
+    _sqlite_rows(os.path.join(directory, "raw.sqlite3"),
+                 ["CREATE TABLE s (k TEXT PRIMARY KEY, v BLOB NOT NULL, mtime REAL NOT NULL)",
+                  "CREATE INDEX s_mtime ON s (mtime)"],
+                 "INSERT INTO s (k, v, mtime) VALUES (?, ?, ?)",
+                 ((_key(i), data, _old_or_new(i, now)) for i in range(count)))
+
+
+def build_tinysession_sqlite(directory, count, now):
+    os.makedirs(directory)
+    path = os.path.join(directory, "s.sqlite3")
+    tinysession.SQLiteStore(path).close()  # its own schema
+    data = json.dumps({"created": now, "data": chat_record()}, separators=(",", ":")).encode()
+    _sqlite_rows(path, [], "INSERT INTO sessions (key, data, mtime) VALUES (?, ?, ?)",
+                 ((_key(i), data, _old_or_new(i, now)) for i in range(count)))
+
+
+def build_django_db(directory, count, now):
+    from django.contrib.sessions.backends.db import SessionStore
+
+    os.makedirs(directory)
+    path = os.path.join(directory, "django.sqlite3")
+    shutil.copyfile(_DJANGO["template"], path)
+    data = SessionStore().encode(chat_record())
+
+    def expiry(index):  # Django keeps expire_date as naive UTC text in SQLite
+        moment = datetime.datetime.fromtimestamp(now + (-3600 if index % 2 else 86400), datetime.timezone.utc)
+        return moment.replace(tzinfo=None, microsecond=500000).isoformat(" ")
+
+    _sqlite_rows(path, [], "INSERT INTO django_session (session_key, session_data, expire_date) VALUES (?, ?, ?)",
+                 ((_key(i)[:32], data, expiry(i)) for i in range(count)))
+
+
+def build_diskcache(directory, count, now):
+    import diskcache
+
+    record = chat_record()
+    # cull_limit=0: else each set() would already remove up to ten expired items
+    with diskcache.Cache(directory, cull_limit=0) as cache, cache.transact():
+            for index in range(count):
+                cache.set(_key(index), record, expire=-3600 if index % 2 else 86400)
+
+
+def count_files(prefix="", exclude=()):
+    def count(directory):
+        return sum(1 for name in os.listdir(directory) if name.startswith(prefix) and name not in exclude
+                   and not name.endswith(".__wz_cache"))
+
+    return count
+
+
+def count_rows(filename, table):
+    def count(directory):
+        with sqlite3.connect(os.path.join(directory, filename)) as connection:
+            return connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+    return count
+
+
+def child_tinysession_files(directory, _count, **clean):
+    store = tinysession.FileStore(directory)
+    return lambda: store.clean(**clean)
+
+
+def child_tinysession_sqlite(directory, _count):
+    store = tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3"))
+    return lambda: store.clean(max_age=MAX_AGE)
+
+
+def child_raw_sqlite(directory, _count):
+    connection = sqlite3.connect(os.path.join(directory, "raw.sqlite3"), isolation_level=None)
+    for pragma in SQLITE_PRAGMAS.split(";"):
+        connection.execute(pragma)
+    return lambda: connection.execute("DELETE FROM s WHERE mtime < ?", (time.time() - MAX_AGE,)).rowcount
+
+
+def child_cachelib(directory, count, threshold):
+    from cachelib.file import FileSystemCache
+
+    cache = FileSystemCache(directory, threshold=threshold, default_timeout=86400)  # counts the files
+    record = chat_record()
+    return lambda: cache.set("session:trigger", record)
+
+
+def _child_django(directory, backend):
+    import django
+    from django.conf import settings
+
+    settings.configure(**django_settings(directory, os.path.join(directory, "django.sqlite3"),
+                                         SESSION_COOKIE_AGE=MAX_AGE))
+    django.setup()
+    if backend == "file":
+        from django.contrib.sessions.backends.file import SessionStore
+    else:
+        from django.contrib.sessions.backends.db import SessionStore
+        from django.db import connection
+
+        connection.ensure_connection()
+    return SessionStore.clear_expired
+
+
+def child_diskcache(directory, _count):
+    import diskcache
+
+    cache = diskcache.Cache(directory, cull_limit=10)  # diskcache's default, stored back in the cache
+    return cache.expire
+
+
+FIND = ["find", "{dir}", "-type", "f", "-mmin", f"+{MAX_AGE // 60}", "-delete"]
+CACHELIB_COUNT_FILE = hashlib.sha256(b"__wz_cache_count").hexdigest()
+
+
+def clean_contenders(workdir):
+    half = lambda n: n // 2
+    contenders = [
+        {"name": f"find -type f -mmin +{MAX_AGE // 60} -delete", "group": "file", "layout": build_tinysession_files,
+             "command": FIND, "remaining": count_files("ts-"), "removes": half},
+        {"name": "tinysession FileStore clean(max_age=2h)", "group": "file", "layout": build_tinysession_files,
+             "child": "tinysession-files-max-age", "remaining": count_files("ts-"), "removes": half},
+        {"name": "tinysession FileStore clean(keep=1000)", "group": "file", "layout": build_tinysession_files,
+             "child": "tinysession-files-keep", "remaining": count_files("ts-"), "removes": lambda n: n - 1000},
+        {"name": "raw sqlite DELETE WHERE mtime < ?", "group": "sqlite", "layout": build_raw_sqlite,
+             "child": "raw-sqlite", "remaining": count_rows("raw.sqlite3", "s"), "removes": half},
+        {"name": "tinysession SQLiteStore clean(max_age=2h)", "group": "sqlite", "layout": build_tinysession_sqlite,
+             "child": "tinysession-sqlite", "remaining": count_rows("s.sqlite3", "sessions"), "removes": half},
+    ]
+    if try_import("cachelib", "cachelib.file"):
+        remaining = count_files(exclude={CACHELIB_COUNT_FILE})
+        contenders.append(
+            {"name": "cachelib FileSystemCache: one set() over threshold=n-1 (prunes expired)", "group": "file",
+                 "layout": build_cachelib_files, "child": "cachelib", "remaining": remaining, "removes": half, "extra": 1})
+    if django_ready(workdir) is not None:
+        contenders += [
+            {"name": "Django file SessionStore.clear_expired()", "group": "file", "layout": build_django_files,
+                 "child": "django-file", "remaining": count_files("sessionid"), "removes": half},
+            {"name": "Django db SessionStore.clear_expired()", "group": "sqlite", "layout": build_django_db,
+                 "child": "django-db", "remaining": count_rows("django.sqlite3", "django_session"), "removes": half},
+        ]
+    if try_import("diskcache", "diskcache"):
+        contenders.append({"name": "diskcache Cache.expire()", "group": "sqlite", "layout": build_diskcache,
+                               "child": "diskcache", "remaining": count_rows("cache.db", "Cache"), "removes": half})
+    return contenders
+
+
+CLEAN_CHILDREN = {
+    "tinysession-files-max-age": lambda d, n: child_tinysession_files(d, n, max_age=MAX_AGE),
+    "tinysession-files-keep": lambda d, n: child_tinysession_files(d, n, keep=1000),
+    "tinysession-sqlite": child_tinysession_sqlite,
+    "raw-sqlite": child_raw_sqlite,
+    "cachelib": lambda d, n: child_cachelib(d, n, threshold=n - 1),
+    "django-file": lambda d, n: _child_django(d, "file"),
+    "django-db": lambda d, n: _child_django(d, "db"),
+    "diskcache": child_diskcache,
+}
+
+
+def clean_child_main(name, directory, count):
+    """The `run.py _clean NAME DIR N` subprocess: set up, then time the clean and its peak RSS."""
+    warnings.simplefilter("ignore")
+    cleaner = CLEAN_CHILDREN[name](directory, count)
+    gc.collect()
+    reset = reset_peak_rss()
+    before = proc_status_kb("VmRSS")
+    started = time.perf_counter()
+    cleaner()
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "peak_kb": proc_status_kb("VmHWM"), "before_kb": before,
+                      "reset": reset}))
+    return 0
+
+
+def _gnu_time():
+    path = shutil.which("time")
+    if path is None:
+        return None
+    probe = subprocess.run([path, "-f", "%M", "true"], capture_output=True, check=False, text=True)
+    return path if probe.returncode == 0 and probe.stderr.strip().isdigit() else None
+
+
+def run_command_clean(command, directory):
+    """Run an external cleaner; its peak RSS comes from GNU time, or from polling /proc."""
+    argv = [part.replace("{dir}", directory) for part in command]
+    time_binary = _gnu_time()
+    started = time.perf_counter()
+    if time_binary is not None:
+        process = subprocess.run([time_binary, "-f", "%M"] + argv, capture_output=True, check=False, text=True)
+        seconds = time.perf_counter() - started
+        if process.returncode != 0:
+            raise RuntimeError(f"{argv} failed: {process.stderr.strip()}")
+        return {"seconds": seconds, "peak_kb": int(process.stderr.strip().splitlines()[-1]), "before_kb": None}
+    process = subprocess.Popen(argv)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, proc_status_kb("VmHWM", process.pid) or 0)
+        time.sleep(0.001)
+    seconds = time.perf_counter() - started
+    NOTES.add("GNU time not found: find's peak RSS was sampled from /proc every millisecond (a lower bound)")
+    return {"seconds": seconds, "peak_kb": peak or None, "before_kb": None}
+
+
+def run_child_clean(name, directory, count):
+    process = subprocess.run([sys.executable, os.path.abspath(__file__), "_clean", name, directory, str(count)],
+                             capture_output=True, check=False, text=True,
+                             env=dict(os.environ, TINYSESSION_ROOT=os.path.dirname(tinysession.__file__)))
+    if process.returncode != 0:
+        raise RuntimeError(f"clean child {name} failed:\n{process.stderr}")
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    if not result.pop("reset"):
+        NOTES.add("could not reset VmHWM before cleaning: peak RSS includes the child's setup")
+    return result
+
+
+def run_clean_section(config, workdir):
+    contenders = clean_contenders(workdir)
+    count = config["clean_n"]
+    results = {c["name"]: [] for c in contenders}
+    log(f"3. cleaning: {len(contenders)} cleaners, {count:,} sessions, {config['clean_reps']} repetitions")
+    for rep in range(config["clean_reps"]):
+        for contender in rotated(contenders, rep):
+            directory = os.path.join(workdir, f"clean-{rep}-{secrets.token_hex(4)}")
+            contender["layout"](directory, count, time.time())
+            built = contender["remaining"](directory)
+            if built != count:
+                raise AssertionError(f"{contender['name']}: built {built} sessions, not {count}")
+            os.sync()
+            if "command" in contender:
+                result = run_command_clean(contender["command"], directory)
+            else:
+                result = run_child_clean(contender["child"], directory, count)
+            remaining = contender["remaining"](directory)
+            expected = count - contender["removes"](count) + contender.get("extra", 0)
+            if remaining != expected:
+                NOTES.add(f"{contender['name']} left {remaining:,} sessions, expected {expected:,}")
+            results[contender["name"]].append(result)
+            shutil.rmtree(directory, ignore_errors=True)
+            log(f"  {contender['name']}: {result['seconds']:.2f} s")
+    return contenders, results
+
+
+def print_clean_section(config, contenders, results):
+    count = config["clean_n"]
+    runs = "one run" if config["clean_reps"] == 1 else f"median of {config['clean_reps']} runs"
+    print(f"## 3. Cleaning {count:,} sessions of which half are expired "
+          f"({runs} each, in a fresh process on a freshly built layout)\n")
+    print("Expired = last written 3 hours ago, against a 2 hour limit; clean(keep=1000) also removes "
+          "all but the 1,000 newest live sessions. cachelib has no public cleanup call: FileSystemCache "
+          "prunes inside set() once its file count is over its threshold, so its row times one set() on a "
+          "cache opened with threshold=n-1 (opening it, which counts the files, is not timed). "
+          "seconds = the clean "
+          "itself (Python cleaners time it in-process after their imports and setup; find is timed "
+          "around its whole process). peak RSS = the cleaning process's resident high-water mark "
+          "during the clean (Python: VmHWM reset just before it, so the interpreter and imports are "
+          "included but setup peaks are not; find: GNU time's %M); added = peak minus RSS just "
+          "before the clean (diskcache memory-maps its database, 64 MiB by default, and mapped pages "
+          "count). × = time relative to the first row of the table.\n")
+    titles = {"file": "File layouts, against find", "sqlite": "SQLite layouts, against a raw DELETE"}
+    for group, title in titles.items():
+        members = [c for c in contenders if c["group"] == group]
+        if not members:
+            continue
+        print(f"### {title}\n")
+        print("| cleaner | removes | seconds | × | peak RSS MB | added MB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        baseline = statistics.median(r["seconds"] for r in results[members[0]["name"]])
+        for contender in members:
+            runs = results[contender["name"]]
+            seconds = statistics.median(r["seconds"] for r in runs)
+            peaks = [r["peak_kb"] for r in runs if r["peak_kb"]]
+            peak = f"{max(peaks) / 1024:.1f}" if peaks else "-"
+            added = [r["peak_kb"] - r["before_kb"] for r in runs if r["peak_kb"] and r["before_kb"]]
+            added = f"{max(0, max(added)) / 1024:.1f}" if added else "-"
+            removes = contender["removes"](count)
+            print(f"| {contender['name']} | {removes:,} | {seconds:.3f} | {seconds / baseline:.2f}x | "
+                  f"{peak} | {added} |")
+        print()
+    print("No cleanup API, so not measured: Beaker file sessions (nothing in beaker removes old session "
+          "files; a cron job with find does it, as in the first row); sqlitedict (no expiry at all); "
+          "Redis (keys expire by their TTL in the server).\n")
+
+
+# -- 4. Import cost --
+
+IMPORT_PROBE = """\
+import sys, time
+sys.path.insert(0, {root!r})
+def rss():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+{setup}
+before = rss()
+started = time.perf_counter()
+{statement}
+elapsed = time.perf_counter() - started
+print(elapsed, rss() - before)
+"""
+
+DJANGO_IMPORT = (
+    "import django\nfrom django.conf import settings\n"
+    "settings.configure(INSTALLED_APPS=['django.contrib.sessions'], SECRET_KEY='x')\n"
+    "django.setup()\nfrom django.contrib.sessions.backends.{backend} import SessionStore"
+)
+
+
+def import_contenders():
+    """Return (label, untimed setup, timed statement) for each import to measure."""
+    django_label = "import django; settings.configure(); django.setup(); import sessions.backends.{}"
+    candidates = [
+        ("tinysession", "import tinysession", "", "import tinysession"),
+        ("tinysession", "import tinysession, sqlite3 (what SQLiteStore adds)", "", "import tinysession, sqlite3"),
+        ("cachelib", "from cachelib.file import FileSystemCache", "", "from cachelib.file import FileSystemCache"),
+        ("beaker", "from beaker.middleware import SessionMiddleware", "",
+         "from beaker.middleware import SessionMiddleware"),
+        ("django", django_label.format("file"), "", DJANGO_IMPORT.format(backend="file")),
+        ("django", django_label.format("db"), "", DJANGO_IMPORT.format(backend="db")),
+        ("sqlitedict", "import sqlitedict", "", "import sqlitedict"),
+        ("diskcache", "import diskcache", "", "import diskcache"),
+        ("flask_session", "import flask_session, flask_session.cachelib (Flask already imported)",
+         "import flask", "import flask_session, flask_session.cachelib"),
+        ("flask", "import flask (for scale, not a session library)", "", "import flask"),
+    ]
+    if hasattr(tinysession, "RedisStore"):
+        candidates.append(("redis", "import redis (redis-py, RedisStore's client)", "", "import redis"))
+    peers = {"beaker": "Beaker", "django": "Django", "flask_session": "Flask-Session", "flask": "Flask",
+             "redis": "redis-py"}
+    return [(label, setup, statement) for module, label, setup, statement in candidates
+            if try_import(peers.get(module, module), module)]
+
+
+def run_import_section(config, snapshot):
+    contenders = import_contenders()
+    root = snapshot
+    results = {label: [] for label, _, _ in contenders}
+    log(f"4. imports: {len(contenders)} statements, {config['import_runs']} fresh interpreters each")
+    for run in range(config["import_runs"]):
+        for label, setup, statement in rotated(contenders, run):
+            code = IMPORT_PROBE.format(root=root, setup=setup, statement=statement)
+            process = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False, text=True)
+            if process.returncode != 0:
+                NOTES.add(f"import probe failed for {label}: {process.stderr.strip().splitlines()[-1]}")
+                continue
+            seconds, added_kb = process.stdout.split()
+            results[label].append((float(seconds), int(added_kb)))
+    return contenders, results
+
+
+def print_import_section(config, contenders, results):
+    print(f"## 4. Import cost in a fresh interpreter (median of {config['import_runs']} runs)\n")
+    print("Time around the statement with time.perf_counter(); added RSS = VmRSS after minus before "
+          "(/proc/self/status). Every module imports from bytecode (tinysession from the run's byte-compiled "
+          "snapshot, as pip would install it). Django needs settings.configure() and django.setup() before its session "
+          "backends import, so both are counted. × = relative to `import tinysession`.\n")
+    print("| statement | ms | × | added RSS MB | × |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    reference = results.get("import tinysession")
+    base_ms = statistics.median(s for s, _ in reference) * 1000 if reference else None
+    base_kb = statistics.median(k for _, k in reference) if reference else None
+    for label, _, _ in contenders:
+        runs = results[label]
+        if not runs:
+            continue
+        ms = statistics.median(s for s, _ in runs) * 1000
+        kb = statistics.median(k for _, k in runs)
+        ms_ratio = f"{ms / base_ms:.1f}x" if base_ms else "-"
+        kb_ratio = f"{kb / base_kb:.1f}x" if base_kb else "-"
+        print(f"| `{label}` | {ms:.1f} | {ms_ratio} | {kb / 1024:.2f} | {kb_ratio} |")
+    print()
+
+
+# -- Report --
+
+
+def peer_versions():
+    from importlib import metadata
+
+    names = ["Flask", "Flask-Session", "cachelib", "Beaker", "Django", "sqlitedict", "diskcache",
+             "SQLAlchemy", "Flask-SQLAlchemy", "Werkzeug", "msgspec", "redis"]
+    versions = []
+    for name in names:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(versions) or "none installed"
+
+
+def snapshot_tinysession(workdir):
+    """Copy ROOT/tinysession.py into the work dir with its bytecode; return (folder, revision text).
+
+    Installed peers come with .pyc files; a checkout may have none (or be read-only, or
+    PYTHONDONTWRITEBYTECODE is set), which would time the compiler in the import section.
+    The revision names the checkout's commit and whether the copy differs from it.
+    """
+    import importlib.util
+    import py_compile
+
+    folder = os.path.join(workdir, "tinysession-under-test")
+    os.makedirs(folder)
+    copy = os.path.join(folder, "tinysession.py")
+    shutil.copyfile(os.path.join(ROOT, "tinysession.py"), copy)
+    py_compile.compile(copy, cfile=importlib.util.cache_from_source(copy), doraise=True)
+    with open(copy, "rb") as file:
+        source = file.read()
+    revision = f"sha256 {hashlib.sha256(source).hexdigest()[:12]}"
+    try:
+        def git(*argv):
+            return subprocess.run(["git", "-C", ROOT, *argv], capture_output=True, check=False, timeout=10)
+
+        commit = git("rev-parse", "--short", "HEAD")
+        if commit.returncode == 0:
+            committed = git("show", "HEAD:tinysession.py").stdout
+            state = "" if committed == source else " plus uncommitted changes"
+            revision = f"commit {commit.stdout.decode().strip()}{state}, {revision}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return folder, revision
+
+
+def load_tinysession(folder):
+    """Import tinysession from ``folder`` as this module's global ``tinysession``."""
+    import importlib
+
+    global tinysession
+    sys.path.insert(0, folder)
+    tinysession = importlib.import_module("tinysession")
+
+
+def print_header(args, config, redis_note, load, revision):
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print("# tinysession benchmark\n")
+    print(f"{platform.python_implementation()} {platform.python_version()} on {platform.platform()}, "
+          f"{os.cpu_count()} CPUs; {now}; tinysession {tinysession.__version__} ({revision}); "
+          f"{'--quick' if args.quick else 'full run'}; temp dir on {args.dir or tempfile.gettempdir()}; "
+          f"1-minute load average {load[0]:.2f} at the start, {load[1]:.2f} at the end.\n")
+    print(f"Payload: a chat session of {payload_size():,} bytes as compact JSON (user id, CSRF token, "
+          "a system message and ten user/assistant messages).\n")
+    print(f"Peers: {peer_versions()}.\n")
+    print("Configuration: every SQLite contender runs in WAL mode with synchronous=NORMAL as tinysession "
+          "does (raw-sqlite, Django via OPTIONS init_command, SQLAlchemy via a connect listener; diskcache "
+          "does so by default), except sqlitedict, left at its defaults (rollback journal, "
+          "synchronous=OFF). tinysession stores have max_age=1 day and its middleware keeps its defaults "
+          "(touch_interval=60 s, clean_interval=300 s); cachelib default_timeout=1 day; the "
+          "others keep their defaults, which means Beaker (save_accessed_time) and Flask-Session "
+          "(SESSION_REFRESH_EACH_REQUEST with permanent sessions) write the session on every request "
+          f"that loads it. {redis_note}\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI (under a minute)")
+    parser.add_argument("--dir", default=None, help="parent of the temporary directories (default: system temp)")
+    redis_group = parser.add_mutually_exclusive_group()
+    redis_group.add_argument("--redis", action="store_true", help="require the Redis rows (start a server)")
+    redis_group.add_argument("--no-redis", action="store_true", help="skip the Redis rows")
+    parser.add_argument("--sections", default="1234", help="which sections to run (default: 1234)")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else FULL
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="tinysession-bench-", dir=args.dir)
+    redis_server = None
+    try:
+        snapshot, revision = snapshot_tinysession(workdir)
+        load_tinysession(snapshot)
+        redis_note = "Redis rows: skipped, this tinysession has no RedisStore."
+        if args.no_redis:
+            redis_note = "Redis rows: skipped (--no-redis)."
+        elif hasattr(tinysession, "RedisStore") and not try_import("redis-py", "redis"):
+            redis_note = "Redis rows: skipped, redis-py is not installed."
+        elif hasattr(tinysession, "RedisStore"):
+            redis_server = RedisServer(workdir)
+            problem = redis_server.start()
+            if problem is None:
+                redis_note = f"Redis rows: a private redis-server on 127.0.0.1:{redis_server.port}, no persistence."
+            else:
+                redis_server, redis_note = None, f"Redis rows: skipped, {problem}."
+        if args.redis and redis_server is None:
+            parser.error(f"--redis: {redis_note}")
+        load_before = os.getloadavg()[0]
+        runners = {
+            "1": (print_store_section, lambda: run_store_section(config, workdir, redis_server)),
+            "2": (print_request_section, lambda: run_request_section(config, workdir)),
+            "3": (print_clean_section, lambda: run_clean_section(config, workdir)),
+            "4": (print_import_section, lambda: run_import_section(config, snapshot)),
+        }
+        sections = []
+        for number, (printer, runner) in runners.items():
+            if number in args.sections:
+                section_started = time.perf_counter()
+                sections.append((printer, runner()))
+                log(f"  section {number}: {time.perf_counter() - section_started:.1f} s")
+        load = (load_before, os.getloadavg()[0])
+        print_header(args, config, redis_note, load, revision)
+        for printer, (contenders, results) in sections:
+            printer(config, contenders, results)
+        print("## Notes\n")
+        for note in NOTES.items:
+            print(f"- {note}")
+        print("- peak RSS is read inside each cleaning process (/proc/self/status VmHWM), not from "
+              "wait4()'s ru_maxrss: on Linux a child's ru_maxrss starts at its parent's high-water mark, "
+              "whether it was forked or posix_spawned, so it would report this benchmark's own size.")
+        print(f"- total benchmark time: {time.perf_counter() - started:.0f} s")
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "_clean":
+        load_tinysession(ROOT)  # the parent's snapshot, passed as TINYSESSION_ROOT
+        sys.exit(clean_child_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    sys.exit(main())
