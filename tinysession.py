@@ -324,14 +324,6 @@ class _Sweep:
         self.oldest = None
         self.newest = None
 
-    def see(self, mtime, size):
-        self.seen += 1
-        self.seen_bytes += size
-        if self.oldest is None or mtime < self.oldest:
-            self.oldest = mtime
-        if self.newest is None or mtime > self.newest:
-            self.newest = mtime
-
 
 # -- Stores --
 
@@ -339,12 +331,20 @@ class _Sweep:
 class _Store(MutableMapping):
     """The contract every store shares; subclasses do the I/O.
 
+    Options, the same for every store (keyword only): ``serializer`` ("json",
+    "pickle", or an object with ``dumps`` and ``loads``), ``secret`` (str or
+    bytes; signs every record), ``max_age`` (seconds since the last write or
+    touch), ``max_sessions`` (records kept) and ``max_bytes`` (largest
+    serialized record; ``DEFAULT_MAX_BYTES`` unless given, None for no limit).
+
     A subclass implements ``_read``, ``_write``, ``_delete``, ``_has``,
     ``_touch``, ``_keys``, ``_sweep`` and ``_where``; everything about keys, records,
     signatures, sizes and the ``max_sessions`` bound lives here.
     """
 
-    def __init__(self, *, serializer, secret, max_age, max_sessions, max_bytes):
+    def __init__(
+        self, *, serializer="json", secret=None, max_age=None, max_sessions=None, max_bytes=DEFAULT_MAX_BYTES
+    ):
         self.serializer = _make_serializer(serializer, secret)
         if isinstance(secret, str):
             secret = secret.encode("utf-8")
@@ -494,6 +494,9 @@ class _Store(MutableMapping):
 class FileStore(_Store):
     """Store each record in its own file in one directory.
 
+    Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
+    ``max_bytes``, as every store takes them (see the README's table).
+
     ``directory`` is created (mode 0700) if missing; record files are 0600 and
     named ``ts-<key>``. A write goes to a temporary file ``.ts-*.tmp`` in the
     same directory and is renamed over the record, so a reader sees the old
@@ -506,23 +509,8 @@ class FileStore(_Store):
     loses nothing it finished writing, a power failure may lose the newest.
     """
 
-    def __init__(
-        self,
-        directory,
-        *,
-        serializer="json",
-        secret=None,
-        max_age=None,
-        max_sessions=None,
-        max_bytes=DEFAULT_MAX_BYTES,
-    ):
-        super().__init__(
-            serializer=serializer,
-            secret=secret,
-            max_age=max_age,
-            max_sessions=max_sessions,
-            max_bytes=max_bytes,
-        )
+    def __init__(self, directory, **options):
+        super().__init__(**options)
         self.directory = os.fspath(directory)
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -743,6 +731,9 @@ class _ConnectionHolder:
 class SQLiteStore(_Store):
     """Store records in one table of an SQLite database.
 
+    Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
+    ``max_bytes``, as every store takes them (see the README's table).
+
     The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
     ``mtime``) is created on first use; the database runs in WAL mode with
     ``synchronous=NORMAL`` and waits up to five seconds for a lock.
@@ -752,27 +743,11 @@ class SQLiteStore(_Store):
     of a record wins. Do not put the file on a network file system.
     """
 
-    def __init__(
-        self,
-        path,
-        *,
-        serializer="json",
-        secret=None,
-        max_age=None,
-        max_sessions=None,
-        max_bytes=DEFAULT_MAX_BYTES,
-        table="sessions",
-    ):
+    def __init__(self, path, *, table="sessions", **options):
         import sqlite3
         import weakref
 
-        super().__init__(
-            serializer=serializer,
-            secret=secret,
-            max_age=max_age,
-            max_sessions=max_sessions,
-            max_bytes=max_bytes,
-        )
+        super().__init__(**options)
         if not isinstance(table, str) or re.fullmatch(_TABLE_PATTERN, table) is None:
             raise ValueError(f"invalid table name {table!r}: expected a letter or _, then [A-Za-z0-9_]")
         self.path = os.fspath(path)
@@ -897,6 +872,9 @@ class SQLiteStore(_Store):
 class RedisStore(_Store):
     """Store records in Redis, through a redis-py client that the caller owns.
 
+    Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
+    ``max_bytes``, as every store takes them (see the README's table).
+
     ``RedisStore(redis.Redis(host="127.0.0.1"), prefix="session:", max_age=3600)``:
     the same contract and options as FileStore and SQLiteStore. The client
     must return bytes (``decode_responses=False``, the default); this module
@@ -924,24 +902,8 @@ class RedisStore(_Store):
     itself, so the store works again once the server is back.
     """
 
-    def __init__(
-        self,
-        client,
-        *,
-        prefix="session:",
-        serializer="json",
-        secret=None,
-        max_age=None,
-        max_sessions=None,
-        max_bytes=DEFAULT_MAX_BYTES,
-    ):
-        super().__init__(
-            serializer=serializer,
-            secret=secret,
-            max_age=max_age,
-            max_sessions=max_sessions,
-            max_bytes=max_bytes,
-        )
+    def __init__(self, client, *, prefix="session:", **options):
+        super().__init__(**options)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
         describe = getattr(client, "get_connection_kwargs", None)
