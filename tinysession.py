@@ -40,7 +40,7 @@ SHA-256. Records are JSON by default. ``serializer="pickle"`` requires a
 ``secret``: every record is then signed with HMAC-SHA256 and the signature is
 checked before anything is unpickled, because unpickling data that someone
 else could write runs their code. A record that fails its check is treated as
-missing and logged on the ``tinysession`` logger.
+missing and logged on the ``tinysession`` _logger.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ __all__ = [
     "trim_messages",
 ]
 
-logger = logging.getLogger("tinysession")
+_logger = logging.getLogger("tinysession")
 
 # -- Constants --
 
@@ -459,7 +459,7 @@ class _Store(MutableMapping):
                 payload = data
             return self.serializer.loads(payload), payload, mtime
         except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
-            logger.warning("unreadable session record %s: %s: %s", self._where(key), type(exc).__name__, exc)
+            _logger.warning("unreadable session record %s: %s: %s", self._where(key), type(exc).__name__, exc)
             raise KeyError(key) from None
 
     def _save(self, key, payload, must_exist=False):
@@ -481,7 +481,7 @@ class _Store(MutableMapping):
             try:
                 self.clean()
             except StoreError:
-                logger.warning("cleaning after a write failed", exc_info=True)
+                _logger.warning("cleaning after a write failed", exc_info=True)
         return True
 
     def _read_limit(self):
@@ -534,19 +534,19 @@ class FileStore(_Store):
             raise KeyError(key) from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                logger.warning("session file %s is a symbolic link: ignored", path)
+                _logger.warning("session file %s is a symbolic link: ignored", path)
                 raise KeyError(key) from None
             raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
         try:
             status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):
-                logger.warning("session file %s is not a regular file: ignored", path)
+                _logger.warning("session file %s is not a regular file: ignored", path)
                 raise KeyError(key)
             if cutoff is not None and status.st_mtime < cutoff:
                 raise KeyError(key)
             limit = self._read_limit()
             if limit is not None and status.st_size > limit:
-                logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
+                _logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
                 raise KeyError(key)
             return os.read(fd, status.st_size), status.st_mtime
         except OSError as exc:
@@ -665,7 +665,7 @@ class FileStore(_Store):
                 if not dry_run:
                     os.unlink(name, dir_fd=directory_fd)
             except FileNotFoundError:
-                logger.debug("already removed: %s", name)  # by another cleaner: not counted
+                _logger.debug("already removed: %s", name)  # by another cleaner: not counted
             except OSError as exc:
                 raise StoreError(f"cannot remove session file {name!r} in {self.directory!r}: {exc.strerror}") from exc
             else:
@@ -814,7 +814,7 @@ class SQLiteStore(_Store):
         if row is None:
             raise KeyError(key)
         if row[0] is None:
-            logger.warning("session record %s is over the size limit: ignored", self._where(key))
+            _logger.warning("session record %s is over the size limit: ignored", self._where(key))
             raise KeyError(key)
         return row
 
@@ -968,7 +968,7 @@ class RedisStore(_Store):
             raise KeyError(key)
         limit = self._read_limit()
         if limit is not None and len(data) > limit:
-            logger.warning("session record %s is %d bytes, over the limit: ignored", self._where(key), len(data))
+            _logger.warning("session record %s is %d bytes, over the limit: ignored", self._where(key), len(data))
             raise KeyError(key)
         return data, float(mtime)
 
@@ -1160,7 +1160,7 @@ class Session(MutableMapping):
                 and type(record.get("data")) is dict
                 and isinstance(record.get("created"), (int, float))
             ):
-                logger.warning("session record %s is not a session: ignored", key)
+                _logger.warning("session record %s is not a session: ignored", key)
                 continue
             if middleware.max_lifetime is not None and now - record["created"] > middleware.max_lifetime:
                 self._dead_keys.append(key)
@@ -1216,13 +1216,13 @@ class Session(MutableMapping):
         if self._created is None:
             self._created = now
         if self._key is None and self._cookie_id is None:
-            logger.warning("session started after start_response(): no cookie was sent, not saved")
+            _logger.warning("session started after start_response(): no cookie was sent, not saved")
             return
         key = self._key if self._key is not None else _store_key(self._cookie_id)
         payload = store._dumps(key, {"created": self._created, "data": self._data})
         if self._key is None or payload != self._payload:
             if not store._save(key, payload, must_exist=self._key is not None):
-                logger.info("session %s was deleted by another request: changes dropped", key[:12])
+                _logger.info("session %s was deleted by another request: changes dropped", key[:12])
                 self._key = self._payload = None
                 return
             self._key, self._payload, self._mtime = key, payload, now
@@ -1243,7 +1243,7 @@ class Session(MutableMapping):
             if original_key is not None:
                 store._save(original_key, original_payload, must_exist=original_key == self._key)
         except SessionError:
-            logger.exception("could not undo the session changes of a failed response")
+            _logger.exception("could not undo the session changes of a failed response")
 
 # -- Message window --
 
@@ -1498,14 +1498,14 @@ class SessionMiddleware:
             threading.Thread(target=self._clean, name="tinysession-clean", daemon=True).start()
         except RuntimeError:
             self._clean_lock.release()
-            logger.exception("could not start the background clean")
+            _logger.exception("could not start the background clean")
 
     def _clean(self):
         try:
             removed = self.store.clean()
-            logger.debug("background clean of %r removed %d sessions", self.store, removed)
+            _logger.debug("background clean of %r removed %d sessions", self.store, removed)
         except Exception:
-            logger.exception("background clean of %r failed", self.store)
+            _logger.exception("background clean of %r failed", self.store)
         finally:
             self._clean_lock.release()
 
@@ -1566,6 +1566,15 @@ def _count(text):
     return int(text)
 
 
+def _table_name(text):
+    """Check an SQLite table name (argparse type)."""
+    import argparse
+
+    if re.fullmatch(_TABLE_PATTERN, text) is None:
+        raise argparse.ArgumentTypeError(f"invalid table name {text!r}: expected a letter or _, then [A-Za-z0-9_]")
+    return text
+
+
 def _format_bytes(size):
     for unit in ("bytes", "kB", "MB", "GB"):
         if size < 1000 or unit == "GB":
@@ -1586,7 +1595,11 @@ def _open_store(spec, table, prefix):
             import redis
         except ImportError:
             raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
-        return RedisStore(redis.Redis.from_url(spec), prefix=prefix)
+        try:
+            client = redis.Redis.from_url(spec)
+        except ValueError as exc:
+            raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
+        return RedisStore(client, prefix=prefix)
     if os.path.isdir(spec):
         return FileStore(spec)
     try:
@@ -1602,13 +1615,13 @@ def _open_store(spec, table, prefix):
 
     try:
         with sqlite3.connect(f"file:{spec}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS) as connection:
-            found = connection.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-            ).fetchone()
+            columns = {row[1] for row in connection.execute("SELECT * FROM pragma_table_info(?)", (table,))}
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read session database {spec!r}: {exc}") from exc
-    if found is None:
+    if not columns:
         raise SessionError(f"{spec}: no table {table!r} (is --table right?)")
+    if not {"key", "data", "mtime"} <= columns:
+        raise SessionError(f"{spec}: table {table!r} is not a session table: its columns are {sorted(columns)}")
     return SQLiteStore(spec, table=table)
 
 
@@ -1696,7 +1709,7 @@ def _parser():
         )
         command.add_argument("store", metavar="STORE", help="session directory, SQLite file or redis:// URL")
         command.add_argument("--max-age", type=_duration, metavar="DURATION", help="sessions older than this")
-        command.add_argument("--table", default="sessions", help="SQLite table (default: sessions)")
+        command.add_argument("--table", type=_table_name, default="sessions", help="SQLite table (default: sessions)")
         command.add_argument("--prefix", default="session:", help="Redis key prefix (default: session:)")
         if name == "clean":
             command.add_argument("--keep", type=_count, metavar="N", help="then keep only the N newest")
