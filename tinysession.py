@@ -282,9 +282,9 @@ def _is_key(text):
     return 0 < len(text) <= 128 and not text.strip(_KEY_CHARACTERS)
 
 
-def _check_count(value, name, allow_none=True):
-    """Return ``value`` if it is a non-negative int (or None when allowed)."""
-    if value is None and allow_none:
+def _check_count(value, name):
+    """Return ``value`` if it is None or a non-negative int."""
+    if value is None:
         return None
     if type(value) is not int or value < 0:
         raise ValueError(f"{name} must be a non-negative int, not {value!r}")
@@ -436,13 +436,17 @@ class _Store(MutableMapping):
             )
         return payload
 
+    def _signature(self, key, payload):
+        """Return the HMAC-SHA256 of the key and the payload, so a record cannot move to another key."""
+        import hmac
+
+        return hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
+
     def _seal(self, key, payload):
         """Return the bytes to store: the payload, signed when there is a secret."""
         if self._signing_key is None:
             return payload
-        import hmac
-
-        return hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256") + payload
+        return self._signature(key, payload) + payload
 
     def _load(self, key):
         """Return ``(record, payload, mtime)``; KeyError if missing, expired or unreadable."""
@@ -452,8 +456,7 @@ class _Store(MutableMapping):
                 import hmac
 
                 payload = data[_SIGNATURE_BYTES:]
-                expected = hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
-                if not hmac.compare_digest(data[:_SIGNATURE_BYTES], expected):
+                if not hmac.compare_digest(data[:_SIGNATURE_BYTES], self._signature(key, payload)):
                     raise ValueError("bad signature")
             else:
                 payload = data
@@ -1186,8 +1189,7 @@ class Session(MutableMapping):
         if self._data:
             if self._key is None and self._cookie_id is None:
                 self._cookie_id = _new_session_id()
-                headers.append(middleware._set_cookie(self._environ, self._cookie_id))
-            elif middleware.cookie_max_age is not None or self._key is None:
+            if self._key is None or middleware.cookie_max_age is not None:
                 headers.append(middleware._set_cookie(self._environ, self._cookie_id))
         elif self._cookie_sent or self._cookie_id is not None:
             self._cookie_id = None
