@@ -21,9 +21,12 @@ Stores are ``collections.abc.MutableMapping``s from a key (1 to 128 of
     store.touch("abc123")      # slide the idle expiry without rewriting
     store.clean(keep=10000)    # -> how many records it removed
 
-Three stores share one contract: ``FileStore(directory)``, one file per
-record written atomically; ``SQLiteStore(path)``, one table in WAL mode; and
-``RedisStore(client)``, for several machines, over a client the caller makes.
+Three stores share one contract, the ``Store`` base class: ``FileStore(directory)``,
+one file per record written atomically; ``SQLiteStore(path)``, one table in WAL
+mode; and ``RedisStore(client)``, for several machines, over a client the
+caller makes. A store of your own subclasses ``Store`` and implements five
+bytes-level hooks (``read``, ``write``, ``remove``, ``set_mtime``, ``scan``);
+keys, serializers, signing, sizes, expiry and bounds come from the base.
 Records expire by modification time: with ``max_age`` (seconds) a record not
 written or touched for that long is missing on every read, cleaned or not.
 ``clean()``, the middleware's background thread or the command line
@@ -32,19 +35,26 @@ written or touched for that long is missing on every read, cleaned or not.
 
 Threads and processes: stores and the middleware may be shared by the
 threads of a process, and several processes (or machines, with Redis) may use
-one store at once. The last write of a record wins; a reader never sees a
-partial record.
+one store at once. A reader never sees a partial record. Writes and removals
+can be conditional on the bytes stored (``expected=``), atomically against
+every thread and process; the session core writes a loaded session only if
+its record is still the one it loaded, so a logout is never undone by a
+slower request.
 
 Security: session ids are 256 random bits and the store only sees their
 SHA-256. Records are JSON by default. ``serializer="pickle"`` requires a
 ``secret``: every record is then signed with HMAC-SHA256 and the signature is
 checked before anything is unpickled, because unpickling data that someone
 else could write runs their code. A record that fails its check is treated as
-missing and logged on the ``tinysession`` _logger.
+missing and logged on the ``tinysession`` logger.
+
+Sections: errors, records, the store protocol, FileStore, SQLiteStore,
+RedisStore, cookies, the session core, WSGI, chat history, command line.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import heapq
@@ -58,8 +68,9 @@ import threading
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
+    "DEFAULT_COOKIE_NAME",
     "DEFAULT_MAX_BYTES",
     "FileStore",
     "RecordTooLarge",
@@ -68,7 +79,9 @@ __all__ = [
     "Session",
     "SessionError",
     "SessionMiddleware",
+    "Store",
     "StoreError",
+    "Sweep",
     "get_session",
     "main",
     "trim_messages",
@@ -76,147 +89,22 @@ __all__ = [
 
 _logger = logging.getLogger("tinysession")
 
-# -- Constants --
 
-DEFAULT_MAX_BYTES = 256 * 1024
-"""Largest serialized record a store accepts unless told otherwise (256 KiB)."""
-
-_KEY_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
-_TABLE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
-_SIGNATURE_BYTES = 32
-_FILE_PREFIX = "ts-"
-_TEMP_PREFIX = ".ts-"
-_TEMP_SUFFIX = ".tmp"
-_TEMP_MAX_AGE = 120.0
-_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = (
-    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-)
-_CREATE_FLAGS = (
-    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-)
-_SQLITE_BUSY_SECONDS = 5.0
-_SESSION_ID_LENGTH = 43
-_MAX_COOKIE_CANDIDATES = 4
-_TOKEN_PATTERN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_ATTRIBUTE_PATTERN = r"[\x21-\x3a\x3c-\x7e]+"
-
-_SQL_CREATE = (
-    'CREATE TABLE IF NOT EXISTS "{table}" '
-    "(key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL)"
-)
-_SQL_INDEX = 'CREATE INDEX IF NOT EXISTS "{table}_mtime" ON "{table}" (mtime)'
-_SQL_GET = (
-    'SELECT CASE WHEN LENGTH(data) <= ? THEN data END, mtime FROM "{table}" WHERE key = ? AND mtime >= ?'
-)
-_SQL_HAS = 'SELECT 1 FROM "{table}" WHERE key = ? AND mtime >= ?'
-_SQL_PUT = (
-    'INSERT INTO "{table}" (key, data, mtime) VALUES (?, ?, ?) '
-    "ON CONFLICT (key) DO UPDATE SET data = excluded.data, mtime = excluded.mtime"
-)
-_SQL_UPDATE = 'UPDATE "{table}" SET data = ?, mtime = ? WHERE key = ?'
-_SQL_TOUCH = 'UPDATE "{table}" SET mtime = ? WHERE key = ? AND mtime >= ?'
-_SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ?'
-_SQL_KEYS = 'SELECT key FROM "{table}" WHERE mtime >= ?'
-_SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
-_SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime) FROM "{table}"'
-_SQL_SUMMARY_EXPIRED = 'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE mtime < ?'
-_SQL_DELETE_EXPIRED = 'DELETE FROM "{table}" WHERE mtime < ?'
-_SQL_OLDEST_BEYOND = (
-    'SELECT key FROM "{table}" WHERE mtime >= ? ORDER BY mtime DESC, key DESC LIMIT -1 OFFSET ?'
-)
-_SQL_SUMMARY_BEYOND = (
-    'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
-)
-_SQL_DELETE_BEYOND = 'DELETE FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
-_SQL_TEMPLATES = (
-    _SQL_CREATE,
-    _SQL_INDEX,
-    _SQL_GET,
-    _SQL_HAS,
-    _SQL_PUT,
-    _SQL_UPDATE,
-    _SQL_TOUCH,
-    _SQL_DELETE,
-    _SQL_KEYS,
-    _SQL_COUNT,
-    _SQL_SUMMARY,
-    _SQL_SUMMARY_EXPIRED,
-    _SQL_DELETE_EXPIRED,
-    _SQL_SUMMARY_BEYOND,
-    _SQL_DELETE_BEYOND,
-)
-
-_REDIS_WRITE = """
-if ARGV[4] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'data', ARGV[1], 'mtime', ARGV[2])
-if ARGV[3] ~= '' then
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5])
-end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[6])
-return 1
-"""
-_REDIS_TOUCH = """
-local mtime = redis.call('HGET', KEYS[1], 'mtime')
-if not mtime or (ARGV[2] ~= '' and tonumber(mtime) < tonumber(ARGV[2])) then return 0 end
-redis.call('HSET', KEYS[1], 'mtime', ARGV[1])
-if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
-return 1
-"""
-# Removes the expired, then the live ones past `keep`, each with its index
-# member; members whose record is already gone go uncounted. Only a dry run
-# sums the size of every record (seen_bytes is nil otherwise): a real clean
-# must stay O(log N + removed), as the server serves no one while it runs.
-_REDIS_SWEEP = """
-local index, prefix, cutoff, keep = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
-local dry_run = ARGV[4] == '1'
-local seen, seen_bytes, removed, removed_bytes = redis.call('ZCARD', index), false, 0, 0
-local oldest = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')[2] or false
-local newest = redis.call('ZREVRANGE', index, 0, 0, 'WITHSCORES')[2] or false
-if dry_run then
-    seen_bytes = 0
-    for start = 0, seen - 1, 1000 do
-        for _, member in ipairs(redis.call('ZRANGE', index, start, start + 999)) do
-            seen_bytes = seen_bytes + redis.call('HSTRLEN', prefix .. member, 'data')
-        end
-    end
-end
-local function remove(members)
-    for _, member in ipairs(members) do
-        local name = prefix .. member
-        local size = redis.call('HSTRLEN', name, 'data')
-        if redis.call(dry_run and 'EXISTS' or 'DEL', name) == 1 then
-            removed, removed_bytes = removed + 1, removed_bytes + size
-        else
-            seen = seen - 1
-        end
-        if not dry_run then redis.call('ZREM', index, member) end
-    end
-end
-if cutoff ~= '' then remove(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff)) end
-if keep then
-    local floor = cutoff ~= '' and cutoff or '-inf'
-    remove(redis.call('ZREVRANGEBYSCORE', index, '+inf', floor, 'LIMIT', keep, -1))
-end
-return {seen, seen_bytes, removed, removed_bytes, oldest, newest}
-"""
-
-
-# -- Exceptions --
+# -- Errors --
 
 
 class SessionError(Exception):
     """Root of every error tinysession raises on its own account."""
 
 
-class StoreError(SessionError, OSError):
+class StoreError(SessionError):
     """The backing storage failed: file system, database or server.
 
     The message names the path (or address) and the cause; the original
-    exception is chained as ``__cause__``.
+    exception is chained as ``__cause__``. It is deliberately not an
+    ``OSError``: WSGI servers take an ``OSError`` escaping an app for a
+    broken client socket and close the connection without a response, where
+    a storage failure must reach the client as an HTTP 500.
     """
 
 
@@ -224,7 +112,13 @@ class RecordTooLarge(SessionError, ValueError):
     """A serialized record is larger than the store's ``max_bytes``."""
 
 
-# -- Serializers --
+# -- Records --
+
+DEFAULT_MAX_BYTES = 256 * 1024
+"""Largest serialized record a store accepts unless told otherwise (256 KiB)."""
+
+_KEY_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+_SIGNATURE_BYTES = 32
 
 
 class _JSONSerializer:
@@ -258,9 +152,6 @@ class _PickleSerializer:
 
     def loads(self, data):
         return self._pickle.loads(data)
-
-
-# -- Private helpers --
 
 
 def _now():
@@ -313,23 +204,51 @@ def _make_serializer(serializer, secret):
     raise ValueError(f"serializer must be 'json', 'pickle' or an object with dumps() and loads(), not {serializer!r}")
 
 
-class _Sweep:
-    """What one pass of ``clean`` saw and removed (or would remove)."""
+# -- The store protocol --
+
+_MISSING = object()
+_EVICT_BATCH = 256
+_RETRIES = 16
+
+
+class Sweep:
+    """What one pass of ``Store.sweep`` saw and removed (or, in a dry run, would remove).
+
+    ``seen`` and ``seen_bytes`` count every record the pass met, expired ones
+    included; ``removed`` and ``removed_bytes`` those it removed; ``oldest``
+    and ``newest`` are the extreme mtimes met (None for an empty store).
+    """
+
+    __slots__ = ("newest", "oldest", "removed", "removed_bytes", "seen", "seen_bytes")
 
     def __init__(self):
-        self.seen = 0
-        self.seen_bytes = 0
-        self.removed = 0
-        self.removed_bytes = 0
-        self.oldest = None
-        self.newest = None
+        self.seen = self.seen_bytes = self.removed = self.removed_bytes = 0
+        self.oldest = self.newest = None
+
+    def __repr__(self):
+        return f"<Sweep seen={self.seen} removed={self.removed}>"
+
+    def count(self, mtime, size):
+        """Add one record met by the pass."""
+        self.seen += 1
+        self.seen_bytes += size
+        if self.oldest is None or mtime < self.oldest:
+            self.oldest = mtime
+        if self.newest is None or mtime > self.newest:
+            self.newest = mtime
 
 
-# -- Stores --
+class Store(MutableMapping):
+    """A mapping from keys to session records, over five bytes-level hooks.
 
-
-class _Store(MutableMapping):
-    """The contract every store shares; subclasses do the I/O.
+    A backend subclasses Store and implements ``read``, ``write``,
+    ``remove``, ``set_mtime`` and ``scan``; it may override more for speed
+    (``sweep``, ``__len__``). Everything else lives here once: key checks,
+    serialization, signatures, ``max_bytes``, expiry on every read, the
+    ``max_sessions`` bound, cleaning, and the mapping interface, whose
+    compound methods (``pop``, ``popitem``, ``clear``, ``del``) are built on
+    conditional removals, so a key another process removes meanwhile is
+    simply absent, never a KeyError from inside.
 
     Options, the same for every store (keyword only): ``serializer`` ("json",
     "pickle", or an object with ``dumps`` and ``loads``), ``secret`` (str or
@@ -337,9 +256,8 @@ class _Store(MutableMapping):
     touch), ``max_sessions`` (records kept) and ``max_bytes`` (largest
     serialized record; ``DEFAULT_MAX_BYTES`` unless given, None for no limit).
 
-    A subclass implements ``_read``, ``_write``, ``_delete``, ``_has``,
-    ``_touch``, ``_keys``, ``_sweep`` and ``_where``; everything about keys, records,
-    signatures, sizes and the ``max_sessions`` bound lives here.
+    The bytes a hook sees are the stored bytes: the serialized record,
+    preceded by its signature when there is a secret.
     """
 
     def __init__(
@@ -361,26 +279,193 @@ class _Store(MutableMapping):
         self._write_lock = threading.Lock()
         self._writes_before_clean = 1
 
+    # The five hooks a backend implements.
+
+    @abc.abstractmethod
+    def read(self, key):
+        """Return ``(data, mtime)``, the bytes stored for ``key`` and their mtime.
+
+        Raise KeyError if there is no record. Expired records may be
+        returned: the base class checks the mtime.
+        """
+
+    @abc.abstractmethod
+    def write(self, key, data, mtime, expected=None):
+        """Store ``data`` (bytes) for ``key`` with modification time ``mtime``; return True.
+
+        With ``expected`` (bytes), write only if the bytes stored now are
+        exactly ``expected``, atomically against every thread and process
+        using the store, and return False, changing nothing, otherwise
+        (including when there is no record). A reader sees the old bytes or
+        the new ones, never a mix.
+        """
+
+    @abc.abstractmethod
+    def remove(self, key, expected=None):
+        """Remove the record for ``key``; return True if it removed one.
+
+        With ``expected``, remove only if the stored bytes are exactly these,
+        atomically, as for ``write``.
+        """
+
+    @abc.abstractmethod
+    def set_mtime(self, key, mtime):
+        """Set the record's mtime without rewriting its data; return False if there is none."""
+
+    @abc.abstractmethod
+    def scan(self):
+        """Return an iterable of ``(key, mtime, size)`` for every record, expired ones included.
+
+        Records that vanish during the scan are skipped, never an error.
+        """
+
+    # Records.
+
+    def dump(self, key, record):
+        """Return the bytes ``write`` stores for ``record``: serialized, size-checked, signed.
+
+        Raises RecordTooLarge past ``max_bytes``.
+        """
+        _check_key(key)
+        payload = self.serializer.dumps(record)
+        if self.max_bytes is not None and len(payload) > self.max_bytes:
+            raise RecordTooLarge(
+                f"session record for key {key!r} is {len(payload)} bytes, over max_bytes={self.max_bytes}"
+            )
+        if self._signing_key is None:
+            return payload
+        return self._signature(key, payload) + payload
+
+    def load(self, key, *, now=None):
+        """Return ``(record, data, mtime)``: the record, its stored bytes and its mtime.
+
+        Raise KeyError if the record is missing, expired, over the size limit,
+        badly signed or not deserializable (the last three are logged).
+        """
+        data, mtime = self.read(_check_key(key))
+        if self._expired(mtime, now):
+            raise KeyError(key)
+        return self._decode(key, data), data, mtime
+
+    def save(self, key, data, *, expected=None, now=None):
+        """Write bytes made by ``dump`` with mtime ``now``; return False if ``expected`` did not match.
+
+        Holds ``max_sessions`` by cleaning after every ``max_sessions // 10``
+        writes (at least 10).
+        """
+        if not self.write(_check_key(key), data, _now() if now is None else now, expected):
+            return False
+        if self.max_sessions is not None:
+            with self._write_lock:
+                self._writes_before_clean -= 1
+                due = self._writes_before_clean <= 0
+                if due:
+                    self._writes_before_clean = max(10, self.max_sessions // 10)
+            if due:
+                try:
+                    self.clean()
+                except StoreError:
+                    _logger.warning("cleaning after a write failed", exc_info=True)
+        return True
+
+    def _expired(self, mtime, now):
+        return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
+
+    def _signature(self, key, payload):
+        """Return the HMAC-SHA256 of the key and the payload, so a record cannot move to another key."""
+        import hmac
+
+        return hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
+
+    def _read_limit(self):
+        """Return the largest stored record size worth reading, or None."""
+        if self.max_bytes is None:
+            return None
+        return self.max_bytes + (_SIGNATURE_BYTES if self._signing_key is not None else 0)
+
+    def _decode(self, key, data):
+        """Return the record in ``data``; KeyError (logged) if it is oversized, badly signed or corrupt."""
+        try:
+            limit = self._read_limit()
+            if limit is not None and len(data) > limit:
+                raise ValueError(f"{len(data)} bytes, over the size limit")
+            payload = data
+            if self._signing_key is not None:
+                import hmac
+
+                payload = data[_SIGNATURE_BYTES:]
+                if not hmac.compare_digest(data[:_SIGNATURE_BYTES], self._signature(key, payload)):
+                    raise ValueError("bad signature")
+            return self.serializer.loads(payload)
+        except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
+            _logger.warning("unreadable session record %s: %s: %s", self._where(key), type(exc).__name__, exc)
+            raise KeyError(key) from None
+
+    def _where(self, key):
+        """Return where the record for ``key`` lives, for log messages."""
+        return f"{self!r} key {key!r}"
+
+    def _take(self, key):
+        """Remove the record for ``key`` atomically; return its bytes if it was live, else None."""
+        for _ in range(_RETRIES):
+            try:
+                data, mtime = self.read(key)
+            except KeyError:
+                return None
+            if self.remove(key, expected=data):
+                return None if self._expired(mtime, None) else data
+        return data if self.remove(key) else None  # rewritten under us every time: remove what is there
+
     # The mapping interface.
 
     def __getitem__(self, key):
-        return self._load(key)[0]
+        return self.load(key)[0]
 
     def __setitem__(self, key, record):
-        self._save(_check_key(key), self._dumps(key, record))
+        self.save(_check_key(key), self.dump(key, record))
 
     def __delitem__(self, key):
-        if not self._delete(_check_key(key), self._cutoff(self.max_age, _now())):
+        if self._take(_check_key(key)) is None:
             raise KeyError(key)
 
     def __contains__(self, key):
-        return self._has(_check_key(key), self._cutoff(self.max_age, _now()))
+        try:
+            _, mtime = self.read(_check_key(key))
+        except KeyError:
+            return False
+        return not self._expired(mtime, None)
 
     def __iter__(self):
-        return iter(self._keys(self._cutoff(self.max_age, _now())))
+        now = _now()
+        return (key for key, mtime, _ in self.scan() if not self._expired(mtime, now))
 
     def __len__(self):
-        return sum(1 for _ in self._keys(self._cutoff(self.max_age, _now())))
+        return sum(1 for _ in self)
+
+    def pop(self, key, default=_MISSING):
+        """Remove the record for ``key`` and return it, atomically; ``default`` (or KeyError) if absent."""
+        data = self._take(_check_key(key))
+        try:
+            if data is None:
+                raise KeyError(key)
+            return self._decode(key, data)
+        except KeyError:
+            if default is _MISSING:
+                raise
+            return default
+
+    def popitem(self):
+        """Remove and return some ``(key, record)``; KeyError if the store is empty."""
+        for key in self:
+            record = self.pop(key, _MISSING)
+            if record is not _MISSING:
+                return key, record
+        raise KeyError("popitem(): the store is empty")
+
+    def clear(self):
+        """Remove every record."""
+        for key in list(self):
+            self.pop(key, None)
 
     def __enter__(self):
         return self
@@ -400,102 +485,105 @@ class _Store(MutableMapping):
         or expired (an expired record is not brought back).
         """
         now = _now() if now is None else now
-        return self._touch(_check_key(key), now, self._cutoff(self.max_age, now))
+        if self.max_age is not None:
+            try:
+                _, mtime = self.read(_check_key(key))
+            except KeyError:
+                return False
+            if self._expired(mtime, now):
+                return False
+        return self.set_mtime(_check_key(key), now)
 
     def clean(self, max_age=None, keep=None, *, now=None):
         """Remove expired records, then all but the ``keep`` newest; return how many.
 
         ``max_age`` defaults to the store's ``max_age`` and ``keep`` to its
         ``max_sessions``; with neither, only debris (temporary files of killed
-        writers) is removed. Debris is not counted. One pass over the records,
-        in memory bounded by ``keep``.
+        writers) is removed. A record written or touched after the pass
+        began is never removed by it.
         """
-        return self._clean(max_age, keep, now=now).removed
+        return self.sweep(max_age, keep, now=now).removed
 
-    def _clean(self, max_age, keep, *, now=None, dry_run=False, progress=None):
-        """Run ``_sweep`` with the defaults filled in and return its ``_Sweep``."""
+    def stats(self, max_age=None, *, now=None):
+        """Return a dry-run ``Sweep``: the records, their bytes and times, and how many are past ``max_age``."""
+        return self.sweep(max_age, None, now=now, dry_run=True)
+
+    def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
+        """Run one cleaning pass, as ``clean`` describes, and return its ``Sweep``.
+
+        With ``dry_run`` nothing is removed; ``progress``, if given, is called
+        with the count of records seen every 10,000 records. One pass over
+        ``scan()``, in memory bounded by ``keep``.
+        """
+        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
+        sweep = Sweep()
+        newest = []  # min-heap of (mtime, key, size): the `keep` newest so far
+        doomed = []
+        for key, mtime, size in self._sweep_scan(now, dry_run):
+            sweep.count(mtime, size)
+            if progress is not None and sweep.seen % 10000 == 0:
+                progress(sweep.seen)
+            if (cutoff is not None and mtime < cutoff) or keep == 0:
+                doomed.append((key, mtime, size))
+            elif keep is not None:
+                if len(newest) < keep:
+                    heapq.heappush(newest, (mtime, key, size))
+                else:
+                    mtime, key, size = heapq.heappushpop(newest, (mtime, key, size))
+                    doomed.append((key, mtime, size))
+            if len(doomed) >= _EVICT_BATCH:
+                self._evict_counted(doomed, sweep, dry_run)
+        self._evict_counted(doomed, sweep, dry_run)
+        return sweep
+
+    def _sweep_limits(self, max_age, keep, now):
+        """Return ``(cutoff, keep, now)`` for a sweep, the store's options filling in the defaults."""
         max_age = self.max_age if max_age is None else _check_seconds(max_age, "max_age")
         keep = self.max_sessions if keep is None else _check_count(keep, "keep")
         now = _now() if now is None else now
-        return self._sweep(self._cutoff(max_age, now), keep, now, dry_run, progress)
+        return (None if max_age is None else now - max_age), keep, now
 
-    # Records.
+    def _sweep_scan(self, now, dry_run):
+        """Return what a sweep iterates: ``scan()``, which a store may extend (FileStore removes debris)."""
+        return self.scan()
 
-    @staticmethod
-    def _cutoff(max_age, now):
-        """Return the oldest live mtime, or None when nothing expires."""
-        return None if max_age is None else now - max_age
+    def _evict_counted(self, doomed, sweep, dry_run):
+        """Remove the doomed ``(key, mtime, size)`` entries, count them into ``sweep``, empty the list."""
+        sizes = [size for _, _, size in doomed] if dry_run else self._evict(doomed)
+        sweep.removed += len(sizes)
+        sweep.removed_bytes += sum(sizes)
+        doomed.clear()
 
-    def _dumps(self, key, record):
-        """Serialize ``record``; raise RecordTooLarge past ``max_bytes``."""
-        payload = self.serializer.dumps(record)
-        if self.max_bytes is not None and len(payload) > self.max_bytes:
-            raise RecordTooLarge(
-                f"session record for key {key!r} is {len(payload)} bytes, "
-                f"over max_bytes={self.max_bytes}"
-            )
-        return payload
-
-    def _signature(self, key, payload):
-        """Return the HMAC-SHA256 of the key and the payload, so a record cannot move to another key."""
-        import hmac
-
-        return hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
-
-    def _seal(self, key, payload):
-        """Return the bytes to store: the payload, signed when there is a secret."""
-        if self._signing_key is None:
-            return payload
-        return self._signature(key, payload) + payload
-
-    def _load(self, key):
-        """Return ``(record, payload, mtime)``; KeyError if missing, expired or unreadable."""
-        data, mtime = self._read(_check_key(key), self._cutoff(self.max_age, _now()))
-        try:
-            if self._signing_key is not None:
-                import hmac
-
-                payload = data[_SIGNATURE_BYTES:]
-                if not hmac.compare_digest(data[:_SIGNATURE_BYTES], self._signature(key, payload)):
-                    raise ValueError("bad signature")
-            else:
-                payload = data
-            return self.serializer.loads(payload), payload, mtime
-        except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
-            _logger.warning("unreadable session record %s: %s: %s", self._where(key), type(exc).__name__, exc)
-            raise KeyError(key) from None
-
-    def _save(self, key, payload, must_exist=False):
-        """Store an already serialized payload and hold ``max_sessions``.
-
-        With ``must_exist``, write only over an existing record and return
-        False if there is none (another request deleted it: a logout).
-        """
-        if not self._write(key, self._seal(key, payload), must_exist):
-            return False
-        if self.max_sessions is None:
-            return True
-        with self._write_lock:
-            self._writes_before_clean -= 1
-            due = self._writes_before_clean <= 0
-            if due:
-                self._writes_before_clean = max(10, self.max_sessions // 10)
-        if due:
+    def _evict(self, doomed):
+        """Remove each entry whose record still has the mtime the scan saw; return their sizes."""
+        sizes = []
+        for key, mtime, size in doomed:
             try:
-                self.clean()
-            except StoreError:
-                _logger.warning("cleaning after a write failed", exc_info=True)
-        return True
-
-    def _read_limit(self):
-        """Return the largest stored record size worth reading, or None."""
-        if self.max_bytes is None:
-            return None
-        return self.max_bytes + (_SIGNATURE_BYTES if self._signing_key is not None else 0)
+                data, current = self.read(key)
+            except KeyError:
+                continue  # removed by someone else meanwhile
+            if current == mtime and self.remove(key, expected=data):
+                sizes.append(size)
+        return sizes
 
 
-class FileStore(_Store):
-    """Store each record in its own file in one directory.
+# -- FileStore --
+
+_FILE_PREFIX = "ts-"
+_TEMP_PREFIX = ".ts-"
+_TEMP_SUFFIX = ".tmp"
+_TEMP_MAX_AGE = 120.0
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+)
+_CREATE_FLAGS = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+class FileStore(Store):
+    """Store each record in its own file in one directory (POSIX).
 
     Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
     ``max_bytes``, as every store takes them (see the README's table).
@@ -507,14 +595,25 @@ class FileStore(_Store):
     Files without the ``ts-`` prefix are never read or removed, and symbolic
     links are never followed.
 
-    Threads and processes: any number of both may share one directory. The
-    last write of a record wins. Records are not fsynced: a killed process
-    loses nothing it finished writing, a power failure may lose the newest.
+    Threads and processes: any number of both may share one directory.
+    Every change (write, removal, a sweep's removals) happens under one
+    exclusive ``flock`` of the directory itself, which is what makes
+    conditional writes atomic and leaves no lock file behind; the lock is
+    held only to compare and rename, never while a record is written out,
+    and a killed process releases it. Reads take no lock. Records are not fsynced: a killed
+    process loses nothing it finished writing, a power failure may lose the
+    newest.
     """
 
     def __init__(self, directory, **options):
+        import fcntl
+
         super().__init__(**options)
         self.directory = os.fspath(directory)
+        self._fcntl = fcntl
+        self._lock_fd = None
+        self._lock_pid = None
+        self._thread_lock = threading.Lock()
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -523,13 +622,37 @@ class FileStore(_Store):
     def __repr__(self):
         return f"FileStore({self.directory!r})"
 
+    def close(self):
+        """Close the directory handle the lock is taken on; safe to call twice (reopened on next use)."""
+        with self._thread_lock:
+            if self._lock_fd is not None and self._lock_pid == os.getpid():
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _path(self, key):
         return os.path.join(self.directory, _FILE_PREFIX + key)
 
     def _where(self, key):
         return self._path(key)
 
-    def _read(self, key, cutoff):
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the directory's lock against every other thread and process."""
+        if self._lock_pid != os.getpid():  # a forked child shares its parent's open handle: open its own
+            self._thread_lock, self._lock_fd, self._lock_pid = threading.Lock(), None, os.getpid()
+        with self._thread_lock:
+            try:
+                if self._lock_fd is None:
+                    self._lock_fd = os.open(self.directory, _DIRECTORY_FLAGS)
+                self._fcntl.flock(self._lock_fd, self._fcntl.LOCK_EX)
+            except OSError as exc:
+                raise StoreError(f"cannot lock session directory {self.directory!r}: {exc.strerror}") from exc
+            try:
+                yield
+            finally:
+                self._fcntl.flock(self._lock_fd, self._fcntl.LOCK_UN)
+
+    def read(self, key):
         path = self._path(key)
         try:
             fd = os.open(path, _READ_FLAGS)
@@ -545,8 +668,6 @@ class FileStore(_Store):
             if not stat.S_ISREG(status.st_mode):
                 _logger.warning("session file %s is not a regular file: ignored", path)
                 raise KeyError(key)
-            if cutoff is not None and status.st_mtime < cutoff:
-                raise KeyError(key)
             limit = self._read_limit()
             if limit is not None and status.st_size > limit:
                 _logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
@@ -557,16 +678,15 @@ class FileStore(_Store):
         finally:
             os.close(fd)
 
-    def _write(self, key, data, must_exist):
+    def _current(self, key):
+        """Return the bytes stored for ``key`` now, or None; call it holding the lock."""
+        try:
+            return self.read(key)[0]
+        except KeyError:
+            return None
+
+    def write(self, key, data, mtime, expected=None):
         path = self._path(key)
-        if must_exist:
-            # Narrows, without closing, the race with a concurrent delete.
-            try:
-                os.lstat(path)
-            except FileNotFoundError:
-                return False
-            except OSError as exc:
-                raise StoreError(f"cannot stat session file {path!r}: {exc.strerror}") from exc
         temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
         try:
             fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
@@ -574,141 +694,145 @@ class FileStore(_Store):
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                os.utime(fd, (mtime, mtime))
             finally:
                 os.close(fd)
-            os.replace(temp_path, path)
+            with self._locked():
+                if expected is not None and self._current(key) != expected:
+                    os.unlink(temp_path)
+                    return False
+                os.replace(temp_path, path)
         except BaseException as exc:
-            try:
+            with contextlib.suppress(OSError):  # never created, already renamed, or the directory is gone
                 os.unlink(temp_path)
-            except OSError:
-                pass  # never created, or the directory itself is gone
             if isinstance(exc, OSError):
                 raise StoreError(f"cannot write session file {path!r}: {exc.strerror or exc}") from exc
             raise
         return True
 
-    def _delete(self, key, cutoff):
+    def remove(self, key, expected=None):
         path = self._path(key)
-        try:
-            status = os.lstat(path)
-            os.unlink(path)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StoreError(f"cannot remove session file {path!r}: {exc.strerror}") from exc
-        return cutoff is None or status.st_mtime >= cutoff
-
-    def _has(self, key, cutoff):
-        try:
-            status = os.lstat(self._path(key))
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StoreError(f"cannot stat session file {self._path(key)!r}: {exc.strerror}") from exc
-        return stat.S_ISREG(status.st_mode) and (cutoff is None or status.st_mtime >= cutoff)
-
-    def _touch(self, key, now, cutoff):
-        path = self._path(key)
-        try:
-            status = os.lstat(path)
-            if not stat.S_ISREG(status.st_mode) or (cutoff is not None and status.st_mtime < cutoff):
+        with self._locked():
+            if expected is not None and self._current(key) != expected:
                 return False
-            os.utime(path, (now, now), follow_symlinks=False)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise StoreError(f"cannot remove session file {path!r}: {exc.strerror}") from exc
+        return True
+
+    def set_mtime(self, key, mtime):
+        path = self._path(key)
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return False
+            os.utime(path, (mtime, mtime), follow_symlinks=False)
         except FileNotFoundError:
             return False
         except OSError as exc:
             raise StoreError(f"cannot touch session file {path!r}: {exc.strerror}") from exc
         return True
 
-    def _scan(self, directory_fd):
-        """Yield ``(name, lstat)`` for each regular file with a store prefix.
+    def scan(self):
+        return self._sweep_scan(None, True)
 
-        Names are relative to ``directory_fd``; files that vanish while the
-        directory is read are skipped.
-        """
+    def _sweep_scan(self, now, dry_run):
+        """Yield ``(key, mtime, size)`` of every record file; unless ``dry_run``, remove old debris."""
+        try:
+            directory_fd = os.open(self.directory, _DIRECTORY_FLAGS)
+        except OSError as exc:
+            raise StoreError(f"cannot open session directory {self.directory!r}: {exc.strerror}") from exc
+        prefix_length = len(_FILE_PREFIX)
         try:
             with os.scandir(directory_fd) as entries:
                 for entry in entries:
-                    if not entry.name.startswith((_FILE_PREFIX, _TEMP_PREFIX)):
+                    name = entry.name
+                    if not name.startswith((_FILE_PREFIX, _TEMP_PREFIX)):
                         continue
                     try:
                         status = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    if stat.S_ISREG(status.st_mode):
-                        yield entry.name, status
-        except OSError as exc:
-            raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
-
-    def _open_directory(self):
-        """Return a file descriptor of the directory, for ``_scan`` and removals relative to it."""
-        try:
-            return os.open(self.directory, _DIRECTORY_FLAGS)
-        except OSError as exc:
-            raise StoreError(f"cannot open session directory {self.directory!r}: {exc.strerror}") from exc
-
-    def _keys(self, cutoff):
-        directory_fd = self._open_directory()
-        try:
-            for name, status in self._scan(directory_fd):
-                if name.startswith(_FILE_PREFIX) and (cutoff is None or status.st_mtime >= cutoff):
-                    key = name[len(_FILE_PREFIX) :]
-                    if _is_key(key):
-                        yield key
-        finally:
-            os.close(directory_fd)
-
-    def _sweep(self, cutoff, keep, now, dry_run, progress):
-        sweep = _Sweep()
-        newest = []  # min-heap of (mtime, name, size): the `keep` newest so far
-        directory_fd = self._open_directory()
-
-        def remove(name, size):
-            try:
-                if not dry_run:
-                    os.unlink(name, dir_fd=directory_fd)
-            except FileNotFoundError:
-                _logger.debug("already removed: %s", name)  # by another cleaner: not counted
-            except OSError as exc:
-                raise StoreError(f"cannot remove session file {name!r} in {self.directory!r}: {exc.strerror}") from exc
-            else:
-                sweep.removed += 1
-                sweep.removed_bytes += size
-
-        oldest = newest_mtime = None
-        prefix_length = len(_FILE_PREFIX)
-        try:
-            for name, status in self._scan(directory_fd):
-                mtime = status.st_mtime
-                if name[0] == ".":
-                    if name.endswith(_TEMP_SUFFIX) and mtime < now - _TEMP_MAX_AGE and not dry_run:
+                    if not stat.S_ISREG(status.st_mode):
+                        continue
+                    if name[0] != ".":
+                        if _is_key(name[prefix_length:]):
+                            yield name[prefix_length:], status.st_mtime, status.st_size
+                    elif not dry_run and name.endswith(_TEMP_SUFFIX) and status.st_mtime < now - _TEMP_MAX_AGE:
                         with contextlib.suppress(FileNotFoundError):  # another cleaner was first
                             os.unlink(name, dir_fd=directory_fd)
-                    continue
-                if not _is_key(name[prefix_length:]):
-                    continue
-                size = status.st_size
-                sweep.seen += 1
-                sweep.seen_bytes += size
-                if oldest is None or mtime < oldest:
-                    oldest = mtime
-                if newest_mtime is None or mtime > newest_mtime:
-                    newest_mtime = mtime
-                if progress is not None and sweep.seen % 10000 == 0:
-                    progress(sweep.seen)
-                if (cutoff is not None and mtime < cutoff) or keep == 0:
-                    remove(name, size)
-                elif keep is not None:
-                    item = (mtime, name, size)
-                    if len(newest) < keep:
-                        heapq.heappush(newest, item)
-                    else:
-                        _, old_name, old_size = heapq.heappushpop(newest, item)
-                        remove(old_name, old_size)
-            sweep.oldest, sweep.newest = oldest, newest_mtime
+        except OSError as exc:
+            raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
         finally:
             os.close(directory_fd)
-        return sweep
+
+    def _evict(self, doomed):
+        sizes = []
+        with self._locked():
+            for key, mtime, size in doomed:
+                path = self._path(key)
+                try:
+                    if os.lstat(path).st_mtime != mtime:
+                        continue  # written or touched since the scan saw it
+                    os.unlink(path)
+                except FileNotFoundError:
+                    _logger.debug("already removed: %s", path)  # by another cleaner: not counted
+                    continue
+                except OSError as exc:
+                    raise StoreError(f"cannot remove session file {path!r}: {exc.strerror}") from exc
+                sizes.append(size)
+        return sizes
+
+
+# -- SQLiteStore --
+
+_TABLE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
+_SQLITE_BUSY_SECONDS = 5.0
+_SQL_CREATE = (
+    'CREATE TABLE IF NOT EXISTS "{table}" '
+    "(key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL)"
+)
+_SQL_INDEX = 'CREATE INDEX IF NOT EXISTS "{table}_mtime" ON "{table}" (mtime)'
+_SQL_READ = 'SELECT CASE WHEN LENGTH(data) <= ? THEN data END, mtime FROM "{table}" WHERE key = ?'
+_SQL_PUT = (
+    'INSERT INTO "{table}" (key, data, mtime) VALUES (?, ?, ?) '
+    "ON CONFLICT (key) DO UPDATE SET data = excluded.data, mtime = excluded.mtime"
+)
+_SQL_REPLACE = 'UPDATE "{table}" SET data = ?, mtime = ? WHERE key = ? AND data = ?'
+_SQL_SET_MTIME = 'UPDATE "{table}" SET mtime = ? WHERE key = ?'
+_SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ?'
+_SQL_DELETE_EXPECTED = 'DELETE FROM "{table}" WHERE key = ? AND data = ?'
+_SQL_SCAN = 'SELECT key, mtime, LENGTH(data) FROM "{table}"'
+_SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
+_SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime) FROM "{table}"'
+_SQL_SUMMARY_EXPIRED = 'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE mtime < ?'
+_SQL_DELETE_EXPIRED = 'DELETE FROM "{table}" WHERE mtime < ?'
+_SQL_OLDEST_BEYOND = (
+    'SELECT key FROM "{table}" WHERE mtime >= ? ORDER BY mtime DESC, key DESC LIMIT -1 OFFSET ?'
+)
+_SQL_SUMMARY_BEYOND = (
+    'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
+)
+_SQL_DELETE_BEYOND = 'DELETE FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
+_SQL_TEMPLATES = (
+    _SQL_CREATE,
+    _SQL_INDEX,
+    _SQL_READ,
+    _SQL_PUT,
+    _SQL_REPLACE,
+    _SQL_SET_MTIME,
+    _SQL_DELETE,
+    _SQL_DELETE_EXPECTED,
+    _SQL_SCAN,
+    _SQL_COUNT,
+    _SQL_SUMMARY,
+    _SQL_SUMMARY_EXPIRED,
+    _SQL_DELETE_EXPIRED,
+    _SQL_SUMMARY_BEYOND,
+    _SQL_DELETE_BEYOND,
+)
 
 
 class _ConnectionHolder:
@@ -731,7 +855,7 @@ class _ConnectionHolder:
     __del__ = close
 
 
-class SQLiteStore(_Store):
+class SQLiteStore(Store):
     """Store records in one table of an SQLite database.
 
     Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
@@ -740,10 +864,12 @@ class SQLiteStore(_Store):
     The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
     ``mtime``) is created on first use; the database runs in WAL mode with
     ``synchronous=NORMAL`` and waits up to five seconds for a lock.
+    A conditional write or removal is one statement (``... WHERE key = ?
+    AND data = ?``), so it is atomic.
 
     Threads and processes: each thread gets its own connection, opened on
-    first use; any number of processes may open the same file. The last write
-    of a record wins. Do not put the file on a network file system.
+    first use; any number of processes may open the same file. Do not put
+    the file on a network file system.
     """
 
     def __init__(self, path, *, table="sessions", **options):
@@ -807,13 +933,9 @@ class SQLiteStore(_Store):
     def _where(self, key):
         return f"{self.path} table {self.table} key {key!r}"
 
-    @staticmethod
-    def _floor(cutoff):
-        return float("-inf") if cutoff is None else cutoff
-
-    def _read(self, key, cutoff):
+    def read(self, key):
         limit = self._read_limit()
-        row = self._execute(_SQL_GET, (2**62 if limit is None else limit, key, self._floor(cutoff))).fetchone()
+        row = self._execute(_SQL_READ, (2**62 if limit is None else limit, key)).fetchone()
         if row is None:
             raise KeyError(key)
         if row[0] is None:
@@ -821,31 +943,31 @@ class SQLiteStore(_Store):
             raise KeyError(key)
         return row
 
-    def _write(self, key, data, must_exist):
-        if must_exist:
-            return self._execute(_SQL_UPDATE, (data, _now(), key)).rowcount > 0
-        self._execute(_SQL_PUT, (key, data, _now()))
-        return True
+    def write(self, key, data, mtime, expected=None):
+        if expected is None:
+            self._execute(_SQL_PUT, (key, data, mtime))
+            return True
+        return self._execute(_SQL_REPLACE, (data, mtime, key, expected)).rowcount > 0
 
-    def _delete(self, key, cutoff):
-        live = self._has(key, cutoff)
-        return self._execute(_SQL_DELETE, (key,)).rowcount > 0 and live
+    def remove(self, key, expected=None):
+        if expected is None:
+            return self._execute(_SQL_DELETE, (key,)).rowcount > 0
+        return self._execute(_SQL_DELETE_EXPECTED, (key, expected)).rowcount > 0
 
-    def _has(self, key, cutoff):
-        return self._execute(_SQL_HAS, (key, self._floor(cutoff))).fetchone() is not None
+    def set_mtime(self, key, mtime):
+        return self._execute(_SQL_SET_MTIME, (mtime, key)).rowcount > 0
 
-    def _touch(self, key, now, cutoff):
-        return self._execute(_SQL_TOUCH, (now, key, self._floor(cutoff))).rowcount > 0
-
-    def _keys(self, cutoff):
-        return [row[0] for row in self._execute(_SQL_KEYS, (self._floor(cutoff),)).fetchall()]
+    def scan(self):
+        return self._execute(_SQL_SCAN).fetchall()
 
     def __len__(self):
-        return self._execute(_SQL_COUNT, (self._floor(self._cutoff(self.max_age, _now())),)).fetchone()[0]
+        floor = float("-inf") if self.max_age is None else _now() - self.max_age
+        return self._execute(_SQL_COUNT, (floor,)).fetchone()[0]
 
-    def _sweep(self, cutoff, keep, now, dry_run, progress):
-        sweep = _Sweep()
-        floor = self._floor(cutoff)
+    def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
+        """Run one cleaning pass in SQL, in one transaction: see ``Store.sweep``."""
+        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
+        sweep = Sweep()
         connection = self._connection()
         try:
             connection.execute("BEGIN IMMEDIATE")
@@ -856,6 +978,7 @@ class SQLiteStore(_Store):
                 if cutoff is not None:
                     batches.append((_SQL_SUMMARY_EXPIRED, _SQL_DELETE_EXPIRED, (cutoff,)))
                 if keep is not None:
+                    floor = float("-inf") if cutoff is None else cutoff
                     batches.append((_SQL_SUMMARY_BEYOND, _SQL_DELETE_BEYOND, (floor, keep)))
                 for summary, delete, parameters in batches:
                     count, size = connection.execute(self._sql[summary], parameters).fetchone()
@@ -872,7 +995,79 @@ class SQLiteStore(_Store):
             raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
         return sweep
 
-class RedisStore(_Store):
+
+# -- RedisStore --
+
+# The first command that writes is HSET, which Redis refuses when it is out
+# of memory under noeviction; once a script has written, Redis lets the rest
+# of it run, so nothing that could grow memory may come before it.
+_REDIS_WRITE = """
+if ARGV[4] == '1' and redis.call('HGET', KEYS[1], 'data') ~= ARGV[5] then return 0 end
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'mtime', ARGV[2])
+if ARGV[3] ~= '' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[6])
+else
+    redis.call('PERSIST', KEYS[1])
+end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[7])
+return 1
+"""
+# Only commands Redis allows when it is out of memory: a logout always works.
+_REDIS_REMOVE = """
+if ARGV[1] == '1' and redis.call('HGET', KEYS[1], 'data') ~= ARGV[2] then return 0 end
+local removed = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[3])
+return removed
+"""
+_REDIS_SET_MTIME = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'mtime', ARGV[1])
+if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+# Removes the expired, then the live ones past `keep`, each with its index
+# member; members whose record is already gone go uncounted. Only a dry run
+# sums the size of every record (seen_bytes is nil otherwise): a real clean
+# must stay O(log N + removed), as the server serves no one while it runs.
+_REDIS_SWEEP = """
+local index, prefix, cutoff, keep = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local dry_run = ARGV[4] == '1'
+local seen, seen_bytes, removed, removed_bytes = redis.call('ZCARD', index), false, 0, 0
+local oldest = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')[2] or false
+local newest = redis.call('ZREVRANGE', index, 0, 0, 'WITHSCORES')[2] or false
+if dry_run then
+    seen_bytes = 0
+    for start = 0, seen - 1, 1000 do
+        for _, member in ipairs(redis.call('ZRANGE', index, start, start + 999)) do
+            seen_bytes = seen_bytes + redis.call('HSTRLEN', prefix .. member, 'data')
+        end
+    end
+end
+local function remove(members)
+    for _, member in ipairs(members) do
+        local name = prefix .. member
+        local size = redis.call('HSTRLEN', name, 'data')
+        if redis.call(dry_run and 'EXISTS' or 'DEL', name) == 1 then
+            removed, removed_bytes = removed + 1, removed_bytes + size
+        else
+            seen = seen - 1
+        end
+        if not dry_run then redis.call('ZREM', index, member) end
+    end
+end
+if cutoff ~= '' then remove(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff)) end
+if keep then
+    local floor = cutoff ~= '' and cutoff or '-inf'
+    remove(redis.call('ZREVRANGEBYSCORE', index, '+inf', floor, 'LIMIT', keep, -1))
+end
+return {seen, seen_bytes, removed, removed_bytes, oldest, newest}
+"""
+_REDIS_SCAN_BATCH = 1000
+
+
+class RedisStore(Store):
     """Store records in Redis, through a redis-py client that the caller owns.
 
     Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
@@ -890,19 +1085,20 @@ class RedisStore(_Store):
     expired records by itself; reads still check ``mtime``. The sorted set
     ``prefix + "#index"`` maps every key to its mtime: ``len()``, iteration
     and ``clean()`` use it (never KEYS or SCAN), and writes drop its members
-    past ``max_age``, so stores sharing a prefix should share ``max_age``. A
-    write, a touch and a clean are one Lua script each, and a delete is one
-    MULTI/EXEC: atomic, index included, in one round trip. A clean costs the
-    server O(log N + removed); a dry run also reads the size of every record.
-    Keys without the prefix are never touched. Needs Redis 4 or later, not
-    Redis Cluster; a maxmemory policy must not evict the index (use
-    noeviction or a volatile-* one).
+    past ``max_age``, so stores sharing a prefix should share ``max_age``.
+    A write, a removal, a touch and a clean are one Lua script each: atomic
+    (conditions included), index included, in one round trip. A clean costs
+    the server O(log N + removed); a dry run also reads the size of every
+    record. Keys without the prefix are never touched. Needs Redis 4 or
+    later, not Redis Cluster; a maxmemory policy must not evict the index
+    (use noeviction or a volatile-* one). Out of memory under noeviction, a
+    write raises StoreError while removals and cleans still work.
 
     Threads and processes: redis-py clients are thread-safe (each thread
     borrows a connection from the pool), and any number of processes and
-    machines may share one server. The last write of a record wins. Any
-    failure of the client or server raises StoreError; redis-py reconnects by
-    itself, so the store works again once the server is back.
+    machines may share one server. Any failure of the client or server raises
+    StoreError; redis-py reconnects by itself, so the store works again once
+    the server is back.
     """
 
     def __init__(self, client, *, prefix="session:", **options):
@@ -923,7 +1119,8 @@ class RedisStore(_Store):
         self.prefix = prefix
         self._index = prefix + "#index"
         self._write_script = client.register_script(_REDIS_WRITE)
-        self._touch_script = client.register_script(_REDIS_TOUCH)
+        self._remove_script = client.register_script(_REDIS_REMOVE)
+        self._set_mtime_script = client.register_script(_REDIS_SET_MTIME)
         self._sweep_script = client.register_script(_REDIS_SWEEP)
 
     def __repr__(self):
@@ -942,17 +1139,6 @@ class RedisStore(_Store):
     def _command(self, *command):
         return self._call(self.client.execute_command, *command)
 
-    def _transaction(self, *commands):
-        """Run the commands in one MULTI/EXEC round trip and return their replies."""
-
-        def run():
-            pipeline = self.client.pipeline(transaction=True)
-            for command in commands:
-                pipeline.execute_command(*command)
-            return pipeline.execute()
-
-        return self._call(run)
-
     def _ttl(self):
         return "" if self.max_age is None else max(1, round(self.max_age * 1000))
 
@@ -964,57 +1150,78 @@ class RedisStore(_Store):
     def _where(self, key):
         return f"{self!r} key {self.prefix + key!r}"
 
-    def _read(self, key, cutoff):
-        name = self.prefix + key
-        data, mtime = self._command("HMGET", name, "data", "mtime")
-        if data is None or mtime is None or (cutoff is not None and float(mtime) < cutoff):
-            raise KeyError(key)
-        limit = self._read_limit()
-        if limit is not None and len(data) > limit:
-            _logger.warning("session record %s is %d bytes, over the limit: ignored", self._where(key), len(data))
+    def _keys(self, key):
+        return [self.prefix + key, self._index]
+
+    def read(self, key):
+        data, mtime = self._command("HMGET", self.prefix + key, "data", "mtime")
+        if data is None or mtime is None:
             raise KeyError(key)
         return data, float(mtime)
 
-    def _write(self, key, data, must_exist):
-        mtime = _now()
-        cutoff = self._cutoff(self.max_age, mtime)
-        arguments = [data, self._number(mtime), self._ttl(), int(must_exist), self._number(cutoff), key]
-        return self._call(self._write_script, [self.prefix + key, self._index], arguments) == 1
+    def write(self, key, data, mtime, expected=None):
+        cutoff = None if self.max_age is None else mtime - self.max_age
+        arguments = [data, self._number(mtime), self._ttl(), int(expected is not None), expected or b"",
+                     self._number(cutoff), key]
+        return self._call(self._write_script, self._keys(key), arguments) == 1
 
-    def _delete(self, key, cutoff):
-        name = self.prefix + key
-        commands = [("HGET", name, "mtime"), ("DEL", name), ("ZREM", self._index, key)]
-        mtime, deleted, _ = self._transaction(*commands)
-        return bool(deleted) and mtime is not None and (cutoff is None or float(mtime) >= cutoff)
+    def remove(self, key, expected=None):
+        arguments = [int(expected is not None), expected or b"", key]
+        return self._call(self._remove_script, self._keys(key), arguments) == 1
 
-    def _has(self, key, cutoff):
-        mtime = self._command("HGET", self.prefix + key, "mtime")
-        return mtime is not None and (cutoff is None or float(mtime) >= cutoff)
+    def set_mtime(self, key, mtime):
+        arguments = [self._number(mtime), self._ttl(), key]
+        return self._call(self._set_mtime_script, self._keys(key), arguments) == 1
 
-    def _touch(self, key, now, cutoff):
-        arguments = [self._number(now), self._number(cutoff), self._ttl(), key]
-        return self._call(self._touch_script, [self.prefix + key, self._index], arguments) == 1
+    def scan(self):
+        start = 0
+        while True:
+            members = self._command("ZRANGE", self._index, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES")
+            if not members:
+                return
+            keys = [member.decode("ascii") for member in members[0::2]]
 
-    def _keys(self, cutoff):
-        members = self._command("ZRANGEBYSCORE", self._index, self._number(cutoff, "-inf"), "+inf")
-        return [member.decode("ascii") for member in members]
+            def sizes(keys=keys):
+                pipeline = self.client.pipeline(transaction=False)
+                for key in keys:
+                    pipeline.execute_command("HSTRLEN", self.prefix + key, "data")
+                return pipeline.execute()
+
+            for key, mtime, size in zip(keys, members[1::2], self._call(sizes)):
+                if size:
+                    yield key, float(mtime), size
+            start += _REDIS_SCAN_BATCH
+
+    def __iter__(self):
+        floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
+        members = self._command("ZRANGEBYSCORE", self._index, floor, "+inf")
+        return iter([member.decode("ascii") for member in members])
 
     def __len__(self):
         """Count the live records: the index members not older than ``max_age``."""
-        floor = self._number(self._cutoff(self.max_age, _now()), "-inf")
+        floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
         return self._command("ZCOUNT", self._index, floor, "+inf")
 
-    def _sweep(self, cutoff, keep, now, dry_run, progress):
+    def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
+        """Run one cleaning pass in one Lua script, atomically: see ``Store.sweep``."""
+        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         arguments = [self.prefix, self._number(cutoff), "" if keep is None else keep, int(dry_run)]
         reply = self._call(self._sweep_script, [self._index], arguments)
-        sweep = _Sweep()
+        sweep = Sweep()
         sweep.seen, sweep.seen_bytes, sweep.removed, sweep.removed_bytes = reply[:4]
         sweep.oldest, sweep.newest = (None if mtime is None else float(mtime) for mtime in reply[4:])
         return sweep
 
 
+# -- Cookies --
 
-# -- Session --
+DEFAULT_COOKIE_NAME = "tinysession"
+"""The session cookie's default name: unlike ``session`` (Flask), ``sessionid`` (Django) or ``PHPSESSID``."""
+
+_SESSION_ID_LENGTH = 43
+_MAX_COOKIE_CANDIDATES = 4
+_TOKEN_PATTERN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_ATTRIBUTE_PATTERN = r"[\x21-\x3a\x3c-\x7e]+"
 
 
 def _new_session_id():
@@ -1050,202 +1257,538 @@ def _cookie_values(header, name):
     return values
 
 
+def _vary_with_cookie(value):
+    """Return a Vary header value that includes ``Cookie``, or None if ``value`` already covers it."""
+    tokens = {token.strip().lower() for token in value.split(",")}
+    if "cookie" in tokens or "*" in tokens:
+        return None
+    return value + ", Cookie" if value.strip() else "Cookie"
+
+
+class _Settings:
+    """A front end's validated session options, shared by all its requests, and its background cleaner.
+
+    Every front end takes the same keyword options (see ``SessionMiddleware``)
+    and hands them here, so they are checked and applied in one place.
+    """
+
+    def __init__(
+        self,
+        store,
+        *,
+        cookie_name=DEFAULT_COOKIE_NAME,
+        path="/",
+        domain=None,
+        secure=None,
+        httponly=True,
+        samesite="Lax",
+        cookie_max_age=None,
+        refresh_each_request=False,
+        max_lifetime=None,
+        touch_interval=60,
+        clean_interval=300,
+    ):
+        import http.cookies
+
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}")
+        self._morsel_class = http.cookies.Morsel
+        if (
+            not isinstance(cookie_name, str)
+            or re.fullmatch(_TOKEN_PATTERN, cookie_name) is None
+            or self._morsel_class().isReservedKey(cookie_name)
+        ):
+            raise ValueError(f"invalid cookie name {cookie_name!r}")
+        for name, value in (("path", path), ("domain", domain)):
+            if (value is not None or name == "path") and (
+                not isinstance(value, str) or re.fullmatch(_ATTRIBUTE_PATTERN, value) is None
+            ):
+                raise ValueError(f"invalid cookie {name} {value!r}")
+        if samesite is not None:
+            if str(samesite).capitalize() not in ("Lax", "Strict", "None"):
+                raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
+            samesite = samesite.capitalize()
+        if secure not in (None, True, False):
+            raise ValueError(f"secure must be None, True or False, not {secure!r}")
+        self.store = store
+        self.cookie_name = cookie_name
+        self.path = path
+        self.domain = domain
+        self.secure = secure
+        self.httponly = bool(httponly)
+        self.samesite = samesite
+        self.cookie_max_age = _check_count(cookie_max_age, "cookie_max_age")
+        if cookie_max_age == 0:
+            raise ValueError("cookie_max_age must be at least 1 second, or None for a browser-session cookie")
+        self.refresh_each_request = bool(refresh_each_request)
+        self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
+        self.touch_interval = _check_seconds(touch_interval, "touch_interval")
+        self.clean_interval = _check_seconds(clean_interval, "clean_interval")
+        self._next_clean = None if clean_interval is None else 0.0
+        self._clean_lock = threading.Lock()
+
+    def touch_after(self):
+        """Return the seconds after which a read session's mtime is refreshed, or None for never.
+
+        ``touch_interval``, but at most a quarter of the store's ``max_age``,
+        so a session used at least every three quarters of ``max_age`` never
+        expires.
+        """
+        max_age = self.store.max_age
+        if self.touch_interval is None or max_age is None:
+            return self.touch_interval
+        return min(self.touch_interval, max_age / 4)
+
+    def set_cookie(self, session_id, secure_request):
+        """Return the Set-Cookie value for ``session_id``, or one that expires the cookie if it is None."""
+        morsel = self._morsel_class()
+        morsel.set(self.cookie_name, session_id or "", session_id or "")
+        morsel["path"] = self.path
+        if self.domain is not None:
+            morsel["domain"] = self.domain
+        if (self.secure if self.secure is not None else secure_request) or self.samesite == "None":
+            morsel["secure"] = True
+        if self.httponly:
+            morsel["httponly"] = True
+        if self.samesite is not None:
+            morsel["samesite"] = self.samesite
+        if session_id is None:
+            morsel["max-age"] = 0
+            morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
+        elif self.cookie_max_age is not None:
+            morsel["max-age"] = self.cookie_max_age
+        return morsel.OutputString()
+
+    def request_finished(self):
+        """Start a background clean of the store when one is due; never blocks, never raises."""
+        if self._next_clean is None or _now() < self._next_clean or not self._clean_lock.acquire(blocking=False):
+            return
+        self._next_clean = _now() + self.clean_interval
+        try:
+            threading.Thread(target=self._clean, name="tinysession-clean", daemon=True).start()
+        except RuntimeError:
+            self._clean_lock.release()
+            _logger.exception("could not start the background clean")
+
+    def _clean(self):
+        try:
+            removed = self.store.clean()
+            _logger.debug("background clean of %r removed %d sessions", self.store, removed)
+        except Exception:
+            _logger.exception("background clean of %r failed", self.store)
+        finally:
+            self._clean_lock.release()
+
+
+# -- Session core --
+
+_UNLOADED, _NEW, _LOADED, _GONE = "unloaded", "new", "loaded", "gone"
+
+
+def _snapshot(data):
+    """Return a cheap exact image of ``data`` to detect changes, or None if marshal cannot take it."""
+    import marshal
+
+    try:
+        return marshal.dumps(data, 2)
+    except ValueError:
+        return None
+
+
 class Session(MutableMapping):
     """One request's session: a dict loaded from the store on first use.
 
-    Get it with ``get_session(environ)`` inside an app wrapped in
-    ``SessionMiddleware``. Reading or writing loads it; a request that never
-    touches it costs no store access and sets no cookie. Changes, nested ones
-    included, are found by comparing the serialized record with the one
-    loaded, and saved when the response is finished; nothing is saved if the
-    app raises. A session that ends up empty is deleted and its cookie expired.
+    This is the framework-free core every front end drives: it is given the
+    request's Cookie header and whether the request is secure, and it knows
+    nothing of WSGI or ASGI. Inside an app, use it as a dict, with
+    ``regenerate()`` on login and ``invalidate()`` on logout. A front end
+    calls ``load()`` (optional: any use loads), ``cookie()`` once when the
+    response headers go out, ``save()`` when the app is done (again after a
+    streamed body), and ``rollback()`` if the request failed.
+
+    ``state`` says where the session stands: "unloaded" (not used yet),
+    "new" (no record under its id yet), "loaded" (its record is in the store
+    as this request last read or wrote it) or "gone" (another request
+    removed its record meanwhile, a logout: nothing more is saved).
+
+    Changes, nested ones included, are found by comparing the data with an
+    image taken when it was loaded; a changed record is written only if the
+    store still holds the bytes this request loaded (or last wrote). If
+    another request wrote in between, this request's data is written over
+    theirs (the later save wins); if another request removed the record, it
+    stays removed. A session that ends up empty is removed.
 
     A session belongs to one request and is not shared between threads.
     """
 
     __slots__ = (
-        "_cookie_id",
-        "_cookie_sent",
+        "_client_id",
+        "_cookie",
+        "_cookie_header",
         "_created",
         "_data",
-        "_dead_keys",
-        "_environ",
-        "_headers_sent",
+        "_doomed",
+        "_id",
         "_key",
-        "_middleware",
         "_mtime",
-        "_original",
-        "_payload",
+        "_secure",
+        "_settings",
+        "_snapshot",
         "_stored",
+        "_undo",
+        "state",
     )
 
-    def __init__(self, middleware, environ):
-        self._middleware = middleware
-        self._environ = environ
+    def __init__(self, settings, cookie_header, *, secure=False):
+        self._settings = settings
+        self._cookie_header = cookie_header or ""
+        self._secure = bool(secure)
+        self.state = _UNLOADED
         self._data = None
-        self._headers_sent = False
+        self._cookie = None  # (Set-Cookie value or None,) once decided
 
-    def _loaded(self):
-        """Return the session's data, loading it on first use."""
-        if self._data is None:
-            self._load()
-        return self._data
+    # The dict an app sees.
 
     def __getitem__(self, name):
-        return self._loaded()[name]
+        return self.load()[name]
 
     def __setitem__(self, name, value):
-        self._loaded()[name] = value
+        self.load()[name] = value
 
     def __delitem__(self, name):
-        del self._loaded()[name]
+        del self.load()[name]
 
     def __contains__(self, name):
-        return name in self._loaded()
+        return name in self.load()
 
     def __iter__(self):
-        return iter(self._loaded())
+        return iter(self.load())
 
     def __len__(self):
-        return len(self._loaded())
+        return len(self.load())
 
     def __repr__(self):
-        return f"<Session {self._data!r}>" if self._data is not None else "<Session (not loaded)>"
+        return f"<Session {self.state} {self._data!r}>" if self._data is not None else "<Session unloaded>"
 
     def regenerate(self):
         """Give the session a new id and keep its data: call it on login.
 
-        The old id stops working when the response is finished. The creation
-        time is kept, so ``max_lifetime`` still counts from the first id.
-        Raises SessionError once the response has started, when the new
-        cookie can no longer be sent.
+        The old id stops working when the session is saved. The creation time
+        is kept, so ``max_lifetime`` still counts from the first id. Raises
+        SessionError once the response headers are out, when the new cookie
+        can no longer be sent.
         """
-        self._loaded()
-        if self._headers_sent:
-            raise SessionError("regenerate() after start_response(): the new cookie cannot be sent")
-        if self._key is not None:
-            self._dead_keys.append(self._key)
-        self._key = self._payload = self._cookie_id = None
+        self.load()
+        if self._cookie is not None:
+            raise SessionError("regenerate() after the response started: the new cookie cannot be sent")
+        self._forget_record()
 
     def invalidate(self):
-        """Empty the session, delete it from the store and expire its cookie: logout.
+        """Empty the session, remove it from the store and expire its cookie: logout.
 
         Anything written afterwards in the same request starts a new session
         with a new id.
         """
-        self._loaded()
-        if self._key is not None:
-            self._dead_keys.append(self._key)
+        self.load()
+        self._forget_record()
         self._data = {}
-        self._key = self._payload = self._created = self._cookie_id = None
+        self._created = None
 
-    def _load(self):
-        middleware = self._middleware
-        self._key = self._payload = self._mtime = self._created = self._cookie_id = None
-        self._cookie_sent = False
-        self._dead_keys = []
-        self._original = (None, None)
-        self._stored = False
-        now = _now()
-        tried = 0
-        for value in _cookie_values(self._environ.get("HTTP_COOKIE", ""), middleware.cookie_name):
-            self._cookie_sent = True
-            if tried == _MAX_COOKIE_CANDIDATES or len(value) != _SESSION_ID_LENGTH or not _is_key(value):
-                continue
-            tried += 1
+    def _forget_record(self):
+        if self.state == _LOADED:
+            self._doomed.append((self._key, self._stored))
+        self.state, self._id, self._key, self._stored = _NEW, None, None, None
+
+    # What a front end calls.
+
+    @property
+    def accessed(self):
+        """True once the session has been loaded: the response then varies with the Cookie header."""
+        return self.state != _UNLOADED
+
+    def load(self):
+        """Load the session if it is not loaded yet (store I/O) and return its data dict."""
+        if self._data is None:
+            self._open(_now())
+        return self._data
+
+    def _open(self, now):
+        settings = self._settings
+        self._client_id = self._id = self._key = self._stored = self._created = None
+        self._doomed, self._undo, self._data, self.state = [], [], {}, _NEW
+        candidates = _cookie_values(self._cookie_header, settings.cookie_name)
+        for value in [v for v in candidates if len(v) == _SESSION_ID_LENGTH and _is_key(v)][:_MAX_COOKIE_CANDIDATES]:
             key = _store_key(value)
             try:
-                record, payload, mtime = middleware.store._load(key)
+                record, stored, mtime = settings.store.load(key, now=now)
             except KeyError:
                 continue
-            if not (
-                type(record) is dict
-                and type(record.get("data")) is dict
-                and isinstance(record.get("created"), (int, float))
-            ):
-                _logger.warning("session record %s is not a session: ignored", key)
+            if not (type(record) is dict and type(record.get("data")) is dict
+                    and isinstance(record.get("created"), (int, float))):
+                _logger.warning("session record %s is not a session: ignored", key[:12])
                 continue
-            if middleware.max_lifetime is not None and now - record["created"] > middleware.max_lifetime:
-                self._dead_keys.append(key)
+            self._client_id = value
+            if settings.max_lifetime is not None and now - record["created"] > settings.max_lifetime:
+                self._doomed.append((key, None))
                 continue
-            self._key, self._payload, self._mtime = key, payload, mtime
-            self._created, self._cookie_id = record["created"], value
-            self._original = (key, payload)
-            self._data = record["data"]
+            self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
+            self._created, self._data = record["created"], record["data"]
+            self._snapshot = _snapshot(self._data)
             return
-        self._data = {}
 
-    def _response_headers(self, headers):
-        """Add ``Vary: Cookie`` and the session's Set-Cookie to ``headers`` (a new list)."""
-        middleware = self._middleware
-        for index, (name, value) in enumerate(headers):
-            if name.lower() == "vary":
-                tokens = {token.strip().lower() for token in value.split(",")}
-                if "cookie" not in tokens and "*" not in tokens:
-                    headers[index] = (name, value + ", Cookie")
-                break
-        else:
-            headers.append(("Vary", "Cookie"))
-        if self._data:
-            if self._key is None and self._cookie_id is None:
-                self._cookie_id = _new_session_id()
-            if self._key is None or middleware.cookie_max_age is not None:
-                headers.append(middleware._set_cookie(self._environ, self._cookie_id))
-        elif self._cookie_sent or self._cookie_id is not None:
-            self._cookie_id = None
-            headers.append(middleware._set_cookie(self._environ, None))
-        return headers
+    def cookie(self):
+        """Return the Set-Cookie value this response must carry, or None; decided once, on the first call.
 
-    def _save(self):
-        """Write, touch or delete the record as the request has left it so far.
+        A session gets a cookie when it holds data under an id the client
+        does not have yet (or on every response, with ``cookie_max_age`` and
+        ``refresh_each_request``). An expiring cookie goes only with a
+        session this request found in the store and then emptied or
+        invalidated: a cookie the server does not recognise is left alone.
+        """
+        if self._cookie is None:
+            self._cookie = (self._decide_cookie(),)
+        return self._cookie[0]
+
+    def _decide_cookie(self):
+        settings = self._settings
+        if self.state == _UNLOADED:
+            return None
+        if self._data and self.state != _GONE:
+            if self._id is None:
+                self._id = _new_session_id()
+            if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age):
+                return settings.set_cookie(self._id, self._secure)
+            return None
+        if self._client_id is not None and not self._data:
+            return settings.set_cookie(None, self._secure)
+        return None
+
+    def save(self, *, now=None):
+        """Write, touch or remove the record as the request has left it so far (store I/O).
 
         Safe to call again later in the request: it then writes only what
-        changed since, which is how changes made while the body is produced
-        are saved when the response is closed.
+        changed since. Raises StoreError if the store fails and
+        RecordTooLarge if the session is over ``max_bytes``.
         """
-        store = self._middleware.store
-        for key in self._dead_keys:
-            store._delete(key, None)
-            self._stored = True
-        self._dead_keys = []
-        if not self._data:
-            if self._key is not None:
-                store._delete(self._key, None)
-                self._key = self._payload = None
-                self._stored = True
+        if self.state == _UNLOADED:
             return
-        now = _now()
+        now = _now() if now is None else now
+        store = self._settings.store
+        for key, previous in self._doomed:
+            if store.remove(key) and previous is not None:
+                self._undo.append((key, previous, None))
+        self._doomed = []
+        if self.state == _GONE:
+            return
+        if not self._data:
+            if self.state == _LOADED:
+                if store.remove(self._key, expected=self._stored) or store.remove(self._key):
+                    self._undo.append((self._key, self._stored, None))
+                self.state, self._id, self._key, self._stored = _NEW, None, None, None
+            return
         if self._created is None:
             self._created = now
-        if self._key is None and self._cookie_id is None:
-            _logger.warning("session started after start_response(): no cookie was sent, not saved")
-            return
-        key = self._key if self._key is not None else _store_key(self._cookie_id)
-        payload = store._dumps(key, {"created": self._created, "data": self._data})
-        if self._key is None or payload != self._payload:
-            if not store._save(key, payload, must_exist=self._key is not None):
-                _logger.info("session %s was deleted by another request: changes dropped", key[:12])
-                self._key = self._payload = None
-                return
-            self._key, self._payload, self._mtime = key, payload, now
-            self._stored = True
-        elif self._middleware.touch_interval is not None and now - self._mtime >= self._middleware.touch_interval:
-            store.touch(key, now=now)
-            self._mtime = now
+        if self.state == _NEW:
+            self._save_new(now)
+        elif self._snapshot is not None and _snapshot(self._data) == self._snapshot:
+            self._touch(now)
+        else:
+            self._save_changed(now)
 
-    def _undo(self):
-        """Put back the record as it was loaded, after the body failed; log, never raise."""
-        if not self._stored:
+    def _record(self):
+        return {"created": self._created, "data": self._data}
+
+    def _save_new(self, now):
+        if self._id is None:
+            if self._cookie is not None:
+                _logger.warning("session started after the response headers: no cookie was sent, not saved")
+                return
+            self._id = _new_session_id()
+        key = _store_key(self._id)
+        stored = self._settings.store.dump(key, self._record())
+        self._settings.store.save(key, stored, now=now)
+        self._undo.append((key, None, stored))
+        self._became(key, stored, now)
+
+    def _became(self, key, stored, now):
+        self.state, self._key, self._stored, self._mtime = _LOADED, key, stored, now
+        self._snapshot = _snapshot(self._data)
+
+    def _touch(self, now):
+        interval = self._settings.touch_after()
+        if interval is None or now - self._mtime < interval:
             return
-        store = self._middleware.store
-        original_key, original_payload = self._original
         try:
-            if self._key is not None and self._key != original_key:
-                store._delete(self._key, None)
-            if original_key is not None:
-                store._save(original_key, original_payload, must_exist=original_key == self._key)
+            self._settings.store.set_mtime(self._key, now)
+        except StoreError as exc:
+            _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
+        self._mtime = now
+
+    def _save_changed(self, now):
+        store, key = self._settings.store, self._key
+        stored = store.dump(key, self._record())
+        if stored == self._stored:
+            self._snapshot = _snapshot(self._data)
+            self._touch(now)
+            return
+        expected = self._stored
+        for _ in range(_RETRIES):
+            if store.save(key, stored, expected=expected, now=now):
+                self._undo.append((key, expected, stored))
+                self._became(key, stored, now)
+                return
+            try:
+                expected = store.read(key)[0]
+            except KeyError:
+                _logger.info("session %s was removed by another request: its changes are dropped", key[:12])
+                self.state = _GONE
+                return
+        _logger.warning("session %s kept changing under this request: saved over it", key[:12])
+        store.save(key, stored, now=now)
+        self._undo.append((key, expected, stored))
+        self._became(key, stored, now)
+
+    def rollback(self):
+        """Put back every record this request changed, after the request failed; log, never raise."""
+        if self.state == _UNLOADED:
+            return
+        store = self._settings.store
+        try:
+            while self._undo:
+                key, previous, written = self._undo.pop()
+                if previous is None:
+                    store.remove(key, expected=written)
+                else:
+                    store.save(key, previous, expected=written)
         except SessionError:
-            _logger.exception("could not undo the session changes of a failed response")
+            _logger.exception("could not undo the session changes of a failed request")
+
+
+# -- WSGI --
+
+
+def get_session(environ, environ_key="tinysession"):
+    """Return the request's Session from a WSGI ``environ``.
+
+    Raises SessionError when the app is not wrapped in SessionMiddleware (or
+    the middleware was given another ``environ_key``).
+    """
+    try:
+        return environ[environ_key]
+    except KeyError:
+        raise SessionError(
+            f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
+        ) from None
+
+
+class _SessionBody:
+    """The app's response body: saves later session changes when the server closes it.
+
+    If producing the body raises, the session's changes are rolled back, so
+    a failed request leaves the store as it found it.
+    """
+
+    __slots__ = ("_body", "_failed", "_session", "_settings")
+
+    def __init__(self, body, session, settings):
+        self._body = body
+        self._session = session
+        self._settings = settings
+        self._failed = False
+
+    def __iter__(self):
+        try:
+            yield from self._body
+        except Exception:
+            self._failed = True
+            self._session.rollback()
+            raise
+
+    def close(self):
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self._failed:
+                self._session.save()
+            self._settings.request_finished()
+
+
+class SessionMiddleware:
+    """Give every request of a WSGI app a server-side session.
+
+    ``app = SessionMiddleware(app, store)`` wraps any WSGI app; inside it,
+    ``get_session(environ)`` returns the request's Session. ``store`` is any
+    ``Store`` (FileStore, SQLiteStore, RedisStore or your own); its
+    ``max_age`` is the idle timeout.
+
+    Options (keyword only, the same on every front end): ``cookie_name``
+    (default ``DEFAULT_COOKIE_NAME``), ``path``, ``domain`` (sent only when
+    given), ``secure`` (None: when the request came over https), ``httponly``,
+    ``samesite`` ("Lax", "Strict", "None" which forces Secure, or None to
+    omit it), ``cookie_max_age`` (seconds; None for a browser-session
+    cookie), ``refresh_each_request`` (with ``cookie_max_age``: send the
+    cookie on every response that used the session, not only when it is new),
+    ``max_lifetime`` (seconds since the session was created, after which it
+    is discarded however recently used), ``touch_interval`` (seconds between
+    mtime refreshes of a session read but not changed, at most a quarter of
+    the store's ``max_age``; None never) and ``clean_interval`` (seconds
+    between background cleans of the store in this process; None never);
+    and here ``environ_key``.
+
+    The session id is 256 random bits; the store only sees its SHA-256, and a
+    cookie the server did not issue, or whose session is gone, is never
+    adopted. Thread-safe; several processes may share one store.
+    """
+
+    def __init__(self, app, store, *, environ_key="tinysession", **options):
+        self.app = app
+        self.environ_key = environ_key
+        self.settings = _Settings(store, **options)
+
+    @property
+    def store(self):
+        """The store the sessions live in."""
+        return self.settings.store
+
+    @property
+    def cookie_name(self):
+        """The session cookie's name."""
+        return self.settings.cookie_name
+
+    def __call__(self, environ, start_response):
+        secure = environ.get("wsgi.url_scheme") == "https"
+        session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=secure)
+        environ[self.environ_key] = session
+
+        def session_start_response(status, headers, exc_info=None):
+            if session.accessed:
+                headers = list(headers)
+                for index, (name, value) in enumerate(headers):
+                    if name.lower() == "vary":
+                        headers[index] = (name, _vary_with_cookie(value) or value)
+                        break
+                else:
+                    headers.append(("Vary", "Cookie"))
+            cookie = session.cookie()  # decided now even when unused: a later first write cannot get one
+            if cookie is not None:
+                headers.append(("Set-Cookie", cookie))
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, session_start_response)
+        try:
+            session.save()
+        except BaseException:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+            raise
+        if type(body) is list or type(body) is tuple:
+            self.settings.request_finished()
+            return body
+        return _SessionBody(body, session, self.settings)
+
 
 # -- Message window --
 
@@ -1332,205 +1875,6 @@ def _content_length(content):
     return sum(len(text) for text in texts if isinstance(text, str))
 
 
-# -- Middleware --
-
-
-def get_session(environ, environ_key="tinysession"):
-    """Return the request's Session from a WSGI ``environ``.
-
-    Raises SessionError when the app is not wrapped in SessionMiddleware (or
-    the middleware was given another ``environ_key``).
-    """
-    try:
-        return environ[environ_key]
-    except KeyError:
-        raise SessionError(
-            f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
-        ) from None
-
-
-class _SessionBody:
-    """The app's response body: saves later session changes when the server closes it.
-
-    If producing the body raises, changes saved when the app returned are
-    undone, so a failed request leaves the session as it found it.
-    """
-
-    __slots__ = ("_body", "_failed", "_middleware", "_session")
-
-    def __init__(self, body, session, middleware):
-        self._body = body
-        self._session = session
-        self._middleware = middleware
-        self._failed = False
-
-    def __iter__(self):
-        try:
-            yield from self._body
-        except Exception:
-            self._failed = True
-            if self._session._data is not None:
-                self._session._undo()
-            raise
-
-    def close(self):
-        close = getattr(self._body, "close", None)
-        if close is not None:
-            close()
-        if not self._failed:
-            self._middleware._finish(self._session)
-
-
-class SessionMiddleware:
-    """Give every request of a WSGI app a server-side session.
-
-    ``app = SessionMiddleware(app, store)`` wraps any WSGI app; inside it,
-    ``get_session(environ)`` returns the request's Session. ``store`` is a
-    FileStore, SQLiteStore or RedisStore; its ``max_age`` is the idle timeout.
-
-    Options: ``cookie_name``, ``path``, ``domain`` (sent only when given),
-    ``secure`` (None: when the request came over https), ``httponly``,
-    ``samesite`` ("Lax", "Strict", "None" which forces Secure, or None to
-    omit it), ``cookie_max_age`` (seconds; None for a browser-session cookie),
-    ``max_lifetime`` (seconds since the session was created, after which it
-    is discarded however recently used), ``touch_interval`` (seconds between
-    mtime refreshes of a session read but not changed; None never),
-    ``clean_interval`` (seconds between background cleans of the store in
-    this process; None never) and ``environ_key``.
-
-    The session id is 256 random bits; the store only sees its SHA-256, and a
-    cookie the server did not issue, or whose session is gone, is never
-    adopted. Thread-safe; several processes may share one store, and then the
-    last write of a session wins.
-    """
-
-    def __init__(
-        self,
-        app,
-        store,
-        *,
-        cookie_name="session",
-        path="/",
-        domain=None,
-        secure=None,
-        httponly=True,
-        samesite="Lax",
-        cookie_max_age=None,
-        max_lifetime=None,
-        touch_interval=60,
-        clean_interval=300,
-        environ_key="tinysession",
-    ):
-        import http.cookies
-
-        if not isinstance(store, _Store):
-            raise TypeError(f"store must be a FileStore, SQLiteStore or RedisStore, not {store!r}")
-        if (
-            not isinstance(cookie_name, str)
-            or re.fullmatch(_TOKEN_PATTERN, cookie_name) is None
-            or cookie_name.lower() in http.cookies.Morsel._reserved
-        ):
-            raise ValueError(f"invalid cookie name {cookie_name!r}")
-        for name, value in (("path", path), ("domain", domain)):
-            if (value is not None or name == "path") and (
-                not isinstance(value, str) or re.fullmatch(_ATTRIBUTE_PATTERN, value) is None
-            ):
-                raise ValueError(f"invalid cookie {name} {value!r}")
-        if samesite is not None:
-            if str(samesite).capitalize() not in ("Lax", "Strict", "None"):
-                raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
-            samesite = samesite.capitalize()
-        if secure not in (None, True, False):
-            raise ValueError(f"secure must be None, True or False, not {secure!r}")
-        self.app = app
-        self.store = store
-        self.cookie_name = cookie_name
-        self.path = path
-        self.domain = domain
-        self.secure = secure
-        self.httponly = bool(httponly)
-        self.samesite = samesite
-        self.cookie_max_age = _check_count(cookie_max_age, "cookie_max_age")
-        if cookie_max_age == 0:
-            raise ValueError("cookie_max_age must be at least 1 second, or None for a browser-session cookie")
-        self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
-        self.touch_interval = _check_seconds(touch_interval, "touch_interval")
-        self.clean_interval = _check_seconds(clean_interval, "clean_interval")
-        self.environ_key = environ_key
-        self._morsel_class = http.cookies.Morsel
-        self._next_clean = None if clean_interval is None else 0.0
-        self._clean_lock = threading.Lock()
-
-    def __call__(self, environ, start_response):
-        session = Session(self, environ)
-        environ[self.environ_key] = session
-
-        def session_start_response(status, headers, exc_info=None):
-            session._headers_sent = True
-            if session._data is not None:
-                headers = session._response_headers(list(headers))
-            return start_response(status, headers, exc_info)
-
-        body = self.app(environ, session_start_response)
-        if type(body) is list or type(body) is tuple:
-            self._finish(session)
-            return body
-        if session._data is not None:
-            try:
-                session._save()
-            except BaseException:
-                close = getattr(body, "close", None)
-                if close is not None:
-                    close()
-                raise
-        return _SessionBody(body, session, self)
-
-    def _finish(self, session):
-        """Save a loaded session, then start a background clean when one is due."""
-        if session._data is not None:
-            session._save()
-        if self._next_clean is not None and _now() >= self._next_clean:
-            self._start_clean()
-
-    def _start_clean(self):
-        if not self._clean_lock.acquire(blocking=False):
-            return
-        self._next_clean = _now() + self.clean_interval
-        try:
-            threading.Thread(target=self._clean, name="tinysession-clean", daemon=True).start()
-        except RuntimeError:
-            self._clean_lock.release()
-            _logger.exception("could not start the background clean")
-
-    def _clean(self):
-        try:
-            removed = self.store.clean()
-            _logger.debug("background clean of %r removed %d sessions", self.store, removed)
-        except Exception:
-            _logger.exception("background clean of %r failed", self.store)
-        finally:
-            self._clean_lock.release()
-
-    def _set_cookie(self, environ, session_id):
-        """Return the Set-Cookie header for ``session_id``, or one that expires the cookie."""
-        morsel = self._morsel_class()
-        morsel.set(self.cookie_name, session_id or "", session_id or "")
-        morsel["path"] = self.path
-        if self.domain is not None:
-            morsel["domain"] = self.domain
-        secure = self.secure if self.secure is not None else environ.get("wsgi.url_scheme") == "https"
-        if secure or self.samesite == "None":
-            morsel["secure"] = True
-        if self.httponly:
-            morsel["httponly"] = True
-        if self.samesite is not None:
-            morsel["samesite"] = self.samesite
-        if session_id is None:
-            morsel["max-age"] = 0
-            morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
-        elif self.cookie_max_age is not None:
-            morsel["max-age"] = self.cookie_max_age
-        return ("Set-Cookie", morsel.OutputString())
 
 
 # -- Command line --
@@ -1644,7 +1988,7 @@ def _cmd_clean(args):
     with store:
         progress = None if args.quiet else _progress_printer(sys.stderr)
         started = time.perf_counter()
-        sweep = store._clean(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
+        sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
         elapsed = time.perf_counter() - started
     if progress is not None:
         sys.stderr.write("\r\033[K")
@@ -1664,7 +2008,7 @@ def _cmd_clean(args):
 def _cmd_stats(args):
     store = _open_store(args.store, args.table, args.prefix)
     with store:
-        sweep = store._clean(args.max_age, None, dry_run=True)
+        sweep = store.stats(args.max_age)
     expired = sweep.removed if args.max_age is not None else None
     if args.json:
         print(
