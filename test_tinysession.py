@@ -1954,6 +1954,19 @@ class CookieAttributes(MiddlewareCase):
         self.assertNotIn("HttpOnly", cookie)
         self.assertIn("SameSite=Strict", self.cookie_for(samesite="Strict"))
 
+    def test_a_cookie_max_age_of_zero_or_less_is_a_browser_session_cookie(self):
+        for max_age in (0, -1, None):
+            with self.subTest(max_age=max_age):
+                cookie = self.cookie_for(cookie_max_age=max_age)
+                self.assertNotIn("max-age", cookie.lower())
+                self.assertNotIn("expires", cookie.lower())
+
+    def test_partitioned_cookies_are_secure(self):
+        cookie = self.cookie_for(partitioned=True)
+        self.assertEqual(cookie.split("; ")[-1], "Partitioned")
+        self.assertIn("Secure", cookie)
+        self.assertNotIn("Partitioned", self.cookie_for())
+
     def test_bad_options(self):
         for options in (
             {"cookie_name": "bad name"},
@@ -1962,8 +1975,8 @@ class CookieAttributes(MiddlewareCase):
             {"domain": "a b"},
             {"samesite": "sometimes"},
             {"secure": "yes"},
-            {"cookie_max_age": -1},
-            {"cookie_max_age": 0},
+            {"cookie_max_age": 1.5},
+            {"cookie_max_age": "600"},
             {"cookie_name": "Path"},
             {"path": None},
         ):

@@ -1282,9 +1282,11 @@ class _Settings:
         secure=None,
         httponly=True,
         samesite="Lax",
+        partitioned=False,
         cookie_max_age=None,
         refresh_each_request=False,
         max_lifetime=None,
+        identity_key="_user_id",
         touch_interval=60,
         clean_interval=300,
     ):
@@ -1317,9 +1319,14 @@ class _Settings:
         self.secure = secure
         self.httponly = bool(httponly)
         self.samesite = samesite
-        self.cookie_max_age = _check_count(cookie_max_age, "cookie_max_age")
-        if cookie_max_age == 0:
-            raise ValueError("cookie_max_age must be at least 1 second, or None for a browser-session cookie")
+        self.partitioned = bool(partitioned)
+        if cookie_max_age is not None and (isinstance(cookie_max_age, bool) or not isinstance(cookie_max_age, int)):
+            raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
+        # Max-Age=0 would delete the cookie at once: 0 and below mean a browser-session cookie, as None.
+        self.cookie_max_age = cookie_max_age if cookie_max_age is not None and cookie_max_age > 0 else None
+        if identity_key is not None and not isinstance(identity_key, str):
+            raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
+        self.identity_key = identity_key
         self.refresh_each_request = bool(refresh_each_request)
         self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
         self.touch_interval = _check_seconds(touch_interval, "touch_interval")
@@ -1346,7 +1353,7 @@ class _Settings:
         morsel["path"] = self.path
         if self.domain is not None:
             morsel["domain"] = self.domain
-        if (self.secure if self.secure is not None else secure_request) or self.samesite == "None":
+        if (self.secure if self.secure is not None else secure_request) or self.samesite == "None" or self.partitioned:
             morsel["secure"] = True
         if self.httponly:
             morsel["httponly"] = True
@@ -1357,7 +1364,8 @@ class _Settings:
             morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
         elif self.cookie_max_age is not None:
             morsel["max-age"] = self.cookie_max_age
-        return morsel.OutputString()
+        # Morsel knows Partitioned only from Python 3.14 on.
+        return morsel.OutputString() + ("; Partitioned" if self.partitioned else "")
 
     def request_finished(self):
         """Start a background clean of the store when one is due; never blocks, never raises."""
@@ -1429,6 +1437,7 @@ class Session(MutableMapping):
         "_data",
         "_doomed",
         "_id",
+        "_identity",
         "_key",
         "_mtime",
         "_secure",
@@ -1534,7 +1543,18 @@ class Session(MutableMapping):
             self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
             self._created, self._data = record["created"], record["data"]
             self._snapshot = _snapshot(self._data)
+            self._identity = self._identity_now()
             return
+
+    def _identity_now(self):
+        key = self._settings.identity_key
+        return None if key is None else self._data.get(key, _MISSING)
+
+    def _rotate_on_new_identity(self):
+        """Regenerate the id if the identity key changed since loading (login, logout, another user)."""
+        if self.state == _LOADED and self._settings.identity_key is not None and self._cookie is None:
+            if self._identity_now() != self._identity:
+                self._forget_record()
 
     def cookie(self):
         """Return the Set-Cookie value this response must carry, or None; decided once, on the first call.
@@ -1544,8 +1564,12 @@ class Session(MutableMapping):
         ``refresh_each_request``). An expiring cookie goes only with a
         session this request found in the store and then emptied or
         invalidated: a cookie the server does not recognise is left alone.
+        Before the response headers, a session whose ``identity_key`` value
+        changed since it was loaded (a login, a logout, another user) gets a
+        new id and its old record is removed, against session fixation.
         """
         if self._cookie is None:
+            self._rotate_on_new_identity()
             self._cookie = (self._decide_cookie(),)
         return self._cookie[0]
 
@@ -1574,6 +1598,7 @@ class Session(MutableMapping):
             return
         now = _now() if now is None else now
         store = self._settings.store
+        self._rotate_on_new_identity()
         for key, previous in self._doomed:
             if store.remove(key) and previous is not None:
                 self._undo.append((key, previous, None))
@@ -1727,11 +1752,15 @@ class SessionMiddleware:
     (default ``DEFAULT_COOKIE_NAME``), ``path``, ``domain`` (sent only when
     given), ``secure`` (None: when the request came over https), ``httponly``,
     ``samesite`` ("Lax", "Strict", "None" which forces Secure, or None to
-    omit it), ``cookie_max_age`` (seconds; None for a browser-session
-    cookie), ``refresh_each_request`` (with ``cookie_max_age``: send the
+    omit it), ``partitioned`` (CHIPS; forces Secure), ``cookie_max_age``
+    (seconds; None, 0 or less for a browser-session cookie),
+    ``refresh_each_request`` (with ``cookie_max_age``: send the
     cookie on every response that used the session, not only when it is new),
     ``max_lifetime`` (seconds since the session was created, after which it
-    is discarded however recently used), ``touch_interval`` (seconds between
+    is discarded however recently used), ``identity_key`` (the session key
+    naming the logged-in user, ``"_user_id"`` as Flask-Login writes it, or
+    None: when its value changes the session gets a new id, against
+    fixation), ``touch_interval`` (seconds between
     mtime refreshes of a session read but not changed, at most a quarter of
     the store's ``max_age``; None never) and ``clean_interval`` (seconds
     between background cleans of the store in this process; None never);
