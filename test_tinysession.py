@@ -67,6 +67,12 @@ def temp_dir(test):
     return holder.name
 
 
+def switch_threads_often(test):
+    """Make the interpreter switch threads every microsecond during ``test``, so races show."""
+    test.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
+    sys.setswitchinterval(1e-6)
+
+
 def python_process(code, *args, **popen_options):
     """Start ``python -c code args`` that can import tinysession."""
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -336,6 +342,8 @@ class StoreContract:
         self.assertEqual(len(store), 8)
 
     def test_a_writer_killed_mid_write_leaves_whole_records(self):
+        if self.store_code is None:
+            self.skipTest("an in-process store: no other process can share it")
         self.make_store()["k0"] = {"seq": -1}
         code = (
             "import sys, tinysession\n"
@@ -362,6 +370,8 @@ class StoreContract:
             self.assertEqual(warnings, [])
 
     def test_four_processes_write_read_and_clean_at_once(self):
+        if self.store_code is None:
+            self.skipTest("an in-process store: no other process can share it")
         self.make_store()
         code = (
             "import sys, random, tinysession\n"
@@ -371,6 +381,7 @@ class StoreContract:
             "    key = 'p%d' % random.randrange(12)\n"
             "    store[key] = {'key': key, 'pad': 'y' * random.randrange(5000)}\n"
             "    other = store.get('p%d' % random.randrange(12))\n"
+            "    store.pop('p%d' % random.randrange(12), None)\n"
             "    assert other is None or other['pad'] == 'y' * len(other['pad']), other\n"
             "    if step % 25 == worker:\n"
             "        store.clean(keep=8)\n"
@@ -385,6 +396,106 @@ class StoreContract:
         for child in children:
             out, err = child.communicate(timeout=120)
             self.assertEqual((child.returncode, out.strip(), err), (0, b"ok", b""))
+
+    def test_a_conditional_write_or_removal_acts_only_on_the_expected_bytes(self):
+        store = self.make_store()
+        old, new = store.dump("c", {"v": 1}), store.dump("c", {"v": 2})
+        self.assertFalse(store.save("c", new, expected=old))  # absent: nothing is created
+        self.assertNotIn("c", store)
+        store.save("c", old)
+        self.assertEqual(store.load("c")[1], old)
+        self.assertFalse(store.save("c", new, expected=new))
+        self.assertFalse(store.remove("c", expected=new))
+        self.assertEqual(store["c"], {"v": 1})
+        self.assertTrue(store.save("c", new, expected=old))
+        self.assertEqual(store["c"], {"v": 2})
+        self.assertTrue(store.remove("c", expected=new))
+        self.assertEqual((store.get("c"), store.remove("c")), (None, False))
+
+    def test_a_removal_racing_a_conditional_write_is_never_undone(self):
+        switch_threads_often(self)
+        store = self.make_store()
+        before, after = store.dump("race", {"v": 1}), store.dump("race", {"v": 2})
+        rounds, barrier, resurrected = 2000, threading.Barrier(2), []
+
+        def logout():
+            for _ in range(rounds):
+                barrier.wait()
+                store.remove("race")
+                barrier.wait()
+
+        thread = threading.Thread(target=logout)
+        thread.start()
+        try:
+            for _ in range(rounds):
+                store.save("race", before)
+                barrier.wait()
+                store.save("race", after, expected=before)
+                barrier.wait()
+                if "race" in store:
+                    resurrected.append(store["race"])
+        except BaseException:
+            barrier.abort()
+            raise
+        finally:
+            thread.join()
+        self.assertEqual(resurrected, [])
+
+    def test_clean_never_removes_a_record_written_after_its_pass_began(self):
+        switch_threads_often(self)
+        lost = 0
+        for trial in range(20):
+            store = self.make_store()
+            store.clear()
+            for index in range(300):
+                store.save(f"r{index}", store.dump(f"r{index}", {"i": index}), now=time.time() - 1000 + index)
+            cleaner = threading.Thread(target=store.clean, kwargs={"keep": 100})
+            last_written = None
+            cleaner.start()
+            while cleaner.is_alive():  # r0, the oldest, is rewritten while the pass runs
+                try:
+                    current = store.load("r0")[1]
+                except KeyError:
+                    break
+                written = store.dump("r0", {"i": 0, "write": random.random()})
+                if store.save("r0", written, expected=current):
+                    last_written = written
+            cleaner.join()
+            if last_written is not None and store.get("r0") != self.make_store().serializer.loads(last_written):
+                lost += 1
+        self.assertEqual(lost, 0)
+
+    def test_pop_and_popitem_never_raise_when_another_thread_removes_first(self):
+        switch_threads_often(self)
+        store = self.make_store()
+        outcomes, errors = [], []
+
+        def pop_everything(barrier):
+            try:
+                barrier.wait()
+                for index in range(30):
+                    outcomes.append(store.pop(f"k{index}", None))
+                while True:
+                    try:
+                        outcomes.append(store.popitem()[1])
+                    except KeyError:
+                        break
+            except Exception as exc:  # noqa: BLE001 - any exception is the failure
+                errors.append(exc)
+
+        for _ in range(5):
+            outcomes.clear()
+            for index in range(60):
+                store[f"k{index}"] = {"i": index}
+            barrier = threading.Barrier(4)
+            threads = [threading.Thread(target=pop_everything, args=(barrier,)) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            self.assertEqual(errors, [])
+            popped = sorted(record["i"] for record in outcomes if record is not None and "i" in record)
+            self.assertEqual(popped, list(range(60)))  # each record popped exactly once
 
 
 class FileStoreTest(StoreContract, unittest.TestCase):
@@ -417,6 +528,37 @@ class FileStoreTest(StoreContract, unittest.TestCase):
 
     def physical_count(self, store):
         return sum(name.startswith("ts-") for name in os.listdir(self.directory))
+
+
+class MemoryStoreTest(StoreContract, unittest.TestCase):
+    """The store contract, on examples/memory_store.py: a store written only against the five hooks."""
+
+    store_code = None
+
+    def setUp(self):
+        self.store = load_example("memory_store").MemoryStore()
+
+    def make_store(self, **options):
+        """Return a store over the same records, as reopening a store on disk would."""
+        store = type(self.store)(**options)
+        store.read, store.write, store.remove = self.store.read, self.store.write, self.store.remove
+        store.set_mtime, store.scan = self.store.set_mtime, self.store.scan
+        return store
+
+    def set_age(self, store, key, seconds):
+        store.set_mtime(key, time.time() - seconds)
+
+    def mtime(self, store, key):
+        return store.read(key)[1]
+
+    def raw(self, store, key):
+        return store.read(key)[0]
+
+    def put_raw(self, store, key, data):
+        store.write(key, data, time.time())
+
+    def physical_count(self, store):
+        return len(list(store.scan()))
 
 
 class SQLiteStoreTest(StoreContract, unittest.TestCase):

@@ -1,0 +1,51 @@
+"""An in-process store written only against tinysession's five store hooks.
+
+    store = MemoryStore(max_age=3600)
+    app = tinysession.SessionMiddleware(app, store)
+
+Records live in a dict guarded by one lock, so every hook is atomic against
+the other threads of the process. They vanish with the process and no other
+process sees them: use it in tests, or as the template of a store of your own.
+"""
+
+import threading
+
+import tinysession
+
+
+class MemoryStore(tinysession.Store):
+    """Keep records as ``key -> (data, mtime)`` in a dict; every option of ``tinysession.Store`` applies."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._records = {}
+        self._lock = threading.Lock()
+
+    def read(self, key):
+        with self._lock:
+            return self._records[key]
+
+    def write(self, key, data, mtime, expected=None):
+        with self._lock:
+            if expected is not None and self._records.get(key, (None,))[0] != expected:
+                return False
+            self._records[key] = (bytes(data), mtime)
+            return True
+
+    def remove(self, key, expected=None):
+        with self._lock:
+            if key not in self._records or expected not in (None, self._records[key][0]):
+                return False
+            del self._records[key]
+            return True
+
+    def set_mtime(self, key, mtime):
+        with self._lock:
+            if key not in self._records:
+                return False
+            self._records[key] = (self._records[key][0], mtime)
+            return True
+
+    def scan(self):
+        with self._lock:
+            return [(key, mtime, len(data)) for key, (data, mtime) in self._records.items()]
