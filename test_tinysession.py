@@ -1675,32 +1675,32 @@ class Browser:
         return values[0] if values else None
 
 
-class CountingFileStore(tinysession.FileStore):
-    """A FileStore that records every backend access, to prove there was none."""
+def counting(store_class):
+    """Return a subclass of ``store_class`` that records every hook a request calls, to prove there was none."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.accesses = []
+    class Counting(store_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.accesses = []
 
-    def read(self, key):
-        self.accesses.append(("read", key))
-        return super().read(key)
+        def read(self, key):
+            self.accesses.append(("read", key))
+            return super().read(key)
 
-    def write(self, key, data, mtime, expected=None):
-        self.accesses.append(("write", key))
-        return super().write(key, data, mtime, expected)
+        def write(self, key, data, mtime, expected=None):
+            self.accesses.append(("write", key))
+            return super().write(key, data, mtime, expected)
 
-    def set_mtime(self, key, mtime):
-        self.accesses.append(("touch", key))
-        return super().set_mtime(key, mtime)
+        def set_mtime(self, key, mtime):
+            self.accesses.append(("touch", key))
+            return super().set_mtime(key, mtime)
 
-    def remove(self, key, expected=None):
-        self.accesses.append(("delete", key))
-        return super().remove(key, expected)
+        def remove(self, key, expected=None):
+            self.accesses.append(("delete", key))
+            return super().remove(key, expected)
 
-    def scan(self):
-        self.accesses.append(("scan", None))
-        return super().scan()
+    Counting.__name__ = Counting.__qualname__ = "Counting" + store_class.__name__
+    return Counting
 
 
 VALIDATED_KEY = "tinysession.session"
@@ -1783,21 +1783,26 @@ class MiddlewareCase(unittest.TestCase):
     middleware_options = {"clean_interval": None}
     store_options = {}
 
+    def make_store(self, **options):
+        """Return the store the probe app's sessions live in: a counting FileStore unless overridden."""
+        return counting(tinysession.FileStore)(os.path.join(temp_dir(self), "sessions"), **options)
+
     def setUp(self):
-        self.directory = os.path.join(temp_dir(self), "sessions")
-        self.store = CountingFileStore(self.directory, **self.store_options)
+        self.store = self.make_store(**self.store_options)
         self.app = tinysession.SessionMiddleware(
             validator(probe_app), self.store, environ_key=VALIDATED_KEY, **self.middleware_options
         )
         self.browser = Browser(serve(self, validator(self.app)))
 
-    def session_files(self):
-        return sorted(name for name in os.listdir(self.directory) if name.startswith("ts-"))
+    def session_keys(self):
+        """Return the keys of every record in the store, expired or not, through the public hooks."""
+        return sorted(key for key, _, _ in self.store.scan())
 
     def age_session(self, seconds):
-        for name in self.session_files():
-            then = time.time() - seconds
-            os.utime(os.path.join(self.directory, name), (then, then))
+        """Move every record's mtime ``seconds`` into the past."""
+        for key, mtime, _ in self.store.scan():
+            self.store.set_mtime(key, mtime - seconds)
+        self.store.accesses.clear()
 
 
 class CookieRoundTrip(MiddlewareCase):
@@ -1807,9 +1812,8 @@ class CookieRoundTrip(MiddlewareCase):
         session_id = self.browser.session_id()
         self.assertRegex(session_id, r"^[A-Za-z0-9_-]{43}$")
         expected_key = hashlib.sha256(session_id.encode()).hexdigest()
-        self.assertEqual(self.session_files(), ["ts-" + expected_key])
-        with open(os.path.join(self.directory, "ts-" + expected_key), "rb") as file:
-            stored = file.read()
+        self.assertEqual(self.session_keys(), [expected_key])
+        stored = self.store.read(expected_key)[0]
         self.assertNotIn(session_id.encode(), stored)
         self.assertEqual(json.loads(stored)["data"], {"user": "42", "lang": "fr"})
 
@@ -1843,7 +1847,7 @@ class LazyLoading(MiddlewareCase):
         self.assertEqual((status, json.loads(body)), (200, {}))
         self.assertIsNone(headers.get("Set-Cookie"))
         self.assertEqual(headers.get("Vary"), "Cookie")
-        self.assertEqual(self.session_files(), [])
+        self.assertEqual(self.session_keys(), [])
 
 
 class ChangeDetection(MiddlewareCase):
@@ -1864,15 +1868,14 @@ class Touching(MiddlewareCase):
 
     def test_reads_slide_the_expiry_at_most_once_a_minute(self):
         self.browser.json("/set?a=1")
-        path = os.path.join(self.directory, self.session_files()[0])
-        inode = os.stat(path).st_ino
+        (key,) = self.session_keys()
         self.age_session(30)
         self.browser.json()
-        self.assertAlmostEqual(os.stat(path).st_mtime, time.time() - 30, delta=5)
-        self.age_session(90)
+        self.assertAlmostEqual(self.store.read(key)[1], time.time() - 30, delta=5)
+        self.age_session(30)
         self.browser.json()
-        self.assertAlmostEqual(os.stat(path).st_mtime, time.time(), delta=5)
-        self.assertEqual(os.stat(path).st_ino, inode)
+        self.assertEqual([kind for kind, _ in self.store.accesses], ["read", "touch"])  # never rewritten
+        self.assertAlmostEqual(self.store.read(key)[1], time.time(), delta=5)
 
 
 class Expiry(MiddlewareCase):
@@ -1890,7 +1893,7 @@ class AbsoluteLifetime(MiddlewareCase):
     middleware_options = {"clean_interval": None, "max_lifetime": 3600}
 
     def rewrite_created(self, seconds_ago):
-        key = self.session_files()[0][len("ts-") :]
+        key = self.session_keys()[0]
         record = self.store[key]
         record["created"] = time.time() - seconds_ago
         self.store[key] = record
@@ -1900,13 +1903,13 @@ class AbsoluteLifetime(MiddlewareCase):
         self.browser.json("/set?user=ann")
         self.rewrite_created(3601)
         self.assertEqual(self.browser.json(), {})
-        self.assertEqual(self.session_files(), [])
+        self.assertEqual(self.session_keys(), [])
 
     def test_regenerate_keeps_the_creation_time(self):
         self.browser.json("/set?user=ann")
         created = self.rewrite_created(3000)
         self.browser.json("/login?user=ann")
-        key = self.session_files()[0][len("ts-") :]
+        key = self.session_keys()[0]
         self.assertEqual(self.store[key]["created"], created)
         self.rewrite_created(3601)
         self.assertEqual(self.browser.json(), {})
@@ -1919,7 +1922,7 @@ class RegenerateAndInvalidate(MiddlewareCase):
         self.assertEqual(self.browser.json("/login?user=ann"), {"cart": "3", "user": "ann"})
         new_id = self.browser.session_id()
         self.assertNotEqual(new_id, old_id)
-        self.assertEqual(self.session_files(), ["ts-" + hashlib.sha256(new_id.encode()).hexdigest()])
+        self.assertEqual(self.session_keys(), [hashlib.sha256(new_id.encode()).hexdigest()])
         thief = Browser(self.browser.base_url)
         _status, _headers, body = thief.request("/read", headers={"Cookie": f"{NAME}={old_id}"})
         self.assertEqual(json.loads(body), {})
@@ -1929,14 +1932,14 @@ class RegenerateAndInvalidate(MiddlewareCase):
         _status, headers, body = self.browser.request("/logout")
         self.assertEqual(json.loads(body), {})
         self.assertIn("Max-Age=0", headers["Set-Cookie"])
-        self.assertEqual(self.session_files(), [])
+        self.assertEqual(self.session_keys(), [])
         self.assertIsNone(self.browser.session_id())
 
     def test_an_emptied_session_is_deleted(self):
         self.browser.json("/set?user=ann")
         _status, headers, _ = self.browser.request("/clear")
         self.assertIn("Max-Age=0", headers["Set-Cookie"])
-        self.assertEqual(self.session_files(), [])
+        self.assertEqual(self.session_keys(), [])
 
     def test_a_concurrent_logout_is_not_undone_by_a_slower_request(self):
         self.browser.json("/set?user=ann")
@@ -1950,7 +1953,7 @@ class RegenerateAndInvalidate(MiddlewareCase):
             return [b""]
 
         call(tinysession.SessionMiddleware(slow_request, self.store, clean_interval=None), cookie=cookie)
-        self.assertEqual(self.session_files(), [])
+        self.assertEqual(self.session_keys(), [])
         self.assertEqual(call(logout, cookie=cookie)[2], b"{}")
 
     def test_regenerate_after_the_response_started_raises_even_if_loaded_late(self):
@@ -1983,8 +1986,8 @@ class StrictMode(MiddlewareCase):
         self.browser.request("/set?user=ann", headers={"Cookie": f"{NAME}={forged}"})
         issued = self.browser.session_id()
         self.assertNotEqual(issued, forged)
-        self.assertNotIn("ts-" + hashlib.sha256(forged.encode()).hexdigest(), self.session_files())
-        self.assertEqual(len(self.session_files()), 1)
+        self.assertNotIn(hashlib.sha256(forged.encode()).hexdigest(), self.session_keys())
+        self.assertEqual(len(self.session_keys()), 1)
 
     def test_the_first_live_session_among_several_cookies_wins(self):
         self.browser.json("/set?user=ann")
@@ -2029,7 +2032,7 @@ class HybridRollback(MiddlewareCase):
         self.assertEqual(self.browser.json(), {"user": "ann"})
         with self.assertRaises(RuntimeError):
             call(app)
-        self.assertEqual(len(self.session_files()), 1)
+        self.assertEqual(len(self.session_keys()), 1)
 
 
 class Streaming(MiddlewareCase):
@@ -2051,7 +2054,7 @@ class Streaming(MiddlewareCase):
         setup_testing_defaults(environ)
         body = middleware(environ, lambda status, headers, exc_info=None: None)
         self.assertEqual(body, [b"done"])
-        self.assertEqual(len(self.session_files()), 1)
+        self.assertEqual(len(self.session_keys()), 1)
 
 
 class CookieAttributes(MiddlewareCase):
@@ -2245,6 +2248,21 @@ class StoreFailuresDuringRequests(unittest.TestCase):
 
 
 # -- Examples --
+
+
+class MemoryStoreBehaviour:
+    """Runs a middleware behaviour suite over examples/memory_store.py instead of a FileStore."""
+
+    def make_store(self, **options):
+        return counting(load_example("memory_store").MemoryStore)(**options)
+
+
+for _case in [case for case in list(globals().values())
+              if isinstance(case, type) and issubclass(case, MiddlewareCase) and case is not MiddlewareCase]:
+    globals()[_case.__name__ + "OnMemoryStore"] = type(
+        _case.__name__ + "OnMemoryStore", (MemoryStoreBehaviour, _case), {"__doc__": _case.__doc__}
+    )
+del _case
 
 
 def load_example(name):
