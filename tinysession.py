@@ -1267,43 +1267,27 @@ _PART_TEXT_KEYS = {
 def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=None):
     """Keep the leading instructions and the last ``max_rounds`` whole rounds.
 
-    Works on plain-dict histories in the OpenAI Chat Completions, OpenAI
-    Responses / Agents SDK, Anthropic Messages and LangChain formats, mixed
-    or not.  The leading instructions (the ``system`` and ``developer``
-    messages before any other) are always kept; later ones belong to their
-    round.  A round starts at a user turn: a ``user`` or ``human`` message (a
-    Responses ``message`` item or a role-only item alike), never one that
-    carries ``tool_result`` blocks, and never a ``tool``, ``function`` or
-    ``*_call_output`` item.  It runs to the next round, so replies,
-    reasoning, tool calls and their results go with it.  A user turn that
-    sits between a tool call and a result with the same id starts no round,
-    so a call and its results always stay together.  Messages between the
-    instructions and the first round (a greeting) go first when anything is
-    trimmed.
+    Takes Chat Completions, Responses / Agents SDK, Anthropic or LangChain
+    dicts.  The leading ``system`` / ``developer`` messages are always kept.
+    A round starts at a user turn (role ``user`` or ``human``, not carrying
+    ``tool_result`` blocks, and not inside a tool call/result pair with the
+    same id) and holds everything up to the next, so calls, results and
+    reasoning stay with it.  Messages before the first round go first.
 
-    With ``budget``, the oldest kept rounds are then dropped until the
-    total, instructions included, is at most ``budget``; the newest round is
-    kept even if it alone is over.  ``count(message) -> int`` measures each
-    message (say, in tokens; it must return an int >= 0); the default counts
-    characters of text: str content, the ``text`` of ``text`` /
-    ``input_text`` / ``output_text`` parts (and of refusal, reasoning and
-    thinking parts), tool-call arguments (Chat Completions ``tool_calls``,
-    LangChain ``args``, Responses ``arguments``, Anthropic ``tool_use``
-    ``input``, as JSON unless a str) and tool outputs (``tool`` content,
-    ``output``, ``tool_result`` content); images and other parts count 0,
-    other content the length of its JSON.  ``max_chars=n`` is the simple
-    case, ``budget=n`` with the default count.
+    With ``budget``, the oldest rounds are then dropped until the total,
+    instructions included, is at most ``budget``; the newest round stays even
+    alone over.  ``count(message) -> int >= 0`` measures a message (tokens,
+    say); by default, its characters of text: str content, text parts of
+    every kind, tool-call arguments and tool outputs (JSON length when not a
+    str; images count 0).  ``max_chars=n`` is ``budget=n`` with that default.
 
-    Returns a new list of the same message objects, equal to the input when
-    nothing needs trimming or there is no round; never mutates ``messages``;
-    linear time.  Raises TypeError if ``messages`` is not a sequence, an item
-    is not a mapping, a limit is not an int, ``count`` is given without a
-    budget, with ``max_chars``, or returns a non-int; ValueError if a message
-    has an unknown shape (no ``role`` or known ``type``, an unknown role or
-    type), ``max_rounds`` is below 1, a budget or a count is negative, or
-    the leading instructions alone exceed the budget (no history could fit,
-    and dropping instructions would change the model's behaviour unseen).
-    Errors name the message index.
+    Returns a new list of the same message objects (the input's when nothing
+    needs trimming or there is no round); never mutates ``messages``; linear.
+    Raises TypeError for a non-sequence, a non-mapping item, a non-int limit
+    or count result, ``count`` without ``budget`` or with ``max_chars``; ValueError
+    for an unknown role or item type, ``max_rounds < 1``, a negative budget
+    or count, or leading instructions alone over the budget.  Errors name
+    the message index.
 
     >>> chat = [{"role": "developer", "content": "Be brief."}]
     >>> for n in range(3):
