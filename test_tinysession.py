@@ -1219,7 +1219,7 @@ class ModuleSurface(unittest.TestCase):
         self.assertEqual(logging.getLogger("tinysession").handlers, [])
 
 
-# -- Message window --
+# -- Chat history --
 
 
 def system(text="sys"):
@@ -1242,6 +1242,35 @@ def tool_call(call_id="c1"):
 
 def tool(text="t", call_id="c1"):
     return {"role": "tool", "tool_call_id": call_id, "content": text}
+
+
+def responses_message(role, text, part_type="input_text"):
+    return {"type": "message", "role": role, "content": [{"type": part_type, "text": text}]}
+
+
+def responses_call(call_id, arguments="{}"):
+    return {"type": "function_call", "call_id": call_id, "name": "f", "arguments": arguments}
+
+
+def responses_output(call_id, output="ok"):
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
+def responses_reasoning(text):
+    return {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": text}]}
+
+
+def anthropic_tool_use(*call_ids, tool_input=None):
+    return {"role": "assistant", "content": [
+        {"type": "tool_use", "id": i, "name": "f", "input": tool_input or {}} for i in call_ids]}
+
+
+def anthropic_result_block(call_id, content="ok"):
+    return {"type": "tool_result", "tool_use_id": call_id, "content": content}
+
+
+def anthropic_results(*call_ids):
+    return {"role": "user", "content": [anthropic_result_block(i) for i in call_ids]}
 
 
 def alternating(rounds, with_system=True):
@@ -1283,14 +1312,9 @@ class TrimKeepsSystemMessages(unittest.TestCase):
         result = tinysession.trim_messages(messages, max_rounds=1)
         assert_same_objects(self, result, [messages[0]] + messages[-2:])
 
-    def test_system_messages_kept_even_when_they_exceed_max_chars(self):
-        messages = [system("x" * 50), user("u0"), assistant("a0"), user("u1"), assistant("a1")]
-        result = tinysession.trim_messages(messages, max_chars=10)
-        assert_same_objects(self, result, [messages[0]] + messages[-2:])
-
     def test_only_system_messages_unchanged(self):
         messages = [system("a"), system("b")]
-        result = tinysession.trim_messages(messages, max_rounds=1, max_chars=0)
+        result = tinysession.trim_messages(messages, max_rounds=1, max_chars=2)
         self.assertEqual(result, messages)
         self.assertIsNot(result, messages)
 
@@ -1345,7 +1369,7 @@ class TrimKeepsWholeRounds(unittest.TestCase):
 
     def test_no_user_message_returns_input_unchanged(self):
         messages = [system(), assistant("a"), tool(), assistant("b")]
-        result = tinysession.trim_messages(messages, max_rounds=1, max_chars=0)
+        result = tinysession.trim_messages(messages, max_rounds=1, max_chars=3)
         assert_same_objects(self, result, messages)
         self.assertIsNot(result, messages)
 
@@ -1397,10 +1421,10 @@ class TrimMaxChars(unittest.TestCase):
         result = tinysession.trim_messages(messages, max_chars=5)
         assert_same_objects(self, result, [messages[0]] + messages[-2:])
 
-    def test_zero_budget_keeps_system_and_newest_round(self):
-        messages = alternating(3)
+    def test_zero_budget_keeps_newest_round(self):
+        messages = alternating(3, with_system=False)
         result = tinysession.trim_messages(messages, max_chars=0)
-        assert_same_objects(self, result, [messages[0]] + messages[-2:])
+        assert_same_objects(self, result, messages[-2:])
 
     def test_system_messages_count_towards_budget(self):
         messages = [system("s" * 10), user("u0"), assistant("a0"), user("u1"), assistant("a1")]
@@ -1441,9 +1465,10 @@ class TrimMaxChars(unittest.TestCase):
         self.assertEqual(tinysession.trim_messages(messages, max_chars=4), [odd])
 
     def test_none_or_missing_content_counts_zero(self):
+        # 1 + 2 (the call's "{}" arguments) + 0 + 0 + 1
         messages = [user("u"), tool_call(), tool(""), {"role": "assistant"}, user("v")]
-        self.assertEqual(tinysession.trim_messages(messages, max_chars=2), messages)
-        self.assertEqual(tinysession.trim_messages(messages, max_chars=1), [messages[-1]])
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=4), messages)
+        self.assertEqual(tinysession.trim_messages(messages, max_chars=3), [messages[-1]])
 
     def test_other_content_counts_its_str_length(self):
         messages = [user("u"), {"role": "assistant", "content": 12345}, user("v")]
@@ -1499,24 +1524,113 @@ class TrimRejectsBadInput(unittest.TestCase):
                 tinysession.trim_messages(value)
 
 
-ROLES_FOR_CHAOS = ["system", "user", "assistant", "tool", "developer"]
+ROLES_FOR_CHAOS = ["system", "user", "assistant", "tool", "developer", "human", "ai"]
 
 
-def realistic_conversation(rng):
-    """Return messages where tool results always follow the assistant that called them."""
-    messages = [system(f"s{n}") for n in range(rng.choice([0, 0, 1, 1, 2]))]
+class ChatFormat:
+    """OpenAI Chat Completions messages."""
+
+    @staticmethod
+    def instruction(rng, text):
+        return {"role": rng.choice(["system", "developer"]), "content": text}
+
+    @staticmethod
+    def user(rng, text):
+        return rng.choice([user(text), {"role": "user", "content": [{"type": "text", "text": text}]}])
+
+    @staticmethod
+    def reply(rng, text):
+        return assistant(text)
+
+    @staticmethod
+    def tool_step(rng, call_ids):
+        call = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in call_ids]}
+        return [call] + [tool("r" * rng.randrange(0, 5), i) for i in call_ids]
+
+
+class ResponsesFormat:
+    """OpenAI Responses API / Agents SDK input items."""
+
+    @staticmethod
+    def instruction(rng, text):
+        return rng.choice([responses_message("developer", text), {"role": "system", "content": text}])
+
+    @staticmethod
+    def user(rng, text):
+        return rng.choice([responses_message("user", text), {"role": "user", "content": text}])
+
+    @staticmethod
+    def reply(rng, text):
+        return responses_message("assistant", text, "output_text")
+
+    @staticmethod
+    def tool_step(rng, call_ids):
+        steps = [responses_reasoning("hmm")] if rng.random() < 0.5 else []
+        return (steps + [responses_call(i) for i in call_ids]
+                + [responses_output(i, "o" * rng.randrange(0, 5)) for i in call_ids])
+
+
+class AnthropicFormat:
+    """Anthropic Messages content blocks (the system prompt stored as a first message)."""
+
+    @staticmethod
+    def instruction(rng, text):
+        return system(text)
+
+    @staticmethod
+    def user(rng, text):
+        return rng.choice([user(text), {"role": "user", "content": [{"type": "text", "text": text}]}])
+
+    @staticmethod
+    def reply(rng, text):
+        return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+    @staticmethod
+    def tool_step(rng, call_ids):
+        note = [{"type": "text", "text": "and?"}] if rng.random() < 0.3 else []
+        return [anthropic_tool_use(*call_ids),
+                {"role": "user", "content": [anthropic_result_block(i, "r") for i in call_ids] + note}]
+
+
+class LangChainFormat:
+    """LangChain-style message dicts."""
+
+    @staticmethod
+    def instruction(rng, text):
+        return system(text)
+
+    @staticmethod
+    def user(rng, text):
+        return {"role": "human", "content": text}
+
+    @staticmethod
+    def reply(rng, text):
+        return {"role": "ai", "content": text}
+
+    @staticmethod
+    def tool_step(rng, call_ids):
+        call = {"role": "ai", "content": "", "tool_calls": [
+            {"name": "f", "args": {"x": rng.randrange(100)}, "id": i} for i in call_ids]}
+        return [call] + [{"role": "tool", "tool_call_id": i, "content": "r"} for i in call_ids]
+
+
+FORMATS = [ChatFormat, ResponsesFormat, AnthropicFormat, LangChainFormat]
+
+
+def random_history(rng, fmt):
+    """Return a history in ``fmt`` where tool results always follow the message that called them."""
+    messages = [fmt.instruction(rng, f"s{n}") for n in range(rng.choice([0, 0, 1, 1, 2]))]
     if rng.random() < 0.25:
-        messages.append(assistant("hello"))
+        messages.append(fmt.reply(rng, "hello"))
     for n in range(rng.randrange(0, 9)):
-        messages.append(user(rng.choice(["", "u", "question " * rng.randrange(1, 4)])))
+        messages.append(fmt.user(rng, rng.choice(["", "u", "question " * rng.randrange(1, 4)])))
         if rng.random() < 0.1:
-            messages.append(system("late"))
-        for call in range(rng.choice([0, 0, 1, 2])):
-            messages.append(tool_call(f"c{n}.{call}"))
-            for result in range(rng.randrange(1, 3)):
-                messages.append(tool("r" * rng.randrange(0, 6), f"c{n}.{call}"))
+            messages.append(fmt.instruction(rng, "late"))
+        for step in range(rng.choice([0, 0, 1, 2])):
+            messages += fmt.tool_step(rng, [f"c{n}.{step}.{k}" for k in range(rng.randrange(1, 3))])
         if rng.random() < 0.85:
-            messages.append(assistant("a" * rng.randrange(0, 8)))
+            messages.append(fmt.reply(rng, "a" * rng.randrange(0, 8)))
     return messages
 
 
@@ -1530,8 +1644,38 @@ def chaotic_conversation(rng):
     return messages
 
 
-def rounds_in(messages, start):
-    return sum(1 for m in messages[start:] if m["role"] == "user")
+def blocks_of(message):
+    content = message.get("content")
+    return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+
+
+def is_instruction(message):
+    return message.get("role") in ("system", "developer")
+
+
+def leading_count(messages):
+    leading = 0
+    while leading < len(messages) and is_instruction(messages[leading]):
+        leading += 1
+    return leading
+
+
+def is_user_turn(message):
+    return message.get("role") in ("user", "human") and not any(
+        b.get("type") == "tool_result" for b in blocks_of(message))
+
+
+def tool_ids_of(message):
+    """Return the call ids ``message`` makes and answers, read independently of tinysession."""
+    calls = [call["id"] for call in message.get("tool_calls", ())]
+    calls += [b["id"] for b in blocks_of(message) if b.get("type") == "tool_use"]
+    answers = [message["tool_call_id"]] if "tool_call_id" in message else []
+    answers += [b["tool_use_id"] for b in blocks_of(message) if b.get("type") == "tool_result"]
+    if message.get("type") == "function_call":
+        calls.append(message["call_id"])
+    if message.get("type") == "function_call_output":
+        answers.append(message["call_id"])
+    return calls, answers
 
 
 def content_length(messages):
@@ -1545,80 +1689,389 @@ def content_length(messages):
     return total
 
 
+def json_size(message):
+    return len(json.dumps(message)) // 8
+
+
 class TrimProperties(unittest.TestCase):
-    def check_invariants(self, messages, max_rounds, max_chars):
+    def trim(self, messages, max_rounds, budget, count):
+        if budget is None:
+            return tinysession.trim_messages(messages, max_rounds)
+        if count is None:
+            return tinysession.trim_messages(messages, max_rounds, max_chars=budget)
+        return tinysession.trim_messages(messages, max_rounds, budget=budget, count=count)
+
+    def check_invariants(self, messages, max_rounds, budget, count=None):
+        size = content_length if count is None else (lambda ms: sum(count(m) for m in ms))
         snapshot = copy.deepcopy(messages)
         identities = [id(m) for m in messages]
-        result = tinysession.trim_messages(messages, max_rounds, max_chars=max_chars)
+        result = self.trim(messages, max_rounds, budget, count)
 
         self.assertEqual(messages, snapshot, "input mutated")
         self.assertEqual([id(m) for m in messages], identities, "input reordered")
         self.assertIsNot(result, messages)
 
-        leading = 0
-        while leading < len(messages) and messages[leading]["role"] == "system":
-            leading += 1
+        leading = leading_count(messages)
         assert_same_objects(self, result[:leading], messages[:leading])
         tail = result[leading:]
         if tail:
             assert_same_objects(self, tail, messages[len(messages) - len(tail):])
 
-        user_count = rounds_in(messages, leading)
-        kept_rounds = rounds_in(result, leading)
-        within_limits = user_count <= max_rounds and (
-            max_chars is None or content_length(messages) <= max_chars)
+        user_count = sum(map(is_user_turn, messages[leading:]))
+        kept_rounds = sum(map(is_user_turn, tail))
+        within_limits = user_count <= max_rounds and (budget is None or size(messages) <= budget)
         if len(result) == len(messages):
             lone_round_without_greeting = user_count == 1 and (
-                leading < len(messages) and messages[leading]["role"] == "user")
+                leading < len(messages) and is_user_turn(messages[leading]))
             self.assertTrue(user_count == 0 or within_limits or lone_round_without_greeting)
         else:
             self.assertFalse(within_limits, "trimmed although nothing needed to go")
             self.assertGreaterEqual(kept_rounds, 1)
             self.assertLessEqual(kept_rounds, max_rounds)
-            self.assertEqual(tail[0]["role"], "user")
-            if max_chars is not None and kept_rounds > 1:
-                self.assertLessEqual(content_length(result), max_chars)
+            self.assertTrue(is_user_turn(tail[0]), "kept tail does not start at a user turn")
+            if budget is not None and kept_rounds > 1:
+                self.assertLessEqual(size(result), budget)
             if kept_rounds < min(max_rounds, user_count):
                 # one more round would have been over budget
                 start = len(messages) - len(tail) - 1
-                while messages[start]["role"] != "user":
+                while not is_user_turn(messages[start]):
                     start -= 1
-                bigger = messages[:leading] + messages[start:]
-                self.assertIsNotNone(max_chars)
-                self.assertGreater(content_length(bigger), max_chars)
+                self.assertIsNotNone(budget)
+                self.assertGreater(size(messages[:leading] + messages[start:]), budget)
+        self.check_tool_pairs(messages, result)
 
-        positions = {id(m): i for i, m in enumerate(messages)}
-        kept_ids = {id(m) for m in result}
-        for m in result:
-            if m["role"] == "tool":
-                caller = positions[id(m)] - 1
-                while caller >= 0 and messages[caller]["role"] == "tool":
-                    caller -= 1
-                if caller >= 0 and messages[caller]["role"] == "assistant":
-                    self.assertIn(id(messages[caller]), kept_ids, "tool result lost its caller")
-
-        again = tinysession.trim_messages(result, max_rounds, max_chars=max_chars)
+        again = self.trim(result, max_rounds, budget, count)
         assert_same_objects(self, again, result)
         return result
 
-    def test_realistic_conversations(self):
-        rng = random.Random(20240611)
-        trimmed = 0
-        for _ in range(3000):
-            messages = realistic_conversation(rng)
-            max_rounds = rng.randrange(1, 7)
-            max_chars = rng.choice([None, None, 0, rng.randrange(0, 60)])
-            result = self.check_invariants(messages, max_rounds, max_chars)
-            trimmed += len(result) < len(messages)
-        self.assertGreater(trimmed, 1000, "generator rarely exercises trimming")
+    def check_tool_pairs(self, messages, result):
+        kept = {id(m) for m in result}
+        caller = {}
+        for m in messages:
+            calls, answers = tool_ids_of(m)
+            caller.update((call_id, m) for call_id in calls)
+            for call_id in answers:
+                if call_id in caller:
+                    self.assertEqual(id(m) in kept, id(caller[call_id]) in kept,
+                                     f"tool call {call_id} parted from its result")
+
+    def test_random_histories_in_each_format(self):
+        for fmt in FORMATS:
+            rng = random.Random(20240611)
+            trimmed = 0
+            for _ in range(1500):
+                messages = random_history(rng, fmt)
+                max_rounds = rng.randrange(1, 7)
+                budget = rng.choice([None, None, 0, rng.randrange(0, 120)])
+                if budget is not None:
+                    budget += sum(map(json_size, messages[:leading_count(messages)]))
+                with self.subTest(fmt=fmt.__name__):
+                    result = self.check_invariants(messages, max_rounds, budget, json_size)
+                trimmed += len(result) < len(messages)
+            self.assertGreater(trimmed, 500, f"{fmt.__name__}: generator rarely exercises trimming")
+
+    def test_chat_histories_with_max_chars(self):
+        rng = random.Random(5)
+        for _ in range(1500):
+            messages = [m for m in random_history(rng, ChatFormat) if "tool_calls" not in m]
+            budget = rng.choice([None, rng.randrange(8, 60)])
+            self.check_invariants(messages, rng.randrange(1, 7), budget)
 
     def test_chaotic_conversations(self):
         rng = random.Random(7)
         for _ in range(3000):
             messages = chaotic_conversation(rng)
             max_rounds = rng.randrange(1, 5)
-            max_chars = rng.choice([None, rng.randrange(0, 40)])
-            self.check_invariants(messages, max_rounds, max_chars)
+            leading = leading_count(messages)
+            budget = rng.choice([None, content_length(messages[:leading]) + rng.randrange(0, 40)])
+            self.check_invariants(messages, max_rounds, budget)
+
+
+def trim(messages, max_rounds=5, **limits):
+    return tinysession.trim_messages(messages, max_rounds, **limits)
+
+
+class TrimEachFormat(unittest.TestCase):
+    def test_leading_developer_prompt_is_kept(self):
+        developer = {"role": "developer", "content": "Be brief."}
+        messages = [developer] + alternating(3, with_system=False)
+        assert_same_objects(self, trim(messages, 1), [developer] + messages[-2:])
+
+    def test_system_then_developer_both_kept(self):
+        messages = [system(), {"role": "developer", "content": "d"}] + alternating(3, with_system=False)
+        assert_same_objects(self, trim(messages, 1), messages[:2] + messages[-2:])
+
+    def test_langchain_roles_are_trimmed(self):
+        messages = [system()]
+        for n in range(4):
+            messages += [{"role": "human", "content": f"h{n}"}, {"role": "ai", "content": f"a{n}"}]
+        assert_same_objects(self, trim(messages, 2), [messages[0]] + messages[-4:])
+
+    def test_langchain_tool_messages_stay_with_their_call(self):
+        call = {"role": "ai", "content": "", "tool_calls": [{"name": "f", "args": {"q": 1}, "id": "t1"}]}
+        result = {"role": "tool", "tool_call_id": "t1", "content": "42"}
+        messages = [{"role": "human", "content": "h0"}, {"role": "ai", "content": "a0"},
+                    {"role": "human", "content": "h1"}, call, result, {"role": "ai", "content": "a1"}]
+        assert_same_objects(self, trim(messages, 1), messages[2:])
+
+    def test_responses_items_without_role_are_trimmed_with_their_round(self):
+        messages = [responses_message("developer", "Be brief.")]
+        for n in range(3):
+            messages += [responses_message("user", f"q{n}"), responses_reasoning("thinking"),
+                         responses_call(f"call_{n}"), responses_output(f"call_{n}"),
+                         responses_message("assistant", f"a{n}", "output_text")]
+        assert_same_objects(self, trim(messages, 1), [messages[0]] + messages[-5:])
+
+    def test_responses_role_only_user_item_starts_a_round(self):
+        messages = [{"role": "user", "content": "q0"}, responses_message("assistant", "a0", "output_text"),
+                    {"role": "user", "content": "q1"}, responses_call("c"), responses_output("c")]
+        assert_same_objects(self, trim(messages, 1), messages[2:])
+
+    def test_responses_text_parts_count_towards_max_chars(self):
+        messages = [responses_message("user", "q" * 10), responses_message("assistant", "a" * 10, "output_text"),
+                    responses_message("user", "q" * 10), responses_message("assistant", "a" * 10, "output_text")]
+        self.assertEqual(trim(messages, max_chars=40), messages)
+        assert_same_objects(self, trim(messages, max_chars=39), messages[2:])
+
+    def test_tool_call_arguments_count_towards_max_chars(self):
+        call = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "x" * 5000}}]}
+        messages = [user("u0"), call, tool("ok", "c1"), assistant("a0"), user("u1"), assistant("a1")]
+        assert_same_objects(self, trim(messages, max_chars=1000), messages[-2:])
+
+    def test_anthropic_tool_result_message_starts_no_round(self):
+        messages = [user("What is the weather?"), anthropic_tool_use("toolu_1"),
+                    anthropic_results("toolu_1"), {"role": "assistant", "content": "Sunny."}]
+        assert_same_objects(self, trim(messages, 1), messages)
+
+    def test_anthropic_rounds_keep_tool_use_with_its_result(self):
+        messages = [user("u0"), anthropic_tool_use("toolu_1", "toolu_2"), anthropic_results("toolu_1", "toolu_2"),
+                    assistant("a0"), user("u1"), anthropic_tool_use("toolu_3"), anthropic_results("toolu_3")]
+        assert_same_objects(self, trim(messages, 1), messages[4:])
+
+    def test_anthropic_results_with_text_start_no_round(self):
+        answer = {"role": "user", "content": [anthropic_result_block("toolu_1"), {"type": "text", "text": "go on"}]}
+        messages = [user("u0"), anthropic_tool_use("toolu_1"), answer, assistant("a0")]
+        assert_same_objects(self, trim(messages, 1), messages)
+
+    def test_anthropic_results_without_their_call_start_no_round(self):
+        messages = [user("u0"), assistant("a0"), anthropic_results("gone"), assistant("a"),
+                    user("u1"), assistant("a1")]
+        assert_same_objects(self, trim(messages, 2), messages)
+        assert_same_objects(self, trim(messages, 1), messages[-2:])
+
+    def test_legacy_function_role_is_a_result(self):
+        call = {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}
+        result = {"role": "function", "name": "f", "content": "42"}
+        messages = [user("u0"), assistant("a0"), user("u1"), call, result, assistant("a1")]
+        assert_same_objects(self, trim(messages, 1), messages[2:])
+
+
+class TrimCountsEveryShape(unittest.TestCase):
+    def assert_counts(self, message, chars):
+        """``message`` in a round of its own, before a round of 0 chars, counts ``chars``."""
+        messages = [user(""), message, user("")]
+        assert_same_objects(self, trim(messages, max_chars=chars), messages)
+        assert_same_objects(self, trim(messages, max_chars=chars - 1), messages[-1:])
+
+    def test_text_parts(self):
+        for part_type in ("text", "input_text", "output_text", "summary_text", "reasoning_text"):
+            with self.subTest(part_type=part_type):
+                self.assert_counts(responses_message("assistant", "abcde", part_type), 5)
+
+    def test_refusal_and_thinking_parts(self):
+        self.assert_counts({"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}, 2)
+        self.assert_counts({"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "s" * 50}]}, 3)
+
+    def test_chat_tool_call_arguments(self):
+        call = {"role": "assistant", "content": "ok", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+            {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}
+        self.assert_counts(call, 2 + 8 + 2)
+
+    def test_langchain_args_count_as_json(self):
+        call = {"role": "ai", "content": "", "tool_calls": [{"name": "f", "args": {"x": "é"}, "id": "t"}]}
+        self.assert_counts(call, len('{"x": "é"}'))
+
+    def test_anthropic_tool_use_input_counts_as_json(self):
+        self.assert_counts(anthropic_tool_use("t", tool_input={"city": "Paris"}), len('{"city": "Paris"}'))
+
+    def test_anthropic_tool_result_content(self):
+        self.assert_counts(anthropic_results("t"), 2)
+        blocks = {"role": "user", "content": [anthropic_result_block("t", [{"type": "text", "text": "abc"}])]}
+        self.assert_counts(blocks, 3)
+
+    def test_responses_call_output_and_reasoning(self):
+        self.assert_counts(responses_call("c", '{"q": 12}'), 9)
+        self.assert_counts(responses_output("c", "x" * 7), 7)
+        self.assert_counts(responses_output("c", [{"type": "input_text", "text": "abcd"}]), 4)
+        self.assert_counts(responses_reasoning("why"), 3)
+
+    def test_tool_message_content(self):
+        self.assert_counts(tool("result"), 6)
+
+
+class TrimCountCallable(unittest.TestCase):
+    def test_count_replaces_character_count(self):
+        messages = [system("s" * 100)] + alternating(4, with_system=False)
+        # one "token" a message: the system prompt plus two rounds fit in 5
+        result = trim(messages, budget=5, count=lambda message: 1)
+        assert_same_objects(self, result, [messages[0]] + messages[-4:])
+
+    def test_count_is_called_once_per_message(self):
+        calls = []
+        messages = alternating(50)
+        trim(messages, budget=30, count=lambda message: calls.append(message) or 1)
+        assert_same_objects(self, calls, messages)
+
+    def test_budget_alone_counts_characters_like_max_chars(self):
+        messages = alternating(6)
+        for limit in range(0, 40, 3):
+            with self.subTest(limit=limit):
+                assert_same_objects(self, trim(messages, budget=limit + 3), trim(messages, max_chars=limit + 3))
+
+    def test_count_without_budget_is_an_error(self):
+        with self.assertRaisesRegex(TypeError, "budget"):
+            trim(alternating(2), count=len)
+
+    def test_max_chars_with_budget_or_count_is_an_error(self):
+        for extra in ({"budget": 10}, {"count": len}):
+            with self.subTest(extra=extra), self.assertRaisesRegex(TypeError, "max_chars"):
+                trim(alternating(2), max_chars=10, **extra)
+
+    def test_count_must_be_callable(self):
+        with self.assertRaisesRegex(TypeError, "count must be callable"):
+            trim(alternating(2), budget=10, count={})
+
+    def test_count_returning_a_non_int_names_the_message(self):
+        for value in (1.5, "3", None, True):
+            with self.subTest(value=value), self.assertRaises(TypeError) as caught:
+                trim(alternating(2), budget=10, count=lambda message, value=value: value)
+            self.assertIn("count(messages[0])", str(caught.exception))
+
+    def test_negative_count_names_the_message(self):
+        with self.assertRaisesRegex(ValueError, r"count\(messages\[2\]\) returned -1"):
+            trim(alternating(2), budget=10, count=lambda m: -1 if m["content"] == "a0" else 1)
+
+    def test_budget_checked_like_max_chars(self):
+        with self.assertRaisesRegex(ValueError, "budget"):
+            trim(alternating(1), budget=-1)
+        with self.assertRaisesRegex(TypeError, "budget"):
+            trim(alternating(1), budget=2.5)
+
+
+class TrimInstructionsOverBudget(unittest.TestCase):
+    def test_instructions_alone_over_budget_raise(self):
+        messages = [system("x" * 30), {"role": "developer", "content": "y" * 25}] + alternating(2, False)
+        with self.assertRaises(ValueError) as caught:
+            trim(messages, max_chars=50)
+        self.assertEqual(str(caught.exception),
+                         "the leading instructions, messages[:2], count 55: over the budget of 50")
+
+    def test_instructions_that_fit_exactly_are_kept_with_the_newest_round(self):
+        messages = [system("x" * 50)] + alternating(2, with_system=False)
+        assert_same_objects(self, trim(messages, max_chars=50), [messages[0]] + messages[-2:])
+
+    def test_raised_even_without_a_round(self):
+        with self.assertRaises(ValueError):
+            trim([system("long prompt")], budget=3)
+
+    def test_measured_with_count(self):
+        with self.assertRaisesRegex(ValueError, "count 7: over the budget of 6"):
+            trim([system("s")] + alternating(1, False), budget=6, count=lambda m: 7)
+
+
+class TrimRejectsUnknownShapes(unittest.TestCase):
+    def assert_rejected(self, bad, *fragments):
+        with self.assertRaises(ValueError) as caught:
+            trim([user(), assistant(), bad, user()])
+        for fragment in ("messages[2]",) + fragments:
+            self.assertIn(fragment, str(caught.exception))
+
+    def test_unknown_role(self):
+        self.assert_rejected({"role": "model", "parts": [{"text": "hi"}]}, "unknown role 'model'")
+
+    def test_role_that_is_not_a_str(self):
+        self.assert_rejected({"role": ["user"], "content": "x"}, "unknown role")
+
+    def test_unknown_type(self):
+        self.assert_rejected({"type": "human", "data": {"content": "hi"}}, "unknown type 'human'")
+
+    def test_message_item_without_role(self):
+        self.assert_rejected({"type": "message", "content": "x"}, "no 'role'")
+
+    def test_role_with_an_unexpected_type(self):
+        self.assert_rejected({"role": "assistant", "type": "function_call"}, "type 'function_call'")
+
+    def test_every_responses_item_type_in_use_is_accepted(self):
+        for item_type in ("function_call", "function_call_output", "reasoning", "web_search_call",
+                          "file_search_call", "computer_call", "computer_call_output", "mcp_call",
+                          "mcp_list_tools", "mcp_approval_request", "mcp_approval_response",
+                          "custom_tool_call", "custom_tool_call_output", "item_reference"):
+            with self.subTest(item_type=item_type):
+                messages = [user(), {"type": item_type, "id": "x"}, user()]
+                assert_same_objects(self, trim(messages, 1), messages[-1:])
+
+
+class TrimKeepsToolPairs(unittest.TestCase):
+    def test_user_turn_between_a_call_and_its_result_starts_no_round(self):
+        messages = [user("u0"), responses_call("c1"), user("never mind"), responses_output("c1"),
+                    assistant("a0"), user("u1"), assistant("a1")]
+        assert_same_objects(self, trim(messages, 2), messages)
+        assert_same_objects(self, trim(messages, 1), messages[-2:])
+
+    def test_reused_id_pairs_with_the_latest_call(self):
+        messages = [user("u0"), tool_call("c1"), tool("r", "c1"), user("u1"), tool_call("c1"), tool("r", "c1")]
+        assert_same_objects(self, trim(messages, 1), messages[3:])
+
+    def test_result_whose_call_was_trimmed_earlier_is_ignored(self):
+        messages = [user("u0"), assistant("a0"), user("u1"), tool("orphan", "gone"), assistant("a1")]
+        assert_same_objects(self, trim(messages, 1), messages[2:])
+
+
+class TrimLangChainCases(unittest.TestCase):
+    """LangChain's trim_messages cases for strategy "last", include_system, start_on "human"."""
+
+    @staticmethod
+    def per_message(message):
+        # LangChain's test counter: 3 + 4 + 3 per str message, 4 per block of a list
+        content = message["content"]
+        return 10 if isinstance(content, str) else 6 + 4 * len(content)
+
+    def conversation(self):
+        return [system("This is a 4 token text."), {"role": "human", "content": "This is a 4 token text."},
+                {"role": "ai", "content": [{"type": "text", "text": "This is the FIRST 4 token block."},
+                                           {"type": "text", "text": "This is the SECOND 4 token block."}]},
+                {"role": "human", "content": "This is a 4 token text."},
+                {"role": "ai", "content": "This is a 4 token text."}]
+
+    def test_last_30_include_system(self):
+        messages = self.conversation()
+        result = trim(messages, budget=30, count=self.per_message)
+        assert_same_objects(self, result, [messages[0]] + messages[-2:])
+
+    def test_last_start_on_human(self):
+        messages = [{"role": "human", "content": "First human message"}, {"role": "ai", "content": "AI response"},
+                    {"role": "human", "content": "Second human message"}]
+        assert_same_objects(self, trim(messages, budget=20, count=self.per_message), messages[-1:])
+
+    def test_exact_budget_boundary_keeps_everything(self):
+        messages = [system("10 tokens exactly."), {"role": "human", "content": "Another 10 tokens."}]
+        assert_same_objects(self, trim(messages, budget=20, count=self.per_message), messages)
+
+    def test_counting_messages(self):
+        messages = [system("you're a good assistant")] + [
+            {"role": role, "content": f"{role} {n}"} for n in range(5) for role in ("human", "ai")]
+        result = trim(messages, budget=5, count=lambda message: 1)
+        assert_same_objects(self, result, [messages[0]] + messages[-4:])
+
+    def test_empty_history(self):
+        self.assertEqual(trim([], budget=10, count=self.per_message), [])
+
+    def test_bad_counter(self):
+        with self.assertRaisesRegex(TypeError, "dict"):
+            trim(self.conversation(), budget=10, count={})
 
 
 # -- Middleware --

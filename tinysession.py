@@ -31,7 +31,8 @@ Records expire by modification time: with ``max_age`` (seconds) a record not
 written or touched for that long is missing on every read, cleaned or not.
 ``clean()``, the middleware's background thread or the command line
 ``python -m tinysession clean STORE --max-age 7d`` reclaim the space.
-``trim_messages`` keeps a chat history stored in a session bounded.
+``trim_messages`` keeps a chat history stored in a session bounded, whole
+rounds at a time, in the OpenAI, Anthropic and LangChain dict formats.
 
 Threads and processes: stores and the middleware may be shared by the
 threads of a process, and several processes (or machines, with Redis) may use
@@ -1819,33 +1820,48 @@ class SessionMiddleware:
         return _SessionBody(body, session, self.settings)
 
 
-# -- Message window --
+# -- Chat history --
+
+_INSTRUCTIONS, _USER, _REPLY, _RESULT = "instructions", "user", "reply", "result"
+_ROLE_KINDS = {
+    "system": _INSTRUCTIONS, "developer": _INSTRUCTIONS,
+    "user": _USER, "human": _USER,
+    "assistant": _REPLY, "ai": _REPLY,
+    "tool": _RESULT, "function": _RESULT,
+}
+_REPLY_TYPES = frozenset({"reasoning", "mcp_list_tools", "mcp_approval_request", "item_reference"})
+_PART_TEXT_KEYS = {
+    "text": "text", "input_text": "text", "output_text": "text", "summary_text": "text",
+    "reasoning_text": "text", "refusal": "refusal", "thinking": "thinking",
+}
 
 
-def trim_messages(messages, max_rounds=5, *, max_chars=None):
-    """Keep the leading system messages and the last ``max_rounds`` whole rounds.
+def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=None):
+    """Keep the leading instructions and the last ``max_rounds`` whole rounds.
 
-    A round starts at a ``user`` message and runs to the next one, so replies,
-    tool calls and tool results go with it and the kept tail starts at a
-    ``user`` message.  System messages before the first other message are
-    always kept; later ones belong to their round.  Messages between those and
-    the first ``user`` message (a greeting) belong to no round and go first
-    when anything is trimmed.  With ``max_chars``, the oldest kept rounds are
-    then dropped until the total content length, system messages included, is
-    at most ``max_chars``; the newest round is kept even if it alone is over.
+    Takes Chat Completions, Responses / Agents SDK, Anthropic or LangChain
+    dicts.  The leading ``system`` / ``developer`` messages are always kept.
+    A round starts at a user turn (role ``user`` or ``human``, not carrying
+    ``tool_result`` blocks, and not inside a tool call/result pair with the
+    same id) and holds everything up to the next, so calls, results and
+    reasoning stay with it.  Messages before the first round go first.
 
-    Content length: a str counts its length, a list or tuple of parts counts
-    its str parts and the str ``"text"`` of ``"type": "text"`` parts, None or
-    no content counts 0, anything else counts ``len(str(content))``.
+    With ``budget``, the oldest rounds are then dropped until the total,
+    instructions included, is at most ``budget``; the newest round stays even
+    alone over.  ``count(message) -> int >= 0`` measures a message (tokens,
+    say); by default, its characters of text: str content, text parts of
+    every kind, tool-call arguments and tool outputs (JSON length when not a
+    str; images count 0).  ``max_chars=n`` is ``budget=n`` with that default.
 
-    Returns a new list of the same message objects, equal to the input when
-    nothing needs trimming or there is no ``user`` message; never mutates
-    ``messages``; linear time.  Raises TypeError if ``messages`` is not a
-    sequence, an item is not a mapping or a limit is not an int, and
-    ValueError if a message has no ``role`` (missing or None), ``max_rounds``
-    is below 1 or ``max_chars`` is negative; errors name the message index.
+    Returns a new list of the same message objects (the input's when nothing
+    needs trimming or there is no round); never mutates ``messages``; linear.
+    Raises TypeError for a non-sequence, a non-mapping item, a non-int limit
+    or count result, ``count`` without ``budget`` or with ``max_chars``; ValueError
+    for an unknown role or item type, ``max_rounds < 1``, a negative budget
+    or count, or leading instructions alone over the budget.  Errors name
+    the message index.
 
-    >>> chat = [{"role": "system", "content": "Be brief."}]
+    >>> chat = [{"role": "developer", "content": "Be brief."}]
     >>> for n in range(3):
     ...     chat += [{"role": "user", "content": f"q{n}"},
     ...              {"role": "assistant", "content": f"a{n}"}]
@@ -1855,32 +1871,23 @@ def trim_messages(messages, max_rounds=5, *, max_chars=None):
     if isinstance(messages, (str, bytes, bytearray)) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a sequence, not {type(messages).__name__}")
     _check_limit("max_rounds", max_rounds, 1)
-    if max_chars is not None:
-        _check_limit("max_chars", max_chars, 0)
+    budget, count = _budget_and_count(budget, count, max_chars)
     items = list(messages)
-    for index, message in enumerate(items):
-        if not isinstance(message, Mapping):
-            raise TypeError(f"messages[{index}] is not a mapping: {message!r}")
-        if message.get("role") is None:
-            raise ValueError(f"messages[{index}] has no 'role'")
-
-    system_count = 0
-    while system_count < len(items) and items[system_count]["role"] == "system":
-        system_count += 1
-    round_starts = [i for i in range(system_count, len(items)) if items[i]["role"] == "user"]
-    lengths = [_content_length(m.get("content")) for m in items] if max_chars is not None else []
-    if not round_starts or (
-        len(round_starts) <= max_rounds and (max_chars is None or sum(lengths) <= max_chars)
-    ):
+    kinds = [_message_kind(message, index) for index, message in enumerate(items)]
+    lead = 0
+    while lead < len(kinds) and kinds[lead] == _INSTRUCTIONS:
+        lead += 1
+    sizes = [] if budget is None else [_counted(count, m, i) for i, m in enumerate(items)]
+    if budget is not None and sum(sizes[:lead]) > budget:
+        raise ValueError(f"the leading instructions, messages[:{lead}], count {sum(sizes[:lead])}: "
+                         f"over the budget of {budget}")
+    starts = _round_starts(items, kinds, lead)
+    if not starts or (len(starts) <= max_rounds and (budget is None or sum(sizes) <= budget)):
         return items
-
-    first_round = max(len(round_starts) - max_rounds, 0)
-    if max_chars is not None:
-        total = sum(lengths[:system_count]) + sum(lengths[round_starts[first_round]:])
-        while total > max_chars and first_round < len(round_starts) - 1:
-            total -= sum(lengths[round_starts[first_round]:round_starts[first_round + 1]])
-            first_round += 1
-    return items[:system_count] + items[round_starts[first_round]:]
+    first = max(len(starts) - max_rounds, 0)
+    if budget is not None:
+        first = _first_round_within(sizes, starts, first, budget - sum(sizes[:lead]))
+    return items[:lead] + items[starts[first]:]
 
 
 def _check_limit(name, value, minimum):
@@ -1891,17 +1898,164 @@ def _check_limit(name, value, minimum):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def _budget_and_count(budget, count, max_chars):
+    """Return ``(budget, count)`` from trim_messages' keywords, checked; ``(None, None)`` for none."""
+    if max_chars is not None:
+        if budget is not None or count is not None:
+            raise TypeError("max_chars=n is budget=n counting characters: give one or the other, "
+                            "and count only with budget")
+        budget, name = max_chars, "max_chars"
+    else:
+        name = "budget"
+    if budget is None:
+        if count is not None:
+            raise TypeError("count is only used with a budget: pass budget= too")
+        return None, None
+    _check_limit(name, budget, 0)
+    if count is not None and not callable(count):
+        raise TypeError(f"count must be callable, not {type(count).__name__}")
+    return budget, count or _message_chars
+
+
+def _counted(count, message, index):
+    """Return ``count(message)``, checked to be an int >= 0."""
+    size = count(message)
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"count(messages[{index}]) must return an int, not {type(size).__name__}")
+    if size < 0:
+        raise ValueError(f"count(messages[{index}]) returned {size}, below 0")
+    return size
+
+
+def _message_kind(message, index):
+    """Return whether ``message`` is instructions, a user turn, a reply or a tool result."""
+    if not isinstance(message, Mapping):
+        raise TypeError(f"messages[{index}] is not a mapping: {message!r}")
+    role, item_type = message.get("role"), message.get("type")
+    if role is None:
+        if not isinstance(item_type, str) or item_type == "message":
+            raise ValueError(f"messages[{index}] has no 'role' and no known 'type': "
+                             f"keys {list(message)!r}")
+        if item_type.endswith("_call_output") or item_type == "mcp_approval_response":
+            return _RESULT
+        if item_type.endswith("_call") or item_type in _REPLY_TYPES:
+            return _REPLY
+        raise ValueError(f"messages[{index}] has an unknown type {item_type!r}")
+    kind = _ROLE_KINDS.get(role) if isinstance(role, str) else None
+    if kind is None or item_type not in (None, "message"):
+        raise ValueError(f"messages[{index}] has an unknown role {role!r} (type {item_type!r}); "
+                         f"known roles: {', '.join(_ROLE_KINDS)}")
+    if kind == _USER and any(_is_block(part, "tool_result") for part in _parts(message)):
+        return _RESULT
+    return kind
+
+
+def _round_starts(items, kinds, lead):
+    """Return the indexes of the user turns, from ``lead`` on, that no call/result pair spans."""
+    spans = [0] * (len(items) + 1)
+    call_at = {}
+    for index, message in enumerate(items):
+        calls, results = _tool_ids(message)
+        for call_id in calls:
+            call_at[call_id] = index
+        for call_id in results:
+            call = call_at.get(call_id)
+            if call is not None and call < index:
+                spans[call + 1] += 1
+                spans[index + 1] -= 1
+    starts, open_pairs = [], 0
+    for index, kind in enumerate(kinds):
+        open_pairs += spans[index]
+        if index >= lead and kind == _USER and not open_pairs:
+            starts.append(index)
+    return starts
+
+
+def _tool_ids(message):
+    """Return the str ids of the tool calls ``message`` makes and of those it answers."""
+    item_type = message.get("type")
+    item_type = item_type if isinstance(item_type, str) else ""
+    calls = [call.get("id") for call in _as_list(message.get("tool_calls")) if isinstance(call, Mapping)]
+    calls += [block.get("id") for block in _parts(message) if _is_block(block, "tool_use")]
+    results = [message.get("tool_call_id")]
+    results += [block.get("tool_use_id") for block in _parts(message) if _is_block(block, "tool_result")]
+    if item_type.endswith("_call"):
+        calls.append(message.get("call_id"))
+    elif item_type.endswith("_call_output"):
+        results.append(message.get("call_id"))
+    return ([i for i in calls if isinstance(i, str)], [i for i in results if isinstance(i, str)])
+
+
+def _first_round_within(sizes, starts, first, room):
+    """Return the oldest round from ``first`` on whose tail fits ``room``; at most the newest."""
+    total = sum(sizes[starts[first]:])
+    while total > room and first < len(starts) - 1:
+        total -= sum(sizes[starts[first]:starts[first + 1]])
+        first += 1
+    return first
+
+
+def _as_list(value):
+    """Return ``value`` if it is a list or tuple, else an empty tuple."""
+    return value if isinstance(value, (list, tuple)) else ()
+
+
+def _parts(message):
+    """Return the parts or blocks of a message's list content, or an empty tuple."""
+    return _as_list(message.get("content"))
+
+
+def _is_block(part, block_type):
+    """Return whether ``part`` is a mapping of type ``block_type``."""
+    return isinstance(part, Mapping) and part.get("type") == block_type
+
+
+def _message_chars(message):
+    """Return the characters of text in ``message``, as ``trim_messages`` counts them by default."""
+    total = _content_length(message.get("content"))
+    for call in _as_list(message.get("tool_calls")):
+        if isinstance(call, Mapping):
+            function = call.get("function")
+            total += _value_length(function.get("arguments") if isinstance(function, Mapping)
+                                   else call.get("args"))
+    legacy_call = message.get("function_call")
+    if isinstance(legacy_call, Mapping):
+        total += _value_length(legacy_call.get("arguments"))
+    for key in ("arguments", "output", "summary"):
+        total += _content_length(message.get(key))
+    return total
+
+
 def _content_length(content):
-    """Return the length of a message's text, as ``trim_messages`` counts it."""
-    if content is None:
+    """Return the characters of text in a content value: a str, a list of parts, or other."""
+    if isinstance(content, (list, tuple)):
+        return sum(_part_length(part) for part in content)
+    return _value_length(content)
+
+
+def _part_length(part):
+    """Return the characters of text in one content part or block."""
+    if isinstance(part, str):
+        return len(part)
+    if not isinstance(part, Mapping):
         return 0
-    if isinstance(content, str):
-        return len(content)
-    if not isinstance(content, (list, tuple)):
-        return len(str(content))
-    texts = (part.get("text") if isinstance(part, Mapping) and part.get("type") == "text" else part
-             for part in content)
-    return sum(len(text) for text in texts if isinstance(text, str))
+    part_type = part.get("type")
+    if part_type == "tool_use":
+        return _value_length(part.get("input"))
+    if part_type == "tool_result":
+        return _content_length(part.get("content"))
+    key = _PART_TEXT_KEYS.get(part_type) if isinstance(part_type, str) else None
+    text = part.get(key) if key else None
+    return len(text) if isinstance(text, str) else 0
+
+
+def _value_length(value):
+    """Return the length of a str, 0 for None, else the length of its JSON."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value)
+    return len(json.dumps(value, ensure_ascii=False, default=str))
 
 
 
