@@ -1553,9 +1553,8 @@ class Session(MutableMapping):
 
     def _rotate_on_new_identity(self):
         """Regenerate the id if the identity key changed since loading (login, logout, another user)."""
-        if self.state == _LOADED and self._settings.identity_key is not None and self._cookie is None:
-            if self._identity_now() != self._identity:
-                self._forget_record()
+        if self.state == _LOADED and self._cookie is None and self._identity_now() != self._identity:
+            self._forget_record()
 
     def cookie(self):
         """Return the Set-Cookie value this response must carry, or None; decided once, on the first call.
