@@ -2687,6 +2687,101 @@ class BackgroundCleaning(unittest.TestCase):
         self.assertIn("disk on fire", "\n".join(logs.output))
 
 
+class CookiesOfOthers(MiddlewareCase):
+    """A request that only reads never sets a cookie, and cookies the server did not issue are left alone."""
+
+    def test_the_default_name_is_no_other_framework_s(self):
+        self.assertNotIn(NAME.lower(), {"session", "sessionid", "phpsessid", "jsessionid"})
+        self.assertEqual(tinysession.SessionMiddleware(probe_app, self.store).cookie_name, NAME)
+
+    def test_a_read_only_request_sends_no_set_cookie(self):
+        self.browser.json("/set?user=ann")
+        status, headers, body = self.browser.request("/read")
+        self.assertEqual((status, json.loads(body), headers.get("Set-Cookie")), (200, {"user": "ann"}, None))
+        self.assertEqual(headers.get("Vary"), "Cookie")
+
+    def test_unknown_cookies_are_ignored_never_expired(self):
+        forged = "A" * 43
+        for cookie in (f"session=flask-cookie; {NAME}={forged}", f"{NAME}=garbage", f"{NAME}={forged}"):
+            with self.subTest(cookie=cookie):
+                status, headers, body = call(self.app, "/read", cookie=cookie)
+                self.assertEqual((status, json.loads(body), set_cookies(headers)), ("200 OK", {}, []))
+
+    def test_an_expired_session_is_not_answered_with_an_expiring_cookie(self):
+        self.browser.json("/set?user=ann")
+        self.store.max_age = 60
+        self.age_session(61)
+        status, headers, body = self.browser.request("/read")
+        self.assertEqual((json.loads(body), headers.get("Set-Cookie")), ({}, None))
+
+    def test_only_a_session_this_request_emptied_gets_an_expiring_cookie(self):
+        self.browser.json("/set?user=ann")
+        _, headers, _ = self.browser.request("/logout")
+        self.assertIn("Max-Age=0", headers["Set-Cookie"])
+        self.assertEqual(self.session_keys(), [])
+
+
+class PersistentCookies(MiddlewareCase):
+    middleware_options = {"clean_interval": None, "cookie_max_age": 3600}
+
+    def test_a_persistent_cookie_is_sent_when_the_session_is_new_not_on_reads(self):
+        _, headers, _ = self.browser.request("/set?user=ann")
+        self.assertIn("Max-Age=3600", headers["Set-Cookie"])
+        _, headers, _ = self.browser.request("/read")
+        self.assertIsNone(headers.get("Set-Cookie"))
+
+    def test_refresh_each_request_resends_it_on_every_response_that_used_the_session(self):
+        app = tinysession.SessionMiddleware(
+            probe_app, self.store, clean_interval=None, cookie_max_age=3600, refresh_each_request=True
+        )
+        _, headers, _ = call(app, "/set", query="user=ann")
+        (cookie,) = set_cookies(headers)
+        session_cookie = cookie.split(";")[0]
+        _, headers, _ = call(app, "/read", cookie=session_cookie)
+        self.assertEqual([value.split(";")[0] for value in set_cookies(headers)], [session_cookie])
+        self.assertIn("Max-Age=3600", set_cookies(headers)[0])
+        _, headers, _ = call(app, "/untouched", cookie=session_cookie)
+        self.assertEqual(set_cookies(headers), [])
+
+
+class TouchIntervalFollowsMaxAge(MiddlewareCase):
+    store_options = {"max_age": 2}
+
+    def test_a_session_used_more_often_than_max_age_never_expires(self):
+        self.browser.json("/set?user=ann")
+        for _ in range(6):  # 6 x 1.2 s of use at the default touch_interval of 60 s
+            self.age_session(1.2)
+            self.assertEqual(self.browser.json(), {"user": "ann"})
+
+
+class TheCookieFollowsTheHeaders(MiddlewareCase):
+    def test_start_response_at_the_first_iteration_sends_the_cookie_and_saves(self):
+        def late_app(environ, start_response):
+            tinysession.get_session(environ)["user"] = "ann"
+
+            def body():
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                yield b"hello"
+
+            return body()
+
+        app = tinysession.SessionMiddleware(late_app, self.store, clean_interval=None)
+        with LogRecords() as warnings:
+            _, headers, body = call(app)
+        self.assertEqual((body, warnings), (b"hello", []))
+        (cookie,) = set_cookies(headers)
+        key = hashlib.sha256(cookie.split(";")[0].split("=", 1)[1].encode()).hexdigest()
+        self.assertEqual(self.store[key]["data"], {"user": "ann"})
+
+    def test_a_live_cookie_after_malformed_pairs_is_found(self):
+        self.browser.json("/set?user=ann")
+        live = self.browser.session_id()
+        for junk in ("novalue", '"quoted; x="y', "ctl=\x01\x7f", "=", f"{NAME}", f'{NAME}="unterminated'):
+            with self.subTest(junk=junk):
+                _, _, body = call(self.app, "/read", cookie=f"{junk}; {NAME}={live}")
+                self.assertEqual(json.loads(body), {"user": "ann"})
+
+
 class StoreFailuresDuringRequests(unittest.TestCase):
     def test_a_failing_store_fails_the_request_instead_of_starting_afresh(self):
         directory = os.path.join(temp_dir(self), "sessions")

@@ -1638,6 +1638,7 @@ class Session(MutableMapping):
     def _became(self, key, stored, now):
         self.state, self._key, self._stored, self._mtime = _LOADED, key, stored, now
         self._snapshot = _snapshot(self._data)
+        self._identity = self._identity_now()
 
     def _touch(self, now):
         interval = self._settings.touch_after()
