@@ -602,7 +602,8 @@ _shared_redis = []
 class RedisServer:
     """A private redis-server on a free loopback port that persists nothing and has no KEYS command."""
 
-    def __init__(self):
+    def __init__(self, *options):
+        self.options = options
         self.directory = tempfile.mkdtemp(prefix="tinysession-redis-")
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -614,7 +615,7 @@ class RedisServer:
         """Start the server and wait until it answers PING."""
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.directory, "--rename-command", "KEYS", ""],
+             "--appendonly", "no", "--dir", self.directory, "--rename-command", "KEYS", "", *self.options],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -955,6 +956,25 @@ class RedisSpecifics(unittest.TestCase):
         self.assertTrue(store.touch("b"))  # the scripts are loaded again
         self.assertEqual((len(store), list(store), "b" in store), (1, ["b"], True))
         self.assertEqual(store.clean(keep=0), 1)
+
+    def test_out_of_memory_writes_fail_while_logout_and_clean_still_work(self):
+        server = RedisServer("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+        self.addCleanup(server.close)
+        client = server.client()
+        self.addCleanup(client.close)
+        store = tinysession.RedisStore(client, prefix="oom:")
+        store["user"] = {"name": "ann"}
+        with self.assertRaises(tinysession.StoreError) as caught:
+            for index in range(3000):
+                store[f"s{index}"] = {"pad": "x" * 10000}
+        self.assertIn("maxmemory", str(caught.exception))
+        self.assertLess(client.info("memory")["used_memory"], 4 * 1024 * 1024)
+        self.assertLess(index, 400)
+        self.assertEqual(store.pop("user"), {"name": "ann"})  # a logout
+        self.assertNotIn("user", store)
+        self.assertEqual(store.clean(keep=0), index)
+        store["after"] = {"v": 1}  # there is room again
+        self.assertEqual(store["after"], {"v": 1})
 
     def test_a_client_that_decodes_responses_is_rejected(self):
         client = self.server.client(decode_responses=True)
@@ -2316,6 +2336,30 @@ class ChangeDetection(MiddlewareCase):
         self.assertEqual([kind for kind, _ in self.store.accesses], ["read"])
 
 
+class ReadsEncodeNothing(MiddlewareCase):
+    def test_a_request_that_only_reads_never_encodes_the_session(self):
+        class CountingJSON:
+            dumps_calls = 0
+
+            def dumps(self, obj):
+                CountingJSON.dumps_calls += 1
+                return json.dumps(obj).encode()
+
+            def loads(self, data):
+                return json.loads(data)
+
+        store = self.make_store(serializer=CountingJSON())
+        app = tinysession.SessionMiddleware(probe_app, store, clean_interval=None)
+        _, headers, _ = call(app, "/set", query="user=ann")
+        cookie = set_cookies(headers)[0].split(";")[0]
+        for message in range(50):
+            call(app, "/append", cookie=cookie, query=f"m={message}")
+        CountingJSON.dumps_calls = 0
+        _, _, body = call(app, "/read", cookie=cookie)
+        self.assertEqual(len(json.loads(body)["messages"]), 50)
+        self.assertEqual(CountingJSON.dumps_calls, 0)
+
+
 class Touching(MiddlewareCase):
     store_options = {"max_age": 600}
 
@@ -2711,7 +2755,7 @@ class CookiesOfOthers(MiddlewareCase):
         self.browser.json("/set?user=ann")
         self.store.max_age = 60
         self.age_session(61)
-        status, headers, body = self.browser.request("/read")
+        _status, headers, body = self.browser.request("/read")
         self.assertEqual((json.loads(body), headers.get("Set-Cookie")), ({}, None))
 
     def test_only_a_session_this_request_emptied_gets_an_expiring_cookie(self):
@@ -2793,6 +2837,43 @@ class StoreFailuresDuringRequests(unittest.TestCase):
             pass  # reading a session now fails with ENOTDIR
         with self.assertRaises(tinysession.StoreError):
             call(app, "/read", cookie=cookie)
+
+    def test_under_gunicorn_a_storage_failure_is_an_http_500_not_an_empty_reply(self):
+        require(importlib.util.find_spec("gunicorn") is not None, "gunicorn is not installed (pip install gunicorn)")
+        work = temp_dir(self)
+        directory = os.path.join(work, "sessions")
+        with open(os.path.join(work, "failing_app.py"), "w") as file:
+            file.write(
+                "import tinysession, test_tinysession\n"
+                f"store = tinysession.FileStore({directory!r})\n"
+                "application = tinysession.SessionMiddleware(test_tinysession.probe_app, store, clean_interval=None)\n"
+            )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([work, HERE, os.environ.get("PYTHONPATH", "")]))
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "failing_app"],
+            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(server.wait, 10)
+        self.addCleanup(server.terminate)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    self.fail("gunicorn did not start")
+                time.sleep(0.05)
+        browser = Browser(f"http://127.0.0.1:{port}")
+        self.assertEqual(browser.json("/set?user=ann"), {"user": "ann"})
+        os.rename(directory, directory + ".moved")
+        with open(directory, "w"):
+            pass  # every store access now fails with ENOTDIR
+        status, _, _ = browser.request("/read")  # an empty reply would raise RemoteDisconnected here
+        self.assertEqual(status, 500)
 
 
 # -- Examples --
