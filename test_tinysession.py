@@ -399,7 +399,7 @@ class StoreContract:
 
     def test_a_conditional_write_or_removal_acts_only_on_the_expected_bytes(self):
         store = self.make_store()
-        old, new = store.dump("c", {"v": 1}), store.dump("c", {"v": 2})
+        old, new = store.encode("c", {"v": 1}), store.encode("c", {"v": 2})
         self.assertFalse(store.save("c", new, expected=old))  # absent: nothing is created
         self.assertNotIn("c", store)
         store.save("c", old)
@@ -415,7 +415,7 @@ class StoreContract:
     def test_a_removal_racing_a_conditional_write_is_never_undone(self):
         switch_threads_often(self)
         store = self.make_store()
-        before, after = store.dump("race", {"v": 1}), store.dump("race", {"v": 2})
+        before, after = store.encode("race", {"v": 1}), store.encode("race", {"v": 2})
         rounds, barrier, resurrected = 2000, threading.Barrier(2), []
 
         def logout():
@@ -448,7 +448,7 @@ class StoreContract:
             store = self.make_store()
             store.clear()
             for index in range(300):
-                store.save(f"r{index}", store.dump(f"r{index}", {"i": index}), now=time.time() - 1000 + index)
+                store.save(f"r{index}", store.encode(f"r{index}", {"i": index}), now=time.time() - 1000 + index)
             cleaner = threading.Thread(target=store.clean, kwargs={"keep": 100})
             last_written = None
             cleaner.start()
@@ -457,7 +457,7 @@ class StoreContract:
                     current = store.load("r0")[1]
                 except KeyError:
                     break
-                written = store.dump("r0", {"i": 0, "write": random.random()})
+                written = store.encode("r0", {"i": 0, "write": random.random()})
                 if store.save("r0", written, expected=current):
                     last_written = written
             cleaner.join()
@@ -766,7 +766,7 @@ class RedisSpecifics(unittest.TestCase):
 
     def test_a_conditional_write_never_creates_a_record_and_keeps_the_ttl(self):
         store = self.make_store(max_age=60)
-        payload = store.dump("a", {"v": 2})
+        payload = store.encode("a", {"v": 2})
         self.assertFalse(store.save("a", payload, expected=b'{"v":1}'))
         self.assertEqual((self.names(), self.members()), (set(), set()))
         store["a"] = {"v": 1}

@@ -322,7 +322,7 @@ class Store(MutableMapping):
 
     # Records.
 
-    def dump(self, key, record):
+    def encode(self, key, record):
         """Return the bytes ``write`` stores for ``record``: serialized, size-checked, signed.
 
         Raises RecordTooLarge past ``max_bytes``.
@@ -346,10 +346,10 @@ class Store(MutableMapping):
         data, mtime = self.read(_check_key(key))
         if self._expired(mtime, now):
             raise KeyError(key)
-        return self._decode(key, data), data, mtime
+        return self.decode(key, data), data, mtime
 
     def save(self, key, data, *, expected=None, now=None):
-        """Write bytes made by ``dump`` with mtime ``now``; return False if ``expected`` did not match.
+        """Write bytes made by ``encode`` with mtime ``now``; return False if ``expected`` did not match.
 
         Holds ``max_sessions`` by cleaning after every ``max_sessions // 10``
         writes (at least 10).
@@ -384,8 +384,11 @@ class Store(MutableMapping):
             return None
         return self.max_bytes + (_SIGNATURE_BYTES if self._signing_key is not None else 0)
 
-    def _decode(self, key, data):
-        """Return the record in ``data``; KeyError (logged) if it is oversized, badly signed or corrupt."""
+    def decode(self, key, data):
+        """Return the record in the stored bytes ``data`` of ``key``, as ``encode`` made them.
+
+        Raise KeyError (logged) if they are oversized, badly signed or corrupt.
+        """
         try:
             limit = self._read_limit()
             if limit is not None and len(data) > limit:
@@ -423,7 +426,7 @@ class Store(MutableMapping):
         return self.load(key)[0]
 
     def __setitem__(self, key, record):
-        self.save(_check_key(key), self.dump(key, record))
+        self.save(_check_key(key), self.encode(key, record))
 
     def __delitem__(self, key):
         if self._take(_check_key(key)) is None:
@@ -449,7 +452,7 @@ class Store(MutableMapping):
         try:
             if data is None:
                 raise KeyError(key)
-            return self._decode(key, data)
+            return self.decode(key, data)
         except KeyError:
             if default is _MISSING:
                 raise
@@ -1630,7 +1633,7 @@ class Session(MutableMapping):
                 return
             self._id = _new_session_id()
         key = _store_key(self._id)
-        stored = self._settings.store.dump(key, self._record())
+        stored = self._settings.store.encode(key, self._record())
         self._settings.store.save(key, stored, now=now)
         self._undo.append((key, None, stored))
         self._became(key, stored, now)
@@ -1652,7 +1655,7 @@ class Session(MutableMapping):
 
     def _save_changed(self, now):
         store, key = self._settings.store, self._key
-        stored = store.dump(key, self._record())
+        stored = store.encode(key, self._record())
         if stored == self._stored:
             self._snapshot = _snapshot(self._data)
             self._touch(now)
