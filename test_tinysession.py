@@ -2550,16 +2550,16 @@ class DevTools:
         return result["result"].get("value")
 
     def wait_until(self, tab, condition):
-        """Return once the JavaScript ``condition`` holds in the page; fail after ``_WAIT_SECONDS``."""
+        """Return once the JavaScript ``condition`` holds in the page; fail after half ``_WAIT_SECONDS``."""
         expression = f"""(async () => {{
-            for (const end = Date.now() + {_WAIT_SECONDS * 1000}; Date.now() < end;
+            for (const end = Date.now() + {_WAIT_SECONDS * 500}; Date.now() < end;
                  await new Promise((resolve) => setTimeout(resolve, 20))) {{
                 if ({condition}) return true;
             }}
             return false;
         }})()"""
         if not self.evaluate(tab, expression):
-            raise AssertionError(f"still false after {_WAIT_SECONDS} s: {condition}")
+            raise AssertionError(f"still false after {_WAIT_SECONDS / 2} s: {condition}")
 
     def cookies(self, context):
         """Return the cookies the browser context holds, as CDP cookie objects."""
@@ -2625,8 +2625,8 @@ class BrowserDemo(unittest.TestCase):
 
     def test_cookie_flags_history_across_reloads_and_visible_trimming(self):
         context, tab = self.open_chat()
-        partials = self.send_message(tab, "message 1", 1)
-        reply = "You said: message 1"
+        partials = self.send_message(tab, "message 1 streams in word by word, as a model's reply would", 1)
+        reply = "You said: message 1 streams in word by word, as a model's reply would"
         self.assertTrue(any(0 < len(text) < len(reply) and reply.startswith(text) for text in partials), partials)
         for number in range(2, 8):
             self.send_message(tab, f"message {number}", number)
