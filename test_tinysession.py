@@ -2156,6 +2156,8 @@ class ChatExample(unittest.TestCase):
     def test_a_streamed_reply_is_saved_when_the_stream_ends(self):
         store = self.chat.open_store(temp_dir(self))
         browser = Browser(serve(self, self.chat.make_app(store)))
+        self.assertEqual(self.post(browser, "/reply", message="  ")[0], 200)
+        self.assertEqual(len(store), 0)
         status, headers, body = self.post(browser, "/reply", message="one two three four")
         self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; charset=utf-8"))
         self.assertEqual(body, b"You said: one two three four")

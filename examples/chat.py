@@ -286,15 +286,15 @@ def make_app(store, store_label=None):
             return respond(start_response, "303 See Other", b"", extra=[("Location", "/?forgotten")])
         message = read_message(environ)
         if message is None:
-            return respond(start_response, "413 Content Too Large", plain_page("Too large", "That was too much."))
+            return respond(start_response, "413 Content Too Large", plain_page("Too large", f"Messages are limited to {MAX_MESSAGE_CHARS:,} characters."))
         text, length = message
-        if text:
-            add_message(session, "user", text)
+        if not text:
+            return respond(start_response, "303 See Other", b"", extra=[("Location", "/")])
+        add_message(session, "user", text)
         if path == "/reply":
             start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"), *SECURITY_HEADERS])
-            return stream_reply(session, echo(text, length) if text else "")
-        if text:
-            add_message(session, "assistant", echo(text, length))
+            return stream_reply(session, echo(text, length))
+        add_message(session, "assistant", echo(text, length))
         return respond(start_response, "303 See Other", b"", extra=[("Location", "/")])
 
     return tinysession.SessionMiddleware(chat, store)
