@@ -9,9 +9,11 @@ is a failure instead.
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import copy
 import doctest
+import fcntl
 import hashlib
 import heapq
 import http.client
@@ -25,6 +27,7 @@ import os
 import pickle
 import random
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -2903,6 +2906,32 @@ def load_example(name):
     return module
 
 
+CHAT_SCRIPT = os.path.join(HERE, "examples", "chat.py")
+
+
+def start_chat(test, *args, env=None):
+    """Start ``python examples/chat.py *args`` as the README does; return its base URL once it listens.
+
+    The demo's request log goes to a file in a temporary directory; the process
+    is terminated when ``test`` ends.
+    """
+    log_path = os.path.join(temp_dir(test), "chat.log")
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        child = subprocess.Popen([sys.executable, CHAT_SCRIPT, *args], stdout=subprocess.PIPE, stderr=log, env=env)
+    finally:
+        os.close(log)
+    test.addCleanup(child.stdout.close)
+    test.addCleanup(child.wait, 30)
+    test.addCleanup(child.terminate)
+    ready = select.select([child.stdout], [], [], 30)[0]
+    line = child.stdout.readline().decode() if ready else ""
+    if not line.startswith("chat on http://127.0.0.1:"):
+        with open(log_path) as stderr:
+            test.fail(f"the demo did not start: {line!r}, stderr {stderr.read()!r}")
+    return line.split()[2].rstrip("/")
+
+
 class ChatExample(unittest.TestCase):
     def setUp(self):
         self.chat = load_example("chat")
@@ -2919,30 +2948,74 @@ class ChatExample(unittest.TestCase):
                 self.assertEqual(status, 200)
             page = page.decode()
             self.assertIn("You said: message 7", page)
-            self.assertIn("message 3", page)
+            self.assertIn("round 3</small>message 3<", page)
             self.assertNotIn("message 2<", page)
-            self.assertEqual(page.count("<li>"), 2 * self.chat.MAX_ROUNDS)
+            self.assertEqual(page.count('<div class="msg '), 2 * self.chat.MAX_ROUNDS)
+            self.assertIn("Rounds 1–2 were trimmed", page)
+            self.assertIn("5 rounds kept, at most 5; 2 older rounds trimmed.", page)
             stranger = Browser(browser.base_url)
             self.assertNotIn("message 7", stranger.request("/")[2].decode())
-            status, _, page = self.post(browser, "/logout")
-            self.assertNotIn("<li>", page.decode())
+            status, _, page = self.post(browser, "/forget")
+            self.assertIn("Forgotten", page.decode())
+            self.assertNotIn('<div class="msg ', page.decode())
             self.assertEqual(len(store), 0)
+
+    def test_a_streamed_reply_is_saved_when_the_stream_ends(self):
+        store = self.chat.open_store(temp_dir(self))
+        browser = Browser(serve(self, self.chat.make_app(store)))
+        self.assertEqual(self.post(browser, "/reply", message="  ")[0], 200)
+        self.assertEqual(len(store), 0)
+        status, headers, body = self.post(browser, "/reply", message="one two three four")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; charset=utf-8"))
+        self.assertEqual(body, b"You said: one two three four")
+        page = browser.request("/")[2].decode()
+        self.assertIn("round 1</small>one two three four<", page)
+        self.assertIn("<small>Echo</small>You said: one two three four<", page)
+
+    def test_a_long_message_is_cut_and_the_reply_says_so(self):
+        browser = Browser(serve(self, self.chat.make_app(self.chat.open_store(temp_dir(self)))))
+        page = self.post(browser, message="x" * 2345)[2].decode()
+        self.assertIn("You said (the first 2,000 of your 2,345 characters): " + "x" * 2000 + "<", page)
+        self.assertEqual(self.post(browser, message="x" * 70000)[0], 413)
+
+    def test_unknown_paths_are_404_and_wrong_methods_405(self):
+        browser = Browser(serve(self, self.chat.make_app(self.chat.open_store(temp_dir(self)))))
+        for path in ("/favicon.ico", "/nope", "/reply/"):
+            self.assertEqual(browser.request(path)[0], 404, path)
+        status, headers, _ = browser.request("/forget")
+        self.assertEqual((status, headers["Allow"]), (405, "POST"))
 
     def test_the_readme_command_serves_the_page(self):
         directory = os.path.join(temp_dir(self), "sessions")
-        script = os.path.join(HERE, "examples", "chat.py")
-        child = subprocess.Popen(
-            [sys.executable, script, "--port", "0", "--store", directory], stdout=subprocess.PIPE
-        )
-        self.addCleanup(child.wait)
-        self.addCleanup(child.stdout.close)
-        self.addCleanup(child.terminate)
-        url = child.stdout.readline().decode().split()[2]
-        browser = Browser(url.rstrip("/"))
+        browser = Browser(start_chat(self, "--port", "0", "--store", directory))
         status, _, page = self.post(browser, message="hello over a real server")
         self.assertEqual(status, 200)
         self.assertIn("You said: hello over a real server", page.decode())
+        self.assertIn(f"a FileStore at {directory}", page.decode())
         self.assertEqual(len(os.listdir(directory)), 1)
+
+    def test_history_survives_a_restart_in_the_default_store_and_a_given_one(self):
+        temp = temp_dir(self)
+        env = dict(os.environ, TMPDIR=temp)
+        for number, args in enumerate(([], ["--store", os.path.join(temp, "chat.db")])):
+            browser = Browser(start_chat(self, "--port", "0", *args, env=env))
+            self.post(browser, message=f"kept across restarts {number}")
+            browser.base_url = start_chat(self, "--port", "0", *args, env=env)
+            self.assertIn(f"kept across restarts {number}<", browser.request("/")[2].decode())
+        self.assertEqual([name for name in os.listdir(temp) if not name.startswith("chat.db")], ["tinysession-chat"])
+        self.assertEqual(len(os.listdir(os.path.join(temp, "tinysession-chat"))), 1)
+
+    def test_a_taken_port_is_a_clear_message_and_exit_status_1(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = str(taken.getsockname()[1])
+            args = [sys.executable, CHAT_SCRIPT, "--port", port, "--store", temp_dir(self)]
+            result = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, "")
+        self.assertIn(f"port {port} on 127.0.0.1 is already in use; pick another with --port N", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
 
 
 class FrameworkExamples(unittest.TestCase):
@@ -3165,6 +3238,270 @@ class CommandLineProcess(unittest.TestCase):
         _, err = child.communicate(timeout=60)
         self.assertEqual(child.returncode, 1)
         self.assertIn(b"pip install redis", err)
+
+
+# -- The demo in a real browser --
+
+_CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-pipe",
+)
+_WAIT_SECONDS = 20
+_WATCH_REPLY = """
+if (window.partials === undefined) {
+  new MutationObserver(() => {
+    const reply = [...document.querySelectorAll("#chat .assistant")].pop();
+    if (reply) window.partials.push(reply.lastChild.textContent);
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}
+window.partials = [];
+"""
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol, with the standard library only.
+
+    ``--remote-debugging-pipe`` makes the browser read commands from its fd 3
+    and write replies and events to its fd 4, each a JSON object ended by NUL.
+    The browser gets a fresh profile in ``directory``, logs to a file there,
+    and runs in its own process group, killed when ``test`` ends. Every wait is
+    bounded: past ``_WAIT_SECONDS`` the test fails instead of hanging.
+    """
+
+    def __init__(self, test, executable, directory):
+        commands_read, self.commands = os.pipe()
+        self.replies, replies_write = os.pipe()
+        # posix_spawn applies the dup2s in order, so the child's ends first move above 4.
+        child_ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands_read, replies_write)]
+        os.close(commands_read)
+        os.close(replies_write)
+        log = os.path.join(directory, "chromium.log")
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT, 0o600),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+            (os.POSIX_SPAWN_DUP2, child_ends[0], 3),
+            (os.POSIX_SPAWN_DUP2, child_ends[1], 4),
+        ]
+        argv = [executable, *_CHROMIUM_FLAGS, f"--user-data-dir={os.path.join(directory, 'profile')}"]
+        try:
+            self.pid = os.posix_spawn(executable, [*argv, "about:blank"], os.environ, file_actions=actions, setsid=True)
+        finally:
+            for fd in child_ends:
+                os.close(fd)
+        test.addCleanup(self.close)
+        self.buffer, self.events, self.last_id = b"", [], 0
+
+    def _receive(self, deadline):
+        while b"\0" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.replies], [], [], remaining)[0]:
+                raise AssertionError(f"Chromium did not answer within {_WAIT_SECONDS} s")
+            chunk = os.read(self.replies, 1 << 16)
+            if not chunk:
+                raise AssertionError("Chromium closed the DevTools pipe")
+            self.buffer += chunk
+        message, self.buffer = self.buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def send(self, method, tab=None, **params):
+        """Send a command (to ``tab``, a session id, or to the browser) and return its result."""
+        self.last_id += 1
+        message = {"id": self.last_id, "method": method, "params": params}
+        if tab is not None:
+            message["sessionId"] = tab
+        data = json.dumps(message).encode() + b"\0"
+        while data:
+            data = data[os.write(self.commands, data) :]
+        deadline = time.monotonic() + _WAIT_SECONDS
+        while True:
+            reply = self._receive(deadline)
+            if reply.get("id") != self.last_id:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise AssertionError(f"{method} failed: {reply['error']}")
+            else:
+                return reply["result"]
+
+    def load(self, tab, method, **params):
+        """Send a command that navigates ``tab`` and return once the new page has loaded."""
+        seen = len(self.events)
+        self.send(method, tab, **params)
+        deadline = time.monotonic() + _WAIT_SECONDS
+        while True:
+            for event in self.events[seen:]:
+                if event.get("method") == "Page.loadEventFired" and event.get("sessionId") == tab:
+                    return
+            seen = len(self.events)
+            self.events.append(self._receive(deadline))
+
+    def open_tab(self, javascript=True):
+        """Open a page in a new browser context (its own cookies); return ``(context, tab)``."""
+        context = self.send("Target.createBrowserContext")["browserContextId"]
+        target = self.send("Target.createTarget", url="about:blank", browserContextId=context)["targetId"]
+        tab = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.send("Page.enable", tab)
+        self.send("Emulation.setScriptExecutionDisabled", tab, value=not javascript)
+        return context, tab
+
+    def evaluate(self, tab, expression):
+        """Return the value of ``expression`` in the page, awaiting it if it is a promise."""
+        result = self.send("Runtime.evaluate", tab, expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression!r} raised {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_until(self, tab, condition):
+        """Return once the JavaScript ``condition`` holds in the page; fail after half ``_WAIT_SECONDS``."""
+        expression = f"""(async () => {{
+            for (const end = Date.now() + {_WAIT_SECONDS * 500}; Date.now() < end;
+                 await new Promise((resolve) => setTimeout(resolve, 20))) {{
+                if ({condition}) return true;
+            }}
+            return false;
+        }})()"""
+        if not self.evaluate(tab, expression):
+            raise AssertionError(f"still false after {_WAIT_SECONDS / 2} s: {condition}")
+
+    def cookies(self, context):
+        """Return the cookies the browser context holds, as CDP cookie objects."""
+        return self.send("Storage.getCookies", browserContextId=context)["cookies"]
+
+    def close(self):
+        """Close the browser, kill what is left of its process group and reap it."""
+        with contextlib.suppress(AssertionError, OSError):
+            self.send("Browser.close")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self.commands)
+        os.close(self.replies)
+
+
+def png_size(data):
+    """Return ``(width, height)`` from a PNG's header; fail if ``data`` is not a PNG."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", data[:16]
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+class BrowserDemo(unittest.TestCase):
+    """``python examples/chat.py --port N`` as a person meets it, in headless Chromium."""
+
+    def setUp(self):
+        executable = shutil.which("chromium") or shutil.which("chromium-browser")
+        require(executable is not None, "Chromium is not installed (apt-get install chromium)")
+        self.browser = DevTools(self, executable, temp_dir(self))
+        self.store = os.path.join(temp_dir(self), "sessions")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = start_chat(self, "--port", str(port), "--store", self.store)
+        probe_store = tinysession.FileStore(temp_dir(self))
+        self.cookie_name = tinysession.SessionMiddleware(lambda environ, start: [], probe_store).cookie_name
+
+    def open_chat(self, javascript=True):
+        context, tab = self.browser.open_tab(javascript)
+        self.browser.load(tab, "Page.navigate", url=self.url + "/")
+        return context, tab
+
+    def send_message(self, tab, text, round_number):
+        """Send ``text`` with JavaScript on; return the reply's texts seen while it streamed."""
+        browser = self.browser
+        browser.evaluate(tab, _WATCH_REPLY)
+        browser.send("Runtime.evaluate", tab, expression="document.getElementById('message').focus()")
+        browser.send("Input.insertText", tab, text=text)
+        browser.evaluate(tab, "document.querySelector('#send button').click()")
+        browser.wait_until(
+            tab,
+            "!document.querySelector('#send button').disabled && "
+            f"[...document.querySelectorAll('#chat .user small')].pop()?.textContent === 'You · round {round_number}'",
+        )
+        return browser.evaluate(tab, "window.partials")
+
+    def session_cookie(self, context):
+        cookies = [cookie for cookie in self.browser.cookies(context) if cookie["name"] == self.cookie_name]
+        return cookies[0] if cookies else None
+
+    def text(self, tab, selector="#chat"):
+        return self.browser.evaluate(tab, f"document.querySelector({json.dumps(selector)}).innerText")
+
+    def test_cookie_flags_history_across_reloads_and_visible_trimming(self):
+        context, tab = self.open_chat()
+        partials = self.send_message(tab, "message 1 streams in word by word, as a model's reply would", 1)
+        reply = "You said: message 1 streams in word by word, as a model's reply would"
+        self.assertTrue(any(0 < len(text) < len(reply) and reply.startswith(text) for text in partials), partials)
+        for number in range(2, 8):
+            self.send_message(tab, f"message {number}", number)
+        cookie = self.session_cookie(context)
+        self.assertEqual((cookie["httpOnly"], cookie["sameSite"]), (True, "Lax"))
+        self.assertEqual(self.browser.evaluate(tab, "document.cookie"), "")
+        self.browser.load(tab, "Page.reload")
+        labels = self.browser.evaluate(tab, "[...document.querySelectorAll('#chat .msg small')].map(e => e.innerText)")
+        self.assertEqual(labels, [label for n in range(3, 8) for label in (f"You · round {n}", "Echo")])
+        chat = self.text(tab)
+        self.assertIn("Rounds 1–2 were trimmed: the session keeps the last 5.", chat)
+        self.assertIn("You said: message 7", chat)
+        self.assertNotIn("message 2", chat)
+        facts = self.text(tab, "#session")
+        self.assertIn("5 rounds kept, at most 5; 2 older rounds trimmed.", facts)
+        self.assertIn(f"Stored in a FileStore at {self.store}", facts)
+
+    def test_two_browser_contexts_are_kept_apart_and_the_page_works_without_javascript(self):
+        first, first_tab = self.open_chat()
+        self.send_message(first_tab, "only for the first", 1)
+        second, second_tab = self.open_chat(javascript=False)
+        self.assertNotIn("only for the first", self.text(second_tab))
+        self.browser.evaluate(second_tab, "document.getElementById('message').value = 'only for the second'")
+        self.browser.load(second_tab, "Runtime.evaluate", expression="document.querySelector('#send button').click()")
+        chat = self.text(second_tab)
+        self.assertIn("You said: only for the second", chat)
+        self.assertNotIn("only for the first", chat)
+        self.browser.load(first_tab, "Page.reload")
+        self.assertNotIn("only for the second", self.text(first_tab))
+        self.assertNotEqual(self.session_cookie(first)["value"], self.session_cookie(second)["value"])
+        self.assertEqual(len(os.listdir(self.store)), 2)
+
+    def test_forget_me_deletes_the_record_and_the_replayed_cookie_gets_an_empty_session(self):
+        context, tab = self.open_chat()
+        self.send_message(tab, "remember this", 1)
+        old = self.session_cookie(context)
+        self.assertEqual(len(os.listdir(self.store)), 1)
+        self.browser.load(tab, "Runtime.evaluate", expression="document.querySelector('#session button').click()")
+        self.assertIn("Forgotten: your session was deleted and its cookie expired.", self.text(tab, "body"))
+        self.assertEqual(os.listdir(self.store), [])
+        self.assertIsNone(self.session_cookie(context))
+        replayed = {key: old[key] for key in ("name", "value", "domain", "path", "httpOnly", "sameSite")}
+        self.browser.send("Storage.setCookies", cookies=[replayed], browserContextId=context)
+        self.browser.load(tab, "Page.navigate", url=self.url + "/")
+        self.assertNotIn("remember this", self.text(tab))
+        self.assertEqual(self.browser.evaluate(tab, "document.querySelectorAll('#chat .msg').length"), 0)
+        self.assertEqual(os.listdir(self.store), [])
+        self.send_message(tab, "a fresh start", 1)
+        self.assertNotEqual(self.session_cookie(context)["value"], old["value"])
+
+    def test_a_phone_sees_the_page_at_its_width_with_text_at_full_size(self):
+        _, tab = self.browser.open_tab()
+        self.browser.send(
+            "Emulation.setDeviceMetricsOverride", tab, width=390, height=844, deviceScaleFactor=2, mobile=True
+        )
+        self.browser.load(tab, "Page.navigate", url=self.url + "/")
+        self.send_message(tab, "Hello from a phone! " + "long" * 40 + " words wrap.", 1)
+        self.assertEqual(self.browser.evaluate(tab, "window.innerWidth"), 390)
+        self.assertLessEqual(self.browser.evaluate(tab, "document.documentElement.scrollWidth"), 390)
+        size = self.browser.evaluate(tab, "getComputedStyle(document.querySelector('#chat .msg')).fontSize")
+        self.assertGreaterEqual(float(size.rstrip("px")), 14)
+        screenshot = base64.b64decode(self.browser.send("Page.captureScreenshot", tab, format="png")["data"])
+        path = os.path.join(temp_dir(self), "phone.png")
+        with open(path, "wb") as file:
+            file.write(screenshot)
+        self.assertEqual(png_size(screenshot), (780, 1688))
 
 
 if __name__ == "__main__":

@@ -1,78 +1,346 @@
-"""A chat page whose history lives in a server-side session.
+"""A small chat whose history lives in a server-side session.
 
 Run ``python examples/chat.py`` and open http://127.0.0.1:8000/. The
-"assistant" echoes; the history is trimmed to the last few rounds with
-``tinysession.trim_messages``. Sessions go to a temporary directory unless
-``--store`` names a directory (FileStore) or a ``.db`` file (SQLiteStore).
+"assistant" echoes, streaming its reply in a few words at a time (with
+JavaScript; without it the form posts and the page reloads). The history is
+trimmed to the last ``MAX_ROUNDS`` rounds with ``tinysession.trim_messages``,
+and the page says what the session holds. Sessions are kept in
+``<temp dir>/tinysession-chat`` (one fixed directory, so history survives a
+restart) unless ``--store`` names a directory (FileStore) or a ``.db`` file
+(SQLiteStore). ``--port`` picks the port (8000; 0 for any free one).
 """
 
 import argparse
+import base64
+import contextlib
+import errno
+import hashlib
 import html
 import os
+import re
+import socketserver
 import sys
 import tempfile
+import time
 import urllib.parse
-from wsgiref.simple_server import make_server
+from wsgiref.simple_server import WSGIServer, make_server
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import tinysession
 
 SYSTEM_PROMPT = {"role": "system", "content": "You are an echo. You repeat what you are told."}
 MAX_ROUNDS = 5
+MAX_MESSAGE_CHARS = 2000
+MAX_BODY_BYTES = 64 * 1024
+IDLE_SECONDS = 86400
+STREAM_PIECE_SECONDS = 0.05
+STREAM_TOTAL_SECONDS = 1.0
+ROUTES = {"/": ("GET", "HEAD", "POST"), "/reply": ("POST",), "/forget": ("POST",)}
 
-PAGE = """<!doctype html>
-<meta charset="utf-8"><title>tinysession chat</title>
-<h1>tinysession chat</h1>
-<ol>{items}</ol>
-<form method="post" action="/"><input name="message" autofocus> <button>Send</button></form>
-<form method="post" action="/logout"><button>Forget me</button></form>
+STYLE = """
+:root { color-scheme: light dark; --bg: #f5f6f8; --fg: #1c2230; --muted: #5b6676; --accent: #2f6fde;
+  --bubble: #fff; --line: #d7dce4; }
+@media (prefers-color-scheme: dark) { :root { --bg: #15181d; --fg: #e5e8ee; --muted: #9ba5b3;
+  --accent: #3f7cea; --bubble: #22262d; --line: #363d48; } }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 42rem; padding: 1rem; background: var(--bg); color: var(--fg);
+  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+h1 { font-size: 1.4rem; margin: 0; }
+header p { margin: .25rem 0 1rem; color: var(--muted); }
+#chat { display: flex; flex-direction: column; gap: .5rem; }
+.msg { max-width: 85%; padding: .5rem .8rem; border-radius: 1rem; white-space: pre-wrap;
+  overflow-wrap: anywhere; }
+.msg small { display: block; font-size: .75rem; opacity: .8; }
+.user { align-self: flex-end; background: var(--accent); color: #fff; border-bottom-right-radius: .3rem; }
+.assistant { align-self: flex-start; background: var(--bubble); border: 1px solid var(--line);
+  border-bottom-left-radius: .3rem; }
+.note, .empty { color: var(--muted); font-size: .875rem; text-align: center; margin: .25rem 0; }
+.notice { background: #e3f4e7; color: #1b5a2a; padding: .5rem .8rem; border-radius: .8rem; }
+#send { display: flex; flex-wrap: wrap; gap: .5rem; margin: 1rem 0; }
+#send label { width: 100%; font-weight: 600; }
+textarea { flex: 1; min-width: 0; font: inherit; padding: .5rem .8rem; border: 1px solid var(--line);
+  border-radius: .8rem; background: var(--bubble); color: inherit; resize: vertical; }
+button { font: inherit; padding: .5rem 1rem; border: 0; border-radius: .8rem; background: var(--accent);
+  color: #fff; cursor: pointer; }
+button:disabled { opacity: .6; }
+#session { border-top: 1px solid var(--line); margin-top: 1.5rem; color: var(--muted); font-size: .875rem; }
+#session h2 { font-size: 1rem; color: var(--fg); margin-bottom: .25rem; }
+#session ul { padding-left: 1.2rem; }
+#session button { background: #c03a3a; }
+code { overflow-wrap: anywhere; }
+"""
+
+SCRIPT = """
+const form = document.getElementById("send"), box = document.getElementById("message");
+function bubble(role, label, text) {
+  const div = document.createElement("div"), small = document.createElement("small");
+  div.className = "msg " + role;
+  small.textContent = label;
+  div.append(small, text);
+  document.getElementById("chat").append(div);
+  return div;
+}
+box.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); form.requestSubmit(); }
+});
+form.addEventListener("submit", async (event) => {
+  const text = box.value.trim();
+  event.preventDefault();
+  if (!text) return;
+  form.querySelector("button").disabled = true;
+  document.querySelector("#chat .empty")?.remove();
+  bubble("user", "You", text);
+  const reply = bubble("assistant", "Echo", "");
+  box.value = "";
+  const response = await fetch("/reply", {method: "POST", body: new URLSearchParams({message: text})});
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  for (let part = await reader.read(); !part.done; part = await reader.read()) {
+    reply.lastChild.textContent += part.value;
+    reply.scrollIntoView({block: "end"});
+  }
+  const page = new DOMParser().parseFromString(await (await fetch("/")).text(), "text/html");
+  for (const id of ["chat", "session"]) document.getElementById(id).replaceWith(page.getElementById(id));
+  form.querySelector("button").disabled = false;
+  box.focus();
+});
 """
 
 
-def make_app(store):
-    """Return the chat as a WSGI app wrapped in SessionMiddleware over ``store``."""
+def _sha256_source(text):
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+SECURITY_HEADERS = [
+    (
+        "Content-Security-Policy",
+        (
+            f"default-src 'none'; style-src {_sha256_source(STYLE)}; script-src {_sha256_source(SCRIPT)}; "
+            "connect-src 'self'; form-action 'self'; img-src data:; base-uri 'none'; frame-ancestors 'none'"
+        ),
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+]
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<link rel="icon" href="data:,">
+<style>{style}</style>
+</head>
+<body>
+<header><h1>tinysession chat</h1><p>An echo bot whose conversation lives in a server-side session.</p></header>
+{body}
+</body>
+</html>
+"""
+
+CHAT = """{notice}<main id="chat" aria-live="polite">
+{messages}
+</main>
+<form id="send" method="post" action="/">
+<label for="message">Your message</label>
+<textarea id="message" name="message" rows="2" maxlength="{limit}" required autofocus
+ placeholder="Say something; Enter sends, Shift+Enter starts a new line"></textarea>
+<button type="submit">Send</button>
+</form>
+<section id="session" aria-labelledby="session-title">
+<h2 id="session-title">What your session holds</h2>
+<ul>{facts}</ul>
+<form method="post" action="/forget"><button type="submit">Forget me</button></form>
+</section>
+<script>{script}</script>"""
+
+
+def add_message(session, role, content):
+    """Append a message to the session's history, trimmed to the last ``MAX_ROUNDS`` rounds.
+
+    A ``user`` message starts a round; ``session["rounds"]`` counts every round
+    ever sent, so the page can say how many were trimmed.
+    """
+    history = session.get("messages") or [SYSTEM_PROMPT]
+    history.append({"role": role, "content": content})
+    session["messages"] = tinysession.trim_messages(history, MAX_ROUNDS)
+    if role == "user":
+        session["rounds"] = session.get("rounds", 0) + 1
+
+
+def echo(text, length):
+    """Return the assistant's reply to ``text``, saying so when a message of ``length`` was cut."""
+    if length > MAX_MESSAGE_CHARS:
+        return f"You said (the first {MAX_MESSAGE_CHARS:,} of your {length:,} characters): {text}"
+    return f"You said: {text}"
+
+
+def stream_reply(session, reply):
+    """Yield ``reply`` a few words at a time, then add it to the session.
+
+    The session changes while the response streams; the middleware saves it
+    when the server closes the body, even if the client went away mid-reply.
+    """
+    pieces = re.findall(r"\s*\S+", reply)
+    pause = min(STREAM_PIECE_SECONDS, STREAM_TOTAL_SECONDS / max(len(pieces), 1))
+    try:
+        for piece in pieces:
+            yield piece.encode("utf-8")
+            time.sleep(pause)
+    finally:
+        add_message(session, "assistant", reply)
+
+
+def read_message(environ):
+    """Return ``(text, length)`` from the posted form: the stripped text cut to the limit, its full length.
+
+    Returns None when the body is over ``MAX_BODY_BYTES``.
+    """
+    size = int(environ.get("CONTENT_LENGTH") or 0)
+    if size > MAX_BODY_BYTES:
+        return None
+    form = urllib.parse.parse_qs(environ["wsgi.input"].read(size).decode("utf-8", "replace"))
+    text = form.get("message", [""])[0].strip()
+    return text[:MAX_MESSAGE_CHARS], len(text)
+
+
+def render_messages(session):
+    """Return the history as HTML, each round numbered from the first ever sent."""
+    messages = [message for message in session.get("messages", []) if message["role"] != "system"]
+    kept = sum(message["role"] == "user" for message in messages)
+    trimmed = session.get("rounds", kept) - kept
+    parts = []
+    if trimmed:
+        first = "Round 1 was" if trimmed == 1 else f"Rounds 1–{trimmed} were"
+        parts.append(f'<p class="note">{first} trimmed: the session keeps the last {MAX_ROUNDS}.</p>')
+    elif not messages:
+        parts.append('<p class="empty">No messages yet. Say something and the echo answers.</p>')
+    number = trimmed
+    for message in messages:
+        if message["role"] == "user":
+            number += 1
+            label = f"You · round {number}"
+        else:
+            label = "Echo"
+        role = "user" if message["role"] == "user" else "assistant"
+        parts.append(f'<div class="msg {role}"><small>{label}</small>{html.escape(message["content"])}</div>')
+    return "\n".join(parts), kept, trimmed
+
+
+def render_chat(session, store_label, notice=""):
+    """Return the chat page for ``session`` as bytes."""
+    messages, kept, trimmed = render_messages(session)
+    facts = [
+        (
+            f"{kept} round{'s' * (kept != 1)} kept, at most {MAX_ROUNDS}; "
+            f"{trimmed} older round{'s' * (trimmed != 1)} trimmed."
+        ),
+        f"Stored in {html.escape(store_label)}, kept a day after your last visit.",
+        "Your browser holds only a random id, in an HttpOnly, SameSite=Lax cookie that scripts cannot read.",
+    ]
+    body = CHAT.format(
+        notice=f'<p class="notice" role="status">{notice}</p>\n' if notice else "",
+        messages=messages,
+        limit=MAX_MESSAGE_CHARS,
+        facts="".join(f"<li>{fact}</li>" for fact in facts),
+        script=SCRIPT,
+    )
+    return PAGE.format(title="tinysession chat", style=STYLE, body=body).encode("utf-8")
+
+
+def plain_page(title, text):
+    """Return a small HTML page saying ``text``, as bytes."""
+    body = f"<main><h2>{html.escape(title)}</h2><p>{text}</p></main>"
+    return PAGE.format(title=html.escape(title), style=STYLE, body=body).encode("utf-8")
+
+
+def make_app(store, store_label=None):
+    """Return the chat as a WSGI app wrapped in SessionMiddleware over ``store``.
+
+    ``store_label`` says on the page where sessions are kept. Routes: ``GET /``
+    the page, ``POST /`` a message (then 303 to ``/``), ``POST /reply`` a
+    message answered by a streamed text/plain reply, ``POST /forget`` deletes
+    the session (then 303 to ``/?forgotten``); other paths are 404, other
+    methods 405.
+    """
+    store_label = store_label or f"a {type(store).__name__}"
+
+    def respond(start_response, status, body, content_type="text/html; charset=utf-8", extra=()):
+        start_response(status, [("Content-Type", content_type), *SECURITY_HEADERS, *extra])
+        return [body]
 
     def chat(environ, start_response):
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
+        if path not in ROUTES:
+            return respond(start_response, "404 Not Found", plain_page("Not found", 'Try <a href="/">the chat</a>.'))
+        if method not in ROUTES[path]:
+            allow = [("Allow", ", ".join(ROUTES[path]))]
+            return respond(start_response, "405 Method Not Allowed", plain_page("Method not allowed", ""), extra=allow)
         session = tinysession.get_session(environ)
-        if environ["REQUEST_METHOD"] == "POST":
-            size = int(environ.get("CONTENT_LENGTH") or 0)
-            form = urllib.parse.parse_qs(environ["wsgi.input"].read(size).decode("utf-8", "replace"))
-            if environ["PATH_INFO"] == "/logout":
-                session.invalidate()
-            else:
-                text = form.get("message", [""])[0].strip()[:2000]
-                if text:
-                    history = session.get("messages") or [SYSTEM_PROMPT]
-                    history.append({"role": "user", "content": text})
-                    history.append({"role": "assistant", "content": f"You said: {text}"})
-                    session["messages"] = tinysession.trim_messages(history, MAX_ROUNDS)
-            start_response("303 See Other", [("Location", "/")])
-            return [b""]
-        items = "".join(
-            f"<li><b>{html.escape(message['role'])}</b>: {html.escape(message['content'])}</li>"
-            for message in session.get("messages", [])[1:]
-        )
-        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-        return [PAGE.format(items=items).encode("utf-8")]
+        if method in ("GET", "HEAD"):
+            forgotten = environ.get("QUERY_STRING") == "forgotten"
+            notice = "Forgotten: your session was deleted and its cookie expired." if forgotten else ""
+            return respond(start_response, "200 OK", render_chat(session, store_label, notice))
+        if path == "/forget":
+            session.invalidate()
+            return respond(start_response, "303 See Other", b"", extra=[("Location", "/?forgotten")])
+        message = read_message(environ)
+        if message is None:
+            return respond(start_response, "413 Content Too Large", plain_page("Too large", f"Messages are limited to {MAX_MESSAGE_CHARS:,} characters."))
+        text, length = message
+        if not text:
+            return respond(start_response, "303 See Other", b"", extra=[("Location", "/")])
+        add_message(session, "user", text)
+        if path == "/reply":
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"), *SECURITY_HEADERS])
+            return stream_reply(session, echo(text, length))
+        add_message(session, "assistant", echo(text, length))
+        return respond(start_response, "303 See Other", b"", extra=[("Location", "/")])
 
     return tinysession.SessionMiddleware(chat, store)
+
+
+def default_store_path():
+    """Return the store used without ``--store``: one fixed directory in the temp directory."""
+    return os.path.join(tempfile.gettempdir(), "tinysession-chat")
 
 
 def open_store(spec):
     """Return a SQLiteStore for a ``.db`` path, else a FileStore for a directory."""
     if spec.endswith((".db", ".sqlite", ".sqlite3")):
-        return tinysession.SQLiteStore(spec, max_age=3600)
-    return tinysession.FileStore(spec, max_age=3600)
+        return tinysession.SQLiteStore(spec, max_age=IDLE_SECONDS)
+    return tinysession.FileStore(spec, max_age=IDLE_SECONDS)
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
 
 
 def main(argv=None):
+    """Serve the chat on 127.0.0.1 until Ctrl-C; return 0, or 1 when the port or the store is unusable."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", help="a session directory, or an SQLite file ending in .db")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--store", help=f"a session directory, or an SQLite file ending in .db "
+                        f"(default: {default_store_path()})")
+    parser.add_argument("--port", type=int, default=8000, help="the port on 127.0.0.1 (default: 8000)")
     args = parser.parse_args(argv)
-    store_spec = args.store or os.path.join(tempfile.mkdtemp(prefix="tinysession-chat-"), "sessions")
-    with make_server("127.0.0.1", args.port, make_app(open_store(store_spec))) as server:
-        print(f"chat on http://127.0.0.1:{server.server_port}/ (sessions in {store_spec}); Ctrl-C stops")
+    store_spec = args.store or default_store_path()
+    try:
+        store = open_store(store_spec)
+    except (OSError, tinysession.SessionError) as exc:
+        print(f"chat.py: cannot open the session store {store_spec!r}: {exc}", file=sys.stderr)
+        return 1
+    label = f"{'an SQLiteStore' if isinstance(store, tinysession.SQLiteStore) else 'a FileStore'} at {store_spec}"
+    try:
+        server = make_server("127.0.0.1", args.port, make_app(store, label), server_class=_ThreadingServer)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            problem = f"port {args.port} on 127.0.0.1 is already in use"
+        else:
+            problem = f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror}"
+        print(f"chat.py: {problem}; pick another with --port N, or --port 0 for any free one", file=sys.stderr)
+        return 1
+    with server, contextlib.closing(store):
+        print(f"chat on http://127.0.0.1:{server.server_port}/ (sessions in {label}); Ctrl-C stops", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
