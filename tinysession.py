@@ -85,6 +85,7 @@ __all__ = [
     "Sweep",
     "get_session",
     "main",
+    "merge_sessions",
     "trim_messages",
 ]
 
@@ -1217,6 +1218,73 @@ class RedisStore(Store):
         return sweep
 
 
+# -- Merging --
+
+
+def merge_sessions(base, ours, theirs):
+    """Merge two requests' changes to one session and return the merged data (a new dict).
+
+    ``base`` is the data both requests loaded, ``theirs`` what the other
+    request saved meanwhile, ``ours`` what this request has now. Applied to
+    the top-level keys, and recursively inside dict values:
+
+    - a key changed (added, replaced or removed) by one side only takes that
+      side's value; changed by both to equal values, that value;
+    - a key removed by one side and changed by the other keeps the change;
+    - a list that both sides grew at the end, perhaps after dropping items
+      from its front (as ``trim_messages`` does), becomes: the base's items
+      that neither side dropped, then their new items, then ours;
+    - any other key changed by both takes ours (the later save) and is
+      logged at INFO on the ``tinysession`` logger by name, never by value.
+
+    None of the arguments is modified.
+    """
+    return _merge_dicts(base, ours, theirs, "")
+
+
+def _merge_dicts(base, ours, theirs, path):
+    merged = {}
+    for key in list(ours) + [key for key in theirs if key not in ours]:
+        value = _merge_values(base.get(key, _MISSING), ours.get(key, _MISSING), theirs.get(key, _MISSING),
+                              f"{path}{key}")
+        if value is not _MISSING:
+            merged[key] = value
+    return merged
+
+
+def _merge_values(base, ours, theirs, path):
+    if _same(ours, base) or _same(ours, theirs):
+        return theirs
+    if _same(theirs, base):
+        return ours
+    if ours is _MISSING or theirs is _MISSING:
+        return theirs if ours is _MISSING else ours
+    if type(ours) is dict and type(theirs) is dict and (base is _MISSING or type(base) is dict):
+        return _merge_dicts({} if base is _MISSING else base, ours, theirs, f"{path}.")
+    if type(ours) is list and type(theirs) is list and type(base) is list:
+        ours_dropped, theirs_dropped = _dropped_from_front(base, ours), _dropped_from_front(base, theirs)
+        if ours_dropped is not None and theirs_dropped is not None:
+            kept = base[max(ours_dropped, theirs_dropped):]
+            return kept + theirs[len(base) - theirs_dropped:] + ours[len(base) - ours_dropped:]
+    _logger.info("two requests changed session key %r at once: the later save's value is kept", path)
+    return ours
+
+
+def _same(a, b):
+    return a is b or (a is not _MISSING and b is not _MISSING and type(a) is type(b) and a == b)
+
+
+def _dropped_from_front(base, grown):
+    """Return how many items ``grown`` dropped from the front of ``base`` before appending, or None."""
+    for dropped in range(len(base) + 1):
+        kept = len(base) - dropped
+        if kept > len(grown) or (kept and grown[0] != base[dropped]):
+            continue
+        if grown[:kept] == base[dropped:]:
+            return dropped
+    return None
+
+
 # -- Cookies --
 
 DEFAULT_COOKIE_NAME = "tinysession"
@@ -1291,6 +1359,7 @@ class _Settings:
         refresh_each_request=False,
         max_lifetime=None,
         identity_key="_user_id",
+        merge=merge_sessions,
         touch_interval=60,
         clean_interval=300,
     ):
@@ -1331,6 +1400,9 @@ class _Settings:
         if identity_key is not None and not isinstance(identity_key, str):
             raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
         self.identity_key = identity_key
+        if merge is not None and not callable(merge):
+            raise TypeError(f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}")
+        self.merge = merge
         self.refresh_each_request = bool(refresh_each_request)
         self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
         self.touch_interval = _check_seconds(touch_interval, "touch_interval")
@@ -1494,7 +1566,7 @@ class Session(MutableMapping):
         self.load()
         if self._cookie is not None:
             raise SessionError("regenerate() after the response started: the new cookie cannot be sent")
-        self._forget_record()
+        self._forget_record(carry=True)
 
     def invalidate(self):
         """Empty the session, remove it from the store and expire its cookie: logout.
@@ -1503,13 +1575,14 @@ class Session(MutableMapping):
         with a new id.
         """
         self.load()
-        self._forget_record()
+        self._forget_record(carry=False)
         self._data = {}
         self._created = None
 
-    def _forget_record(self):
+    def _forget_record(self, carry):
+        """Leave the loaded record, to be removed at save; with ``carry``, another request's change there is kept."""
         if self.state == _LOADED:
-            self._doomed.append((self._key, self._stored))
+            self._doomed.append((self._key, self._stored, carry))
         self.state, self._id, self._key, self._stored = _NEW, None, None, None
 
     # What a front end calls.
@@ -1542,7 +1615,7 @@ class Session(MutableMapping):
                 continue
             self._client_id = value
             if settings.max_lifetime is not None and now - record["created"] > settings.max_lifetime:
-                self._doomed.append((key, None))
+                self._doomed.append((key, None, False))
                 continue
             self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
             self._created, self._data = record["created"], record["data"]
@@ -1557,7 +1630,7 @@ class Session(MutableMapping):
     def _rotate_on_new_identity(self):
         """Regenerate the id if the identity key changed since loading (login, logout, another user)."""
         if self.state == _LOADED and self._cookie is None and self._identity_now() != self._identity:
-            self._forget_record()
+            self._forget_record(carry=True)
 
     def cookie(self):
         """Return the Set-Cookie value this response must carry, or None; decided once, on the first call.
@@ -1594,37 +1667,66 @@ class Session(MutableMapping):
         """Write, touch or remove the record as the request has left it so far (store I/O).
 
         Safe to call again later in the request: it then writes only what
-        changed since. Raises StoreError if the store fails and
-        RecordTooLarge if the session is over ``max_bytes``.
+        changed since. A write or removal of a loaded session is conditional
+        on the bytes this request loaded (or last wrote); when another
+        request saved first, the two are merged (the ``merge`` option) and
+        the merge is written, again conditionally, up to 16 times before the
+        later save simply wins (logged). Raises StoreError if the store fails
+        and RecordTooLarge if the session is over ``max_bytes``.
         """
         if self.state == _UNLOADED:
             return
         now = _now() if now is None else now
-        store = self._settings.store
         self._rotate_on_new_identity()
-        for key, previous in self._doomed:
-            if store.remove(key) and previous is not None:
-                self._undo.append((key, previous, None))
+        for key, previous, carry in self._doomed:
+            self._remove_doomed(key, previous, carry)
         self._doomed = []
-        if self.state == _GONE:
-            return
-        if not self._data:
-            if self.state == _LOADED:
-                if store.remove(self._key, expected=self._stored) or store.remove(self._key):
-                    self._undo.append((self._key, self._stored, None))
-                self.state, self._id, self._key, self._stored = _NEW, None, None, None
-            return
-        if self._created is None:
-            self._created = now
-        if self.state == _NEW:
+        if self.state == _LOADED:
+            if self._snapshot is None or _snapshot(self._data) != self._snapshot:
+                self._save_changed(now)
+            else:
+                self._touch(now)
+        elif self.state == _NEW and self._data:
+            if self._created is None:
+                self._created = now
             self._save_new(now)
-        elif self._snapshot is not None and _snapshot(self._data) == self._snapshot:
-            self._touch(now)
-        else:
-            self._save_changed(now)
 
     def _record(self):
         return {"created": self._created, "data": self._data}
+
+    def _remove_doomed(self, key, previous, carry):
+        """Remove a record this request left; ``carry`` a change another request saved there first."""
+        store = self._settings.store
+        if previous is not None and store.remove(key, expected=previous):
+            self._undo.append((key, previous, None))
+            return
+        theirs = self._theirs(key) if carry and previous is not None else None
+        if theirs is not None:
+            self._merge(key, previous, *theirs)
+        if store.remove(key) and previous is not None:
+            self._undo.append((key, previous if theirs is None else theirs[1], None))
+
+    def _theirs(self, key):
+        """Return ``(data, stored bytes)`` of what another request saved under ``key``, or None if gone."""
+        try:
+            record, stored, _ = self._settings.store.load(key)
+        except KeyError:
+            return None
+        if type(record) is not dict or type(record.get("data")) is not dict:
+            return None
+        return record["data"], stored
+
+    def _merge(self, key, base_stored, theirs, theirs_stored):
+        """Merge another request's save under ``key`` into this session's data, in place; return their bytes."""
+        merge = self._settings.merge
+        if merge is not None:
+            base = self._settings.store.decode(key, base_stored)["data"]
+            merged = merge(base, self._data, theirs)
+            if not isinstance(merged, dict):
+                raise TypeError(f"merge() must return a dict, not {type(merged).__name__}")
+            self._data.clear()
+            self._data.update(merged)
+        return theirs_stored
 
     def _save_new(self, now):
         if self._id is None:
@@ -1654,28 +1756,33 @@ class Session(MutableMapping):
         self._mtime = now
 
     def _save_changed(self, now):
-        store, key = self._settings.store, self._key
-        stored = store.encode(key, self._record())
-        if stored == self._stored:
-            self._snapshot = _snapshot(self._data)
-            self._touch(now)
-            return
-        expected = self._stored
-        for _ in range(_RETRIES):
-            if store.save(key, stored, expected=expected, now=now):
-                self._undo.append((key, expected, stored))
+        store, key, expected = self._settings.store, self._key, self._stored
+        for attempt in range(_RETRIES + 1):
+            stored = store.encode(key, self._record()) if self._data else None
+            if stored == expected:
                 self._became(key, stored, now)
+                self._touch(now)
                 return
-            try:
-                expected = store.read(key)[0]
-            except KeyError:
+            if attempt == _RETRIES:
+                _logger.warning("session %s kept changing under this request: the later save wins", key[:12])
+                expected = None
+            if stored is None:
+                done = store.remove(key, expected=expected) or expected is None
+            else:
+                done = store.save(key, stored, expected=expected, now=now)
+            if done:
+                self._undo.append((key, expected, stored))
+                if stored is None:
+                    self.state, self._id, self._key, self._stored = _NEW, None, None, None
+                else:
+                    self._became(key, stored, now)
+                return
+            theirs = self._theirs(key)
+            if theirs is None:
                 _logger.info("session %s was removed by another request: its changes are dropped", key[:12])
                 self.state = _GONE
                 return
-        _logger.warning("session %s kept changing under this request: saved over it", key[:12])
-        store.save(key, stored, now=now)
-        self._undo.append((key, expected, stored))
-        self._became(key, stored, now)
+            expected = self._merge(key, expected, *theirs)
 
     def rollback(self):
         """Put back every record this request changed, after the request failed; log, never raise."""
