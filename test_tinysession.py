@@ -2100,6 +2100,137 @@ class TrimLangChainCases(unittest.TestCase):
 # -- Middleware --
 
 
+# -- Merging concurrent changes --
+
+
+class InfoRecords(LogRecords):
+    """Collect the ``tinysession`` logger's records at INFO and above."""
+
+    def __enter__(self):
+        records = super().__enter__()
+        self.setLevel(logging.INFO)
+        self.previous_level = logging.getLogger("tinysession").level
+        logging.getLogger("tinysession").setLevel(logging.INFO)
+        return records
+
+    def __exit__(self, *exc_info):
+        logging.getLogger("tinysession").setLevel(self.previous_level)
+        super().__exit__(*exc_info)
+
+
+class MergeRules(unittest.TestCase):
+    merge = staticmethod(tinysession.merge_sessions)
+
+    def test_a_key_changed_by_one_side_takes_that_side(self):
+        base = {"a": 1, "b": 2, "c": 3}
+        ours = {"a": 10, "b": 2, "c": 3, "new": "o"}
+        theirs = {"b": 2, "c": 30, "other": "t"}  # removed a
+        self.assertEqual(self.merge(base, ours, theirs), {"a": 10, "b": 2, "c": 30, "new": "o", "other": "t"})
+        self.assertEqual(self.merge(base, {"a": 1, "b": 2}, {"a": 1, "b": 2, "c": 3}), {"a": 1, "b": 2})
+
+    def test_equal_changes_agree_and_a_removal_loses_to_a_change(self):
+        base = {"a": 1, "b": 2}
+        self.assertEqual(self.merge(base, {"a": 5}, {"a": 5, "b": 3}), {"a": 5, "b": 3})
+        self.assertEqual(self.merge(base, {"b": 2}, {"a": 7, "b": 2}), {"a": 7, "b": 2})
+        self.assertEqual(self.merge({"a": 1}, {}, {}), {})
+
+    def test_a_conflict_takes_ours_and_logs_the_key_never_the_value(self):
+        with InfoRecords() as records:
+            merged = self.merge({"theme": "light"}, {"theme": "dark"}, {"theme": "blue"})
+        self.assertEqual(merged, {"theme": "dark"})
+        self.assertEqual(len(records), 1)
+        self.assertIn("'theme'", records[0])
+        self.assertNotIn("dark", records[0])
+        self.assertNotIn("blue", records[0])
+
+    def test_nested_dicts_merge_key_by_key(self):
+        base = {"settings": {"lang": "en", "theme": "light", "deep": {"x": 1}}}
+        ours = {"settings": {"lang": "fr", "theme": "light", "deep": {"x": 1, "y": 2}}}
+        theirs = {"settings": {"lang": "en", "theme": "dark", "deep": {"x": 3}}}
+        expected = {"settings": {"lang": "fr", "theme": "dark", "deep": {"x": 3, "y": 2}}}
+        self.assertEqual(self.merge(base, ours, theirs), expected)
+        with InfoRecords() as records:
+            self.merge({"s": {"k": 1}}, {"s": {"k": 2}}, {"s": {"k": 3}})
+        self.assertIn("'s.k'", records[0])
+        self.assertEqual(self.merge({}, {"s": {"a": 1}}, {"s": {"b": 2}}), {"s": {"a": 1, "b": 2}})
+
+    def test_lists_grown_at_the_end_keep_both_tails_theirs_first(self):
+        base = {"messages": ["m1", "m2", "m3"]}
+        ours = {"messages": ["m1", "m2", "m3", "o1", "o2"]}
+        theirs = {"messages": ["m1", "m2", "m3", "t1"]}
+        self.assertEqual(self.merge(base, ours, theirs)["messages"], ["m1", "m2", "m3", "t1", "o1", "o2"])
+
+    def test_lists_trimmed_at_the_front_keep_what_neither_dropped(self):
+        base = {"messages": ["m1", "m2", "m3", "m4"]}
+        ours = {"messages": ["m3", "m4", "o1"]}  # dropped 2
+        theirs = {"messages": ["m2", "m3", "m4", "t1"]}  # dropped 1
+        self.assertEqual(self.merge(base, ours, theirs)["messages"], ["m3", "m4", "t1", "o1"])
+        self.assertEqual(self.merge(base, {"messages": ["m4"]}, theirs)["messages"], ["m4", "t1"])
+
+    def test_other_list_changes_are_plain_value_changes(self):
+        base = {"l": [1, 2, 3]}
+        with InfoRecords() as records:
+            merged = self.merge(base, {"l": [1, 9, 3]}, {"l": [1, 2, 3, 4]})
+        self.assertEqual((merged, len(records)), ({"l": [1, 9, 3]}, 1))
+        self.assertEqual(self.merge(base, {"l": [3, 2, 1]}, base), {"l": [3, 2, 1]})
+
+    def test_types_are_kept_apart_and_nothing_is_mutated(self):
+        base, ours, theirs = {"n": 1, "l": [1]}, {"n": True, "l": [1, 2]}, {"n": 1, "l": [1, 3]}
+        copies = json.dumps([base, ours, theirs])
+        self.assertEqual(self.merge(base, ours, theirs), {"n": True, "l": [1, 3, 2]})
+        self.assertEqual(json.dumps([base, ours, theirs]), copies)
+
+
+def random_session_edit(rng, data, tag):
+    """Apply one random edit to a copy of ``data``; return it and a description of what changed."""
+    data = json.loads(json.dumps(data))
+    kind = rng.choice(["set", "delete", "nested", "append", "trim-append"])
+    key = rng.choice(["a", "b", "c", "settings", "messages"])
+    if kind == "set":
+        data[key] = f"{tag}{rng.random()}"
+    elif kind == "delete":
+        data.pop(key, None)
+    elif kind == "nested":
+        inner = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+        inner[rng.choice("xyz")] = f"{tag}{rng.random()}"
+        data["settings"], key = inner, "settings"
+    else:
+        messages = data.get("messages") if isinstance(data.get("messages"), list) else []
+        if kind == "trim-append":
+            messages = messages[rng.randint(0, max(len(messages) - 1, 0)):]  # a window keeps something
+        data["messages"] = messages + [f"{tag}{n}" for n in range(rng.randint(1, 3))]
+        key = "messages"
+    return data, (kind, key)
+
+
+class MergeProperties(unittest.TestCase):
+    def test_random_edit_pairs_against_the_rules(self):
+        rng = random.Random(11)
+        for _ in range(3000):
+            base = {"a": "0", "settings": {"x": "0"}, "messages": [f"m{n}" for n in range(rng.randint(0, 6))]}
+            ours, (our_kind, our_key) = random_session_edit(rng, base, "o")
+            theirs, (their_kind, their_key) = random_session_edit(rng, base, "t")
+            merged = tinysession.merge_sessions(base, ours, theirs)
+            for key in set(base) | set(ours) | set(theirs):
+                mine, other = ours.get(key, "absent"), theirs.get(key, "absent")
+                was = base.get(key, "absent")
+                got = merged.get(key, "absent")
+                if mine == was:
+                    self.assertEqual(got, other, (base, ours, theirs))
+                elif other == was:
+                    self.assertEqual(got, mine, (base, ours, theirs))
+                elif "absent" in (mine, other):
+                    self.assertEqual(got, other if mine == "absent" else mine)
+            if our_key == their_key == "messages" and {our_kind, their_kind} <= {"append", "trim-append"}:
+                new_ours = [m for m in ours["messages"] if m.startswith("o")]
+                new_theirs = [m for m in theirs["messages"] if m.startswith("t")]
+                tail = merged["messages"][len(merged["messages"]) - len(new_theirs) - len(new_ours):]
+                self.assertEqual(tail, new_theirs + new_ours)
+            self.assertEqual(tinysession.merge_sessions(base, ours, base), ours)
+            self.assertEqual(tinysession.merge_sessions(base, base, theirs), theirs)
+            self.assertEqual(tinysession.merge_sessions(base, ours, ours), ours)
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, *args):
         pass
@@ -2183,6 +2314,18 @@ VALIDATED_KEY = "tinysession.session"
 NAME = tinysession.DEFAULT_COOKIE_NAME
 
 
+HOLDS = {}
+_hold_numbers = itertools.count()
+
+
+def hold_point(name):
+    """Signal that the request named ``name`` got here, then wait until the test releases it."""
+    reached, release = HOLDS.setdefault(name, (threading.Event(), threading.Event()))
+    reached.set()
+    if not release.wait(30):
+        raise RuntimeError(f"hold {name!r} was never released")
+
+
 def probe_app(environ, start_response):
     """A WSGI app whose path says what to do with the session.
 
@@ -2197,7 +2340,8 @@ def probe_app(environ, start_response):
     session = tinysession.get_session(environ, VALIDATED_KEY if VALIDATED_KEY in environ else "tinysession")
     if path == "/set":
         for name, values in query.items():
-            session[name] = values[0]
+            if name != "hold":
+                session[name] = values[0]
     elif path == "/append":
         session.setdefault("messages", []).append(query.get("m", ["x"])[0])
     elif path == "/login":
@@ -2205,6 +2349,11 @@ def probe_app(environ, start_response):
         session["user"] = query.get("user", ["ann"])[0]
     elif path == "/logout":
         session.invalidate()
+    elif path == "/chat":
+        message = query.get("m", ["x"])[0]
+        history = session.get("messages", []) + [{"role": "user", "content": message},
+                                                 {"role": "assistant", "content": "re: " + message}]
+        session["messages"] = tinysession.trim_messages(history, max_rounds=5)
     elif path == "/clear":
         session.clear()
     elif path == "/fail":
@@ -2217,11 +2366,15 @@ def probe_app(environ, start_response):
         def body():
             yield b"start "
             session.setdefault("messages", []).append("streamed")
+            if "hold" in query:
+                hold_point(query["hold"][0])
             if path == "/stream-fail":
                 raise RuntimeError("failed mid-body")
             yield b"end"
 
         return body()
+    if "hold" in query:
+        hold_point(query["hold"][0])
     body = json.dumps(dict(session)).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body]
@@ -2269,6 +2422,27 @@ class MiddlewareCase(unittest.TestCase):
             validator(probe_app), self.store, environ_key=VALIDATED_KEY, **self.middleware_options
         )
         self.browser = Browser(serve(self, validator(self.app)))
+
+    def held(self, path):
+        """Start ``path`` in a thread and wait until the app has made its change and holds.
+
+        Return a function that lets it finish and returns ``(status, headers, body)``.
+        """
+        name = f"hold{next(_hold_numbers)}"
+        reached, release = HOLDS.setdefault(name, (threading.Event(), threading.Event()))
+        result = []
+        separator = "&" if "?" in path else "?"
+        thread = threading.Thread(target=lambda: result.append(self.browser.request(f"{path}{separator}hold={name}")))
+        thread.start()
+        self.addCleanup(release.set)
+        self.assertTrue(reached.wait(30), f"{path} never reached its hold point")
+
+        def finish():
+            release.set()
+            thread.join(30)
+            return result[0]
+
+        return finish
 
     def session_keys(self):
         """Return the keys of every record in the store, expired or not, through the public hooks."""
@@ -2827,6 +3001,97 @@ class TheCookieFollowsTheHeaders(MiddlewareCase):
             with self.subTest(junk=junk):
                 _, _, body = call(self.app, "/read", cookie=f"{junk}; {NAME}={live}")
                 self.assertEqual(json.loads(body), {"user": "ann"})
+
+
+class ConcurrentChanges(MiddlewareCase):
+    """Two requests of one session at once: nothing either saved is lost, and nobody waits."""
+
+    def test_two_requests_adding_different_keys_keep_both(self):
+        self.browser.json("/set?a=1")
+        finish = self.held("/set?x=1")
+        self.assertEqual(self.browser.json("/set?y=2"), {"a": "1", "y": "2"})
+        self.assertEqual(finish()[0], 200)
+        self.assertEqual(self.browser.json(), {"a": "1", "x": "1", "y": "2"})
+
+    def test_a_slow_stream_and_a_quick_change_both_stay_and_the_quick_one_does_not_wait(self):
+        self.browser.json("/set?a=1")
+        finish = self.held("/stream")  # holds mid-body, after appending to its messages
+        self.assertEqual(self.browser.json("/set?quick=1"), {"a": "1", "quick": "1"})  # done while it streams
+        self.assertEqual(finish()[2], b"start end")
+        self.assertEqual(self.browser.json(), {"a": "1", "quick": "1", "messages": ["streamed"]})
+
+    def test_two_chat_appends_through_trim_messages_keep_both_exchanges(self):
+        for round_number in range(6):
+            self.browser.json(f"/chat?m=old{round_number}")
+        finish = self.held("/chat?m=tab1")
+        self.browser.json("/chat?m=tab2")
+        finish()
+        contents = [message["content"] for message in self.browser.json()["messages"]]
+        self.assertEqual(contents[-4:], ["tab2", "re: tab2", "tab1", "re: tab1"])
+        self.assertEqual(contents[:2], ["old2", "re: old2"])  # both trimmed the same oldest rounds
+
+    def test_both_changing_one_key_keeps_the_later_save_and_logs_the_key(self):
+        self.browser.json("/set?color=green")
+        finish = self.held("/set?color=red")
+        self.browser.json("/set?color=blue")
+        with InfoRecords() as records:
+            finish()
+        self.assertEqual(self.browser.json(), {"color": "red"})
+        self.assertEqual(len([record for record in records if "'color'" in record]), 1)
+        self.assertFalse([record for record in records if "red" in record or "blue" in record])
+
+    def test_a_logout_racing_a_change_stays_a_logout(self):
+        self.browser.json("/set?user=ann")
+        old_id = self.browser.session_id()
+        finish = self.held("/set?cart=3")
+        self.browser.request("/logout")
+        status, headers, _ = finish()
+        self.assertEqual((status, headers.get("Set-Cookie")), (200, None))
+        self.assertEqual(self.session_keys(), [])
+        _, _, body = call(self.app, "/read", cookie=f"{NAME}={old_id}")
+        self.assertEqual(json.loads(body), {})
+
+    def test_a_change_saved_while_another_request_regenerates_is_carried_to_the_new_id(self):
+        self.browser.json("/set?cart=1")
+        finish = self.held("/login?user=ann")  # regenerated, not saved yet
+        self.browser.json("/set?coupon=X")  # saved under the old id first
+        finish()
+        self.assertEqual(self.browser.json(), {"cart": "1", "coupon": "X", "user": "ann"})
+        self.assertEqual(len(self.session_keys()), 1)
+
+    def test_a_change_saved_after_a_regenerate_under_the_old_id_is_dropped(self):
+        self.browser.json("/set?cart=1")
+        finish = self.held("/set?coupon=X")
+        self.browser.json("/login?user=ann")
+        finish()
+        self.assertEqual(self.browser.json(), {"cart": "1", "user": "ann"})
+        self.assertEqual(len(self.session_keys()), 1)
+
+
+class LastWriteWins(MiddlewareCase):
+    middleware_options = {"clean_interval": None, "merge": None}
+
+    def test_without_merging_the_later_save_replaces_the_other(self):
+        self.browser.json("/set?a=1")
+        finish = self.held("/set?x=1")
+        self.browser.json("/set?y=2")
+        finish()
+        self.assertEqual(self.browser.json(), {"a": "1", "x": "1"})
+
+    def test_an_app_s_own_merge_decides(self):
+        seen = []
+
+        def union_of_keys(base, ours, theirs):
+            seen.append(json.loads(json.dumps((base, ours, theirs))))
+            return {**theirs, **ours, "merged": "yes"}
+
+        self.app.settings.merge = union_of_keys
+        self.browser.json("/set?a=1")
+        finish = self.held("/set?x=1")
+        self.browser.json("/set?y=2")
+        finish()
+        self.assertEqual(self.browser.json(), {"a": "1", "x": "1", "y": "2", "merged": "yes"})
+        self.assertEqual(seen, [[{"a": "1"}, {"a": "1", "x": "1"}, {"a": "1", "y": "2"}]])
 
 
 class StoreFailuresDuringRequests(unittest.TestCase):

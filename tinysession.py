@@ -1275,8 +1275,12 @@ def _same(a, b):
 
 
 def _dropped_from_front(base, grown):
-    """Return how many items ``grown`` dropped from the front of ``base`` before appending, or None."""
-    for dropped in range(len(base) + 1):
+    """Return how many items ``grown`` dropped from the front of ``base`` before appending, or None.
+
+    At least one item of a non-empty ``base`` must remain: a list that kept
+    none of it was replaced, not grown.
+    """
+    for dropped in range(len(base) + (not base)):
         kept = len(base) - dropped
         if kept > len(grown) or (kept and grown[0] != base[dropped]):
             continue
