@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import concurrent.futures
 import contextlib
 import copy
 import doctest
@@ -2340,7 +2341,7 @@ def probe_app(environ, start_response):
     session = tinysession.get_session(environ, VALIDATED_KEY if VALIDATED_KEY in environ else "tinysession")
     if path == "/set":
         for name, values in query.items():
-            if name != "hold":
+            if name not in ("hold", "delay"):
                 session[name] = values[0]
     elif path == "/append":
         session.setdefault("messages", []).append(query.get("m", ["x"])[0])
@@ -2373,6 +2374,8 @@ def probe_app(environ, start_response):
             yield b"end"
 
         return body()
+    if "delay" in query:
+        time.sleep(float(query["delay"][0]))  # app time, so that concurrent requests overlap
     if "hold" in query:
         hold_point(query["hold"][0])
     body = json.dumps(dict(session)).encode()
@@ -3092,6 +3095,82 @@ class LastWriteWins(MiddlewareCase):
         finish()
         self.assertEqual(self.browser.json(), {"a": "1", "x": "1", "y": "2", "merged": "yes"})
         self.assertEqual(seen, [[{"a": "1"}, {"a": "1", "x": "1"}, {"a": "1", "y": "2"}]])
+
+
+SERVER_PROCESS = """
+import sys, tinysession, test_tinysession
+from wsgiref.simple_server import make_server
+store = eval(sys.argv[1])
+app = tinysession.SessionMiddleware(test_tinysession.probe_app, store, clean_interval=None)
+server = make_server("127.0.0.1", 0, app, server_class=test_tinysession._ThreadingServer,
+                     handler_class=test_tinysession._QuietHandler)
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+
+
+class ParallelRequestsAcrossProcesses:
+    """8 parallel requests per session, each adding its own key, spread over 2 server processes."""
+
+    sessions, parallel = 50, 8
+
+    def start_servers(self, count=2):
+        urls = []
+        for _ in range(count):
+            server = python_process(SERVER_PROCESS, self.store_code, stdout=subprocess.PIPE)
+            self.addCleanup(server.stdout.close)
+            self.addCleanup(server.wait, 10)
+            self.addCleanup(server.kill)
+            urls.append(f"http://127.0.0.1:{int(server.stdout.readline())}")
+        return urls
+
+    def lost_keys(self, delay):
+        urls = self.start_servers()
+        browsers = []
+        for number in range(self.sessions):
+            browser = Browser(urls[0])
+            browser.json(f"/set?session={number}")
+            browsers.append(browser)
+
+        def add(task):
+            browser, index = task
+            with browser.opener.open(f"{urls[index % len(urls)]}/set?k{index}=1&delay={delay}", timeout=60) as reply:
+                return reply.status
+
+        tasks = [(browser, index) for browser in browsers for index in range(self.parallel)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+            statuses = list(pool.map(add, tasks))
+        self.assertEqual(set(statuses), {200})
+        lost = 0
+        for browser in browsers:
+            keys = set(browser.json())
+            lost += sum(f"k{index}" not in keys for index in range(self.parallel))
+        return lost
+
+    def test_no_key_is_lost_with_app_time(self):
+        self.assertEqual(self.lost_keys(delay=0.05), 0)
+
+    def test_no_key_is_lost_without_app_time(self):
+        self.assertEqual(self.lost_keys(delay=0), 0)
+
+
+class ParallelRequestsOnFileStore(ParallelRequestsAcrossProcesses, unittest.TestCase):
+    def setUp(self):
+        self.store_code = f"tinysession.FileStore({os.path.join(temp_dir(self), 'sessions')!r})"
+
+
+class ParallelRequestsOnSQLiteStore(ParallelRequestsAcrossProcesses, unittest.TestCase):
+    def setUp(self):
+        self.store_code = f"tinysession.SQLiteStore({os.path.join(temp_dir(self), 'sessions.db')!r})"
+
+
+class ParallelRequestsOnRedisStore(ParallelRequestsAcrossProcesses, unittest.TestCase):
+    def setUp(self):
+        redis_case(self)
+        self.store_code = (
+            f"tinysession.RedisStore(__import__('redis').Redis(host='127.0.0.1', port={self.server.port}),"
+            f" prefix={self.prefix!r})"
+        )
 
 
 class StoreFailuresDuringRequests(unittest.TestCase):
