@@ -516,18 +516,22 @@ class Store(MutableMapping):
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
         """Run one cleaning pass, as ``clean`` describes, and return its ``Sweep``.
 
-        With ``dry_run`` nothing is removed; ``progress``, if given, is called
-        with the count of records seen every 10,000 records. One pass over
+        With ``dry_run`` nothing is removed. ``progress``, if given, is called
+        with the pass's live ``Sweep`` when it starts and every 10,000
+        records, so a caller interrupted mid-pass (Ctrl-C) can still report
+        what was seen and removed so far. One pass over
         ``scan()``, in memory bounded by ``keep``.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         sweep = Sweep()
         newest = []  # min-heap of (mtime, key, size): the `keep` newest so far
         doomed = []
+        if progress is not None:
+            progress(sweep)
         for key, mtime, size in self._sweep_scan(now, dry_run):
             sweep.count(mtime, size)
             if progress is not None and sweep.seen % 10000 == 0:
-                progress(sweep.seen)
+                progress(sweep)
             if (cutoff is not None and mtime < cutoff) or keep == 0:
                 doomed.append((key, mtime, size))
             elif keep is not None:
@@ -868,7 +872,10 @@ class SQLiteStore(Store):
 
     The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
     ``mtime``) is created on first use; the database runs in WAL mode with
-    ``synchronous=NORMAL`` and waits up to five seconds for a lock.
+    ``synchronous=NORMAL`` and waits up to five seconds for a lock. With
+    ``read_only=True`` the file is opened read-only and nothing about it is
+    changed (no table, index or journal mode is created or set); every write
+    then raises StoreError.
     A conditional write or removal is one statement (``... WHERE key = ?
     AND data = ?``), so it is atomic.
 
@@ -877,7 +884,7 @@ class SQLiteStore(Store):
     the file on a network file system.
     """
 
-    def __init__(self, path, *, table="sessions", **options):
+    def __init__(self, path, *, table="sessions", read_only=False, **options):
         import sqlite3
         import weakref
 
@@ -886,6 +893,7 @@ class SQLiteStore(Store):
             raise ValueError(f"invalid table name {table!r}: expected a letter or _, then [A-Za-z0-9_]")
         self.path = os.fspath(path)
         self.table = table
+        self.read_only = bool(read_only)
         self._sqlite3 = sqlite3
         self._sql = {template: template.format(table=table) for template in _SQL_TEMPLATES}
         self._local = threading.local()
@@ -913,13 +921,21 @@ class SQLiteStore(Store):
         if self._closed:
             raise StoreError(f"{self.path}: the store is closed")
         try:
-            connection = self._sqlite3.connect(
-                self.path, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
-            )
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(self._sql[_SQL_CREATE])
-            connection.execute(self._sql[_SQL_INDEX])
+            if self.read_only:
+                from urllib.parse import quote
+
+                connection = self._sqlite3.connect(
+                    f"file:{quote(self.path)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS,
+                    isolation_level=None, check_same_thread=False,
+                )
+            else:
+                connection = self._sqlite3.connect(
+                    self.path, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+                )
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=NORMAL")
+                connection.execute(self._sql[_SQL_CREATE])
+                connection.execute(self._sql[_SQL_INDEX])
         except self._sqlite3.Error as exc:
             raise StoreError(f"cannot open session database {self.path!r}: {exc}") from exc
         holder = _ConnectionHolder(connection)
@@ -2273,8 +2289,8 @@ def _progress_printer(stream):
     if not stream.isatty():
         return None
 
-    def show(count):
-        stream.write(f"\rscanned {count} sessions...")
+    def show(sweep):
+        stream.write(f"\rscanned {sweep.seen} sessions...")
         stream.flush()
 
     return show
