@@ -2559,6 +2559,183 @@ class ASGIWebSocket(ASGICase):
         self.assertIn("after the response headers", " ".join(warnings))
 
 
+def starlette_test_client(app, **options):
+    """Return Starlette's TestClient on ``app``, quiet about the httpx it still accepts."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    return TestClient(app, **options)
+
+
+def starlette_probe():
+    """A Starlette app with the dict behaviours Starlette's users rely on, and a websocket chat."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.routing import Route, WebSocketRoute
+
+    async def show(request):
+        return JSONResponse({"session": request.session})
+
+    async def merge(request):
+        session = request.session
+        session |= dict(request.query_params)
+        return JSONResponse({"session": session, "copy": type(session.copy()).__name__})
+
+    async def pop(request):
+        return JSONResponse({"popped": list(request.session.popitem()), "session": request.session})
+
+    async def stream(request):
+        session = request.session
+
+        async def body():
+            yield b"streaming "
+            session["streamed"] = True
+            yield b"done"
+
+        return StreamingResponse(body())
+
+    async def chat(websocket):
+        await websocket.accept()
+        async for text in websocket.iter_text():
+            websocket.session.setdefault("chat", []).append(text)
+            await websocket.send_text(f"echo: {text}")
+
+    routes = [Route("/", show), Route("/merge", merge), Route("/pop", pop), Route("/stream", stream),
+              Route("/plain", lambda request: PlainTextResponse("no session")), WebSocketRoute("/chat", chat)]
+    return Starlette(routes=routes)
+
+
+class StarletteAndFastAPI(unittest.TestCase):
+    def setUp(self):
+        require(HAVE_STARLETTE, "Starlette or httpx is not installed (pip install starlette httpx)")
+        self.store = tinysession.FileStore(temp_dir(self))
+        app = starlette_probe()
+        app.add_middleware(tinysession.ASGISessionMiddleware, store=self.store, clean_interval=None)
+        self.client = starlette_test_client(app)
+        self.addCleanup(self.client.close)
+
+    def test_the_session_is_the_dict_starlette_users_have(self):
+        self.assertEqual(self.client.get("/").json(), {"session": {}})
+        merged = self.client.get("/merge?a=1&b=2").json()
+        self.assertEqual(merged, {"session": {"a": "1", "b": "2"}, "copy": "dict"})
+        self.assertEqual(self.client.get("/pop").json(), {"popped": ["b", "2"], "session": {"a": "1"}})
+        response = self.client.get("/")
+        self.assertEqual(response.json(), {"session": {"a": "1"}})
+        self.assertEqual((response.headers["vary"], response.headers.get("set-cookie")), ("Cookie", None))
+        self.assertNotIn("vary", self.client.get("/plain").headers)
+
+    def test_changes_made_while_a_streaming_response_streams_are_saved(self):
+        self.client.get("/merge?a=1")
+        self.assertEqual(self.client.get("/stream").text, "streaming done")
+        self.assertEqual(self.client.get("/").json(), {"session": {"a": "1", "streamed": True}})
+
+    def test_a_chat_over_a_websocket(self):
+        self.client.get("/merge?user=ann")
+        with self.client.websocket_connect("/chat") as socket:
+            for text in ("hello", "bye"):
+                socket.send_text(text)
+                self.assertEqual(socket.receive_text(), f"echo: {text}")
+        self.assertEqual(self.client.get("/").json(), {"session": {"user": "ann", "chat": ["hello", "bye"]}})
+
+    def test_fastapi_and_a_failing_store_is_a_500(self):
+        require(HAVE_FASTAPI, "FastAPI is not installed (pip install fastapi)")
+        from fastapi import FastAPI, Request
+
+        directory = os.path.join(temp_dir(self), "sessions")
+        app = FastAPI()
+        app.add_middleware(tinysession.ASGISessionMiddleware, store=tinysession.FileStore(directory))
+
+        def login(request):
+            request.session["_user_id"] = "ann"
+            return {"session": request.session}
+
+        login.__annotations__ = {"request": Request}  # this module's annotations are strings
+        app.get("/login")(login)
+
+        client = starlette_test_client(app, raise_server_exceptions=False)
+        self.addCleanup(client.close)
+        self.assertEqual(client.get("/login").json(), {"session": {"_user_id": "ann"}})
+        os.rename(directory, directory + ".moved")
+        with open(directory, "w"):
+            pass
+        self.assertEqual(client.get("/login").status_code, 500)
+
+
+class ChatOverSSE(unittest.TestCase):
+    def test_the_fastapi_chat_streams_and_keeps_a_trimmed_history(self):
+        require(HAVE_FASTAPI, "FastAPI is not installed (pip install fastapi)")
+        chat = load_example("fastapi_chat")
+        store = tinysession.SQLiteStore(os.path.join(temp_dir(self), "sessions.db"))
+        client = starlette_test_client(chat.make_app(store))
+        self.addCleanup(client.close)
+        for number in range(1, 8):
+            events = client.get("/chat", params={"message": f"message {number}"}).text
+        self.assertEqual(events.split("\n\n")[:3], ['data: "You "', 'data: "said: "', 'data: "message "'])
+        self.assertTrue(events.endswith("data: [DONE]\n\n"))
+        messages = client.get("/history").json()["messages"]
+        self.assertEqual(len(messages), 2 * chat.MAX_ROUNDS)
+        self.assertEqual(messages[-2:], [{"role": "user", "content": "message 7"},
+                                         {"role": "assistant", "content": "You said: message 7"}])
+        self.assertEqual(messages[0]["content"], "message 3")
+
+
+class OverUvicorn(unittest.TestCase):
+    """The middleware in a real uvicorn server on a loopback socket."""
+
+    def serve(self, app):
+        require(HAVE_UVICORN, "uvicorn is not installed (pip install uvicorn)")
+        import uvicorn
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # connections wait in the backlog until uvicorn accepts them: no polling
+        server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+        thread.start()
+        self.addCleanup(listener.close)
+        self.addCleanup(thread.join, 30)
+        self.addCleanup(setattr, server, "should_exit", True)
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    def test_the_behaviour_probe_and_a_disconnect_mid_stream(self):
+        from starlette.responses import StreamingResponse
+
+        store = tinysession.FileStore(temp_dir(self))
+        stopped = threading.Event()
+
+        async def endless(scope, receive, send):
+            scope["session"]["messages"] = ["half a reply"]
+
+            async def body():
+                try:
+                    while True:
+                        yield b"tick\n"
+                        await __import__("asyncio").sleep(0)
+                finally:
+                    stopped.set()
+
+            await StreamingResponse(body())(scope, receive, send)
+
+        async def app(scope, receive, send):
+            target = endless if scope.get("path") == "/endless" else asgi_probe_app
+            await target(scope, receive, send)
+
+        base = self.serve(tinysession.ASGISessionMiddleware(app, store, clean_interval=None))
+        browser = Browser(base)
+        self.assertEqual(browser.json("/set?user=ann"), {"user": "ann"})
+        self.assertEqual(browser.json("/append?m=hi"), {"user": "ann", "messages": ["hi"]})
+        host, port = base[len("http://"):].split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(f"GET /endless HTTP/1.1\r\nHost: x\r\nCookie: {NAME}={browser.session_id()}\r\n\r\n"
+                               .encode())
+            self.assertIn(b"tick", connection.recv(4096))
+        self.assertTrue(stopped.wait(30))
+        self.assertEqual(browser.json(), {"user": "ann", "messages": ["hi"]})
+
+
 # -- Examples --
 
 
