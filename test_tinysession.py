@@ -2601,6 +2601,7 @@ def starlette_probe():
         await websocket.accept()
         async for text in websocket.iter_text():
             websocket.session.setdefault("chat", []).append(text)
+            await websocket.session.save()  # a reply means saved: the socket may close at any time after
             await websocket.send_text(f"echo: {text}")
 
     routes = [Route("/", show), Route("/merge", merge), Route("/pop", pop), Route("/stream", stream),
@@ -2731,7 +2732,11 @@ class OverUvicorn(unittest.TestCase):
         with socket.create_connection((host, int(port)), timeout=30) as connection:
             connection.sendall(f"GET /endless HTTP/1.1\r\nHost: x\r\nCookie: {NAME}={browser.session_id()}\r\n\r\n"
                                .encode())
-            self.assertIn(b"tick", connection.recv(4096))
+            received = b""
+            while b"tick" not in received:
+                chunk = connection.recv(4096)
+                self.assertTrue(chunk, received)
+                received += chunk
         self.assertTrue(stopped.wait(30))
         self.assertEqual(browser.json(), {"user": "ann", "messages": ["hi"]})
 
