@@ -13,6 +13,10 @@ Quick start: wrap any WSGI app (Flask: ``app.wsgi_app``) and use the session::
     session.regenerate()      # on login: new id, same data
     session.invalidate()      # on logout
 
+ASGI (Starlette, FastAPI): ``app.add_middleware(tinysession.ASGISessionMiddleware,
+store=store)``; ``request.session`` is then a dict saved server-side, with
+``regenerate()``, ``invalidate()`` and ``await save()``.
+
 Stores are ``collections.abc.MutableMapping``s from a key (1 to 128 of
 ``[A-Za-z0-9_-]``) to a record, and can be used on their own::
 
@@ -49,7 +53,7 @@ else could write runs their code. A record that fails its check is treated as
 missing and logged on the ``tinysession`` logger.
 
 Sections: errors, records, the store protocol, FileStore, SQLiteStore,
-RedisStore, cookies, the session core, WSGI, chat history, command line.
+RedisStore, cookies, the session core, WSGI, ASGI, chat history, command line.
 """
 
 from __future__ import annotations
