@@ -13,6 +13,10 @@ Quick start: wrap any WSGI app (Flask: ``app.wsgi_app``) and use the session::
     session.regenerate()      # on login: new id, same data
     session.invalidate()      # on logout
 
+ASGI (Starlette, FastAPI): ``app.add_middleware(tinysession.ASGISessionMiddleware,
+store=store)``; ``request.session`` is then a dict saved server-side, with
+``regenerate()``, ``invalidate()`` and ``await save()``.
+
 Stores are ``collections.abc.MutableMapping``s from a key (1 to 128 of
 ``[A-Za-z0-9_-]``) to a record, and can be used on their own::
 
@@ -50,7 +54,7 @@ else could write runs their code. A record that fails its check is treated as
 missing and logged on the ``tinysession`` logger.
 
 Sections: errors, records, the store protocol, FileStore, SQLiteStore,
-RedisStore, cookies, the session core, WSGI, chat history, command line.
+RedisStore, cookies, the session core, WSGI, ASGI, chat history, command line.
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 
 __version__ = "0.2.0"
-__all__ = [
+__all__ = [  # noqa: RUF022 (plain sorted(), as ModuleSurface checks)
+    "ASGISession",
+    "ASGISessionMiddleware",
     "DEFAULT_COOKIE_NAME",
     "DEFAULT_MAX_BYTES",
     "FileStore",
@@ -1247,9 +1253,10 @@ def merge_sessions(base, ours, theirs):
     - a key changed (added, replaced or removed) by one side only takes that
       side's value; changed by both to equal values, that value;
     - a key removed by one side and changed by the other keeps the change;
-    - a list that both sides grew at the end, perhaps after dropping items
-      from its front (as ``trim_messages`` does), becomes: the base's items
-      that neither side dropped, then their new items, then ours;
+    - a list that both sides grew at the end (or both created), perhaps
+      after dropping items from its front (as ``trim_messages`` does),
+      becomes: the base's items that neither side dropped, then their new
+      items, then ours;
     - any other key changed by both takes ours (the later save) and is
       logged at INFO on the ``tinysession`` logger by name, never by value.
 
@@ -1277,7 +1284,8 @@ def _merge_values(base, ours, theirs, path):
         return theirs if ours is _MISSING else ours
     if type(ours) is dict and type(theirs) is dict and (base is _MISSING or type(base) is dict):
         return _merge_dicts({} if base is _MISSING else base, ours, theirs, f"{path}.")
-    if type(ours) is list and type(theirs) is list and type(base) is list:
+    if type(ours) is list and type(theirs) is list and (base is _MISSING or type(base) is list):
+        base = [] if base is _MISSING else base
         ours_dropped, theirs_dropped = _dropped_from_front(base, ours), _dropped_from_front(base, theirs)
         if ours_dropped is not None and theirs_dropped is not None:
             kept = base[max(ours_dropped, theirs_dropped):]
@@ -1487,6 +1495,7 @@ class _Settings:
 # -- Session core --
 
 _UNLOADED, _NEW, _LOADED, _GONE = "unloaded", "new", "loaded", "gone"
+_SAVE_ATTEMPTS = 32
 
 
 def _snapshot(data):
@@ -1690,7 +1699,8 @@ class Session(MutableMapping):
         changed since. A write or removal of a loaded session is conditional
         on the bytes this request loaded (or last wrote); when another
         request saved first, the two are merged (the ``merge`` option) and
-        the merge is written, again conditionally, up to 16 times before the
+        the merge is written, again conditionally, after a short random
+        back-off (0.5 ms doubling, at most 50 ms), up to 32 times before the
         later save simply wins (logged). Raises StoreError if the store fails
         and RecordTooLarge if the session is over ``max_bytes``.
         """
@@ -1777,13 +1787,13 @@ class Session(MutableMapping):
 
     def _save_changed(self, now):
         store, key, expected = self._settings.store, self._key, self._stored
-        for attempt in range(_RETRIES + 1):
+        for attempt in range(_SAVE_ATTEMPTS + 1):
             stored = store.encode(key, self._record()) if self._data else None
             if stored == expected:
                 self._became(key, stored, now)
                 self._touch(now)
                 return
-            if attempt == _RETRIES:
+            if attempt == _SAVE_ATTEMPTS:
                 _logger.warning("session %s kept changing under this request: the later save wins", key[:12])
                 expected = None
             if stored is None:
@@ -1797,6 +1807,8 @@ class Session(MutableMapping):
                 else:
                     self._became(key, stored, now)
                 return
+            # Back off a random while before trying again, so that writers racing on one session spread out.
+            time.sleep(min(0.05, 0.0005 * 2**attempt) * int.from_bytes(os.urandom(2), "big") / 65536)
             theirs = self._theirs(key)
             if theirs is None:
                 _logger.info("session %s was removed by another request: its changes are dropped", key[:12])
@@ -1818,6 +1830,16 @@ class Session(MutableMapping):
                     store.save(key, previous, expected=written)
         except SessionError:
             _logger.exception("could not undo the session changes of a failed request")
+
+    @property
+    def has_id_cookie(self):
+        """True if the Cookie header carries a well-formed id under the cookie name: ``load()`` reads the store.
+
+        False means ``load()`` does no store I/O, so a front end on an event
+        loop may call it in place rather than in a thread.
+        """
+        values = _cookie_values(self._cookie_header, self._settings.cookie_name)
+        return any(len(value) == _SESSION_ID_LENGTH and _is_key(value) for value in values)
 
 
 # -- WSGI --
@@ -1948,6 +1970,191 @@ class SessionMiddleware:
             self.settings.request_finished()
             return body
         return _SessionBody(body, session, self.settings)
+
+
+# -- ASGI --
+
+_HEADER_MESSAGES = ("http.response.start", "websocket.http.response.start", "websocket.accept")
+
+
+def _is_final(message):
+    """Return True for the message that completes an ASGI response or closes a socket."""
+    kind = message["type"]
+    if kind in ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend"):
+        return not message.get("more_body", False)
+    return kind in ("http.response.pathsend", "websocket.close")
+
+
+def _copy_into(core, session):
+    """Make the core Session's data what the app left in ``session``, its dict; return the core."""
+    data = core.load()
+    data.clear()
+    data.update(session)
+    return core
+
+
+class ASGISession(dict):
+    """The session an ASGI app finds at ``scope["session"]``: a plain dict, plus login and logout.
+
+    Starlette and FastAPI return it from ``request.session`` and
+    ``websocket.session``; being a dict, it goes into ``JSONResponse`` as it
+    is, and ``|=``, ``copy()`` and ``popitem()`` (the newest key) behave as on
+    any dict. ``regenerate()`` and ``invalidate()`` are the core Session's
+    (see ``Session``); ``await save()`` writes the changes made so far.
+
+    It belongs to one request or socket, on its event loop: change it only
+    from that request's tasks.
+    """
+
+    __slots__ = ("_core", "_run", "accessed")
+
+    def __init__(self, core, run_in_thread):
+        super().__init__(core.load())
+        self._core = core
+        self._run = run_in_thread
+        self.accessed = False
+
+    def mark_accessed(self):
+        """Note that the app used the session: the response then carries ``Vary: Cookie``.
+
+        Starlette's ``request.session`` calls it; a bare ASGI app that reads
+        the session should too.
+        """
+        self.accessed = True
+
+    def regenerate(self):
+        """Give the session a new id and keep its data: call it on login (see ``Session.regenerate``)."""
+        self.accessed = True
+        self._core.regenerate()
+
+    def invalidate(self):
+        """Empty the session, remove its record and expire its cookie: logout (see ``Session.invalidate``)."""
+        self.accessed = True
+        self._core.invalidate()
+        self.clear()
+
+    async def save(self):
+        """Write the changes made so far, in a thread (store I/O); they then stay whatever happens next.
+
+        The middleware calls it when the response is complete or the socket
+        closes; call it yourself in a long-lived websocket. Raises StoreError
+        (after undoing this request's writes) if the store fails.
+        """
+        self.accessed = True
+        _copy_into(self._core, self)
+        try:
+            await self._run(self._core.save)
+        except Exception:
+            await self._run(self._core.rollback)
+            raise
+        # The core may have merged another request's changes in: the app's dict must hold them too.
+        dict.clear(self)
+        dict.update(self, self._core.load())
+
+
+class ASGISessionMiddleware:
+    """Give every HTTP request and websocket of an ASGI app a server-side session.
+
+    ``app.add_middleware(ASGISessionMiddleware, store=store)`` in Starlette
+    or FastAPI, or ``app = ASGISessionMiddleware(app, store)``; the app finds
+    an ``ASGISession`` at ``scope["session"]`` (``request.session``).
+    ``lifespan`` and other scopes pass through untouched. The options are
+    ``SessionMiddleware``'s, plus ``threads``: how many store operations may
+    run at once (default 32).
+
+    Store I/O runs in threads, never on the event loop. A request whose
+    Cookie header carries no session id, or whose path is outside the
+    cookie's ``path``, costs no store access (outside the path the cookie is
+    ignored: the browser does not send ours there). Otherwise the session is
+    loaded before the app runs. The cookie is decided when the response
+    headers (``websocket.accept`` for a socket) go out; the changes are saved
+    before the last body message is passed on, so the client's next request
+    sees them, and again when the app returns (a background task's). An
+    exception from the app, or a response never completed (the client went
+    away and the app stopped), saves nothing more. A websocket is saved when
+    the app sends ``websocket.close``, when the app returns normally, and on
+    ``await session.save()``. Runs on an asyncio event loop (uvicorn, hypercorn, daphne...).
+    """
+
+    def __init__(self, app, store, *, threads=32, **options):
+        import concurrent.futures
+
+        self.app = app
+        self.settings = _Settings(store, **options)
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            _check_count(threads, "threads"), thread_name_prefix="tinysession-asgi"
+        )
+
+    @property
+    def store(self):
+        """The store the sessions live in."""
+        return self.settings.store
+
+    async def _in_thread(self, function):
+        import asyncio
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise SessionError("ASGISessionMiddleware runs on an asyncio event loop, and none is running") from None
+        return await loop.run_in_executor(self._threads, function)
+
+    def _in_path(self, scope):
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and not path.startswith(root):
+            path = root + path
+        prefix = self.settings.path
+        return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
+
+    def _cookie_header(self, scope):
+        if not self._in_path(scope):
+            return ""
+        return b"; ".join(value for name, value in scope.get("headers", ()) if name.lower() == b"cookie").decode(
+            "latin-1"
+        )
+
+    @staticmethod
+    def _with_headers(message, session, cookie):
+        headers = list(message.get("headers", ()))
+        if message["type"] != "websocket.accept" and (session.accessed or cookie is not None):
+            for index, (name, value) in enumerate(headers):
+                if name.lower() == b"vary":
+                    merged = _vary_with_cookie(value.decode("latin-1"))
+                    headers[index] = (name, value if merged is None else merged.encode("latin-1"))
+                    break
+            else:
+                headers.append((b"vary", b"Cookie"))
+        if cookie is not None:
+            headers.append((b"set-cookie", cookie.encode("latin-1")))
+        return {**message, "headers": headers}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        core = Session(self.settings, self._cookie_header(scope), secure=scope.get("scheme") in ("https", "wss"))
+        if core.has_id_cookie:
+            await self._in_thread(core.load)
+        session = scope["session"] = ASGISession(core, self._in_thread)
+        completed = []
+
+        async def session_send(message):
+            if message["type"] in _HEADER_MESSAGES or message["type"] == "websocket.close":
+                cookie = _copy_into(core, session).cookie()  # decided once, on the first call
+                if message["type"] in _HEADER_MESSAGES:
+                    message = self._with_headers(message, session, cookie)
+            if _is_final(message):
+                await session.save()
+                completed.append(message["type"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, session_send)
+            if completed or scope["type"] == "websocket":
+                _copy_into(core, session).cookie()  # a socket refused unopened: no record without a cookie
+                await session.save()
+        finally:
+            self.settings.request_finished()
 
 
 # -- Chat history --
