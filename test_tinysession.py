@@ -2579,7 +2579,7 @@ class FlaskExamples(unittest.TestCase):
 
 class SessionIdForFrontEnds(unittest.TestCase):
     def test_id_is_none_until_cookie_gives_one_and_none_after_invalidate(self):
-        settings = tinysession._Settings(tinysession.FileStore(temp_dir(self)), clean_interval=None)
+        settings = tinysession.SessionMiddleware(probe_app, tinysession.FileStore(temp_dir(self)), clean_interval=None).settings
         session = tinysession.Session(settings, "")
         self.assertIsNone(session.id)
         session["a"] = 1
