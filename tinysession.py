@@ -49,7 +49,8 @@ else could write runs their code. A record that fails its check is treated as
 missing and logged on the ``tinysession`` logger.
 
 Sections: errors, records, the store protocol, FileStore, SQLiteStore,
-RedisStore, cookies, the session core, WSGI, chat history, command line.
+RedisStore, cookies, the session core, WSGI, Flask (``FlaskSessionInterface``,
+``TaggedJSON``), chat history, command line.
 """
 
 from __future__ import annotations
