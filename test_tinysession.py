@@ -13,11 +13,14 @@ import base64
 import concurrent.futures
 import contextlib
 import copy
+import datetime
 import doctest
+import email.utils
 import fcntl
 import hashlib
 import heapq
 import http.client
+import http.cookies
 import importlib.util
 import inspect
 import io
@@ -27,6 +30,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import resource
 import select
 import shutil
@@ -44,6 +48,7 @@ import unittest
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from http.cookiejar import CookieJar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.util import setup_testing_defaults
@@ -3862,6 +3867,491 @@ class OverUvicorn(unittest.TestCase):
         self.assertEqual(browser.json(), {"user": "ann", "messages": ["hi"]})
 
 
+# -- Flask --
+
+HAS_FLASK = importlib.util.find_spec("flask") is not None
+NO_FLASK = "Flask is not installed (pip install flask)"
+
+
+def flask_probe_app(store, **options):
+    """The probe app's paths in Flask, on ``flask.session`` served by FlaskSessionInterface."""
+    import flask
+
+    app = flask.Flask("tinysession_probe")
+    app.config.update(SECRET_KEY="probe key", SESSION_COOKIE_NAME=NAME)
+    app.session_interface = tinysession.FlaskSessionInterface(store, **options)
+    session = flask.session
+
+    @app.route("/<path:path>")
+    def probe(path):
+        args = flask.request.args
+        if path == "untouched":
+            return "no session here"
+        if path == "set":
+            for name in args:
+                session[name] = args[name]
+        elif path == "append":
+            session.setdefault("messages", []).append(args.get("m", "x"))
+        elif path == "login":
+            session.regenerate()
+            session["user"] = args.get("user", "ann")
+        elif path == "logout":
+            session.invalidate()
+        elif path == "clear":
+            session.clear()
+        elif path == "fail":
+            session["broken"] = True
+            raise RuntimeError("the app failed")
+        elif path == "forbidden":
+            session["tried"] = True
+            flask.abort(403)
+        return flask.Response(json.dumps(dict(session)), content_type="application/json")
+
+    return app
+
+
+class FlaskBrowser(Browser):
+    """A Browser whose ``session_id()`` is the id inside the signed cookie ``<id>.<p|s>.<signature>``."""
+
+    def cookie_value(self):
+        values = [cookie.value for cookie in self.jar if cookie.name == NAME]
+        return values[0] if values else None
+
+    def session_id(self):
+        value = self.cookie_value()
+        return value.split(".")[0] if value else None
+
+
+class FlaskFrontEnd:
+    """Serve the middleware behaviour tests' probe through Flask and FlaskSessionInterface instead."""
+
+    def setUp(self):
+        require(HAS_FLASK, NO_FLASK)
+        self.store = self.make_store(**self.store_options)
+        self.app = flask_probe_app(self.store, **self.middleware_options)
+        self.browser = FlaskBrowser(serve(self, self.app))
+
+
+class FlaskCookieRoundTrip(FlaskFrontEnd, CookieRoundTrip):
+    pass
+
+
+class FlaskLazyLoading(FlaskFrontEnd, LazyLoading):
+    pass
+
+
+class FlaskChangeDetection(FlaskFrontEnd, ChangeDetection):
+    pass
+
+
+class FlaskTouching(FlaskFrontEnd, Touching):
+    pass
+
+
+class FlaskExpiry(FlaskFrontEnd, Expiry):
+    pass
+
+
+class FlaskAbsoluteLifetime(FlaskFrontEnd, AbsoluteLifetime):
+    pass
+
+
+class FlaskRegenerateAndInvalidate(FlaskFrontEnd, RegenerateAndInvalidate):
+    def test_a_replayed_signed_cookie_is_dead_after_regenerate(self):
+        self.browser.json("/set?cart=3")
+        old_cookie = self.browser.cookie_value()
+        self.browser.json("/login?user=ann")
+        thief = Browser(self.browser.base_url)
+        _status, _headers, body = thief.request("/read", headers={"Cookie": f"{NAME}={old_cookie}"})
+        self.assertEqual(json.loads(body), {})
+
+
+class FlaskStrictMode(FlaskFrontEnd, StrictMode):
+    def test_the_first_live_session_among_several_cookies_wins(self):
+        self.browser.json("/set?user=ann")
+        live = self.browser.cookie_value()
+        forged = "B" * 43 + ".s." + "C" * 43
+        header = f'{NAME}="{forged}"; {NAME}={self.browser.session_id()}; other=1; {NAME}={live}'
+        _status, _headers, body = Browser(self.browser.base_url).request("/read", headers={"Cookie": header})
+        self.assertEqual(json.loads(body), {"user": "ann"})
+
+    def test_an_unknown_cookie_is_ignored_and_not_expired(self):
+        self.browser.json("/set?user=ann")
+        cookie = self.browser.cookie_value()
+        self.browser.request("/logout")
+        stale = Browser(self.browser.base_url)
+        _status, headers, body = stale.request("/clear", headers={"Cookie": f"{NAME}={cookie}"})
+        self.assertEqual((json.loads(body), headers.get("Set-Cookie")), ({}, None))
+
+
+class FlaskExceptionRollback(FlaskFrontEnd, ExceptionRollback):
+    def test_nothing_is_saved_when_the_body_raises(self):
+        self.browser.json("/set?user=ann")
+        status, _, _ = self.browser.request("/forbidden")
+        self.assertEqual(status, 403)
+        self.assertEqual(self.browser.json(), {"user": "ann", "tried": True}, "an HTTP error is a handled response")
+
+
+class FlaskMalformedCookies(FlaskFrontEnd, MalformedCookies):
+    def test_thousands_of_malformed_headers_never_raise_nor_touch_the_store(self):
+        rng = random.Random(1234)
+        for _ in range(1000):
+            header = self.random_header(rng)
+            status, headers, body = call(self.app, "/read", cookie=header)
+            self.assertEqual((status, json.loads(body), set_cookies(headers)), ("200 OK", {}, []), header)
+        self.assertEqual(self.store.accesses, [])
+
+
+class FlaskCase(unittest.TestCase):
+    """A bare Flask app on FlaskSessionInterface over a counting FileStore; tests add the views."""
+
+    def setUp(self):
+        require(HAS_FLASK, NO_FLASK)
+        import flask
+
+        self.flask = flask
+        self.directory = os.path.join(temp_dir(self), "sessions")
+        self.store = counting(tinysession.FileStore)(self.directory, max_age=7 * 86400)
+        self.app = flask.Flask("tinysession_test")
+        self.app.config.update(SECRET_KEY="test key")
+        self.app.session_interface = tinysession.FlaskSessionInterface(self.store, clean_interval=None)
+        self.client = self.app.test_client()
+
+    def records(self):
+        return sorted(name for name in os.listdir(self.directory) if name.startswith("ts-"))
+
+    def route(self, path, view):
+        self.app.add_url_rule(path, path, view, methods=["GET", "POST"])
+
+
+class FlaskCookieConfiguration(FlaskCase):
+    def cookie(self, **config):
+        self.app.config.update(config)
+        self.route("/", lambda: self.flask.session.update(a=1) or "")
+        return self.client.get("/", "http://www.example.com/").headers["Set-Cookie"]
+
+    def test_defaults_are_flasks(self):
+        name_value, *attributes = self.cookie().split("; ")
+        self.assertRegex(name_value, r"^session=[A-Za-z0-9_-]{43}\.s\.[A-Za-z0-9_-]{43}$")
+        self.assertEqual(sorted(attributes), ["HttpOnly", "Path=/"], "no SameSite: Flask's default")
+
+    def test_every_session_cookie_key(self):
+        cookie = self.cookie(
+            SESSION_COOKIE_NAME="sid", SESSION_COOKIE_DOMAIN=".example.com", SESSION_COOKIE_PATH="/app",
+            SESSION_COOKIE_HTTPONLY=False, SESSION_COOKIE_SECURE=True, SESSION_COOKIE_SAMESITE="Strict",
+            SESSION_COOKIE_PARTITIONED=True,
+        )
+        self.assertTrue(cookie.startswith("sid="))
+        for part in ("Domain=example.com", "Path=/app", "Secure", "SameSite=Strict", "Partitioned"):
+            self.assertIn(part, cookie)
+        self.assertNotIn("HttpOnly", cookie)
+        self.assertNotIn("Expires", cookie)
+
+    def test_the_path_falls_back_to_application_root(self):
+        self.assertIn("Path=/root", self.cookie(APPLICATION_ROOT="/root"))
+
+
+class FlaskPermanentSessions(FlaskCase):
+    def setUp(self):
+        super().setUp()
+        self.app.config["PERMANENT_SESSION_LIFETIME"] = datetime.timedelta(days=7)
+        self.permanent = True
+
+        @self.app.before_request
+        def make_permanent():
+            if self.flask.request.path != "/untouched":
+                self.flask.session.permanent = self.permanent
+
+        self.route("/set", lambda: self.flask.session.update(self.flask.request.args) or "")
+        self.route("/read", lambda: {k: v for k, v in self.flask.session.items() if k != "_permanent"})
+        self.route("/pop", lambda: str(self.flask.session.pop("a")))
+        self.route("/untouched", lambda: "")
+        self.client = self.app.test_client(use_cookies=False)
+        self.jar = RestartingJar()
+
+    def get(self, path):
+        response = self.client.get(path, headers={"Cookie": self.jar.header()})
+        self.jar.receive(response.headers.getlist("Set-Cookie"))
+        return response
+
+    def test_a_permanent_cookie_has_expires_and_max_age(self):
+        cookie = self.get("/set?a=1").headers["Set-Cookie"]
+        self.assertIn("Max-Age=604800", cookie)
+        expires = email.utils.parsedate_to_datetime(re.search(r"Expires=([^;]+)", cookie).group(1))
+        self.assertAlmostEqual(expires.timestamp(), time.time() + 604800, delta=60)
+        self.permanent = False  # the same session: re-sent because it was modified
+        cookie = self.get("/set?a=2").headers["Set-Cookie"]
+        self.assertNotIn("Expires", cookie)
+        self.assertNotIn("Max-Age", cookie)
+
+    def test_a_permanent_session_survives_a_browser_restart_until_the_documented_lifetime(self):
+        self.get("/set?user=ann")
+        self.jar.restart()
+        self.assertEqual(self.get("/read").json, {"user": "ann"})
+        self.jar.advance(6 * 86400)  # six idle days: inside both the cookie's lifetime and max_age
+        os.utime(os.path.join(self.directory, self.records()[0]), (time.time() - 6 * 86400,) * 2)
+        self.jar.restart()
+        self.assertEqual(self.get("/read").json["user"], "ann")
+        self.jar.advance(6 * 86400)  # each request renewed both: six more days still inside
+        os.utime(os.path.join(self.directory, self.records()[0]), (time.time() - 6 * 86400,) * 2)
+        self.jar.restart()
+        self.assertEqual(self.get("/read").json["user"], "ann")
+        self.jar.advance(7 * 86400 + 1)
+        self.assertEqual(self.jar.header(), "", "the cookie expired after PERMANENT_SESSION_LIFETIME")
+
+    def test_the_record_expires_after_max_age_even_if_the_cookie_would_live(self):
+        self.get("/set?user=ann")
+        os.utime(os.path.join(self.directory, self.records()[0]), (time.time() - 7 * 86400 - 1,) * 2)
+        self.assertEqual(self.get("/read").json, {})
+
+    def test_a_browser_session_cookie_dies_with_the_browser(self):
+        self.permanent = False
+        self.get("/set?user=ann")
+        self.jar.restart()
+        self.assertEqual(self.get("/read").json, {})
+
+    def test_a_session_holding_only_its_permanence_is_empty(self):
+        for _visitor in range(20):
+            response = self.app.test_client().get("/read")
+            self.assertEqual((response.json, response.headers.get("Set-Cookie")), ({}, None))
+        self.assertEqual(self.records(), [])
+        self.get("/set?a=1")
+        self.assertIn("Max-Age=0", self.get("/pop").headers["Set-Cookie"])
+        self.assertEqual(self.records(), [])
+
+    def test_an_untouched_request_refreshes_a_permanent_cookie_without_store_access(self):
+        self.get("/set?a=1")
+        self.store.accesses.clear()
+        response = self.get("/untouched")
+        self.assertIn("Max-Age=604800", response.headers["Set-Cookie"])
+        self.assertEqual(response.headers["Vary"], "Cookie")
+        self.assertEqual(self.store.accesses, [])
+        self.app.config["SESSION_REFRESH_EACH_REQUEST"] = False
+        self.assertNotIn("Set-Cookie", self.get("/untouched").headers)
+
+
+class RestartingJar:
+    """A cookie jar on a clock of its own, that drops its session cookies on ``restart()``, as a browser."""
+
+    def __init__(self):
+        self.now = time.time()
+        self.cookies = {}  # name -> (value, expiry timestamp or None)
+
+    def receive(self, set_cookie_values):
+        for value in set_cookie_values:
+            morsel = next(iter(http.cookies.SimpleCookie(value).values()))
+            max_age = int(morsel["max-age"]) if morsel["max-age"] else None
+            if max_age is not None and max_age <= 0:
+                self.cookies.pop(morsel.key, None)
+            else:
+                self.cookies[morsel.key] = (morsel.value, None if max_age is None else self.now + max_age)
+
+    def restart(self):
+        self.cookies = {name: kept for name, kept in self.cookies.items() if kept[1] is not None}
+
+    def advance(self, seconds):
+        self.now += seconds
+
+    def header(self):
+        return "; ".join(
+            f"{name}={value}" for name, (value, expiry) in self.cookies.items() if expiry is None or expiry > self.now
+        )
+
+
+class FlaskSecretKeys(FlaskCase):
+    def setUp(self):
+        super().setUp()
+        self.route("/set", lambda: self.flask.session.update(a=1) or "")
+        self.route("/read", lambda: dict(self.flask.session))
+
+    def test_a_new_key_logs_everyone_out_and_a_fallback_key_keeps_them(self):
+        self.app.secret_key, self.app.config["SECRET_KEY_FALLBACKS"] = "0 key", ["-1 key"]
+        self.client.get("/set")
+        self.assertEqual(self.client.get("/read").json, {"a": 1})
+        self.app.secret_key = "? key"
+        self.assertEqual(self.client.get("/read").json, {})
+        self.app.secret_key, self.app.config["SECRET_KEY_FALLBACKS"] = "+1 key", ["0 key"]
+        self.assertEqual(self.client.get("/read").json, {"a": 1})
+        self.app.config["SECRET_KEY_FALLBACKS"] = []
+        self.assertEqual(self.client.get("/read").json, {})
+
+    def test_a_tampered_cookie_is_not_adopted(self):
+        self.client.get("/set")
+        value = self.client.get_cookie("session").value
+        session_id, _, signature = value.split(".")
+        for forged in (f"{session_id}.p.{signature}", f"{session_id}.s.{'A' * 43}", session_id):
+            with self.subTest(forged=forged):
+                client = self.app.test_client(use_cookies=False)
+                self.assertEqual(client.get("/read", headers={"Cookie": f"session={forged}"}).json, {})
+        client = self.app.test_client(use_cookies=False)
+        self.assertEqual(client.get("/read", headers={"Cookie": f"session={value}"}).json, {"a": 1})
+
+    def test_without_a_secret_key_the_session_is_read_only_and_empty(self):
+        self.app.secret_key = None
+        self.app.config["TESTING"] = True
+        self.assertEqual(self.client.get("/read").json, {})
+        with self.assertRaisesRegex(RuntimeError, "no secret key was set"):
+            self.client.get("/set")
+        self.assertEqual(self.store.accesses, [])
+
+
+class FlaskTaggedValues(FlaskCase):
+    def values(self):
+        import markupsafe
+
+        return {
+            "tuple": (1, (2, "three"), [4]),
+            "bytes": b"\xff\x00",
+            "aware": datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=datetime.timezone.utc),
+            "naive": datetime.datetime(2024, 5, 6, 7, 8, 9, 654321),
+            "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+            "markup": markupsafe.Markup("<em>hi</em>"),
+            "tag keys": [{" t": "not a tuple"}, {" di": "not a dict"}, {" t": 1, " b": 2}],
+            "json": {"list": [1.5, None, True], "nested": {"x": "é"}},
+        }
+
+    def test_values_flask_apps_keep_round_trip_through_every_store(self):
+        serializer = tinysession.TaggedJSON()
+        values = self.values()
+        self.assertEqual(serializer.loads(serializer.dumps(values)), values)
+        for store in (tinysession.FileStore(temp_dir(self), serializer=serializer),
+                      tinysession.SQLiteStore(os.path.join(temp_dir(self), "s.db"), serializer=serializer)):
+            with self.subTest(store=store), store:
+                store["k"] = values
+                loaded = store["k"]
+                self.assertEqual(loaded, values)
+                self.assertEqual([type(loaded[name]) for name in values], [type(values[name]) for name in values])
+                self.assertIsNone(loaded["naive"].tzinfo)
+
+    def test_through_flask_session_and_flashed_messages(self):
+        self.route("/set", lambda: self.flask.session.update(self.values()) or "")
+        import markupsafe
+
+        self.route("/flash", lambda: self.flask.flash(markupsafe.Markup("<b>saved</b>"), "info") or "")
+        self.route("/check", lambda: str(dict(self.flask.session) == self.values()))
+        self.route("/flashes", lambda: repr(self.flask.get_flashed_messages(with_categories=True)))
+        self.client.get("/set")
+        self.assertEqual(self.client.get("/check").text, "True")
+        self.client.get("/flash")
+        self.assertEqual(self.client.get("/flashes").text, "[('info', Markup('<b>saved</b>'))]")
+
+    def test_plain_json_records_read_the_same_and_other_types_are_a_type_error(self):
+        plain = tinysession.FileStore(self.directory)
+        plain["k"] = {"a": [1, {"b": None}]}
+        self.assertEqual(self.store["k"], {"a": [1, {"b": None}]})
+        self.assertIsInstance(self.store.serializer, tinysession.TaggedJSON)
+        with self.assertRaisesRegex(TypeError, "'set'"):
+            tinysession.TaggedJSON().dumps({"a": {1, 2}})
+
+
+class FlaskSessionFlags(FlaskCase):
+    def test_modified_accessed_new_and_permanent(self):
+        session = self.flask.session
+        seen = {}
+
+        def view():
+            seen["before"] = (session.accessed, session.modified)
+            seen["new"], seen["permanent"] = session.new, session.permanent
+            if self.flask.request.args.get("write"):
+                session["a"] = 1
+            seen["after"] = (session.accessed, session.modified)
+            return ""
+
+        self.route("/", view)
+        self.route("/nothing", lambda: "")
+        self.client.get("/?write=1")
+        self.assertEqual(seen, {"before": (True, False), "new": True, "permanent": False, "after": (True, True)})
+        response = self.client.get("/")
+        self.assertEqual((seen["new"], seen["after"]), (False, (True, False)))
+        self.assertEqual((response.headers["Vary"], response.headers.get("Set-Cookie")), ("Cookie", None))
+        self.store.accesses.clear()
+        response = self.client.get("/nothing")
+        self.assertNotIn("Vary", response.headers)
+        self.assertEqual(self.store.accesses, [])
+
+    def test_session_transaction_of_the_test_client(self):
+        self.route("/", lambda: dict(self.flask.session))
+        with self.client.session_transaction() as session:
+            session["user"] = "ann"
+        self.assertEqual(self.client.get("/").json, {"user": "ann"})
+        with self.client.session_transaction() as session:
+            self.assertEqual(dict(session), {"user": "ann"})
+        self.assertEqual(len(self.records()), 1)
+
+    def test_a_failing_store_is_an_http_500(self):
+        self.route("/set", lambda: self.flask.session.update(a=1) or "")
+        self.route("/read", lambda: dict(self.flask.session))
+        self.client.get("/set")
+        os.rename(self.directory, self.directory + ".moved")
+        with open(self.directory, "w"):
+            pass
+        for path in ("/read", "/set"):
+            with self.subTest(path=path), self.assertLogs(self.app.logger, "ERROR"):
+                self.assertEqual(self.client.get(path).status_code, 500)
+
+
+class FlaskLoginFixation(unittest.TestCase):
+    """Flask-Login never calls regenerate(): the identity key rotates the id on login and logout."""
+
+    def setUp(self):
+        require(HAS_FLASK and importlib.util.find_spec("flask_login") is not None,
+                "Flask-Login is not installed (pip install flask-login)")
+        self.directory = temp_dir(self)
+        self.store = tinysession.FileStore(self.directory)
+        self.app = load_example("flask_login_app").create_app(self.store)
+
+    def request(self, path, cookie, method="GET"):
+        """Return ``(body, the cookie the client holds afterwards)``."""
+        client = self.app.test_client()
+        if cookie:
+            client.set_cookie("session", cookie)
+        response = client.open(path, method=method)
+        held = client.get_cookie("session")
+        return response.text, held.value if held else None
+
+    def test_a_planted_pre_login_id_is_worthless_after_login_and_logout(self):
+        _body, planted = self.request("/", None)
+        self.assertEqual(len(os.listdir(self.directory)), 1)
+        body, victim = self.request("/login?user=ann", planted)
+        self.assertEqual(body, "logged in as ann\n")
+        self.assertNotEqual(victim, planted)
+        self.assertEqual(self.request("/", victim)[0], "hello ann, visit 2\n")
+        self.assertEqual(self.request("/", planted)[0], "hello stranger, visit 1\n")
+        self.assertEqual(len(os.listdir(self.directory)), 2, "the victim's record and the attacker's new one")
+        _body, after_logout = self.request("/logout", victim, method="POST")
+        self.assertNotEqual(after_logout, victim)
+        self.assertEqual(self.request("/private", victim)[0][:3], "<!d", "the logged-in id no longer works")
+        self.assertNotIn("ann", self.request("/", victim)[0])
+
+
+class FlaskExamples(unittest.TestCase):
+    def test_the_flask_cli_finds_the_app(self):
+        require(HAS_FLASK, NO_FLASK)
+        env = dict(os.environ, TINYSESSION_DIR=temp_dir(self))
+        result = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", os.path.join(HERE, "examples", "flask_app"), "routes"],
+            capture_output=True, env=env, timeout=60, check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"visits", result.stdout)
+
+
+class SessionIdForFrontEnds(unittest.TestCase):
+    def test_id_is_none_until_cookie_gives_one_and_none_after_invalidate(self):
+        settings = tinysession.SessionMiddleware(probe_app, tinysession.FileStore(temp_dir(self)), clean_interval=None).settings
+        session = tinysession.Session(settings, "")
+        self.assertIsNone(session.id)
+        session["a"] = 1
+        self.assertIsNone(session.id)
+        cookie = session.cookie()
+        self.assertEqual(cookie.split(";")[0], f"{NAME}={session.id}")
+        session.save()
+        again = tinysession.Session(settings, f"{NAME}={session.id}")
+        self.assertEqual((again["a"], again.id), (1, session.id))
+        again.invalidate()
+        self.assertIsNone(again.id)
+
+
 # -- Examples --
 
 
@@ -4013,7 +4503,7 @@ class FrameworkExamples(unittest.TestCase):
 
     def test_flask(self):
         require(importlib.util.find_spec("flask") is not None, "Flask is not installed (pip install flask)")
-        self.check_visits(load_example("flask_app").make_app)
+        self.check_visits(load_example("flask_app").create_app)
 
     def test_bottle(self):
         require(importlib.util.find_spec("bottle") is not None, "Bottle is not installed (pip install bottle)")

@@ -54,7 +54,8 @@ else could write runs their code. A record that fails its check is treated as
 missing and logged on the ``tinysession`` logger.
 
 Sections: errors, records, the store protocol, FileStore, SQLiteStore,
-RedisStore, cookies, the session core, WSGI, ASGI, chat history, command line.
+RedisStore, merging, cookies, the session core, WSGI, Flask (``FlaskSessionInterface``,
+``TaggedJSON``), ASGI, chat history, command line.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as ModuleSurface checks)
     "DEFAULT_COOKIE_NAME",
     "DEFAULT_MAX_BYTES",
     "FileStore",
+    "FlaskSessionInterface",
     "RecordTooLarge",
     "RedisStore",
     "SQLiteStore",
@@ -89,6 +91,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as ModuleSurface checks)
     "Store",
     "StoreError",
     "Sweep",
+    "TaggedJSON",
     "get_session",
     "main",
     "merge_sessions",
@@ -1841,6 +1844,17 @@ class Session(MutableMapping):
         values = _cookie_values(self._cookie_header, self._settings.cookie_name)
         return any(len(value) == _SESSION_ID_LENGTH and _is_key(value) for value in values)
 
+    @property
+    def id(self):
+        """The session's id, as its cookie carries it; None while the session has none.
+
+        A loaded session has the id the client sent; a new one gets its id
+        when ``cookie()`` decides to send it; ``regenerate()`` and
+        ``invalidate()`` reset it to None. For front ends that write the
+        cookie themselves (Flask) from what ``cookie()`` decided.
+        """
+        return None if self._data is None else self._id
+
 
 # -- WSGI --
 
@@ -1970,6 +1984,352 @@ class SessionMiddleware:
             self.settings.request_finished()
             return body
         return _SessionBody(body, session, self.settings)
+
+
+# -- Flask --
+
+_TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT = " t", " b", " m", " u", " d", " di"
+_TAGS = frozenset((_TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT))
+_NO_SECRET_KEY = (
+    "The session is unavailable because no secret key was set. Set the secret_key on the application"
+    " to something unique and secret."
+)
+
+
+class TaggedJSON:
+    """Compact JSON that also round-trips what Flask apps keep in sessions; a serializer for any store.
+
+    ``FileStore(path, serializer=TaggedJSON())`` (any store takes it). JSON
+    values are stored as plain JSON; these become a one-key object whose key
+    is a tag: ``tuple`` (``" t"``), ``bytes`` (``" b"``, base64),
+    ``uuid.UUID`` (``" u"``), ``datetime.datetime`` (``" d"``, ISO 8601,
+    aware or naive, microseconds kept), and anything with ``__html__``, such
+    as ``markupsafe.Markup`` (``" m"``, read back as ``markupsafe.Markup``).
+    A dict whose one key is a tag is stored as ``{" di": [key, value]}``, so
+    it comes back as it was. Plain JSON records read the same as with the
+    "json" serializer. ``dumps`` raises TypeError for other types.
+    """
+
+    def __init__(self):
+        import base64
+        import datetime
+        import uuid
+
+        self._base64, self._datetime, self._uuid = base64, datetime.datetime, uuid.UUID
+        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        self._decode = json.JSONDecoder(object_hook=self._untag).decode
+
+    def dumps(self, obj):
+        """Return ``obj`` as UTF-8 tagged JSON bytes."""
+        return self._encode(self._tag(obj)).encode("utf-8")
+
+    def loads(self, data):
+        """Return the value in UTF-8 tagged JSON ``data``; ValueError if it is not JSON."""
+        return self._decode(data.decode("utf-8"))
+
+    def _tag(self, value):
+        kind = type(value)
+        if kind is str or kind is int or kind is float or kind is bool or value is None:
+            return value
+        if kind is list:
+            return [self._tag(item) for item in value]
+        if kind is dict:
+            if len(value) == 1:
+                ((key, item),) = value.items()
+                if key in _TAGS:
+                    return {_ONE_KEY_DICT: [key, self._tag(item)]}
+            return {key: self._tag(item) for key, item in value.items()}
+        if kind is tuple:
+            return {_TUPLE: [self._tag(item) for item in value]}
+        if hasattr(value, "__html__"):
+            return {_MARKUP: str(value.__html__())}
+        if isinstance(value, bytes):
+            return {_BYTES: self._base64.b64encode(value).decode("ascii")}
+        if isinstance(value, self._datetime):
+            return {_DATETIME: value.isoformat()}
+        if isinstance(value, self._uuid):
+            return {_UUID: value.hex}
+        for base in (int, float, str, list, tuple, dict):
+            if isinstance(value, base):  # an IntEnum, a namedtuple, an OrderedDict: stored as their base
+                return self._tag(str.__str__(value) if base is str else base(value))
+        raise TypeError(f"cannot store a {kind.__name__!r} in a session: not JSON, and no tag for it")
+
+    def _untag(self, obj):
+        if len(obj) != 1:
+            return obj
+        ((tag, value),) = obj.items()
+        if tag == _TUPLE:
+            return tuple(value)
+        if tag == _BYTES:
+            return self._base64.b64decode(value)
+        if tag == _DATETIME:
+            return self._datetime.fromisoformat(value)
+        if tag == _UUID:
+            return self._uuid(value)
+        if tag == _MARKUP:
+            import markupsafe
+
+            return markupsafe.Markup(value)
+        if tag == _ONE_KEY_DICT:
+            return {value[0]: value[1]}
+        return obj
+
+
+def _cookie_keys(app):
+    """Return the HMAC keys derived from the app's SECRET_KEY then its SECRET_KEY_FALLBACKS."""
+    import hashlib
+
+    if not app.secret_key:
+        return []
+    secrets = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
+    return [
+        hashlib.sha256(b"tinysession flask cookie\0" + (s.encode("utf-8") if isinstance(s, str) else s)).digest()
+        for s in secrets
+    ]
+
+
+def _signed_cookie(key, session_id, permanent):
+    """Return the cookie value ``<id>.<p|s>.<signature>``: the id, whether permanent, an HMAC of both."""
+    import base64
+    import hmac
+
+    payload = f"{session_id}.{'p' if permanent else 's'}"
+    signature = base64.urlsafe_b64encode(hmac.digest(key, payload.encode("ascii"), "sha256")).rstrip(b"=")
+    return payload + "." + signature.decode("ascii")
+
+
+def _verify_cookie(value, keys):
+    """Return ``(session_id, permanent)`` from a cookie value one of ``keys`` signed, or None."""
+    import hmac
+
+    session_id, _, rest = value.partition(".")
+    flag, _, _ = rest.partition(".")
+    if len(session_id) != _SESSION_ID_LENGTH or not _is_key(session_id) or flag not in ("p", "s"):
+        return None
+    for key in keys:
+        if hmac.compare_digest(value, _signed_cookie(key, session_id, flag == "p")):
+            return session_id, flag == "p"
+    return None
+
+
+class _FlaskSession(MutableMapping):
+    """``flask.session`` for one request: the core Session with Flask's ``SessionMixin`` flags.
+
+    ``core`` is the framework-free ``Session`` underneath; ``request_cookie``
+    is ``(session_id, permanent)`` from the request's verified cookie, or None.
+    """
+
+    def __init__(self, core, request_cookie):
+        self.core = core
+        self.request_cookie = request_cookie
+        self._new = None
+        self._accessed = False
+        self.modified = False
+
+    def _data(self):
+        data = self.core.load()
+        if self._new is None:
+            self._new = self.core.state == _NEW
+        return data
+
+    def __getitem__(self, name):
+        return self._data()[name]
+
+    def __setitem__(self, name, value):
+        self._data()[name] = value
+        self.modified = True
+
+    def __delitem__(self, name):
+        del self._data()[name]
+        self.modified = True
+
+    def __contains__(self, name):
+        return name in self._data()
+
+    def __iter__(self):
+        return iter(self._data())
+
+    def __len__(self):
+        return len(self._data())
+
+    def get(self, name, default=None):
+        return self._data().get(name, default)
+
+    def __repr__(self):
+        return f"<flask session {self.core!r}>"
+
+    @property
+    def permanent(self):
+        """True if the session outlives the browser: its cookie has Expires and Max-Age."""
+        return bool(self._data().get("_permanent", False))
+
+    @permanent.setter
+    def permanent(self, value):
+        self["_permanent"] = bool(value)
+
+    @property
+    def new(self):
+        """True if the request brought no live session: this one started afresh."""
+        self._data()
+        return self._new
+
+    @property
+    def accessed(self):
+        """True once the session was used (Flask 3.1.3 also sets it): the response then varies with Cookie."""
+        return self._accessed or self.core.accessed
+
+    @accessed.setter
+    def accessed(self, value):
+        self._accessed = bool(value)
+
+    def regenerate(self):
+        """Give the session a new id and keep its data: the core's ``Session.regenerate``."""
+        self.core.regenerate()
+        self.modified = True
+
+    def invalidate(self):
+        """Empty the session, remove its record and expire its cookie: the core's ``Session.invalidate``."""
+        self.core.invalidate()
+        self.modified = True
+
+
+class _FlaskNullSession(MutableMapping):
+    """The empty, read-only session of an app without a SECRET_KEY; any write raises RuntimeError."""
+
+    permanent = modified = accessed = False
+    new = True
+
+    def __getitem__(self, name):
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+    def _fail(self, *args, **kwargs):
+        raise RuntimeError(_NO_SECRET_KEY)
+
+    __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = _fail
+
+
+class FlaskSessionInterface:
+    """Serve ``flask.session`` from a store: ``app.session_interface = FlaskSessionInterface(store)``.
+
+    Duck-typed to Flask's ``SessionInterface`` (nothing is imported from
+    Flask), over the same session core as ``SessionMiddleware``: lazy
+    loading (a request that never touches ``session`` costs no store
+    access), change detection, conditional writes, hashed ids, strict mode,
+    rotation of the id when ``identity_key`` changes, and rollback when the
+    request ends in an unhandled exception.
+
+    Flask's configuration sets the cookie, read on every request:
+    ``SESSION_COOKIE_NAME``, ``_DOMAIN``, ``_PATH`` (else ``APPLICATION_ROOT``),
+    ``_HTTPONLY``, ``_SECURE``, ``_SAMESITE``, ``_PARTITIONED``,
+    ``PERMANENT_SESSION_LIFETIME`` (the cookie lifetime of a permanent
+    session) and ``SESSION_REFRESH_EACH_REQUEST``. The cookie carries the id,
+    whether the session is permanent, and an HMAC of both under
+    ``SECRET_KEY``; one signed with a key in ``SECRET_KEY_FALLBACKS`` is
+    accepted and re-signed when next sent. Without a SECRET_KEY the session
+    is an empty one that raises RuntimeError on writes, as Flask's is.
+
+    A store left on the default "json" serializer is switched to
+    ``TaggedJSON``, which reads the same plain JSON records. Options
+    (keyword only): ``identity_key``, ``max_lifetime``, ``touch_interval``
+    and ``clean_interval``, as for ``SessionMiddleware``. Thread-safe.
+    """
+
+    pickle_based = False
+
+    def __init__(self, store, *, identity_key="_user_id", max_lifetime=None, touch_interval=60, clean_interval=300):
+        self.settings = _Settings(
+            store, identity_key=identity_key, max_lifetime=max_lifetime,
+            touch_interval=touch_interval, clean_interval=clean_interval,
+        )
+        if type(store.serializer) is _JSONSerializer:
+            store.serializer = TaggedJSON()
+
+    @property
+    def store(self):
+        """The store the sessions live in."""
+        return self.settings.store
+
+    def make_null_session(self, app):
+        """Return the session of an app without a SECRET_KEY: empty, and any write raises RuntimeError."""
+        return _FlaskNullSession()
+
+    def is_null_session(self, obj):
+        """Return True if ``obj`` is a session made by ``make_null_session``."""
+        return isinstance(obj, _FlaskNullSession)
+
+    def open_session(self, app, request):
+        """Return the request's session, not loaded yet (no store access); None without a SECRET_KEY."""
+        keys = _cookie_keys(app)
+        if not keys:
+            return None
+        found = []
+        for value in request.cookies.getlist(app.config["SESSION_COOKIE_NAME"])[:_MAX_COOKIE_CANDIDATES]:
+            verified = _verify_cookie(value, keys)
+            if verified is not None:
+                found.append(verified)
+        header = "; ".join(f"{self.settings.cookie_name}={session_id}" for session_id, _ in found)
+        core = Session(self.settings, header, secure=request.is_secure)
+        return _FlaskSession(core, found[0] if found else None)
+
+    def save_session(self, app, session, response):
+        """Set the response's cookie and Vary, then write what changed (store I/O).
+
+        If an exception is being handled (the request failed), the changes
+        are rolled back instead. Raises StoreError if the store fails.
+        """
+        core = session.core
+        if sys.exc_info()[0] is not None:
+            core.cookie()
+            core.rollback()
+            return
+        if core.accessed and set(core) <= {"_permanent"}:
+            core.pop("_permanent", None)  # a session holding only its permanence is empty
+        decision = core.cookie()
+        refresh = app.config["SESSION_REFRESH_EACH_REQUEST"]
+        if session.accessed:
+            response.vary.add("Cookie")
+        if core.accessed:
+            live = len(core) > 0 and core.state != _GONE
+            if decision is not None and not live:
+                response.delete_cookie(**self._cookie_options(app, None))
+            elif live and (decision is not None or session.modified or (session.permanent and refresh)):
+                self._set_cookie(app, response, core.id, session.permanent)
+        elif session.request_cookie is not None and session.request_cookie[1] and refresh:
+            response.vary.add("Cookie")  # refreshed from the cookie alone: no store access
+            self._set_cookie(app, response, session.request_cookie[0], True)
+        core.save()
+        self.settings.request_finished()
+
+    def _set_cookie(self, app, response, session_id, permanent):
+        value = _signed_cookie(_cookie_keys(app)[0], session_id, permanent)
+        response.set_cookie(value=value, **self._cookie_options(app, permanent))
+
+    def _cookie_options(self, app, permanent):
+        """Return the keywords of Werkzeug's set_cookie / delete_cookie from the app's configuration."""
+        config = app.config
+        options = {
+            "key": config["SESSION_COOKIE_NAME"],
+            "domain": config.get("SESSION_COOKIE_DOMAIN") or None,
+            "path": config.get("SESSION_COOKIE_PATH") or config.get("APPLICATION_ROOT") or "/",
+            "secure": bool(config.get("SESSION_COOKIE_SECURE")),
+            "httponly": bool(config.get("SESSION_COOKIE_HTTPONLY", True)),
+            "samesite": config.get("SESSION_COOKIE_SAMESITE"),
+        }
+        if config.get("SESSION_COOKIE_PARTITIONED"):
+            options["partitioned"] = True  # a keyword only Werkzeug 3.1 and later know
+        if permanent:
+            import datetime
+
+            lifetime = app.permanent_session_lifetime
+            options["max_age"] = int(lifetime.total_seconds())
+            options["expires"] = datetime.datetime.now(datetime.timezone.utc) + lifetime
+        return options
 
 
 # -- ASGI --

@@ -1,0 +1,44 @@
+"""A pytest plugin that serves every Flask app's session from tinysession.
+
+Loaded with ``-p tinysession_plugin``; ``TINYSESSION_STORE`` picks the store
+(``file``, ``sqlite`` or ``redis``; ``flask`` leaves Flask's own cookie
+sessions in place, for the comparison run), ``TINYSESSION_REDIS_URL`` the
+Redis server. Each test gets a fresh, empty store.
+"""
+
+import os
+import tempfile
+
+import flask
+import pytest
+
+import tinysession
+
+
+def _make_store(kind, directory):
+    if kind == "file":
+        return tinysession.FileStore(os.path.join(directory, "sessions"), max_age=3600)
+    if kind == "sqlite":
+        return tinysession.SQLiteStore(os.path.join(directory, "sessions.db"), max_age=3600)
+    if kind == "redis":
+        import redis
+
+        client = redis.Redis.from_url(os.environ["TINYSESSION_REDIS_URL"])
+        client.flushdb()
+        return tinysession.RedisStore(client, max_age=3600)
+    raise ValueError(f"TINYSESSION_STORE must be file, sqlite, redis or flask, not {kind!r}")
+
+
+@pytest.fixture(autouse=True)
+def _tinysession_interface(monkeypatch):
+    kind = os.environ.get("TINYSESSION_STORE", "file")
+    if kind == "flask":
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="tinysession-peer-") as directory:
+        store = _make_store(kind, directory)
+        monkeypatch.setattr(
+            flask.Flask, "session_interface", tinysession.FlaskSessionInterface(store, clean_interval=None)
+        )
+        yield
+        store.close()

@@ -1,0 +1,65 @@
+"""Flask-Login over tinysession: ``python examples/flask_login_app.py``.
+
+Log in at /login?user=ann. Logging in or out changes the session id and
+removes the old record (the interface's ``identity_key``, Flask-Login's
+``_user_id``), so an id planted before login is worthless afterwards.
+"""
+
+import os
+import secrets
+import sys
+import tempfile
+
+from flask import Flask, request, session
+from flask_login import LoginManager, UserMixin, current_user, login_required, login_user, logout_user
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import tinysession
+
+USERS = ("ann", "bob")
+
+
+class User(UserMixin):
+    def __init__(self, name):
+        self.id = name
+
+
+def create_app(store=None):
+    """Return a Flask app with Flask-Login whose sessions live in ``store`` (a FileStore by default)."""
+    if store is None:
+        store = tinysession.FileStore(tempfile.mkdtemp(prefix="tinysession-login-"), max_age=3600)
+    app = Flask(__name__)
+    app.secret_key = os.environ.get("SECRET_KEY") or secrets.token_hex(32)
+    app.session_interface = tinysession.FlaskSessionInterface(store)
+    login_manager = LoginManager(app)
+    login_manager.user_loader(lambda name: User(name) if name in USERS else None)
+
+    @app.route("/")
+    def home():
+        session["visits"] = session.get("visits", 0) + 1
+        name = current_user.id if current_user.is_authenticated else "stranger"
+        return f"hello {name}, visit {session['visits']}\n"
+
+    @app.route("/login")
+    def login():
+        name = request.args.get("user", "")
+        if name not in USERS:  # a real app checks a password here
+            return "unknown user\n", 403
+        login_user(User(name))
+        return f"logged in as {name}\n"
+
+    @app.route("/private")
+    @login_required
+    def private():
+        return f"private page of {current_user.id}\n"
+
+    @app.route("/logout", methods=["POST"])
+    def logout():
+        logout_user()
+        return "bye\n"
+
+    return app
+
+
+if __name__ == "__main__":
+    create_app().run(host="127.0.0.1", port=8000)
