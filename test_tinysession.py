@@ -2782,12 +2782,18 @@ class CookieAttributes(MiddlewareCase):
         self.assertNotIn("HttpOnly", cookie)
         self.assertIn("SameSite=Strict", self.cookie_for(samesite="Strict"))
 
-    def test_a_cookie_max_age_of_zero_or_less_is_a_browser_session_cookie(self):
-        for max_age in (0, -1, None):
+    def test_no_cookie_max_age_is_a_browser_session_cookie(self):
+        cookie = self.cookie_for(cookie_max_age=None)
+        self.assertNotIn("max-age", cookie.lower())
+        self.assertNotIn("expires", cookie.lower())
+
+    def test_a_cookie_max_age_of_zero_or_less_makes_a_session_that_lasts_one_request(self):
+        for max_age in (0, -1):
             with self.subTest(max_age=max_age):
+                before = self.session_keys()
                 cookie = self.cookie_for(cookie_max_age=max_age)
-                self.assertNotIn("max-age", cookie.lower())
-                self.assertNotIn("expires", cookie.lower())
+                self.assertIn("Max-Age=0", cookie)
+                self.assertEqual(self.session_keys(), before)  # nothing was stored
 
     def test_partitioned_cookies_are_secure(self):
         cookie = self.cookie_for(partitioned=True)

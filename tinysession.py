@@ -1426,8 +1426,8 @@ class _Settings:
         self.partitioned = bool(partitioned)
         if cookie_max_age is not None and (isinstance(cookie_max_age, bool) or not isinstance(cookie_max_age, int)):
             raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
-        # Max-Age=0 would delete the cookie at once: 0 and below mean a browser-session cookie, as None.
-        self.cookie_max_age = cookie_max_age if cookie_max_age is not None and cookie_max_age > 0 else None
+        # As in Starlette: 0 or less sends Max-Age=0, and a cookie that dies at once needs no record.
+        self.cookie_max_age = cookie_max_age if cookie_max_age is None or cookie_max_age > 0 else 0
         if identity_key is not None and not isinstance(identity_key, str):
             raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
         self.identity_key = identity_key
@@ -1688,7 +1688,7 @@ class Session(MutableMapping):
         if self._data and self.state != _GONE:
             if self._id is None:
                 self._id = _new_session_id()
-            if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age):
+            if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
                 return settings.set_cookie(self._id, self._secure)
             return None
         if self._client_id is not None and not self._data:
@@ -1762,6 +1762,8 @@ class Session(MutableMapping):
         return theirs_stored
 
     def _save_new(self, now):
+        if self._settings.cookie_max_age == 0:
+            return  # its cookie expires with this response: the session ends with it
         if self._id is None:
             if self._cookie is not None:
                 _logger.warning("session started after the response headers: no cookie was sent, not saved")
@@ -1920,7 +1922,9 @@ class SessionMiddleware:
     given), ``secure`` (None: when the request came over https), ``httponly``,
     ``samesite`` ("Lax", "Strict", "None" which forces Secure, or None to
     omit it), ``partitioned`` (CHIPS; forces Secure), ``cookie_max_age``
-    (seconds; None, 0 or less for a browser-session cookie),
+    (seconds; None for a browser-session cookie; 0 or less, as in
+    Starlette, a cookie sent with ``Max-Age=0`` and no record kept: a
+    session that lasts one request),
     ``refresh_each_request`` (with ``cookie_max_age``: send the
     cookie on every response that used the session, not only when it is new),
     ``max_lifetime`` (seconds since the session was created, after which it

@@ -8,9 +8,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 version=1.10.0
 expected="tests/middleware/test_session.py::test_domain_cookie[asyncio]
 tests/middleware/test_session.py::test_partitioned_session[asyncio-True]
-tests/middleware/test_session.py::test_session_cookie_subpath[asyncio]
-tests/middleware/test_session.py::test_session_expires[asyncio]
-tests/middleware/test_session.py::test_session_zero_max_age[asyncio]"
+tests/middleware/test_session.py::test_session_cookie_subpath[asyncio]"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export PIP_DISABLE_PIP_VERSION_CHECK=1
