@@ -1,6 +1,6 @@
 """Benchmark tinysession against plain baselines and peer session libraries.
 
-    python bench/run.py [--quick] [--dir PARENT] [--redis | --no-redis] [--sections 1234]
+    python bench/run.py [--quick] [--dir PARENT] [--redis | --no-redis] [--sections 12345]
 
 Everything runs in one process except where a fresh process is the point
 (cleaning and importing). Contenders are interleaved across repetitions (for
@@ -18,10 +18,21 @@ machine drift hits them all alike; tables show medians over repetitions.
 3. Cleaning a store of which half the sessions are expired, each cleaner in a
    fresh process, with its time and peak memory.
 4. The cost of importing each library in a fresh interpreter.
+5. Over HTTP (not with --quick): the same Flask app under gunicorn with
+   HTTP_WORKERS sync workers, loaded by wrk with HTTP_CONNECTIONS connections,
+   each with its own session holding a 1,000-message chat history: a view
+   that never touches the session, one that reads it, one that appends to it,
+   in requests/s (and relative to the app without sessions) and p50/p99
+   latency. Needs gunicorn and Flask importable and wrk on PATH, else it is
+   skipped with a note.
+
+Every timed batch (a store phase, a request batch, a wrk run) starts after
+os.sync() and gc.collect(), untimed, so it does not time the kernel writing
+back the previous batch's files.
 
 Markdown goes to stdout, progress to stderr. Peers that cannot be imported are
 skipped with a note, so ``--quick`` runs with the standard library alone
-(tinysession and the baselines). The peer versions used are pinned in
+(tinysession and the baselines; it skips section 5). The peer versions used are pinned in
 bench/requirements.txt. tinysession is the tinysession.py of the folder above
 this script (or of $TINYSESSION_ROOT), copied and byte-compiled when the run
 starts, so one run measures one version even if the checkout changes.
@@ -36,6 +47,7 @@ import json
 import os
 import pickle
 import platform
+import random
 import secrets
 import shutil
 import socket
@@ -58,7 +70,7 @@ ROOT = os.path.abspath(os.environ.get("TINYSESSION_ROOT") or os.path.join(HERE, 
 tinysession = None
 
 FULL = {"store_n": 2000, "store_reps": 5, "req_n": 400, "req_reps": 5, "users": 200,
-            "clean_n": 100_000, "clean_reps": 1, "import_runs": 7}
+            "clean_n": 100_000, "clean_reps": 1, "import_runs": 7, "http_s": 3, "http_reps": 5, "http_warmup_s": 1}
 # One cleaning run each in the full run: building and tearing down a 100,000-file
 # layout costs ~30 s per cleaner on a 2-core VM disk; raise clean_reps on a faster one.
 QUICK = {"store_n": 200, "store_reps": 3, "req_n": 60, "req_reps": 3, "users": 50,
@@ -94,6 +106,15 @@ def proc_status_kb(field, pid="self"):
     except OSError:
         pass
     return None
+
+
+def settle():
+    """Write every dirty page back to disk and collect garbage: call it, untimed, before a timed batch.
+
+    Without it a batch partly times the kernel's writeback of the previous batch's files.
+    """
+    os.sync()
+    gc.collect()
 
 
 def reset_peak_rss():
@@ -544,20 +565,27 @@ def store_contenders(workdir, redis_server):
 
 
 def store_batch(contender, directory, count, record):
-    """Save ``count`` new keys, load them all, update them all; return µs per op of each."""
+    """Save ``count`` new keys, load them all, update them all; return µs per op of each.
+
+    Each of the three timed phases starts after settle(), outside its timing.
+    """
     os.makedirs(directory)
     create, load, update = contender["create"], contender["load"], contender["update"]
     message = new_message()
     handle = contender["open"](directory)
     try:
         keys = [secrets.token_hex(16) for _ in range(count)]
-        gc.collect()
+        settle()
         started = time.perf_counter()
         keys = [create(handle, key, record) for key in keys]
         saved = time.perf_counter()
+        settle()
+        load_started = time.perf_counter()
         for key in keys:
             load(handle, key)
         loaded = time.perf_counter()
+        settle()
+        update_started = time.perf_counter()
         for key in keys:
             update(handle, key, message)
         updated = time.perf_counter()
@@ -569,7 +597,7 @@ def store_batch(contender, directory, count, record):
         contender["close"](handle)
     shutil.rmtree(directory, ignore_errors=True)
     scale = 1e6 / count
-    return ((saved - started) * scale, (loaded - saved) * scale, (updated - loaded) * scale)
+    return ((saved - started) * scale, (loaded - load_started) * scale, (updated - update_started) * scale)
 
 
 def run_store_section(config, workdir, redis_server):
@@ -591,7 +619,8 @@ def run_store_section(config, workdir, redis_server):
 def print_store_section(config, contenders, results):
     print(f"## 1. Store operations: µs per operation ({config['store_n']:,} sessions, "
           f"median of {config['store_reps']} repetitions)\n")
-    print("save = a new key; load = read it back; update = load, append one message, save. "
+    print("save = a new key; load = read it back; update = load, append one message, save. Each of the "
+          "three phases starts after os.sync() and gc.collect(), untimed. "
           "× = time relative to the first row of the table (the plain baseline of that kind; "
           "lower is faster).\n")
     titles = {"file": "File stores, against raw-file", "sqlite": "SQLite stores, against raw-sqlite",
@@ -834,7 +863,7 @@ def request_batch(state, path, count):
     app, browsers = state["app"], state["browsers"]
     users = len(browsers)
     first = state["next"]
-    gc.collect()
+    settle()
     started = time.perf_counter()
     for index in range(first, first + count):
         browsers[index % users].request(app, path)
@@ -869,7 +898,8 @@ def print_request_section(config, contenders, results):
           "the previous response set; the body is drained and closed. append = read the session and "
           "append a chat message; read = only read it; untouched = never touch it (the browser still "
           "sends its cookie). µs cells show (+ the time added over the same framework's app without "
-          "sessions); × = time relative to the same framework's tinysession FileStore (lower is faster).\n")
+          "sessions); × = time relative to the same framework's tinysession FileStore (lower is faster). "
+          "Each batch starts after os.sync() and gc.collect(), untimed.\n")
     for framework in dict.fromkeys(c["framework"] for c in contenders):
         members = [c for c in contenders if c["framework"] == framework]
         medians = {c["name"]: {kind: statistics.median(results[(framework, c["name"])][kind])
@@ -918,11 +948,20 @@ def _key(index):
     return hashlib.sha256(b"session %d" % index).hexdigest()
 
 
+def fill_tinysession_store(store, count, now):
+    """Write ``count`` chat records through the public API, then date the odd ones back by touch()."""
+    record = chat_record()
+    try:
+        for index in range(count):
+            store[_key(index)] = record
+            if index % 2:
+                store.touch(_key(index), now=_old_or_new(index, now))
+    finally:
+        store.close()
+
+
 def build_tinysession_files(directory, count, now):
-    os.makedirs(directory, mode=0o700)
-    data = json.dumps({"created": now, "data": chat_record()}, separators=(",", ":")).encode()
-    for index in range(count):
-        _write_file(os.path.join(directory, "ts-" + _key(index)), data, _old_or_new(index, now))
+    fill_tinysession_store(tinysession.FileStore(directory), count, now)
 
 
 def build_cachelib_files(directory, count, now):
@@ -967,11 +1006,7 @@ def build_raw_sqlite(directory, count, now):
 
 def build_tinysession_sqlite(directory, count, now):
     os.makedirs(directory)
-    path = os.path.join(directory, "s.sqlite3")
-    tinysession.SQLiteStore(path).close()  # its own schema
-    data = json.dumps({"created": now, "data": chat_record()}, separators=(",", ":")).encode()
-    _sqlite_rows(path, [], "INSERT INTO sessions (key, data, mtime) VALUES (?, ?, ?)",
-                 ((_key(i), data, _old_or_new(i, now)) for i in range(count)))
+    fill_tinysession_store(tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3")), count, now)
 
 
 def build_django_db(directory, count, now):
@@ -998,6 +1033,18 @@ def build_diskcache(directory, count, now):
     with diskcache.Cache(directory, cull_limit=0) as cache, cache.transact():
             for index in range(count):
                 cache.set(_key(index), record, expire=-3600 if index % 2 else 86400)
+
+
+def count_records(open_store):
+    """Count the records of the tinysession store ``open_store(directory)`` opens (no max_age: all of them)."""
+    def count(directory):
+        store = open_store(directory)
+        try:
+            return len(store)
+        finally:
+            store.close()
+
+    return count
 
 
 def count_files(prefix="", exclude=()):
@@ -1071,17 +1118,19 @@ CACHELIB_COUNT_FILE = hashlib.sha256(b"__wz_cache_count").hexdigest()
 
 def clean_contenders(workdir):
     half = lambda n: n // 2
+    ts_files = count_records(tinysession.FileStore)
+    ts_rows = count_records(lambda d: tinysession.SQLiteStore(os.path.join(d, "s.sqlite3")))
     contenders = [
         {"name": f"find -type f -mmin +{MAX_AGE // 60} -delete", "group": "file", "layout": build_tinysession_files,
-             "command": FIND, "remaining": count_files("ts-"), "removes": half},
+             "command": FIND, "remaining": ts_files, "removes": half},
         {"name": "tinysession FileStore clean(max_age=2h)", "group": "file", "layout": build_tinysession_files,
-             "child": "tinysession-files-max-age", "remaining": count_files("ts-"), "removes": half},
+             "child": "tinysession-files-max-age", "remaining": ts_files, "removes": half},
         {"name": "tinysession FileStore clean(keep=1000)", "group": "file", "layout": build_tinysession_files,
-             "child": "tinysession-files-keep", "remaining": count_files("ts-"), "removes": lambda n: n - 1000},
+             "child": "tinysession-files-keep", "remaining": ts_files, "removes": lambda n: n - 1000},
         {"name": "raw sqlite DELETE WHERE mtime < ?", "group": "sqlite", "layout": build_raw_sqlite,
              "child": "raw-sqlite", "remaining": count_rows("raw.sqlite3", "s"), "removes": half},
         {"name": "tinysession SQLiteStore clean(max_age=2h)", "group": "sqlite", "layout": build_tinysession_sqlite,
-             "child": "tinysession-sqlite", "remaining": count_rows("s.sqlite3", "sessions"), "removes": half},
+             "child": "tinysession-sqlite", "remaining": ts_rows, "removes": half},
     ]
     if try_import("cachelib", "cachelib.file"):
         remaining = count_files(exclude={CACHELIB_COUNT_FILE})
@@ -1327,6 +1376,405 @@ def print_import_section(config, contenders, results):
     print()
 
 
+# -- 5. HTTP: a Flask app under gunicorn, loaded by wrk --
+#
+# Every contender is the same Flask app (http_flask_app) served by its own
+# gunicorn with sync workers; the workers build it through `run:http_app()`
+# from environment variables, so each worker opens its own store. Before the
+# timed runs every wrk connection gets its own session by one /login, and a
+# generated Lua script gives each wrk thread (one connection each) that cookie.
+
+HTTP_WORKERS = 2
+HTTP_CONNECTIONS = 16
+HTTP_HISTORY = 1000  # messages in each session's chat history
+HTTP_KINDS = [("untouched", "/ping"), ("read", "/read"), ("append", "/append")]
+COOKIE_LIMIT = 4093  # bytes of name, value and attributes: Werkzeug warns above it, browsers drop the cookie
+WRK_SCRIPT = """\
+local cookies = {%s}
+local count = 0
+function setup(thread)
+  count = count + 1
+  thread:set("cookie", cookies[count])
+end
+function init(args)
+  if cookie ~= "" then wrk.headers["Cookie"] = cookie end
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('BENCH {"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p99_us": %%d, '
+    .. '"errors": %%d}\\n', summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def chat_history(count=HTTP_HISTORY):
+    """chat_record() grown to ``count`` messages, the system message first.
+
+    Each added message has the role and word count of one of chat_record()'s and words drawn from
+    them (the same for every call), so the history compresses about as well as real text would,
+    not as well as one conversation repeated.
+    """
+    record = chat_record()
+    system, turns = record["messages"][0], record["messages"][1:]
+    words = " ".join(message["content"] for message in turns).split()
+    chooser = random.Random(count)
+    messages = [system]
+    for index in range(count - 1):
+        model = turns[index % len(turns)]
+        text = " ".join(chooser.choice(words) for _ in model["content"].split())
+        messages.append({"role": model["role"], "content": text})
+    record["messages"] = messages
+    return record
+
+
+def http_flask_app(get_session=None, configure=None):
+    """The HTTP section's Flask app; without ``get_session`` it has no sessions and only /ping is used.
+
+    /login stores chat_history() (with ?small=1 only the user id and CSRF token), /read answers the
+    history's length and last message, /append appends one message and keeps the last HTTP_HISTORY,
+    /ping never touches the session.
+    """
+    from flask import Flask, request
+
+    app = Flask(__name__)
+    if configure is not None:
+        configure(app)
+
+    def login():
+        record = chat_history()
+        if request.args.get("small"):
+            del record["messages"]
+        get_session().update(record)
+        return "ok"
+
+    def read():
+        messages = get_session()["messages"]
+        return f"{len(messages)} messages; last: {messages[-1]['content']}"
+
+    def append():
+        session = get_session()
+        messages = session["messages"]
+        messages.append(new_message())
+        del messages[1:max(1, len(messages) - HTTP_HISTORY + 1)]
+        session["messages"] = messages
+        return "ok"
+
+    app.add_url_rule("/ping", "ping", lambda: "pong")
+    if get_session is not None:
+        app.add_url_rule("/login", "login", login)
+        app.add_url_rule("/read", "read", read)
+        app.add_url_rule("/append", "append", append)
+    return app
+
+
+def make_http_app(name, directory, redis_port):
+    """Build the HTTP contender ``name`` (a key of HTTP_CONTENDERS) in a gunicorn worker."""
+    import flask
+
+    def with_tinysession(open_store):
+        def configure(app):
+            app.wsgi_app = tinysession.SessionMiddleware(app.wsgi_app, open_store())
+
+        return http_flask_app(lambda: tinysession.get_session(flask.request.environ), configure)
+
+    def with_flask_session(**config):
+        def configure(app):
+            from flask_session import Session
+
+            app.secret_key = FLASK_SECRET
+            app.config.update(config)
+            Session(app)
+
+        return http_flask_app(lambda: flask.session, configure)
+
+    def redis_client():
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=int(redis_port))
+
+    def cachelib():
+        from cachelib.file import FileSystemCache
+
+        return FileSystemCache(os.path.join(directory, "c"), threshold=500)
+
+    def cookie_app(app):
+        app.secret_key = FLASK_SECRET
+
+    builders = {
+        "no sessions": lambda: http_flask_app(),
+        "tinysession FileStore": lambda: with_tinysession(
+            lambda: tinysession.FileStore(os.path.join(directory, "s"), max_age=86400)),
+        "tinysession SQLiteStore": lambda: with_tinysession(
+            lambda: tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3"), max_age=86400)),
+        "tinysession RedisStore": lambda: with_tinysession(lambda: open_redis_store(redis_client())),
+        "Flask signed-cookie session": lambda: http_flask_app(lambda: flask.session, cookie_app),
+        "Flask-Session cachelib FileSystemCache": lambda: with_flask_session(
+            SESSION_TYPE="cachelib", SESSION_CACHELIB=cachelib()),
+        "Flask-Session redis": lambda: with_flask_session(SESSION_TYPE="redis", SESSION_REDIS=redis_client()),
+    }
+    return builders[name]()
+
+
+def http_app():
+    """The WSGI app a gunicorn worker serves (`run:http_app()`), described by $BENCH_HTTP_*."""
+    warnings.simplefilter("ignore")
+    load_tinysession(os.environ["TINYSESSION_ROOT"])
+    return make_http_app(os.environ["BENCH_HTTP_APP"], os.environ["BENCH_HTTP_DIR"],
+                         os.environ.get("BENCH_REDIS_PORT"))
+
+
+# name -> (label of what it needs, modules, needs Redis)
+HTTP_CONTENDERS = {
+    "no sessions": ("Flask", ["flask"], False),
+    "tinysession FileStore": ("Flask", ["flask"], False),
+    "tinysession SQLiteStore": ("Flask", ["flask"], False),
+    "tinysession RedisStore": ("redis-py", ["flask", "redis"], True),
+    "Flask signed-cookie session": ("Flask", ["flask"], False),
+    "Flask-Session cachelib FileSystemCache": ("Flask-Session (cachelib)", ["flask_session", "cachelib.file"], False),
+    "Flask-Session redis": ("Flask-Session (redis)", ["flask_session", "redis"], True),
+}
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_get(port, path, cookie=""):
+    """GET ``path``; return (status, body, the Cookie header its Set-Cookie headers amount to)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+        response = connection.getresponse()
+        body = response.read()
+        pairs = [header.split(";", 1)[0].strip() for header in response.msg.get_all("Set-Cookie") or []]
+        return response.status, body, "; ".join(pair for pair in pairs if pair.partition("=")[2])
+    finally:
+        connection.close()
+
+
+class GunicornServer:
+    """One HTTP contender under `gunicorn --workers HTTP_WORKERS` (sync) on a free loopback port."""
+
+    def __init__(self, name, workdir, redis_port):
+        self.name = name
+        self.directory = os.path.join(workdir, f"http-{secrets.token_hex(4)}")
+        self.redis_port = redis_port
+        self.port = None
+        self.process = None
+
+    def start(self):
+        """Start gunicorn and wait for /ping; raise RuntimeError with its log if it does not answer."""
+        os.makedirs(self.directory)
+        self.port = free_port()
+        log_path = os.path.join(self.directory, "gunicorn.log")
+        env = dict(os.environ, TINYSESSION_ROOT=os.path.dirname(tinysession.__file__), BENCH_HTTP_APP=self.name,
+                   BENCH_HTTP_DIR=self.directory, BENCH_REDIS_PORT=str(self.redis_port or ""))
+        argv = [sys.executable, "-m", "gunicorn", "--workers", str(HTTP_WORKERS), "--worker-class", "sync",
+                "--bind", f"127.0.0.1:{self.port}", "--chdir", HERE, "--error-logfile", log_path,
+                "--log-level", "warning", "--timeout", "60", "--graceful-timeout", "10", "run:http_app()"]
+        self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if http_get(self.port, "/ping")[:2] == (200, b"pong"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        with open(log_path, errors="replace") as file:
+            raise RuntimeError(f"gunicorn for {self.name} did not answer /ping:\n{file.read()[-2000:]}")
+
+    def stop(self):
+        """SIGTERM (gunicorn's graceful stop), then SIGKILL after 20 s."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def http_problem():
+    """Why the HTTP section cannot run here, or None."""
+    import importlib
+
+    if shutil.which("wrk") is None:
+        return "no wrk on PATH (Debian: apt-get install wrk)"
+    for module in ("gunicorn", "flask"):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return f"{module} does not import ({exc})"
+    return None
+
+
+def http_contenders(redis_server):
+    """The names of the HTTP contenders that can run: their modules import, and Redis runs if they need it."""
+    names = []
+    for name, (label, modules, needs_redis) in HTTP_CONTENDERS.items():
+        if needs_redis and (redis_server is None or not hasattr(tinysession, "RedisStore")):
+            continue  # the header's Redis note says why
+        if try_import(label, *modules):
+            names.append(name)
+    return names
+
+
+def flask_cookie_bytes(record):
+    """The size of the Set-Cookie pair Flask's default session would send for ``record``."""
+    from flask import Flask
+
+    app = Flask(__name__)
+    app.secret_key = FLASK_SECRET
+    serializer = app.session_interface.get_signing_serializer(app)
+    return len(app.config["SESSION_COOKIE_NAME"]) + 1 + len(serializer.dumps(dict(record)))
+
+
+def check_http_round_trip(name, port, cookie):
+    """Read, append, read again with one session: the history must keep its length and end with the append."""
+    prefix = f"{HTTP_HISTORY} messages; last: "
+    before = http_get(port, "/read", cookie)[1].decode()
+    status = http_get(port, "/append", cookie)[0]
+    after = http_get(port, "/read", cookie)[1].decode()
+    if not before.startswith(prefix) or status != 200 or after != prefix + APPEND_TEXT:
+        raise AssertionError(f"{name}: /read gave {before[:60]!r}, /append {status}, then /read {after[:60]!r}")
+
+
+def http_sessions(name, port):
+    """Log one session in per wrk connection; return (their Cookie headers, the kinds to measure)."""
+    kinds = [kind for kind, _ in HTTP_KINDS]
+    if name == "no sessions":
+        return [""] * HTTP_CONNECTIONS, ["untouched"]
+    small = False
+    if name == "Flask signed-cookie session":
+        size = flask_cookie_bytes(chat_history())
+        small = size > COOKIE_LIMIT
+        if small:
+            kinds = ["untouched"]
+            NOTES.add(f"Flask's signed-cookie session: the {HTTP_HISTORY:,}-message history makes a {size:,}-byte "
+                      f"cookie, over the {COOKIE_LIMIT:,} bytes Werkzeug allows, so its read and append cells are "
+                      "skipped; its untouched cell is for a session holding only the user id and CSRF token")
+    cookies = []
+    for _ in range(HTTP_CONNECTIONS):
+        status, _, cookie = http_get(port, "/login?small=1" if small else "/login")
+        if status != 200 or not cookie:
+            raise AssertionError(f"{name}: /login answered {status}, cookie {cookie!r}")
+        cookies.append(cookie)
+    if len(set(cookies)) != len(cookies) and name != "Flask signed-cookie session":  # same data, same cookie
+        raise AssertionError(f"{name}: two logins got the same session cookie")
+    if not small:
+        check_http_round_trip(name, port, cookies[0])
+    return cookies, kinds
+
+
+def write_wrk_script(path, cookies):
+    """A wrk script giving thread N (wrk -t = -c: one connection each) the Cookie header ``cookies[N]``."""
+    if any("]==]" in cookie or "\n" in cookie for cookie in cookies):
+        raise ValueError("a cookie that does not fit a Lua long string")
+    with open(path, "w") as file:
+        file.write(WRK_SCRIPT % ", ".join(f"[==[{cookie}]==]" for cookie in cookies))
+
+
+def wrk_batch(port, path, script, seconds):
+    """Run wrk on ``path`` for ``seconds`` after settle(); return req/s, p50 and p99 in ms, failed requests."""
+    settle()
+    argv = ["wrk", "-t", str(HTTP_CONNECTIONS), "-c", str(HTTP_CONNECTIONS), "-d", f"{seconds}s",
+            "--timeout", "10s", "-s", script, f"http://127.0.0.1:{port}{path}"]
+    process = subprocess.run(argv, capture_output=True, check=False, text=True, timeout=seconds + 60)
+    lines = [line for line in process.stdout.splitlines() if line.startswith("BENCH ")]
+    if process.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {process.stderr.strip() or process.stdout.strip()}")
+    data = json.loads(lines[-1][len("BENCH "):])
+    return {"rps": data["requests"] * 1e6 / data["duration_us"], "p50_ms": data["p50_us"] / 1000,
+            "p99_ms": data["p99_us"] / 1000, "errors": data["errors"], "requests": data["requests"]}
+
+
+def start_http_contender(name, workdir, redis_server, servers, config):
+    """Start ``name``'s gunicorn (kept in ``servers``), log its sessions in, warm it up; return its plan."""
+    server = GunicornServer(name, workdir, redis_server.port if redis_server is not None else None)
+    servers.append(server)
+    server.start()
+    cookies, kinds = http_sessions(name, server.port)
+    script = os.path.join(server.directory, "cookies.lua")
+    write_wrk_script(script, cookies)
+    paths = dict(HTTP_KINDS)
+    for kind in kinds:
+        wrk_batch(server.port, paths[kind], script, config["http_warmup_s"])
+    return {"port": server.port, "script": script, "kinds": kinds}
+
+
+def run_http_section(config, workdir, redis_server):
+    problem = http_problem()
+    if problem is not None:
+        NOTES.add(f"section 5 (HTTP) skipped: {problem}")
+        return [], {}
+    names = http_contenders(redis_server)
+    log(f"5. HTTP: {len(names)} gunicorn apps, wrk {config['http_s']} s per run, {config['http_reps']} repetitions")
+    servers, plans, paths = [], {}, dict(HTTP_KINDS)
+    try:
+        for name in names:
+            plans[name] = start_http_contender(name, workdir, redis_server, servers, config)
+        results = {name: {kind: [] for kind in plans[name]["kinds"]} for name in names}
+        for rep in range(config["http_reps"]):
+            for name in rotated(names, rep):
+                plan = plans[name]
+                for kind in plan["kinds"]:
+                    result = wrk_batch(plan["port"], paths[kind], plan["script"], config["http_s"])
+                    results[name][kind].append(result)
+                    log(f"    {name}, {kind}: {result['rps']:,.0f} req/s")
+            log(f"  repetition {rep + 1}/{config['http_reps']} done")
+    finally:
+        for server in servers:
+            server.stop()
+    for name, kinds in results.items():
+        for kind, runs in kinds.items():
+            failed = sum(run["errors"] for run in runs)
+            if failed:
+                NOTES.add(f"HTTP {name}, {kind}: {failed:,} of {sum(r['requests'] for r in runs):,} requests failed")
+    return names, results
+
+
+def print_http_section(config, names, results):
+    if not names:
+        return
+    print(f"## 5. HTTP: Flask under gunicorn ({HTTP_WORKERS} sync workers) and wrk ({HTTP_CONNECTIONS} "
+          f"connections), median of {config['http_reps']} runs of {config['http_s']} s\n")
+    print(f"One gunicorn per app on 127.0.0.1, all started before the first run; wrk -t {HTTP_CONNECTIONS} "
+          f"-c {HTTP_CONNECTIONS}, each connection sending the cookie of its own session, logged in beforehand "
+          f"by one request. Sessions hold a chat history of {HTTP_HISTORY:,} messages "
+          f"({len(json.dumps(chat_history(), separators=(',', ':')).encode()):,} bytes as compact JSON). "
+          "untouched = a view that never touches the session; read = read it, answer its length and last "
+          f"message; append = append one message, keeping the last {HTTP_HISTORY:,}, and save. Each run "
+          "starts after os.sync(). × = requests/s relative to the same app without sessions on its untouched "
+          "view (higher is faster); p50 / p99 = wrk's latency percentiles in ms. Sync workers close the "
+          "connection after each response, so every request includes a TCP connect.\n")
+    baseline = statistics.median(run["rps"] for run in results["no sessions"]["untouched"])
+    print("| app | untouched req/s | × | p50 / p99 ms | read req/s | × | p50 / p99 ms | append req/s | × "
+          "| p50 / p99 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        cells = []
+        for kind, _ in HTTP_KINDS:
+            runs = results[name].get(kind)
+            if not runs:
+                cells.append("- | - | -")
+                continue
+            rps = statistics.median(run["rps"] for run in runs)
+            p50 = statistics.median(run["p50_ms"] for run in runs)
+            p99 = statistics.median(run["p99_ms"] for run in runs)
+            cells.append(f"{rps:,.0f} | {rps / baseline:.2f}x | {p50:.1f} / {p99:.1f}")
+        print(f"| {name} | {' | '.join(cells)} |")
+    print()
+
+
 # -- Report --
 
 
@@ -1412,7 +1860,8 @@ def main(argv=None):
     redis_group = parser.add_mutually_exclusive_group()
     redis_group.add_argument("--redis", action="store_true", help="require the Redis rows (start a server)")
     redis_group.add_argument("--no-redis", action="store_true", help="skip the Redis rows")
-    parser.add_argument("--sections", default="1234", help="which sections to run (default: 1234)")
+    parser.add_argument("--sections", default="12345",
+                        help="which sections to run (default: 12345; --quick never runs 5)")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
     warnings.simplefilter("ignore")
@@ -1442,7 +1891,11 @@ def main(argv=None):
             "2": (print_request_section, lambda: run_request_section(config, workdir)),
             "3": (print_clean_section, lambda: run_clean_section(config, workdir)),
             "4": (print_import_section, lambda: run_import_section(config, snapshot)),
+            "5": (print_http_section, lambda: run_http_section(config, workdir, redis_server)),
         }
+        if args.quick and "5" in args.sections:
+            NOTES.add("section 5 (HTTP) skipped: --quick")
+            args.sections = args.sections.replace("5", "")
         sections = []
         for number, (printer, runner) in runners.items():
             if number in args.sections:
