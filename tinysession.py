@@ -2381,6 +2381,9 @@ class ASGISession(dict):
     def mark_accessed(self):
         """Note that the app used the session: the response then carries ``Vary: Cookie``.
 
+        (So does every response to a request that carried a session cookie,
+        for frameworks that never call this.)
+
         Starlette's ``request.session`` calls it; a bare ASGI app that reads
         the session should too.
         """
@@ -2478,9 +2481,9 @@ class ASGISessionMiddleware:
         )
 
     @staticmethod
-    def _with_headers(message, session, cookie):
+    def _with_headers(message, varies, cookie):
         headers = list(message.get("headers", ()))
-        if message["type"] != "websocket.accept" and (session.accessed or cookie is not None):
+        if message["type"] != "websocket.accept" and (varies or cookie is not None):
             for index, (name, value) in enumerate(headers):
                 if name.lower() == b"vary":
                     merged = _vary_with_cookie(value.decode("latin-1"))
@@ -2506,7 +2509,8 @@ class ASGISessionMiddleware:
             if message["type"] in _HEADER_MESSAGES or message["type"] == "websocket.close":
                 cookie = _copy_into(core, session).cookie()  # decided once, on the first call
                 if message["type"] in _HEADER_MESSAGES:
-                    message = self._with_headers(message, session, cookie)
+                    # Frameworks that do not call mark_accessed() (Starlette before 1.0) still get Vary.
+                    message = self._with_headers(message, session.accessed or core.has_id_cookie, cookie)
             if _is_final(message):
                 await session.save()
                 completed.append(message["type"])
