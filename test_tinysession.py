@@ -76,6 +76,18 @@ def temp_dir(test):
     return holder.name
 
 
+def wait_for_background_cleans():
+    """Wait until every background clean thread of tinysession has finished."""
+    for thread in threading.enumerate():
+        if thread.name == "tinysession-clean":
+            thread.join(30)
+
+
+def record_files(directory):
+    """Return the names of a FileStore directory's record files, sorted: its own dot files left out."""
+    return sorted(name for name in os.listdir(directory) if name.startswith("ts-"))
+
+
 def switch_threads_often(test):
     """Make the interpreter switch threads every microsecond during ``test``, so races show."""
     test.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
@@ -312,16 +324,51 @@ class StoreContract:
             store["a"] = {"v": object()}
         self.assertEqual(store["a"], {"v": "small"})
         self.assertEqual(self.physical_count(store), 1)
-        self.assertEqual(tinysession.DEFAULT_MAX_BYTES, 256 * 1024)
+        self.assertEqual((tinysession.DEFAULT_MAX_BYTES, tinysession.DEFAULT_MAX_SESSIONS), (64 * 1024, 10000))
 
-    def test_max_sessions_holds_at_write_time(self):
+    def test_max_sessions_is_held_by_background_cleans_started_by_writes(self):
         store = self.make_store(max_sessions=20)
-        highest = 0
         for index in range(200):
             store[f"flood{index}"] = {"i": index}
-            highest = max(highest, self.physical_count(store))
-        self.assertLessEqual(highest, 20 + 10)
+        wait_for_background_cleans()
+        self.assertLessEqual(self.physical_count(store), 20 + 10)  # at most 10 writes since the last clean
         self.assertIn("flood199", store)
+
+    def test_a_write_never_cleans_in_the_writer_s_thread(self):
+        seeding = self.make_store(max_sessions=None)
+        for index in range(40):
+            seeding.save(f"old{index}", seeding.encode(f"old{index}", {}), now=time.time() - 1000 - index)
+        store = self.make_store(max_sessions=5)
+        entered, release, threads = threading.Event(), threading.Event(), []
+        sweep = store.sweep
+
+        def slow_sweep(*args, **kwargs):
+            threads.append(threading.current_thread())
+            entered.set()
+            release.wait(5)
+            return sweep(*args, **kwargs)
+
+        store.sweep = slow_sweep
+        try:
+            for index in range(10):  # the 10th write is due to clean
+                store[f"new{index}"] = {"i": index}
+            self.assertTrue(entered.wait(30))  # the clean began, and every write had returned
+        finally:
+            release.set()
+        self.assertNotIn(threading.current_thread(), threads)
+        wait_for_background_cleans()
+        self.assertEqual(sorted(store), [f"new{index}" for index in range(5, 10)])
+
+    def test_a_fresh_store_object_does_not_clean_on_its_first_writes(self):
+        store = self.make_store(max_sessions=None)
+        for index in range(40):
+            store.save(f"old{index}", store.encode(f"old{index}", {}), now=time.time() - 1000 - index)
+        wait_for_background_cleans()
+        fresh = self.make_store(max_sessions=5)  # a new worker process's store, say
+        for index in range(9):
+            fresh[f"new{index}"] = {}
+        self.assertFalse([thread for thread in threading.enumerate() if thread.name == "tinysession-clean"])
+        self.assertGreaterEqual(self.physical_count(fresh), 40)
 
     def test_close_is_safe_twice_and_works_as_a_context_manager(self):
         with self.make_store() as store:
@@ -2903,16 +2950,16 @@ class BackgroundCleaning(unittest.TestCase):
         app = tinysession.SessionMiddleware(probe_app, store, clean_interval=300)
         call(app, "/untouched")
         self.wait_for_cleaners()
-        self.assertEqual(os.listdir(directory), [])
+        self.assertEqual(record_files(directory), [])
         store["old"] = {}
         os.utime(os.path.join(directory, "ts-old"), (old, old))
         call(app, "/untouched")
         self.wait_for_cleaners()
-        self.assertEqual(os.listdir(directory), ["ts-old"])
+        self.assertEqual(record_files(directory), ["ts-old"])
 
     def test_clean_errors_are_logged_not_raised(self):
         class BrokenStore(tinysession.FileStore):
-            def clean(self, max_age=None, keep=None, *, now=None):
+            def sweep(self, *args, **kwargs):
                 raise tinysession.StoreError("disk on fire")
 
         app = tinysession.SessionMiddleware(probe_app, BrokenStore(temp_dir(self)), clean_interval=0)
@@ -4318,13 +4365,13 @@ class FlaskLoginFixation(unittest.TestCase):
 
     def test_a_planted_pre_login_id_is_worthless_after_login_and_logout(self):
         _body, planted = self.request("/", None)
-        self.assertEqual(len(os.listdir(self.directory)), 1)
+        self.assertEqual(len(record_files(self.directory)), 1)
         body, victim = self.request("/login?user=ann", planted)
         self.assertEqual(body, "logged in as ann\n")
         self.assertNotEqual(victim, planted)
         self.assertEqual(self.request("/", victim)[0], "hello ann, visit 2\n")
         self.assertEqual(self.request("/", planted)[0], "hello stranger, visit 1\n")
-        self.assertEqual(len(os.listdir(self.directory)), 2, "the victim's record and the attacker's new one")
+        self.assertEqual(len(record_files(self.directory)), 2, "the victim's record and the attacker's new one")
         _body, after_logout = self.request("/logout", victim, method="POST")
         self.assertNotEqual(after_logout, victim)
         self.assertEqual(self.request("/private", victim)[0][:3], "<!d", "the logged-in id no longer works")
@@ -4472,7 +4519,7 @@ class ChatExample(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertIn("You said: hello over a real server", page.decode())
         self.assertIn(f"a FileStore at {directory}", page.decode())
-        self.assertEqual(len(os.listdir(directory)), 1)
+        self.assertEqual(len(record_files(directory)), 1)
 
     def test_history_survives_a_restart_in_the_default_store_and_a_given_one(self):
         temp = temp_dir(self)
@@ -4483,7 +4530,7 @@ class ChatExample(unittest.TestCase):
             browser.base_url = start_chat(self, "--port", "0", *args, env=env)
             self.assertIn(f"kept across restarts {number}<", browser.request("/")[2].decode())
         self.assertEqual([name for name in os.listdir(temp) if not name.startswith("chat.db")], ["tinysession-chat"])
-        self.assertEqual(len(os.listdir(os.path.join(temp, "tinysession-chat"))), 1)
+        self.assertEqual(len(record_files(os.path.join(temp, "tinysession-chat"))), 1)
 
     def test_a_taken_port_is_a_clear_message_and_exit_status_1(self):
         with socket.socket() as taken:
@@ -4504,9 +4551,9 @@ class FrameworkExamples(unittest.TestCase):
         browser = Browser(serve(self, make_app(tinysession.FileStore(directory))))
         bodies = [browser.request("/")[2] for _ in range(3)]
         self.assertEqual(bodies, [b"visits: 1\n", b"visits: 2\n", b"visits: 3\n"])
-        self.assertEqual(len(os.listdir(directory)), 1)
+        self.assertEqual(len(record_files(directory)), 1)
         self.assertEqual(browser.request("/logout", data=b"")[2], b"bye\n")
-        self.assertEqual(os.listdir(directory), [])
+        self.assertEqual(record_files(directory), [])
 
     def test_flask(self):
         require(importlib.util.find_spec("flask") is not None, "Flask is not installed (pip install flask)")
@@ -4946,23 +4993,23 @@ class BrowserDemo(unittest.TestCase):
         self.browser.load(first_tab, "Page.reload")
         self.assertNotIn("only for the second", self.text(first_tab))
         self.assertNotEqual(self.session_cookie(first)["value"], self.session_cookie(second)["value"])
-        self.assertEqual(len(os.listdir(self.store)), 2)
+        self.assertEqual(len(record_files(self.store)), 2)
 
     def test_forget_me_deletes_the_record_and_the_replayed_cookie_gets_an_empty_session(self):
         context, tab = self.open_chat()
         self.send_message(tab, "remember this", 1)
         old = self.session_cookie(context)
-        self.assertEqual(len(os.listdir(self.store)), 1)
+        self.assertEqual(len(record_files(self.store)), 1)
         self.browser.load(tab, "Runtime.evaluate", expression="document.querySelector('#session button').click()")
         self.assertIn("Forgotten: your session was deleted and its cookie expired.", self.text(tab, "body"))
-        self.assertEqual(os.listdir(self.store), [])
+        self.assertEqual(record_files(self.store), [])
         self.assertIsNone(self.session_cookie(context))
         replayed = {key: old[key] for key in ("name", "value", "domain", "path", "httpOnly", "sameSite")}
         self.browser.send("Storage.setCookies", cookies=[replayed], browserContextId=context)
         self.browser.load(tab, "Page.navigate", url=self.url + "/")
         self.assertNotIn("remember this", self.text(tab))
         self.assertEqual(self.browser.evaluate(tab, "document.querySelectorAll('#chat .msg').length"), 0)
-        self.assertEqual(os.listdir(self.store), [])
+        self.assertEqual(record_files(self.store), [])
         self.send_message(tab, "a fresh start", 1)
         self.assertNotEqual(self.session_cookie(context)["value"], old["value"])
 

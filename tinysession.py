@@ -80,6 +80,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as ModuleSurface checks)
     "ASGISessionMiddleware",
     "DEFAULT_COOKIE_NAME",
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_SESSIONS",
     "FileStore",
     "FlaskSessionInterface",
     "RecordTooLarge",
@@ -125,8 +126,11 @@ class RecordTooLarge(SessionError, ValueError):
 
 # -- Records --
 
-DEFAULT_MAX_BYTES = 256 * 1024
-"""Largest serialized record a store accepts unless told otherwise (256 KiB)."""
+DEFAULT_MAX_BYTES = 64 * 1024
+"""Largest serialized record a store accepts unless told otherwise (64 KiB)."""
+
+DEFAULT_MAX_SESSIONS = 10000
+"""Records a store keeps unless told otherwise: with ``DEFAULT_MAX_BYTES``, at most about 640 MiB."""
 
 _KEY_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 _SIGNATURE_BYTES = 32
@@ -264,15 +268,23 @@ class Store(MutableMapping):
     Options, the same for every store (keyword only): ``serializer`` ("json",
     "pickle", or an object with ``dumps`` and ``loads``), ``secret`` (str or
     bytes; signs every record), ``max_age`` (seconds since the last write or
-    touch), ``max_sessions`` (records kept) and ``max_bytes`` (largest
-    serialized record; ``DEFAULT_MAX_BYTES`` unless given, None for no limit).
+    touch), ``max_sessions`` (records kept; ``DEFAULT_MAX_SESSIONS`` unless
+    given, None for no limit) and ``max_bytes`` (largest serialized record;
+    ``DEFAULT_MAX_BYTES`` unless given, None for no limit). With both
+    defaults a store holds at most 10,000 records of 64 KiB.
 
     The bytes a hook sees are the stored bytes: the serialized record,
     preceded by its signature when there is a secret.
     """
 
     def __init__(
-        self, *, serializer="json", secret=None, max_age=None, max_sessions=None, max_bytes=DEFAULT_MAX_BYTES
+        self,
+        *,
+        serializer="json",
+        secret=None,
+        max_age=None,
+        max_sessions=DEFAULT_MAX_SESSIONS,
+        max_bytes=DEFAULT_MAX_BYTES,
     ):
         self.serializer = _make_serializer(serializer, secret)
         if isinstance(secret, str):
@@ -288,7 +300,9 @@ class Store(MutableMapping):
         self.max_sessions = _check_count(max_sessions, "max_sessions")
         self.max_bytes = _check_count(max_bytes, "max_bytes")
         self._write_lock = threading.Lock()
-        self._writes_before_clean = 1
+        self._writes_before_clean = self._writes_between_cleans()
+        self._cleaning = threading.Lock()
+        self._last_claim = None
 
     # The five hooks a backend implements.
 
@@ -361,8 +375,9 @@ class Store(MutableMapping):
     def save(self, key, data, *, expected=None, now=None):
         """Write bytes made by ``encode`` with mtime ``now``; return False if ``expected`` did not match.
 
-        Holds ``max_sessions`` by cleaning after every ``max_sessions // 10``
-        writes (at least 10).
+        Holds ``max_sessions``: after every ``max_sessions // 10`` writes (at
+        least 10) of this store object, a clean starts in a background
+        thread, never in the caller's, one at a time; its errors are logged.
         """
         if not self.write(_check_key(key), data, _now() if now is None else now, expected):
             return False
@@ -371,13 +386,63 @@ class Store(MutableMapping):
                 self._writes_before_clean -= 1
                 due = self._writes_before_clean <= 0
                 if due:
-                    self._writes_before_clean = max(10, self.max_sessions // 10)
+                    self._writes_before_clean = self._writes_between_cleans()
             if due:
-                try:
-                    self.clean()
-                except StoreError:
-                    _logger.warning("cleaning after a write failed", exc_info=True)
+                self.clean_in_background()
         return True
+
+    def _writes_between_cleans(self):
+        return max(10, (self.max_sessions or 0) // 10)
+
+    def clean_in_background(self, *, claim_interval=None):
+        """Start ``clean()`` in a daemon thread unless one of this store object's is running.
+
+        With ``claim_interval`` (seconds), the thread first calls
+        ``claim_clean(claim_interval)`` and cleans only if it wins. Return
+        the thread, or None if a clean was already running. Each finished
+        clean logs one INFO line with its counts; a failure is logged, never
+        raised.
+        """
+        if not self._cleaning.acquire(blocking=False):
+            return None
+
+        def run():
+            started = time.perf_counter()
+            try:
+                if claim_interval is not None and not self.claim_clean(claim_interval):
+                    return
+                sweep = self.sweep()
+                _logger.info("cleaned %r: removed %d of %d sessions in %.2f s",
+                             self, sweep.removed, sweep.seen, time.perf_counter() - started)
+            except Exception:
+                _logger.exception("cleaning %r failed", self)
+            finally:
+                self._cleaning.release()
+
+        thread = threading.Thread(target=run, name="tinysession-clean", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            self._cleaning.release()
+            _logger.exception("could not start a background clean of %r", self)
+            return None
+        return thread
+
+    def claim_clean(self, interval, *, now=None):
+        """Return True, and claim the next clean, if none was claimed in the last ``interval`` seconds.
+
+        Front ends call it before a periodic background clean so that
+        several workers sharing one store do not repeat one another's sweep.
+        This default remembers claims in this store object only; FileStore,
+        SQLiteStore and RedisStore keep them in the store, so exactly one of
+        the processes sharing it wins each interval.
+        """
+        now = _now() if now is None else now
+        with self._write_lock:
+            if self._last_claim is not None and now - self._last_claim < interval:
+                return False
+            self._last_claim = now
+            return True
 
     def _expired(self, mtime, now):
         return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
@@ -590,6 +655,7 @@ class Store(MutableMapping):
 _FILE_PREFIX = "ts-"
 _TEMP_PREFIX = ".ts-"
 _TEMP_SUFFIX = ".tmp"
+_CLAIM_NAME = ".ts-cleaned"
 _TEMP_MAX_AGE = 120.0
 _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = (
@@ -786,6 +852,25 @@ class FileStore(Store):
         finally:
             os.close(directory_fd)
 
+    def claim_clean(self, interval, *, now=None):
+        """Claim the next clean for one process of all sharing the directory (see ``Store.claim_clean``).
+
+        The claim is the mtime of the file ``.ts-cleaned``, set under the lock.
+        """
+        now = _now() if now is None else now
+        path = os.path.join(self.directory, _CLAIM_NAME)
+        with self._locked():
+            try:
+                try:
+                    if now - os.lstat(path).st_mtime < interval:
+                        return False
+                except FileNotFoundError:
+                    os.close(os.open(path, _CREATE_FLAGS, 0o600))
+                os.utime(path, (now, now), follow_symlinks=False)
+            except OSError as exc:
+                raise StoreError(f"cannot claim a clean of {self.directory!r}: {exc.strerror}") from exc
+        return True
+
     def _evict(self, doomed):
         sizes = []
         with self._locked():
@@ -834,7 +919,14 @@ _SQL_SUMMARY_BEYOND = (
     'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
 )
 _SQL_DELETE_BEYOND = 'DELETE FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
+_SQL_CREATE_CLAIMS = 'CREATE TABLE IF NOT EXISTS "{table}_claims" (name TEXT PRIMARY KEY, at REAL NOT NULL)'
+_SQL_CLAIM = (
+    'INSERT INTO "{table}_claims" (name, at) VALUES (\'clean\', ?) '
+    "ON CONFLICT (name) DO UPDATE SET at = excluded.at WHERE at <= ?"
+)
 _SQL_TEMPLATES = (
+    _SQL_CREATE_CLAIMS,
+    _SQL_CLAIM,
     _SQL_CREATE,
     _SQL_INDEX,
     _SQL_READ,
@@ -993,6 +1085,12 @@ class SQLiteStore(Store):
     def __len__(self):
         floor = float("-inf") if self.max_age is None else _now() - self.max_age
         return self._execute(_SQL_COUNT, (floor,)).fetchone()[0]
+
+    def claim_clean(self, interval, *, now=None):
+        """Claim the next clean in one conditional upsert on the table ``<table>_claims`` (see ``Store``)."""
+        now = _now() if now is None else now
+        self._execute(_SQL_CREATE_CLAIMS)
+        return self._execute(_SQL_CLAIM, (now, now - interval)).rowcount > 0
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
         """Run one cleaning pass in SQL, in one transaction: see ``Store.sweep``."""
@@ -1222,6 +1320,12 @@ class RedisStore(Store):
                     yield key, float(mtime), size
             start += _REDIS_SCAN_BATCH
 
+    def claim_clean(self, interval, *, now=None):
+        """Claim the next clean with one ``SET prefix#cleaned NX PX interval`` (see ``Store.claim_clean``)."""
+        reply = self._command("SET", self.prefix + "#cleaned", self._number(_now() if now is None else now),
+                              "NX", "PX", max(1, round(interval * 1000)))
+        return reply is not None
+
     def __iter__(self):
         floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
         members = self._command("ZRANGEBYSCORE", self._index, floor, "+inf")
@@ -1439,7 +1543,6 @@ class _Settings:
         self.touch_interval = _check_seconds(touch_interval, "touch_interval")
         self.clean_interval = _check_seconds(clean_interval, "clean_interval")
         self._next_clean = None if clean_interval is None else 0.0
-        self._clean_lock = threading.Lock()
 
     def touch_after(self):
         """Return the seconds after which a read session's mtime is refreshed, or None for never.
@@ -1475,24 +1578,15 @@ class _Settings:
         return morsel.OutputString() + ("; Partitioned" if self.partitioned else "")
 
     def request_finished(self):
-        """Start a background clean of the store when one is due; never blocks, never raises."""
-        if self._next_clean is None or _now() < self._next_clean or not self._clean_lock.acquire(blocking=False):
+        """Start a background clean of the store when one is due; never blocks, never raises, no I/O.
+
+        Due at most once per ``clean_interval`` in this process, and then
+        only if no other process sharing the store claimed one meanwhile.
+        """
+        if self._next_clean is None or _now() < self._next_clean:
             return
         self._next_clean = _now() + self.clean_interval
-        try:
-            threading.Thread(target=self._clean, name="tinysession-clean", daemon=True).start()
-        except RuntimeError:
-            self._clean_lock.release()
-            _logger.exception("could not start the background clean")
-
-    def _clean(self):
-        try:
-            removed = self.store.clean()
-            _logger.debug("background clean of %r removed %d sessions", self.store, removed)
-        except Exception:
-            _logger.exception("background clean of %r failed", self.store)
-        finally:
-            self._clean_lock.release()
+        self.store.clean_in_background(claim_interval=self.clean_interval)
 
 
 # -- Session core --
