@@ -84,8 +84,8 @@ def wait_for_background_cleans():
 
 
 def record_files(directory):
-    """Return the names of a FileStore directory's record files, sorted: its own dot files left out."""
-    return sorted(name for name in os.listdir(directory) if name.startswith("ts-"))
+    """Return the names of a FileStore directory's record files, sorted: dot files and message logs left out."""
+    return sorted(name for name in os.listdir(directory) if name.startswith("ts-") and not name.endswith(".log"))
 
 
 def switch_threads_often(test):
@@ -4519,7 +4519,8 @@ class ChatExample(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertIn("You said: hello over a real server", page.decode())
         self.assertIn(f"a FileStore at {directory}", page.decode())
-        self.assertEqual(len(record_files(directory)), 1)
+        record, log = sorted(name for name in os.listdir(directory) if name.startswith("ts-"))
+        self.assertEqual(log, record + ".log")  # the session's record and its message log
 
     def test_history_survives_a_restart_in_the_default_store_and_a_given_one(self):
         temp = temp_dir(self)
@@ -5002,7 +5003,7 @@ class BrowserDemo(unittest.TestCase):
         self.assertEqual(len(record_files(self.store)), 1)
         self.browser.load(tab, "Runtime.evaluate", expression="document.querySelector('#session button').click()")
         self.assertIn("Forgotten: your session was deleted and its cookie expired.", self.text(tab, "body"))
-        self.assertEqual(record_files(self.store), [])
+        self.assertEqual([name for name in os.listdir(self.store) if name.startswith("ts-")], [])  # and its log
         self.assertIsNone(self.session_cookie(context))
         replayed = {key: old[key] for key in ("name", "value", "domain", "path", "httpOnly", "sameSite")}
         self.browser.send("Storage.setCookies", cookies=[replayed], browserContextId=context)
@@ -5029,6 +5030,243 @@ class BrowserDemo(unittest.TestCase):
         with open(path, "wb") as file:
             file.write(screenshot)
         self.assertEqual(png_size(screenshot), (780, 1688))
+
+
+
+# -- The message log --
+
+
+def chat_turns(first, count):
+    """Return ``count`` user/assistant rounds numbered from ``first``."""
+    return [message for n in range(first, first + count) for message in (user(f"q{n}"), assistant(f"a{n}"))]
+
+
+LOG_APPENDER = """
+import sys, tinysession
+store = eval(sys.argv[1])
+log = tinysession.MessageLog(store, "shared conversation")
+for n in range(int(sys.argv[3])):
+    log.extend([{"role": "user", "content": sys.argv[2] + str(n)}])
+    if n == 0:
+        print("started", flush=True)
+"""
+
+
+class LogContract:
+    """The message log every store keeps; a subclass supplies ``make_store()`` and ``store_code``."""
+
+    def test_appends_read_back_in_order_after_reopening(self):
+        log = tinysession.MessageLog(self.make_store(), "conversation-1")
+        log.extend([user("hé"), assistant("a")])
+        log.append(user("again"))
+        reopened = tinysession.MessageLog(self.make_store(), "conversation-1")
+        self.assertEqual(reopened.read(), [user("hé"), assistant("a"), user("again")])
+        self.assertEqual(len(reopened), 3)
+        self.assertEqual(tinysession.MessageLog(self.make_store(), "conversation-2").read(), [])
+
+    def test_max_rounds_trims_on_append_keeping_the_instructions(self):
+        store = self.make_store()
+        log = tinysession.MessageLog(store, "c", max_rounds=2)
+        log.extend([system("rules")])
+        for n in range(6):
+            log.extend(chat_turns(n, 1))
+        self.assertEqual(store.log_read("c")[0], b'{"role":"system","content":"rules"}')
+        self.assertEqual(len(log), 5)  # trimmed in the store, not only when read
+        self.assertEqual(log.read(), [system("rules"), *chat_turns(4, 2)])
+        self.assertEqual(log.read(max_rounds=1), [system("rules"), *chat_turns(5, 1)])
+
+    def test_a_message_that_is_not_json_raises_before_anything_is_written(self):
+        log = tinysession.MessageLog(self.make_store(), "c")
+        with self.assertRaises(TypeError):
+            log.extend([user("kept?"), {"role": "user", "content": object()}])
+        with self.assertRaises(tinysession.RecordTooLarge):
+            tinysession.MessageLog(self.make_store(max_bytes=100), "c").extend([user("x" * 200)])
+        self.assertEqual(len(log), 0)
+
+    def test_ids_that_are_not_keys_are_hashed(self):
+        store = self.make_store()
+        log = tinysession.MessageLog(store, "user 42 / chat é")
+        self.assertEqual(log.key, hashlib.sha256("user 42 / chat é".encode()).hexdigest())
+        log.append(user())
+        self.assertEqual(store.log_read(log.key), [b'{"role":"user","content":"u"}'])
+
+    def test_pop_and_clear(self):
+        log = tinysession.MessageLog(self.make_store(), "c")
+        log.extend(chat_turns(0, 2))
+        self.assertEqual(log.pop(), assistant("a1"))
+        self.assertEqual(len(log), 3)
+        log.clear()
+        self.assertEqual((log.read(), log.pop()), ([], None))
+
+    def test_eight_threads_lose_no_append(self):
+        switch_threads_often(self)
+        log = tinysession.MessageLog(self.make_store(), "c")
+
+        def append(name):
+            for n in range(40):
+                log.extend([user(f"{name}{n}")])
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(append, "ABCDEFGH"))
+        contents = [message["content"] for message in log.read()]
+        self.assertEqual(sorted(contents), sorted(f"{name}{n}" for name in "ABCDEFGH" for n in range(40)))
+        self.assertEqual([c for c in contents if c[0] == "C"], [f"C{n}" for n in range(40)])
+
+    def test_four_processes_lose_no_append(self):
+        if self.store_code is None:
+            self.skipTest("this store lives in one process")
+        children = [python_process(LOG_APPENDER, self.store_code, name, "100", stdout=subprocess.DEVNULL)
+                    for name in "ABCD"]
+        for child in children:
+            self.assertEqual(child.wait(60), 0)
+        contents = [m["content"] for m in tinysession.MessageLog(self.make_store(), "shared conversation").read()]
+        self.assertEqual(sorted(contents), sorted(f"{name}{n}" for name in "ABCD" for n in range(100)))
+
+    def test_sigkill_during_appends_leaves_whole_messages_and_a_working_log(self):
+        if self.store_code is None:
+            self.skipTest("this store lives in one process")
+        child = python_process(LOG_APPENDER, self.store_code, "K", "100000", stdout=subprocess.PIPE)
+        self.addCleanup(child.stdout.close)
+        self.assertEqual(child.stdout.readline(), b"started\n")
+        log = tinysession.MessageLog(self.make_store(), "shared conversation")
+        while len(log) < 200:
+            pass  # let it write a while; the count is what the child finished
+        child.kill()
+        child.wait()
+        log.append(user("after"))
+        contents = [message["content"] for message in log.read()]
+        self.assertEqual(contents[-1], "after")
+        self.assertEqual(contents[:-1], [f"K{n}" for n in range(len(contents) - 1)])
+
+    def test_the_log_goes_with_its_record_and_is_counted(self):
+        store = self.make_store()
+        for key in ("kept", "deleted", "cleaned"):
+            store[key] = {"n": 1}
+            tinysession.MessageLog(store, key).extend(chat_turns(0, 1))
+        self.assertEqual(store.stats().logs, 3)
+        self.assertGreater(store.stats().log_bytes, 0)
+        del store["deleted"]
+        self.set_age(store, "cleaned", 100)
+        self.assertEqual(store.clean(max_age=50), 1)
+        self.assertEqual([len(tinysession.MessageLog(store, key)) for key in ("kept", "deleted", "cleaned")],
+                         [2, 0, 0])
+        self.assertEqual(store.stats().logs, 1)
+
+
+class FileStoreLog(LogContract, unittest.TestCase):
+    """The message log, on FileStore: ts-<key>.log beside the record."""
+
+    setUp, make_store, set_age = FileStoreTest.setUp, FileStoreTest.make_store, FileStoreTest.set_age
+    path = FileStoreTest.path
+
+    def test_a_torn_last_line_is_ignored_then_cut_off(self):
+        store = self.make_store()
+        log = tinysession.MessageLog(store, "c")
+        log.extend([user("whole")])
+        with open(self.path("c") + ".log", "ab") as file:
+            file.write(b'{"role":"us')
+        self.assertEqual(log.read(), [user("whole")])
+        with LogRecords() as records:
+            log.append(user("next"))
+        self.assertEqual(log.read(), [user("whole"), user("next")])
+        self.assertIn("torn", records[0])
+        self.assertEqual(stat.S_IMODE(os.stat(self.path("c") + ".log").st_mode), 0o600)
+
+
+class MemoryStoreLog(LogContract, unittest.TestCase):
+    """The message log, on examples/memory_store.py."""
+
+    store_code = None
+
+    def setUp(self):
+        self.store = load_example("memory_store").MemoryStore()
+
+    def make_store(self, **options):
+        store = MemoryStoreTest.make_store(self, **options)
+        for name in ("log_append", "log_read", "log_trim", "log_remove", "log_scan"):
+            setattr(store, name, getattr(self.store, name))
+        return store
+
+    set_age = MemoryStoreTest.set_age
+
+
+class SQLiteStoreLog(LogContract, unittest.TestCase):
+    """The message log, on SQLiteStore: the table sessions_log."""
+
+    setUp, make_store, sql = SQLiteStoreTest.setUp, SQLiteStoreTest.make_store, SQLiteStoreTest.sql
+    set_age = SQLiteStoreTest.set_age
+
+    def test_read_only_store_reads_logs(self):
+        tinysession.MessageLog(self.make_store(), "c").append(user())
+        reader = self.make_store(read_only=True)
+        self.assertEqual(tinysession.MessageLog(reader, "c").read(), [user()])
+        self.assertEqual(reader.stats().logs, 1)
+        with self.assertRaises(tinysession.StoreError):
+            tinysession.MessageLog(reader, "c").append(user())
+
+
+class RedisStoreLog(LogContract, unittest.TestCase):
+    """The message log, on RedisStore: a list per conversation."""
+
+    setUp, make_store, set_age = RedisStoreTest.setUp, RedisStoreTest.make_store, RedisStoreTest.set_age
+
+    def test_the_log_expires_with_its_record(self):
+        store = self.make_store(max_age=100)
+        store["k"] = {"n": 1}
+        tinysession.MessageLog(store, "k").append(user())
+        self.assertGreater(self.redis.pttl(self.prefix + "#log:k"), 90000)
+        self.redis.pexpire(self.prefix + "#log:k", 5000)
+        store.touch("k")
+        self.assertGreater(self.redis.pttl(self.prefix + "#log:k"), 90000)
+
+
+def history_app(environ, start_response):
+    """Append the path's words to the session's log; /login regenerates, /logout invalidates."""
+    session = tinysession.get_session(environ)
+    path = environ["PATH_INFO"]
+    if path == "/login":
+        session.regenerate()
+    elif path == "/logout":
+        session.invalidate()
+    elif path.startswith("/say/"):
+        session.history.append({"role": "user", "content": path[5:]})
+    body = json.dumps([m["content"] for m in session.history.read()]).encode() if path != "/logout" else b""
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+
+
+class SessionHistory(unittest.TestCase):
+    """``session.history``: the log of a request's session, following it through login and logout."""
+
+    def setUp(self):
+        self.store = tinysession.FileStore(temp_dir(self))
+        self.browser = Browser(serve(self, tinysession.SessionMiddleware(history_app, self.store)))
+
+    def test_history_follows_the_session(self):
+        self.assertEqual(self.browser.json("/say/one"), ["one"])
+        self.assertEqual(self.browser.json("/say/two"), ["one", "two"])
+        self.assertEqual(self.browser.json("/login"), ["one", "two"])
+        self.assertEqual(self.browser.json("/say/three"), ["one", "two", "three"])
+        self.assertEqual(self.store.stats().logs, 1)
+        self.assertEqual(len(self.store), 1)
+        self.browser.request("/logout")
+        self.assertEqual(self.store.stats().logs, 0)
+        self.assertEqual(self.browser.json("/read"), [])
+
+
+class AgentsSessionProtocol(unittest.TestCase):
+    """``AgentsSession``: the Agents SDK's session methods over a message log."""
+
+    def test_methods(self):
+        session = tinysession.AgentsSession("user 1", tinysession.FileStore(temp_dir(self)))
+        items = [{"role": "user", "content": "hi"}, {"type": "message", "role": "assistant", "content": "yo"}]
+        run_on_loop(session.add_items(items))
+        self.assertEqual(run_on_loop(session.get_items()), items)
+        self.assertEqual(run_on_loop(session.get_items(limit=1)), items[1:])
+        self.assertEqual(run_on_loop(session.pop_item()), items[1])
+        run_on_loop(session.clear_session())
+        self.assertEqual((run_on_loop(session.get_items()), run_on_loop(session.pop_item())), ([], None))
+        self.assertEqual(session.session_id, "user 1")
 
 
 if __name__ == "__main__":

@@ -78,11 +78,13 @@ __version__ = "0.2.0"
 __all__ = [  # noqa: RUF022 (plain sorted(), as ModuleSurface checks)
     "ASGISession",
     "ASGISessionMiddleware",
+    "AgentsSession",
     "DEFAULT_COOKIE_NAME",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_SESSIONS",
     "FileStore",
     "FlaskSessionInterface",
+    "MessageLog",
     "RecordTooLarge",
     "RedisStore",
     "SQLiteStore",
@@ -232,12 +234,14 @@ class Sweep:
     ``seen`` and ``seen_bytes`` count every record the pass met, expired ones
     included; ``removed`` and ``removed_bytes`` those it removed; ``oldest``
     and ``newest`` are the extreme mtimes met (None for an empty store).
+    ``stats`` also fills ``logs`` and ``log_bytes``: the message logs kept.
     """
 
-    __slots__ = ("newest", "oldest", "removed", "removed_bytes", "seen", "seen_bytes")
+    __slots__ = ("log_bytes", "logs", "newest", "oldest", "removed", "removed_bytes", "seen", "seen_bytes")
 
     def __init__(self):
         self.seen = self.seen_bytes = self.removed = self.removed_bytes = 0
+        self.logs = self.log_bytes = 0
         self.oldest = self.newest = None
 
     def __repr__(self):
@@ -492,7 +496,9 @@ class Store(MutableMapping):
             except KeyError:
                 return None
             if self.remove(key, expected=data):
+                self.forget_log(key)
                 return None if self._expired(mtime, None) else data
+        self.forget_log(key)
         return data if self.remove(key) else None  # rewritten under us every time: remove what is there
 
     # The mapping interface.
@@ -585,7 +591,13 @@ class Store(MutableMapping):
 
     def stats(self, max_age=None, *, now=None):
         """Return a dry-run ``Sweep``: the records, their bytes and times, and how many are past ``max_age``."""
-        return self.sweep(max_age, None, now=now, dry_run=True)
+        sweep = self.sweep(max_age, None, now=now, dry_run=True)
+        try:
+            sizes = [size for _, size in self.log_scan()]
+        except NotImplementedError:
+            return sweep
+        sweep.logs, sweep.log_bytes = len(sizes), sum(sizes)
+        return sweep
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
         """Run one cleaning pass, as ``clean`` describes, and return its ``Sweep``.
@@ -647,7 +659,56 @@ class Store(MutableMapping):
                 continue  # removed by someone else meanwhile
             if current == mtime and self.remove(key, expected=data):
                 sizes.append(size)
+                self.forget_log(key)  # the message log goes with its record
         return sizes
+
+    # The message log: optional hooks, for MessageLog. A store without them raises NotImplementedError.
+
+    def log_append(self, key, lines):
+        """Append ``lines`` (bytes without newlines) to the log of ``key``, in order; return the lines now stored.
+
+        Atomic against every other appender, trimmer and remover: no append
+        is ever lost, and the lines of one call stay together.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_append")
+
+    def log_read(self, key):
+        """Return the lines stored in the log of ``key``, oldest first; ``[]`` if there is none."""
+        raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_read")
+
+    def log_trim(self, key, start, stop, expected):
+        """Remove ``lines[start:stop]`` of the log if it holds exactly ``expected`` lines now; return True if it did.
+
+        Atomic: a log another request appended to or trimmed meanwhile is left unchanged (False).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_trim")
+
+    def log_remove(self, key):
+        """Remove the log of ``key``; return True if there was one."""
+        raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_remove")
+
+    def log_scan(self):
+        """Return an iterable of ``(key, size)``, the bytes of every log (about, for Redis)."""
+        raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_scan")
+
+    def log_move(self, old, new):
+        """Move the log of ``old`` to ``new``, replacing any there, as ``regenerate`` needs; return True if there was one.
+
+        This default copies and removes (not atomic); the stores here rename.
+        """
+        lines = self.log_read(old)
+        if not lines:
+            return False
+        self.log_remove(new)
+        self.log_append(new, lines)
+        return self.log_remove(old)
+
+    def forget_log(self, key):
+        """Remove the log of ``key``, if the store keeps logs; return True if there was one."""
+        try:
+            return self.log_remove(key)
+        except NotImplementedError:
+            return False
 
 
 # -- FileStore --
@@ -663,6 +724,10 @@ _READ_FLAGS = (
 )
 _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+_LOG_SUFFIX = ".log"
+_LOG_APPEND_FLAGS = (
+    os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 )
 
 
@@ -880,6 +945,8 @@ class FileStore(Store):
                     if os.lstat(path).st_mtime != mtime:
                         continue  # written or touched since the scan saw it
                     os.unlink(path)
+                    with contextlib.suppress(FileNotFoundError):  # the message log goes with its record
+                        os.unlink(path + _LOG_SUFFIX)
                 except FileNotFoundError:
                     _logger.debug("already removed: %s", path)  # by another cleaner: not counted
                     continue
@@ -887,6 +954,123 @@ class FileStore(Store):
                     raise StoreError(f"cannot remove session file {path!r}: {exc.strerror}") from exc
                 sizes.append(size)
         return sizes
+
+    # The message log: the file ts-<key>.log beside the record, one JSON line per message.
+
+    def _log_path(self, key):
+        return self._path(_check_key(key)) + _LOG_SUFFIX
+
+    def _log_fail(self, action, path, exc):
+        return StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}")
+
+    def log_append(self, key, lines):
+        """Append under the directory lock with ``O_APPEND``; a torn last line (a crash) is cut off first."""
+        path = self._log_path(key)
+        data = b"".join(bytes(line) + b"\n" for line in lines)
+        try:
+            with self._locked():
+                fd = os.open(path, _LOG_APPEND_FLAGS, 0o600)
+                # (inode, size) of a log file -> its lines, so that an append need not count them
+                counts = self.__dict__.setdefault("_log_counts", {})
+                try:
+                    status = os.fstat(fd)
+                    count = counts.get((status.st_ino, status.st_size))
+                    if count is None:
+                        count = self._log_repair(fd, status.st_size)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    count += len(lines)
+                    if len(counts) > 4096:
+                        counts.clear()
+                    counts[(status.st_ino, os.fstat(fd).st_size)] = count
+                    return count
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise self._log_fail("append to", path, exc) from exc
+
+    @staticmethod
+    def _log_repair(fd, size):
+        """Cut a torn last line off the open log; return how many whole lines it holds."""
+        data = os.pread(fd, size, 0)
+        end = data.rfind(b"\n") + 1
+        if end != size:
+            _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, size - end)
+            os.ftruncate(fd, end)
+        return data.count(b"\n", 0, end)
+
+    def log_read(self, key):
+        path = self._log_path(key)
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._log_fail("read", path, exc) from exc
+        try:
+            data = os.read(fd, os.fstat(fd).st_size)
+        except OSError as exc:
+            raise self._log_fail("read", path, exc) from exc
+        finally:
+            os.close(fd)
+        return data.split(b"\n")[:-1]  # a last line without its newline is torn: ignored
+
+    def log_trim(self, key, start, stop, expected):
+        """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
+        path = self._log_path(key)
+        temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
+        try:
+            with self._locked():
+                lines = self.log_read(key)
+                if len(lines) != expected:
+                    return False
+                fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
+                try:
+                    os.write(fd, b"".join(line + b"\n" for line in lines[:start] + lines[stop:]))
+                finally:
+                    os.close(fd)
+                os.replace(temp_path, path)
+                return True
+        except BaseException as exc:
+            with contextlib.suppress(OSError):  # never created, or already renamed
+                os.unlink(temp_path)
+            if isinstance(exc, OSError):
+                raise self._log_fail("trim", path, exc) from exc
+            raise
+
+    def log_remove(self, key):
+        path = self._log_path(key)
+        try:
+            with self._locked():
+                os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._log_fail("remove", path, exc) from exc
+        return True
+
+    def log_move(self, old, new):
+        path = self._log_path(old)
+        try:
+            with self._locked():
+                os.replace(path, self._log_path(new))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._log_fail("move", path, exc) from exc
+        return True
+
+    def log_scan(self):
+        try:
+            names = os.listdir(self.directory)
+        except OSError as exc:
+            raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
+        for name in names:
+            key = name[len(_FILE_PREFIX) : -len(_LOG_SUFFIX)]
+            if name.startswith(_FILE_PREFIX) and name.endswith(_LOG_SUFFIX) and _is_key(key):
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                    yield key, os.lstat(os.path.join(self.directory, name)).st_size
 
 
 # -- SQLiteStore --
@@ -942,6 +1126,29 @@ _SQL_TEMPLATES = (
     _SQL_DELETE_EXPIRED,
     _SQL_SUMMARY_BEYOND,
     _SQL_DELETE_BEYOND,
+)
+
+
+# The message log: its own table, and a trigger that removes a session's log with its record.
+_SQL_LOG_SCHEMA = (
+    'CREATE TABLE IF NOT EXISTS "{table}_log" '
+    "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
+    'CREATE INDEX IF NOT EXISTS "{table}_log_key" ON "{table}_log" (key, seq);'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_gone" AFTER DELETE ON "{table}" '
+    'BEGIN DELETE FROM "{table}_log" WHERE key = old.key; END;'
+)
+_SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
+_SQL_LOG_COUNT = 'SELECT COUNT(*) FROM "{table}_log" WHERE key = ?'
+_SQL_LOG_READ = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq'
+_SQL_LOG_TRIM = (
+    'DELETE FROM "{table}_log" WHERE seq IN '
+    '(SELECT seq FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?)'
+)
+_SQL_LOG_REMOVE = 'DELETE FROM "{table}_log" WHERE key = ?'
+_SQL_LOG_MOVE = 'UPDATE "{table}_log" SET key = ? WHERE key = ?'
+_SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key'
+_SQL_LOG_TEMPLATES = (
+    _SQL_LOG_APPEND, _SQL_LOG_COUNT, _SQL_LOG_READ, _SQL_LOG_TRIM, _SQL_LOG_REMOVE, _SQL_LOG_MOVE, _SQL_LOG_SCAN,
 )
 
 
@@ -1123,6 +1330,82 @@ class SQLiteStore(Store):
             raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
         return sweep
 
+    # The message log: the table <table>_log, one row per message, removed with its record by a trigger.
+
+    def _log_schema(self, connection):
+        """Return True if the log's table exists, creating it on first use (unless read-only)."""
+        if self.__dict__.get("_log_ready"):
+            return True
+        self._sql.update((template, template.format(table=self.table)) for template in _SQL_LOG_TEMPLATES)
+        if self.read_only:
+            found = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                       (self.table + "_log",)).fetchone()
+            if found is None:
+                return False
+        else:
+            connection.executescript(_SQL_LOG_SCHEMA.format(table=self.table))
+        self._log_ready = True
+        return True
+
+    @contextlib.contextmanager
+    def _log_transaction(self, action, write=True):
+        """Yield this thread's connection (None if there is no log table), in ``BEGIN IMMEDIATE`` if ``write``."""
+        connection = self._connection()
+        try:
+            if not self._log_schema(connection):
+                if write:
+                    raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
+                yield None
+                return
+            if not write:
+                yield connection
+                return
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        except self._sqlite3.Error as exc:
+            raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
+
+    def log_append(self, key, lines):
+        with self._log_transaction("append to") as connection:
+            connection.executemany(self._sql[_SQL_LOG_APPEND], [(key, bytes(line)) for line in lines])
+            return connection.execute(self._sql[_SQL_LOG_COUNT], (key,)).fetchone()[0]
+
+    def log_read(self, key):
+        with self._log_transaction("read", write=False) as connection:
+            if connection is None:
+                return []
+            return [bytes(row[0]) for row in connection.execute(self._sql[_SQL_LOG_READ], (key,))]
+
+    def log_trim(self, key, start, stop, expected):
+        with self._log_transaction("trim") as connection:
+            if connection.execute(self._sql[_SQL_LOG_COUNT], (key,)).fetchone()[0] != expected:
+                return False
+            connection.execute(self._sql[_SQL_LOG_TRIM], (key, max(0, stop - start), start))
+            return True
+
+    def log_remove(self, key):
+        with self._log_transaction("remove") as connection:
+            return connection.execute(self._sql[_SQL_LOG_REMOVE], (key,)).rowcount > 0
+
+    def log_move(self, old, new):
+        with self._log_transaction("move") as connection:
+            if not connection.execute(self._sql[_SQL_LOG_COUNT], (old,)).fetchone()[0]:
+                return False
+            connection.execute(self._sql[_SQL_LOG_REMOVE], (new,))
+            return connection.execute(self._sql[_SQL_LOG_MOVE], (new, old)).rowcount > 0
+
+    def log_scan(self):
+        with self._log_transaction("scan", write=False) as connection:
+            if connection is None:
+                return []
+            return [(key, int(size)) for key, size in connection.execute(self._sql[_SQL_LOG_SCAN])]
+
 
 # -- RedisStore --
 
@@ -1139,6 +1422,7 @@ else
     redis.call('PERSIST', KEYS[1])
 end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[7])
+if KEYS[3] then if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[3], ARGV[3]) else redis.call('PERSIST', KEYS[3]) end end
 return 1
 """
 # Only commands Redis allows when it is out of memory: a logout always works.
@@ -1153,6 +1437,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'mtime', ARGV[1])
 if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+if KEYS[3] and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
 return 1
 """
 # Removes the expired, then the live ones past `keep`, each with its index
@@ -1182,7 +1467,10 @@ local function remove(members)
         else
             seen = seen - 1
         end
-        if not dry_run then redis.call('ZREM', index, member) end
+        if not dry_run then
+            redis.call('ZREM', index, member)
+            redis.call('DEL', prefix .. '#log:' .. member)  -- the message log goes with its record
+        end
     end
 end
 if cutoff ~= '' then remove(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff)) end
@@ -1193,6 +1481,28 @@ end
 return {seen, seen_bytes, removed, removed_bytes, oldest, newest}
 """
 _REDIS_SCAN_BATCH = 1000
+# The message log of a key is the list prefix + "#log:" + key; its TTL follows the record's.
+_REDIS_LOG_APPEND = """
+local length = redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
+if ARGV[1] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return length
+"""
+_REDIS_LOG_TRIM = """
+if redis.call('LLEN', KEYS[1]) ~= tonumber(ARGV[1]) then return 0 end
+local start, stop = tonumber(ARGV[2]), tonumber(ARGV[3])
+local head = start > 0 and redis.call('LRANGE', KEYS[1], 0, start - 1) or {}
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('LTRIM', KEYS[1], stop, -1)
+for i = #head, 1, -1 do redis.call('LPUSH', KEYS[1], head[i]) end
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"""
+_REDIS_LOG_MOVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+return 1
+"""
+_REDIS_LOG_BATCH = 1000
 
 
 class RedisStore(Store):
@@ -1279,7 +1589,7 @@ class RedisStore(Store):
         return f"{self!r} key {self.prefix + key!r}"
 
     def _keys(self, key):
-        return [self.prefix + key, self._index]
+        return [self.prefix + key, self._index, self._log_key(key)]
 
     def read(self, key):
         data, mtime = self._command("HMGET", self.prefix + key, "data", "mtime")
@@ -1345,6 +1655,54 @@ class RedisStore(Store):
         sweep.seen, sweep.seen_bytes, sweep.removed, sweep.removed_bytes = reply[:4]
         sweep.oldest, sweep.newest = (None if mtime is None else float(mtime) for mtime in reply[4:])
         return sweep
+
+    # The message log: a list per key, RPUSH to append (plus LTRIM to trim), its TTL the record's.
+
+    def _log_key(self, key):
+        return self.prefix + "#log:" + key
+
+    def _log_script(self, name, source):
+        scripts = self.__dict__.setdefault("_log_scripts", {})
+        if name not in scripts:
+            scripts[name] = self.client.register_script(source)
+        return scripts[name]
+
+    def log_append(self, key, lines):
+        script = self._log_script("append", _REDIS_LOG_APPEND)
+        lines = [bytes(line) for line in lines]
+        if not lines:
+            return self._command("LLEN", self._log_key(_check_key(key)))
+        if len(lines) > _REDIS_LOG_BATCH:  # Lua's unpack() has a limit: one MULTI of several scripts
+            def run():
+                pipeline = self.client.pipeline(transaction=True)
+                for start in range(0, len(lines), _REDIS_LOG_BATCH):
+                    script([self._log_key(key)], [self._ttl(), *lines[start:start + _REDIS_LOG_BATCH]], pipeline)
+                return pipeline.execute()[-1]
+            return self._call(run)
+        return self._call(script, [self._log_key(_check_key(key))], [self._ttl(), *lines])
+
+    def log_read(self, key):
+        return list(self._command("LRANGE", self._log_key(_check_key(key)), 0, -1))
+
+    def log_trim(self, key, start, stop, expected):
+        script = self._log_script("trim", _REDIS_LOG_TRIM)
+        return self._call(script, [self._log_key(_check_key(key))], [expected, start, stop]) == 1
+
+    def log_remove(self, key):
+        return self._command("DEL", self._log_key(_check_key(key))) == 1
+
+    def log_move(self, old, new):
+        script = self._log_script("move", _REDIS_LOG_MOVE)
+        return self._call(script, [self._log_key(_check_key(old)), self._log_key(_check_key(new))], []) == 1
+
+    def log_scan(self):
+        """Yield ``(key, bytes)`` of every log, found with SCAN; the bytes are Redis's MEMORY USAGE."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._log_key("")) + "*"
+        start = len(self._log_key(""))
+        for name in self._call(lambda: list(self.client.scan_iter(match=pattern, count=_REDIS_SCAN_BATCH))):
+            size = self._command("MEMORY", "USAGE", name)
+            if size is not None:
+                yield name[start:].decode("ascii", "replace"), size
 
 
 # -- Merging --
@@ -1641,6 +1999,7 @@ class Session(MutableMapping):
         "_id",
         "_identity",
         "_key",
+        "_logged",
         "_mtime",
         "_secure",
         "_settings",
@@ -1701,9 +2060,12 @@ class Session(MutableMapping):
         with a new id.
         """
         self.load()
+        if self.state == _NEW and self._logged and self._id is not None:
+            self._settings.store.forget_log(_store_key(self._id))
         self._forget_record(carry=False)
         self._data = {}
         self._created = None
+        self._logged = False
 
     def _forget_record(self, carry):
         """Leave the loaded record, to be removed at save; with ``carry``, another request's change there is kept."""
@@ -1728,6 +2090,7 @@ class Session(MutableMapping):
         settings = self._settings
         self._client_id = self._id = self._key = self._stored = self._created = None
         self._doomed, self._undo, self._data, self.state = [], [], {}, _NEW
+        self._logged = False
         candidates = _cookie_values(self._cookie_header, settings.cookie_name)
         for value in [v for v in candidates if len(v) == _SESSION_ID_LENGTH and _is_key(v)][:_MAX_COOKIE_CANDIDATES]:
             key = _store_key(value)
@@ -1745,6 +2108,7 @@ class Session(MutableMapping):
                 continue
             self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
             self._created, self._data = record["created"], record["data"]
+            self._logged = record.get("log") is True
             self._snapshot = _snapshot(self._data)
             self._identity = self._identity_now()
             return
@@ -1779,13 +2143,13 @@ class Session(MutableMapping):
         settings = self._settings
         if self.state == _UNLOADED:
             return None
-        if self._data and self.state != _GONE:
+        if self._holds() and self.state != _GONE:
             if self._id is None:
                 self._id = _new_session_id()
             if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
                 return settings.set_cookie(self._id, self._secure)
             return None
-        if self._client_id is not None and not self._data:
+        if self._client_id is not None and not self._holds():
             return settings.set_cookie(None, self._secure)
         return None
 
@@ -1806,19 +2170,23 @@ class Session(MutableMapping):
         now = _now() if now is None else now
         self._rotate_on_new_identity()
         for key, previous, carry in self._doomed:
-            self._remove_doomed(key, previous, carry)
+            if carry and self._logged:
+                self._move_log(key)
+            self._remove_doomed(key, previous, carry is not False)
         self._doomed = []
         if self.state == _LOADED:
             if self._snapshot is None or _snapshot(self._data) != self._snapshot:
                 self._save_changed(now)
             else:
                 self._touch(now)
-        elif self.state == _NEW and self._data:
+        elif self.state == _NEW and self._holds():
             if self._created is None:
                 self._created = now
             self._save_new(now)
 
     def _record(self):
+        if self._logged:
+            return {"created": self._created, "data": self._data, "log": True}
         return {"created": self._created, "data": self._data}
 
     def _remove_doomed(self, key, previous, carry):
@@ -1826,12 +2194,16 @@ class Session(MutableMapping):
         store = self._settings.store
         if previous is not None and store.remove(key, expected=previous):
             self._undo.append((key, previous, None))
+            if not carry:
+                store.forget_log(key)
             return
         theirs = self._theirs(key) if carry and previous is not None else None
         if theirs is not None:
             self._merge(key, previous, *theirs)
         if store.remove(key) and previous is not None:
             self._undo.append((key, previous if theirs is None else theirs[1], None))
+        if not carry:
+            store.forget_log(key)
 
     def _theirs(self, key):
         """Return ``(data, stored bytes)`` of what another request saved under ``key``, or None if gone."""
@@ -1887,7 +2259,7 @@ class Session(MutableMapping):
     def _save_changed(self, now):
         store, key, expected = self._settings.store, self._key, self._stored
         for attempt in range(_SAVE_ATTEMPTS + 1):
-            stored = store.encode(key, self._record()) if self._data else None
+            stored = store.encode(key, self._record()) if self._holds() else None
             if stored == expected:
                 self._became(key, stored, now)
                 self._touch(now)
@@ -1902,6 +2274,7 @@ class Session(MutableMapping):
             if done:
                 self._undo.append((key, expected, stored))
                 if stored is None:
+                    store.forget_log(key)
                     self.state, self._id, self._key, self._stored = _NEW, None, None, None
                 else:
                     self._became(key, stored, now)
@@ -1950,6 +2323,46 @@ class Session(MutableMapping):
         cookie themselves (Flask) from what ``cookie()`` decided.
         """
         return None if self._data is None else self._id
+
+    # The message log.
+
+    def _holds(self):
+        """True if the session has something to keep: data, or a message log."""
+        return bool(self._data) or self._logged
+
+    def _move_log(self, old_key):
+        """Move the log of a regenerated session's old record to its new id, made now if need be."""
+        if self._id is None:
+            self._id = _new_session_id()
+        self._settings.store.log_move(old_key, _store_key(self._id))
+
+    @property
+    def history(self):
+        """The session's ``MessageLog``: the chat history kept beside its record, appended in place.
+
+        It is keyed by the session's store key, so it goes with the session:
+        ``regenerate()`` moves it to the new id (at save), ``invalidate()``,
+        expiry and cleaning remove it. Using it gives a new session its id,
+        and keeps the session even with an empty dict; its cookie must still
+        go out, so SessionError once the response headers are out without one.
+        """
+        self.load()
+        if self.state == _LOADED:
+            key = self._key
+        else:
+            if self._id is None:
+                if self._cookie is not None:
+                    raise SessionError("history of a new session after the response started: no cookie can be sent")
+                self._id = _new_session_id()
+            key = _store_key(self._id)
+            if self._logged:  # regenerated this request: the log follows now, so it reads the same
+                for index, (old_key, previous, carry) in enumerate(self._doomed):
+                    if carry:
+                        self._settings.store.log_move(old_key, key)
+                        self._doomed[index] = (old_key, previous, None)
+        if not self._logged:
+            self._logged, self._snapshot = True, None  # the record must now say it has a log
+        return MessageLog(self._settings.store, key)
 
 
 # -- WSGI --
@@ -2290,6 +2703,12 @@ class _FlaskSession(MutableMapping):
         self.core.invalidate()
         self.modified = True
 
+    @property
+    def history(self):
+        """The session's ``MessageLog``: the core's ``Session.history``."""
+        self._accessed = True
+        return self.core.history
+
 
 class _FlaskNullSession(MutableMapping):
     """The empty, read-only session of an app without a SECRET_KEY; any write raises RuntimeError."""
@@ -2493,6 +2912,13 @@ class ASGISession(dict):
         self.accessed = True
         self._core.invalidate()
         self.clear()
+
+    @property
+    def history(self):
+        """The session's ``MessageLog`` (see ``Session.history``); its store calls block: use a thread."""
+        self.accessed = True
+        _copy_into(self._core, self)
+        return self._core.history
 
     async def save(self):
         """Write the changes made so far, in a thread (store I/O); they then stay whatever happens next.
@@ -2857,6 +3283,178 @@ def _value_length(value):
     return len(json.dumps(value, ensure_ascii=False, default=str))
 
 
+
+
+# -- Message log --
+
+_LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_LOG_TRIM_ATTEMPTS = 4
+
+
+def _log_key(conversation_id):
+    """Return the store key of a conversation: the id itself if it is a valid key, else its SHA-256."""
+    if isinstance(conversation_id, str) and _is_key(conversation_id):
+        return conversation_id
+    if isinstance(conversation_id, str):
+        conversation_id = conversation_id.encode("utf-8")
+    if not isinstance(conversation_id, bytes):
+        raise TypeError(f"conversation_id must be a str or bytes, not {type(conversation_id).__name__}")
+    import hashlib
+
+    return hashlib.sha256(conversation_id).hexdigest()
+
+
+class MessageLog:
+    """A conversation's messages, appended in place in a store: O(new messages) per append.
+
+    ``MessageLog(store, conversation_id, max_rounds=None)``: ids that are not
+    valid store keys are hashed (SHA-256) into one. Messages are JSON, one
+    line each; a request's ``session.history`` is the log of its session.
+    With ``max_rounds``, every append that leaves more than that many rounds
+    (``trim_messages``'s rule) drops the oldest, keeping leading
+    instructions; a trim that races with another writer is retried, then
+    left to the next append, so ``read`` also applies the limit.
+
+    Threads and processes: appends are atomic in the store; from any number
+    of threads, processes or machines, none is ever lost. The store must
+    implement the log hooks (``Store.log_append`` and the rest).
+    """
+
+    def __init__(self, store, conversation_id, *, max_rounds=None):
+        if max_rounds is not None:
+            _check_limit("max_rounds", max_rounds, 1)
+        self.store = store
+        self.key = _log_key(conversation_id)
+        self.max_rounds = max_rounds
+
+    def __repr__(self):
+        return f"<MessageLog {self.key!r} in {self.store!r}>"
+
+    def _encode(self, message, index):
+        try:
+            line = _LOG_ENCODER.encode(message).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"messages[{index}] is not JSON-serializable: {exc}") from None
+        limit = self.store.max_bytes
+        if limit is not None and len(line) > limit:
+            raise RecordTooLarge(f"messages[{index}] is {len(line)} bytes of JSON, over max_bytes={limit}")
+        return line
+
+    def _decoded(self):
+        """Return ``(pairs, lines)``: ``(line index, message)`` of every readable line, and how many lines."""
+        pairs = []
+        lines = self.store.log_read(self.key)
+        for index, line in enumerate(lines):
+            try:
+                pairs.append((index, json.loads(line)))
+            except ValueError:
+                _logger.warning("message log %s: line %d is not JSON: ignored", self.key[:12], index)
+        return pairs, len(lines)
+
+    def extend(self, messages):
+        """Append ``messages`` in order, atomically; then trim to ``max_rounds``.
+
+        Raises TypeError for a message that is not JSON-serializable and
+        RecordTooLarge for one over the store's ``max_bytes``, before
+        anything is written; StoreError if the store fails.
+        """
+        lines = [self._encode(message, index) for index, message in enumerate(messages)]
+        if not lines:
+            return
+        count = self.store.log_append(self.key, lines)
+        if self.max_rounds is not None and count > self.max_rounds:
+            self._trim(self.max_rounds)
+
+    def append(self, message):
+        """Append one message: ``extend([message])``."""
+        self.extend([message])
+
+    def _trim(self, max_rounds):
+        for _ in range(_LOG_TRIM_ATTEMPTS):
+            pairs, length = self._decoded()
+            messages = [message for _, message in pairs]
+            kept = trim_messages(messages, max_rounds)
+            dropped = len(messages) - len(kept)
+            if not dropped:
+                return
+            lead = next(i for i, message in enumerate(kept) if message is not messages[i])
+            start, stop = pairs[lead][0], pairs[lead + dropped - 1][0] + 1
+            if self.store.log_trim(self.key, start, stop, length):
+                return
+
+    def read(self, max_rounds=None):
+        """Return the messages, oldest first: the last ``max_rounds`` rounds (default: the log's own limit).
+
+        With neither limit, every message stored. Lines that are not JSON are
+        skipped (logged).
+        """
+        messages = [message for _, message in self._decoded()[0]]
+        max_rounds = self.max_rounds if max_rounds is None else max_rounds
+        return messages if max_rounds is None else trim_messages(messages, max_rounds)
+
+    def pop(self):
+        """Remove and return the newest message, atomically; None if the log is empty."""
+        for _ in range(_RETRIES):
+            lines = self.store.log_read(self.key)
+            if not lines:
+                return None
+            if self.store.log_trim(self.key, len(lines) - 1, len(lines), len(lines)):
+                return json.loads(lines[-1])
+        raise StoreError(f"message log {self.key[:12]} kept changing: could not pop its newest message")
+
+    def clear(self):
+        """Remove every message."""
+        self.store.log_remove(self.key)
+
+    def __len__(self):
+        return len(self.store.log_read(self.key))
+
+
+class AgentsSession:
+    """An OpenAI Agents SDK session whose items live in a tinysession store's message log.
+
+    ``Runner.run(agent, text, session=AgentsSession("user-42", store))``: it
+    has the SDK's session methods (``get_items``, ``add_items``,
+    ``pop_item``, ``clear_session``, ``session_id``, ``session_settings``),
+    duck-typed, without importing the SDK. The store calls run in a thread,
+    so the event loop never waits on them. ``max_rounds`` trims on append,
+    as in ``MessageLog``. Safe from several tasks, threads and processes.
+    """
+
+    session_settings = None
+
+    def __init__(self, session_id, store, *, max_rounds=None):
+        self.session_id = session_id
+        self.log = MessageLog(store, session_id, max_rounds=max_rounds)
+
+    async def get_items(self, limit=None):
+        """Return the stored items, oldest first: the last ``limit`` of them (default: ``session_settings.limit``), or all."""
+        import asyncio
+
+        items = await asyncio.to_thread(self.log.read)
+        if limit is None:
+            limit = getattr(self.session_settings, "limit", None)
+        if limit is None:
+            return items
+        return items[-limit:] if limit > 0 else []
+
+    async def add_items(self, items):
+        """Append ``items`` in order (see ``MessageLog.extend``)."""
+        import asyncio
+
+        await asyncio.to_thread(self.log.extend, list(items))
+
+    async def pop_item(self):
+        """Remove and return the newest item; None if there is none."""
+        import asyncio
+
+        return await asyncio.to_thread(self.log.pop)
+
+    async def clear_session(self):
+        """Remove every item."""
+        import asyncio
+
+        await asyncio.to_thread(self.log.clear)
 
 
 # -- Command line --

@@ -3,8 +3,9 @@
 Run ``python examples/chat.py`` and open http://127.0.0.1:8000/. The
 "assistant" echoes, streaming its reply in a few words at a time (with
 JavaScript; without it the form posts and the page reloads). The history is
-trimmed to the last ``MAX_ROUNDS`` rounds with ``tinysession.trim_messages``,
-and the page says what the session holds. Sessions are kept in
+the session's message log, ``session.history``: each message is appended in
+place, and the log is trimmed to the last ``MAX_ROUNDS`` rounds as it grows,
+so no request rewrites the whole chat; the page says what the session holds. Sessions are kept in
 ``<temp dir>/tinysession-chat`` (one fixed directory, so history survives a
 restart) unless ``--store`` names a directory (FileStore) or a ``.db`` file
 (SQLiteStore). ``--port`` picks the port (8000; 0 for any free one).
@@ -155,15 +156,21 @@ CHAT = """{notice}<main id="chat" aria-live="polite">
 <script>{script}</script>"""
 
 
+def history(session):
+    """Return the session's message log, trimmed to the last ``MAX_ROUNDS`` rounds on append."""
+    log = session.history
+    log.max_rounds = MAX_ROUNDS
+    return log
+
+
 def add_message(session, role, content):
-    """Append a message to the session's history, trimmed to the last ``MAX_ROUNDS`` rounds.
+    """Append a message to the session's log; raises RecordTooLarge, writing nothing, past the store's limit.
 
     A ``user`` message starts a round; ``session["rounds"]`` counts every round
-    ever sent, so the page can say how many were trimmed.
+    ever sent, so the page can say how many were trimmed. A model would be
+    given ``[SYSTEM_PROMPT, *history(session).read()]``.
     """
-    history = session.get("messages") or [SYSTEM_PROMPT]
-    history.append({"role": role, "content": content})
-    session["messages"] = tinysession.trim_messages(history, MAX_ROUNDS)
+    history(session).append({"role": role, "content": content})
     if role == "user":
         session["rounds"] = session.get("rounds", 0) + 1
 
@@ -206,7 +213,7 @@ def read_message(environ):
 
 def render_messages(session):
     """Return the history as HTML, each round numbered from the first ever sent."""
-    messages = [message for message in session.get("messages", []) if message["role"] != "system"]
+    messages = history(session).read() if session.get("rounds") else []
     kept = sum(message["role"] == "user" for message in messages)
     trimmed = session.get("rounds", kept) - kept
     parts = []
@@ -290,7 +297,10 @@ def make_app(store, store_label=None):
         text, length = message
         if not text:
             return respond(start_response, "303 See Other", b"", extra=[("Location", "/")])
-        add_message(session, "user", text)
+        try:
+            add_message(session, "user", text)
+        except tinysession.RecordTooLarge:
+            return respond(start_response, "413 Content Too Large", plain_page("Too large", "That message is too large to keep; the chat goes on."))
         if path == "/reply":
             start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"), *SECURITY_HEADERS])
             return stream_reply(session, echo(text, length))

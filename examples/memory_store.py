@@ -1,4 +1,4 @@
-"""An in-process store written only against tinysession's five store hooks.
+"""An in-process store written only against tinysession's store hooks: five for records, five for logs.
 
     store = MemoryStore(max_age=3600)
     app = tinysession.SessionMiddleware(app, store)
@@ -19,6 +19,7 @@ class MemoryStore(tinysession.Store):
     def __init__(self, **options):
         super().__init__(**options)
         self._records = {}
+        self._logs = {}
         self._lock = threading.Lock()
 
     def read(self, key):
@@ -49,3 +50,28 @@ class MemoryStore(tinysession.Store):
     def scan(self):
         with self._lock:
             return [(key, mtime, len(data)) for key, (data, mtime) in self._records.items()]
+
+    def log_append(self, key, lines):
+        with self._lock:
+            log = self._logs.setdefault(key, [])
+            log.extend(bytes(line) for line in lines)
+            return len(log)
+
+    def log_read(self, key):
+        with self._lock:
+            return list(self._logs.get(key, ()))
+
+    def log_trim(self, key, start, stop, expected):
+        with self._lock:
+            if len(self._logs.get(key, ())) != expected:
+                return False
+            del self._logs[key][start:stop]
+            return True
+
+    def log_remove(self, key):
+        with self._lock:
+            return self._logs.pop(key, None) is not None
+
+    def log_scan(self):
+        with self._lock:
+            return [(key, sum(map(len, lines))) for key, lines in self._logs.items()]
