@@ -2759,28 +2759,43 @@ def _value_length(value):
 
 # -- Command line --
 
-_DURATION_PATTERN = r"(\d+(?:\.\d+)?)([smhd]?)"
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION_NUMBER = r"\d+(?:\.\d+)?"
+_DURATION_PATTERN = "".join(rf"(?:({_DURATION_NUMBER}){unit})?" for unit in _DURATION_UNITS)
 _SQLITE_HEADER = b"SQLite format 3\0"
+_EXIT_FAILED, _EXIT_USAGE, _EXIT_NO_SESSIONS, _EXIT_INTERRUPTED = 1, 2, 3, 130
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 _CLI_EXAMPLES = """examples:
-  python -m tinysession clean /var/lib/myapp/sessions --max-age 7d --quiet
+  python -m tinysession clean /var/lib/myapp/sessions --max-age 7d --quiet --strict
   python -m tinysession clean /var/lib/myapp/sessions.db --keep 10000 --dry-run
   python -m tinysession stats redis://127.0.0.1:6379/0 --max-age 12h --json
 
 STORE is a session directory (FileStore), an SQLite database (SQLiteStore), or
-a redis:// URL (RedisStore; needs redis-py). DURATION is seconds, or a number
-with s, m, h or d: 90, 30m, 12h, 7d.
+a redis:// URL (RedisStore; needs redis-py). DURATION is seconds, or numbers
+with w, d, h, m or s, largest first: 90, 30m, 1h30m, 12h, 7d, 2w.
+stats and clean --dry-run open the store read-only and change nothing.
+
+exit status: 0 done, 1 failed, 2 usage error, 3 (with --strict) the
+directory holds other files but no session files, 130 interrupted (Ctrl-C).
 """
 
 
 def _duration(text):
-    """Parse ``90``, ``30m``, ``12h`` or ``7d`` into seconds (argparse type)."""
+    """Parse ``90``, ``30m``, ``1h30m`` or ``2w`` into seconds (argparse type)."""
     import argparse
 
-    match = re.fullmatch(_DURATION_PATTERN, text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected e.g. 90, 30m, 12h or 7d")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    text = text.strip()
+    if re.fullmatch(_DURATION_NUMBER, text):
+        return float(text)
+    match = re.fullmatch(_DURATION_PATTERN, text)
+    if not text or match is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: expected seconds or units largest first, e.g. 90, 30m, 1h30m, 7d or 2w"
+        )
+    return sum(float(number) * seconds for number, seconds in zip(match.groups(), _DURATION_UNITS.values()) if number)
 
 
 def _count(text):
@@ -2814,33 +2829,58 @@ def _format_time(timestamp):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-def _open_store(spec, table, prefix):
-    """Open the store at ``spec`` without creating anything; SessionError if there is none."""
+def _open_store(spec, table, prefix, read_only):
+    """Open the store at ``spec`` without creating anything; SessionError if there is none.
+
+    With ``read_only`` an SQLite database is opened read-only, so nothing in
+    the file changes. FIFOs, sockets and devices are refused before they are opened.
+    """
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        try:
-            import redis
-        except ImportError:
-            raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
-        try:
-            client = redis.Redis.from_url(spec)
-        except ValueError as exc:
-            raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
-        return RedisStore(client, prefix=prefix)
-    if os.path.isdir(spec):
-        return FileStore(spec)
+        return _open_redis(spec, prefix)
     try:
-        with open(spec, "rb") as file:
-            header = file.read(len(_SQLITE_HEADER))
+        mode = os.stat(spec).st_mode
     except FileNotFoundError:
         raise SessionError(f"{spec}: no such directory or file") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {spec!r}: {exc.strerror}") from exc
+    for is_kind, kind in _SPECIAL_FILES:
+        if is_kind(mode):
+            raise SessionError(f"{spec}: is {kind}, neither a session directory nor an SQLite database")
+    if stat.S_ISDIR(mode):
+        return FileStore(spec)
+    return _open_sqlite(spec, table, read_only)
+
+
+def _open_redis(spec, prefix):
+    try:
+        import redis
+    except ImportError:
+        raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
+    try:
+        client = redis.Redis.from_url(spec)
+    except ValueError as exc:
+        raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
+    return RedisStore(client, prefix=prefix)
+
+
+def _open_sqlite(spec, table, read_only):
+    try:
+        fd = os.open(spec, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            header = os.read(fd, len(_SQLITE_HEADER))
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise StoreError(f"cannot read {spec!r}: {exc.strerror}") from exc
     if header != _SQLITE_HEADER:
         raise SessionError(f"{spec}: neither a session directory nor an SQLite database")
     import sqlite3
+    from urllib.parse import quote
 
     try:
-        with sqlite3.connect(f"file:{spec}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS) as connection:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{quote(spec)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS)
+        ) as connection:
             columns = {row[1] for row in connection.execute("SELECT * FROM pragma_table_info(?)", (table,))}
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read session database {spec!r}: {exc}") from exc
@@ -2848,7 +2888,7 @@ def _open_store(spec, table, prefix):
         raise SessionError(f"{spec}: no table {table!r} (is --table right?)")
     if not {"key", "data", "mtime"} <= columns:
         raise SessionError(f"{spec}: table {table!r} is not a session table: its columns are {sorted(columns)}")
-    return SQLiteStore(spec, table=table)
+    return SQLiteStore(spec, table=table, read_only=read_only)
 
 
 def _progress_printer(stream):
@@ -2863,14 +2903,57 @@ def _progress_printer(stream):
     return show
 
 
+def _no_sessions_status(args, store, sweep):
+    """Warn if a session directory holds no session files but other files; return the exit status."""
+    if sweep.seen or not isinstance(store, FileStore):
+        return 0
+    with os.scandir(store.directory) as entries:
+        others = sum(1 for entry in entries if not entry.name.startswith((_FILE_PREFIX, _TEMP_PREFIX)))
+    if not others:
+        return 0
+    print(
+        f"{args.prog}: warning: {args.store} holds no session files ({_FILE_PREFIX}*) but {others} other"
+        f" entr{'y' if others == 1 else 'ies'}: is it the session directory?",
+        file=sys.stderr,
+    )
+    return _EXIT_NO_SESSIONS if args.strict else 0
+
+
+def _report_interrupted(args, store, sweep):
+    """Say on stderr what an interrupted clean removed; ``sweep`` is its live Sweep, or None."""
+    if sweep is not None:
+        verb = "would have removed" if args.dry_run else "removed"
+        done = f"{verb} {sweep.removed} of the {sweep.seen} sessions seen ({_format_bytes(sweep.removed_bytes)})"
+    elif isinstance(store, SQLiteStore):
+        done = "removed nothing: SQLite cleans in one transaction, which was rolled back"
+    elif isinstance(store, RedisStore):
+        done = "the Redis server runs its clean to the end regardless: run stats to see what is left"
+    else:
+        done = "removed an unknown number of sessions"
+    print(f"{args.prog}: interrupted: {done}", file=sys.stderr)
+    return _EXIT_INTERRUPTED
+
+
 def _cmd_clean(args):
-    store = _open_store(args.store, args.table, args.prefix)
+    store = _open_store(args.store, args.table, args.prefix, args.dry_run)
+    printer = None if args.quiet else _progress_printer(sys.stderr)
+    live = []
+
+    def progress(sweep):
+        live[:] = [sweep]
+        if printer is not None:
+            printer(sweep)
+
     with store:
-        progress = None if args.quiet else _progress_printer(sys.stderr)
         started = time.perf_counter()
-        sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
+        try:
+            sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
+        except KeyboardInterrupt:
+            if printer is not None:
+                sys.stderr.write("\r\033[K")
+            return _report_interrupted(args, store, live[0] if live else None)
         elapsed = time.perf_counter() - started
-    if progress is not None:
+    if printer is not None:
         sys.stderr.write("\r\033[K")
     if args.dry_run:
         print(
@@ -2882,84 +2965,91 @@ def _cmd_clean(args):
             f"removed {sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)})"
             f" in {elapsed:.2f} s, kept {sweep.seen - sweep.removed}"
         )
-    return 0
+    return _no_sessions_status(args, store, sweep)
 
 
 def _cmd_stats(args):
-    store = _open_store(args.store, args.table, args.prefix)
+    store = _open_store(args.store, args.table, args.prefix, True)
     with store:
         sweep = store.stats(args.max_age)
     expired = sweep.removed if args.max_age is not None else None
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "store": args.store,
-                    "sessions": sweep.seen,
-                    "bytes": sweep.seen_bytes,
-                    "oldest": sweep.oldest,
-                    "newest": sweep.newest,
-                    "max_age": args.max_age,
-                    "expired": expired,
-                }
-            )
-        )
-        return 0
-    print(f"store:    {args.store}")
-    print(f"sessions: {sweep.seen}")
-    print(f"size:     {_format_bytes(sweep.seen_bytes)} ({sweep.seen_bytes} bytes)")
-    print(f"oldest:   {_format_time(sweep.oldest)}")
-    print(f"newest:   {_format_time(sweep.newest)}")
-    if expired is not None:
-        print(f"expired:  {expired} older than {args.max_age:g} s")
-    return 0
+        report = {
+            "store": args.store, "sessions": sweep.seen, "bytes": sweep.seen_bytes, "oldest": sweep.oldest,
+            "newest": sweep.newest, "max_age": args.max_age, "expired": expired,
+        }
+        print(json.dumps(report))
+    else:
+        print(f"store:    {args.store}")
+        print(f"sessions: {sweep.seen}")
+        print(f"size:     {_format_bytes(sweep.seen_bytes)} ({sweep.seen_bytes} bytes)")
+        print(f"oldest:   {_format_time(sweep.oldest)}")
+        print(f"newest:   {_format_time(sweep.newest)}")
+        if expired is not None:
+            print(f"expired:  {expired} older than {args.max_age:g} s")
+    return _no_sessions_status(args, store, sweep)
 
 
-def _parser():
+def _parser(prog):
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m tinysession",
-        description="Clean and inspect tinysession stores.",
-        epilog=_CLI_EXAMPLES,
+        prog=prog, description="Clean and inspect tinysession stores.", epilog=_CLI_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"tinysession {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, summary in (
-        ("clean", "remove expired sessions, then all but the newest N"),
-        ("stats", "count sessions, bytes, oldest and newest, and how many are past a max age"),
+    for name, run, summary in (
+        ("clean", _cmd_clean, "remove expired sessions, then all but the newest N"),
+        ("stats", _cmd_stats, "count sessions, bytes, oldest and newest, and how many are past a max age"),
     ):
         command = commands.add_parser(
             name, help=summary, description=summary, epilog=_CLI_EXAMPLES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        command.set_defaults(run=run, usage=command, prog=prog)
         command.add_argument("store", metavar="STORE", help="session directory, SQLite file or redis:// URL")
         command.add_argument("--max-age", type=_duration, metavar="DURATION", help="sessions older than this")
         command.add_argument("--table", type=_table_name, default="sessions", help="SQLite table (default: sessions)")
         command.add_argument("--prefix", default="session:", help="Redis key prefix (default: session:)")
+        command.add_argument(
+            "--strict", action="store_true", help="exit 3 if the directory holds other files but no session files"
+        )
         if name == "clean":
             command.add_argument("--keep", type=_count, metavar="N", help="then keep only the N newest")
-            command.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+            command.add_argument("--dry-run", action="store_true", help="report, remove nothing (read-only)")
             command.add_argument("--quiet", action="store_true", help="print nothing on success (cron)")
         else:
             command.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
-def main(argv=None):
-    """Run the command line; return the exit status (0 done, 1 failed, 2 usage)."""
-    parser = _parser()
+def main(argv=None, *, prog="python -m tinysession"):
+    """Run the command line; return the exit status.
+
+    0 done, 1 failed, 2 usage error, 3 (with ``--strict``) a directory with
+    other files but no session files, 130 interrupted. ``prog`` names the
+    command in messages (the ``tinysession`` console script passes its own name).
+    """
     try:
-        args = parser.parse_args(argv)
+        args = _parser(prog).parse_args(argv)
         if args.command == "clean" and args.max_age is None and args.keep is None:
-            parser.error("clean needs --max-age, --keep or both; it will not guess what to remove")
-    except SystemExit as exit:  # argparse exits for --help and usage errors; return the status instead
+            args.usage.error("clean needs --max-age, --keep or both; it will not guess what to remove")
+    except SystemExit as exit:  # argparse exits for --help, --version and usage errors; return the status instead
         return exit.code
     try:
-        return _cmd_clean(args) if args.command == "clean" else _cmd_stats(args)
+        return args.run(args)
     except SessionError as exc:
-        print(f"python -m tinysession: error: {exc}", file=sys.stderr)
-        return 1
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return _EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+
+
+def _console_script():
+    """Run the command line as the ``tinysession`` console script that ``pip install`` makes."""
+    return main(prog="tinysession")
 
 
 if __name__ == "__main__":
