@@ -4512,6 +4512,135 @@ class FrameworkExamples(unittest.TestCase):
         self.check_visits(load_example("bottle_app").make_app)
 
 
+# -- Data at rest --
+
+
+def with_umask(test, mask):
+    """Set the process umask to ``mask`` for the rest of ``test``."""
+    test.addCleanup(os.umask, os.umask(mask))
+
+
+def file_mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class FileStoreDirectoryModes(unittest.TestCase):
+    """The session directory is writable by its owner alone, or the store refuses it."""
+
+    def test_a_directory_it_creates_is_0700_whatever_the_umask(self):
+        for mask in (0o000, 0o022, 0o277):
+            with self.subTest(umask=oct(mask)):
+                with_umask(self, mask)
+                directory = os.path.join(temp_dir(self), "sessions")
+                tinysession.FileStore(directory)["a"] = {}
+                self.assertEqual(file_mode(directory), 0o700)
+
+    def test_a_directory_writable_by_group_or_others_is_refused(self):
+        for mode in (0o777, 0o1777, 0o770, 0o702):
+            with self.subTest(mode=oct(mode)):
+                directory = os.path.join(temp_dir(self), "shared")
+                os.mkdir(directory)
+                with open(os.path.join(directory, "ts-planted"), "w") as file:
+                    file.write('{"user": "admin"}')
+                os.chmod(directory, mode)
+                with self.assertRaises(tinysession.StoreError) as caught:
+                    tinysession.FileStore(directory)
+                self.assertIn(repr(directory), str(caught.exception))
+                self.assertIn(f"mode {mode:04o}", str(caught.exception))
+                self.assertEqual(file_mode(directory), mode)
+
+    def test_a_directory_readable_by_others_but_writable_by_its_owner_alone_is_used(self):
+        for mode in (0o700, 0o750, 0o755):
+            with self.subTest(mode=oct(mode)):
+                directory = temp_dir(self)
+                os.chmod(directory, mode)
+                store = tinysession.FileStore(directory)
+                store["a"] = {"v": 1}
+                self.assertEqual((store["a"], file_mode(directory)), ({"v": 1}, mode))
+
+    def test_a_file_in_its_place_is_refused(self):
+        path = os.path.join(temp_dir(self), "sessions")
+        with open(path, "w") as file:
+            file.write("not a directory")
+        with self.assertRaises(tinysession.StoreError) as caught:
+            tinysession.FileStore(path)
+        self.assertIn(repr(path), str(caught.exception))
+
+
+class SQLiteStoreFileModes(unittest.TestCase):
+    """A database SQLiteStore creates, and its -wal and -shm, are 0600."""
+
+    def test_the_database_and_its_wal_and_shm_are_0600(self):
+        for mask in (0o022, 0o000, 0o077):
+            with self.subTest(umask=oct(mask)):
+                with_umask(self, mask)
+                path = os.path.join(temp_dir(self), "sessions.db")
+                store = tinysession.SQLiteStore(path)
+                self.addCleanup(store.close)
+                store["a"] = {}
+                self.assertEqual(
+                    {suffix: file_mode(path + suffix) for suffix in ("", "-wal", "-shm")},
+                    {"": 0o600, "-wal": 0o600, "-shm": 0o600},
+                )
+
+    def test_an_existing_database_keeps_its_mode(self):
+        path = os.path.join(temp_dir(self), "sessions.db")
+        sqlite3.connect(path).close()
+        os.chmod(path, 0o640)
+        with tinysession.SQLiteStore(path) as store:
+            store["a"] = {}
+        self.assertEqual(file_mode(path), 0o640)
+
+
+class SecretRotation(unittest.TestCase):
+    """``secret=[old, new]``: records are signed with the newest and accepted under any."""
+
+    def setUp(self):
+        self.directory = temp_dir(self)
+
+    def store(self, secret, **options):
+        return tinysession.FileStore(self.directory, secret=secret, **options)
+
+    def stored(self, key):
+        with open(os.path.join(self.directory, "ts-" + key), "rb") as file:
+            return file.read()
+
+    def test_records_signed_with_an_old_secret_still_load(self):
+        for serializer in ("json", "pickle"):
+            with self.subTest(serializer=serializer):
+                self.store("old", serializer=serializer)["a"] = {"user": 42}
+                rotated = self.store(["older", "old", "new"], serializer=serializer)
+                self.assertEqual(rotated["a"], {"user": 42})
+
+    def test_new_records_are_signed_with_the_newest(self):
+        rotated = self.store(["old", b"new"])
+        rotated["b"] = {"v": 1}
+        self.assertEqual(self.stored("b"), self.store("new").encode("b", {"v": 1}))
+        self.assertEqual(self.store("new")["b"], {"v": 1})
+        with LogRecords() as records:
+            self.assertIsNone(self.store("old").get("b"))
+        self.assertEqual(len(records), 1)
+
+    def test_a_dropped_secret_no_longer_signs_anything(self):
+        self.store("leaked", serializer="pickle")["a"] = {"user": "admin"}
+        with LogRecords() as records:
+            self.assertIsNone(self.store(["current", "next"], serializer="pickle").get("a"))
+        self.assertIn("bad signature", records[0])
+
+    def test_sessions_survive_a_rotation_through_the_middleware(self):
+        app = tinysession.SessionMiddleware(probe_app, self.store("old"))
+        _, headers, _ = call(app, "/set", query="user=ann")
+        cookie = set_cookies(headers)[0].split(";")[0]
+        rotated = tinysession.SessionMiddleware(probe_app, self.store(["old", "new"]))
+        self.assertEqual(json.loads(call(rotated, "/read", cookie=cookie)[2]), {"user": "ann"})
+
+    def test_bad_secrets_are_refused_without_showing_them(self):
+        for secret in ([], (), ["", "x"], ["hunter2", 42], ["hunter2", None], {"hunter2"}):
+            with self.subTest(secret=secret), self.assertRaises(ValueError) as caught:
+                self.store(secret)
+            self.assertNotIn("hunter2", str(caught.exception))
+
+
 # -- Command line --
 
 

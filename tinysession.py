@@ -51,7 +51,10 @@ SHA-256. Records are JSON by default. ``serializer="pickle"`` requires a
 ``secret``: every record is then signed with HMAC-SHA256 and the signature is
 checked before anything is unpickled, because unpickling data that someone
 else could write runs their code. A record that fails its check is treated as
-missing and logged on the ``tinysession`` logger.
+missing and logged on the ``tinysession`` logger. ``secret=[old, new]``
+rotates a secret: records are signed with the newest, accepted under any.
+Files are 0600 and session directories 0700; FileStore refuses a directory
+that group or others may write to, since they could plant records there.
 
 Sections: errors, records, the store protocol, FileStore, SQLiteStore,
 RedisStore, merging, cookies, the session core, WSGI, Flask (``FlaskSessionInterface``,
@@ -263,9 +266,11 @@ class Store(MutableMapping):
 
     Options, the same for every store (keyword only): ``serializer`` ("json",
     "pickle", or an object with ``dumps`` and ``loads``), ``secret`` (str or
-    bytes; signs every record), ``max_age`` (seconds since the last write or
-    touch), ``max_sessions`` (records kept) and ``max_bytes`` (largest
-    serialized record; ``DEFAULT_MAX_BYTES`` unless given, None for no limit).
+    bytes; signs every record; or a list of them, newest last: records are
+    signed with the newest and accepted if any signed them, so a secret can
+    be rotated without logging anyone out), ``max_age`` (seconds since the
+    last write or touch), ``max_sessions`` (records kept) and ``max_bytes``
+    (largest serialized record; ``DEFAULT_MAX_BYTES`` unless given, None for no limit).
 
     The bytes a hook sees are the stored bytes: the serialized record,
     preceded by its signature when there is a secret.
@@ -274,21 +279,36 @@ class Store(MutableMapping):
     def __init__(
         self, *, serializer="json", secret=None, max_age=None, max_sessions=None, max_bytes=DEFAULT_MAX_BYTES
     ):
+        self._signing_keys = self._keys_of(secret)
+        self._signing_key = self._signing_keys[-1] if self._signing_keys else None
         self.serializer = _make_serializer(serializer, secret)
-        if isinstance(secret, str):
-            secret = secret.encode("utf-8")
-        if secret is not None and (not isinstance(secret, bytes) or not secret):
-            raise ValueError("secret must be a non-empty str or bytes")
-        self._signing_key = None
-        if secret is not None:
-            import hashlib
-
-            self._signing_key = hashlib.sha256(b"tinysession record\0" + secret).digest()
         self.max_age = _check_seconds(max_age, "max_age")
         self.max_sessions = _check_count(max_sessions, "max_sessions")
         self.max_bytes = _check_count(max_bytes, "max_bytes")
         self._write_lock = threading.Lock()
         self._writes_before_clean = 1
+
+    @staticmethod
+    def _keys_of(secret):
+        """Return the HMAC keys derived from ``secret`` (None, a str or bytes, or a list of them), oldest first."""
+        import hashlib
+
+        if secret is None:
+            return []
+        secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
+        keys = []
+        for each in secrets:
+            if isinstance(each, str):
+                each = each.encode("utf-8")
+            if not isinstance(each, bytes) or not each:  # never the value in the message: it is a secret
+                raise ValueError(
+                    f"secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
+                    f" got a {type(secret).__name__} holding a {type(each).__name__}"
+                )
+            keys.append(hashlib.sha256(b"tinysession record\0" + each).digest())
+        if not keys:
+            raise ValueError("secret must be a non-empty str or bytes, or a non-empty list of them, not an empty list")
+        return keys
 
     # The five hooks a backend implements.
 
@@ -382,11 +402,15 @@ class Store(MutableMapping):
     def _expired(self, mtime, now):
         return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
 
-    def _signature(self, key, payload):
-        """Return the HMAC-SHA256 of the key and the payload, so a record cannot move to another key."""
+    def _signature(self, key, payload, signing_key=None):
+        """Return the HMAC-SHA256 of the key and the payload, so a record cannot move to another key.
+
+        ``signing_key`` defaults to the newest secret's.
+        """
         import hmac
 
-        return hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
+        signing_key = self._signing_key if signing_key is None else signing_key
+        return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
 
     def _read_limit(self):
         """Return the largest stored record size worth reading, or None."""
@@ -407,8 +431,11 @@ class Store(MutableMapping):
             if self._signing_key is not None:
                 import hmac
 
-                payload = data[_SIGNATURE_BYTES:]
-                if not hmac.compare_digest(data[:_SIGNATURE_BYTES], self._signature(key, payload)):
+                signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
+                if not any(
+                    hmac.compare_digest(signature, self._signature(key, payload, signing_key))
+                    for signing_key in reversed(self._signing_keys)
+                ):
                     raise ValueError("bad signature")
             return self.serializer.loads(payload)
         except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
@@ -606,7 +633,8 @@ class FileStore(Store):
     Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
     ``max_bytes``, as every store takes them (see the README's table).
 
-    ``directory`` is created (mode 0700) if missing; record files are 0600 and
+    ``directory`` is created (mode 0700) if missing; an existing one writable
+    by group or others is refused (StoreError). Record files are 0600 and
     named ``ts-<key>``. A write goes to a temporary file ``.ts-*.tmp`` in the
     same directory and is renamed over the record, so a reader sees the old
     record or the new one, never a partial one, even if the writer is killed.
@@ -632,10 +660,28 @@ class FileStore(Store):
         self._lock_fd = None
         self._lock_pid = None
         self._thread_lock = threading.Lock()
+        self._make_directory()
+
+    def _make_directory(self):
+        """Create the directory 0700, or check that the existing one is writable by its owner alone."""
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(self.directory)), exist_ok=True)
+            try:
+                os.mkdir(self.directory, 0o700)
+                os.chmod(self.directory, 0o700)  # whatever the umask took away or left
+            except FileExistsError:
+                pass
+            status = os.stat(self.directory)
         except OSError as exc:
             raise StoreError(f"cannot create session directory {self.directory!r}: {exc}") from exc
+        if not stat.S_ISDIR(status.st_mode):
+            raise StoreError(f"cannot use {self.directory!r} as the session directory: it is not a directory")
+        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StoreError(
+                f"session directory {self.directory!r} is writable by group or others"
+                f" (mode {stat.S_IMODE(status.st_mode):04o}): whoever can write there can plant or remove"
+                f" sessions; make it writable by its owner alone (chmod go-w)"
+            )
 
     def __repr__(self):
         return f"FileStore({self.directory!r})"
@@ -880,7 +926,8 @@ class SQLiteStore(Store):
     ``max_bytes``, as every store takes them (see the README's table).
 
     The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
-    ``mtime``) is created on first use; the database runs in WAL mode with
+    ``mtime``) is created on first use, in a file created 0600 (its ``-wal``
+    and ``-shm`` too) if missing; the database runs in WAL mode with
     ``synchronous=NORMAL`` and waits up to five seconds for a lock. With
     ``read_only=True`` the file is opened read-only and nothing about it is
     changed (no table, index or journal mode is created or set); every write
@@ -909,7 +956,22 @@ class SQLiteStore(Store):
         self._holders = weakref.WeakSet()
         self._holders_lock = threading.Lock()
         self._closed = False
+        if not self.read_only and self.path not in ("", ":memory:") and not os.path.exists(self.path):
+            self._create_file()
         self._connection()
+
+    def _create_file(self):
+        """Create the database file 0600 (SQLite gives its -wal and -shm the same mode)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except FileExistsError:
+            return  # another process created it meanwhile
+        except OSError as exc:
+            raise StoreError(f"cannot create session database {self.path!r}: {exc.strerror}") from exc
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask took away
+        finally:
+            os.close(fd)
 
     def __repr__(self):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
