@@ -2969,8 +2969,11 @@ def _no_sessions_status(args, store, sweep):
     """Warn if a session directory holds no session files but other files; return the exit status."""
     if sweep.seen or not isinstance(store, FileStore):
         return 0
-    with os.scandir(store.directory) as entries:
-        others = sum(1 for entry in entries if not entry.name.startswith((_FILE_PREFIX, _TEMP_PREFIX)))
+    try:
+        with os.scandir(store.directory) as entries:
+            others = sum(1 for entry in entries if not entry.name.startswith((_FILE_PREFIX, _TEMP_PREFIX)))
+    except OSError as exc:
+        raise StoreError(f"cannot list session directory {store.directory!r}: {exc.strerror}") from exc
     if not others:
         return 0
     print(
