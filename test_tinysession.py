@@ -42,9 +42,11 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -4565,6 +4567,135 @@ class FrameworkExamples(unittest.TestCase):
         self.check_visits(load_example("bottle_app").make_app)
 
 
+# -- Data at rest --
+
+
+def with_umask(test, mask):
+    """Set the process umask to ``mask`` for the rest of ``test``."""
+    test.addCleanup(os.umask, os.umask(mask))
+
+
+def file_mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class FileStoreDirectoryModes(unittest.TestCase):
+    """The session directory is writable by its owner alone, or the store refuses it."""
+
+    def test_a_directory_it_creates_is_0700_whatever_the_umask(self):
+        for mask in (0o000, 0o022, 0o277):
+            with self.subTest(umask=oct(mask)):
+                with_umask(self, mask)
+                directory = os.path.join(temp_dir(self), "sessions")
+                tinysession.FileStore(directory)["a"] = {}
+                self.assertEqual(file_mode(directory), 0o700)
+
+    def test_a_directory_writable_by_group_or_others_is_refused(self):
+        for mode in (0o777, 0o1777, 0o770, 0o702):
+            with self.subTest(mode=oct(mode)):
+                directory = os.path.join(temp_dir(self), "shared")
+                os.mkdir(directory)
+                with open(os.path.join(directory, "ts-planted"), "w") as file:
+                    file.write('{"user": "admin"}')
+                os.chmod(directory, mode)
+                with self.assertRaises(tinysession.StoreError) as caught:
+                    tinysession.FileStore(directory)
+                self.assertIn(repr(directory), str(caught.exception))
+                self.assertIn(f"mode {mode:04o}", str(caught.exception))
+                self.assertEqual(file_mode(directory), mode)
+
+    def test_a_directory_readable_by_others_but_writable_by_its_owner_alone_is_used(self):
+        for mode in (0o700, 0o750, 0o755):
+            with self.subTest(mode=oct(mode)):
+                directory = temp_dir(self)
+                os.chmod(directory, mode)
+                store = tinysession.FileStore(directory)
+                store["a"] = {"v": 1}
+                self.assertEqual((store["a"], file_mode(directory)), ({"v": 1}, mode))
+
+    def test_a_file_in_its_place_is_refused(self):
+        path = os.path.join(temp_dir(self), "sessions")
+        with open(path, "w") as file:
+            file.write("not a directory")
+        with self.assertRaises(tinysession.StoreError) as caught:
+            tinysession.FileStore(path)
+        self.assertIn(repr(path), str(caught.exception))
+
+
+class SQLiteStoreFileModes(unittest.TestCase):
+    """A database SQLiteStore creates, and its -wal and -shm, are 0600."""
+
+    def test_the_database_and_its_wal_and_shm_are_0600(self):
+        for mask in (0o022, 0o000, 0o077):
+            with self.subTest(umask=oct(mask)):
+                with_umask(self, mask)
+                path = os.path.join(temp_dir(self), "sessions.db")
+                store = tinysession.SQLiteStore(path)
+                self.addCleanup(store.close)
+                store["a"] = {}
+                self.assertEqual(
+                    {suffix: file_mode(path + suffix) for suffix in ("", "-wal", "-shm")},
+                    {"": 0o600, "-wal": 0o600, "-shm": 0o600},
+                )
+
+    def test_an_existing_database_keeps_its_mode(self):
+        path = os.path.join(temp_dir(self), "sessions.db")
+        sqlite3.connect(path).close()
+        os.chmod(path, 0o640)
+        with tinysession.SQLiteStore(path) as store:
+            store["a"] = {}
+        self.assertEqual(file_mode(path), 0o640)
+
+
+class SecretRotation(unittest.TestCase):
+    """``secret=[old, new]``: records are signed with the newest and accepted under any."""
+
+    def setUp(self):
+        self.directory = temp_dir(self)
+
+    def store(self, secret, **options):
+        return tinysession.FileStore(self.directory, secret=secret, **options)
+
+    def stored(self, key):
+        with open(os.path.join(self.directory, "ts-" + key), "rb") as file:
+            return file.read()
+
+    def test_records_signed_with_an_old_secret_still_load(self):
+        for serializer in ("json", "pickle"):
+            with self.subTest(serializer=serializer):
+                self.store("old", serializer=serializer)["a"] = {"user": 42}
+                rotated = self.store(["older", "old", "new"], serializer=serializer)
+                self.assertEqual(rotated["a"], {"user": 42})
+
+    def test_new_records_are_signed_with_the_newest(self):
+        rotated = self.store(["old", b"new"])
+        rotated["b"] = {"v": 1}
+        self.assertEqual(self.stored("b"), self.store("new").encode("b", {"v": 1}))
+        self.assertEqual(self.store("new")["b"], {"v": 1})
+        with LogRecords() as records:
+            self.assertIsNone(self.store("old").get("b"))
+        self.assertEqual(len(records), 1)
+
+    def test_a_dropped_secret_no_longer_signs_anything(self):
+        self.store("leaked", serializer="pickle")["a"] = {"user": "admin"}
+        with LogRecords() as records:
+            self.assertIsNone(self.store(["current", "next"], serializer="pickle").get("a"))
+        self.assertIn("bad signature", records[0])
+
+    def test_sessions_survive_a_rotation_through_the_middleware(self):
+        app = tinysession.SessionMiddleware(probe_app, self.store("old"))
+        _, headers, _ = call(app, "/set", query="user=ann")
+        cookie = set_cookies(headers)[0].split(";")[0]
+        rotated = tinysession.SessionMiddleware(probe_app, self.store(["old", "new"]))
+        self.assertEqual(json.loads(call(rotated, "/read", cookie=cookie)[2]), {"user": "ann"})
+
+    def test_bad_secrets_are_refused_without_showing_them(self):
+        for secret in ([], (), ["", "x"], ["hunter2", 42], ["hunter2", None], {"hunter2"}):
+            with self.subTest(secret=secret), self.assertRaises(ValueError) as caught:
+                self.store(secret)
+            self.assertNotIn("hunter2", str(caught.exception))
+
+
 # -- Command line --
 
 
@@ -4619,7 +4750,10 @@ class CommandLineClean(CommandLineCase):
         self.assertEqual(sorted(os.listdir(self.directory)), ["notes.txt", "ts-bad.name"])
 
     def test_durations(self):
-        for text, seconds in (("90", 90), ("45s", 45), ("30m", 1800), ("12h", 43200), ("7d", 604800), ("1.5h", 5400)):
+        for text, seconds in (
+            ("90", 90), ("45s", 45), ("30m", 1800), ("12h", 43200), ("7d", 604800), ("1.5h", 5400),
+            ("1h30m", 5400), ("2w", 1209600), ("1w2d", 777600), ("1d12h", 129600), ("1m30s", 90),
+        ):
             with self.subTest(text=text):
                 status, out, _ = self.run_main("stats", self.directory, "--json", "--max-age", text)
                 self.assertEqual((status, json.loads(out)["max_age"]), (0, seconds))
@@ -4627,6 +4761,9 @@ class CommandLineClean(CommandLineCase):
     def test_usage_errors_exit_2_naming_the_bad_value(self):
         for argv, named in (
             (["clean", self.directory, "--max-age", "5x"], "'5x'"),
+            (["clean", self.directory, "--max-age", "1h30"], "'1h30'"),
+            (["clean", self.directory, "--max-age", "30m1h"], "'30m1h'"),
+            (["clean", self.directory, "--max-age", "h"], "'h'"),
             (["clean", self.directory, "--max-age=-1h"], "'-1h'"),
             (["clean", self.directory, "--keep=-1"], "'-1'"),
             (["clean", self.directory, "--keep", "many"], "'many'"),
@@ -4668,6 +4805,28 @@ class CommandLineClean(CommandLineCase):
             self.assertEqual(connection.execute("PRAGMA journal_mode").fetchone(), ("delete",))
             self.assertEqual(connection.execute("SELECT name FROM sqlite_master").fetchall(), [("things",)])
 
+    def test_a_subcommand_usage_error_prints_that_subcommand_usage(self):
+        for argv in (["clean", self.directory], ["clean", self.directory, "--keep", "x"], ["clean"]):
+            with self.subTest(argv=argv):
+                status, _, err = self.run_main(*argv)
+                self.assertEqual(status, 2)
+                self.assertTrue(err.startswith("usage: python -m tinysession clean [-h]"), err)
+
+    def test_version(self):
+        self.assertEqual(self.run_main("--version"), (0, f"tinysession {tinysession.__version__}\n", ""))
+
+    def test_ctrl_c_reports_what_the_live_sweep_removed(self):
+        def interrupted_sweep(store, *args, progress=None, **options):
+            sweep = tinysession.Sweep()
+            progress(sweep)
+            sweep.seen, sweep.removed, sweep.removed_bytes = 900, 512, 2048
+            raise KeyboardInterrupt
+
+        with unittest.mock.patch.object(tinysession.FileStore, "sweep", interrupted_sweep):
+            status, out, err = self.run_main("clean", self.directory, "--max-age", "1h", "--quiet")
+        self.assertEqual((status, out), (130, ""))
+        self.assertEqual(err, "python -m tinysession: interrupted: removed 512 of the 900 sessions seen (2.0 kB)\n")
+
     def test_help_shows_an_example(self):
         for argv in (["--help"], ["clean", "--help"], ["stats", "--help"]):
             with self.subTest(argv=argv):
@@ -4702,6 +4861,92 @@ class CommandLineStats(CommandLineCase):
         self.assertEqual(report["bytes"], sum(os.path.getsize(os.path.join(self.directory, n)) for n in os.listdir(self.directory)))
         self.assertAlmostEqual(report["oldest"], time.time() - 90000, delta=60)
         self.assertAlmostEqual(report["newest"], time.time() - 10, delta=60)
+
+
+class CommandLineReadOnly(CommandLineCase):
+    """stats and clean --dry-run change nothing: not a byte of the database, not a file beside it."""
+
+    def rollback_journal_database(self):
+        path = os.path.join(temp_dir(self), "sessions.db")
+        with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+            connection.execute("CREATE TABLE sessions (key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL)")
+            connection.executemany(
+                "INSERT INTO sessions VALUES (?, ?, ?)", [(f"k{i}", b"{}", time.time() - 100 * i) for i in range(5)]
+            )
+        return path
+
+    def snapshot(self, path):
+        with open(path, "rb") as file:
+            return hashlib.sha256(file.read()).hexdigest(), sorted(os.listdir(os.path.dirname(path)))
+
+    def test_stats_and_dry_run_leave_a_rollback_journal_database_as_it_was(self):
+        path = self.rollback_journal_database()
+        before = self.snapshot(path)
+        for argv in (["stats", path], ["stats", path, "--json", "--max-age", "5m"],
+                     ["clean", path, "--keep", "1", "--dry-run"]):
+            with self.subTest(argv=argv):
+                status, out, err = self.run_main(*argv)
+                self.assertEqual((status, err), (0, ""))
+                self.assertEqual(self.snapshot(path), before)
+        self.assertIn("would remove 4 of 5 sessions", out)
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            self.assertEqual(connection.execute("PRAGMA journal_mode").fetchone(), ("delete",))
+            self.assertEqual(connection.execute("SELECT name FROM sqlite_master").fetchall(),
+                             [("sessions",), ("sqlite_autoindex_sessions_1",)])
+
+    def test_stats_leaves_a_wal_database_file_as_it_was(self):
+        path = os.path.join(temp_dir(self), "sessions.db")
+        with tinysession.SQLiteStore(path) as store:
+            store["a"] = {}
+        before = self.snapshot(path)[0]
+        self.assertEqual(self.run_main("stats", path, "--json")[0], 0)
+        self.assertEqual(self.snapshot(path)[0], before)
+
+    def test_fifos_sockets_and_devices_are_refused(self):
+        directory = temp_dir(self)
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(os.path.join(directory, "socket"))
+        for path, kind in ((os.path.join(directory, "socket"), "a socket"), (os.devnull, "a character device")):
+            with self.subTest(kind=kind):
+                status, out, err = self.run_main("stats", path)
+                self.assertEqual((status, out), (1, ""))
+                self.assertIn(f"{path}: is {kind}", err)
+
+
+class CommandLineWrongDirectory(CommandLineCase):
+    """A directory with other files but no session files is probably the wrong one: say so."""
+
+    def setUp(self):
+        super().setUp()
+        self.elsewhere = temp_dir(self)
+        for name in ("passwd", "hosts"):
+            with open(os.path.join(self.elsewhere, name), "w") as file:
+                file.write("not a session")
+
+    def test_a_warning_on_stderr(self):
+        for argv in (["stats", self.elsewhere], ["clean", self.elsewhere, "--max-age", "1d", "--quiet"]):
+            with self.subTest(argv=argv):
+                status, _, err = self.run_main(*argv)
+                self.assertEqual(status, 0)
+                self.assertEqual(
+                    err, f"python -m tinysession: warning: {self.elsewhere} holds no session files (ts-*)"
+                    " but 2 other entries: is it the session directory?\n",
+                )
+
+    def test_strict_makes_it_exit_3(self):
+        for argv in (["stats", self.elsewhere, "--strict"], ["clean", self.elsewhere, "--keep", "5", "--strict"]):
+            with self.subTest(argv=argv):
+                self.assertEqual(self.run_main(*argv)[0], 3)
+        self.assertEqual(sorted(os.listdir(self.elsewhere)), ["hosts", "passwd"])
+
+    def test_session_directories_and_empty_ones_are_fine(self):
+        empty = temp_dir(self)
+        for argv in (["stats", self.directory, "--strict"], ["stats", empty, "--strict"],
+                     ["clean", self.directory, "--keep", "0", "--strict", "--quiet"]):
+            with self.subTest(argv=argv):
+                status, _, err = self.run_main(*argv)
+                self.assertEqual((status, err), (0, ""))
 
 
 class CommandLineRedis(CommandLineCase):
@@ -4760,12 +5005,103 @@ class CommandLineProcess(unittest.TestCase):
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))
         self.assertEqual(list(store), ["k3"])
 
+    def test_a_fifo_is_refused_at_once(self):
+        fifo = os.path.join(temp_dir(self), "fifo")
+        os.mkfifo(fifo)
+        result = self.run_module("stats", fifo)
+        self.assertEqual((result.returncode, result.stdout), (1, ""))
+        self.assertIn(f"{fifo}: is a FIFO", result.stderr)
+
+    def interrupt(self, store_path, setup, *argv):
+        """Run the command line in a child that sends itself SIGINT (Ctrl-C) where ``setup`` says."""
+        code = setup + "\nimport sys, tinysession\nsys.exit(tinysession.main(sys.argv[1:]))"
+        child = python_process(code, "clean", store_path, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = child.communicate(timeout=60)
+        return child.returncode, out.decode(), err.decode()
+
+    def test_ctrl_c_during_a_file_clean_reports_what_it_removed(self):
+        directory = temp_dir(self)
+        store = tinysession.FileStore(directory)
+        for index in range(1000):
+            store[f"k{index}"] = {}
+            os.utime(os.path.join(directory, f"ts-k{index}"), (0, 0))
+        setup = textwrap.dedent("""
+            import os, signal
+            scandir = os.scandir
+            class Interrupting:
+                def __init__(self, entries):
+                    self.entries, self.count = entries, 0
+                def __enter__(self):
+                    return self
+                def __exit__(self, *exc_info):
+                    self.entries.close()
+                def __iter__(self):
+                    return self
+                def __next__(self):
+                    self.count += 1
+                    if self.count == 601:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    return next(self.entries)
+            os.scandir = lambda path: Interrupting(scandir(path))
+        """)
+        status, out, err = self.interrupt(directory, setup, "--max-age", "1d")
+        self.assertEqual((status, out), (130, ""))
+        removed = 1000 - len(os.listdir(directory))
+        self.assertEqual(removed, 512)
+        self.assertRegex(err, rf"^python -m tinysession: interrupted: removed {removed} of the 600 sessions seen \(.*\)\n$")
+
+    def test_ctrl_c_during_an_sqlite_clean_removes_nothing(self):
+        path = os.path.join(temp_dir(self), "sessions.db")
+        with tinysession.SQLiteStore(path) as store:
+            for index in range(20):
+                store[f"k{index}"] = {}
+        setup = textwrap.dedent("""
+            import os, signal, tinysession
+            class Interrupting:
+                def __init__(self, connection):
+                    self.connection = connection
+                def __getattr__(self, name):
+                    return getattr(self.connection, name)
+                def execute(self, sql, *args):
+                    cursor = self.connection.execute(sql, *args)
+                    if sql.startswith("DELETE"):
+                        os.kill(os.getpid(), signal.SIGINT)
+                    return cursor
+            connect = tinysession.SQLiteStore._connection
+            tinysession.SQLiteStore._connection = lambda store: Interrupting(connect(store))
+        """)
+        status, out, err = self.interrupt(path, setup, "--keep", "3")
+        self.assertEqual((status, out), (130, ""))
+        self.assertIn("interrupted: removed nothing: SQLite cleans in one transaction", err)
+        self.assertNotIn("Traceback", err)
+        with tinysession.SQLiteStore(path) as store:
+            self.assertEqual(len(store), 20)
+
     def test_redis_url_without_redis_py(self):
         code = "import sys; sys.modules['redis'] = None; import tinysession; sys.exit(tinysession.main(sys.argv[1:]))"
         child = python_process(code, "stats", "redis://127.0.0.1:1/0", stderr=subprocess.PIPE)
         _, err = child.communicate(timeout=60)
         self.assertEqual(child.returncode, 1)
         self.assertIn(b"pip install redis", err)
+
+
+class CommandLineConsoleScript(unittest.TestCase):
+    """``pip install .`` makes a ``tinysession`` command (.ci/run installs it for real)."""
+
+    def test_setup_cfg_declares_it(self):
+        import configparser
+
+        config = configparser.ConfigParser()
+        config.read(os.path.join(HERE, "setup.cfg"))
+        scripts = config["options.entry_points"]["console_scripts"].strip().splitlines()
+        self.assertEqual(scripts, ["tinysession = tinysession:_console_script"])
+
+    def test_the_script_names_itself(self):
+        code = "import sys, tinysession; sys.argv[0] = 'tinysession'; sys.exit(tinysession._console_script())"
+        child = python_process(code, "clean", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = child.communicate(timeout=60)
+        self.assertEqual(child.returncode, 2)
+        self.assertTrue(err.startswith(b"usage: tinysession clean [-h]"), err)
 
 
 # -- The demo in a real browser --

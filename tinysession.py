@@ -51,7 +51,10 @@ SHA-256. Records are JSON by default. ``serializer="pickle"`` requires a
 ``secret``: every record is then signed with HMAC-SHA256 and the signature is
 checked before anything is unpickled, because unpickling data that someone
 else could write runs their code. A record that fails its check is treated as
-missing and logged on the ``tinysession`` logger.
+missing and logged on the ``tinysession`` logger. ``secret=[old, new]``
+rotates a secret: records are signed with the newest, accepted under any.
+Files are 0600 and session directories 0700; FileStore refuses a directory
+that group or others may write to, since they could plant records there.
 
 Sections: errors, records, the store protocol, FileStore, SQLiteStore,
 RedisStore, merging, cookies, the session core, WSGI, Flask (``FlaskSessionInterface``,
@@ -271,11 +274,14 @@ class Store(MutableMapping):
 
     Options, the same for every store (keyword only): ``serializer`` ("json",
     "pickle", or an object with ``dumps`` and ``loads``), ``secret`` (str or
-    bytes; signs every record), ``max_age`` (seconds since the last write or
-    touch), ``max_sessions`` (records kept; ``DEFAULT_MAX_SESSIONS`` unless
-    given, None for no limit) and ``max_bytes`` (largest serialized record;
-    ``DEFAULT_MAX_BYTES`` unless given, None for no limit). With both
-    defaults a store holds at most 10,000 records of 64 KiB.
+    bytes; signs every record; or a list of them, newest last: records are
+    signed with the newest and accepted if any signed them, so a secret can
+    be rotated without logging anyone out), ``max_age`` (seconds since the
+    last write or touch), ``max_sessions`` (records kept;
+    ``DEFAULT_MAX_SESSIONS`` unless given, None for no limit) and
+    ``max_bytes`` (largest serialized record; ``DEFAULT_MAX_BYTES`` unless
+    given, None for no limit). With both defaults a store holds at most
+    10,000 records of 64 KiB.
 
     The bytes a hook sees are the stored bytes: the serialized record,
     preceded by its signature when there is a secret.
@@ -290,16 +296,9 @@ class Store(MutableMapping):
         max_sessions=DEFAULT_MAX_SESSIONS,
         max_bytes=DEFAULT_MAX_BYTES,
     ):
+        self._signing_keys = self._keys_of(secret)
+        self._signing_key = self._signing_keys[-1] if self._signing_keys else None
         self.serializer = _make_serializer(serializer, secret)
-        if isinstance(secret, str):
-            secret = secret.encode("utf-8")
-        if secret is not None and (not isinstance(secret, bytes) or not secret):
-            raise ValueError("secret must be a non-empty str or bytes")
-        self._signing_key = None
-        if secret is not None:
-            import hashlib
-
-            self._signing_key = hashlib.sha256(b"tinysession record\0" + secret).digest()
         self.max_age = _check_seconds(max_age, "max_age")
         self.max_sessions = _check_count(max_sessions, "max_sessions")
         self.max_bytes = _check_count(max_bytes, "max_bytes")
@@ -307,6 +306,28 @@ class Store(MutableMapping):
         self._writes_before_clean = self._writes_between_cleans()
         self._cleaning = threading.Lock()
         self._last_claim = None
+
+    @staticmethod
+    def _keys_of(secret):
+        """Return the HMAC keys derived from ``secret`` (None, a str or bytes, or a list of them), oldest first."""
+        import hashlib
+
+        if secret is None:
+            return []
+        secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
+        keys = []
+        for each in secrets:
+            if isinstance(each, str):
+                each = each.encode("utf-8")
+            if not isinstance(each, bytes) or not each:  # never the value in the message: it is a secret
+                raise ValueError(
+                    f"secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
+                    f" got a {type(secret).__name__} holding a {type(each).__name__}"
+                )
+            keys.append(hashlib.sha256(b"tinysession record\0" + each).digest())
+        if not keys:
+            raise ValueError("secret must be a non-empty str or bytes, or a non-empty list of them, not an empty list")
+        return keys
 
     # The five hooks a backend implements.
 
@@ -451,11 +472,15 @@ class Store(MutableMapping):
     def _expired(self, mtime, now):
         return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
 
-    def _signature(self, key, payload):
-        """Return the HMAC-SHA256 of the key and the payload, so a record cannot move to another key."""
+    def _signature(self, key, payload, signing_key=None):
+        """Return the HMAC-SHA256 of the key and the payload, so a record cannot move to another key.
+
+        ``signing_key`` defaults to the newest secret's.
+        """
         import hmac
 
-        return hmac.digest(self._signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
+        signing_key = self._signing_key if signing_key is None else signing_key
+        return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
 
     def _read_limit(self):
         """Return the largest stored record size worth reading, or None."""
@@ -476,8 +501,11 @@ class Store(MutableMapping):
             if self._signing_key is not None:
                 import hmac
 
-                payload = data[_SIGNATURE_BYTES:]
-                if not hmac.compare_digest(data[:_SIGNATURE_BYTES], self._signature(key, payload)):
+                signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
+                if not any(
+                    hmac.compare_digest(signature, self._signature(key, payload, signing_key))
+                    for signing_key in reversed(self._signing_keys)
+                ):
                     raise ValueError("bad signature")
             return self.serializer.loads(payload)
         except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
@@ -737,7 +765,8 @@ class FileStore(Store):
     Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
     ``max_bytes``, as every store takes them (see the README's table).
 
-    ``directory`` is created (mode 0700) if missing; record files are 0600 and
+    ``directory`` is created (mode 0700) if missing; an existing one writable
+    by group or others is refused (StoreError). Record files are 0600 and
     named ``ts-<key>``. A write goes to a temporary file ``.ts-*.tmp`` in the
     same directory and is renamed over the record, so a reader sees the old
     record or the new one, never a partial one, even if the writer is killed.
@@ -763,10 +792,28 @@ class FileStore(Store):
         self._lock_fd = None
         self._lock_pid = None
         self._thread_lock = threading.Lock()
+        self._make_directory()
+
+    def _make_directory(self):
+        """Create the directory 0700, or check that the existing one is writable by its owner alone."""
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(self.directory)), exist_ok=True)
+            try:
+                os.mkdir(self.directory, 0o700)
+                os.chmod(self.directory, 0o700)  # whatever the umask took away or left
+            except FileExistsError:
+                pass
+            status = os.stat(self.directory)
         except OSError as exc:
             raise StoreError(f"cannot create session directory {self.directory!r}: {exc}") from exc
+        if not stat.S_ISDIR(status.st_mode):
+            raise StoreError(f"cannot use {self.directory!r} as the session directory: it is not a directory")
+        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StoreError(
+                f"session directory {self.directory!r} is writable by group or others"
+                f" (mode {stat.S_IMODE(status.st_mode):04o}): whoever can write there can plant or remove"
+                f" sessions; make it writable by its owner alone (chmod go-w)"
+            )
 
     def __repr__(self):
         return f"FileStore({self.directory!r})"
@@ -1179,7 +1226,8 @@ class SQLiteStore(Store):
     ``max_bytes``, as every store takes them (see the README's table).
 
     The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
-    ``mtime``) is created on first use; the database runs in WAL mode with
+    ``mtime``) is created on first use, in a file created 0600 (its ``-wal``
+    and ``-shm`` too) if missing; the database runs in WAL mode with
     ``synchronous=NORMAL`` and waits up to five seconds for a lock. With
     ``read_only=True`` the file is opened read-only and nothing about it is
     changed (no table, index or journal mode is created or set); every write
@@ -1208,7 +1256,22 @@ class SQLiteStore(Store):
         self._holders = weakref.WeakSet()
         self._holders_lock = threading.Lock()
         self._closed = False
+        if not self.read_only and self.path not in ("", ":memory:") and not os.path.exists(self.path):
+            self._create_file()
         self._connection()
+
+    def _create_file(self):
+        """Create the database file 0600 (SQLite gives its -wal and -shm the same mode)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except FileExistsError:
+            return  # another process created it meanwhile
+        except OSError as exc:
+            raise StoreError(f"cannot create session database {self.path!r}: {exc.strerror}") from exc
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask took away
+        finally:
+            os.close(fd)
 
     def __repr__(self):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
@@ -3459,28 +3522,43 @@ class AgentsSession:
 
 # -- Command line --
 
-_DURATION_PATTERN = r"(\d+(?:\.\d+)?)([smhd]?)"
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION_NUMBER = r"\d+(?:\.\d+)?"
+_DURATION_PATTERN = "".join(rf"(?:({_DURATION_NUMBER}){unit})?" for unit in _DURATION_UNITS)
 _SQLITE_HEADER = b"SQLite format 3\0"
+_EXIT_FAILED, _EXIT_USAGE, _EXIT_NO_SESSIONS, _EXIT_INTERRUPTED = 1, 2, 3, 130
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 _CLI_EXAMPLES = """examples:
-  python -m tinysession clean /var/lib/myapp/sessions --max-age 7d --quiet
+  python -m tinysession clean /var/lib/myapp/sessions --max-age 7d --quiet --strict
   python -m tinysession clean /var/lib/myapp/sessions.db --keep 10000 --dry-run
   python -m tinysession stats redis://127.0.0.1:6379/0 --max-age 12h --json
 
 STORE is a session directory (FileStore), an SQLite database (SQLiteStore), or
-a redis:// URL (RedisStore; needs redis-py). DURATION is seconds, or a number
-with s, m, h or d: 90, 30m, 12h, 7d.
+a redis:// URL (RedisStore; needs redis-py). DURATION is seconds, or numbers
+with w, d, h, m or s, largest first: 90, 30m, 1h30m, 12h, 7d, 2w.
+stats and clean --dry-run open the store read-only and change nothing.
+
+exit status: 0 done, 1 failed, 2 usage error, 3 (with --strict) the
+directory holds other files but no session files, 130 interrupted (Ctrl-C).
 """
 
 
 def _duration(text):
-    """Parse ``90``, ``30m``, ``12h`` or ``7d`` into seconds (argparse type)."""
+    """Parse ``90``, ``30m``, ``1h30m`` or ``2w`` into seconds (argparse type)."""
     import argparse
 
-    match = re.fullmatch(_DURATION_PATTERN, text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected e.g. 90, 30m, 12h or 7d")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    text = text.strip()
+    if re.fullmatch(_DURATION_NUMBER, text):
+        return float(text)
+    match = re.fullmatch(_DURATION_PATTERN, text)
+    if not text or match is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: expected seconds or units largest first, e.g. 90, 30m, 1h30m, 7d or 2w"
+        )
+    return sum(float(number) * seconds for number, seconds in zip(match.groups(), _DURATION_UNITS.values()) if number)
 
 
 def _count(text):
@@ -3514,33 +3592,58 @@ def _format_time(timestamp):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-def _open_store(spec, table, prefix):
-    """Open the store at ``spec`` without creating anything; SessionError if there is none."""
+def _open_store(spec, table, prefix, read_only):
+    """Open the store at ``spec`` without creating anything; SessionError if there is none.
+
+    With ``read_only`` an SQLite database is opened read-only, so nothing in
+    the file changes. FIFOs, sockets and devices are refused before they are opened.
+    """
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        try:
-            import redis
-        except ImportError:
-            raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
-        try:
-            client = redis.Redis.from_url(spec)
-        except ValueError as exc:
-            raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
-        return RedisStore(client, prefix=prefix)
-    if os.path.isdir(spec):
-        return FileStore(spec)
+        return _open_redis(spec, prefix)
     try:
-        with open(spec, "rb") as file:
-            header = file.read(len(_SQLITE_HEADER))
+        mode = os.stat(spec).st_mode
     except FileNotFoundError:
         raise SessionError(f"{spec}: no such directory or file") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {spec!r}: {exc.strerror}") from exc
+    for is_kind, kind in _SPECIAL_FILES:
+        if is_kind(mode):
+            raise SessionError(f"{spec}: is {kind}, neither a session directory nor an SQLite database")
+    if stat.S_ISDIR(mode):
+        return FileStore(spec)
+    return _open_sqlite(spec, table, read_only)
+
+
+def _open_redis(spec, prefix):
+    try:
+        import redis
+    except ImportError:
+        raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
+    try:
+        client = redis.Redis.from_url(spec)
+    except ValueError as exc:
+        raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
+    return RedisStore(client, prefix=prefix)
+
+
+def _open_sqlite(spec, table, read_only):
+    try:
+        fd = os.open(spec, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            header = os.read(fd, len(_SQLITE_HEADER))
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise StoreError(f"cannot read {spec!r}: {exc.strerror}") from exc
     if header != _SQLITE_HEADER:
         raise SessionError(f"{spec}: neither a session directory nor an SQLite database")
     import sqlite3
+    from urllib.parse import quote
 
     try:
-        with sqlite3.connect(f"file:{spec}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS) as connection:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{quote(spec)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS)
+        ) as connection:
             columns = {row[1] for row in connection.execute("SELECT * FROM pragma_table_info(?)", (table,))}
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read session database {spec!r}: {exc}") from exc
@@ -3548,7 +3651,7 @@ def _open_store(spec, table, prefix):
         raise SessionError(f"{spec}: no table {table!r} (is --table right?)")
     if not {"key", "data", "mtime"} <= columns:
         raise SessionError(f"{spec}: table {table!r} is not a session table: its columns are {sorted(columns)}")
-    return SQLiteStore(spec, table=table)
+    return SQLiteStore(spec, table=table, read_only=read_only)
 
 
 def _progress_printer(stream):
@@ -3563,14 +3666,60 @@ def _progress_printer(stream):
     return show
 
 
+def _no_sessions_status(args, store, sweep):
+    """Warn if a session directory holds no session files but other files; return the exit status."""
+    if sweep.seen or not isinstance(store, FileStore):
+        return 0
+    try:
+        with os.scandir(store.directory) as entries:
+            others = sum(1 for entry in entries if not entry.name.startswith((_FILE_PREFIX, _TEMP_PREFIX)))
+    except OSError as exc:
+        raise StoreError(f"cannot list session directory {store.directory!r}: {exc.strerror}") from exc
+    if not others:
+        return 0
+    print(
+        f"{args.prog}: warning: {args.store} holds no session files ({_FILE_PREFIX}*) but {others} other"
+        f" entr{'y' if others == 1 else 'ies'}: is it the session directory?",
+        file=sys.stderr,
+    )
+    return _EXIT_NO_SESSIONS if args.strict else 0
+
+
+def _report_interrupted(args, store, sweep):
+    """Say on stderr what an interrupted clean removed; ``sweep`` is its live Sweep, or None."""
+    if sweep is not None:
+        verb = "would have removed" if args.dry_run else "removed"
+        done = f"{verb} {sweep.removed} of the {sweep.seen} sessions seen ({_format_bytes(sweep.removed_bytes)})"
+    elif isinstance(store, SQLiteStore):
+        done = "removed nothing: SQLite cleans in one transaction, which was rolled back"
+    elif isinstance(store, RedisStore):
+        done = "the Redis server runs its clean to the end regardless: run stats to see what is left"
+    else:
+        done = "removed an unknown number of sessions"
+    print(f"{args.prog}: interrupted: {done}", file=sys.stderr)
+    return _EXIT_INTERRUPTED
+
+
 def _cmd_clean(args):
-    store = _open_store(args.store, args.table, args.prefix)
+    store = _open_store(args.store, args.table, args.prefix, args.dry_run)
+    printer = None if args.quiet else _progress_printer(sys.stderr)
+    live = []
+
+    def progress(sweep):
+        live[:] = [sweep]
+        if printer is not None:
+            printer(sweep)
+
     with store:
-        progress = None if args.quiet else _progress_printer(sys.stderr)
         started = time.perf_counter()
-        sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
+        try:
+            sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
+        except KeyboardInterrupt:
+            if printer is not None:
+                sys.stderr.write("\r\033[K")
+            return _report_interrupted(args, store, live[0] if live else None)
         elapsed = time.perf_counter() - started
-    if progress is not None:
+    if printer is not None:
         sys.stderr.write("\r\033[K")
     if args.dry_run:
         print(
@@ -3582,84 +3731,91 @@ def _cmd_clean(args):
             f"removed {sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)})"
             f" in {elapsed:.2f} s, kept {sweep.seen - sweep.removed}"
         )
-    return 0
+    return _no_sessions_status(args, store, sweep)
 
 
 def _cmd_stats(args):
-    store = _open_store(args.store, args.table, args.prefix)
+    store = _open_store(args.store, args.table, args.prefix, True)
     with store:
         sweep = store.stats(args.max_age)
     expired = sweep.removed if args.max_age is not None else None
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "store": args.store,
-                    "sessions": sweep.seen,
-                    "bytes": sweep.seen_bytes,
-                    "oldest": sweep.oldest,
-                    "newest": sweep.newest,
-                    "max_age": args.max_age,
-                    "expired": expired,
-                }
-            )
-        )
-        return 0
-    print(f"store:    {args.store}")
-    print(f"sessions: {sweep.seen}")
-    print(f"size:     {_format_bytes(sweep.seen_bytes)} ({sweep.seen_bytes} bytes)")
-    print(f"oldest:   {_format_time(sweep.oldest)}")
-    print(f"newest:   {_format_time(sweep.newest)}")
-    if expired is not None:
-        print(f"expired:  {expired} older than {args.max_age:g} s")
-    return 0
+        report = {
+            "store": args.store, "sessions": sweep.seen, "bytes": sweep.seen_bytes, "oldest": sweep.oldest,
+            "newest": sweep.newest, "max_age": args.max_age, "expired": expired,
+        }
+        print(json.dumps(report))
+    else:
+        print(f"store:    {args.store}")
+        print(f"sessions: {sweep.seen}")
+        print(f"size:     {_format_bytes(sweep.seen_bytes)} ({sweep.seen_bytes} bytes)")
+        print(f"oldest:   {_format_time(sweep.oldest)}")
+        print(f"newest:   {_format_time(sweep.newest)}")
+        if expired is not None:
+            print(f"expired:  {expired} older than {args.max_age:g} s")
+    return _no_sessions_status(args, store, sweep)
 
 
-def _parser():
+def _parser(prog):
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m tinysession",
-        description="Clean and inspect tinysession stores.",
-        epilog=_CLI_EXAMPLES,
+        prog=prog, description="Clean and inspect tinysession stores.", epilog=_CLI_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"tinysession {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, summary in (
-        ("clean", "remove expired sessions, then all but the newest N"),
-        ("stats", "count sessions, bytes, oldest and newest, and how many are past a max age"),
+    for name, run, summary in (
+        ("clean", _cmd_clean, "remove expired sessions, then all but the newest N"),
+        ("stats", _cmd_stats, "count sessions, bytes, oldest and newest, and how many are past a max age"),
     ):
         command = commands.add_parser(
             name, help=summary, description=summary, epilog=_CLI_EXAMPLES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        command.set_defaults(run=run, usage=command, prog=prog)
         command.add_argument("store", metavar="STORE", help="session directory, SQLite file or redis:// URL")
         command.add_argument("--max-age", type=_duration, metavar="DURATION", help="sessions older than this")
         command.add_argument("--table", type=_table_name, default="sessions", help="SQLite table (default: sessions)")
         command.add_argument("--prefix", default="session:", help="Redis key prefix (default: session:)")
+        command.add_argument(
+            "--strict", action="store_true", help="exit 3 if the directory holds other files but no session files"
+        )
         if name == "clean":
             command.add_argument("--keep", type=_count, metavar="N", help="then keep only the N newest")
-            command.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+            command.add_argument("--dry-run", action="store_true", help="report, remove nothing (read-only)")
             command.add_argument("--quiet", action="store_true", help="print nothing on success (cron)")
         else:
             command.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
-def main(argv=None):
-    """Run the command line; return the exit status (0 done, 1 failed, 2 usage)."""
-    parser = _parser()
+def main(argv=None, *, prog="python -m tinysession"):
+    """Run the command line; return the exit status.
+
+    0 done, 1 failed, 2 usage error, 3 (with ``--strict``) a directory with
+    other files but no session files, 130 interrupted. ``prog`` names the
+    command in messages (the ``tinysession`` console script passes its own name).
+    """
     try:
-        args = parser.parse_args(argv)
+        args = _parser(prog).parse_args(argv)
         if args.command == "clean" and args.max_age is None and args.keep is None:
-            parser.error("clean needs --max-age, --keep or both; it will not guess what to remove")
-    except SystemExit as exit:  # argparse exits for --help and usage errors; return the status instead
+            args.usage.error("clean needs --max-age, --keep or both; it will not guess what to remove")
+    except SystemExit as exit:  # argparse exits for --help, --version and usage errors; return the status instead
         return exit.code
     try:
-        return _cmd_clean(args) if args.command == "clean" else _cmd_stats(args)
+        return args.run(args)
     except SessionError as exc:
-        print(f"python -m tinysession: error: {exc}", file=sys.stderr)
-        return 1
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return _EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+
+
+def _console_script():
+    """Run the command line as the ``tinysession`` console script that ``pip install`` makes."""
+    return main(prog="tinysession")
 
 
 if __name__ == "__main__":
