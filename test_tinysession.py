@@ -5605,5 +5605,246 @@ class AgentsSessionProtocol(unittest.TestCase):
         self.assertEqual(session.session_id, "user 1")
 
 
+# -- The README --
+
+README_PATH = os.path.join(HERE, "README.md")
+# Each ```python block of the README is named by a substring only it holds: either a runner of
+# ReadmeSnippets runs it, or it is listed here with the reason it is not run.
+README_NOT_RUN = {
+    'redis.Redis(host="10.0.0.5"': "needs a Redis server at 10.0.0.5; RedisStoreTest runs the same calls",
+}
+
+
+def readme_blocks(language):
+    """Return the code of every fenced ```language block of README.md, in order."""
+    with open(README_PATH, encoding="utf-8") as file:
+        text = file.read()
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
+
+
+class ReadmeSnippets(unittest.TestCase):
+    """Every ```python block of README.md runs as written, with ``/var/lib/myapp`` in a temporary directory."""
+
+    RUNNERS = {
+        "def app(environ, start_response)": "test_the_wsgi_quick_start",
+        "flask.Flask(__name__)": "test_the_flask_quick_start",
+        "app = FastAPI()": "test_the_fastapi_quick_start",
+        "def login(environ, start_response)": "test_login_and_logout",
+        'store["abc123"] = ': "test_a_store_as_a_mapping",
+        "tinysession.trim_messages(history": "test_trimming_a_chat_history",
+    }
+
+    def block(self, name):
+        """Return the one README block holding ``name``."""
+        blocks = [code for code in readme_blocks("python") if name in code]
+        self.assertEqual(len(blocks), 1, f"README blocks holding {name!r}")
+        return blocks[0]
+
+    def run_block(self, **names):
+        """Run the README block this test checks as a module, given ``names``; return its namespace and temp dir."""
+        directory = temp_dir(self)
+        name = next(name for name, test in self.RUNNERS.items() if test == self._testMethodName)
+        code = self.block(name).replace("/var/lib/myapp", directory)
+        namespace = {"__name__": "readme_snippet", **names}
+        exec(compile(code, README_PATH, "exec", dont_inherit=True), namespace)  # noqa: S102 - running the README's code is the test
+        return namespace, directory
+
+    def test_every_python_block_is_run_or_listed_with_a_reason(self):
+        blocks = readme_blocks("python")
+        self.assertGreaterEqual(len(blocks), len(self.RUNNERS))
+        for code in blocks:
+            names = [name for name in [*self.RUNNERS, *README_NOT_RUN] if name in code]
+            self.assertEqual(len(names), 1, f"a ```python block of README.md that no test runs:\n{code}")
+        for name, runner in self.RUNNERS.items():
+            self.assertTrue(callable(getattr(self, runner, None)), runner)
+            self.block(name)
+
+    def test_no_heading_twice(self):
+        with open(README_PATH, encoding="utf-8") as file:
+            text = re.sub(r"^```.*?^```$", "", file.read(), flags=re.MULTILINE | re.DOTALL)
+        headings = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")]
+        self.assertEqual(sorted(set(headings)), sorted(headings))
+        self.assertIn("Choosing a store", headings)
+
+    def test_the_wsgi_quick_start(self):
+        namespace, directory = self.run_block()
+        browser = Browser(serve(self, namespace["app"]))
+        status, headers, body = browser.request("/")
+        self.assertEqual((status, body), (200, b"visits: 1\n"))
+        self.assertIn("HttpOnly", headers["Set-Cookie"])
+        self.assertEqual(browser.request("/")[2], b"visits: 2\n")
+        self.assertEqual(len(record_files(os.path.join(directory, "sessions"))), 1)
+
+    def test_the_flask_quick_start(self):
+        require(importlib.util.find_spec("flask") is not None, "Flask is not installed (pip install flask)")
+        namespace, _ = self.run_block()
+        client = namespace["app"].test_client()
+        first = client.get("/")
+        self.assertEqual(first.get_data(as_text=True), "1")
+        self.assertIn("HttpOnly", first.headers["Set-Cookie"])
+        self.assertEqual(client.get("/").get_data(as_text=True), "2")
+        self.assertEqual(len(namespace["store"]), 1)
+
+    def test_the_fastapi_quick_start(self):
+        require(HAVE_FASTAPI, "FastAPI or httpx is not installed (pip install fastapi httpx)")
+        namespace, _ = self.run_block()
+        client = starlette_test_client(namespace["app"])
+        self.addCleanup(client.close)
+        self.assertIn("tinysession", client.get("/").cookies)
+        self.assertEqual(client.get("/").json(), {"session": {"visits": 2}})
+        self.assertEqual(len(namespace["store"]), 1)
+
+    def test_login_and_logout(self):
+        namespace, directory = self.run_block()
+        store = tinysession.FileStore(directory)
+
+        def read(environ, start_response):
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [json.dumps(dict(tinysession.get_session(environ))).encode()]
+
+        login, logout, reader = (tinysession.SessionMiddleware(app, store) for app in
+                                 (namespace["login"], namespace["logout"], read))
+        status, headers, body = call(login, "/")
+        self.assertEqual((status, body), ("200 OK", b"logged in\n"))
+        cookie = set_cookies(headers)[0].split(";")[0]
+        session = json.loads(call(reader, "/", cookie=cookie)[2])
+        self.assertEqual(session, {"user": 42, "messages": [{"role": "user", "content": "hi"}]})
+        _, headers, body = call(logout, "/", cookie=cookie)
+        self.assertEqual(body, b"bye\n")
+        self.assertIn("Max-Age=0", set_cookies(headers)[0])
+        self.assertEqual(len(store), 0)
+
+    def test_a_store_as_a_mapping(self):
+        namespace, directory = self.run_block()
+        self.assertEqual(namespace["record"], {"user": 42, "messages": []})
+        self.assertEqual(len(namespace["store"]), 0)
+        with tinysession.SQLiteStore(os.path.join(directory, "sessions.db"), read_only=True) as db:
+            self.assertEqual(db["abc123"], {"user": 42})
+
+    def test_trimming_a_chat_history(self):
+        old = [{"role": role, "content": f"{role} {n}"} for n in range(6) for role in ("user", "assistant")]
+        session = {"messages": old}
+        self.run_block(session=session, question="q", answer="a", tinysession=tinysession)
+        messages = session["messages"]
+        self.assertEqual(len(messages), 10)
+        self.assertEqual(messages[-2:], [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+        self.assertEqual(messages[0], {"role": "user", "content": "user 2"})
+
+
+# -- The framework examples in a real browser --
+
+
+def free_port():
+    """Return a loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_example(test, script, ready, *args):
+    """Start ``python examples/<script> *args``; return once its stderr has printed ``ready``.
+
+    A thread drains the server's stderr (its request log) so it never blocks;
+    the process is terminated when ``test`` ends.
+    """
+    child = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "examples", script), *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    lines, listening = [], threading.Event()
+
+    def drain():
+        for line in child.stderr:
+            lines.append(line)
+            if ready in line:
+                listening.set()
+        listening.set()
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    test.addCleanup(child.stderr.close)
+    test.addCleanup(thread.join, 30)
+    test.addCleanup(child.wait, 30)
+    test.addCleanup(child.terminate)
+    if not listening.wait(30) or child.poll() is not None:
+        test.fail(f"{script} did not start: {''.join(lines)!r}")
+
+
+class BrowserFrameworkExamples(unittest.TestCase):
+    """The Flask-Login and FastAPI examples, started as the README says, in headless Chromium."""
+
+    def setUp(self):
+        executable = shutil.which("chromium") or shutil.which("chromium-browser")
+        require(executable is not None, "Chromium is not installed (apt-get install chromium)")
+        self.browser = DevTools(self, executable, temp_dir(self))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def cookie(self, context, name):
+        cookies = [cookie for cookie in self.browser.cookies(context) if cookie["name"] == name]
+        return cookies[0] if cookies else None
+
+    def visit(self, tab, path):
+        self.browser.load(tab, "Page.navigate", url=self.url + path)
+        return self.browser.evaluate(tab, "document.body.innerText")
+
+    def test_flask_login_logs_in_survives_a_reload_and_logs_out(self):
+        for module in ("flask", "flask_login"):
+            require(importlib.util.find_spec(module) is not None, f"{module} is not installed (pip install flask-login)")
+        start_example(self, "flask_login_app.py", f"Running on http://127.0.0.1:{self.port}", "--port", str(self.port))
+        context, tab = self.browser.open_tab()
+        self.assertEqual(self.visit(tab, "/").strip(), "hello stranger, visit 1")
+        before_login = self.cookie(context, "session")["value"]
+        self.assertEqual(self.visit(tab, "/login?user=ann").strip(), "logged in as ann")
+        self.assertEqual(self.visit(tab, "/").strip(), "hello ann, visit 2")
+        cookie = self.cookie(context, "session")
+        self.assertNotEqual(cookie["value"], before_login)  # a new id on login: no session fixation
+        self.assertTrue(cookie["httpOnly"])
+        self.assertNotIn("sameSite", cookie)  # Flask's default SESSION_COOKIE_SAMESITE is None
+        self.assertEqual(self.browser.evaluate(tab, "document.cookie"), "")
+        self.browser.load(tab, "Page.reload")
+        self.assertEqual(self.browser.evaluate(tab, "document.body.innerText").strip(), "hello ann, visit 3")
+        self.assertEqual(self.visit(tab, "/private").strip(), "private page of ann")
+        bye = self.browser.evaluate(tab, "fetch('/logout', {method: 'POST'}).then((response) => response.text())")
+        self.assertEqual(bye, "bye\n")
+        self.assertNotEqual(self.cookie(context, "session")["value"], cookie["value"])
+        self.assertIn("Unauthorized", self.visit(tab, "/private"))
+        self.assertEqual(self.visit(tab, "/").strip(), "hello stranger, visit 4")
+
+    def history(self, tab, length):
+        """Return the session's messages from /history once there are ``length`` of them."""
+        return self.browser.evaluate(tab, f"""(async () => {{
+            for (const end = Date.now() + {_WAIT_SECONDS * 500}; Date.now() < end;
+                 await new Promise((resolve) => setTimeout(resolve, 20))) {{
+                const messages = (await (await fetch("/history")).json()).messages;
+                if (messages.length === {length}) return messages;
+            }}
+            return null;
+        }})()""")
+
+    def test_fastapi_chat_streams_keeps_the_history_across_a_reload_and_per_browser(self):
+        require(HAVE_FASTAPI and HAVE_UVICORN, "FastAPI or uvicorn is not installed (pip install fastapi uvicorn)")
+        store = os.path.join(temp_dir(self), "sessions.db")
+        start_example(self, "fastapi_chat.py", "Uvicorn running on", "--port", str(self.port), "--store", store)
+        context, tab = self.browser.open_tab()
+        self.visit(tab, "/")
+        self.browser.evaluate(tab, "m.value = 'hello there'; f.requestSubmit()")
+        self.browser.wait_until(tab, "document.querySelector('#chat li')?.textContent === 'You said: hello there '")
+        expected = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "You said: hello there"}]
+        self.assertEqual(self.history(tab, 2), expected)
+        cookie = self.cookie(context, "tinysession")
+        self.assertEqual((cookie["httpOnly"], cookie["sameSite"]), (True, "Lax"))
+        self.assertEqual(self.browser.evaluate(tab, "document.cookie"), "")
+        self.browser.load(tab, "Page.reload")
+        self.assertEqual(self.history(tab, 2), expected)
+        with tinysession.SQLiteStore(store, read_only=True) as sessions:
+            self.assertEqual(len(sessions), 1)
+        _, stranger = self.browser.open_tab()
+        self.visit(stranger, "/")
+        self.assertEqual(self.history(stranger, 0), [])
+        self.browser.send("Storage.clearCookies", browserContextId=context)
+        self.assertEqual(self.history(tab, 0), [])
+
+
 if __name__ == "__main__":
     unittest.main()

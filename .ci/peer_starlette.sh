@@ -2,7 +2,7 @@
 # Starlette's own tests/middleware/test_session.py, at the pinned version, with its
 # SessionMiddleware replaced by tinysession.ASGISessionMiddleware over a FileStore
 # (.ci/peers/starlette/tinysession_starlette.py). Fails unless exactly the tests
-# docs/asgi.md lists as not applying fail.
+# the ASGI section of README.md lists as not applying fail.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 version=1.10.0
@@ -27,8 +27,8 @@ if [[ $status -gt 1 ]]; then
     echo "peer_starlette: pytest could not run the suite (exit $status)"; exit 1
 fi
 if [[ "$failed" != "$expected" ]]; then
-    echo "peer_starlette: the failures differ from the list in docs/asgi.md"
+    echo "peer_starlette: the failures differ from the list in the ASGI section of README.md"
     diff <(echo "$expected") <(echo "$failed") || true
     exit 1
 fi
-echo "peer_starlette: all of Starlette $version's session tests pass but the $(echo "$expected" | wc -l) listed in docs/asgi.md"
+echo "peer_starlette: all of Starlette $version's session tests pass but the $(echo "$expected" | wc -l) listed in the ASGI section of README.md"

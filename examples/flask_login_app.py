@@ -1,10 +1,11 @@
-"""Flask-Login over tinysession: ``python examples/flask_login_app.py``.
+"""Flask-Login over tinysession: ``python examples/flask_login_app.py [--port N]``.
 
 Log in at /login?user=ann. Logging in or out changes the session id and
 removes the old record (the interface's ``identity_key``, Flask-Login's
 ``_user_id``), so an id planted before login is worthless afterwards.
 """
 
+import argparse
 import os
 import secrets
 import sys
@@ -62,4 +63,6 @@ def create_app(store=None):
 
 
 if __name__ == "__main__":
-    create_app().run(host="127.0.0.1", port=8000)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000, help="the port on 127.0.0.1 (default: 8000)")
+    create_app().run(host="127.0.0.1", port=parser.parse_args().port)
