@@ -2929,8 +2929,20 @@ def _copy_into(core, session):
     """Make the core Session's data what the app left in ``session``, its dict; return the core."""
     data = core.load()
     data.clear()
-    data.update(session)
+    data.update(dict.items(session))  # dict's own view: copying is not a use by the app
     return core
+
+
+def _marking_use(name):
+    """Return dict's method ``name`` wrapped to mark the session accessed first."""
+    method = getattr(dict, name)
+
+    def marked(self, *args, **kwargs):
+        self.accessed = True
+        return method(self, *args, **kwargs)
+
+    marked.__name__, marked.__doc__ = name, method.__doc__
+    return marked
 
 
 class ASGISession(dict):
@@ -2957,8 +2969,9 @@ class ASGISession(dict):
     def mark_accessed(self):
         """Note that the app used the session: the response then carries ``Vary: Cookie``.
 
-        (So does every response to a request that carried a session cookie,
-        for frameworks that never call this.)
+        Any use of the dict (a read, a write, iteration, ``items()`` as
+        ``json.dumps`` calls it) marks it too, so this is only for an app
+        that learns something from the session without touching the dict.
 
         Starlette's ``request.session`` calls it; a bare ASGI app that reads
         the session should too.
@@ -3000,6 +3013,15 @@ class ASGISession(dict):
         # The core may have merged another request's changes in: the app's dict must hold them too.
         dict.clear(self)
         dict.update(self, self._core.load())
+
+
+_DICT_USES = (
+    "__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
+    "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear", "copy",
+)
+for _name in _DICT_USES:
+    setattr(ASGISession, _name, _marking_use(_name))
+del _name
 
 
 class ASGISessionMiddleware:
@@ -3092,8 +3114,7 @@ class ASGISessionMiddleware:
             if message["type"] in _HEADER_MESSAGES or message["type"] == "websocket.close":
                 cookie = _copy_into(core, session).cookie()  # decided once, on the first call
                 if message["type"] in _HEADER_MESSAGES:
-                    # Frameworks that do not call mark_accessed() (Starlette before 1.0) still get Vary.
-                    message = self._with_headers(message, session.accessed or core.has_id_cookie, cookie)
+                    message = self._with_headers(message, session.accessed, cookie)
             if _is_final(message):
                 await session.save()
                 completed.append(message["type"])
