@@ -5611,6 +5611,8 @@ README_PATH = os.path.join(HERE, "README.md")
 # ReadmeSnippets runs it, or it is listed here with the reason it is not run.
 README_NOT_RUN = {
     'redis.Redis(host="10.0.0.5"': "needs a Redis server at 10.0.0.5; RedisStoreTest runs the same calls",
+    "await Runner.run(": "needs the OpenAI Agents SDK and a model; AgentsSessionProtocol and .ci/peer_agents.sh "
+                         "run AgentsSession's calls",
 }
 
 
@@ -5631,6 +5633,8 @@ class ReadmeSnippets(unittest.TestCase):
         "def login(environ, start_response)": "test_login_and_logout",
         'store["abc123"] = ': "test_a_store_as_a_mapping",
         "tinysession.trim_messages(history": "test_trimming_a_chat_history",
+        'MessageLog(store, "conversation 1"': "test_a_message_log",
+        "def chat(environ, start_response)": "test_the_chat_recipe",
     }
 
     def block(self, name):
@@ -5719,6 +5723,24 @@ class ReadmeSnippets(unittest.TestCase):
         self.assertEqual(len(namespace["store"]), 0)
         with tinysession.SQLiteStore(os.path.join(directory, "sessions.db"), read_only=True) as db:
             self.assertEqual(db["abc123"], {"user": 42})
+
+    def test_a_message_log(self):
+        namespace, directory = self.run_block()
+        self.assertEqual([m["content"] for m in namespace["messages"]], ["hi", "hello", "and now?"])
+        self.assertEqual((namespace["newest"]["content"], namespace["count"]), ("and now?", 2))
+        with tinysession.SQLiteStore(os.path.join(directory, "sessions.db")) as store:
+            self.assertEqual(len(tinysession.MessageLog(store, "conversation 1")), 0)  # cleared
+
+    def test_the_chat_recipe(self):
+        namespace, directory = self.run_block()
+        browser = Browser(serve(self, namespace["app"]))
+        self.assertEqual(browser.request("/", data=b"hello")[2], b"1 messages kept\n")
+        self.assertEqual(browser.request("/", data=b"again")[2], b"2 messages kept\n")
+        status, _, body = browser.request("/", data=b"x" * 70000)
+        self.assertEqual((status, body), (413, b"that message is too large to keep\n"))
+        self.assertEqual(browser.request("/", data=b"after")[2], b"3 messages kept\n")
+        names = sorted(name for name in os.listdir(os.path.join(directory, "sessions")) if name.startswith("ts-"))
+        self.assertEqual([name.endswith(".log") for name in names], [False, True])  # a record and its log
 
     def test_trimming_a_chat_history(self):
         old = [{"role": role, "content": f"{role} {n}"} for n in range(6) for role in ("user", "assistant")]
