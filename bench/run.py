@@ -70,11 +70,12 @@ ROOT = os.path.abspath(os.environ.get("TINYSESSION_ROOT") or os.path.join(HERE, 
 tinysession = None
 
 FULL = {"store_n": 2000, "store_reps": 5, "req_n": 400, "req_reps": 5, "users": 200,
-            "clean_n": 100_000, "clean_reps": 1, "import_runs": 7, "http_s": 3, "http_reps": 5, "http_warmup_s": 1}
+            "clean_n": 100_000, "clean_reps": 1, "import_runs": 7, "http_s": 3, "http_reps": 5, "http_warmup_s": 1,
+            "contended_saves": 50}
 # One cleaning run each in the full run: building and tearing down a 100,000-file
 # layout costs ~30 s per cleaner on a 2-core VM disk; raise clean_reps on a faster one.
 QUICK = {"store_n": 200, "store_reps": 3, "req_n": 60, "req_reps": 3, "users": 50,
-             "clean_n": 5000, "clean_reps": 1, "import_runs": 3}
+             "clean_n": 5000, "clean_reps": 1, "import_runs": 3, "contended_saves": 10}
 WARMUP = 20  # operations or requests per contender before any timing
 
 MAX_AGE = 2 * 3600  # the cleaning section's expiry: half the sessions are 3 hours old
@@ -398,13 +399,23 @@ def tinysession_contenders(redis_server):
     def close(store):
         store.close()
 
-    contenders = [
-        kv_contender("tinysession FileStore", "file",
-                     lambda d: tinysession.FileStore(os.path.join(d, "s"), max_age=86400), get, put, close),
-        kv_contender("tinysession SQLiteStore", "sqlite",
-                     lambda d: tinysession.SQLiteStore(os.path.join(d, "s.sqlite3"), max_age=86400),
-                     get, put, close),
-    ]
+    def conditional(contender):
+        """The same store, its update a conditional write on the bytes loaded, as the session core saves."""
+
+        def update(store, key, message):
+            record, data, _ = store.load(key)
+            record["messages"].append(message)
+            if not store.save(key, store.encode(key, record), expected=data):
+                raise AssertionError("a conditional write failed with no other writer")
+
+        return {**contender, "name": contender["name"] + ", conditional update", "update": update}
+
+    file_store = kv_contender("tinysession FileStore", "file",
+                              lambda d: tinysession.FileStore(os.path.join(d, "s"), max_age=86400), get, put, close)
+    sqlite_store = kv_contender("tinysession SQLiteStore", "sqlite",
+                                lambda d: tinysession.SQLiteStore(os.path.join(d, "s.sqlite3"), max_age=86400),
+                                get, put, close)
+    contenders = [file_store, conditional(file_store), sqlite_store, conditional(sqlite_store)]
     if redis_server is not None:
         def open_redis(_directory):
             client = redis_server.client()
@@ -918,6 +929,115 @@ def print_request_section(config, contenders, results):
                 cells.append(f"{value:.0f}{added} | {1e6 / value:,.0f} | {ratio}")
             print(f"| {contender['name']} | {' | '.join(cells)} |")
         print()
+
+
+# -- 6. Writers racing on one session --
+#
+# Several threads append to one session through SessionMiddleware at once, in
+# process: every save of a loaded session is a conditional write, and a lost
+# race is merged and written again. The store counts the conditional writes
+# that failed (the retries); the session must end with every message.
+
+
+def contended_batch(contender, directory, writers, saves):
+    """Run ``writers`` threads each appending ``saves`` messages to one session; return (saves/s, retries/save)."""
+    import threading
+
+    class Counting(contender["class"]):
+        retries = 0
+
+        def write(self, key, data, mtime, expected=None):
+            done = super().write(key, data, mtime, expected)
+            if expected is not None and not done:
+                Counting.retries += 1
+            return done
+
+    os.makedirs(directory, exist_ok=True)
+    store = contender["open"](directory, Counting)
+
+    def app(environ, start_response):
+        session = tinysession.get_session(environ)
+        session.setdefault("messages", []).append(environ["QUERY_STRING"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = tinysession.SessionMiddleware(app, store, clean_interval=None)
+    started = {}
+
+    def request(query, cookie=""):
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "QUERY_STRING": query, "HTTP_COOKIE": cookie,
+                   "wsgi.url_scheme": "http"}
+        headers = {}
+        middleware(environ, lambda status, response_headers, exc_info=None: headers.update(response_headers))
+        return headers
+
+    cookie = request("first")["Set-Cookie"].split(";")[0]
+    Counting.retries = 0
+
+    def work(number):
+        for index in range(saves):
+            request(f"{number}-{index}", cookie)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(writers)]
+    settle()
+    started["at"] = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started["at"]
+    key = hashlib.sha256(cookie.split("=", 1)[1].encode()).hexdigest()
+    messages = store[key]["data"]["messages"]
+    if len(messages) != writers * saves + 1:
+        raise AssertionError(f"{len(messages)} messages kept of {writers * saves + 1}")
+    store.close()
+    shutil.rmtree(directory, ignore_errors=True)
+    return writers * saves / elapsed, Counting.retries / (writers * saves)
+
+
+def run_contended_section(config, workdir, redis_server):
+    def file_store(directory, cls=tinysession.FileStore):
+        return cls(os.path.join(directory, "s"))
+
+    def sqlite_store(directory, cls=tinysession.SQLiteStore):
+        return cls(os.path.join(directory, "s.sqlite3"))
+
+    contenders = [{"name": "tinysession FileStore", "class": tinysession.FileStore, "open": file_store},
+                  {"name": "tinysession SQLiteStore", "class": tinysession.SQLiteStore, "open": sqlite_store}]
+    if redis_server is not None:
+        def redis_store(directory, cls=tinysession.RedisStore):
+            client = redis_server.client()
+            client.flushdb()
+            return cls(client, prefix="contended:")
+
+        contenders.append({"name": "tinysession RedisStore", "class": tinysession.RedisStore, "open": redis_store})
+    saves = config["contended_saves"]
+    results = {(c["name"], writers): [] for c in contenders for writers in (1, 8)}
+    log(f"6. writers racing on one session: {len(contenders)} stores, 1 and 8 writers, {saves} saves each")
+    for rep in range(config["store_reps"]):
+        for contender in rotated(contenders, rep):
+            for writers in (1, 8):
+                directory = os.path.join(workdir, f"contended-{rep}-{secrets.token_hex(4)}")
+                results[(contender["name"], writers)].append(
+                    contended_batch(contender, directory, writers, saves))
+    return contenders, results
+
+
+def print_contended_section(config, contenders, results):
+    print(f"## 6. Writers racing on one session ({config['contended_saves']} appends per writer, "
+          f"median of {config['store_reps']} repetitions)\n")
+    print("In-process WSGI calls through SessionMiddleware, every writer appending to the same session at "
+          "once; each save is a conditional write, a lost race is merged and written again. Every run "
+          "checks that the session ends with every message. Retries = failed conditional writes per save.\n")
+    print("| store | 1 writer: saves/s | retries/save | 8 writers: saves/s | retries/save |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for contender in contenders:
+        cells = []
+        for writers in (1, 8):
+            rates, retries = zip(*results[(contender["name"], writers)])
+            cells.append(f"{statistics.median(rates):,.0f} | {statistics.median(retries):.2f}")
+        print(f"| {contender['name']} | {' | '.join(cells)} |")
+    print()
 
 
 # -- 3. Cleaning --
@@ -1860,8 +1980,8 @@ def main(argv=None):
     redis_group = parser.add_mutually_exclusive_group()
     redis_group.add_argument("--redis", action="store_true", help="require the Redis rows (start a server)")
     redis_group.add_argument("--no-redis", action="store_true", help="skip the Redis rows")
-    parser.add_argument("--sections", default="12345",
-                        help="which sections to run (default: 12345; --quick never runs 5)")
+    parser.add_argument("--sections", default="123456",
+                        help="which sections to run (default: 123456; --quick never runs 5)")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
     warnings.simplefilter("ignore")
@@ -1892,6 +2012,7 @@ def main(argv=None):
             "3": (print_clean_section, lambda: run_clean_section(config, workdir)),
             "4": (print_import_section, lambda: run_import_section(config, snapshot)),
             "5": (print_http_section, lambda: run_http_section(config, workdir, redis_server)),
+            "6": (print_contended_section, lambda: run_contended_section(config, workdir, redis_server)),
         }
         if args.quick and "5" in args.sections:
             NOTES.add("section 5 (HTTP) skipped: --quick")
