@@ -4250,6 +4250,24 @@ class FlaskSecretKeys(FlaskCase):
         self.assertEqual(self.store.accesses, [])
 
 
+class TaggedJSONWithoutMarkupsafe(unittest.TestCase):
+    def test_markup_comes_back_as_html_when_markupsafe_is_not_loaded(self):
+        class Markup(str):
+            def __html__(self):
+                return str(self)
+
+        serializer = tinysession.TaggedJSON()
+        data = serializer.dumps({"flash": Markup("<b>hi</b>")})
+        saved = sys.modules.pop("markupsafe", None)
+        try:
+            value = serializer.loads(data)["flash"]
+        finally:
+            if saved is not None:
+                sys.modules["markupsafe"] = saved
+        self.assertEqual((value, value.__html__()), ("<b>hi</b>", "<b>hi</b>"))
+        self.assertNotIn("markupsafe", type(value).__module__)
+
+
 class FlaskTaggedValues(FlaskCase):
     def values(self):
         import markupsafe

@@ -2578,7 +2578,8 @@ class TaggedJSON:
     is a tag: ``tuple`` (``" t"``), ``bytes`` (``" b"``, base64),
     ``uuid.UUID`` (``" u"``), ``datetime.datetime`` (``" d"``, ISO 8601,
     aware or naive, microseconds kept), and anything with ``__html__``, such
-    as ``markupsafe.Markup`` (``" m"``, read back as ``markupsafe.Markup``).
+    as ``markupsafe.Markup`` (``" m"``, read back as ``markupsafe.Markup`` when
+    markupsafe is loaded, as it always is under Flask, else as a str with ``__html__``).
     A dict whose one key is a tag is stored as ``{" di": [key, value]}``, so
     it comes back as it was. Plain JSON records read the same as with the
     "json" serializer. ``dumps`` raises TypeError for other types.
@@ -2641,12 +2642,21 @@ class TaggedJSON:
         if tag == _UUID:
             return self._uuid(value)
         if tag == _MARKUP:
-            import markupsafe
-
-            return markupsafe.Markup(value)
+            # Never imported here: Flask has loaded it already (through Jinja2) when it is in use.
+            markupsafe = sys.modules.get("markupsafe")
+            return _HTML(value) if markupsafe is None else markupsafe.Markup(value)
         if tag == _ONE_KEY_DICT:
             return {value[0]: value[1]}
         return obj
+
+
+class _HTML(str):
+    """Markup read back where markupsafe is not loaded: a str that says it is already HTML."""
+
+    __slots__ = ()
+
+    def __html__(self):
+        return str(self)
 
 
 def _cookie_keys(app):
