@@ -3234,6 +3234,64 @@ class ParallelRequestsOnRedisStore(ParallelRequestsAcrossProcesses, unittest.Tes
         )
 
 
+class ReviewedAttacks(MiddlewareCase):
+    """Found by review: each once let an attacker keep a session or a client crash a request."""
+
+    def app_of(self, inner):
+        return tinysession.SessionMiddleware(inner, self.store, clean_interval=None)
+
+    def test_a_login_after_the_headers_never_keeps_the_planted_id(self):
+        self.browser.json("/set?csrf=x")  # the attacker's anonymous session, planted on the victim
+        planted = f"{NAME}={self.browser.session_id()}"
+
+        def late_login(environ, start_response):
+            session = tinysession.get_session(environ)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"welcome"
+            session["_user_id"] = 99  # logged in while the body streams: no new cookie can go out
+
+        with LogRecords() as warnings:
+            _, headers, _ = call(self.app_of(late_login), cookie=planted)
+        self.assertEqual(set_cookies(headers), [])
+        self.assertIn("identity changed after the response headers", "\n".join(warnings))
+        self.assertEqual(json.loads(call(self.app, "/read", cookie=planted)[2]), {})  # not user 99
+        self.assertEqual(self.session_keys(), [])
+
+    def test_a_logout_is_never_undone_by_a_failing_body(self):
+        self.browser.json("/set?_user_id=7")
+        stolen = f"{NAME}={self.browser.session_id()}"
+
+        def logout_then_fail(environ, start_response):
+            tinysession.get_session(environ).invalidate()
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"bye"
+            raise RuntimeError("the body failed after the expiring cookie went out")
+
+        with self.assertRaises(RuntimeError):
+            call(self.app_of(logout_then_fail), cookie=stolen)
+        self.assertEqual(json.loads(call(self.app, "/read", cookie=stolen)[2]), {})
+
+    def test_a_failed_request_leaves_no_message_log_of_a_session_it_created(self):
+        def chat_then_fail(environ, start_response):
+            tinysession.get_session(environ).history.append({"role": "user", "content": "hi"})
+            raise RuntimeError("the app failed")
+
+        for _ in range(5):
+            with self.assertRaises(RuntimeError):
+                call(self.app_of(chat_then_fail))
+        self.assertEqual(self.session_keys(), [])
+        self.assertEqual(self.store.stats().logs, 0)
+
+    def test_a_session_that_lasts_one_request_leaves_no_message_log(self):
+        def chat(environ, start_response):
+            tinysession.get_session(environ).history.append({"role": "user", "content": "hi"})
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+
+        call(tinysession.SessionMiddleware(chat, self.store, clean_interval=None, cookie_max_age=0))
+        self.assertEqual((self.session_keys(), self.store.stats().logs), ([], 0))
+
+
 class StoreFailuresDuringRequests(unittest.TestCase):
     def test_a_failing_store_fails_the_request_instead_of_starting_afresh(self):
         directory = os.path.join(temp_dir(self), "sessions")
@@ -4248,6 +4306,21 @@ class FlaskSecretKeys(FlaskCase):
         with self.assertRaisesRegex(RuntimeError, "no secret key was set"):
             self.client.get("/set")
         self.assertEqual(self.store.accesses, [])
+
+
+class FlaskHostileCookies(unittest.TestCase):
+    def test_a_non_ascii_cookie_is_ignored_not_a_500(self):
+        require(HAS_FLASK, NO_FLASK)
+        import flask
+
+        app = flask.Flask("hostile")
+        app.config.update(SECRET_KEY="k")
+        app.session_interface = tinysession.FlaskSessionInterface(tinysession.FileStore(temp_dir(self)))
+        app.add_url_rule("/", "index", lambda: str(dict(flask.session)))
+        client = app.test_client()
+        client.set_cookie("session", "A" * 43 + ".p.\u00e9")
+        response = client.get("/")
+        self.assertEqual((response.status_code, response.get_data(as_text=True)), (200, "{}"))
 
 
 class TaggedJSONWithoutMarkupsafe(unittest.TestCase):

@@ -2124,7 +2124,7 @@ class Session(MutableMapping):
         """
         self.load()
         if self.state == _NEW and self._logged and self._id is not None:
-            self._settings.store.forget_log(_store_key(self._id))
+            self._doomed.append((_store_key(self._id), None, False))  # its log goes at save, in the store's thread
         self._forget_record(carry=False)
         self._data = {}
         self._created = None
@@ -2181,9 +2181,17 @@ class Session(MutableMapping):
         return None if key is None else self._data.get(key, _MISSING)
 
     def _rotate_on_new_identity(self):
-        """Regenerate the id if the identity key changed since loading (login, logout, another user)."""
-        if self.state == _LOADED and self._cookie is None and self._identity_now() != self._identity:
-            self._forget_record(carry=True)
+        """Regenerate the id if the identity key changed since loading (login, logout, another user).
+
+        Once the headers are out no new id can be sent: the session is then
+        removed, never kept under the id the client had before (fixation).
+        """
+        if self.state != _LOADED or self._identity_now() == self._identity:
+            return
+        if self._cookie is not None:
+            _logger.warning("session %s: its identity changed after the response headers, when no new id could "
+                            "be sent: the session is removed, not kept under the old id", self._key[:12])
+        self._forget_record(carry=self._cookie is None)
 
     def cookie(self):
         """Return the Set-Cookie value this response must carry, or None; decided once, on the first call.
@@ -2256,14 +2264,15 @@ class Session(MutableMapping):
         """Remove a record this request left; ``carry`` a change another request saved there first."""
         store = self._settings.store
         if previous is not None and store.remove(key, expected=previous):
-            self._undo.append((key, previous, None))
-            if not carry:
+            if carry:
+                self._undo.append((key, previous, None))  # a logout (no carry) is never undone
+            else:
                 store.forget_log(key)
             return
         theirs = self._theirs(key) if carry and previous is not None else None
         if theirs is not None:
             self._merge(key, previous, *theirs)
-        if store.remove(key) and previous is not None:
+        if store.remove(key) and previous is not None and carry:
             self._undo.append((key, previous if theirs is None else theirs[1], None))
         if not carry:
             store.forget_log(key)
@@ -2292,7 +2301,8 @@ class Session(MutableMapping):
 
     def _save_new(self, now):
         if self._settings.cookie_max_age == 0:
-            return  # its cookie expires with this response: the session ends with it
+            self.abandon()  # its cookie expires with this response: the session ends with it
+            return
         if self._id is None:
             if self._cookie is not None:
                 _logger.warning("session started after the response headers: no cookie was sent, not saved")
@@ -2352,19 +2362,39 @@ class Session(MutableMapping):
             expected = self._merge(key, expected, *theirs)
 
     def rollback(self):
-        """Put back every record this request changed, after the request failed; log, never raise."""
+        """Put back every record this request changed, after the request failed; log, never raise.
+
+        A logout (``invalidate()``) is never undone, and one not saved yet
+        is carried out; a session this request created goes with its message
+        log; appends to the log of a session that existed before stay.
+        """
         if self.state == _UNLOADED:
             return
         store = self._settings.store
         try:
+            for key, _, carry in self._doomed:
+                if not carry:  # a logout still happens: its expiring cookie may have gone out already
+                    store.remove(key)
+                    store.forget_log(key)
+            self._doomed = []
             while self._undo:
                 key, previous, written = self._undo.pop()
                 if previous is None:
                     store.remove(key, expected=written)
+                    store.forget_log(key)
                 else:
                     store.save(key, previous, expected=written)
+            self.abandon()
         except SessionError:
             _logger.exception("could not undo the session changes of a failed request")
+
+    def abandon(self):
+        """Remove the message log of a new session that will never be saved (store I/O); never raise."""
+        if self.state == _NEW and self._logged and self._id is not None:
+            try:
+                self._settings.store.forget_log(_store_key(self._id))
+            except SessionError:
+                _logger.exception("could not remove the message log of an abandoned session")
 
     @property
     def has_id_cookie(self):
@@ -2546,7 +2576,11 @@ class SessionMiddleware:
                 headers.append(("Set-Cookie", cookie))
             return start_response(status, headers, exc_info)
 
-        body = self.app(environ, session_start_response)
+        try:
+            body = self.app(environ, session_start_response)
+        except BaseException:
+            session.rollback()
+            raise
         try:
             session.save()
         except BaseException:
@@ -2686,6 +2720,8 @@ def _verify_cookie(value, keys):
     """Return ``(session_id, permanent)`` from a cookie value one of ``keys`` signed, or None."""
     import hmac
 
+    if not value.isascii():
+        return None  # never ours, and compare_digest refuses non-ASCII str
     session_id, _, rest = value.partition(".")
     flag, _, _ = rest.partition(".")
     if len(session_id) != _SESSION_ID_LENGTH or not _is_key(session_id) or flag not in ("p", "s"):
@@ -3130,12 +3166,16 @@ class ASGISessionMiddleware:
                 completed.append(message["type"])
             await send(message)
 
+        saved = False
         try:
             await self.app(scope, receive, session_send)
             if completed or scope["type"] == "websocket":
                 _copy_into(core, session).cookie()  # a socket refused unopened: no record without a cookie
                 await session.save()
+                saved = True
         finally:
+            if not saved and core.accessed:
+                await self._in_thread(core.abandon)  # a new session's log, never to be saved
             self.settings.request_finished()
 
 
