@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The OpenAI Agents SDK's own tests/memory/test_session.py, at the pinned version, with its
 # SQLiteSession replaced by tinysession.AgentsSession over an SQLiteStore
-# (.ci/peers/agents/tinysession_agents.py). Fails unless exactly the tests docs/log.md
+# (.ci/peers/agents/tinysession_agents.py). Fails unless exactly the tests the README's Agents SDK section
 # lists as not applying fail.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,8 +25,8 @@ if [[ $status -gt 1 ]]; then
     echo "peer_agents: pytest could not run the suite (exit $status)"; exit 1
 fi
 if [[ "$failed" != "$(sort "$expected_file")" ]]; then
-    echo "peer_agents: the failures differ from the list in docs/log.md"
+    echo "peer_agents: the failures differ from the list in the README's Agents SDK section"
     diff <(sort "$expected_file") <(echo "$failed") || true
     exit 1
 fi
-echo "peer_agents: all of openai-agents $version's session tests pass but the $(wc -l < "$expected_file") listed in docs/log.md"
+echo "peer_agents: all of openai-agents $version's session tests pass but the $(wc -l < "$expected_file") listed in the README's Agents SDK section"

@@ -1,6 +1,6 @@
 """flask.session on tinysession's stores against Flask-Session's backends, in process.
 
-Run ``python bench/flask_session.py [--requests N] [--rounds R]``. Each
+Run ``python bench/flask_backends.py [--requests N] [--rounds R]``. Each
 backend serves one Flask app with two views: ``/append`` adds a chat message
 to ``session["messages"]`` (kept to the last 20) and ``/read`` returns how
 many there are. One browser's session is replayed through ``app.wsgi_app``
