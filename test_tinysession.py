@@ -75,6 +75,7 @@ def temp_dir(test):
     """Return a fresh temporary directory removed when ``test`` ends."""
     holder = tempfile.TemporaryDirectory(prefix="tinysession-test-")
     test.addCleanup(holder.cleanup)
+    test.addCleanup(wait_for_background_cleans)  # runs first: a clean may still be writing in the directory
     return holder.name
 
 
@@ -4315,7 +4316,9 @@ class FlaskHostileCookies(unittest.TestCase):
 
         app = flask.Flask("hostile")
         app.config.update(SECRET_KEY="k")
-        app.session_interface = tinysession.FlaskSessionInterface(tinysession.FileStore(temp_dir(self)))
+        app.session_interface = tinysession.FlaskSessionInterface(
+            tinysession.FileStore(temp_dir(self)), clean_interval=None
+        )
         app.add_url_rule("/", "index", lambda: str(dict(flask.session)))
         client = app.test_client()
         client.set_cookie("session", "A" * 43 + ".p.\u00e9")
