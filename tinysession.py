@@ -229,6 +229,8 @@ def _make_serializer(serializer, secret):
 _MISSING = object()
 _EVICT_BATCH = 256
 _RETRIES = 16
+# A probationary mtime is a millisecond plus half of one; a returning one is a whole millisecond.
+_PROBATION_SECONDS = 0.0005
 
 
 class Sweep:
@@ -397,14 +399,17 @@ class Store(MutableMapping):
             raise KeyError(key)
         return self.decode(key, data), data, mtime
 
-    def save(self, key, data, *, expected=None, now=None):
-        """Write bytes made by ``encode`` with mtime ``now``; return False if ``expected`` did not match.
+    def save(self, key, data, *, expected=None, now=None, new=False):
+        """Write bytes made by ``encode`` with mtime ``stamp(now, new=new)``; return False if ``expected`` did not match.
 
-        Holds ``max_sessions``: after every ``max_sessions // 10`` writes (at
-        least 10) of this store object, a clean starts in a background
-        thread, never in the caller's, one at a time; its errors are logged.
+        ``new`` marks a session written for the first time, which stays on
+        probation (first to go when the store is full) until it is touched or
+        written again. Holds ``max_sessions``: after every
+        ``max_sessions // 10`` writes (at least 10) of this store object, a
+        clean starts in a background thread, never in the caller's, one at a
+        time; its errors are logged.
         """
-        if not self.write(_check_key(key), data, _now() if now is None else now, expected):
+        if not self.write(_check_key(key), data, self.stamp(now, new=new), expected):
             return False
         if self.max_sessions is not None:
             with self._write_lock:
@@ -415,6 +420,29 @@ class Store(MutableMapping):
             if due:
                 self.clean_in_background()
         return True
+
+    @staticmethod
+    def stamp(now=None, *, new=False):
+        """Return the mtime a write or touch at ``now`` stores: ``now`` to the millisecond, the segment below it.
+
+        A session's segment lives in its mtime's sub-millisecond digits, so
+        every store keeps it with no field of its own: a new session's mtime
+        is a whole millisecond plus half of one (probationary), any other
+        write's or touch's a whole millisecond (returning). ``on_probation``
+        reads it back.
+        """
+        now = _now() if now is None else now
+        return round(now, 3) + (_PROBATION_SECONDS if new else 0.0)
+
+    @staticmethod
+    def on_probation(mtime):
+        """Return True if ``mtime`` is a probationary one, as ``stamp(new=True)`` makes them.
+
+        A store whose clock is coarser than a quarter of a millisecond (some
+        file systems) loses the mark: its records then all look returning.
+        """
+        scaled = mtime * 1000.0
+        return 0.25 <= scaled - int(scaled) <= 0.75
 
     def _writes_between_cleans(self):
         return max(10, (self.max_sessions or 0) // 10)
@@ -592,7 +620,7 @@ class Store(MutableMapping):
     # Maintenance.
 
     def touch(self, key, *, now=None):
-        """Set the record's mtime to ``now`` without rewriting it.
+        """Set the record's mtime to ``stamp(now)`` without rewriting it: it is then a returning session.
 
         Return True if the record exists and is live, False if it is missing
         or expired (an expired record is not brought back).
@@ -605,15 +633,21 @@ class Store(MutableMapping):
                 return False
             if self._expired(mtime, now):
                 return False
-        return self.set_mtime(_check_key(key), now)
+        return self.set_mtime(_check_key(key), self.stamp(now))
 
     def clean(self, max_age=None, keep=None, *, now=None):
-        """Remove expired records, then all but the ``keep`` newest; return how many.
+        """Remove expired records, then all but ``keep`` of the others; return how many.
 
+        The records past ``keep`` go in this order: sessions on probation
+        (written once, never back since: see ``stamp``), oldest first, then
+        returning ones, oldest first. So a flood of new sessions (cookie-less
+        clients, a crawler) evicts its own kind and no session that came
+        back, and among returning sessions the newest ``keep`` stay: the
+        segmented LRU of scan-resistant caches, in the mtime alone.
         ``max_age`` defaults to the store's ``max_age`` and ``keep`` to its
         ``max_sessions``; with neither, only debris (temporary files of killed
         writers) is removed. A record written or touched after the pass
-        began is never removed by it.
+        began is never removed by it, nor counted in ``keep``.
         """
         return self.sweep(max_age, keep, now=now).removed
 
@@ -633,12 +667,14 @@ class Store(MutableMapping):
         With ``dry_run`` nothing is removed. ``progress``, if given, is called
         with the pass's live ``Sweep`` when it starts and every 10,000
         records, so a caller interrupted mid-pass (Ctrl-C) can still report
-        what was seen and removed so far. One pass over
-        ``scan()``, in memory bounded by ``keep``.
+        what was seen and removed so far. One pass over ``scan()`` (stat
+        only, for FileStore), in memory bounded by ``keep``: a heap of the
+        ``keep`` records to keep so far, keyed ``(returning, mtime)``.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
+        started = _now() + 0.001  # what stamp() makes of the present: rounded up, perhaps on probation
         sweep = Sweep()
-        newest = []  # min-heap of (mtime, key, size): the `keep` newest so far
+        kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
         doomed = []
         if progress is not None:
             progress(sweep)
@@ -646,13 +682,14 @@ class Store(MutableMapping):
             sweep.count(mtime, size)
             if progress is not None and sweep.seen % 10000 == 0:
                 progress(sweep)
-            if (cutoff is not None and mtime < cutoff) or keep == 0:
+            if cutoff is not None and mtime < cutoff:
                 doomed.append((key, mtime, size))
-            elif keep is not None:
-                if len(newest) < keep:
-                    heapq.heappush(newest, (mtime, key, size))
+            elif keep is not None and mtime <= started:
+                entry = (not self.on_probation(mtime), mtime, key, size)
+                if len(kept) < keep:
+                    heapq.heappush(kept, entry)
                 else:
-                    mtime, key, size = heapq.heappushpop(newest, (mtime, key, size))
+                    _, mtime, key, size = heapq.heappushpop(kept, entry)
                     doomed.append((key, mtime, size))
             if len(doomed) >= _EVICT_BATCH:
                 self._evict_counted(doomed, sweep, dry_run)
@@ -2064,6 +2101,7 @@ class Session(MutableMapping):
         "_key",
         "_logged",
         "_mtime",
+        "_promote",
         "_secure",
         "_settings",
         "_snapshot",
@@ -2170,6 +2208,7 @@ class Session(MutableMapping):
                 self._doomed.append((key, None, False))
                 continue
             self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
+            self._promote = settings.store.on_probation(mtime)  # it came back: promote it at save
             self._created, self._data = record["created"], record["data"]
             self._logged = record.get("log") is True
             self._snapshot = _snapshot(self._data)
@@ -2243,9 +2282,10 @@ class Session(MutableMapping):
             else:
                 self._touch(now)
         elif self.state == _NEW and self._holds():
-            if self._created is None:
+            first = self._created is None  # else regenerated: a session that came back, under a new id
+            if first:
                 self._created = now
-            self._save_new(now)
+            self._save_new(now, first)
 
     def _record(self):
         if self._logged:
@@ -2290,7 +2330,8 @@ class Session(MutableMapping):
             self._data.update(merged)
         return theirs_stored
 
-    def _save_new(self, now):
+    def _save_new(self, now, first=True):
+        """Write the session under a new id; ``first`` (a session never saved before) puts it on probation."""
         if self._settings.cookie_max_age == 0:
             return  # its cookie expires with this response: the session ends with it
         if self._id is None:
@@ -2300,24 +2341,27 @@ class Session(MutableMapping):
             self._id = _new_session_id()
         key = _store_key(self._id)
         stored = self._settings.store.encode(key, self._record())
-        self._settings.store.save(key, stored, now=now)
+        self._settings.store.save(key, stored, now=now, new=first)
         self._undo.append((key, None, stored))
         self._became(key, stored, now)
 
     def _became(self, key, stored, now):
         self.state, self._key, self._stored, self._mtime = _LOADED, key, stored, now
+        self._promote = False
         self._snapshot = _snapshot(self._data)
         self._identity = self._identity_now()
 
     def _touch(self, now):
+        """Refresh the mtime once ``touch_interval`` has passed, or at once if the session is still on probation."""
         interval = self._settings.touch_after()
-        if interval is None or now - self._mtime < interval:
+        if not self._promote and (interval is None or now - self._mtime < interval):
             return
+        store = self._settings.store
         try:
-            self._settings.store.set_mtime(self._key, now)
+            store.set_mtime(self._key, store.stamp(now))
         except StoreError as exc:
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
-        self._mtime = now
+        self._mtime, self._promote = now, False
 
     def _save_changed(self, now):
         store, key, expected = self._settings.store, self._key, self._stored
