@@ -2662,6 +2662,15 @@ class FloodResistance(MiddlewareCase):
         self.assertIn(returning, self.session_keys())
         self.assertEqual(self.browser.json()["a"], "1")
 
+    def test_a_login_under_a_new_id_is_a_returning_session(self):
+        self.browser.json("/set?a=1")
+        self.browser.json("/login?user=ann")  # regenerated: a new id, but a session that came back
+        (logged_in,) = self.session_keys()
+        for _ in range(5):
+            Browser(self.browser.base_url).json("/set?a=1")
+        self.assertEqual(self.store.clean(keep=1), 5)
+        self.assertEqual(self.session_keys(), [logged_in])
+
 
 class Expiry(MiddlewareCase):
     store_options = {"max_age": 600}

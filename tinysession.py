@@ -1273,7 +1273,7 @@ class SQLiteStore(Store):
     ``max_bytes``, as every store takes them (see the README's table).
 
     The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
-    ``mtime``) is created on first use, in a file created 0600 (its ``-wal``
+    ``mtime`` and on ``(returning, mtime)`` for ``clean``) is created on first use, in a file created 0600 (its ``-wal``
     and ``-shm`` too) if missing; the database runs in WAL mode with
     ``synchronous=NORMAL`` and waits up to five seconds for a lock. With
     ``read_only=True`` the file is opened read-only and nothing about it is
