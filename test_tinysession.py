@@ -329,6 +329,22 @@ class StoreContract:
         self.assertEqual(self.physical_count(store), 1)
         self.assertEqual((tinysession.DEFAULT_MAX_BYTES, tinysession.DEFAULT_MAX_SESSIONS), (64 * 1024, 10000))
 
+    def test_a_flood_of_new_sessions_evicts_none_that_came_back(self):
+        store = self.make_store(max_sessions=None)
+        now = time.time()
+        returning = [f"back{index}" for index in range(30)]
+        for age, key in enumerate(returning):
+            store.save(key, store.encode(key, {}), now=now - 1000 - age, new=True)
+            self.assertTrue(store.touch(key, now=now - 500 - age))  # it came back
+        for index in range(2000):  # cookie-less clients, each a new session never seen again
+            store.save(f"new{index}", store.encode(f"new{index}", {}), now=now - 100 + index / 100, new=True)
+        self.assertEqual(store.clean(keep=100), 1930)
+        self.assertEqual(sorted(key for key in store if key.startswith("back")), sorted(returning))
+        self.assertIn("new1999", store)  # the newest of the rest fill the bound
+        self.assertNotIn("new1929", store)
+        self.assertEqual(store.clean(keep=10), 90)  # among returning sessions, the newest stay
+        self.assertEqual(sorted(store), sorted(returning[:10]))
+
     def test_max_sessions_is_held_by_background_cleans_started_by_writes(self):
         store = self.make_store(max_sessions=20)
         for index in range(200):
@@ -571,7 +587,7 @@ class FileStoreTest(StoreContract, unittest.TestCase):
         return os.path.join(self.directory, "ts-" + key)
 
     def set_age(self, store, key, seconds):
-        then = time.time() - seconds
+        then = tinysession.Store.stamp(time.time() - seconds)
         os.utime(self.path(key), (then, then))
 
     def mtime(self, store, key):
@@ -605,7 +621,7 @@ class MemoryStoreTest(StoreContract, unittest.TestCase):
         return store
 
     def set_age(self, store, key, seconds):
-        store.set_mtime(key, time.time() - seconds)
+        store.set_mtime(key, store.stamp(time.time() - seconds))
 
     def mtime(self, store, key):
         return store.read(key)[1]
@@ -637,7 +653,7 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
             return connection.execute(statement, parameters).fetchall()
 
     def set_age(self, store, key, seconds):
-        self.sql("UPDATE sessions SET mtime = ? WHERE key = ?", (time.time() - seconds, key))
+        self.sql("UPDATE sessions SET mtime = ? WHERE key = ?", (tinysession.Store.stamp(time.time() - seconds), key))
 
     def mtime(self, store, key):
         return self.sql("SELECT mtime FROM sessions WHERE key = ?", (key,))[0][0]
@@ -730,7 +746,7 @@ def redis_case(test):
 
 def set_redis_age(test, key, seconds):
     """Move a record's mtime, in its hash and in the index, ``seconds`` into the past; keep its TTL."""
-    then = time.time() - seconds
+    then = tinysession.Store.stamp(time.time() - seconds)
     test.redis.hset(test.prefix + key, "mtime", then)
     test.redis.zadd(test.index, {key: then})
 
@@ -765,7 +781,8 @@ class RedisStoreTest(StoreContract, unittest.TestCase):
         self.redis.zadd(self.index, {key: now})
 
     def physical_count(self, store):
-        return sum(name != self.index.encode() for name in self.redis.scan_iter(self.prefix + "*"))
+        indexes = {self.index.encode(), (self.prefix + "#probation").encode()}
+        return sum(name not in indexes for name in self.redis.scan_iter(self.prefix + "*"))
 
 
 class RedisSpecifics(unittest.TestCase):
@@ -780,7 +797,7 @@ class RedisSpecifics(unittest.TestCase):
     def names(self):
         """Return the keys of the records in Redis, whatever the index says."""
         names = {name.decode()[len(self.prefix):] for name in self.redis.scan_iter(self.prefix + "*")}
-        return names - {"#index"}
+        return names - {"#index", "#probation"}
 
     def members(self):
         return {member.decode() for member in self.redis.zrange(self.index, 0, -1)}
@@ -802,7 +819,7 @@ class RedisSpecifics(unittest.TestCase):
         self.assertEqual(set(fields), {b"data", b"mtime"})
         self.assertEqual(fields[b"data"], b'{"v":1}')
         mtime = float(fields[b"mtime"])
-        self.assertTrue(before <= mtime <= time.time())
+        self.assertTrue(before - 0.001 <= mtime <= time.time() + 0.001)  # stamped to the millisecond
         self.assertEqual(self.redis.zscore(self.index, "abc"), mtime)
         self.assertEqual(self.redis.type(self.index), b"zset")
         self.assertEqual((sorted(store), len(store), store["index"]), (["abc", "index"], 2, {"v": 2}))
@@ -1173,6 +1190,27 @@ class SQLiteStoreOnDisk(unittest.TestCase):
 
     def setUp(self):
         self.path = os.path.join(temp_dir(self), "sessions.db")
+
+    def test_a_clean_lets_writers_in_between_its_batches(self):
+        store = tinysession.SQLiteStore(self.path, max_sessions=None)
+        self.addCleanup(store.close)
+        then = time.time() - 10000
+        rows = [(f"k{index}", b"{}", tinysession.Store.stamp(then + index)) for index in range(1200)]
+        with contextlib.closing(sqlite3.connect(self.path)) as connection, connection:
+            connection.executemany("INSERT INTO sessions (key, data, mtime) VALUES (?, ?, ?)", rows)
+        writer = sqlite3.connect(self.path, timeout=0, isolation_level=None)  # fails at once on a held lock
+        self.addCleanup(writer.close)
+        writer.execute("CREATE TABLE other (removed INTEGER)")
+        seen = []
+
+        def progress(sweep):
+            writer.execute("INSERT INTO other VALUES (?)", (sweep.removed,))
+            seen.append(sweep.removed)
+
+        self.assertEqual(store.sweep(keep=100, progress=progress).removed, 1100)
+        self.assertEqual(seen, [0, 500, 1000, 1100])  # batches of 500, each counted as it is committed
+        self.assertEqual(writer.execute("SELECT COUNT(*) FROM other").fetchone()[0], 4)
+        self.assertEqual(sorted(store), sorted(key for key, _, _ in rows[-100:]))
 
     def test_schema_and_journal_mode(self):
         store = tinysession.SQLiteStore(self.path, table="web_sessions")
@@ -2567,6 +2605,7 @@ class ChangeDetection(MiddlewareCase):
 
     def test_unchanged_session_is_not_rewritten(self):
         self.browser.json("/set?a=1")
+        self.browser.json()  # the first return promotes the new session (a touch)
         self.store.accesses.clear()
         self.browser.json()
         self.assertEqual([kind for kind, _ in self.store.accesses], ["read"])
@@ -2601,6 +2640,7 @@ class Touching(MiddlewareCase):
 
     def test_reads_slide_the_expiry_at_most_once_a_minute(self):
         self.browser.json("/set?a=1")
+        self.browser.json()  # its first return promotes the new session: a touch, whatever the interval
         (key,) = self.session_keys()
         self.age_session(30)
         self.browser.json()
@@ -2609,6 +2649,28 @@ class Touching(MiddlewareCase):
         self.browser.json()
         self.assertEqual([kind for kind, _ in self.store.accesses], ["read", "touch"])  # never rewritten
         self.assertAlmostEqual(self.store.read(key)[1], time.time(), delta=5)
+
+
+class FloodResistance(MiddlewareCase):
+    def test_a_session_that_came_back_outlives_newer_ones_that_never_did(self):
+        self.browser.json("/set?a=1")
+        self.browser.json()  # its first return promotes it
+        (returning,) = self.session_keys()
+        for _ in range(20):  # cookie-less clients: each starts a session and never brings it back
+            Browser(self.browser.base_url).json("/set?a=1")
+        self.assertEqual(len(self.session_keys()), 21)
+        self.assertEqual(self.store.clean(keep=5), 16)
+        self.assertIn(returning, self.session_keys())
+        self.assertEqual(self.browser.json()["a"], "1")
+
+    def test_a_login_under_a_new_id_is_a_returning_session(self):
+        self.browser.json("/set?a=1")
+        self.browser.json("/login?user=ann")  # regenerated: a new id, but a session that came back
+        (logged_in,) = self.session_keys()
+        for _ in range(5):
+            Browser(self.browser.base_url).json("/set?a=1")
+        self.assertEqual(self.store.clean(keep=1), 5)
+        self.assertEqual(self.session_keys(), [logged_in])
 
 
 class Expiry(MiddlewareCase):
@@ -4800,7 +4862,7 @@ class CommandLineCase(unittest.TestCase):
         self.store = tinysession.FileStore(self.directory)
         for index, age in enumerate([10, 20, 30, 4000, 5000, 90000]):
             self.store[f"k{index}"] = {"pad": "x" * 100}
-            then = time.time() - age
+            then = tinysession.Store.stamp(time.time() - age)  # a returning session's mtime
             os.utime(os.path.join(self.directory, f"ts-k{index}"), (then, then))
 
     def run_main(self, *argv):
@@ -5143,32 +5205,35 @@ class CommandLineProcess(unittest.TestCase):
         self.assertEqual(removed, 512)
         self.assertRegex(err, rf"^python -m tinysession: interrupted: removed {removed} of the 600 sessions seen \(.*\)\n$")
 
-    def test_ctrl_c_during_an_sqlite_clean_removes_nothing(self):
+    def test_ctrl_c_during_an_sqlite_clean_keeps_the_batches_done(self):
         path = os.path.join(temp_dir(self), "sessions.db")
-        with tinysession.SQLiteStore(path) as store:
-            for index in range(20):
+        with tinysession.SQLiteStore(path, max_sessions=None) as store:
+            for index in range(1200):
                 store[f"k{index}"] = {}
         setup = textwrap.dedent("""
             import os, signal, tinysession
             class Interrupting:
+                batches = 0
                 def __init__(self, connection):
                     self.connection = connection
                 def __getattr__(self, name):
                     return getattr(self.connection, name)
-                def execute(self, sql, *args):
-                    cursor = self.connection.execute(sql, *args)
+                def executemany(self, sql, *args):
+                    cursor = self.connection.executemany(sql, *args)
                     if sql.startswith("DELETE"):
-                        os.kill(os.getpid(), signal.SIGINT)
+                        Interrupting.batches += 1
+                        if Interrupting.batches == 2:
+                            os.kill(os.getpid(), signal.SIGINT)
                     return cursor
             connect = tinysession.SQLiteStore._connection
             tinysession.SQLiteStore._connection = lambda store: Interrupting(connect(store))
         """)
         status, out, err = self.interrupt(path, setup, "--keep", "3")
         self.assertEqual((status, out), (130, ""))
-        self.assertIn("interrupted: removed nothing: SQLite cleans in one transaction", err)
+        self.assertIn("interrupted: removed 500 of the 1200 sessions seen", err)  # the second batch rolled back
         self.assertNotIn("Traceback", err)
         with tinysession.SQLiteStore(path) as store:
-            self.assertEqual(len(store), 20)
+            self.assertEqual(len(store), 700)
 
     def test_redis_url_without_redis_py(self):
         code = "import sys; sys.modules['redis'] = None; import tinysession; sys.exit(tinysession.main(sys.argv[1:]))"

@@ -229,6 +229,8 @@ def _make_serializer(serializer, secret):
 _MISSING = object()
 _EVICT_BATCH = 256
 _RETRIES = 16
+# A probationary mtime is a millisecond plus half of one; a returning one is a whole millisecond.
+_PROBATION_SECONDS = 0.0005
 
 
 class Sweep:
@@ -305,6 +307,7 @@ class Store(MutableMapping):
         self._write_lock = threading.Lock()
         self._writes_before_clean = self._writes_between_cleans()
         self._cleaning = threading.Lock()
+        self._clean_again = False
         self._last_claim = None
 
     @staticmethod
@@ -397,14 +400,17 @@ class Store(MutableMapping):
             raise KeyError(key)
         return self.decode(key, data), data, mtime
 
-    def save(self, key, data, *, expected=None, now=None):
-        """Write bytes made by ``encode`` with mtime ``now``; return False if ``expected`` did not match.
+    def save(self, key, data, *, expected=None, now=None, new=False):
+        """Write bytes made by ``encode`` with mtime ``stamp(now, new=new)``; return False if ``expected`` did not match.
 
-        Holds ``max_sessions``: after every ``max_sessions // 10`` writes (at
-        least 10) of this store object, a clean starts in a background
-        thread, never in the caller's, one at a time; its errors are logged.
+        ``new`` marks a session written for the first time, which stays on
+        probation (first to go when the store is full) until it is touched or
+        written again. Holds ``max_sessions``: after every
+        ``max_sessions // 10`` writes (at least 10) of this store object, a
+        clean starts in a background thread, never in the caller's, one at a
+        time; its errors are logged.
         """
-        if not self.write(_check_key(key), data, _now() if now is None else now, expected):
+        if not self.write(_check_key(key), data, self.stamp(now, new=new), expected):
             return False
         if self.max_sessions is not None:
             with self._write_lock:
@@ -416,6 +422,29 @@ class Store(MutableMapping):
                 self.clean_in_background()
         return True
 
+    @staticmethod
+    def stamp(now=None, *, new=False):
+        """Return the mtime a write or touch at ``now`` stores: ``now`` to the millisecond, the segment below it.
+
+        A session's segment lives in its mtime's sub-millisecond digits, so
+        every store keeps it with no field of its own: a new session's mtime
+        is a whole millisecond plus half of one (probationary), any other
+        write's or touch's a whole millisecond (returning). ``on_probation``
+        reads it back.
+        """
+        now = _now() if now is None else now
+        return round(now, 3) + (_PROBATION_SECONDS if new else 0.0)
+
+    @staticmethod
+    def on_probation(mtime):
+        """Return True if ``mtime`` is a probationary one, as ``stamp(new=True)`` makes them.
+
+        A store whose clock is coarser than a quarter of a millisecond (some
+        file systems) loses the mark: its records then all look returning.
+        """
+        scaled = mtime * 1000.0
+        return 0.25 <= scaled - int(scaled) <= 0.75
+
     def _writes_between_cleans(self):
         return max(10, (self.max_sessions or 0) // 10)
 
@@ -426,19 +455,23 @@ class Store(MutableMapping):
         ``claim_clean(claim_interval)`` and cleans only if it wins. Return
         the thread, or None if a clean was already running. Each finished
         clean logs one INFO line with its counts; a failure is logged, never
-        raised.
+        raised. A clean asked for while one runs (the writes outpacing it)
+        makes the running one sweep again when it is done.
         """
         if not self._cleaning.acquire(blocking=False):
+            self._clean_again = True
             return None
 
         def run():
-            started = time.perf_counter()
             try:
                 if claim_interval is not None and not self.claim_clean(claim_interval):
                     return
-                sweep = self.sweep()
-                _logger.info("cleaned %r: removed %d of %d sessions in %.2f s",
-                             self, sweep.removed, sweep.seen, time.perf_counter() - started)
+                self._clean_again = True
+                while self._clean_again:
+                    self._clean_again, started = False, time.perf_counter()
+                    sweep = self.sweep()
+                    _logger.info("cleaned %r: removed %d of %d sessions in %.2f s",
+                                 self, sweep.removed, sweep.seen, time.perf_counter() - started)
             except Exception:
                 _logger.exception("cleaning %r failed", self)
             finally:
@@ -592,7 +625,7 @@ class Store(MutableMapping):
     # Maintenance.
 
     def touch(self, key, *, now=None):
-        """Set the record's mtime to ``now`` without rewriting it.
+        """Set the record's mtime to ``stamp(now)`` without rewriting it: it is then a returning session.
 
         Return True if the record exists and is live, False if it is missing
         or expired (an expired record is not brought back).
@@ -605,15 +638,21 @@ class Store(MutableMapping):
                 return False
             if self._expired(mtime, now):
                 return False
-        return self.set_mtime(_check_key(key), now)
+        return self.set_mtime(_check_key(key), self.stamp(now))
 
     def clean(self, max_age=None, keep=None, *, now=None):
-        """Remove expired records, then all but the ``keep`` newest; return how many.
+        """Remove expired records, then all but ``keep`` of the others; return how many.
 
+        The records past ``keep`` go in this order: sessions on probation
+        (written once, never back since: see ``stamp``), oldest first, then
+        returning ones, oldest first. So a flood of new sessions (cookie-less
+        clients, a crawler) evicts its own kind and no session that came
+        back, and among returning sessions the newest ``keep`` stay: the
+        segmented LRU of scan-resistant caches, in the mtime alone.
         ``max_age`` defaults to the store's ``max_age`` and ``keep`` to its
         ``max_sessions``; with neither, only debris (temporary files of killed
         writers) is removed. A record written or touched after the pass
-        began is never removed by it.
+        began is never removed by it, nor counted in ``keep``.
         """
         return self.sweep(max_age, keep, now=now).removed
 
@@ -633,12 +672,14 @@ class Store(MutableMapping):
         With ``dry_run`` nothing is removed. ``progress``, if given, is called
         with the pass's live ``Sweep`` when it starts and every 10,000
         records, so a caller interrupted mid-pass (Ctrl-C) can still report
-        what was seen and removed so far. One pass over
-        ``scan()``, in memory bounded by ``keep``.
+        what was seen and removed so far. One pass over ``scan()`` (stat
+        only, for FileStore), in memory bounded by ``keep``: a heap of the
+        ``keep`` records to keep so far, keyed ``(returning, mtime)``.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
+        started = _now() + 0.001  # what stamp() makes of the present: rounded up, perhaps on probation
         sweep = Sweep()
-        newest = []  # min-heap of (mtime, key, size): the `keep` newest so far
+        kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
         doomed = []
         if progress is not None:
             progress(sweep)
@@ -646,13 +687,14 @@ class Store(MutableMapping):
             sweep.count(mtime, size)
             if progress is not None and sweep.seen % 10000 == 0:
                 progress(sweep)
-            if (cutoff is not None and mtime < cutoff) or keep == 0:
+            if cutoff is not None and mtime < cutoff:
                 doomed.append((key, mtime, size))
-            elif keep is not None:
-                if len(newest) < keep:
-                    heapq.heappush(newest, (mtime, key, size))
+            elif keep is not None and mtime <= started:
+                entry = (not self.on_probation(mtime), mtime, key, size)
+                if len(kept) < keep:
+                    heapq.heappush(kept, entry)
                 else:
-                    mtime, key, size = heapq.heappushpop(newest, (mtime, key, size))
+                    _, mtime, key, size = heapq.heappushpop(kept, entry)
                     doomed.append((key, mtime, size))
             if len(doomed) >= _EVICT_BATCH:
                 self._evict_counted(doomed, sweep, dry_run)
@@ -1142,14 +1184,18 @@ _SQL_SCAN = 'SELECT key, mtime, LENGTH(data) FROM "{table}"'
 _SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
 _SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime) FROM "{table}"'
 _SQL_SUMMARY_EXPIRED = 'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE mtime < ?'
-_SQL_DELETE_EXPIRED = 'DELETE FROM "{table}" WHERE mtime < ?'
-_SQL_OLDEST_BEYOND = (
-    'SELECT key FROM "{table}" WHERE mtime >= ? ORDER BY mtime DESC, key DESC LIMIT -1 OFFSET ?'
+# 1 for a returning session, 0 for one on probation: Store.on_probation in SQL (see Store.stamp).
+_SQL_RETURNING = "(mtime * 1000 - CAST(mtime * 1000 AS INTEGER) NOT BETWEEN 0.25 AND 0.75)"
+_SQL_SEGMENT_INDEX = 'CREATE INDEX IF NOT EXISTS "{table}_segment" ON "{table}" (' + _SQL_RETURNING + ", mtime)"
+# The live rows past `keep` (probation first, oldest first, in the segment index's order), of those
+# stamped before the pass began; "+mtime" keeps the planner on the segment index.
+_SQL_BEYOND = (
+    'SELECT key, LENGTH(data) AS size FROM "{table}" WHERE +mtime >= ? AND +mtime <= ? '
+    "ORDER BY " + _SQL_RETURNING + " DESC, mtime DESC LIMIT ? OFFSET ?"
 )
-_SQL_SUMMARY_BEYOND = (
-    'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
-)
-_SQL_DELETE_BEYOND = 'DELETE FROM "{table}" WHERE key IN (' + _SQL_OLDEST_BEYOND + ")"
+_SQL_SUMMARY_BEYOND = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_BEYOND + ")"
+_SQL_EXPIRED = 'SELECT key, LENGTH(data) FROM "{table}" WHERE mtime < ? LIMIT ?'
+_SQLITE_EVICT_BATCH = 500
 _SQL_CREATE_CLAIMS = 'CREATE TABLE IF NOT EXISTS "{table}_claims" (name TEXT PRIMARY KEY, at REAL NOT NULL)'
 _SQL_CLAIM = (
     'INSERT INTO "{table}_claims" (name, at) VALUES (\'clean\', ?) '
@@ -1170,9 +1216,10 @@ _SQL_TEMPLATES = (
     _SQL_COUNT,
     _SQL_SUMMARY,
     _SQL_SUMMARY_EXPIRED,
-    _SQL_DELETE_EXPIRED,
+    _SQL_SEGMENT_INDEX,
+    _SQL_BEYOND,
     _SQL_SUMMARY_BEYOND,
-    _SQL_DELETE_BEYOND,
+    _SQL_EXPIRED,
 )
 
 
@@ -1226,7 +1273,7 @@ class SQLiteStore(Store):
     ``max_bytes``, as every store takes them (see the README's table).
 
     The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
-    ``mtime``) is created on first use, in a file created 0600 (its ``-wal``
+    ``mtime`` and on ``(returning, mtime)`` for ``clean``) is created on first use, in a file created 0600 (its ``-wal``
     and ``-shm`` too) if missing; the database runs in WAL mode with
     ``synchronous=NORMAL`` and waits up to five seconds for a lock. With
     ``read_only=True`` the file is opened read-only and nothing about it is
@@ -1307,6 +1354,7 @@ class SQLiteStore(Store):
                 connection.execute("PRAGMA synchronous=NORMAL")
                 connection.execute(self._sql[_SQL_CREATE])
                 connection.execute(self._sql[_SQL_INDEX])
+                connection.execute(self._sql[_SQL_SEGMENT_INDEX])
         except self._sqlite3.Error as exc:
             raise StoreError(f"cannot open session database {self.path!r}: {exc}") from exc
         holder = _ConnectionHolder(connection)
@@ -1363,35 +1411,60 @@ class SQLiteStore(Store):
         return self._execute(_SQL_CLAIM, (now, now - interval)).rowcount > 0
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
-        """Run one cleaning pass in SQL, in one transaction: see ``Store.sweep``."""
+        """Run one cleaning pass in SQL, in batches that keep writers waiting a few milliseconds: see ``Store.sweep``.
+
+        The counts are plain reads, which block no writer in WAL mode. The
+        removals go in transactions of at most 500 rows (the expired first,
+        then the rows past ``keep`` in the order of the index on
+        ``(returning, mtime)``), and ``progress`` is called after each, its
+        ``Sweep`` counting what is already removed; so a writer waits for one
+        batch at most, never for the whole pass.
+        """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
+        started = _now() + 0.001  # what stamp() makes of the present: rounded up, perhaps on probation
+        floor = float("-inf") if cutoff is None else cutoff
         sweep = Sweep()
         connection = self._connection()
         try:
+            count, size, sweep.oldest, sweep.newest = connection.execute(self._sql[_SQL_SUMMARY]).fetchone()
+            sweep.seen, sweep.seen_bytes = count, int(size)
+            if progress is not None:
+                progress(sweep)
+            if dry_run:
+                summaries = [] if cutoff is None else [(_SQL_SUMMARY_EXPIRED, (cutoff,))]
+                if keep is not None:
+                    summaries.append((_SQL_SUMMARY_BEYOND, (floor, started, -1, keep)))
+                for summary, parameters in summaries:
+                    count, size = connection.execute(self._sql[summary], parameters).fetchone()
+                    sweep.removed, sweep.removed_bytes = sweep.removed + count, sweep.removed_bytes + int(size)
+                return sweep
+            if cutoff is not None:
+                self._evict_batches(connection, _SQL_EXPIRED, (cutoff, _SQLITE_EVICT_BATCH), sweep, progress)
+            if keep is not None:
+                parameters = (floor, started, _SQLITE_EVICT_BATCH, keep)
+                self._evict_batches(connection, _SQL_BEYOND, parameters, sweep, progress)
+        except self._sqlite3.Error as exc:
+            raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
+        return sweep
+
+    def _evict_batches(self, connection, select, parameters, sweep, progress):
+        """Remove the rows ``select`` picks, one ``BEGIN IMMEDIATE`` transaction per batch, until it picks too few."""
+        while True:
             connection.execute("BEGIN IMMEDIATE")
             try:
-                count, size, oldest, newest = connection.execute(self._sql[_SQL_SUMMARY]).fetchone()
-                sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = count, int(size), oldest, newest
-                batches = []
-                if cutoff is not None:
-                    batches.append((_SQL_SUMMARY_EXPIRED, _SQL_DELETE_EXPIRED, (cutoff,)))
-                if keep is not None:
-                    floor = float("-inf") if cutoff is None else cutoff
-                    batches.append((_SQL_SUMMARY_BEYOND, _SQL_DELETE_BEYOND, (floor, keep)))
-                for summary, delete, parameters in batches:
-                    count, size = connection.execute(self._sql[summary], parameters).fetchone()
-                    sweep.removed += count
-                    sweep.removed_bytes += int(size)
-                    if not dry_run:
-                        connection.execute(self._sql[delete], parameters)
+                rows = connection.execute(self._sql[select], parameters).fetchall()
+                connection.executemany(self._sql[_SQL_DELETE], [(key,) for key, _ in rows])
                 connection.execute("COMMIT")
             except BaseException:
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
                 raise
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
-        return sweep
+            sweep.removed += len(rows)
+            sweep.removed_bytes += sum(size for _, size in rows)
+            if progress is not None:
+                progress(sweep)
+            if len(rows) < _SQLITE_EVICT_BATCH:
+                return
 
     # The message log: the table <table>_log, one row per message, removed with its record by a trigger.
 
@@ -1481,10 +1554,14 @@ redis.call('HSET', KEYS[1], 'data', ARGV[1], 'mtime', ARGV[2])
 if ARGV[3] ~= '' then
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[6])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[6])
 else
     redis.call('PERSIST', KEYS[1])
 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[7])
+local segment, other = KEYS[2], KEYS[4]
+if ARGV[8] == '1' then segment, other = KEYS[4], KEYS[2] end
+redis.call('ZADD', segment, ARGV[2], ARGV[7])
+redis.call('ZREM', other, ARGV[7])
 if KEYS[3] then if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[3], ARGV[3]) else redis.call('PERSIST', KEYS[3]) end end
 return 1
 """
@@ -1493,35 +1570,47 @@ _REDIS_REMOVE = """
 if ARGV[1] == '1' and redis.call('HGET', KEYS[1], 'data') ~= ARGV[2] then return 0 end
 local removed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[3])
 return removed
 """
 _REDIS_SET_MTIME = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'mtime', ARGV[1])
 if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+local segment, other = KEYS[2], KEYS[4]
+if ARGV[4] == '1' then segment, other = KEYS[4], KEYS[2] end
+redis.call('ZADD', segment, ARGV[1], ARGV[3])
+redis.call('ZREM', other, ARGV[3])
 if KEYS[3] and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
 return 1
 """
 # Removes the expired, then the live ones past `keep`, each with its index
-# member; members whose record is already gone go uncounted. Only a dry run
-# sums the size of every record (seen_bytes is nil otherwise): a real clean
-# must stay O(log N + removed), as the server serves no one while it runs.
+# member: sessions on probation (the second sorted set) first, oldest first,
+# then returning ones (the main index), oldest first. Members whose record is
+# already gone go uncounted. Only a dry run sums the size of every record
+# (seen_bytes is nil otherwise): a real clean must stay O(log N + removed),
+# as the server serves no one while it runs.
 _REDIS_SWEEP = """
-local index, prefix, cutoff, keep = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local index, probation, prefix, cutoff, keep = KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local dry_run = ARGV[4] == '1'
-local seen, seen_bytes, removed, removed_bytes = redis.call('ZCARD', index), false, 0, 0
-local oldest = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')[2] or false
-local newest = redis.call('ZREVRANGE', index, 0, 0, 'WITHSCORES')[2] or false
-if dry_run then
-    seen_bytes = 0
-    for start = 0, seen - 1, 1000 do
-        for _, member in ipairs(redis.call('ZRANGE', index, start, start + 999)) do
-            seen_bytes = seen_bytes + redis.call('HSTRLEN', prefix .. member, 'data')
+local seen, seen_bytes, removed, removed_bytes = 0, false, 0, 0
+local oldest, newest = false, false
+for _, set in ipairs({index, probation}) do
+    seen = seen + redis.call('ZCARD', set)
+    local low = redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')[2]
+    local high = redis.call('ZREVRANGE', set, 0, 0, 'WITHSCORES')[2]
+    if low and (not oldest or tonumber(low) < tonumber(oldest)) then oldest = low end
+    if high and (not newest or tonumber(high) > tonumber(newest)) then newest = high end
+    if dry_run then
+        seen_bytes = seen_bytes or 0
+        for start = 0, redis.call('ZCARD', set) - 1, 1000 do
+            for _, member in ipairs(redis.call('ZRANGE', set, start, start + 999)) do
+                seen_bytes = seen_bytes + redis.call('HSTRLEN', prefix .. member, 'data')
+            end
         end
     end
 end
-local function remove(members)
+local function remove(set, members)
     for _, member in ipairs(members) do
         local name = prefix .. member
         local size = redis.call('HSTRLEN', name, 'data')
@@ -1531,15 +1620,24 @@ local function remove(members)
             seen = seen - 1
         end
         if not dry_run then
-            redis.call('ZREM', index, member)
+            redis.call('ZREM', set, member)
             redis.call('DEL', prefix .. '#log:' .. member)  -- the message log goes with its record
         end
     end
 end
-if cutoff ~= '' then remove(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff)) end
+if cutoff ~= '' then
+    remove(index, redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff))
+    remove(probation, redis.call('ZRANGEBYSCORE', probation, '-inf', '(' .. cutoff))
+end
 if keep then
     local floor = cutoff ~= '' and cutoff or '-inf'
-    remove(redis.call('ZREVRANGEBYSCORE', index, '+inf', floor, 'LIMIT', keep, -1))
+    local returning = redis.call('ZCOUNT', index, floor, '+inf')
+    if returning >= keep then
+        remove(probation, redis.call('ZRANGEBYSCORE', probation, floor, '+inf'))
+        remove(index, redis.call('ZREVRANGEBYSCORE', index, '+inf', floor, 'LIMIT', keep, -1))
+    else
+        remove(probation, redis.call('ZREVRANGEBYSCORE', probation, '+inf', floor, 'LIMIT', keep - returning, -1))
+    end
 end
 return {seen, seen_bytes, removed, removed_bytes, oldest, newest}
 """
@@ -1583,10 +1681,13 @@ class RedisStore(Store):
     ``data`` (the stored bytes) and ``mtime`` (a POSIX timestamp), so a read
     is one HMGET and a touch rewrites only ``mtime``. With ``max_age`` every
     write and touch also sets the hash's TTL to ``max_age``, so Redis removes
-    expired records by itself; reads still check ``mtime``. The sorted set
-    ``prefix + "#index"`` maps every key to its mtime: ``len()``, iteration
-    and ``clean()`` use it (never KEYS or SCAN), and writes drop its members
-    past ``max_age``, so stores sharing a prefix should share ``max_age``.
+    expired records by itself; reads still check ``mtime``. Two sorted sets
+    map every key to its mtime: ``prefix + "#probation"`` the sessions on
+    probation (see ``Store.stamp``), ``prefix + "#index"`` all others; a
+    write or touch moves a key between them as its mtime says, in O(log N).
+    ``len()``, iteration and ``clean()`` use them (never KEYS or SCAN), and
+    writes drop their members past ``max_age``, so stores sharing a prefix
+    should share ``max_age``.
     A write, a removal, a touch and a clean are one Lua script each: atomic
     (conditions included), index included, in one round trip. A clean costs
     the server O(log N + removed); a dry run also reads the size of every
@@ -1619,6 +1720,7 @@ class RedisStore(Store):
         self.client = client
         self.prefix = prefix
         self._index = prefix + "#index"
+        self._probation = prefix + "#probation"
         self._write_script = client.register_script(_REDIS_WRITE)
         self._remove_script = client.register_script(_REDIS_REMOVE)
         self._set_mtime_script = client.register_script(_REDIS_SET_MTIME)
@@ -1652,7 +1754,7 @@ class RedisStore(Store):
         return f"{self!r} key {self.prefix + key!r}"
 
     def _keys(self, key):
-        return [self.prefix + key, self._index, self._log_key(key)]
+        return [self.prefix + key, self._index, self._log_key(key), self._probation]
 
     def read(self, key):
         data, mtime = self._command("HMGET", self.prefix + key, "data", "mtime")
@@ -1663,7 +1765,7 @@ class RedisStore(Store):
     def write(self, key, data, mtime, expected=None):
         cutoff = None if self.max_age is None else mtime - self.max_age
         arguments = [data, self._number(mtime), self._ttl(), int(expected is not None), expected or b"",
-                     self._number(cutoff), key]
+                     self._number(cutoff), key, int(self.on_probation(mtime))]
         return self._call(self._write_script, self._keys(key), arguments) == 1
 
     def remove(self, key, expected=None):
@@ -1671,13 +1773,18 @@ class RedisStore(Store):
         return self._call(self._remove_script, self._keys(key), arguments) == 1
 
     def set_mtime(self, key, mtime):
-        arguments = [self._number(mtime), self._ttl(), key]
+        arguments = [self._number(mtime), self._ttl(), key, int(self.on_probation(mtime))]
         return self._call(self._set_mtime_script, self._keys(key), arguments) == 1
 
     def scan(self):
+        yield from self._scan_set(self._index)
+        yield from self._scan_set(self._probation)
+
+    def _scan_set(self, name):
+        """Yield ``(key, mtime, size)`` of every live record the sorted set ``name`` indexes."""
         start = 0
         while True:
-            members = self._command("ZRANGE", self._index, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES")
+            members = self._command("ZRANGE", name, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES")
             if not members:
                 return
             keys = [member.decode("ascii") for member in members[0::2]]
@@ -1701,19 +1808,20 @@ class RedisStore(Store):
 
     def __iter__(self):
         floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
-        members = self._command("ZRANGEBYSCORE", self._index, floor, "+inf")
+        members = [*self._command("ZRANGEBYSCORE", self._index, floor, "+inf"),
+                   *self._command("ZRANGEBYSCORE", self._probation, floor, "+inf")]
         return iter([member.decode("ascii") for member in members])
 
     def __len__(self):
         """Count the live records: the index members not older than ``max_age``."""
         floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
-        return self._command("ZCOUNT", self._index, floor, "+inf")
+        return sum(self._command("ZCOUNT", name, floor, "+inf") for name in (self._index, self._probation))
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
         """Run one cleaning pass in one Lua script, atomically: see ``Store.sweep``."""
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         arguments = [self.prefix, self._number(cutoff), "" if keep is None else keep, int(dry_run)]
-        reply = self._call(self._sweep_script, [self._index], arguments)
+        reply = self._call(self._sweep_script, [self._index, self._probation], arguments)
         sweep = Sweep()
         sweep.seen, sweep.seen_bytes, sweep.removed, sweep.removed_bytes = reply[:4]
         sweep.oldest, sweep.newest = (None if mtime is None else float(mtime) for mtime in reply[4:])
@@ -2064,6 +2172,7 @@ class Session(MutableMapping):
         "_key",
         "_logged",
         "_mtime",
+        "_promote",
         "_secure",
         "_settings",
         "_snapshot",
@@ -2170,6 +2279,7 @@ class Session(MutableMapping):
                 self._doomed.append((key, None, False))
                 continue
             self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
+            self._promote = settings.store.on_probation(mtime)  # it came back: promote it at save
             self._created, self._data = record["created"], record["data"]
             self._logged = record.get("log") is True
             self._snapshot = _snapshot(self._data)
@@ -2251,9 +2361,10 @@ class Session(MutableMapping):
             else:
                 self._touch(now)
         elif self.state == _NEW and self._holds():
-            if self._created is None:
+            first = self._created is None  # else regenerated: a session that came back, under a new id
+            if first:
                 self._created = now
-            self._save_new(now)
+            self._save_new(now, first)
 
     def _record(self):
         if self._logged:
@@ -2299,7 +2410,8 @@ class Session(MutableMapping):
             self._data.update(merged)
         return theirs_stored
 
-    def _save_new(self, now):
+    def _save_new(self, now, first=True):
+        """Write the session under a new id; ``first`` (a session never saved before) puts it on probation."""
         if self._settings.cookie_max_age == 0:
             self.abandon()  # its cookie expires with this response: the session ends with it
             return
@@ -2310,24 +2422,27 @@ class Session(MutableMapping):
             self._id = _new_session_id()
         key = _store_key(self._id)
         stored = self._settings.store.encode(key, self._record())
-        self._settings.store.save(key, stored, now=now)
+        self._settings.store.save(key, stored, now=now, new=first)
         self._undo.append((key, None, stored))
         self._became(key, stored, now)
 
     def _became(self, key, stored, now):
         self.state, self._key, self._stored, self._mtime = _LOADED, key, stored, now
+        self._promote = False
         self._snapshot = _snapshot(self._data)
         self._identity = self._identity_now()
 
     def _touch(self, now):
+        """Refresh the mtime once ``touch_interval`` has passed, or at once if the session is still on probation."""
         interval = self._settings.touch_after()
-        if interval is None or now - self._mtime < interval:
+        if not self._promote and (interval is None or now - self._mtime < interval):
             return
+        store = self._settings.store
         try:
-            self._settings.store.set_mtime(self._key, now)
+            store.set_mtime(self._key, store.stamp(now))
         except StoreError as exc:
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
-        self._mtime = now
+        self._mtime, self._promote = now, False
 
     def _save_changed(self, now):
         store, key, expected = self._settings.store, self._key, self._stored
@@ -3762,7 +3877,7 @@ def _report_interrupted(args, store, sweep):
         verb = "would have removed" if args.dry_run else "removed"
         done = f"{verb} {sweep.removed} of the {sweep.seen} sessions seen ({_format_bytes(sweep.removed_bytes)})"
     elif isinstance(store, SQLiteStore):
-        done = "removed nothing: SQLite cleans in one transaction, which was rolled back"
+        done = "removed nothing: SQLite had not finished a batch"
     elif isinstance(store, RedisStore):
         done = "the Redis server runs its clean to the end regardless: run stats to see what is left"
     else:
