@@ -4873,6 +4873,15 @@ class CommandLineCase(unittest.TestCase):
 
 
 class CommandLineClean(CommandLineCase):
+    def test_only_the_flags_decide_what_goes_never_the_stores_default_bound(self):
+        for index in range(tinysession.DEFAULT_MAX_SESSIONS + 50):
+            with open(os.path.join(self.directory, f"ts-bulk{index}"), "w") as file:
+                file.write("{}")
+        status, out, _ = self.run_main("clean", self.directory, "--max-age", "1h")
+        self.assertEqual(status, 0)
+        self.assertIn("removed 3 of", out)  # only the three the fixture made older than an hour
+        self.assertEqual(len(record_files(self.directory)), tinysession.DEFAULT_MAX_SESSIONS + 50 + 3)
+
     def test_max_age_removes_the_expired_and_reports(self):
         status, out, err = self.run_main("clean", self.directory, "--max-age", "1h")
         self.assertEqual((status, err), (0, ""))

@@ -3712,6 +3712,8 @@ _DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
 _DURATION_NUMBER = r"\d+(?:\.\d+)?"
 _DURATION_PATTERN = "".join(rf"(?:({_DURATION_NUMBER}){unit})?" for unit in _DURATION_UNITS)
 _SQLITE_HEADER = b"SQLite format 3\0"
+# The command line removes what its flags say and no more: no default bound of the stores applies.
+_UNBOUNDED = {"max_sessions": None, "max_bytes": None}
 _EXIT_FAILED, _EXIT_USAGE, _EXIT_NO_SESSIONS, _EXIT_INTERRUPTED = 1, 2, 3, 130
 _SPECIAL_FILES = (
     (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
@@ -3796,7 +3798,7 @@ def _open_store(spec, table, prefix, read_only):
         if is_kind(mode):
             raise SessionError(f"{spec}: is {kind}, neither a session directory nor an SQLite database")
     if stat.S_ISDIR(mode):
-        return FileStore(spec)
+        return FileStore(spec, **_UNBOUNDED)
     return _open_sqlite(spec, table, read_only)
 
 
@@ -3809,7 +3811,7 @@ def _open_redis(spec, prefix):
         client = redis.Redis.from_url(spec)
     except ValueError as exc:
         raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
-    return RedisStore(client, prefix=prefix)
+    return RedisStore(client, prefix=prefix, **_UNBOUNDED)
 
 
 def _open_sqlite(spec, table, read_only):
@@ -3837,7 +3839,7 @@ def _open_sqlite(spec, table, read_only):
         raise SessionError(f"{spec}: no table {table!r} (is --table right?)")
     if not {"key", "data", "mtime"} <= columns:
         raise SessionError(f"{spec}: table {table!r} is not a session table: its columns are {sorted(columns)}")
-    return SQLiteStore(spec, table=table, read_only=read_only)
+    return SQLiteStore(spec, table=table, read_only=read_only, **_UNBOUNDED)
 
 
 def _progress_printer(stream):
