@@ -683,21 +683,34 @@ class Store(MutableMapping):
         doomed = []
         if progress is not None:
             progress(sweep)
-        for key, mtime, size in self._sweep_scan(now, dry_run):
-            sweep.count(mtime, size)
-            if progress is not None and sweep.seen % 10000 == 0:
-                progress(sweep)
-            if cutoff is not None and mtime < cutoff:
-                doomed.append((key, mtime, size))
-            elif keep is not None and mtime <= started:
-                entry = (not self.on_probation(mtime), mtime, key, size)
-                if len(kept) < keep:
-                    heapq.heappush(kept, entry)
-                else:
-                    _, mtime, key, size = heapq.heappushpop(kept, entry)
+        # The counts live in locals, and reach the Sweep every 10,000 records and when the pass ends or is
+        # interrupted: this loop runs once per file.
+        seen = seen_bytes = 0
+        oldest, newest = float("inf"), float("-inf")
+        try:
+            for key, mtime, size in self._sweep_scan(now, dry_run):
+                seen += 1
+                seen_bytes += size
+                oldest, newest = min(oldest, mtime), max(newest, mtime)
+                if seen % 10000 == 0:
+                    sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = seen, seen_bytes, oldest, newest
+                    if progress is not None:
+                        progress(sweep)
+                if cutoff is not None and mtime < cutoff:
                     doomed.append((key, mtime, size))
-            if len(doomed) >= _EVICT_BATCH:
-                self._evict_counted(doomed, sweep, dry_run)
+                elif keep is not None and mtime <= started:
+                    entry = (not self.on_probation(mtime), mtime, key, size)
+                    if len(kept) < keep:
+                        heapq.heappush(kept, entry)
+                    else:
+                        _, mtime, key, size = heapq.heappushpop(kept, entry)
+                        doomed.append((key, mtime, size))
+                if len(doomed) >= _EVICT_BATCH:
+                    self._evict_counted(doomed, sweep, dry_run)
+        finally:
+            sweep.seen, sweep.seen_bytes = seen, seen_bytes
+            if seen:
+                sweep.oldest, sweep.newest = oldest, newest
         self._evict_counted(doomed, sweep, dry_run)
         return sweep
 
@@ -996,8 +1009,9 @@ class FileStore(Store):
                     if not stat.S_ISREG(status.st_mode):
                         continue
                     if name[0] != ".":
-                        if _is_key(name[prefix_length:]):
-                            yield name[prefix_length:], status.st_mtime, status.st_size
+                        key = name[prefix_length:]
+                        if 0 < len(key) <= 128 and not key.strip(_KEY_CHARACTERS):  # _is_key, inlined: per file
+                            yield key, status.st_mtime, status.st_size
                     elif not dry_run and name.endswith(_TEMP_SUFFIX) and status.st_mtime < now - _TEMP_MAX_AGE:
                         with contextlib.suppress(FileNotFoundError):  # another cleaner was first
                             os.unlink(name, dir_fd=directory_fd)
