@@ -3022,6 +3022,20 @@ class BackgroundCleaning(unittest.TestCase):
         self.wait_for_cleaners()
         self.assertEqual(record_files(directory), ["ts-old"])
 
+    def test_a_failing_background_clean_is_logged_even_when_the_store_cannot_be_counted(self):
+        class Broken(tinysession.FileStore):
+            def sweep(self, *args, **kwargs):
+                raise tinysession.StoreError("disk on fire")
+
+            def __len__(self):  # logging must never call it: it is store I/O
+                raise tinysession.StoreError("len() called")
+
+        store = Broken(temp_dir(self))
+        with self.assertLogs("tinysession", "ERROR") as logs:
+            store.clean_in_background().join(30)
+        self.assertIn("disk on fire", "\n".join(logs.output))
+        self.assertNotIn("len() called", "\n".join(logs.output))
+
     def test_clean_errors_are_logged_not_raised(self):
         class BrokenStore(tinysession.FileStore):
             def sweep(self, *args, **kwargs):

@@ -473,7 +473,7 @@ class Store(MutableMapping):
                     _logger.info("cleaned %r: removed %d of %d sessions in %.2f s",
                                  self, sweep.removed, sweep.seen, time.perf_counter() - started)
             except Exception:
-                _logger.exception("cleaning %r failed", self)
+                _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument, logging would bool() it
             finally:
                 self._cleaning.release()
 
@@ -482,7 +482,7 @@ class Store(MutableMapping):
             thread.start()
         except RuntimeError:
             self._cleaning.release()
-            _logger.exception("could not start a background clean of %r", self)
+            _logger.exception("could not start a background clean of %s", repr(self))
             return None
         return thread
 

@@ -57,6 +57,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -71,11 +72,13 @@ tinysession = None
 
 FULL = {"store_n": 2000, "store_reps": 5, "req_n": 400, "req_reps": 5, "users": 200,
             "clean_n": 100_000, "clean_reps": 1, "import_runs": 7, "http_s": 3, "http_reps": 5, "http_warmup_s": 1,
-            "contended_saves": 50}
+            "contended_saves": 50, "flood_keep": 1000, "flood_returning": 300, "flood_new": 20000,
+            "busy_files": 100_000, "busy_rows": 300_000, "busy_writes": 2000}
 # One cleaning run each in the full run: building and tearing down a 100,000-file
 # layout costs ~30 s per cleaner on a 2-core VM disk; raise clean_reps on a faster one.
 QUICK = {"store_n": 200, "store_reps": 3, "req_n": 60, "req_reps": 3, "users": 50,
-             "clean_n": 5000, "clean_reps": 1, "import_runs": 3, "contended_saves": 10}
+             "clean_n": 5000, "clean_reps": 1, "import_runs": 3, "contended_saves": 10, "flood_keep": 100,
+             "flood_returning": 30, "flood_new": 1000, "busy_files": 2000, "busy_rows": 5000, "busy_writes": 200}
 WARMUP = 20  # operations or requests per contender before any timing
 
 MAX_AGE = 2 * 3600  # the cleaning section's expiry: half the sessions are 3 hours old
@@ -109,11 +112,21 @@ def proc_status_kb(field, pid="self"):
     return None
 
 
+def wait_for_cleans():
+    """Wait until tinysession's background cleans (started by its default max_sessions) have ended."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "tinysession-clean":
+            thread.join(60)
+
+
 def settle():
     """Write every dirty page back to disk and collect garbage: call it, untimed, before a timed batch.
 
     Without it a batch partly times the kernel's writeback of the previous batch's files.
     """
+    wait_for_cleans()
     os.sync()
     gc.collect()
 
@@ -397,6 +410,7 @@ def tinysession_contenders(redis_server):
         return store[key]
 
     def close(store):
+        wait_for_cleans()  # the default max_sessions starts background cleans: let them end first
         store.close()
 
     def conditional(contender):
@@ -990,6 +1004,7 @@ def contended_batch(contender, directory, writers, saves):
     messages = store[key]["data"]["messages"]
     if len(messages) != writers * saves + 1:
         raise AssertionError(f"{len(messages)} messages kept of {writers * saves + 1}")
+    wait_for_cleans()
     store.close()
     shutil.rmtree(directory, ignore_errors=True)
     return writers * saves / elapsed, Counting.retries / (writers * saves)
@@ -1037,6 +1052,108 @@ def print_contended_section(config, contenders, results):
             rates, retries = zip(*results[(contender["name"], writers)])
             cells.append(f"{statistics.median(rates):,.0f} | {statistics.median(retries):.2f}")
         print(f"| {contender['name']} | {' | '.join(cells)} |")
+    print()
+
+
+# -- 7. Floods and cleaning under load --
+#
+# A bounded store under a flood of new sessions, and the latency of writes
+# while a large clean runs beside them (FileStore and SQLiteStore), in process.
+
+
+def flood_batch(open_store, directory, returning, new, keep):
+    """Fill a store bounded at ``keep`` with returning sessions, then a flood of new ones; return counts."""
+    os.makedirs(directory)
+    store = open_store(directory, keep)
+    regulars = [f"regular{n}" for n in range(returning)]
+    for key in regulars:
+        store.save(key, store.encode(key, {"user": key}), new=True)
+        store.touch(key)  # it came back: promoted
+    peak = 0
+    started = time.perf_counter()
+    for n in range(new):
+        key = f"flood{n}"
+        store.save(key, store.encode(key, {}), new=True)
+        if n % 1000 == 0:
+            peak = max(peak, len(store))
+    wait_for_cleans()
+    elapsed = time.perf_counter() - started
+    result = (sum(key in store for key in regulars), peak, len(store), elapsed)
+    store.close()
+    return result
+
+
+def write_latencies(store, count, during=None):
+    """Time ``count`` session writes (ms each), with ``during`` running in a thread meanwhile."""
+    thread = None if during is None else threading.Thread(target=during)
+    if thread is not None:
+        thread.start()
+    latencies = []
+    for n in range(count):
+        key = f"w{n}"
+        data = store.encode(key, {"n": n})
+        started = time.perf_counter()
+        store.save(key, data)
+        latencies.append((time.perf_counter() - started) * 1000)
+    if thread is not None:
+        thread.join()
+    latencies.sort()
+    return latencies[-1], latencies[int(len(latencies) * 0.99)]
+
+
+def run_flood_section(config, workdir, redis_server):
+    def file_store(directory, keep):
+        return tinysession.FileStore(os.path.join(directory, "s"), max_sessions=keep)
+
+    def sqlite_store(directory, keep):
+        return tinysession.SQLiteStore(os.path.join(directory, "s.db"), max_sessions=keep)
+
+    stores = [("tinysession FileStore", file_store, config["busy_files"]),
+              ("tinysession SQLiteStore", sqlite_store, config["busy_rows"])]
+    results = {}
+    log(f"7. floods and cleaning under load: {config['flood_new']} new sessions against "
+        f"{config['flood_returning']} returning, max_sessions={config['flood_keep']}")
+    for name, open_store, busy in stores:
+        directory = os.path.join(workdir, f"flood-{secrets.token_hex(4)}")
+        results[(name, "flood")] = flood_batch(open_store, directory, config["flood_returning"],
+                                               config["flood_new"], config["flood_keep"])
+        shutil.rmtree(directory, ignore_errors=True)
+        directory = os.path.join(workdir, f"busy-{secrets.token_hex(4)}")
+        os.makedirs(directory)
+        store = open_store(directory, None)
+        old = time.time() - 10 * 86400
+        for n in range(busy):
+            key = f"old{n}"
+            store.save(key, store.encode(key, {}), now=old)
+        settle()
+        results[(name, "quiet")] = write_latencies(store, config["busy_writes"])
+        results[(name, "clean")] = write_latencies(store, config["busy_writes"],
+                                                   during=lambda store=store: store.clean(keep=1000))
+        store.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        log(f"  {name} done")
+    return stores, results
+
+
+def print_flood_section(config, stores, results):
+    print("## 7. Floods and cleaning under load\n")
+    print(f"A store with max_sessions={config['flood_keep']:,} holding {config['flood_returning']} sessions "
+          f"that came back, then {config['flood_new']:,} new sessions written one after another (their "
+          "background cleans included): how many of the returning sessions survive, the most records seen "
+          "during the flood (sampled every 1,000 writes) and after it.\n")
+    print("| store | returning kept | peak records | final records | flood s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, _, _ in stores:
+        kept, peak, final, elapsed = results[(name, "flood")]
+        print(f"| {name} | {kept}/{config['flood_returning']} | {peak:,} | {final:,} | {elapsed:.1f} |")
+    print(f"\nWrites of new sessions ({config['busy_writes']} of them) while nothing else runs, and while "
+          "`clean(keep=1000)` runs in another thread over a store of old records "
+          f"({config['busy_files']:,} files, {config['busy_rows']:,} SQLite rows): worst and p99 latency in ms.\n")
+    print("| store | quiet: worst | p99 | during the clean: worst | p99 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, _, _ in stores:
+        quiet, busy = results[(name, "quiet")], results[(name, "clean")]
+        print(f"| {name} | {quiet[0]:.1f} | {quiet[1]:.2f} | {busy[0]:.1f} | {busy[1]:.2f} |")
     print()
 
 
@@ -1980,8 +2097,8 @@ def main(argv=None):
     redis_group = parser.add_mutually_exclusive_group()
     redis_group.add_argument("--redis", action="store_true", help="require the Redis rows (start a server)")
     redis_group.add_argument("--no-redis", action="store_true", help="skip the Redis rows")
-    parser.add_argument("--sections", default="123456",
-                        help="which sections to run (default: 123456; --quick never runs 5)")
+    parser.add_argument("--sections", default="1234567",
+                        help="which sections to run (default: 1234567; --quick never runs 5)")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
     warnings.simplefilter("ignore")
@@ -2013,6 +2130,7 @@ def main(argv=None):
             "4": (print_import_section, lambda: run_import_section(config, snapshot)),
             "5": (print_http_section, lambda: run_http_section(config, workdir, redis_server)),
             "6": (print_contended_section, lambda: run_contended_section(config, workdir, redis_server)),
+            "7": (print_flood_section, lambda: run_flood_section(config, workdir, redis_server)),
         }
         if args.quick and "5" in args.sections:
             NOTES.add("section 5 (HTTP) skipped: --quick")
