@@ -1475,6 +1475,8 @@ class SQLiteStore(Store):
                 raise
             sweep.removed += len(rows)
             sweep.removed_bytes += sum(size for _, size in rows)
+            # The cleaner copies its own WAL pages back, so that no writer's commit pays a large checkpoint.
+            connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
             if progress is not None:
                 progress(sweep)
             if len(rows) < _SQLITE_EVICT_BATCH:
