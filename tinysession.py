@@ -56,25 +56,37 @@ rotates a secret: records are signed with the newest, accepted under any.
 Files are 0600 and session directories 0700; FileStore refuses a directory
 that group or others may write to, since they could plant records there.
 
-Sections: errors, records, the store protocol, FileStore, SQLiteStore,
-RedisStore, merging, cookies, the session core, WSGI, Flask (``FlaskSessionInterface``,
-``TaggedJSON``), ASGI, chat history, command line.
+Sections: errors, records (serializers, ``TaggedJSON``), the store protocol,
+FileStore, SQLiteStore, RedisStore, merging, chat history, the message log,
+cookies, the session core, WSGI, Flask, ASGI, command line.
 """
 
 from __future__ import annotations
 
 import abc
+import base64
 import contextlib
+import datetime
 import errno
+import fcntl
+import hashlib
 import heapq
+import hmac
+import http.cookies
 import json
 import logging
+import marshal
 import os
+import pickle
 import re
+import secrets
 import stat
 import sys
 import threading
 import time
+import urllib.parse
+import uuid
+import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 
 __version__ = "0.2.0"
@@ -163,8 +175,6 @@ class _PickleSerializer:
     """Pickle at the highest protocol; only ever used on signed records."""
 
     def __init__(self):
-        import pickle
-
         self._pickle = pickle
 
     def dumps(self, obj):
@@ -172,6 +182,95 @@ class _PickleSerializer:
 
     def loads(self, data):
         return self._pickle.loads(data)
+
+
+_TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT = " t", " b", " m", " u", " d", " di"
+_TAGS = frozenset((_TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT))
+
+
+class TaggedJSON:
+    """Compact JSON that also round-trips what Flask apps keep in sessions; a serializer for any store.
+
+    ``FileStore(path, serializer=TaggedJSON())`` (any store takes it). JSON
+    values are stored as plain JSON; these become a one-key object whose key
+    is a tag: ``tuple`` (``" t"``), ``bytes`` (``" b"``, base64),
+    ``uuid.UUID`` (``" u"``), ``datetime.datetime`` (``" d"``, ISO 8601,
+    aware or naive, microseconds kept), and anything with ``__html__``, such
+    as ``markupsafe.Markup`` (``" m"``, read back as ``markupsafe.Markup`` when
+    markupsafe is loaded, as it always is under Flask, else as a str with ``__html__``).
+    A dict whose one key is a tag is stored as ``{" di": [key, value]}``, so
+    it comes back as it was. Plain JSON records read the same as with the
+    "json" serializer. ``dumps`` raises TypeError for other types.
+    """
+
+    def __init__(self):
+        self._base64, self._datetime, self._uuid = base64, datetime.datetime, uuid.UUID
+        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        self._decode = json.JSONDecoder(object_hook=self._untag).decode
+
+    def dumps(self, obj):
+        """Return ``obj`` as UTF-8 tagged JSON bytes."""
+        return self._encode(self._tag(obj)).encode("utf-8")
+
+    def loads(self, data):
+        """Return the value in UTF-8 tagged JSON ``data``; ValueError if it is not JSON."""
+        return self._decode(data.decode("utf-8"))
+
+    def _tag(self, value):
+        kind = type(value)
+        if kind is str or kind is int or kind is float or kind is bool or value is None:
+            return value
+        if kind is list:
+            return [self._tag(item) for item in value]
+        if kind is dict:
+            if len(value) == 1:
+                ((key, item),) = value.items()
+                if key in _TAGS:
+                    return {_ONE_KEY_DICT: [key, self._tag(item)]}
+            return {key: self._tag(item) for key, item in value.items()}
+        if kind is tuple:
+            return {_TUPLE: [self._tag(item) for item in value]}
+        if hasattr(value, "__html__"):
+            return {_MARKUP: str(value.__html__())}
+        if isinstance(value, bytes):
+            return {_BYTES: self._base64.b64encode(value).decode("ascii")}
+        if isinstance(value, self._datetime):
+            return {_DATETIME: value.isoformat()}
+        if isinstance(value, self._uuid):
+            return {_UUID: value.hex}
+        for base in (int, float, str, list, tuple, dict):
+            if isinstance(value, base):  # an IntEnum, a namedtuple, an OrderedDict: stored as their base
+                return self._tag(str.__str__(value) if base is str else base(value))
+        raise TypeError(f"cannot store a {kind.__name__!r} in a session: not JSON, and no tag for it")
+
+    def _untag(self, obj):
+        if len(obj) != 1:
+            return obj
+        ((tag, value),) = obj.items()
+        if tag == _TUPLE:
+            return tuple(value)
+        if tag == _BYTES:
+            return self._base64.b64decode(value)
+        if tag == _DATETIME:
+            return self._datetime.fromisoformat(value)
+        if tag == _UUID:
+            return self._uuid(value)
+        if tag == _MARKUP:
+            # Never imported here: Flask has loaded it already (through Jinja2) when it is in use.
+            markupsafe = sys.modules.get("markupsafe")
+            return _HTML(value) if markupsafe is None else markupsafe.Markup(value)
+        if tag == _ONE_KEY_DICT:
+            return {value[0]: value[1]}
+        return obj
+
+
+class _HTML(str):
+    """Markup read back where markupsafe is not loaded: a str that says it is already HTML."""
+
+    __slots__ = ()
+
+    def __html__(self):
+        return str(self)
 
 
 def _now():
@@ -313,8 +412,6 @@ class Store(MutableMapping):
     @staticmethod
     def _keys_of(secret):
         """Return the HMAC keys derived from ``secret`` (None, a str or bytes, or a list of them), oldest first."""
-        import hashlib
-
         if secret is None:
             return []
         secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
@@ -401,7 +498,7 @@ class Store(MutableMapping):
         return self.decode(key, data), data, mtime
 
     def save(self, key, data, *, expected=None, now=None, new=False):
-        """Write bytes made by ``encode`` with mtime ``stamp(now, new=new)``; return False if ``expected`` did not match.
+        """Write bytes made by ``encode`` with mtime ``_stamp(now, new=new)``; return False if ``expected`` did not match.
 
         ``new`` marks a session written for the first time, which stays on
         probation (first to go when the store is full) until it is touched or
@@ -410,7 +507,7 @@ class Store(MutableMapping):
         clean starts in a background thread, never in the caller's, one at a
         time; its errors are logged.
         """
-        if not self.write(_check_key(key), data, self.stamp(now, new=new), expected):
+        if not self.write(_check_key(key), data, self._stamp(now, new=new), expected):
             return False
         if self.max_sessions is not None:
             with self._write_lock:
@@ -419,25 +516,25 @@ class Store(MutableMapping):
                 if due:
                     self._writes_before_clean = self._writes_between_cleans()
             if due:
-                self.clean_in_background()
+                self._clean_in_background()
         return True
 
     @staticmethod
-    def stamp(now=None, *, new=False):
+    def _stamp(now=None, *, new=False):
         """Return the mtime a write or touch at ``now`` stores: ``now`` to the millisecond, the segment below it.
 
         A session's segment lives in its mtime's sub-millisecond digits, so
         every store keeps it with no field of its own: a new session's mtime
         is a whole millisecond plus half of one (probationary), any other
-        write's or touch's a whole millisecond (returning). ``on_probation``
+        write's or touch's a whole millisecond (returning). ``_on_probation``
         reads it back.
         """
         now = _now() if now is None else now
         return round(now, 3) + (_PROBATION_SECONDS if new else 0.0)
 
     @staticmethod
-    def on_probation(mtime):
-        """Return True if ``mtime`` is a probationary one, as ``stamp(new=True)`` makes them.
+    def _on_probation(mtime):
+        """Return True if ``mtime`` is a probationary one, as ``_stamp(new=True)`` makes them.
 
         A store whose clock is coarser than a quarter of a millisecond (some
         file systems) loses the mark: its records then all look returning.
@@ -448,11 +545,11 @@ class Store(MutableMapping):
     def _writes_between_cleans(self):
         return max(10, (self.max_sessions or 0) // 10)
 
-    def clean_in_background(self, *, claim_interval=None):
+    def _clean_in_background(self, *, claim_interval=None):
         """Start ``clean()`` in a daemon thread unless one of this store object's is running.
 
         With ``claim_interval`` (seconds), the thread first calls
-        ``claim_clean(claim_interval)`` and cleans only if it wins. Return
+        ``_claim_clean(claim_interval)`` and cleans only if it wins. Return
         the thread, or None if a clean was already running. Each finished
         clean logs one INFO line with its counts; a failure is logged, never
         raised. A clean asked for while one runs (the writes outpacing it)
@@ -464,7 +561,7 @@ class Store(MutableMapping):
 
         def run():
             try:
-                if claim_interval is not None and not self.claim_clean(claim_interval):
+                if claim_interval is not None and not self._claim_clean(claim_interval):
                     return
                 self._clean_again = True
                 while self._clean_again:
@@ -486,7 +583,7 @@ class Store(MutableMapping):
             return None
         return thread
 
-    def claim_clean(self, interval, *, now=None):
+    def _claim_clean(self, interval, *, now=None):
         """Return True, and claim the next clean, if none was claimed in the last ``interval`` seconds.
 
         Front ends call it before a periodic background clean so that
@@ -510,8 +607,6 @@ class Store(MutableMapping):
 
         ``signing_key`` defaults to the newest secret's.
         """
-        import hmac
-
         signing_key = self._signing_key if signing_key is None else signing_key
         return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
 
@@ -532,8 +627,6 @@ class Store(MutableMapping):
                 raise ValueError(f"{len(data)} bytes, over the size limit")
             payload = data
             if self._signing_key is not None:
-                import hmac
-
                 signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
                 if not any(
                     hmac.compare_digest(signature, self._signature(key, payload, signing_key))
@@ -557,9 +650,9 @@ class Store(MutableMapping):
             except KeyError:
                 return None
             if self.remove(key, expected=data):
-                self.forget_log(key)
+                self._forget_log(key)
                 return None if self._expired(mtime, None) else data
-        self.forget_log(key)
+        self._forget_log(key)
         return data if self.remove(key) else None  # rewritten under us every time: remove what is there
 
     # The mapping interface.
@@ -625,7 +718,7 @@ class Store(MutableMapping):
     # Maintenance.
 
     def touch(self, key, *, now=None):
-        """Set the record's mtime to ``stamp(now)`` without rewriting it: it is then a returning session.
+        """Set the record's mtime to ``_stamp(now)`` without rewriting it: it is then a returning session.
 
         Return True if the record exists and is live, False if it is missing
         or expired (an expired record is not brought back).
@@ -638,13 +731,13 @@ class Store(MutableMapping):
                 return False
             if self._expired(mtime, now):
                 return False
-        return self.set_mtime(_check_key(key), self.stamp(now))
+        return self.set_mtime(_check_key(key), self._stamp(now))
 
     def clean(self, max_age=None, keep=None, *, now=None):
         """Remove expired records, then all but ``keep`` of the others; return how many.
 
         The records past ``keep`` go in this order: sessions on probation
-        (written once, never back since: see ``stamp``), oldest first, then
+        (written once, never back since: see ``_stamp``), oldest first, then
         returning ones, oldest first. So a flood of new sessions (cookie-less
         clients, a crawler) evicts its own kind and no session that came
         back, and among returning sessions the newest ``keep`` stay: the
@@ -677,7 +770,7 @@ class Store(MutableMapping):
         ``keep`` records to keep so far, keyed ``(returning, mtime)``.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        started = _now() + 0.001  # what stamp() makes of the present: rounded up, perhaps on probation
+        started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
         sweep = Sweep()
         kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
         doomed = []
@@ -699,7 +792,7 @@ class Store(MutableMapping):
                 if cutoff is not None and mtime < cutoff:
                     doomed.append((key, mtime, size))
                 elif keep is not None and mtime <= started:
-                    entry = (not self.on_probation(mtime), mtime, key, size)
+                    entry = (not self._on_probation(mtime), mtime, key, size)
                     if len(kept) < keep:
                         heapq.heappush(kept, entry)
                     else:
@@ -742,7 +835,7 @@ class Store(MutableMapping):
                 continue  # removed by someone else meanwhile
             if current == mtime and self.remove(key, expected=data):
                 sizes.append(size)
-                self.forget_log(key)  # the message log goes with its record
+                self._forget_log(key)  # the message log goes with its record
         return sizes
 
     # The message log: optional hooks, for MessageLog. A store without them raises NotImplementedError.
@@ -786,7 +879,7 @@ class Store(MutableMapping):
         self.log_append(new, lines)
         return self.log_remove(old)
 
-    def forget_log(self, key):
+    def _forget_log(self, key):
         """Remove the log of ``key``, if the store keeps logs; return True if there was one."""
         try:
             return self.log_remove(key)
@@ -839,8 +932,6 @@ class FileStore(Store):
     """
 
     def __init__(self, directory, **options):
-        import fcntl
-
         super().__init__(**options)
         self.directory = os.fspath(directory)
         self._fcntl = fcntl
@@ -1020,8 +1111,8 @@ class FileStore(Store):
         finally:
             os.close(directory_fd)
 
-    def claim_clean(self, interval, *, now=None):
-        """Claim the next clean for one process of all sharing the directory (see ``Store.claim_clean``).
+    def _claim_clean(self, interval, *, now=None):
+        """Claim the next clean for one process of all sharing the directory (see ``Store._claim_clean``).
 
         The claim is the mtime of the file ``.ts-cleaned``, set under the lock.
         """
@@ -1198,7 +1289,7 @@ _SQL_SCAN = 'SELECT key, mtime, LENGTH(data) FROM "{table}"'
 _SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
 _SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime) FROM "{table}"'
 _SQL_SUMMARY_EXPIRED = 'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE mtime < ?'
-# 1 for a returning session, 0 for one on probation: Store.on_probation in SQL (see Store.stamp).
+# 1 for a returning session, 0 for one on probation: Store._on_probation in SQL (see Store._stamp).
 _SQL_RETURNING = "(mtime * 1000 - CAST(mtime * 1000 AS INTEGER) NOT BETWEEN 0.25 AND 0.75)"
 _SQL_SEGMENT_INDEX = 'CREATE INDEX IF NOT EXISTS "{table}_segment" ON "{table}" (' + _SQL_RETURNING + ", mtime)"
 # The live rows past `keep` (probation first, oldest first, in the segment index's order), of those
@@ -1303,8 +1394,6 @@ class SQLiteStore(Store):
 
     def __init__(self, path, *, table="sessions", read_only=False, **options):
         import sqlite3
-        import weakref
-
         super().__init__(**options)
         if not isinstance(table, str) or re.fullmatch(_TABLE_PATTERN, table) is None:
             raise ValueError(f"invalid table name {table!r}: expected a letter or _, then [A-Za-z0-9_]")
@@ -1354,10 +1443,8 @@ class SQLiteStore(Store):
             raise StoreError(f"{self.path}: the store is closed")
         try:
             if self.read_only:
-                from urllib.parse import quote
-
                 connection = self._sqlite3.connect(
-                    f"file:{quote(self.path)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS,
+                    f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS,
                     isolation_level=None, check_same_thread=False,
                 )
             else:
@@ -1418,7 +1505,7 @@ class SQLiteStore(Store):
         floor = float("-inf") if self.max_age is None else _now() - self.max_age
         return self._execute(_SQL_COUNT, (floor,)).fetchone()[0]
 
-    def claim_clean(self, interval, *, now=None):
+    def _claim_clean(self, interval, *, now=None):
         """Claim the next clean in one conditional upsert on the table ``<table>_claims`` (see ``Store``)."""
         now = _now() if now is None else now
         self._execute(_SQL_CREATE_CLAIMS)
@@ -1435,7 +1522,7 @@ class SQLiteStore(Store):
         batch at most, never for the whole pass.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        started = _now() + 0.001  # what stamp() makes of the present: rounded up, perhaps on probation
+        started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
         floor = float("-inf") if cutoff is None else cutoff
         sweep = Sweep()
         connection = self._connection()
@@ -1699,7 +1786,7 @@ class RedisStore(Store):
     write and touch also sets the hash's TTL to ``max_age``, so Redis removes
     expired records by itself; reads still check ``mtime``. Two sorted sets
     map every key to its mtime: ``prefix + "#probation"`` the sessions on
-    probation (see ``Store.stamp``), ``prefix + "#index"`` all others; a
+    probation (see ``Store._stamp``), ``prefix + "#index"`` all others; a
     write or touch moves a key between them as its mtime says, in O(log N).
     ``len()``, iteration and ``clean()`` use them (never KEYS or SCAN), and
     writes drop their members past ``max_age``, so stores sharing a prefix
@@ -1781,7 +1868,7 @@ class RedisStore(Store):
     def write(self, key, data, mtime, expected=None):
         cutoff = None if self.max_age is None else mtime - self.max_age
         arguments = [data, self._number(mtime), self._ttl(), int(expected is not None), expected or b"",
-                     self._number(cutoff), key, int(self.on_probation(mtime))]
+                     self._number(cutoff), key, int(self._on_probation(mtime))]
         return self._call(self._write_script, self._keys(key), arguments) == 1
 
     def remove(self, key, expected=None):
@@ -1789,7 +1876,7 @@ class RedisStore(Store):
         return self._call(self._remove_script, self._keys(key), arguments) == 1
 
     def set_mtime(self, key, mtime):
-        arguments = [self._number(mtime), self._ttl(), key, int(self.on_probation(mtime))]
+        arguments = [self._number(mtime), self._ttl(), key, int(self._on_probation(mtime))]
         return self._call(self._set_mtime_script, self._keys(key), arguments) == 1
 
     def scan(self):
@@ -1816,8 +1903,8 @@ class RedisStore(Store):
                     yield key, float(mtime), size
             start += _REDIS_SCAN_BATCH
 
-    def claim_clean(self, interval, *, now=None):
-        """Claim the next clean with one ``SET prefix#cleaned NX PX interval`` (see ``Store.claim_clean``)."""
+    def _claim_clean(self, interval, *, now=None):
+        """Claim the next clean with one ``SET prefix#cleaned NX PX interval`` (see ``Store._claim_clean``)."""
         reply = self._command("SET", self.prefix + "#cleaned", self._number(_now() if now is None else now),
                               "NX", "PX", max(1, round(interval * 1000)))
         return reply is not None
@@ -1963,1351 +2050,6 @@ def _dropped_from_front(base, grown):
         if grown[:kept] == base[dropped:]:
             return dropped
     return None
-
-
-# -- Cookies --
-
-DEFAULT_COOKIE_NAME = "tinysession"
-"""The session cookie's default name: unlike ``session`` (Flask), ``sessionid`` (Django) or ``PHPSESSID``."""
-
-_SESSION_ID_LENGTH = 43
-_MAX_COOKIE_CANDIDATES = 4
-_TOKEN_PATTERN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_ATTRIBUTE_PATTERN = r"[\x21-\x3a\x3c-\x7e]+"
-
-
-def _new_session_id():
-    """Return a fresh session id: 256 random bits, URL-safe base64 (43 characters)."""
-    import secrets
-
-    return secrets.token_urlsafe(32)
-
-
-def _store_key(session_id):
-    """Return the store key for ``session_id``: a one-way hash, so stored keys cannot be replayed."""
-    import hashlib
-
-    return hashlib.sha256(session_id.encode("ascii")).hexdigest()
-
-
-def _cookie_values(header, name):
-    """Return the values of every cookie called ``name`` in a Cookie header, in order.
-
-    Tolerant: a malformed pair is skipped without hiding the pairs after it.
-    Surrounding double quotes (allowed by RFC 6265) are removed.
-    """
-    if name not in header:
-        return []
-    values = []
-    for pair in header.split(";"):
-        pair_name, equals, value = pair.partition("=")
-        if equals and pair_name.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            values.append(value)
-    return values
-
-
-def _vary_with_cookie(value):
-    """Return a Vary header value that includes ``Cookie``, or None if ``value`` already covers it."""
-    tokens = {token.strip().lower() for token in value.split(",")}
-    if "cookie" in tokens or "*" in tokens:
-        return None
-    return value + ", Cookie" if value.strip() else "Cookie"
-
-
-class _Settings:
-    """A front end's validated session options, shared by all its requests, and its background cleaner.
-
-    Every front end takes the same keyword options (see ``SessionMiddleware``)
-    and hands them here, so they are checked and applied in one place.
-    """
-
-    def __init__(
-        self,
-        store,
-        *,
-        cookie_name=DEFAULT_COOKIE_NAME,
-        path="/",
-        domain=None,
-        secure=None,
-        httponly=True,
-        samesite="Lax",
-        partitioned=False,
-        cookie_max_age=None,
-        refresh_each_request=False,
-        max_lifetime=None,
-        identity_key="_user_id",
-        merge=merge_sessions,
-        touch_interval=60,
-        clean_interval=300,
-    ):
-        import http.cookies
-
-        if not isinstance(store, Store):
-            raise TypeError(f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}")
-        self._morsel_class = http.cookies.Morsel
-        if (
-            not isinstance(cookie_name, str)
-            or re.fullmatch(_TOKEN_PATTERN, cookie_name) is None
-            or self._morsel_class().isReservedKey(cookie_name)
-        ):
-            raise ValueError(f"invalid cookie name {cookie_name!r}")
-        for name, value in (("path", path), ("domain", domain)):
-            if (value is not None or name == "path") and (
-                not isinstance(value, str) or re.fullmatch(_ATTRIBUTE_PATTERN, value) is None
-            ):
-                raise ValueError(f"invalid cookie {name} {value!r}")
-        if samesite is not None:
-            if str(samesite).capitalize() not in ("Lax", "Strict", "None"):
-                raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
-            samesite = samesite.capitalize()
-        if secure not in (None, True, False):
-            raise ValueError(f"secure must be None, True or False, not {secure!r}")
-        self.store = store
-        self.cookie_name = cookie_name
-        self.path = path
-        self.domain = domain
-        self.secure = secure
-        self.httponly = bool(httponly)
-        self.samesite = samesite
-        self.partitioned = bool(partitioned)
-        if cookie_max_age is not None and (isinstance(cookie_max_age, bool) or not isinstance(cookie_max_age, int)):
-            raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
-        # As in Starlette: 0 or less sends Max-Age=0, and a cookie that dies at once needs no record.
-        self.cookie_max_age = cookie_max_age if cookie_max_age is None or cookie_max_age > 0 else 0
-        if identity_key is not None and not isinstance(identity_key, str):
-            raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
-        self.identity_key = identity_key
-        if merge is not None and not callable(merge):
-            raise TypeError(f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}")
-        self.merge = merge
-        self.refresh_each_request = bool(refresh_each_request)
-        self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
-        self.touch_interval = _check_seconds(touch_interval, "touch_interval")
-        self.clean_interval = _check_seconds(clean_interval, "clean_interval")
-        self._next_clean = None if clean_interval is None else 0.0
-
-    def touch_after(self):
-        """Return the seconds after which a read session's mtime is refreshed, or None for never.
-
-        ``touch_interval``, but at most a quarter of the store's ``max_age``,
-        so a session used at least every three quarters of ``max_age`` never
-        expires.
-        """
-        max_age = self.store.max_age
-        if self.touch_interval is None or max_age is None:
-            return self.touch_interval
-        return min(self.touch_interval, max_age / 4)
-
-    def set_cookie(self, session_id, secure_request):
-        """Return the Set-Cookie value for ``session_id``, or one that expires the cookie if it is None."""
-        morsel = self._morsel_class()
-        morsel.set(self.cookie_name, session_id or "", session_id or "")
-        morsel["path"] = self.path
-        if self.domain is not None:
-            morsel["domain"] = self.domain
-        if (self.secure if self.secure is not None else secure_request) or self.samesite == "None" or self.partitioned:
-            morsel["secure"] = True
-        if self.httponly:
-            morsel["httponly"] = True
-        if self.samesite is not None:
-            morsel["samesite"] = self.samesite
-        if session_id is None:
-            morsel["max-age"] = 0
-            morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
-        elif self.cookie_max_age is not None:
-            morsel["max-age"] = self.cookie_max_age
-        # Morsel knows Partitioned only from Python 3.14 on.
-        return morsel.OutputString() + ("; Partitioned" if self.partitioned else "")
-
-    def request_finished(self):
-        """Start a background clean of the store when one is due; never blocks, never raises, no I/O.
-
-        Due at most once per ``clean_interval`` in this process, and then
-        only if no other process sharing the store claimed one meanwhile.
-        """
-        if self._next_clean is None or _now() < self._next_clean:
-            return
-        self._next_clean = _now() + self.clean_interval
-        self.store.clean_in_background(claim_interval=self.clean_interval)
-
-
-# -- Session core --
-
-_UNLOADED, _NEW, _LOADED, _GONE = "unloaded", "new", "loaded", "gone"
-_SAVE_ATTEMPTS = 32
-
-
-def _snapshot(data):
-    """Return a cheap exact image of ``data`` to detect changes, or None if marshal cannot take it."""
-    import marshal
-
-    try:
-        return marshal.dumps(data, 2)
-    except ValueError:
-        return None
-
-
-class Session(MutableMapping):
-    """One request's session: a dict loaded from the store on first use.
-
-    This is the framework-free core every front end drives: it is given the
-    request's Cookie header and whether the request is secure, and it knows
-    nothing of WSGI or ASGI. Inside an app, use it as a dict, with
-    ``regenerate()`` on login and ``invalidate()`` on logout. A front end
-    calls ``load()`` (optional: any use loads), ``cookie()`` once when the
-    response headers go out, ``save()`` when the app is done (again after a
-    streamed body), and ``rollback()`` if the request failed.
-
-    ``state`` says where the session stands: "unloaded" (not used yet),
-    "new" (no record under its id yet), "loaded" (its record is in the store
-    as this request last read or wrote it) or "gone" (another request
-    removed its record meanwhile, a logout: nothing more is saved).
-
-    Changes, nested ones included, are found by comparing the data with an
-    image taken when it was loaded; a changed record is written only if the
-    store still holds the bytes this request loaded (or last wrote). If
-    another request wrote in between, this request's data is written over
-    theirs (the later save wins); if another request removed the record, it
-    stays removed. A session that ends up empty is removed.
-
-    A session belongs to one request and is not shared between threads.
-    """
-
-    __slots__ = (
-        "_client_id",
-        "_cookie",
-        "_cookie_header",
-        "_created",
-        "_data",
-        "_doomed",
-        "_id",
-        "_identity",
-        "_key",
-        "_logged",
-        "_mtime",
-        "_promote",
-        "_secure",
-        "_settings",
-        "_snapshot",
-        "_stored",
-        "_undo",
-        "state",
-    )
-
-    def __init__(self, settings, cookie_header, *, secure=False):
-        self._settings = settings
-        self._cookie_header = cookie_header or ""
-        self._secure = bool(secure)
-        self.state = _UNLOADED
-        self._data = None
-        self._cookie = None  # (Set-Cookie value or None,) once decided
-
-    # The dict an app sees.
-
-    def __getitem__(self, name):
-        return self.load()[name]
-
-    def __setitem__(self, name, value):
-        self.load()[name] = value
-
-    def __delitem__(self, name):
-        del self.load()[name]
-
-    def __contains__(self, name):
-        return name in self.load()
-
-    def __iter__(self):
-        return iter(self.load())
-
-    def __len__(self):
-        return len(self.load())
-
-    def __repr__(self):
-        return f"<Session {self.state} {self._data!r}>" if self._data is not None else "<Session unloaded>"
-
-    def regenerate(self):
-        """Give the session a new id and keep its data: call it on login.
-
-        The old id stops working when the session is saved. The creation time
-        is kept, so ``max_lifetime`` still counts from the first id. Raises
-        SessionError once the response headers are out, when the new cookie
-        can no longer be sent.
-        """
-        self.load()
-        if self._cookie is not None:
-            raise SessionError("regenerate() after the response started: the new cookie cannot be sent")
-        self._forget_record(carry=True)
-
-    def invalidate(self):
-        """Empty the session, remove it from the store and expire its cookie: logout.
-
-        Anything written afterwards in the same request starts a new session
-        with a new id.
-        """
-        self.load()
-        if self.state == _NEW and self._logged and self._id is not None:
-            self._doomed.append((_store_key(self._id), None, False))  # its log goes at save, in the store's thread
-        self._forget_record(carry=False)
-        self._data = {}
-        self._created = None
-        self._logged = False
-
-    def _forget_record(self, carry):
-        """Leave the loaded record, to be removed at save; with ``carry``, another request's change there is kept."""
-        if self.state == _LOADED:
-            self._doomed.append((self._key, self._stored, carry))
-        self.state, self._id, self._key, self._stored = _NEW, None, None, None
-
-    # What a front end calls.
-
-    @property
-    def accessed(self):
-        """True once the session has been loaded: the response then varies with the Cookie header."""
-        return self.state != _UNLOADED
-
-    def load(self):
-        """Load the session if it is not loaded yet (store I/O) and return its data dict."""
-        if self._data is None:
-            self._open(_now())
-        return self._data
-
-    def _open(self, now):
-        settings = self._settings
-        self._client_id = self._id = self._key = self._stored = self._created = None
-        self._doomed, self._undo, self._data, self.state = [], [], {}, _NEW
-        self._logged = False
-        candidates = _cookie_values(self._cookie_header, settings.cookie_name)
-        for value in [v for v in candidates if len(v) == _SESSION_ID_LENGTH and _is_key(v)][:_MAX_COOKIE_CANDIDATES]:
-            key = _store_key(value)
-            try:
-                record, stored, mtime = settings.store.load(key, now=now)
-            except KeyError:
-                continue
-            if not (type(record) is dict and type(record.get("data")) is dict
-                    and isinstance(record.get("created"), (int, float))):
-                _logger.warning("session record %s is not a session: ignored", key[:12])
-                continue
-            self._client_id = value
-            if settings.max_lifetime is not None and now - record["created"] > settings.max_lifetime:
-                self._doomed.append((key, None, False))
-                continue
-            self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
-            self._promote = settings.store.on_probation(mtime)  # it came back: promote it at save
-            self._created, self._data = record["created"], record["data"]
-            self._logged = record.get("log") is True
-            self._snapshot = _snapshot(self._data)
-            self._identity = self._identity_now()
-            return
-
-    def _identity_now(self):
-        key = self._settings.identity_key
-        return None if key is None else self._data.get(key, _MISSING)
-
-    def _rotate_on_new_identity(self):
-        """Regenerate the id if the identity key changed since loading (login, logout, another user).
-
-        Once the headers are out no new id can be sent: the session is then
-        removed, never kept under the id the client had before (fixation).
-        """
-        if self.state != _LOADED or self._identity_now() == self._identity:
-            return
-        if self._cookie is not None:
-            _logger.warning("session %s: its identity changed after the response headers, when no new id could "
-                            "be sent: the session is removed, not kept under the old id", self._key[:12])
-        self._forget_record(carry=self._cookie is None)
-
-    def cookie(self):
-        """Return the Set-Cookie value this response must carry, or None; decided once, on the first call.
-
-        A session gets a cookie when it holds data under an id the client
-        does not have yet (or on every response, with ``cookie_max_age`` and
-        ``refresh_each_request``). An expiring cookie goes only with a
-        session this request found in the store and then emptied or
-        invalidated: a cookie the server does not recognise is left alone.
-        Before the response headers, a session whose ``identity_key`` value
-        changed since it was loaded (a login, a logout, another user) gets a
-        new id and its old record is removed, against session fixation.
-        """
-        if self._cookie is None:
-            self._rotate_on_new_identity()
-            self._cookie = (self._decide_cookie(),)
-        return self._cookie[0]
-
-    def _decide_cookie(self):
-        settings = self._settings
-        if self.state == _UNLOADED:
-            return None
-        if self._holds() and self.state != _GONE:
-            if self._id is None:
-                self._id = _new_session_id()
-            if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
-                return settings.set_cookie(self._id, self._secure)
-            return None
-        if self._client_id is not None and not self._holds():
-            return settings.set_cookie(None, self._secure)
-        return None
-
-    def save(self, *, now=None):
-        """Write, touch or remove the record as the request has left it so far (store I/O).
-
-        Safe to call again later in the request: it then writes only what
-        changed since. A write or removal of a loaded session is conditional
-        on the bytes this request loaded (or last wrote); when another
-        request saved first, the two are merged (the ``merge`` option) and
-        the merge is written, again conditionally, after a short random
-        back-off (0.5 ms doubling, at most 50 ms), up to 32 times before the
-        later save simply wins (logged). Raises StoreError if the store fails
-        and RecordTooLarge if the session is over ``max_bytes``.
-        """
-        if self.state == _UNLOADED:
-            return
-        now = _now() if now is None else now
-        self._rotate_on_new_identity()
-        for key, previous, carry in self._doomed:
-            if carry and self._logged:
-                self._move_log(key)
-            self._remove_doomed(key, previous, carry is not False)
-        self._doomed = []
-        if self.state == _LOADED:
-            if self._snapshot is None or _snapshot(self._data) != self._snapshot:
-                self._save_changed(now)
-            else:
-                self._touch(now)
-        elif self.state == _NEW and self._holds():
-            first = self._created is None  # else regenerated: a session that came back, under a new id
-            if first:
-                self._created = now
-            self._save_new(now, first)
-
-    def _record(self):
-        if self._logged:
-            return {"created": self._created, "data": self._data, "log": True}
-        return {"created": self._created, "data": self._data}
-
-    def _remove_doomed(self, key, previous, carry):
-        """Remove a record this request left; ``carry`` a change another request saved there first."""
-        store = self._settings.store
-        if previous is not None and store.remove(key, expected=previous):
-            if carry:
-                self._undo.append((key, previous, None))  # a logout (no carry) is never undone
-            else:
-                store.forget_log(key)
-            return
-        theirs = self._theirs(key) if carry and previous is not None else None
-        if theirs is not None:
-            self._merge(key, previous, *theirs)
-        if store.remove(key) and previous is not None and carry:
-            self._undo.append((key, previous if theirs is None else theirs[1], None))
-        if not carry:
-            store.forget_log(key)
-
-    def _theirs(self, key):
-        """Return ``(data, stored bytes)`` of what another request saved under ``key``, or None if gone."""
-        try:
-            record, stored, _ = self._settings.store.load(key)
-        except KeyError:
-            return None
-        if type(record) is not dict or type(record.get("data")) is not dict:
-            return None
-        return record["data"], stored
-
-    def _merge(self, key, base_stored, theirs, theirs_stored):
-        """Merge another request's save under ``key`` into this session's data, in place; return their bytes."""
-        merge = self._settings.merge
-        if merge is not None:
-            base = self._settings.store.decode(key, base_stored)["data"]
-            merged = merge(base, self._data, theirs)
-            if not isinstance(merged, dict):
-                raise TypeError(f"merge() must return a dict, not {type(merged).__name__}")
-            self._data.clear()
-            self._data.update(merged)
-        return theirs_stored
-
-    def _save_new(self, now, first=True):
-        """Write the session under a new id; ``first`` (a session never saved before) puts it on probation."""
-        if self._settings.cookie_max_age == 0:
-            self.abandon()  # its cookie expires with this response: the session ends with it
-            return
-        if self._id is None:
-            if self._cookie is not None:
-                _logger.warning("session started after the response headers: no cookie was sent, not saved")
-                return
-            self._id = _new_session_id()
-        key = _store_key(self._id)
-        stored = self._settings.store.encode(key, self._record())
-        self._settings.store.save(key, stored, now=now, new=first)
-        self._undo.append((key, None, stored))
-        self._became(key, stored, now)
-
-    def _became(self, key, stored, now):
-        self.state, self._key, self._stored, self._mtime = _LOADED, key, stored, now
-        self._promote = False
-        self._snapshot = _snapshot(self._data)
-        self._identity = self._identity_now()
-
-    def _touch(self, now):
-        """Refresh the mtime once ``touch_interval`` has passed, or at once if the session is still on probation."""
-        interval = self._settings.touch_after()
-        if not self._promote and (interval is None or now - self._mtime < interval):
-            return
-        store = self._settings.store
-        try:
-            store.set_mtime(self._key, store.stamp(now))
-        except StoreError as exc:
-            _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
-        self._mtime, self._promote = now, False
-
-    def _save_changed(self, now):
-        store, key, expected = self._settings.store, self._key, self._stored
-        for attempt in range(_SAVE_ATTEMPTS + 1):
-            stored = store.encode(key, self._record()) if self._holds() else None
-            if stored == expected:
-                self._became(key, stored, now)
-                self._touch(now)
-                return
-            if attempt == _SAVE_ATTEMPTS:
-                _logger.warning("session %s kept changing under this request: the later save wins", key[:12])
-                expected = None
-            if stored is None:
-                done = store.remove(key, expected=expected) or expected is None
-            else:
-                done = store.save(key, stored, expected=expected, now=now)
-            if done:
-                self._undo.append((key, expected, stored))
-                if stored is None:
-                    store.forget_log(key)
-                    self.state, self._id, self._key, self._stored = _NEW, None, None, None
-                else:
-                    self._became(key, stored, now)
-                return
-            # Back off a random while before trying again, so that writers racing on one session spread out.
-            time.sleep(min(0.05, 0.0005 * 2**attempt) * int.from_bytes(os.urandom(2), "big") / 65536)
-            theirs = self._theirs(key)
-            if theirs is None:
-                _logger.info("session %s was removed by another request: its changes are dropped", key[:12])
-                self.state = _GONE
-                return
-            expected = self._merge(key, expected, *theirs)
-
-    def rollback(self):
-        """Put back every record this request changed, after the request failed; log, never raise.
-
-        A logout (``invalidate()``) is never undone, and one not saved yet
-        is carried out; a session this request created goes with its message
-        log; appends to the log of a session that existed before stay.
-        """
-        if self.state == _UNLOADED:
-            return
-        store = self._settings.store
-        try:
-            for key, _, carry in self._doomed:
-                if not carry:  # a logout still happens: its expiring cookie may have gone out already
-                    store.remove(key)
-                    store.forget_log(key)
-            self._doomed = []
-            while self._undo:
-                key, previous, written = self._undo.pop()
-                if previous is None:
-                    store.remove(key, expected=written)
-                    store.forget_log(key)
-                else:
-                    store.save(key, previous, expected=written)
-            self.abandon()
-        except SessionError:
-            _logger.exception("could not undo the session changes of a failed request")
-
-    def abandon(self):
-        """Remove the message log of a new session that will never be saved (store I/O); never raise."""
-        if self.state == _NEW and self._logged and self._id is not None:
-            try:
-                self._settings.store.forget_log(_store_key(self._id))
-            except SessionError:
-                _logger.exception("could not remove the message log of an abandoned session")
-
-    @property
-    def has_id_cookie(self):
-        """True if the Cookie header carries a well-formed id under the cookie name: ``load()`` reads the store.
-
-        False means ``load()`` does no store I/O, so a front end on an event
-        loop may call it in place rather than in a thread.
-        """
-        values = _cookie_values(self._cookie_header, self._settings.cookie_name)
-        return any(len(value) == _SESSION_ID_LENGTH and _is_key(value) for value in values)
-
-    @property
-    def id(self):
-        """The session's id, as its cookie carries it; None while the session has none.
-
-        A loaded session has the id the client sent; a new one gets its id
-        when ``cookie()`` decides to send it; ``regenerate()`` and
-        ``invalidate()`` reset it to None. For front ends that write the
-        cookie themselves (Flask) from what ``cookie()`` decided.
-        """
-        return None if self._data is None else self._id
-
-    # The message log.
-
-    def _holds(self):
-        """True if the session has something to keep: data, or a message log."""
-        return bool(self._data) or self._logged
-
-    def _move_log(self, old_key):
-        """Move the log of a regenerated session's old record to its new id, made now if need be."""
-        if self._id is None:
-            self._id = _new_session_id()
-        self._settings.store.log_move(old_key, _store_key(self._id))
-
-    @property
-    def history(self):
-        """The session's ``MessageLog``: the chat history kept beside its record, appended in place.
-
-        It is keyed by the session's store key, so it goes with the session:
-        ``regenerate()`` moves it to the new id (at save), ``invalidate()``,
-        expiry and cleaning remove it. Using it gives a new session its id,
-        and keeps the session even with an empty dict; its cookie must still
-        go out, so SessionError once the response headers are out without one.
-        """
-        self.load()
-        if self.state == _LOADED:
-            key = self._key
-        else:
-            if self._id is None:
-                if self._cookie is not None:
-                    raise SessionError("history of a new session after the response started: no cookie can be sent")
-                self._id = _new_session_id()
-            key = _store_key(self._id)
-            if self._logged:  # regenerated this request: the log follows now, so it reads the same
-                for index, (old_key, previous, carry) in enumerate(self._doomed):
-                    if carry:
-                        self._settings.store.log_move(old_key, key)
-                        self._doomed[index] = (old_key, previous, None)
-        if not self._logged:
-            self._logged, self._snapshot = True, None  # the record must now say it has a log
-        return MessageLog(self._settings.store, key)
-
-
-# -- WSGI --
-
-
-def get_session(environ, environ_key="tinysession"):
-    """Return the request's Session from a WSGI ``environ``.
-
-    Raises SessionError when the app is not wrapped in SessionMiddleware (or
-    the middleware was given another ``environ_key``).
-    """
-    try:
-        return environ[environ_key]
-    except KeyError:
-        raise SessionError(
-            f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
-        ) from None
-
-
-class _SessionBody:
-    """The app's response body: saves later session changes when the server closes it.
-
-    If producing the body raises, the session's changes are rolled back, so
-    a failed request leaves the store as it found it.
-    """
-
-    __slots__ = ("_body", "_failed", "_session", "_settings")
-
-    def __init__(self, body, session, settings):
-        self._body = body
-        self._session = session
-        self._settings = settings
-        self._failed = False
-
-    def __iter__(self):
-        try:
-            yield from self._body
-        except Exception:
-            self._failed = True
-            self._session.rollback()
-            raise
-
-    def close(self):
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            if not self._failed:
-                self._session.save()
-            self._settings.request_finished()
-
-
-class SessionMiddleware:
-    """Give every request of a WSGI app a server-side session.
-
-    ``app = SessionMiddleware(app, store)`` wraps any WSGI app; inside it,
-    ``get_session(environ)`` returns the request's Session. ``store`` is any
-    ``Store`` (FileStore, SQLiteStore, RedisStore or your own); its
-    ``max_age`` is the idle timeout.
-
-    Options (keyword only, the same on every front end): ``cookie_name``
-    (default ``DEFAULT_COOKIE_NAME``), ``path``, ``domain`` (sent only when
-    given), ``secure`` (None: when the request came over https), ``httponly``,
-    ``samesite`` ("Lax", "Strict", "None" which forces Secure, or None to
-    omit it), ``partitioned`` (CHIPS; forces Secure), ``cookie_max_age``
-    (seconds; None for a browser-session cookie; 0 or less, as in
-    Starlette, a cookie sent with ``Max-Age=0`` and no record kept: a
-    session that lasts one request),
-    ``refresh_each_request`` (with ``cookie_max_age``: send the
-    cookie on every response that used the session, not only when it is new),
-    ``max_lifetime`` (seconds since the session was created, after which it
-    is discarded however recently used), ``identity_key`` (the session key
-    naming the logged-in user, ``"_user_id"`` as Flask-Login writes it, or
-    None: when its value changes the session gets a new id, against
-    fixation), ``touch_interval`` (seconds between
-    mtime refreshes of a session read but not changed, at most a quarter of
-    the store's ``max_age``; None never) and ``clean_interval`` (seconds
-    between background cleans of the store in this process; None never);
-    and here ``environ_key``.
-
-    The session id is 256 random bits; the store only sees its SHA-256, and a
-    cookie the server did not issue, or whose session is gone, is never
-    adopted. Thread-safe; several processes may share one store.
-    """
-
-    def __init__(self, app, store, *, environ_key="tinysession", **options):
-        self.app = app
-        self.environ_key = environ_key
-        self.settings = _Settings(store, **options)
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
-
-    @property
-    def cookie_name(self):
-        """The session cookie's name."""
-        return self.settings.cookie_name
-
-    def __call__(self, environ, start_response):
-        secure = environ.get("wsgi.url_scheme") == "https"
-        session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=secure)
-        environ[self.environ_key] = session
-
-        def session_start_response(status, headers, exc_info=None):
-            if session.accessed:
-                headers = list(headers)
-                for index, (name, value) in enumerate(headers):
-                    if name.lower() == "vary":
-                        headers[index] = (name, _vary_with_cookie(value) or value)
-                        break
-                else:
-                    headers.append(("Vary", "Cookie"))
-            cookie = session.cookie()  # decided now even when unused: a later first write cannot get one
-            if cookie is not None:
-                headers.append(("Set-Cookie", cookie))
-            return start_response(status, headers, exc_info)
-
-        try:
-            body = self.app(environ, session_start_response)
-        except BaseException:
-            session.rollback()
-            raise
-        try:
-            session.save()
-        except BaseException:
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
-            raise
-        if type(body) is list or type(body) is tuple:
-            self.settings.request_finished()
-            return body
-        return _SessionBody(body, session, self.settings)
-
-
-# -- Flask --
-
-_TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT = " t", " b", " m", " u", " d", " di"
-_TAGS = frozenset((_TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT))
-_NO_SECRET_KEY = (
-    "The session is unavailable because no secret key was set. Set the secret_key on the application"
-    " to something unique and secret."
-)
-
-
-class TaggedJSON:
-    """Compact JSON that also round-trips what Flask apps keep in sessions; a serializer for any store.
-
-    ``FileStore(path, serializer=TaggedJSON())`` (any store takes it). JSON
-    values are stored as plain JSON; these become a one-key object whose key
-    is a tag: ``tuple`` (``" t"``), ``bytes`` (``" b"``, base64),
-    ``uuid.UUID`` (``" u"``), ``datetime.datetime`` (``" d"``, ISO 8601,
-    aware or naive, microseconds kept), and anything with ``__html__``, such
-    as ``markupsafe.Markup`` (``" m"``, read back as ``markupsafe.Markup`` when
-    markupsafe is loaded, as it always is under Flask, else as a str with ``__html__``).
-    A dict whose one key is a tag is stored as ``{" di": [key, value]}``, so
-    it comes back as it was. Plain JSON records read the same as with the
-    "json" serializer. ``dumps`` raises TypeError for other types.
-    """
-
-    def __init__(self):
-        import base64
-        import datetime
-        import uuid
-
-        self._base64, self._datetime, self._uuid = base64, datetime.datetime, uuid.UUID
-        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-        self._decode = json.JSONDecoder(object_hook=self._untag).decode
-
-    def dumps(self, obj):
-        """Return ``obj`` as UTF-8 tagged JSON bytes."""
-        return self._encode(self._tag(obj)).encode("utf-8")
-
-    def loads(self, data):
-        """Return the value in UTF-8 tagged JSON ``data``; ValueError if it is not JSON."""
-        return self._decode(data.decode("utf-8"))
-
-    def _tag(self, value):
-        kind = type(value)
-        if kind is str or kind is int or kind is float or kind is bool or value is None:
-            return value
-        if kind is list:
-            return [self._tag(item) for item in value]
-        if kind is dict:
-            if len(value) == 1:
-                ((key, item),) = value.items()
-                if key in _TAGS:
-                    return {_ONE_KEY_DICT: [key, self._tag(item)]}
-            return {key: self._tag(item) for key, item in value.items()}
-        if kind is tuple:
-            return {_TUPLE: [self._tag(item) for item in value]}
-        if hasattr(value, "__html__"):
-            return {_MARKUP: str(value.__html__())}
-        if isinstance(value, bytes):
-            return {_BYTES: self._base64.b64encode(value).decode("ascii")}
-        if isinstance(value, self._datetime):
-            return {_DATETIME: value.isoformat()}
-        if isinstance(value, self._uuid):
-            return {_UUID: value.hex}
-        for base in (int, float, str, list, tuple, dict):
-            if isinstance(value, base):  # an IntEnum, a namedtuple, an OrderedDict: stored as their base
-                return self._tag(str.__str__(value) if base is str else base(value))
-        raise TypeError(f"cannot store a {kind.__name__!r} in a session: not JSON, and no tag for it")
-
-    def _untag(self, obj):
-        if len(obj) != 1:
-            return obj
-        ((tag, value),) = obj.items()
-        if tag == _TUPLE:
-            return tuple(value)
-        if tag == _BYTES:
-            return self._base64.b64decode(value)
-        if tag == _DATETIME:
-            return self._datetime.fromisoformat(value)
-        if tag == _UUID:
-            return self._uuid(value)
-        if tag == _MARKUP:
-            # Never imported here: Flask has loaded it already (through Jinja2) when it is in use.
-            markupsafe = sys.modules.get("markupsafe")
-            return _HTML(value) if markupsafe is None else markupsafe.Markup(value)
-        if tag == _ONE_KEY_DICT:
-            return {value[0]: value[1]}
-        return obj
-
-
-class _HTML(str):
-    """Markup read back where markupsafe is not loaded: a str that says it is already HTML."""
-
-    __slots__ = ()
-
-    def __html__(self):
-        return str(self)
-
-
-def _cookie_keys(app):
-    """Return the HMAC keys derived from the app's SECRET_KEY then its SECRET_KEY_FALLBACKS."""
-    import hashlib
-
-    if not app.secret_key:
-        return []
-    secrets = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
-    return [
-        hashlib.sha256(b"tinysession flask cookie\0" + (s.encode("utf-8") if isinstance(s, str) else s)).digest()
-        for s in secrets
-    ]
-
-
-def _signed_cookie(key, session_id, permanent):
-    """Return the cookie value ``<id>.<p|s>.<signature>``: the id, whether permanent, an HMAC of both."""
-    import base64
-    import hmac
-
-    payload = f"{session_id}.{'p' if permanent else 's'}"
-    signature = base64.urlsafe_b64encode(hmac.digest(key, payload.encode("ascii"), "sha256")).rstrip(b"=")
-    return payload + "." + signature.decode("ascii")
-
-
-def _verify_cookie(value, keys):
-    """Return ``(session_id, permanent)`` from a cookie value one of ``keys`` signed, or None."""
-    import hmac
-
-    if not value.isascii():
-        return None  # never ours, and compare_digest refuses non-ASCII str
-    session_id, _, rest = value.partition(".")
-    flag, _, _ = rest.partition(".")
-    if len(session_id) != _SESSION_ID_LENGTH or not _is_key(session_id) or flag not in ("p", "s"):
-        return None
-    for key in keys:
-        if hmac.compare_digest(value, _signed_cookie(key, session_id, flag == "p")):
-            return session_id, flag == "p"
-    return None
-
-
-class _FlaskSession(MutableMapping):
-    """``flask.session`` for one request: the core Session with Flask's ``SessionMixin`` flags.
-
-    ``core`` is the framework-free ``Session`` underneath; ``request_cookie``
-    is ``(session_id, permanent)`` from the request's verified cookie, or None.
-    """
-
-    def __init__(self, core, request_cookie):
-        self.core = core
-        self.request_cookie = request_cookie
-        self._new = None
-        self._accessed = False
-        self.modified = False
-
-    def _data(self):
-        data = self.core.load()
-        if self._new is None:
-            self._new = self.core.state == _NEW
-        return data
-
-    def __getitem__(self, name):
-        return self._data()[name]
-
-    def __setitem__(self, name, value):
-        self._data()[name] = value
-        self.modified = True
-
-    def __delitem__(self, name):
-        del self._data()[name]
-        self.modified = True
-
-    def __contains__(self, name):
-        return name in self._data()
-
-    def __iter__(self):
-        return iter(self._data())
-
-    def __len__(self):
-        return len(self._data())
-
-    def get(self, name, default=None):
-        return self._data().get(name, default)
-
-    def __repr__(self):
-        return f"<flask session {self.core!r}>"
-
-    @property
-    def permanent(self):
-        """True if the session outlives the browser: its cookie has Expires and Max-Age."""
-        return bool(self._data().get("_permanent", False))
-
-    @permanent.setter
-    def permanent(self, value):
-        self["_permanent"] = bool(value)
-
-    @property
-    def new(self):
-        """True if the request brought no live session: this one started afresh."""
-        self._data()
-        return self._new
-
-    @property
-    def accessed(self):
-        """True once the session was used (Flask 3.1.3 also sets it): the response then varies with Cookie."""
-        return self._accessed or self.core.accessed
-
-    @accessed.setter
-    def accessed(self, value):
-        self._accessed = bool(value)
-
-    def regenerate(self):
-        """Give the session a new id and keep its data: the core's ``Session.regenerate``."""
-        self.core.regenerate()
-        self.modified = True
-
-    def invalidate(self):
-        """Empty the session, remove its record and expire its cookie: the core's ``Session.invalidate``."""
-        self.core.invalidate()
-        self.modified = True
-
-    @property
-    def history(self):
-        """The session's ``MessageLog``: the core's ``Session.history``."""
-        self._accessed = True
-        return self.core.history
-
-
-class _FlaskNullSession(MutableMapping):
-    """The empty, read-only session of an app without a SECRET_KEY; any write raises RuntimeError."""
-
-    permanent = modified = accessed = False
-    new = True
-
-    def __getitem__(self, name):
-        raise KeyError(name)
-
-    def __iter__(self):
-        return iter(())
-
-    def __len__(self):
-        return 0
-
-    def _fail(self, *args, **kwargs):
-        raise RuntimeError(_NO_SECRET_KEY)
-
-    __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = _fail
-
-
-class FlaskSessionInterface:
-    """Serve ``flask.session`` from a store: ``app.session_interface = FlaskSessionInterface(store)``.
-
-    Duck-typed to Flask's ``SessionInterface`` (nothing is imported from
-    Flask), over the same session core as ``SessionMiddleware``: lazy
-    loading (a request that never touches ``session`` costs no store
-    access), change detection, conditional writes, hashed ids, strict mode,
-    rotation of the id when ``identity_key`` changes, and rollback when the
-    request ends in an unhandled exception.
-
-    Flask's configuration sets the cookie, read on every request:
-    ``SESSION_COOKIE_NAME``, ``_DOMAIN``, ``_PATH`` (else ``APPLICATION_ROOT``),
-    ``_HTTPONLY``, ``_SECURE``, ``_SAMESITE``, ``_PARTITIONED``,
-    ``PERMANENT_SESSION_LIFETIME`` (the cookie lifetime of a permanent
-    session) and ``SESSION_REFRESH_EACH_REQUEST``. The cookie carries the id,
-    whether the session is permanent, and an HMAC of both under
-    ``SECRET_KEY``; one signed with a key in ``SECRET_KEY_FALLBACKS`` is
-    accepted and re-signed when next sent. Without a SECRET_KEY the session
-    is an empty one that raises RuntimeError on writes, as Flask's is.
-
-    A store left on the default "json" serializer is switched to
-    ``TaggedJSON``, which reads the same plain JSON records. Options
-    (keyword only): ``identity_key``, ``max_lifetime``, ``touch_interval``
-    and ``clean_interval``, as for ``SessionMiddleware``. Thread-safe.
-    """
-
-    pickle_based = False
-
-    def __init__(self, store, *, identity_key="_user_id", max_lifetime=None, touch_interval=60, clean_interval=300):
-        self.settings = _Settings(
-            store, identity_key=identity_key, max_lifetime=max_lifetime,
-            touch_interval=touch_interval, clean_interval=clean_interval,
-        )
-        if type(store.serializer) is _JSONSerializer:
-            store.serializer = TaggedJSON()
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
-
-    def make_null_session(self, app):
-        """Return the session of an app without a SECRET_KEY: empty, and any write raises RuntimeError."""
-        return _FlaskNullSession()
-
-    def is_null_session(self, obj):
-        """Return True if ``obj`` is a session made by ``make_null_session``."""
-        return isinstance(obj, _FlaskNullSession)
-
-    def open_session(self, app, request):
-        """Return the request's session, not loaded yet (no store access); None without a SECRET_KEY."""
-        keys = _cookie_keys(app)
-        if not keys:
-            return None
-        found = []
-        for value in request.cookies.getlist(app.config["SESSION_COOKIE_NAME"])[:_MAX_COOKIE_CANDIDATES]:
-            verified = _verify_cookie(value, keys)
-            if verified is not None:
-                found.append(verified)
-        header = "; ".join(f"{self.settings.cookie_name}={session_id}" for session_id, _ in found)
-        core = Session(self.settings, header, secure=request.is_secure)
-        return _FlaskSession(core, found[0] if found else None)
-
-    def save_session(self, app, session, response):
-        """Set the response's cookie and Vary, then write what changed (store I/O).
-
-        If an exception is being handled (the request failed), the changes
-        are rolled back instead. Raises StoreError if the store fails.
-        """
-        core = session.core
-        if sys.exc_info()[0] is not None:
-            core.cookie()
-            core.rollback()
-            return
-        if core.accessed and set(core) <= {"_permanent"}:
-            core.pop("_permanent", None)  # a session holding only its permanence is empty
-        decision = core.cookie()
-        refresh = app.config["SESSION_REFRESH_EACH_REQUEST"]
-        if session.accessed:
-            response.vary.add("Cookie")
-        if core.accessed:
-            live = len(core) > 0 and core.state != _GONE
-            if decision is not None and not live:
-                response.delete_cookie(**self._cookie_options(app, None))
-            elif live and (decision is not None or session.modified or (session.permanent and refresh)):
-                self._set_cookie(app, response, core.id, session.permanent)
-        elif session.request_cookie is not None and session.request_cookie[1] and refresh:
-            response.vary.add("Cookie")  # refreshed from the cookie alone: no store access
-            self._set_cookie(app, response, session.request_cookie[0], True)
-        core.save()
-        self.settings.request_finished()
-
-    def _set_cookie(self, app, response, session_id, permanent):
-        value = _signed_cookie(_cookie_keys(app)[0], session_id, permanent)
-        response.set_cookie(value=value, **self._cookie_options(app, permanent))
-
-    def _cookie_options(self, app, permanent):
-        """Return the keywords of Werkzeug's set_cookie / delete_cookie from the app's configuration."""
-        config = app.config
-        options = {
-            "key": config["SESSION_COOKIE_NAME"],
-            "domain": config.get("SESSION_COOKIE_DOMAIN") or None,
-            "path": config.get("SESSION_COOKIE_PATH") or config.get("APPLICATION_ROOT") or "/",
-            "secure": bool(config.get("SESSION_COOKIE_SECURE")),
-            "httponly": bool(config.get("SESSION_COOKIE_HTTPONLY", True)),
-            "samesite": config.get("SESSION_COOKIE_SAMESITE"),
-        }
-        if config.get("SESSION_COOKIE_PARTITIONED"):
-            options["partitioned"] = True  # a keyword only Werkzeug 3.1 and later know
-        if permanent:
-            import datetime
-
-            lifetime = app.permanent_session_lifetime
-            options["max_age"] = int(lifetime.total_seconds())
-            options["expires"] = datetime.datetime.now(datetime.timezone.utc) + lifetime
-        return options
-
-
-# -- ASGI --
-
-_HEADER_MESSAGES = ("http.response.start", "websocket.http.response.start", "websocket.accept")
-
-
-def _is_final(message):
-    """Return True for the message that completes an ASGI response or closes a socket."""
-    kind = message["type"]
-    if kind in ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend"):
-        return not message.get("more_body", False)
-    return kind in ("http.response.pathsend", "websocket.close")
-
-
-def _copy_into(core, session):
-    """Make the core Session's data what the app left in ``session``, its dict; return the core."""
-    data = core.load()
-    data.clear()
-    data.update(dict.items(session))  # dict's own view: copying is not a use by the app
-    return core
-
-
-def _marking_use(name):
-    """Return dict's method ``name`` wrapped to mark the session accessed first."""
-    method = getattr(dict, name)
-
-    def marked(self, *args, **kwargs):
-        self.accessed = True
-        return method(self, *args, **kwargs)
-
-    marked.__name__, marked.__doc__ = name, method.__doc__
-    return marked
-
-
-class ASGISession(dict):
-    """The session an ASGI app finds at ``scope["session"]``: a plain dict, plus login and logout.
-
-    Starlette and FastAPI return it from ``request.session`` and
-    ``websocket.session``; being a dict, it goes into ``JSONResponse`` as it
-    is, and ``|=``, ``copy()`` and ``popitem()`` (the newest key) behave as on
-    any dict. ``regenerate()`` and ``invalidate()`` are the core Session's
-    (see ``Session``); ``await save()`` writes the changes made so far.
-
-    It belongs to one request or socket, on its event loop: change it only
-    from that request's tasks.
-    """
-
-    __slots__ = ("_core", "_run", "accessed")
-
-    def __init__(self, core, run_in_thread):
-        super().__init__(core.load())
-        self._core = core
-        self._run = run_in_thread
-        self.accessed = False
-
-    def mark_accessed(self):
-        """Note that the app used the session: the response then carries ``Vary: Cookie``.
-
-        Any use of the dict (a read, a write, iteration, ``items()`` as
-        ``json.dumps`` calls it) marks it too, so this is only for an app
-        that learns something from the session without touching the dict.
-
-        Starlette's ``request.session`` calls it; a bare ASGI app that reads
-        the session should too.
-        """
-        self.accessed = True
-
-    def regenerate(self):
-        """Give the session a new id and keep its data: call it on login (see ``Session.regenerate``)."""
-        self.accessed = True
-        self._core.regenerate()
-
-    def invalidate(self):
-        """Empty the session, remove its record and expire its cookie: logout (see ``Session.invalidate``)."""
-        self.accessed = True
-        self._core.invalidate()
-        self.clear()
-
-    @property
-    def history(self):
-        """The session's ``MessageLog`` (see ``Session.history``); its store calls block: use a thread."""
-        self.accessed = True
-        _copy_into(self._core, self)
-        return self._core.history
-
-    async def save(self):
-        """Write the changes made so far, in a thread (store I/O); they then stay whatever happens next.
-
-        The middleware calls it when the response is complete or the socket
-        closes; call it yourself in a long-lived websocket. Raises StoreError
-        (after undoing this request's writes) if the store fails.
-        """
-        self.accessed = True
-        _copy_into(self._core, self)
-        try:
-            await self._run(self._core.save)
-        except Exception:
-            await self._run(self._core.rollback)
-            raise
-        # The core may have merged another request's changes in: the app's dict must hold them too.
-        dict.clear(self)
-        dict.update(self, self._core.load())
-
-
-_DICT_USES = (
-    "__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
-    "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear", "copy",
-)
-for _name in _DICT_USES:
-    setattr(ASGISession, _name, _marking_use(_name))
-del _name
-
-
-class ASGISessionMiddleware:
-    """Give every HTTP request and websocket of an ASGI app a server-side session.
-
-    ``app.add_middleware(ASGISessionMiddleware, store=store)`` in Starlette
-    or FastAPI, or ``app = ASGISessionMiddleware(app, store)``; the app finds
-    an ``ASGISession`` at ``scope["session"]`` (``request.session``).
-    ``lifespan`` and other scopes pass through untouched. The options are
-    ``SessionMiddleware``'s, plus ``threads``: how many store operations may
-    run at once (default 32).
-
-    Store I/O runs in threads, never on the event loop. A request whose
-    Cookie header carries no session id, or whose path is outside the
-    cookie's ``path``, costs no store access (outside the path the cookie is
-    ignored: the browser does not send ours there). Otherwise the session is
-    loaded before the app runs. The cookie is decided when the response
-    headers (``websocket.accept`` for a socket) go out; the changes are saved
-    before the last body message is passed on, so the client's next request
-    sees them, and again when the app returns (a background task's). An
-    exception from the app, or a response never completed (the client went
-    away and the app stopped), saves nothing more. A websocket is saved when
-    the app sends ``websocket.close``, when the app returns normally, and on
-    ``await session.save()``. Runs on an asyncio event loop (uvicorn, hypercorn, daphne...).
-    """
-
-    def __init__(self, app, store, *, threads=32, **options):
-        import concurrent.futures
-
-        self.app = app
-        self.settings = _Settings(store, **options)
-        self._threads = concurrent.futures.ThreadPoolExecutor(
-            _check_count(threads, "threads"), thread_name_prefix="tinysession-asgi"
-        )
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
-
-    async def _in_thread(self, function):
-        import asyncio
-
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise SessionError("ASGISessionMiddleware runs on an asyncio event loop, and none is running") from None
-        return await loop.run_in_executor(self._threads, function)
-
-    def _in_path(self, scope):
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and not path.startswith(root):
-            path = root + path
-        prefix = self.settings.path
-        return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
-
-    def _cookie_header(self, scope):
-        if not self._in_path(scope):
-            return ""
-        return b"; ".join(value for name, value in scope.get("headers", ()) if name.lower() == b"cookie").decode(
-            "latin-1"
-        )
-
-    @staticmethod
-    def _with_headers(message, varies, cookie):
-        headers = list(message.get("headers", ()))
-        if message["type"] != "websocket.accept" and (varies or cookie is not None):
-            for index, (name, value) in enumerate(headers):
-                if name.lower() == b"vary":
-                    merged = _vary_with_cookie(value.decode("latin-1"))
-                    headers[index] = (name, value if merged is None else merged.encode("latin-1"))
-                    break
-            else:
-                headers.append((b"vary", b"Cookie"))
-        if cookie is not None:
-            headers.append((b"set-cookie", cookie.encode("latin-1")))
-        return {**message, "headers": headers}
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        core = Session(self.settings, self._cookie_header(scope), secure=scope.get("scheme") in ("https", "wss"))
-        if core.has_id_cookie:
-            await self._in_thread(core.load)
-        session = scope["session"] = ASGISession(core, self._in_thread)
-        completed = []
-
-        async def session_send(message):
-            if message["type"] in _HEADER_MESSAGES or message["type"] == "websocket.close":
-                cookie = _copy_into(core, session).cookie()  # decided once, on the first call
-                if message["type"] in _HEADER_MESSAGES:
-                    message = self._with_headers(message, session.accessed, cookie)
-            if _is_final(message):
-                await session.save()
-                completed.append(message["type"])
-            await send(message)
-
-        saved = False
-        try:
-            await self.app(scope, receive, session_send)
-            if completed or scope["type"] == "websocket":
-                _copy_into(core, session).cookie()  # a socket refused unopened: no record without a cookie
-                await session.save()
-                saved = True
-        finally:
-            if not saved and core.accessed:
-                await self._in_thread(core.abandon)  # a new session's log, never to be saved
-            self.settings.request_finished()
 
 
 # -- Chat history --
@@ -3564,8 +2306,6 @@ def _log_key(conversation_id):
         conversation_id = conversation_id.encode("utf-8")
     if not isinstance(conversation_id, bytes):
         raise TypeError(f"conversation_id must be a str or bytes, not {type(conversation_id).__name__}")
-    import hashlib
-
     return hashlib.sha256(conversation_id).hexdigest()
 
 
@@ -3722,6 +2462,1243 @@ class AgentsSession:
         await asyncio.to_thread(self.log.clear)
 
 
+# -- Cookies --
+
+DEFAULT_COOKIE_NAME = "tinysession"
+"""The session cookie's default name: unlike ``session`` (Flask), ``sessionid`` (Django) or ``PHPSESSID``."""
+
+_SESSION_ID_LENGTH = 43
+_MAX_COOKIE_CANDIDATES = 4
+_TOKEN_PATTERN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_ATTRIBUTE_PATTERN = r"[\x21-\x3a\x3c-\x7e]+"
+
+
+def _new_session_id():
+    """Return a fresh session id: 256 random bits, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def _store_key(session_id):
+    """Return the store key for ``session_id``: a one-way hash, so stored keys cannot be replayed."""
+    return hashlib.sha256(session_id.encode("ascii")).hexdigest()
+
+
+def _cookie_values(header, name):
+    """Return the values of every cookie called ``name`` in a Cookie header, in order.
+
+    Tolerant: a malformed pair is skipped without hiding the pairs after it.
+    Surrounding double quotes (allowed by RFC 6265) are removed.
+    """
+    if name not in header:
+        return []
+    values = []
+    for pair in header.split(";"):
+        pair_name, equals, value = pair.partition("=")
+        if equals and pair_name.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            values.append(value)
+    return values
+
+
+def _vary_with_cookie(value):
+    """Return a Vary header value that includes ``Cookie``, or None if ``value`` already covers it."""
+    tokens = {token.strip().lower() for token in value.split(",")}
+    if "cookie" in tokens or "*" in tokens:
+        return None
+    return value + ", Cookie" if value.strip() else "Cookie"
+
+
+class _Settings:
+    """A front end's validated session options, shared by all its requests, and its background cleaner.
+
+    Every front end takes the same keyword options (see ``SessionMiddleware``)
+    and hands them here, so they are checked and applied in one place.
+    """
+
+    def __init__(
+        self,
+        store,
+        *,
+        cookie_name=DEFAULT_COOKIE_NAME,
+        path="/",
+        domain=None,
+        secure=None,
+        httponly=True,
+        samesite="Lax",
+        partitioned=False,
+        cookie_max_age=None,
+        refresh_each_request=False,
+        max_lifetime=None,
+        identity_key="_user_id",
+        merge=merge_sessions,
+        touch_interval=60,
+        clean_interval=300,
+    ):
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}")
+        self._morsel_class = http.cookies.Morsel
+        if (
+            not isinstance(cookie_name, str)
+            or re.fullmatch(_TOKEN_PATTERN, cookie_name) is None
+            or self._morsel_class().isReservedKey(cookie_name)
+        ):
+            raise ValueError(f"invalid cookie name {cookie_name!r}")
+        for name, value in (("path", path), ("domain", domain)):
+            if (value is not None or name == "path") and (
+                not isinstance(value, str) or re.fullmatch(_ATTRIBUTE_PATTERN, value) is None
+            ):
+                raise ValueError(f"invalid cookie {name} {value!r}")
+        if samesite is not None:
+            if str(samesite).capitalize() not in ("Lax", "Strict", "None"):
+                raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
+            samesite = samesite.capitalize()
+        if secure not in (None, True, False):
+            raise ValueError(f"secure must be None, True or False, not {secure!r}")
+        self.store = store
+        self.cookie_name = cookie_name
+        self.path = path
+        self.domain = domain
+        self.secure = secure
+        self.httponly = bool(httponly)
+        self.samesite = samesite
+        self.partitioned = bool(partitioned)
+        if cookie_max_age is not None and (isinstance(cookie_max_age, bool) or not isinstance(cookie_max_age, int)):
+            raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
+        # As in Starlette: 0 or less sends Max-Age=0, and a cookie that dies at once needs no record.
+        self.cookie_max_age = cookie_max_age if cookie_max_age is None or cookie_max_age > 0 else 0
+        if identity_key is not None and not isinstance(identity_key, str):
+            raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
+        self.identity_key = identity_key
+        if merge is not None and not callable(merge):
+            raise TypeError(f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}")
+        self.merge = merge
+        self.refresh_each_request = bool(refresh_each_request)
+        self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
+        self.touch_interval = _check_seconds(touch_interval, "touch_interval")
+        self.clean_interval = _check_seconds(clean_interval, "clean_interval")
+        self._next_clean = None if clean_interval is None else 0.0
+
+    def touch_after(self):
+        """Return the seconds after which a read session's mtime is refreshed, or None for never.
+
+        ``touch_interval``, but at most a quarter of the store's ``max_age``,
+        so a session used at least every three quarters of ``max_age`` never
+        expires.
+        """
+        max_age = self.store.max_age
+        if self.touch_interval is None or max_age is None:
+            return self.touch_interval
+        return min(self.touch_interval, max_age / 4)
+
+    def set_cookie(self, session_id, secure_request):
+        """Return the Set-Cookie value for ``session_id``, or one that expires the cookie if it is None."""
+        morsel = self._morsel_class()
+        morsel.set(self.cookie_name, session_id or "", session_id or "")
+        morsel["path"] = self.path
+        if self.domain is not None:
+            morsel["domain"] = self.domain
+        if (self.secure if self.secure is not None else secure_request) or self.samesite == "None" or self.partitioned:
+            morsel["secure"] = True
+        if self.httponly:
+            morsel["httponly"] = True
+        if self.samesite is not None:
+            morsel["samesite"] = self.samesite
+        if session_id is None:
+            morsel["max-age"] = 0
+            morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
+        elif self.cookie_max_age is not None:
+            morsel["max-age"] = self.cookie_max_age
+        # Morsel knows Partitioned only from Python 3.14 on.
+        return morsel.OutputString() + ("; Partitioned" if self.partitioned else "")
+
+    def request_finished(self):
+        """Start a background clean of the store when one is due; never blocks, never raises, no I/O.
+
+        Due at most once per ``clean_interval`` in this process, and then
+        only if no other process sharing the store claimed one meanwhile.
+        """
+        if self._next_clean is None or _now() < self._next_clean:
+            return
+        self._next_clean = _now() + self.clean_interval
+        self.store._clean_in_background(claim_interval=self.clean_interval)
+
+
+# -- Session core --
+
+_UNLOADED, _NEW, _LOADED, _GONE = "unloaded", "new", "loaded", "gone"
+_SAVE_ATTEMPTS = 32
+
+
+def _snapshot(data):
+    """Return a cheap exact image of ``data`` to detect changes, or None if marshal cannot take it."""
+    try:
+        return marshal.dumps(data, 2)
+    except ValueError:
+        return None
+
+
+class Session(MutableMapping):
+    """One request's session: a dict loaded from the store on first use.
+
+    This is the framework-free core every front end drives: it is given the
+    request's Cookie header and whether the request is secure, and it knows
+    nothing of WSGI or ASGI. Inside an app, use it as a dict, with
+    ``regenerate()`` on login and ``invalidate()`` on logout. A front end
+    calls ``load()`` (optional: any use loads), ``cookie()`` once when the
+    response headers go out, ``save()`` when the app is done (again after a
+    streamed body), and ``rollback()`` if the request failed.
+
+    ``state`` says where the session stands: "unloaded" (not used yet),
+    "new" (no record under its id yet), "loaded" (its record is in the store
+    as this request last read or wrote it) or "gone" (another request
+    removed its record meanwhile, a logout: nothing more is saved).
+
+    Changes, nested ones included, are found by comparing the data with an
+    image taken when it was loaded; a changed record is written only if the
+    store still holds the bytes this request loaded (or last wrote). If
+    another request wrote in between, this request's data is written over
+    theirs (the later save wins); if another request removed the record, it
+    stays removed. A session that ends up empty is removed.
+
+    A session belongs to one request and is not shared between threads.
+    """
+
+    __slots__ = (
+        "_client_id",
+        "_cookie",
+        "_cookie_header",
+        "_created",
+        "_data",
+        "_doomed",
+        "_id",
+        "_identity",
+        "_key",
+        "_logged",
+        "_mtime",
+        "_promote",
+        "_secure",
+        "_settings",
+        "_snapshot",
+        "_stored",
+        "_undo",
+        "state",
+    )
+
+    def __init__(self, settings, cookie_header, *, secure=False):
+        self._settings = settings
+        self._cookie_header = cookie_header or ""
+        self._secure = bool(secure)
+        self.state = _UNLOADED
+        self._data = None
+        self._cookie = None  # (Set-Cookie value or None,) once decided
+
+    # The dict an app sees.
+
+    def __getitem__(self, name):
+        return self.load()[name]
+
+    def __setitem__(self, name, value):
+        self.load()[name] = value
+
+    def __delitem__(self, name):
+        del self.load()[name]
+
+    def __contains__(self, name):
+        return name in self.load()
+
+    def __iter__(self):
+        return iter(self.load())
+
+    def __len__(self):
+        return len(self.load())
+
+    def __repr__(self):
+        return f"<Session {self.state} {self._data!r}>" if self._data is not None else "<Session unloaded>"
+
+    def regenerate(self):
+        """Give the session a new id and keep its data: call it on login.
+
+        The old id stops working when the session is saved. The creation time
+        is kept, so ``max_lifetime`` still counts from the first id. Raises
+        SessionError once the response headers are out, when the new cookie
+        can no longer be sent.
+        """
+        self.load()
+        if self._cookie is not None:
+            raise SessionError("regenerate() after the response started: the new cookie cannot be sent")
+        self._forget_record(carry=True)
+
+    def invalidate(self):
+        """Empty the session, remove it from the store and expire its cookie: logout.
+
+        Anything written afterwards in the same request starts a new session
+        with a new id.
+        """
+        self.load()
+        if self.state == _NEW and self._logged and self._id is not None:
+            self._doomed.append((_store_key(self._id), None, False))  # its log goes at save, in the store's thread
+        self._forget_record(carry=False)
+        self._data = {}
+        self._created = None
+        self._logged = False
+
+    def _forget_record(self, carry):
+        """Leave the loaded record, to be removed at save; with ``carry``, another request's change there is kept."""
+        if self.state == _LOADED:
+            self._doomed.append((self._key, self._stored, carry))
+        self.state, self._id, self._key, self._stored = _NEW, None, None, None
+
+    # What a front end calls.
+
+    @property
+    def accessed(self):
+        """True once the session has been loaded: the response then varies with the Cookie header."""
+        return self.state != _UNLOADED
+
+    def load(self):
+        """Load the session if it is not loaded yet (store I/O) and return its data dict."""
+        if self._data is None:
+            self._open(_now())
+        return self._data
+
+    def _open(self, now):
+        settings = self._settings
+        self._client_id = self._id = self._key = self._stored = self._created = None
+        self._doomed, self._undo, self._data, self.state = [], [], {}, _NEW
+        self._logged = False
+        candidates = _cookie_values(self._cookie_header, settings.cookie_name)
+        for value in [v for v in candidates if len(v) == _SESSION_ID_LENGTH and _is_key(v)][:_MAX_COOKIE_CANDIDATES]:
+            key = _store_key(value)
+            try:
+                record, stored, mtime = settings.store.load(key, now=now)
+            except KeyError:
+                continue
+            if not (type(record) is dict and type(record.get("data")) is dict
+                    and isinstance(record.get("created"), (int, float))):
+                _logger.warning("session record %s is not a session: ignored", key[:12])
+                continue
+            self._client_id = value
+            if settings.max_lifetime is not None and now - record["created"] > settings.max_lifetime:
+                self._doomed.append((key, None, False))
+                continue
+            self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
+            self._promote = settings.store._on_probation(mtime)  # it came back: promote it at save
+            self._created, self._data = record["created"], record["data"]
+            self._logged = record.get("log") is True
+            self._snapshot = _snapshot(self._data)
+            self._identity = self._identity_now()
+            return
+
+    def _identity_now(self):
+        key = self._settings.identity_key
+        return None if key is None else self._data.get(key, _MISSING)
+
+    def _rotate_on_new_identity(self):
+        """Regenerate the id if the identity key changed since loading (login, logout, another user).
+
+        Once the headers are out no new id can be sent: the session is then
+        removed, never kept under the id the client had before (fixation).
+        """
+        if self.state != _LOADED or self._identity_now() == self._identity:
+            return
+        if self._cookie is not None:
+            _logger.warning("session %s: its identity changed after the response headers, when no new id could "
+                            "be sent: the session is removed, not kept under the old id", self._key[:12])
+        self._forget_record(carry=self._cookie is None)
+
+    def cookie(self):
+        """Return the Set-Cookie value this response must carry, or None; decided once, on the first call.
+
+        A session gets a cookie when it holds data under an id the client
+        does not have yet (or on every response, with ``cookie_max_age`` and
+        ``refresh_each_request``). An expiring cookie goes only with a
+        session this request found in the store and then emptied or
+        invalidated: a cookie the server does not recognise is left alone.
+        Before the response headers, a session whose ``identity_key`` value
+        changed since it was loaded (a login, a logout, another user) gets a
+        new id and its old record is removed, against session fixation.
+        """
+        if self._cookie is None:
+            self._rotate_on_new_identity()
+            self._cookie = (self._decide_cookie(),)
+        return self._cookie[0]
+
+    def _decide_cookie(self):
+        settings = self._settings
+        if self.state == _UNLOADED:
+            return None
+        if self._holds() and self.state != _GONE:
+            if self._id is None:
+                self._id = _new_session_id()
+            if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
+                return settings.set_cookie(self._id, self._secure)
+            return None
+        if self._client_id is not None and not self._holds():
+            return settings.set_cookie(None, self._secure)
+        return None
+
+    def save(self, *, now=None):
+        """Write, touch or remove the record as the request has left it so far (store I/O).
+
+        Safe to call again later in the request: it then writes only what
+        changed since. A write or removal of a loaded session is conditional
+        on the bytes this request loaded (or last wrote); when another
+        request saved first, the two are merged (the ``merge`` option) and
+        the merge is written, again conditionally, after a short random
+        back-off (0.5 ms doubling, at most 50 ms), up to 32 times before the
+        later save simply wins (logged). Raises StoreError if the store fails
+        and RecordTooLarge if the session is over ``max_bytes``.
+        """
+        if self.state == _UNLOADED:
+            return
+        now = _now() if now is None else now
+        self._rotate_on_new_identity()
+        for key, previous, carry in self._doomed:
+            if carry and self._logged:
+                self._move_log(key)
+            self._remove_doomed(key, previous, carry is not False)
+        self._doomed = []
+        if self.state == _LOADED:
+            if self._snapshot is None or _snapshot(self._data) != self._snapshot:
+                self._save_changed(now)
+            else:
+                self._touch(now)
+        elif self.state == _NEW and self._holds():
+            first = self._created is None  # else regenerated: a session that came back, under a new id
+            if first:
+                self._created = now
+            self._save_new(now, first)
+
+    def _record(self):
+        if self._logged:
+            return {"created": self._created, "data": self._data, "log": True}
+        return {"created": self._created, "data": self._data}
+
+    def _remove_doomed(self, key, previous, carry):
+        """Remove a record this request left; ``carry`` a change another request saved there first."""
+        store = self._settings.store
+        if previous is not None and store.remove(key, expected=previous):
+            if carry:
+                self._undo.append((key, previous, None))  # a logout (no carry) is never undone
+            else:
+                store._forget_log(key)
+            return
+        theirs = self._theirs(key) if carry and previous is not None else None
+        if theirs is not None:
+            self._merge(key, previous, *theirs)
+        if store.remove(key) and previous is not None and carry:
+            self._undo.append((key, previous if theirs is None else theirs[1], None))
+        if not carry:
+            store._forget_log(key)
+
+    def _theirs(self, key):
+        """Return ``(data, stored bytes)`` of what another request saved under ``key``, or None if gone."""
+        try:
+            record, stored, _ = self._settings.store.load(key)
+        except KeyError:
+            return None
+        if type(record) is not dict or type(record.get("data")) is not dict:
+            return None
+        return record["data"], stored
+
+    def _merge(self, key, base_stored, theirs, theirs_stored):
+        """Merge another request's save under ``key`` into this session's data, in place; return their bytes."""
+        merge = self._settings.merge
+        if merge is not None:
+            base = self._settings.store.decode(key, base_stored)["data"]
+            merged = merge(base, self._data, theirs)
+            if not isinstance(merged, dict):
+                raise TypeError(f"merge() must return a dict, not {type(merged).__name__}")
+            self._data.clear()
+            self._data.update(merged)
+        return theirs_stored
+
+    def _save_new(self, now, first=True):
+        """Write the session under a new id; ``first`` (a session never saved before) puts it on probation."""
+        if self._settings.cookie_max_age == 0:
+            self.abandon()  # its cookie expires with this response: the session ends with it
+            return
+        if self._id is None:
+            if self._cookie is not None:
+                _logger.warning("session started after the response headers: no cookie was sent, not saved")
+                return
+            self._id = _new_session_id()
+        key = _store_key(self._id)
+        stored = self._settings.store.encode(key, self._record())
+        self._settings.store.save(key, stored, now=now, new=first)
+        self._undo.append((key, None, stored))
+        self._became(key, stored, now)
+
+    def _became(self, key, stored, now):
+        self.state, self._key, self._stored, self._mtime = _LOADED, key, stored, now
+        self._promote = False
+        self._snapshot = _snapshot(self._data)
+        self._identity = self._identity_now()
+
+    def _touch(self, now):
+        """Refresh the mtime once ``touch_interval`` has passed, or at once if the session is still on probation."""
+        interval = self._settings.touch_after()
+        if not self._promote and (interval is None or now - self._mtime < interval):
+            return
+        store = self._settings.store
+        try:
+            store.set_mtime(self._key, store._stamp(now))
+        except StoreError as exc:
+            _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
+        self._mtime, self._promote = now, False
+
+    def _save_changed(self, now):
+        store, key, expected = self._settings.store, self._key, self._stored
+        for attempt in range(_SAVE_ATTEMPTS + 1):
+            stored = store.encode(key, self._record()) if self._holds() else None
+            if stored == expected:
+                self._became(key, stored, now)
+                self._touch(now)
+                return
+            if attempt == _SAVE_ATTEMPTS:
+                _logger.warning("session %s kept changing under this request: the later save wins", key[:12])
+                expected = None
+            if stored is None:
+                done = store.remove(key, expected=expected) or expected is None
+            else:
+                done = store.save(key, stored, expected=expected, now=now)
+            if done:
+                self._undo.append((key, expected, stored))
+                if stored is None:
+                    store._forget_log(key)
+                    self.state, self._id, self._key, self._stored = _NEW, None, None, None
+                else:
+                    self._became(key, stored, now)
+                return
+            # Back off a random while before trying again, so that writers racing on one session spread out.
+            time.sleep(min(0.05, 0.0005 * 2**attempt) * int.from_bytes(os.urandom(2), "big") / 65536)
+            theirs = self._theirs(key)
+            if theirs is None:
+                _logger.info("session %s was removed by another request: its changes are dropped", key[:12])
+                self.state = _GONE
+                return
+            expected = self._merge(key, expected, *theirs)
+
+    def rollback(self):
+        """Put back every record this request changed, after the request failed; log, never raise.
+
+        A logout (``invalidate()``) is never undone, and one not saved yet
+        is carried out; a session this request created goes with its message
+        log; appends to the log of a session that existed before stay.
+        """
+        if self.state == _UNLOADED:
+            return
+        store = self._settings.store
+        try:
+            for key, _, carry in self._doomed:
+                if not carry:  # a logout still happens: its expiring cookie may have gone out already
+                    store.remove(key)
+                    store._forget_log(key)
+            self._doomed = []
+            while self._undo:
+                key, previous, written = self._undo.pop()
+                if previous is None:
+                    store.remove(key, expected=written)
+                    store._forget_log(key)
+                else:
+                    store.save(key, previous, expected=written)
+            self.abandon()
+        except SessionError:
+            _logger.exception("could not undo the session changes of a failed request")
+
+    def abandon(self):
+        """Remove the message log of a new session that will never be saved (store I/O); never raise."""
+        if self.state == _NEW and self._logged and self._id is not None:
+            try:
+                self._settings.store._forget_log(_store_key(self._id))
+            except SessionError:
+                _logger.exception("could not remove the message log of an abandoned session")
+
+    @property
+    def has_id_cookie(self):
+        """True if the Cookie header carries a well-formed id under the cookie name: ``load()`` reads the store.
+
+        False means ``load()`` does no store I/O, so a front end on an event
+        loop may call it in place rather than in a thread.
+        """
+        values = _cookie_values(self._cookie_header, self._settings.cookie_name)
+        return any(len(value) == _SESSION_ID_LENGTH and _is_key(value) for value in values)
+
+    @property
+    def id(self):
+        """The session's id, as its cookie carries it; None while the session has none.
+
+        A loaded session has the id the client sent; a new one gets its id
+        when ``cookie()`` decides to send it; ``regenerate()`` and
+        ``invalidate()`` reset it to None. For front ends that write the
+        cookie themselves (Flask) from what ``cookie()`` decided.
+        """
+        return None if self._data is None else self._id
+
+    # The message log.
+
+    def _holds(self):
+        """True if the session has something to keep: data, or a message log."""
+        return bool(self._data) or self._logged
+
+    def _move_log(self, old_key):
+        """Move the log of a regenerated session's old record to its new id, made now if need be."""
+        if self._id is None:
+            self._id = _new_session_id()
+        self._settings.store.log_move(old_key, _store_key(self._id))
+
+    @property
+    def history(self):
+        """The session's ``MessageLog``: the chat history kept beside its record, appended in place.
+
+        It is keyed by the session's store key, so it goes with the session:
+        ``regenerate()`` moves it to the new id (at save), ``invalidate()``,
+        expiry and cleaning remove it. Using it gives a new session its id,
+        and keeps the session even with an empty dict; its cookie must still
+        go out, so SessionError once the response headers are out without one.
+        """
+        self.load()
+        if self.state == _LOADED:
+            key = self._key
+        else:
+            if self._id is None:
+                if self._cookie is not None:
+                    raise SessionError("history of a new session after the response started: no cookie can be sent")
+                self._id = _new_session_id()
+            key = _store_key(self._id)
+            if self._logged:  # regenerated this request: the log follows now, so it reads the same
+                for index, (old_key, previous, carry) in enumerate(self._doomed):
+                    if carry:
+                        self._settings.store.log_move(old_key, key)
+                        self._doomed[index] = (old_key, previous, None)
+        if not self._logged:
+            self._logged, self._snapshot = True, None  # the record must now say it has a log
+        return MessageLog(self._settings.store, key)
+
+
+# -- WSGI --
+
+
+def get_session(environ, environ_key="tinysession"):
+    """Return the request's Session from a WSGI ``environ``.
+
+    Raises SessionError when the app is not wrapped in SessionMiddleware (or
+    the middleware was given another ``environ_key``).
+    """
+    try:
+        return environ[environ_key]
+    except KeyError:
+        raise SessionError(
+            f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
+        ) from None
+
+
+class _SessionBody:
+    """The app's response body: saves later session changes when the server closes it.
+
+    If producing the body raises, the session's changes are rolled back, so
+    a failed request leaves the store as it found it.
+    """
+
+    __slots__ = ("_body", "_failed", "_session", "_settings")
+
+    def __init__(self, body, session, settings):
+        self._body = body
+        self._session = session
+        self._settings = settings
+        self._failed = False
+
+    def __iter__(self):
+        try:
+            yield from self._body
+        except Exception:
+            self._failed = True
+            self._session.rollback()
+            raise
+
+    def close(self):
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self._failed:
+                self._session.save()
+            self._settings.request_finished()
+
+
+class SessionMiddleware:
+    """Give every request of a WSGI app a server-side session.
+
+    ``app = SessionMiddleware(app, store)`` wraps any WSGI app; inside it,
+    ``get_session(environ)`` returns the request's Session. ``store`` is any
+    ``Store`` (FileStore, SQLiteStore, RedisStore or your own); its
+    ``max_age`` is the idle timeout.
+
+    Options (keyword only, the same on every front end): ``cookie_name``
+    (default ``DEFAULT_COOKIE_NAME``), ``path``, ``domain`` (sent only when
+    given), ``secure`` (None: when the request came over https), ``httponly``,
+    ``samesite`` ("Lax", "Strict", "None" which forces Secure, or None to
+    omit it), ``partitioned`` (CHIPS; forces Secure), ``cookie_max_age``
+    (seconds; None for a browser-session cookie; 0 or less, as in
+    Starlette, a cookie sent with ``Max-Age=0`` and no record kept: a
+    session that lasts one request),
+    ``refresh_each_request`` (with ``cookie_max_age``: send the
+    cookie on every response that used the session, not only when it is new),
+    ``max_lifetime`` (seconds since the session was created, after which it
+    is discarded however recently used), ``identity_key`` (the session key
+    naming the logged-in user, ``"_user_id"`` as Flask-Login writes it, or
+    None: when its value changes the session gets a new id, against
+    fixation), ``touch_interval`` (seconds between
+    mtime refreshes of a session read but not changed, at most a quarter of
+    the store's ``max_age``; None never) and ``clean_interval`` (seconds
+    between background cleans of the store in this process; None never);
+    and here ``environ_key``.
+
+    The session id is 256 random bits; the store only sees its SHA-256, and a
+    cookie the server did not issue, or whose session is gone, is never
+    adopted. Thread-safe; several processes may share one store.
+    """
+
+    def __init__(self, app, store, *, environ_key="tinysession", **options):
+        self.app = app
+        self.environ_key = environ_key
+        self.settings = _Settings(store, **options)
+
+    @property
+    def store(self):
+        """The store the sessions live in."""
+        return self.settings.store
+
+    @property
+    def cookie_name(self):
+        """The session cookie's name."""
+        return self.settings.cookie_name
+
+    def __call__(self, environ, start_response):
+        secure = environ.get("wsgi.url_scheme") == "https"
+        session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=secure)
+        environ[self.environ_key] = session
+
+        def session_start_response(status, headers, exc_info=None):
+            if session.accessed:
+                headers = list(headers)
+                for index, (name, value) in enumerate(headers):
+                    if name.lower() == "vary":
+                        headers[index] = (name, _vary_with_cookie(value) or value)
+                        break
+                else:
+                    headers.append(("Vary", "Cookie"))
+            cookie = session.cookie()  # decided now even when unused: a later first write cannot get one
+            if cookie is not None:
+                headers.append(("Set-Cookie", cookie))
+            return start_response(status, headers, exc_info)
+
+        try:
+            body = self.app(environ, session_start_response)
+        except BaseException:
+            session.rollback()
+            raise
+        try:
+            session.save()
+        except BaseException:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+            raise
+        if type(body) is list or type(body) is tuple:
+            self.settings.request_finished()
+            return body
+        return _SessionBody(body, session, self.settings)
+
+
+# -- Flask --
+
+_NO_SECRET_KEY = (
+    "The session is unavailable because no secret key was set. Set the secret_key on the application"
+    " to something unique and secret."
+)
+
+
+def _cookie_keys(app):
+    """Return the HMAC keys derived from the app's SECRET_KEY then its SECRET_KEY_FALLBACKS."""
+    if not app.secret_key:
+        return []
+    secrets = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
+    return [
+        hashlib.sha256(b"tinysession flask cookie\0" + (s.encode("utf-8") if isinstance(s, str) else s)).digest()
+        for s in secrets
+    ]
+
+
+def _signed_cookie(key, session_id, permanent):
+    """Return the cookie value ``<id>.<p|s>.<signature>``: the id, whether permanent, an HMAC of both."""
+    payload = f"{session_id}.{'p' if permanent else 's'}"
+    signature = base64.urlsafe_b64encode(hmac.digest(key, payload.encode("ascii"), "sha256")).rstrip(b"=")
+    return payload + "." + signature.decode("ascii")
+
+
+def _verify_cookie(value, keys):
+    """Return ``(session_id, permanent)`` from a cookie value one of ``keys`` signed, or None."""
+    if not value.isascii():
+        return None  # never ours, and compare_digest refuses non-ASCII str
+    session_id, _, rest = value.partition(".")
+    flag, _, _ = rest.partition(".")
+    if len(session_id) != _SESSION_ID_LENGTH or not _is_key(session_id) or flag not in ("p", "s"):
+        return None
+    for key in keys:
+        if hmac.compare_digest(value, _signed_cookie(key, session_id, flag == "p")):
+            return session_id, flag == "p"
+    return None
+
+
+class _FlaskSession(MutableMapping):
+    """``flask.session`` for one request: the core Session with Flask's ``SessionMixin`` flags.
+
+    ``core`` is the framework-free ``Session`` underneath; ``request_cookie``
+    is ``(session_id, permanent)`` from the request's verified cookie, or None.
+    """
+
+    def __init__(self, core, request_cookie):
+        self.core = core
+        self.request_cookie = request_cookie
+        self._new = None
+        self._accessed = False
+        self.modified = False
+
+    def _data(self):
+        data = self.core.load()
+        if self._new is None:
+            self._new = self.core.state == _NEW
+        return data
+
+    def __getitem__(self, name):
+        return self._data()[name]
+
+    def __setitem__(self, name, value):
+        self._data()[name] = value
+        self.modified = True
+
+    def __delitem__(self, name):
+        del self._data()[name]
+        self.modified = True
+
+    def __contains__(self, name):
+        return name in self._data()
+
+    def __iter__(self):
+        return iter(self._data())
+
+    def __len__(self):
+        return len(self._data())
+
+    def get(self, name, default=None):
+        return self._data().get(name, default)
+
+    def __repr__(self):
+        return f"<flask session {self.core!r}>"
+
+    @property
+    def permanent(self):
+        """True if the session outlives the browser: its cookie has Expires and Max-Age."""
+        return bool(self._data().get("_permanent", False))
+
+    @permanent.setter
+    def permanent(self, value):
+        self["_permanent"] = bool(value)
+
+    @property
+    def new(self):
+        """True if the request brought no live session: this one started afresh."""
+        self._data()
+        return self._new
+
+    @property
+    def accessed(self):
+        """True once the session was used (Flask 3.1.3 also sets it): the response then varies with Cookie."""
+        return self._accessed or self.core.accessed
+
+    @accessed.setter
+    def accessed(self, value):
+        self._accessed = bool(value)
+
+    def regenerate(self):
+        """Give the session a new id and keep its data: the core's ``Session.regenerate``."""
+        self.core.regenerate()
+        self.modified = True
+
+    def invalidate(self):
+        """Empty the session, remove its record and expire its cookie: the core's ``Session.invalidate``."""
+        self.core.invalidate()
+        self.modified = True
+
+    @property
+    def history(self):
+        """The session's ``MessageLog``: the core's ``Session.history``."""
+        self._accessed = True
+        return self.core.history
+
+
+class _FlaskNullSession(MutableMapping):
+    """The empty, read-only session of an app without a SECRET_KEY; any write raises RuntimeError."""
+
+    permanent = modified = accessed = False
+    new = True
+
+    def __getitem__(self, name):
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+    def _fail(self, *args, **kwargs):
+        raise RuntimeError(_NO_SECRET_KEY)
+
+    __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = _fail
+
+
+class FlaskSessionInterface:
+    """Serve ``flask.session`` from a store: ``app.session_interface = FlaskSessionInterface(store)``.
+
+    Duck-typed to Flask's ``SessionInterface`` (nothing is imported from
+    Flask), over the same session core as ``SessionMiddleware``: lazy
+    loading (a request that never touches ``session`` costs no store
+    access), change detection, conditional writes, hashed ids, strict mode,
+    rotation of the id when ``identity_key`` changes, and rollback when the
+    request ends in an unhandled exception.
+
+    Flask's configuration sets the cookie, read on every request:
+    ``SESSION_COOKIE_NAME``, ``_DOMAIN``, ``_PATH`` (else ``APPLICATION_ROOT``),
+    ``_HTTPONLY``, ``_SECURE``, ``_SAMESITE``, ``_PARTITIONED``,
+    ``PERMANENT_SESSION_LIFETIME`` (the cookie lifetime of a permanent
+    session) and ``SESSION_REFRESH_EACH_REQUEST``. The cookie carries the id,
+    whether the session is permanent, and an HMAC of both under
+    ``SECRET_KEY``; one signed with a key in ``SECRET_KEY_FALLBACKS`` is
+    accepted and re-signed when next sent. Without a SECRET_KEY the session
+    is an empty one that raises RuntimeError on writes, as Flask's is.
+
+    A store left on the default "json" serializer is switched to
+    ``TaggedJSON``, which reads the same plain JSON records. Options
+    (keyword only): ``identity_key``, ``max_lifetime``, ``touch_interval``
+    and ``clean_interval``, as for ``SessionMiddleware``. Thread-safe.
+    """
+
+    pickle_based = False
+
+    def __init__(self, store, *, identity_key="_user_id", max_lifetime=None, touch_interval=60, clean_interval=300):
+        self.settings = _Settings(
+            store, identity_key=identity_key, max_lifetime=max_lifetime,
+            touch_interval=touch_interval, clean_interval=clean_interval,
+        )
+        if type(store.serializer) is _JSONSerializer:
+            store.serializer = TaggedJSON()
+
+    @property
+    def store(self):
+        """The store the sessions live in."""
+        return self.settings.store
+
+    def make_null_session(self, app):
+        """Return the session of an app without a SECRET_KEY: empty, and any write raises RuntimeError."""
+        return _FlaskNullSession()
+
+    def is_null_session(self, obj):
+        """Return True if ``obj`` is a session made by ``make_null_session``."""
+        return isinstance(obj, _FlaskNullSession)
+
+    def open_session(self, app, request):
+        """Return the request's session, not loaded yet (no store access); None without a SECRET_KEY."""
+        keys = _cookie_keys(app)
+        if not keys:
+            return None
+        found = []
+        for value in request.cookies.getlist(app.config["SESSION_COOKIE_NAME"])[:_MAX_COOKIE_CANDIDATES]:
+            verified = _verify_cookie(value, keys)
+            if verified is not None:
+                found.append(verified)
+        header = "; ".join(f"{self.settings.cookie_name}={session_id}" for session_id, _ in found)
+        core = Session(self.settings, header, secure=request.is_secure)
+        return _FlaskSession(core, found[0] if found else None)
+
+    def save_session(self, app, session, response):
+        """Set the response's cookie and Vary, then write what changed (store I/O).
+
+        If an exception is being handled (the request failed), the changes
+        are rolled back instead. Raises StoreError if the store fails.
+        """
+        core = session.core
+        if sys.exc_info()[0] is not None:
+            core.cookie()
+            core.rollback()
+            return
+        if core.accessed and set(core) <= {"_permanent"}:
+            core.pop("_permanent", None)  # a session holding only its permanence is empty
+        decision = core.cookie()
+        refresh = app.config["SESSION_REFRESH_EACH_REQUEST"]
+        if session.accessed:
+            response.vary.add("Cookie")
+        if core.accessed:
+            live = len(core) > 0 and core.state != _GONE
+            if decision is not None and not live:
+                response.delete_cookie(**self._cookie_options(app, None))
+            elif live and (decision is not None or session.modified or (session.permanent and refresh)):
+                self._set_cookie(app, response, core.id, session.permanent)
+        elif session.request_cookie is not None and session.request_cookie[1] and refresh:
+            response.vary.add("Cookie")  # refreshed from the cookie alone: no store access
+            self._set_cookie(app, response, session.request_cookie[0], True)
+        core.save()
+        self.settings.request_finished()
+
+    def _set_cookie(self, app, response, session_id, permanent):
+        value = _signed_cookie(_cookie_keys(app)[0], session_id, permanent)
+        response.set_cookie(value=value, **self._cookie_options(app, permanent))
+
+    def _cookie_options(self, app, permanent):
+        """Return the keywords of Werkzeug's set_cookie / delete_cookie from the app's configuration."""
+        config = app.config
+        options = {
+            "key": config["SESSION_COOKIE_NAME"],
+            "domain": config.get("SESSION_COOKIE_DOMAIN") or None,
+            "path": config.get("SESSION_COOKIE_PATH") or config.get("APPLICATION_ROOT") or "/",
+            "secure": bool(config.get("SESSION_COOKIE_SECURE")),
+            "httponly": bool(config.get("SESSION_COOKIE_HTTPONLY", True)),
+            "samesite": config.get("SESSION_COOKIE_SAMESITE"),
+        }
+        if config.get("SESSION_COOKIE_PARTITIONED"):
+            options["partitioned"] = True  # a keyword only Werkzeug 3.1 and later know
+        if permanent:
+            lifetime = app.permanent_session_lifetime
+            options["max_age"] = int(lifetime.total_seconds())
+            options["expires"] = datetime.datetime.now(datetime.timezone.utc) + lifetime
+        return options
+
+
+# -- ASGI --
+
+_HEADER_MESSAGES = ("http.response.start", "websocket.http.response.start", "websocket.accept")
+
+
+def _is_final(message):
+    """Return True for the message that completes an ASGI response or closes a socket."""
+    kind = message["type"]
+    if kind in ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend"):
+        return not message.get("more_body", False)
+    return kind in ("http.response.pathsend", "websocket.close")
+
+
+def _copy_into(core, session):
+    """Make the core Session's data what the app left in ``session``, its dict; return the core."""
+    data = core.load()
+    data.clear()
+    data.update(dict.items(session))  # dict's own view: copying is not a use by the app
+    return core
+
+
+def _marking_use(name):
+    """Return dict's method ``name`` wrapped to mark the session accessed first."""
+    method = getattr(dict, name)
+
+    def marked(self, *args, **kwargs):
+        self.accessed = True
+        return method(self, *args, **kwargs)
+
+    marked.__name__, marked.__doc__ = name, method.__doc__
+    return marked
+
+
+class ASGISession(dict):
+    """The session an ASGI app finds at ``scope["session"]``: a plain dict, plus login and logout.
+
+    Starlette and FastAPI return it from ``request.session`` and
+    ``websocket.session``; being a dict, it goes into ``JSONResponse`` as it
+    is, and ``|=``, ``copy()`` and ``popitem()`` (the newest key) behave as on
+    any dict. ``regenerate()`` and ``invalidate()`` are the core Session's
+    (see ``Session``); ``await save()`` writes the changes made so far.
+
+    It belongs to one request or socket, on its event loop: change it only
+    from that request's tasks.
+    """
+
+    __slots__ = ("_core", "_run", "accessed")
+
+    def __init__(self, core, run_in_thread):
+        super().__init__(core.load())
+        self._core = core
+        self._run = run_in_thread
+        self.accessed = False
+
+    def mark_accessed(self):
+        """Note that the app used the session: the response then carries ``Vary: Cookie``.
+
+        Any use of the dict (a read, a write, iteration, ``items()`` as
+        ``json.dumps`` calls it) marks it too, so this is only for an app
+        that learns something from the session without touching the dict.
+
+        Starlette's ``request.session`` calls it; a bare ASGI app that reads
+        the session should too.
+        """
+        self.accessed = True
+
+    def regenerate(self):
+        """Give the session a new id and keep its data: call it on login (see ``Session.regenerate``)."""
+        self.accessed = True
+        self._core.regenerate()
+
+    def invalidate(self):
+        """Empty the session, remove its record and expire its cookie: logout (see ``Session.invalidate``)."""
+        self.accessed = True
+        self._core.invalidate()
+        self.clear()
+
+    @property
+    def history(self):
+        """The session's ``MessageLog`` (see ``Session.history``); its store calls block: use a thread."""
+        self.accessed = True
+        _copy_into(self._core, self)
+        return self._core.history
+
+    async def save(self):
+        """Write the changes made so far, in a thread (store I/O); they then stay whatever happens next.
+
+        The middleware calls it when the response is complete or the socket
+        closes; call it yourself in a long-lived websocket. Raises StoreError
+        (after undoing this request's writes) if the store fails.
+        """
+        self.accessed = True
+        _copy_into(self._core, self)
+        try:
+            await self._run(self._core.save)
+        except Exception:
+            await self._run(self._core.rollback)
+            raise
+        # The core may have merged another request's changes in: the app's dict must hold them too.
+        dict.clear(self)
+        dict.update(self, self._core.load())
+
+
+_DICT_USES = (
+    "__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
+    "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear", "copy",
+)
+for _name in _DICT_USES:
+    setattr(ASGISession, _name, _marking_use(_name))
+del _name
+
+
+class ASGISessionMiddleware:
+    """Give every HTTP request and websocket of an ASGI app a server-side session.
+
+    ``app.add_middleware(ASGISessionMiddleware, store=store)`` in Starlette
+    or FastAPI, or ``app = ASGISessionMiddleware(app, store)``; the app finds
+    an ``ASGISession`` at ``scope["session"]`` (``request.session``).
+    ``lifespan`` and other scopes pass through untouched. The options are
+    ``SessionMiddleware``'s, plus ``threads``: how many store operations may
+    run at once (default 32).
+
+    Store I/O runs in threads, never on the event loop. A request whose
+    Cookie header carries no session id, or whose path is outside the
+    cookie's ``path``, costs no store access (outside the path the cookie is
+    ignored: the browser does not send ours there). Otherwise the session is
+    loaded before the app runs. The cookie is decided when the response
+    headers (``websocket.accept`` for a socket) go out; the changes are saved
+    before the last body message is passed on, so the client's next request
+    sees them, and again when the app returns (a background task's). An
+    exception from the app, or a response never completed (the client went
+    away and the app stopped), saves nothing more. A websocket is saved when
+    the app sends ``websocket.close``, when the app returns normally, and on
+    ``await session.save()``. Runs on an asyncio event loop (uvicorn, hypercorn, daphne...).
+    """
+
+    def __init__(self, app, store, *, threads=32, **options):
+        import concurrent.futures
+
+        self.app = app
+        self.settings = _Settings(store, **options)
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            _check_count(threads, "threads"), thread_name_prefix="tinysession-asgi"
+        )
+
+    @property
+    def store(self):
+        """The store the sessions live in."""
+        return self.settings.store
+
+    async def _in_thread(self, function):
+        import asyncio
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise SessionError("ASGISessionMiddleware runs on an asyncio event loop, and none is running") from None
+        return await loop.run_in_executor(self._threads, function)
+
+    def _in_path(self, scope):
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and not path.startswith(root):
+            path = root + path
+        prefix = self.settings.path
+        return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
+
+    def _cookie_header(self, scope):
+        if not self._in_path(scope):
+            return ""
+        return b"; ".join(value for name, value in scope.get("headers", ()) if name.lower() == b"cookie").decode(
+            "latin-1"
+        )
+
+    @staticmethod
+    def _with_headers(message, varies, cookie):
+        headers = list(message.get("headers", ()))
+        if message["type"] != "websocket.accept" and (varies or cookie is not None):
+            for index, (name, value) in enumerate(headers):
+                if name.lower() == b"vary":
+                    merged = _vary_with_cookie(value.decode("latin-1"))
+                    headers[index] = (name, value if merged is None else merged.encode("latin-1"))
+                    break
+            else:
+                headers.append((b"vary", b"Cookie"))
+        if cookie is not None:
+            headers.append((b"set-cookie", cookie.encode("latin-1")))
+        return {**message, "headers": headers}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        core = Session(self.settings, self._cookie_header(scope), secure=scope.get("scheme") in ("https", "wss"))
+        if core.has_id_cookie:
+            await self._in_thread(core.load)
+        session = scope["session"] = ASGISession(core, self._in_thread)
+        completed = []
+
+        async def session_send(message):
+            if message["type"] in _HEADER_MESSAGES or message["type"] == "websocket.close":
+                cookie = _copy_into(core, session).cookie()  # decided once, on the first call
+                if message["type"] in _HEADER_MESSAGES:
+                    message = self._with_headers(message, session.accessed, cookie)
+            if _is_final(message):
+                await session.save()
+                completed.append(message["type"])
+            await send(message)
+
+        saved = False
+        try:
+            await self.app(scope, receive, session_send)
+            if completed or scope["type"] == "websocket":
+                _copy_into(core, session).cookie()  # a socket refused unopened: no record without a cookie
+                await session.save()
+                saved = True
+        finally:
+            if not saved and core.accessed:
+                await self._in_thread(core.abandon)  # a new session's log, never to be saved
+            self.settings.request_finished()
+
+
 # -- Command line --
 
 _DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -3842,11 +3819,9 @@ def _open_sqlite(spec, table, read_only):
     if header != _SQLITE_HEADER:
         raise SessionError(f"{spec}: neither a session directory nor an SQLite database")
     import sqlite3
-    from urllib.parse import quote
-
     try:
         with contextlib.closing(
-            sqlite3.connect(f"file:{quote(spec)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS)
+            sqlite3.connect(f"file:{urllib.parse.quote(spec)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS)
         ) as connection:
             columns = {row[1] for row in connection.execute("SELECT * FROM pragma_table_info(?)", (table,))}
     except sqlite3.Error as exc:
