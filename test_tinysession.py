@@ -976,6 +976,7 @@ class RedisSpecifics(unittest.TestCase):
         store = self.make_store(max_age=60, max_sessions=2)
         for index in range(30):
             store[f"k{index}"] = {"i": index}
+        wait_for_background_cleans()  # the 30th write starts one, which would race len(store) against list(store)
         store.touch("k29")
         del store["k29"]
         count = len(self.names())
@@ -4018,6 +4019,7 @@ class OverUvicorn(unittest.TestCase):
         return f"http://127.0.0.1:{listener.getsockname()[1]}"
 
     def test_the_behaviour_probe_and_a_disconnect_mid_stream(self):
+        require(HAVE_UVICORN, "uvicorn or Starlette is not installed (pip install uvicorn starlette httpx)")
         from starlette.responses import StreamingResponse
 
         store = tinysession.FileStore(temp_dir(self))
@@ -4899,7 +4901,8 @@ class CommandLineClean(CommandLineCase):
     def test_max_age_removes_the_expired_and_reports(self):
         status, out, err = self.run_main("clean", self.directory, "--max-age", "1h")
         self.assertEqual((status, err), (0, ""))
-        self.assertRegex(out, r"^removed 3 of 6 sessions \(\d+ bytes\) in \d+\.\d\d s, kept 3\n$")
+        self.assertRegex(out, r"^removed 3 of 6 sessions \(\d+ bytes\) and 0 of 0 message logs \(0 bytes\)"
+                              r" in \d+\.\d\d s, kept 3\n$")
         self.assertEqual(sorted(self.store), ["k0", "k1", "k2"])
 
     def test_keep_removes_all_but_the_newest(self):
@@ -4966,7 +4969,7 @@ class CommandLineClean(CommandLineCase):
             connection.execute("CREATE TABLE things (x)")
         missing = os.path.join(temp_dir(self), "missing")
         for store, cause, table in (
-            (missing, "no such directory or file", "sessions"),
+            (missing, "No such file or directory", "sessions"),
             (not_a_store, "neither a session directory nor an SQLite database", "sessions"),
             (other_database, "no table 'sessions'", "sessions"),
             (other_database, "not a session table", "things"),
@@ -5024,11 +5027,39 @@ class CommandLineClean(CommandLineCase):
         self.assertEqual(len(store), 2)
 
 
+class CommandLineMessageLogs(CommandLineCase):
+    """stats and clean count the sessions' message logs beside their records; a log goes with its session."""
+
+    def setUp(self):
+        super().setUp()
+        for key in ("k0", "k5"):  # the newest session and the oldest
+            tinysession.MessageLog(self.store, key).append({"role": "user", "content": "hi " * 100})
+        self.sizes = [os.path.getsize(os.path.join(self.directory, f"ts-{key}.log")) for key in ("k0", "k5")]
+
+    def test_stats_counts_the_logs(self):
+        status, out, _ = self.run_main("stats", self.directory)
+        self.assertEqual(status, 0)
+        self.assertIn(f"logs:     2 ({sum(self.sizes)} bytes)\n", out)
+        report = json.loads(self.run_main("stats", self.directory, "--json")[1])
+        self.assertEqual((report["logs"], report["log_bytes"]), (2, sum(self.sizes)))
+
+    def test_clean_counts_the_logs_it_removes_with_their_sessions(self):
+        record = os.path.getsize(os.path.join(self.directory, "ts-k5"))
+        status, out, _ = self.run_main("clean", self.directory, "--max-age", "1d", "--dry-run")
+        self.assertEqual(status, 0)
+        self.assertIn(f"would remove 1 of 6 sessions ({record} bytes) and their message logs"
+                      f" (of 2, {sum(self.sizes)} bytes)", out)
+        status, out, _ = self.run_main("clean", self.directory, "--max-age", "1d")
+        self.assertEqual(status, 0)
+        self.assertIn(f"removed 1 of 6 sessions ({record} bytes) and 1 of 2 message logs ({self.sizes[1]} bytes) in", out)
+        self.assertEqual(sorted(name for name in os.listdir(self.directory) if name.endswith(".log")), ["ts-k0.log"])
+
+
 class CommandLineStats(CommandLineCase):
     def test_text(self):
         status, out, err = self.run_main("stats", self.directory, "--max-age", "1h")
         self.assertEqual((status, err), (0, ""))
-        self.assertIn("sessions: 6\n", out)
+        self.assertIn("sessions: 6 (", out)
         self.assertIn("expired:  3 older than 3600 s", out)
 
     def test_json(self):
@@ -5924,6 +5955,22 @@ class ReadmeSnippets(unittest.TestCase):
         names = sorted(name for name in os.listdir(os.path.join(directory, "sessions")) if name.startswith("ts-"))
         self.assertEqual([name.endswith(".log") for name in names], [False, True])  # a record and its log
 
+    def test_the_crontab_line_names_the_venv_command_by_its_full_path_and_runs(self):
+        with open(README_PATH, encoding="utf-8") as file:
+            lines = [line.split() for line in file if re.match(r"(\S+ ){5}\S*tinysession ", line)]
+        self.assertEqual(len(lines), 1, lines)
+        command, argv = lines[0][5], lines[0][6:]
+        self.assertRegex(command, r"^/.*/bin/tinysession$")  # cron's PATH holds no venv: a bare name is not found
+        directory = temp_dir(self)
+        store = tinysession.FileStore(os.path.join(directory, "sessions"))
+        store["old"], store["new"] = {}, {}
+        os.utime(os.path.join(store.directory, "ts-old"), (0, 0))
+        argv = [argument.replace("/var/lib/myapp", directory) for argument in argv]
+        result = subprocess.run([sys.executable, "-m", "tinysession", *argv], cwd=HERE, capture_output=True,
+                                text=True, timeout=60, check=False)
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))
+        self.assertEqual(list(store), ["new"])
+
     def test_trimming_a_chat_history(self):
         old = [{"role": role, "content": f"{role} {n}"} for n in range(6) for role in ("user", "assistant")]
         session = {"messages": old}
@@ -5932,6 +5979,43 @@ class ReadmeSnippets(unittest.TestCase):
         self.assertEqual(len(messages), 10)
         self.assertEqual(messages[-2:], [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
         self.assertEqual(messages[0], {"role": "user", "content": "user 2"})
+
+
+class TheTestCommand(unittest.TestCase):
+    """The README's test command on a machine without the optional packages, and the one that installs them."""
+
+    OPTIONAL = ("bottle", "fastapi", "flask", "flask_login", "gunicorn", "httpx", "redis", "starlette", "uvicorn")
+
+    def test_without_the_packages_every_test_passes_or_skips_naming_what_to_install(self):
+        code = ("import sys, unittest; sys.modules.update(dict.fromkeys(sys.argv[1].split(',')));"
+                "unittest.main(module=None, argv=['unittest', *sys.argv[2:]])")
+        selection = [argument for name in ("Flask", "Starlette", "Uvicorn", "FastAPI", "SSE", "Bottle", "Readme",
+                                           "Examples", "Redis", "Gunicorn", "StoreFailures") for argument in ("-k", name)]
+        env = {name: value for name, value in os.environ.items() if name != "TINYSESSION_REQUIRE_ALL"}
+        result = subprocess.run(
+            [sys.executable, "-c", code, ",".join(self.OPTIONAL), "-v", *selection, "test_tinysession"],
+            cwd=HERE, env=env, capture_output=True, text=True, timeout=300, check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertRegex(result.stderr, r"\nOK \(skipped=\d+\)\n$")
+        skips = re.findall(r"\.\.\. skipped (.*)", result.stderr)
+        self.assertGreater(len(skips), 100)
+        self.assertEqual([reason for reason in skips if "install" not in reason], [])
+
+    def test_one_command_installs_every_package_the_tests_name(self):
+        with open(os.path.join(HERE, "requirements-test.txt"), encoding="utf-8") as file:
+            listed = {line.strip().lower() for line in file if line.strip() and not line.startswith("#")}
+        with open(__file__, encoding="utf-8") as file:
+            named = {name.lower() for names in re.findall(r"pip install ([a-z][a-z -]*)", file.read())
+                     for name in names.split()}
+        self.assertEqual(named - listed, set())
+        self.assertEqual({name.replace("-", "_") for name in listed}, set(self.OPTIONAL))
+        with open(README_PATH, encoding="utf-8") as file:
+            self.assertTrue("pip install -r requirements-test.txt" in file.read())
+        with open(os.path.join(HERE, ".ci", "run"), encoding="utf-8") as file:
+            ci = file.read()
+        self.assertTrue('"$work/bare/bin/python" -m unittest -v' in ci)
+        self.assertLess(ci.index("$work/bare/bin/python"), ci.index("install -q -r requirements-test.txt"))
 
 
 # -- The framework examples in a real browser --

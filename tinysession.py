@@ -3707,57 +3707,23 @@ _DURATION_PATTERN = "".join(rf"(?:({_DURATION_NUMBER}){unit})?" for unit in _DUR
 _SQLITE_HEADER = b"SQLite format 3\0"
 # The command line removes what its flags say and no more: no default bound of the stores applies.
 _UNBOUNDED = {"max_sessions": None, "max_bytes": None}
-_EXIT_FAILED, _EXIT_USAGE, _EXIT_NO_SESSIONS, _EXIT_INTERRUPTED = 1, 2, 3, 130
-_SPECIAL_FILES = (
-    (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
+_EXIT_FAILED, _EXIT_NO_SESSIONS, _EXIT_INTERRUPTED = 1, 3, 130
+_SPECIAL_FILES = {"p": "a FIFO", "s": "a socket", "c": "a character device", "b": "a block device"}  # by filemode()
 _CLI_EXAMPLES = """examples:
   python -m tinysession clean /var/lib/myapp/sessions --max-age 7d --quiet --strict
   python -m tinysession clean /var/lib/myapp/sessions.db --keep 10000 --dry-run
   python -m tinysession stats redis://127.0.0.1:6379/0 --max-age 12h --json
 
-STORE is a session directory (FileStore), an SQLite database (SQLiteStore), or
-a redis:// URL (RedisStore; needs redis-py). DURATION is seconds, or numbers
-with w, d, h, m or s, largest first: 90, 30m, 1h30m, 12h, 7d, 2w.
-stats and clean --dry-run open the store read-only and change nothing.
-
-exit status: 0 done, 1 failed, 2 usage error, 3 (with --strict) the
-directory holds other files but no session files, 130 interrupted (Ctrl-C).
-"""
+exit status: 0 done, 1 failed, 2 usage error, 3 (with --strict) the directory
+holds other files but no session files, 130 interrupted (Ctrl-C)."""
 
 
-def _duration(text):
-    """Parse ``90``, ``30m``, ``1h30m`` or ``2w`` into seconds (argparse type)."""
-    import argparse
-
-    text = text.strip()
-    if re.fullmatch(_DURATION_NUMBER, text):
-        return float(text)
+def _seconds(text):
+    """Return the seconds in ``90``, ``1.5h`` or ``1h30m`` (text the parser has already checked)."""
     match = re.fullmatch(_DURATION_PATTERN, text)
-    if not text or match is None:
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: expected seconds or units largest first, e.g. 90, 30m, 1h30m, 7d or 2w"
-        )
+    if match is None:
+        return float(text)
     return sum(float(number) * seconds for number, seconds in zip(match.groups(), _DURATION_UNITS.values()) if number)
-
-
-def _count(text):
-    """Parse a non-negative whole number (argparse type)."""
-    import argparse
-
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number >= 0")
-    return int(text)
-
-
-def _table_name(text):
-    """Check an SQLite table name (argparse type)."""
-    import argparse
-
-    if re.fullmatch(_TABLE_PATTERN, text) is None:
-        raise argparse.ArgumentTypeError(f"invalid table name {text!r}: expected a letter or _, then [A-Za-z0-9_]")
-    return text
 
 
 def _format_bytes(size):
@@ -3768,9 +3734,7 @@ def _format_bytes(size):
 
 
 def _format_time(timestamp):
-    if timestamp is None:
-        return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    return "-" if timestamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def _open_store(spec, table, prefix, read_only):
@@ -3781,15 +3745,10 @@ def _open_store(spec, table, prefix, read_only):
     """
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return _open_redis(spec, prefix)
-    try:
-        mode = os.stat(spec).st_mode
-    except FileNotFoundError:
-        raise SessionError(f"{spec}: no such directory or file") from None
-    except OSError as exc:
-        raise StoreError(f"cannot read {spec!r}: {exc.strerror}") from exc
-    for is_kind, kind in _SPECIAL_FILES:
-        if is_kind(mode):
-            raise SessionError(f"{spec}: is {kind}, neither a session directory nor an SQLite database")
+    mode = os.stat(spec).st_mode
+    kind = _SPECIAL_FILES.get(stat.filemode(mode)[0])
+    if kind is not None:
+        raise SessionError(f"{spec}: is {kind}, neither a session directory nor an SQLite database")
     if stat.S_ISDIR(mode):
         return FileStore(spec, **_UNBOUNDED)
     return _open_sqlite(spec, table, read_only)
@@ -3808,14 +3767,8 @@ def _open_redis(spec, prefix):
 
 
 def _open_sqlite(spec, table, read_only):
-    try:
-        fd = os.open(spec, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        try:
-            header = os.read(fd, len(_SQLITE_HEADER))
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise StoreError(f"cannot read {spec!r}: {exc.strerror}") from exc
+    with open(os.open(spec, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:  # a FIFO swapped in must not hang us
+        header = file.read(len(_SQLITE_HEADER))
     if header != _SQLITE_HEADER:
         raise SessionError(f"{spec}: neither a session directory nor an SQLite database")
     import sqlite3
@@ -3833,83 +3786,61 @@ def _open_sqlite(spec, table, read_only):
     return SQLiteStore(spec, table=table, read_only=read_only, **_UNBOUNDED)
 
 
-def _progress_printer(stream):
-    """Return a progress callback that rewrites one line of ``stream``, or None if it is no terminal."""
-    if not stream.isatty():
-        return None
-
-    def show(sweep):
-        stream.write(f"\rscanned {sweep.seen} sessions...")
-        stream.flush()
-
-    return show
+def _logs(store):
+    """Return ``(count, bytes)`` of the store's message logs; ``(0, 0)`` for a store that keeps none."""
+    try:
+        sizes = [size for _, size in store.log_scan()]
+    except NotImplementedError:
+        return 0, 0
+    return len(sizes), sum(sizes)
 
 
 def _no_sessions_status(args, store, sweep):
     """Warn if a session directory holds no session files but other files; return the exit status."""
     if sweep.seen or not isinstance(store, FileStore):
         return 0
-    try:
-        with os.scandir(store.directory) as entries:
-            others = sum(1 for entry in entries if not entry.name.startswith((_FILE_PREFIX, _TEMP_PREFIX)))
-    except OSError as exc:
-        raise StoreError(f"cannot list session directory {store.directory!r}: {exc.strerror}") from exc
+    others = sum(1 for name in os.listdir(store.directory) if not name.startswith((_FILE_PREFIX, _TEMP_PREFIX)))
     if not others:
         return 0
-    print(
-        f"{args.prog}: warning: {args.store} holds no session files ({_FILE_PREFIX}*) but {others} other"
-        f" entr{'y' if others == 1 else 'ies'}: is it the session directory?",
-        file=sys.stderr,
-    )
+    print(f"{args.prog}: warning: {args.store} holds no session files ({_FILE_PREFIX}*) but {others} other"
+          f" entr{'y' if others == 1 else 'ies'}: is it the session directory?", file=sys.stderr)
     return _EXIT_NO_SESSIONS if args.strict else 0
-
-
-def _report_interrupted(args, store, sweep):
-    """Say on stderr what an interrupted clean removed; ``sweep`` is its live Sweep, or None."""
-    if sweep is not None:
-        verb = "would have removed" if args.dry_run else "removed"
-        done = f"{verb} {sweep.removed} of the {sweep.seen} sessions seen ({_format_bytes(sweep.removed_bytes)})"
-    elif isinstance(store, SQLiteStore):
-        done = "removed nothing: SQLite had not finished a batch"
-    elif isinstance(store, RedisStore):
-        done = "the Redis server runs its clean to the end regardless: run stats to see what is left"
-    else:
-        done = "removed an unknown number of sessions"
-    print(f"{args.prog}: interrupted: {done}", file=sys.stderr)
-    return _EXIT_INTERRUPTED
 
 
 def _cmd_clean(args):
     store = _open_store(args.store, args.table, args.prefix, args.dry_run)
-    printer = None if args.quiet else _progress_printer(sys.stderr)
-    live = []
+    live = Sweep()  # what the pass has counted so far, for a Ctrl-C
+    terminal = not args.quiet and sys.stderr.isatty()
 
     def progress(sweep):
-        live[:] = [sweep]
-        if printer is not None:
-            printer(sweep)
+        nonlocal live
+        live = sweep
+        if terminal:
+            print(f"\rscanned {sweep.seen} sessions...", end="", file=sys.stderr, flush=True)
 
     with store:
-        started = time.perf_counter()
+        started, logs = time.perf_counter(), _logs(store)
         try:
             sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
         except KeyboardInterrupt:
-            if printer is not None:
-                sys.stderr.write("\r\033[K")
-            return _report_interrupted(args, store, live[0] if live else None)
-        elapsed = time.perf_counter() - started
-    if printer is not None:
-        sys.stderr.write("\r\033[K")
+            sweep = None
+        print("\r\033[K" if terminal else "", end="", file=sys.stderr)
+        kept = None if sweep is None else _logs(store)
+    if sweep is None:
+        verb = "would have removed" if args.dry_run else "removed"
+        done = f"{verb} {live.removed} of the {live.seen} sessions seen ({_format_bytes(live.removed_bytes)})"
+        if isinstance(store, RedisStore):  # its sweep is one script, which reports no progress
+            done = "the Redis server runs its clean to the end regardless: run stats to see what is left"
+        print(f"{args.prog}: interrupted: {done}", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+    removed = f"{sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)})"
     if args.dry_run:
-        print(
-            f"would remove {sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)}),"
-            f" keep {sweep.seen - sweep.removed}; dry run, nothing removed"
-        )
+        print(f"would remove {removed} and their message logs (of {logs[0]}, {_format_bytes(logs[1])}),"
+              f" keep {sweep.seen - sweep.removed}; dry run, nothing removed")
     elif not args.quiet:
-        print(
-            f"removed {sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)})"
-            f" in {elapsed:.2f} s, kept {sweep.seen - sweep.removed}"
-        )
+        print(f"removed {removed} and {logs[0] - kept[0]} of {logs[0]} message logs"
+              f" ({_format_bytes(logs[1] - kept[1])}) in {time.perf_counter() - started:.2f} s,"
+              f" kept {sweep.seen - sweep.removed}")
     return _no_sessions_status(args, store, sweep)
 
 
@@ -3917,51 +3848,59 @@ def _cmd_stats(args):
     store = _open_store(args.store, args.table, args.prefix, True)
     with store:
         sweep = store.stats(args.max_age)
-    expired = sweep.removed if args.max_age is not None else None
+    report = {
+        "store": args.store, "sessions": sweep.seen, "bytes": sweep.seen_bytes, "logs": sweep.logs,
+        "log_bytes": sweep.log_bytes, "oldest": sweep.oldest, "newest": sweep.newest, "max_age": args.max_age,
+        "expired": None if args.max_age is None else sweep.removed,
+    }
     if args.json:
-        report = {
-            "store": args.store, "sessions": sweep.seen, "bytes": sweep.seen_bytes, "oldest": sweep.oldest,
-            "newest": sweep.newest, "max_age": args.max_age, "expired": expired,
-        }
         print(json.dumps(report))
-    else:
-        print(f"store:    {args.store}")
-        print(f"sessions: {sweep.seen}")
-        print(f"size:     {_format_bytes(sweep.seen_bytes)} ({sweep.seen_bytes} bytes)")
-        print(f"oldest:   {_format_time(sweep.oldest)}")
-        print(f"newest:   {_format_time(sweep.newest)}")
-        if expired is not None:
-            print(f"expired:  {expired} older than {args.max_age:g} s")
+        return _no_sessions_status(args, store, sweep)
+    print(f"store:    {args.store}")
+    print(f"sessions: {sweep.seen} ({_format_bytes(sweep.seen_bytes)})")
+    print(f"logs:     {sweep.logs} ({_format_bytes(sweep.log_bytes)})")
+    print(f"oldest:   {_format_time(sweep.oldest)}")
+    print(f"newest:   {_format_time(sweep.newest)}")
+    if args.max_age is not None:
+        print(f"expired:  {sweep.removed} older than {args.max_age:g} s")
     return _no_sessions_status(args, store, sweep)
 
 
 def _parser(prog):
     import argparse
 
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Clean and inspect tinysession stores.", epilog=_CLI_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    def checked(pattern, convert, what, expected):
+        def check(text):
+            if re.fullmatch(pattern, text.strip()) is None:
+                raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected {expected}")
+            return convert(text.strip())
+
+        return check
+
+    duration = checked(f"{_DURATION_NUMBER}|(?=.){_DURATION_PATTERN}", _seconds, "duration",
+                       "seconds or units largest first, e.g. 90, 30m, 1h30m, 7d or 2w")
+    table = checked(_TABLE_PATTERN, str, "table name", "a letter or _, then [A-Za-z0-9_]")
+    count = checked(r"\d+", int, "count", "a whole number >= 0")
+    text = {"description": "Clean and inspect tinysession stores.", "epilog": _CLI_EXAMPLES,
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+    parser = argparse.ArgumentParser(prog=prog, **text)
     parser.add_argument("--version", action="version", version=f"tinysession {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, run, summary in (
-        ("clean", _cmd_clean, "remove expired sessions, then all but the newest N"),
-        ("stats", _cmd_stats, "count sessions, bytes, oldest and newest, and how many are past a max age"),
+        ("clean", _cmd_clean, "remove expired sessions, then all but the newest N, with their message logs"),
+        ("stats", _cmd_stats, "count sessions, message logs, bytes, oldest and newest, and how many are past a max age"),
     ):
-        command = commands.add_parser(
-            name, help=summary, description=summary, epilog=_CLI_EXAMPLES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        command = commands.add_parser(name, help=summary, **dict(text, description=summary))
         command.set_defaults(run=run, usage=command, prog=prog)
-        command.add_argument("store", metavar="STORE", help="session directory, SQLite file or redis:// URL")
-        command.add_argument("--max-age", type=_duration, metavar="DURATION", help="sessions older than this")
-        command.add_argument("--table", type=_table_name, default="sessions", help="SQLite table (default: sessions)")
+        command.add_argument("store", metavar="STORE", help="session directory, SQLite file or redis:// URL (needs redis-py)")
+        command.add_argument("--max-age", type=duration, metavar="DURATION",
+                             help="sessions older than this: seconds, or w, d, h, m, s largest first (30m, 1h30m, 7d)")
+        command.add_argument("--table", type=table, default="sessions", help="SQLite table (default: sessions)")
         command.add_argument("--prefix", default="session:", help="Redis key prefix (default: session:)")
-        command.add_argument(
-            "--strict", action="store_true", help="exit 3 if the directory holds other files but no session files"
-        )
+        command.add_argument("--strict", action="store_true",
+                             help="exit 3 if the directory holds other files but no session files")
         if name == "clean":
-            command.add_argument("--keep", type=_count, metavar="N", help="then keep only the N newest")
+            command.add_argument("--keep", type=count, metavar="N", help="then keep only the N newest")
             command.add_argument("--dry-run", action="store_true", help="report, remove nothing (read-only)")
             command.add_argument("--quiet", action="store_true", help="print nothing on success (cron)")
         else:
@@ -3984,7 +3923,7 @@ def main(argv=None, *, prog="python -m tinysession"):
         return exit.code
     try:
         return args.run(args)
-    except SessionError as exc:
+    except (SessionError, OSError) as exc:  # an OSError names its path and cause: no traceback needed
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return _EXIT_FAILED
     except KeyboardInterrupt:
