@@ -1,8 +1,15 @@
-"""The tinysession wiring for Bottle: run ``python examples/bottle_app.py``."""
+"""The tinysession wiring for Bottle: any WSGI app, wrapped in SessionMiddleware.
 
+Needs Bottle (``pip install bottle``). Run ``python examples/bottle_app.py
+[--port N]`` from a checkout and open http://127.0.0.1:8000/. Sessions go to
+a new temporary directory.
+"""
+
+import argparse
 import os
 import sys
 import tempfile
+from wsgiref.simple_server import make_server
 
 import bottle
 
@@ -29,5 +36,10 @@ def make_app(store):
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000, help="the port on 127.0.0.1 (default: 8000)")
+    port = parser.parse_args().port
     directory = os.path.join(tempfile.mkdtemp(prefix="tinysession-bottle-"), "sessions")
-    bottle.run(make_app(tinysession.FileStore(directory, max_age=3600)), host="127.0.0.1", port=8000)
+    server = make_server("127.0.0.1", port, make_app(tinysession.FileStore(directory, max_age=3600)))
+    print(f"serving http://127.0.0.1:{server.server_port}/ (sessions in {directory}); Ctrl-C stops", file=sys.stderr)
+    server.serve_forever()

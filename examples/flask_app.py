@@ -1,11 +1,13 @@
 """flask.session kept on the server by tinysession.
 
-Run ``python examples/flask_app.py`` or ``flask --app examples/flask_app run``.
-Sessions go to a temporary directory unless ``TINYSESSION_DIR`` names one;
-``SECRET_KEY`` signs the session cookie (a random one if unset, so a restart
-logs everyone out).
+Needs Flask (``pip install flask``). Run ``python examples/flask_app.py
+[--port N]`` from a checkout, or ``flask --app examples/flask_app run``, and
+open http://127.0.0.1:8000/. Sessions go to a temporary directory unless
+``TINYSESSION_DIR`` names one; ``SECRET_KEY`` signs the session cookie (a
+random one if unset, so a restart logs everyone out).
 """
 
+import argparse
 import os
 import secrets
 import sys
@@ -21,7 +23,7 @@ def create_app(store=None):
     """Return a Flask app whose ``flask.session`` lives in ``store`` (a FileStore by default)."""
     if store is None:
         directory = os.environ.get("TINYSESSION_DIR") or tempfile.mkdtemp(prefix="tinysession-flask-")
-        store = tinysession.FileStore(directory, max_age=3600)
+        store = tinysession.FileStore(directory, max_age=3600, serializer=tinysession.TaggedJSON())
     app = Flask(__name__)
     app.secret_key = os.environ.get("SECRET_KEY") or secrets.token_hex(32)
     app.session_interface = tinysession.FlaskSessionInterface(store)
@@ -40,4 +42,6 @@ def create_app(store=None):
 
 
 if __name__ == "__main__":
-    create_app().run(host="127.0.0.1", port=8000)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000, help="the port on 127.0.0.1 (default: 8000)")
+    create_app().run(host="127.0.0.1", port=parser.parse_args().port)

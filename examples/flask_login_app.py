@@ -1,6 +1,8 @@
 """Flask-Login over tinysession: ``python examples/flask_login_app.py [--port N]``.
 
-Log in at /login?user=ann. Logging in or out changes the session id and
+Needs Flask and Flask-Login (``pip install flask flask-login``). Run it from a
+checkout, open http://127.0.0.1:8000/ and log in at /login?user=ann; every
+page has a "Log out" button. Logging in or out changes the session id and
 removes the old record (the interface's ``identity_key``, Flask-Login's
 ``_user_id``), so an id planted before login is worthless afterwards.
 """
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import tinysession
 
 USERS = ("ann", "bob")
+LOGOUT_FORM = '<form method="post" action="/logout"><button type="submit">Log out</button></form>\n'
 
 
 class User(UserMixin):
@@ -28,7 +31,8 @@ class User(UserMixin):
 def create_app(store=None):
     """Return a Flask app with Flask-Login whose sessions live in ``store`` (a FileStore by default)."""
     if store is None:
-        store = tinysession.FileStore(tempfile.mkdtemp(prefix="tinysession-login-"), max_age=3600)
+        directory = tempfile.mkdtemp(prefix="tinysession-login-")
+        store = tinysession.FileStore(directory, max_age=3600, serializer=tinysession.TaggedJSON())
     app = Flask(__name__)
     app.secret_key = os.environ.get("SECRET_KEY") or secrets.token_hex(32)
     app.session_interface = tinysession.FlaskSessionInterface(store)
@@ -39,7 +43,7 @@ def create_app(store=None):
     def home():
         session["visits"] = session.get("visits", 0) + 1
         name = current_user.id if current_user.is_authenticated else "stranger"
-        return f"hello {name}, visit {session['visits']}\n"
+        return f"hello {name}, visit {session['visits']}\n" + LOGOUT_FORM
 
     @app.route("/login")
     def login():
@@ -47,17 +51,17 @@ def create_app(store=None):
         if name not in USERS:  # a real app checks a password here
             return "unknown user\n", 403
         login_user(User(name))
-        return f"logged in as {name}\n"
+        return f"logged in as {name}\n" + LOGOUT_FORM
 
     @app.route("/private")
     @login_required
     def private():
-        return f"private page of {current_user.id}\n"
+        return f"private page of {current_user.id}\n" + LOGOUT_FORM
 
     @app.route("/logout", methods=["POST"])
     def logout():
         logout_user()
-        return "bye\n"
+        return 'bye\n<a href="/">home</a>\n'
 
     return app
 

@@ -6,10 +6,19 @@
 Records live in a dict guarded by one lock, so every hook is atomic against
 the other threads of the process. They vanish with the process and no other
 process sees them: use it in tests, or as the template of a store of your own.
+
+Needs nothing but the standard library. ``python examples/memory_store.py
+[--port N]`` from a checkout serves a visit counter on it at
+http://127.0.0.1:8000/.
 """
 
+import argparse
+import os
+import sys
 import threading
+from wsgiref.simple_server import make_server
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import tinysession
 
 
@@ -75,3 +84,19 @@ class MemoryStore(tinysession.Store):
     def log_scan(self):
         with self._lock:
             return [(key, sum(map(len, lines))) for key, lines in self._logs.items()]
+
+
+def visits(environ, start_response):
+    """Count this session's visits: a WSGI app to wrap in SessionMiddleware."""
+    session = tinysession.get_session(environ)
+    session["visits"] = session.get("visits", 0) + 1
+    start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+    return [f"visits: {session['visits']}\n".encode()]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000, help="the port on 127.0.0.1 (default: 8000)")
+    server = make_server("127.0.0.1", parser.parse_args().port, tinysession.SessionMiddleware(visits, MemoryStore()))
+    print(f"serving http://127.0.0.1:{server.server_port}/ (sessions in memory); Ctrl-C stops", file=sys.stderr)
+    server.serve_forever()
