@@ -3984,21 +3984,42 @@ class StarletteAndFastAPI(unittest.TestCase):
 
 
 class ChatOverSSE(unittest.TestCase):
-    def test_the_fastapi_chat_streams_and_keeps_a_trimmed_history(self):
+    def setUp(self):
         require(HAVE_FASTAPI, "FastAPI is not installed (pip install fastapi)")
-        chat = load_example("fastapi_chat")
-        store = tinysession.SQLiteStore(os.path.join(temp_dir(self), "sessions.db"))
-        client = starlette_test_client(chat.make_app(store))
-        self.addCleanup(client.close)
+        self.chat = load_example("fastapi_chat")
+        self.store = tinysession.SQLiteStore(os.path.join(temp_dir(self), "sessions.db"))
+        self.client = starlette_test_client(self.chat.make_app(self.store))
+        self.addCleanup(self.client.close)
+
+    def send(self, text, stream=True):
+        headers = {"Accept": "text/event-stream"} if stream else {}
+        return self.client.post("/chat", data={"message": text}, headers=headers, follow_redirects=False)
+
+    def test_the_fastapi_chat_streams_and_keeps_a_trimmed_history(self):
         for number in range(1, 8):
-            events = client.get("/chat", params={"message": f"message {number}"}).text
+            events = self.send(f"message {number}").text
         self.assertEqual(events.split("\n\n")[:3], ['data: "You "', 'data: "said: "', 'data: "message "'])
         self.assertTrue(events.endswith("data: [DONE]\n\n"))
-        messages = client.get("/history").json()["messages"]
-        self.assertEqual(len(messages), 2 * chat.MAX_ROUNDS)
+        messages = self.client.get("/history").json()["messages"]
+        self.assertEqual(len(messages), 2 * self.chat.MAX_ROUNDS)
         self.assertEqual(messages[-2:], [{"role": "user", "content": "message 7"},
                                          {"role": "assistant", "content": "You said: message 7"}])
         self.assertEqual(messages[0]["content"], "message 3")
+
+    def test_the_page_shows_both_sides_of_the_history_and_fits_a_phone(self):
+        self.send("hello <there>")
+        page = self.client.get("/").text
+        self.assertIn('<meta name="viewport" content="width=device-width, initial-scale=1">', page)
+        self.assertIn('<div class="msg user"><small>You</small>hello &lt;there&gt;</div>', page)
+        self.assertIn('<div class="msg assistant"><small>Echo</small>You said: hello &lt;there&gt;</div>', page)
+
+    def test_a_message_is_a_post_never_a_get_and_works_without_javascript(self):
+        self.assertEqual(self.client.get("/chat", params={"message": "in the url"}).status_code, 405)
+        self.assertEqual(len(self.store), 0)
+        response = self.send("no script", stream=False)
+        self.assertEqual((response.status_code, response.headers["location"]), (303, "/"))
+        self.assertEqual(len(self.client.get("/history").json()["messages"]), 2)
+        self.assertEqual(self.send("   ").status_code, 400)
 
 
 class OverUvicorn(unittest.TestCase):
@@ -6095,6 +6116,7 @@ def start_example(test, script, ready, *args):
     test.addCleanup(child.terminate)
     if not listening.wait(30) or child.poll() is not None:
         test.fail(f"{script} did not start: {''.join(lines)!r}")
+    return child
 
 
 class BrowserFrameworkExamples(unittest.TestCase):
@@ -6149,29 +6171,61 @@ class BrowserFrameworkExamples(unittest.TestCase):
             return null;
         }})()""")
 
+    def send_in_page(self, tab, text, replies):
+        """Type ``text`` and press Send; return once the page shows ``replies`` echo bubbles and Send is usable."""
+        self.browser.evaluate(tab, f"document.getElementById('message').value = {json.dumps(text)}")
+        self.browser.evaluate(tab, "document.querySelector('#send button').click()")
+        self.browser.wait_until(tab, f"document.querySelectorAll('#chat .assistant').length === {replies} && "
+                                     "!document.querySelector('#send button').disabled")
+
+    def bubbles(self, tab):
+        return self.browser.evaluate(tab, "[...document.querySelectorAll('#chat .msg')].map("
+                                          "(e) => [e.className, e.lastChild.textContent.trim()])")
+
     def test_fastapi_chat_streams_keeps_the_history_across_a_reload_and_per_browser(self):
         require(HAVE_FASTAPI and HAVE_UVICORN, "FastAPI or uvicorn is not installed (pip install fastapi uvicorn)")
         store = os.path.join(temp_dir(self), "sessions.db")
         start_example(self, "fastapi_chat.py", "Uvicorn running on", "--port", str(self.port), "--store", store)
-        context, tab = self.browser.open_tab()
-        self.visit(tab, "/")
-        self.browser.evaluate(tab, "m.value = 'hello there'; f.requestSubmit()")
-        self.browser.wait_until(tab, "document.querySelector('#chat li')?.textContent === 'You said: hello there '")
-        expected = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "You said: hello there"}]
-        self.assertEqual(self.history(tab, 2), expected)
-        cookie = self.cookie(context, "tinysession")
-        self.assertEqual((cookie["httpOnly"], cookie["sameSite"]), (True, "Lax"))
-        self.assertEqual(self.browser.evaluate(tab, "document.cookie"), "")
-        self.browser.load(tab, "Page.reload")
-        self.assertEqual(self.history(tab, 2), expected)
+        for width, height, mobile in ((390, 844, True), (1280, 800, False)):
+            with self.subTest(width=width):
+                context, tab = self.browser.open_tab()
+                self.browser.send("Emulation.setDeviceMetricsOverride", tab, width=width, height=height,
+                                  deviceScaleFactor=1, mobile=mobile)
+                self.visit(tab, "/")
+                self.browser.evaluate(tab, _WATCH_REPLY)
+                self.send_in_page(tab, "hello there " + "long" * 40, 1)
+                partials = self.browser.evaluate(tab, "window.partials")
+                self.assertTrue(any(0 < len(text) < 20 for text in partials), partials)  # it streamed
+                expected = [["msg user", "hello there " + "long" * 40],
+                            ["msg assistant", "You said: hello there " + "long" * 40]]
+                self.assertEqual(self.bubbles(tab), expected)
+                self.assertLessEqual(self.browser.evaluate(tab, "document.documentElement.scrollWidth"), width)
+                cookie = self.cookie(context, "tinysession")
+                self.assertEqual((cookie["httpOnly"], cookie["sameSite"]), (True, "Lax"))
+                self.assertEqual(self.browser.evaluate(tab, "document.cookie"), "")
+                self.browser.load(tab, "Page.reload")
+                self.assertEqual(self.bubbles(tab), expected)  # the history, both sides, from the session
+                self.assertEqual(self.history(tab, 2)[0], {"role": "user", "content": expected[0][1]})
+                _, stranger = self.browser.open_tab()
+                self.visit(stranger, "/")
+                self.assertEqual(self.bubbles(stranger), [])
         with tinysession.SQLiteStore(store, read_only=True) as sessions:
-            self.assertEqual(len(sessions), 1)
-        _, stranger = self.browser.open_tab()
-        self.visit(stranger, "/")
-        self.assertEqual(self.history(stranger, 0), [])
-        self.browser.send("Storage.clearCookies", browserContextId=context)
-        self.assertEqual(self.history(tab, 0), [])
+            self.assertEqual(len(sessions), 2)
 
+    def test_fastapi_chat_shows_an_error_and_keeps_the_text_when_the_server_is_gone(self):
+        require(HAVE_FASTAPI and HAVE_UVICORN, "FastAPI or uvicorn is not installed (pip install fastapi uvicorn)")
+        server = start_example(self, "fastapi_chat.py", "Uvicorn running on", "--port", str(self.port))
+        _, tab = self.browser.open_tab()
+        self.visit(tab, "/")
+        server.terminate()
+        server.wait(30)
+        self.browser.evaluate(tab, "document.getElementById('message').value = 'are you there?'")
+        self.browser.evaluate(tab, "document.querySelector('#send button').click()")
+        self.browser.wait_until(tab, "!document.getElementById('error').hidden")
+        self.assertIn("Not sent", self.browser.evaluate(tab, "document.getElementById('error').textContent"))
+        self.assertEqual(self.browser.evaluate(tab, "document.getElementById('message').value"), "are you there?")
+        self.assertFalse(self.browser.evaluate(tab, "document.querySelector('#send button').disabled"))
+        self.assertEqual(self.bubbles(tab), [])
 
 if __name__ == "__main__":
     unittest.main()
