@@ -4646,6 +4646,7 @@ def start_chat(test, *args, env=None):
     test.addCleanup(child.stdout.close)
     test.addCleanup(child.wait, 30)
     test.addCleanup(child.terminate)
+    test.chat_process = child
     ready = select.select([child.stdout], [], [], 30)[0]
     line = child.stdout.readline().decode() if ready else ""
     if not line.startswith("chat on http://127.0.0.1:"):
@@ -4727,6 +4728,44 @@ class ChatExample(unittest.TestCase):
             self.assertIn(f"kept across restarts {number}<", browser.request("/")[2].decode())
         self.assertEqual([name for name in os.listdir(temp) if not name.startswith("chat.db")], ["tinysession-chat"])
         self.assertEqual(len(record_files(os.path.join(temp, "tinysession-chat"))), 1)
+
+    def test_the_server_panel_shows_the_record_where_it_lives_and_its_log(self):
+        for spec in ("sessions", "sessions.db"):
+            with self.subTest(spec=spec):
+                store = self.chat.open_store(os.path.join(temp_dir(self), spec))
+                browser = Browser(serve(self, self.chat.make_app(store)))
+                page = self.post(browser, message="what do you hold?")[2].decode()
+                key = hashlib.sha256(browser.session_id().encode()).hexdigest()
+                self.assertIn("What the server holds", page)
+                self.assertIn(f"store key: {key[:12]}", page)
+                self.assertIn("&quot;rounds&quot;: 1", page)  # the record, as the store returns it
+                where = (f"the file {os.path.join(store.directory, 'ts-' + key)}" if spec == "sessions"
+                         else f"the row key = &#x27;{key}&#x27; of table sessions in {store.path}")
+                self.assertIn(where, page)
+                self.assertIn("You said: what do you hold?", page.split("lines of its log")[1])
+
+    def test_log_in_regenerates_the_id_and_the_page_shows_it_change(self):
+        browser = Browser(serve(self, self.chat.make_app(self.chat.open_store(temp_dir(self)))))
+        self.post(browser, message="before login")
+        before = browser.session_id()
+        page = self.post(browser, "/login")[2].decode()
+        after = browser.session_id()
+        self.assertNotEqual(after, before)
+        self.assertIn(f"regenerate() changed the id from {before[:8]}… to {after[:8]}…", page)
+        self.assertIn("before login", page)  # the same session, under a new id
+
+    def test_an_unwritable_store_is_a_clear_message_and_exit_status_1(self):
+        directory = os.path.join(temp_dir(self), "theirs")
+        os.mkdir(directory, 0o755)
+        if os.geteuid() == 0:
+            self.skipTest("root may write to any directory: run the tests as a user to check this")
+        os.chmod(directory, 0o500)
+        self.addCleanup(os.chmod, directory, 0o700)
+        result = subprocess.run([sys.executable, CHAT_SCRIPT, "--port", "0", "--store", directory],
+                                capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual((result.returncode, result.stdout), (1, ""), result.stderr)
+        self.assertIn(f"chat.py: cannot keep sessions in {directory}: this user", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
 
     def test_a_taken_port_is_a_clear_message_and_exit_status_1(self):
         with socket.socket() as taken:
@@ -5622,6 +5661,39 @@ class BrowserDemo(unittest.TestCase):
         self.assertEqual(record_files(self.store), [])
         self.send_message(tab, "a fresh start", 1)
         self.assertNotEqual(self.session_cookie(context)["value"], old["value"])
+
+    def test_the_server_panel_follows_the_stream_and_a_desktop_sees_it_all(self):
+        _, tab = self.browser.open_tab()
+        self.browser.send("Emulation.setDeviceMetricsOverride", tab, width=1280, height=800, deviceScaleFactor=1,
+                          mobile=False)
+        self.browser.load(tab, "Page.navigate", url=self.url + "/")
+        self.assertIn("Nothing: no session yet.", self.text(tab, "#server"))
+        self.browser.evaluate(tab, """window.panels = [];
+            new MutationObserver(() => window.panels.push(document.getElementById("server").innerText))
+              .observe(document.body, {childList: true, subtree: true});""")
+        self.send_message(tab, "show me the server side", 1)
+        panels = self.browser.evaluate(tab, "window.panels")
+        self.assertTrue(any('"content":"show me the server side"' in panel and "You said: show" not in panel
+                            for panel in panels), panels)  # the user's line, while the reply streams
+        panel = self.text(tab, "#server")
+        self.assertIn(f"Kept in the file {self.store}/ts-", panel)
+        self.assertIn('"content":"You said: show me the server side"', panel)
+        self.assertLessEqual(self.browser.evaluate(tab, "document.documentElement.scrollWidth"), 1280)
+        self.browser.load(tab, "Runtime.evaluate", expression="document.querySelector('#login button').click()")
+        self.assertIn("regenerate() changed the id from", self.text(tab, "#server"))
+
+    def test_a_stopped_server_is_an_error_in_the_page_with_the_text_kept(self):
+        _, tab = self.open_chat()
+        self.chat_process.terminate()
+        self.chat_process.wait(30)
+        self.browser.send("Runtime.evaluate", tab, expression="document.getElementById('message').focus()")
+        self.browser.send("Input.insertText", tab, text="are you still there?")
+        self.browser.evaluate(tab, "document.querySelector('#send button').click()")
+        self.browser.wait_until(tab, "!document.getElementById('error').hidden")
+        self.assertIn("cannot be reached", self.text(tab, "#error"))
+        self.assertEqual(self.browser.evaluate(tab, "document.getElementById('message').value"), "are you still there?")
+        self.assertFalse(self.browser.evaluate(tab, "document.querySelector('#send button').disabled"))
+        self.assertEqual(self.browser.evaluate(tab, "document.querySelectorAll('#chat .msg').length"), 0)
 
     def test_a_phone_sees_the_page_at_its_width_with_text_at_full_size(self):
         _, tab = self.browser.open_tab()

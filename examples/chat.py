@@ -9,6 +9,11 @@ so no request rewrites the whole chat; the page says what the session holds. Ses
 ``<temp dir>/tinysession-chat`` (one fixed directory, so history survives a
 restart) unless ``--store`` names a directory (FileStore) or a ``.db`` file
 (SQLiteStore). ``--port`` picks the port (8000; 0 for any free one).
+
+Needs nothing but the standard library. The page's "What the server holds"
+panel shows the session as the store keeps it: the record, its file or row,
+the last lines of its log, refreshed while a reply streams; "Log in" calls
+``regenerate()`` and shows the id change.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import html
+import json
 import os
 import re
 import socketserver
@@ -36,7 +42,9 @@ MAX_BODY_BYTES = 64 * 1024
 IDLE_SECONDS = 86400
 STREAM_PIECE_SECONDS = 0.05
 STREAM_TOTAL_SECONDS = 1.0
-ROUTES = {"/": ("GET", "HEAD", "POST"), "/reply": ("POST",), "/forget": ("POST",)}
+ROUTES = {"/": ("GET", "HEAD", "POST"), "/reply": ("POST",), "/forget": ("POST",), "/login": ("POST",),
+          "/server": ("GET",)}
+LOG_LINES_SHOWN = 3
 
 STYLE = """
 :root { color-scheme: light dark; --bg: #f5f6f8; --fg: #1c2230; --muted: #5b6676; --accent: #2f6fde;
@@ -68,6 +76,12 @@ button:disabled { opacity: .6; }
 #session h2 { font-size: 1rem; color: var(--fg); margin-bottom: .25rem; }
 #session ul { padding-left: 1.2rem; }
 #session button { background: #c03a3a; }
+#session form { display: inline-block; margin-right: .5rem; }
+#session #login button { background: var(--accent); }
+#server p { overflow-wrap: anywhere; }
+#server pre { white-space: pre-wrap; overflow-wrap: anywhere; background: var(--bubble); padding: .5rem;
+  border: 1px solid var(--line); border-radius: .5rem; font-size: .8rem; }
+.error { background: #fbe3e3; color: #8a1f1f; padding: .5rem .8rem; border-radius: .8rem; }
 code { overflow-wrap: anywhere; }
 """
 
@@ -84,25 +98,42 @@ function bubble(role, label, text) {
 box.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); form.requestSubmit(); }
 });
+async function refresh(ids) {
+  const response = await fetch(ids.length === 1 ? "/server" : "/");
+  if (!response.ok) throw new Error("the server answered " + response.status);
+  const page = new DOMParser().parseFromString(await response.text(), "text/html");
+  for (const id of ids) document.getElementById(id).replaceWith(page.getElementById(id));
+}
 form.addEventListener("submit", async (event) => {
-  const text = box.value.trim();
+  const text = box.value.trim(), error = document.getElementById("error");
   event.preventDefault();
   if (!text) return;
   form.querySelector("button").disabled = true;
+  error.hidden = true;
   document.querySelector("#chat .empty")?.remove();
-  bubble("user", "You", text);
-  const reply = bubble("assistant", "Echo", "");
+  const user = bubble("user", "You", text), reply = bubble("assistant", "Echo", "");
   box.value = "";
-  const response = await fetch("/reply", {method: "POST", body: new URLSearchParams({message: text})});
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  for (let part = await reader.read(); !part.done; part = await reader.read()) {
-    reply.lastChild.textContent += part.value;
-    reply.scrollIntoView({block: "end"});
+  try {
+    const response = await fetch("/reply", {method: "POST", body: new URLSearchParams({message: text})});
+    if (!response.ok) throw new Error("the server answered " + response.status + " " + response.statusText);
+    await refresh(["server"]);  // the message is in the log already; the reply joins it at the stream's end
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    for (let part = await reader.read(); !part.done; part = await reader.read()) {
+      reply.lastChild.textContent += part.value;
+      reply.scrollIntoView({block: "end"});
+    }
+    await refresh(["chat", "session", "server"]);
+  } catch (failure) {
+    user.remove();
+    reply.remove();
+    if (!box.value) box.value = text;
+    const reason = failure instanceof TypeError ? "the server cannot be reached (is it running?)" : failure.message;
+    error.textContent = "Your message was not sent: " + reason + ". Your text is kept: press Send to try again.";
+    error.hidden = false;
+  } finally {
+    form.querySelector("button").disabled = false;
+    box.focus();
   }
-  const page = new DOMParser().parseFromString(await (await fetch("/")).text(), "text/html");
-  for (const id of ["chat", "session"]) document.getElementById(id).replaceWith(page.getElementById(id));
-  form.querySelector("button").disabled = false;
-  box.focus();
 });
 """
 
@@ -142,6 +173,7 @@ PAGE = """<!doctype html>
 CHAT = """{notice}<main id="chat" aria-live="polite">
 {messages}
 </main>
+<p id="error" class="error" role="alert" hidden></p>
 <form id="send" method="post" action="/">
 <label for="message">Your message</label>
 <textarea id="message" name="message" rows="2" maxlength="{limit}" required autofocus
@@ -152,7 +184,9 @@ CHAT = """{notice}<main id="chat" aria-live="polite">
 <h2 id="session-title">What your session holds</h2>
 <ul>{facts}</ul>
 <form method="post" action="/forget"><button type="submit">Forget me</button></form>
+<form id="login" method="post" action="/login"><button type="submit">Log in as ann</button></form>
 </section>
+{server}
 <script>{script}</script>"""
 
 
@@ -234,7 +268,7 @@ def render_messages(session):
     return "\n".join(parts), kept, trimmed
 
 
-def render_chat(session, store_label, notice=""):
+def render_chat(session, store_label, notice="", server=""):
     """Return the chat page for ``session`` as bytes."""
     messages, kept, trimmed = render_messages(session)
     facts = [
@@ -250,9 +284,37 @@ def render_chat(session, store_label, notice=""):
         messages=messages,
         limit=MAX_MESSAGE_CHARS,
         facts="".join(f"<li>{fact}</li>" for fact in facts),
+        server=server,
         script=SCRIPT,
     )
     return PAGE.format(title="tinysession chat", style=STYLE, body=body).encode("utf-8")
+
+
+def render_server(session, store):
+    """Return the "What the server holds" panel: the record, where it lives, the last lines of its log."""
+    if not session:  # loads it; an empty session has no record (and the page must not make one)
+        return '<section id="server"><h2>What the server holds</h2><p>Nothing: no session yet.</p></section>'
+    key = session.history.key  # the session's store key: the SHA-256 of its id, for the record and the log
+    try:
+        record = json.dumps(store[key], indent=1, ensure_ascii=False)
+    except KeyError:
+        record = "(not saved yet)"
+    if isinstance(store, tinysession.FileStore):
+        where = f"the file {os.path.join(store.directory, 'ts-' + key)}, its log beside it in ts-{key}.log"
+    else:
+        where = f"the row key = '{key}' of table {store.table} in {store.path}, its log in {store.table}_log"
+    lines = [line.decode("utf-8", "replace") for line in store.log_read(key)[-LOG_LINES_SHOWN:]]
+    facts = [f"Session id (the cookie): {html.escape(session.id[:8])}…, store key: {key[:12]}…"]
+    if session.get("previous_id"):
+        facts.append(f"Logged in as {html.escape(session['user'])}: regenerate() changed the id from "
+                     f"{html.escape(session['previous_id'])}… to {html.escape(session.id[:8])}…; the old one is dead.")
+    facts.append(f"Kept in {html.escape(where)}.")
+    return (
+        '<section id="server" aria-labelledby="server-title"><h2 id="server-title">What the server holds</h2>'
+        + "".join(f"<p>{fact}</p>" for fact in facts)
+        + f"<h3>The record</h3><pre>{html.escape(record)}</pre>"
+        + f"<h3>The last {LOG_LINES_SHOWN} lines of its log</h3><pre>{html.escape(chr(10).join(lines))}</pre></section>"
+    )
 
 
 def plain_page(title, text):
@@ -284,10 +346,18 @@ def make_app(store, store_label=None):
             allow = [("Allow", ", ".join(ROUTES[path]))]
             return respond(start_response, "405 Method Not Allowed", plain_page("Method not allowed", ""), extra=allow)
         session = tinysession.get_session(environ)
+        if path == "/server":
+            return respond(start_response, "200 OK", render_server(session, store).encode("utf-8"))
         if method in ("GET", "HEAD"):
             forgotten = environ.get("QUERY_STRING") == "forgotten"
             notice = "Forgotten: your session was deleted and its cookie expired." if forgotten else ""
-            return respond(start_response, "200 OK", render_chat(session, store_label, notice))
+            page = render_chat(session, store_label, notice, render_server(session, store))
+            return respond(start_response, "200 OK", page)
+        if path == "/login":  # a real app checks a password here
+            previous = session.id if session else None  # `if session` loads it, so its id is known
+            session.regenerate()
+            session["user"], session["previous_id"] = "ann", previous[:8] if previous else "(none)"
+            return respond(start_response, "303 See Other", b"", extra=[("Location", "/")])
         if path == "/forget":
             session.invalidate()
             return respond(start_response, "303 See Other", b"", extra=[("Location", "/?forgotten")])
@@ -322,6 +392,12 @@ def open_store(spec):
     return tinysession.FileStore(spec, max_age=IDLE_SECONDS)
 
 
+def unwritable(store, spec):
+    """Return the directory or file of ``store`` this user cannot write to, or None if it can write to them all."""
+    paths = [store.directory] if isinstance(store, tinysession.FileStore) else [os.path.dirname(os.path.abspath(spec)), spec]
+    return next((path for path in paths if not os.access(path, os.W_OK)), None)
+
+
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
@@ -338,6 +414,13 @@ def main(argv=None):
         store = open_store(store_spec)
     except (OSError, tinysession.SessionError) as exc:
         print(f"chat.py: cannot open the session store {store_spec!r}: {exc}", file=sys.stderr)
+        return 1
+    unusable = unwritable(store, store_spec)
+    if unusable:
+        print(f"chat.py: cannot keep sessions in {unusable}: this user (id {os.getuid()}) may not write there"
+              f" (it belongs to user id {os.stat(unusable).st_uid}); pick a place of yours with --store PATH",
+              file=sys.stderr)
+        store.close()
         return 1
     label = f"{'an SQLiteStore' if isinstance(store, tinysession.SQLiteStore) else 'a FileStore'} at {store_spec}"
     try:
