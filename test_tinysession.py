@@ -2240,7 +2240,9 @@ class TrimRejectsUnknownShapes(unittest.TestCase):
         self.assert_rejected({"role": ["user"], "content": "x"}, "unknown role")
 
     def test_unknown_type(self):
-        self.assert_rejected({"type": "human", "data": {"content": "hi"}}, "unknown type 'human'")
+        self.assert_rejected({"type": "remove", "content": "hi"}, "unknown type 'remove'")
+        # a messages_to_dict() entry is read by its data, which carries its type
+        self.assert_rejected({"type": "human", "data": {"content": "hi"}}, "no known 'type'")
 
     def test_message_item_without_role(self):
         self.assert_rejected({"type": "message", "content": "x"}, "no 'role'")
