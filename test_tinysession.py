@@ -2031,6 +2031,133 @@ class TrimCountsEveryShape(unittest.TestCase):
         self.assert_counts(tool("result"), 6)
 
 
+def langchain_dump(kind, content, **fields):
+    """A message as langchain-core 1.8.3's ``BaseMessage.model_dump()`` gives it, for ``kind`` (its ``type``).
+
+    The keys are the ones observed: ``ai`` adds ``tool_calls`` (``name``, ``args``, ``id``, ``type``),
+    ``invalid_tool_calls`` and ``usage_metadata``; ``tool`` adds ``tool_call_id``, ``artifact``, ``status``.
+    """
+    dump = {"content": content, "additional_kwargs": {}, "response_metadata": {}, "type": kind,
+            "name": None, "id": None}
+    if kind in ("ai", "AIMessageChunk"):
+        dump.update(tool_calls=[], invalid_tool_calls=[], usage_metadata=None)
+    if kind in ("tool", "ToolMessageChunk"):
+        dump.update(tool_call_id=None, artifact=None, status="success")
+    dump.update(fields)
+    return dump
+
+
+def langchain_entry(dump):
+    """``dump`` as an entry of langchain-core's ``messages_to_dict()``: ``{"type": ..., "data": dump}``."""
+    return {"type": dump["type"], "data": dump}
+
+
+def langchain_call(*call_ids, args=None):
+    return langchain_dump("ai", "", tool_calls=[
+        {"name": "f", "args": args or {}, "id": i, "type": "tool_call"} for i in call_ids])
+
+
+LANGCHAIN_SHAPES = (("model_dump", lambda dump: dump), ("messages_to_dict", langchain_entry))
+
+
+def as_langchain_dump(message):
+    """A role-keyed LangChainFormat message as ``model_dump()`` gives the same message."""
+    fields = {key: message[key] for key in ("tool_call_id",) if key in message}
+    if message.get("tool_calls"):
+        fields["tool_calls"] = [dict(call, type="tool_call") for call in message["tool_calls"]]
+    return langchain_dump(message["role"], message["content"], **fields)
+
+
+class TrimReadsLangChainDumps(unittest.TestCase):
+    """LangChain's serialised messages, ``model_dump()`` dicts and ``messages_to_dict()`` entries."""
+
+    def history(self):
+        messages = [langchain_dump("system", "Be brief.")]
+        for n in range(3):
+            messages += [langchain_dump("human", f"q{n}"), langchain_call(f"call_{n}"),
+                         langchain_dump("tool", "42", tool_call_id=f"call_{n}"), langchain_dump("ai", f"a{n}")]
+        return messages
+
+    def test_model_dump_dicts_are_trimmed_by_round(self):
+        messages = self.history()
+        assert_same_objects(self, trim(messages, 1), [messages[0]] + messages[-4:])
+        assert_same_objects(self, trim(messages, 2), [messages[0]] + messages[-8:])
+
+    def test_messages_to_dict_entries_are_trimmed_and_come_back_as_given(self):
+        messages = [langchain_entry(dump) for dump in self.history()]
+        assert_same_objects(self, trim(messages, 1), [messages[0]] + messages[-4:])
+
+    def test_a_tool_result_stays_with_its_call(self):
+        for name, shape in LANGCHAIN_SHAPES:
+            messages = [shape(m) for m in [
+                langchain_dump("human", "q0"), langchain_call("t1"), langchain_dump("human", "stray"),
+                langchain_dump("tool", "r", tool_call_id="t1"), langchain_dump("ai", "a0"),
+                langchain_dump("human", "q1"), langchain_dump("ai", "a1")]]
+            with self.subTest(shape=name):
+                # "stray" sits between the call and its result: no round starts there
+                assert_same_objects(self, trim(messages, 2), messages)
+                assert_same_objects(self, trim(messages, 1), messages[-2:])
+
+    def test_they_count_their_text(self):
+        assert_counts = TrimCountsEveryShape.assert_counts
+        for name, shape in LANGCHAIN_SHAPES:
+            with self.subTest(shape=name):
+                assert_counts(self, shape(langchain_dump("ai", "abc")), 3)
+                assert_counts(self, shape(langchain_call("t", args={"x": "é"})), len('{"x": "é"}'))
+                assert_counts(self, shape(langchain_dump("tool", "result", tool_call_id="t")), 6)
+                assert_counts(self, shape(langchain_dump("ai", [
+                    {"type": "reasoning", "reasoning": "hmm"}, {"type": "text", "text": "ab"}])), 5)
+
+    def test_merged_chunks_and_chat_messages(self):
+        chunk_call = langchain_dump("AIMessageChunk", "", tool_calls=[
+            {"name": "f", "args": {}, "id": "c1", "type": "tool_call"}], tool_call_chunks=[], chunk_position=None)
+        messages = [langchain_dump("SystemMessageChunk", "s"), langchain_dump("chat", "q0", role="user"),
+                    chunk_call, langchain_dump("chat", "q?", role="user"),
+                    langchain_dump("ToolMessageChunk", "r", tool_call_id="c1"),
+                    langchain_dump("HumanMessageChunk", "q1"), langchain_dump("chat", "a1", role="assistant")]
+        assert_same_objects(self, trim(messages, 1), [messages[0]] + messages[-2:])
+        assert_same_objects(self, trim(messages, 2), messages)
+
+    def test_unknown_types_are_still_rejected(self):
+        for message in (langchain_dump("remove", ""), langchain_entry(langchain_dump("remove", "")),
+                        langchain_dump("chat", "x", role="model")):
+            with self.subTest(message=message), self.assertRaisesRegex(ValueError, r"messages\[1\]"):
+                trim([langchain_dump("human", "q"), message])
+
+    def test_random_histories_trim_like_role_keyed_ones(self):
+        rng = random.Random(24)
+        for _ in range(500):
+            messages = random_history(rng, LangChainFormat)
+            limits = rng.choice([{}, {"max_chars": content_length(messages[:leading_count(messages)])
+                                      + rng.randrange(0, 40)}])
+            max_rounds = rng.randrange(1, 5)
+            index = {id(message): i for i, message in enumerate(messages)}
+            kept = [index[id(message)] for message in trim(messages, max_rounds, **limits)]
+            for _name, shape in LANGCHAIN_SHAPES:
+                shaped = [shape(as_langchain_dump(message)) for message in messages]
+                assert_same_objects(self, trim(shaped, max_rounds, **limits), [shaped[i] for i in kept])
+
+    def test_real_langchain_messages(self):
+        try:
+            from langchain_core import messages as lc
+        except ImportError:
+            self.skipTest("langchain-core is not installed (optional; .ci/peer_langchain.sh installs it)")
+        history = [lc.SystemMessage("Be brief.")]
+        for n in range(3):
+            history += [lc.HumanMessage(f"q{n}"), lc.AIMessage("", tool_calls=[
+                {"name": "f", "args": {"n": n}, "id": f"call_{n}"}]),
+                lc.ToolMessage("42", tool_call_id=f"call_{n}"), lc.AIMessage(f"a{n}")]
+        dumps = [message.model_dump() for message in history]
+        entries = lc.messages_to_dict(history)
+        assert_same_objects(self, trim(dumps, 1), [dumps[0]] + dumps[-4:])
+        assert_same_objects(self, trim(entries, 1), [entries[0]] + entries[-4:])
+        self.assertEqual(lc.messages_from_dict(trim(entries, 1)), [history[0]] + history[-4:])
+        one_round = len("q2") + len('{"n": 2}') + len("42") + len("a2")
+        for shaped in (dumps, entries):
+            assert_same_objects(self, trim(shaped, max_chars=9 + 2 * one_round), [shaped[0]] + shaped[-8:])
+            assert_same_objects(self, trim(shaped, max_chars=8 + 2 * one_round), [shaped[0]] + shaped[-4:])
+
+
 class TrimCountCallable(unittest.TestCase):
     def test_count_replaces_character_count(self):
         messages = [system("s" * 100)] + alternating(4, with_system=False)
@@ -2115,7 +2242,9 @@ class TrimRejectsUnknownShapes(unittest.TestCase):
         self.assert_rejected({"role": ["user"], "content": "x"}, "unknown role")
 
     def test_unknown_type(self):
-        self.assert_rejected({"type": "human", "data": {"content": "hi"}}, "unknown type 'human'")
+        self.assert_rejected({"type": "remove", "content": "hi"}, "unknown type 'remove'")
+        # a messages_to_dict() entry is read by its data, which carries its type
+        self.assert_rejected({"type": "human", "data": {"content": "hi"}}, "no known 'type'")
 
     def test_message_item_without_role(self):
         self.assert_rejected({"type": "message", "content": "x"}, "no 'role'")

@@ -2062,9 +2062,11 @@ _ROLE_KINDS = {
     "tool": _RESULT, "function": _RESULT,
 }
 _REPLY_TYPES = frozenset({"reasoning", "mcp_list_tools", "mcp_approval_request", "item_reference"})
+# LangChain's BaseMessage.type without a role; its ChatMessage ("chat") carries one.
+_LANGCHAIN_TYPES = frozenset({"system", "human", "ai", "tool", "function"})
 _PART_TEXT_KEYS = {
     "text": "text", "input_text": "text", "output_text": "text", "summary_text": "text",
-    "reasoning_text": "text", "refusal": "refusal", "thinking": "thinking",
+    "reasoning_text": "text", "refusal": "refusal", "thinking": "thinking", "reasoning": "reasoning",
 }
 
 
@@ -2072,7 +2074,9 @@ def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=
     """Keep the leading instructions and the last ``max_rounds`` whole rounds.
 
     Takes Chat Completions, Responses / Agents SDK, Anthropic or LangChain
-    dicts.  The leading ``system`` / ``developer`` messages are always kept.
+    dicts: role-keyed, ``BaseMessage.model_dump()`` ones (``type`` ``human``,
+    ``ai``, ``system``, ``tool``...) or ``messages_to_dict()`` entries
+    (``{"type": ..., "data": {...}}``).  The leading ``system`` / ``developer`` messages are always kept.
     A round starts at a user turn (role ``user`` or ``human``, not carrying
     ``tool_result`` blocks, and not inside a tool call/result pair with the
     same id) and holds everything up to the next, so calls, results and
@@ -2085,7 +2089,7 @@ def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=
     every kind, tool-call arguments and tool outputs (JSON length when not a
     str; images count 0).  ``max_chars=n`` is ``budget=n`` with that default.
 
-    Returns a new list of the same message objects (the input's when nothing
+    Returns a new list of the same message objects, in the shape given (the input's when nothing
     needs trimming or there is no round); never mutates ``messages``; linear.
     Raises TypeError for a non-sequence, a non-mapping item, a non-int limit
     or count result, ``count`` without ``budget`` or with ``max_chars``; ValueError
@@ -2163,8 +2167,13 @@ def _message_kind(message, index):
     """Return whether ``message`` is instructions, a user turn, a reply or a tool result."""
     if not isinstance(message, Mapping):
         raise TypeError(f"messages[{index}] is not a mapping: {message!r}")
+    message = _unwrapped(message)
     role, item_type = message.get("role"), message.get("type")
+    if isinstance(item_type, str) and item_type.endswith("MessageChunk"):  # LangChain chunks, merged
+        item_type = item_type[:-len("MessageChunk")].lower()
     if role is None:
+        if item_type in _LANGCHAIN_TYPES:
+            return _ROLE_KINDS[item_type]
         if not isinstance(item_type, str) or item_type == "message":
             raise ValueError(f"messages[{index}] has no 'role' and no known 'type': "
                              f"keys {list(message)!r}")
@@ -2174,7 +2183,7 @@ def _message_kind(message, index):
             return _REPLY
         raise ValueError(f"messages[{index}] has an unknown type {item_type!r}")
     kind = _ROLE_KINDS.get(role) if isinstance(role, str) else None
-    if kind is None or item_type not in (None, "message"):
+    if kind is None or item_type not in (None, "message", "chat"):
         raise ValueError(f"messages[{index}] has an unknown role {role!r} (type {item_type!r}); "
                          f"known roles: {', '.join(_ROLE_KINDS)}")
     if kind == _USER and any(_is_block(part, "tool_result") for part in _parts(message)):
@@ -2205,6 +2214,7 @@ def _round_starts(items, kinds, lead):
 
 def _tool_ids(message):
     """Return the str ids of the tool calls ``message`` makes and of those it answers."""
+    message = _unwrapped(message)
     item_type = message.get("type")
     item_type = item_type if isinstance(item_type, str) else ""
     calls = [call.get("id") for call in _as_list(message.get("tool_calls")) if isinstance(call, Mapping)]
@@ -2227,6 +2237,12 @@ def _first_round_within(sizes, starts, first, room):
     return first
 
 
+def _unwrapped(message):
+    """Return the message a LangChain ``messages_to_dict()`` entry holds in ``data``, else ``message``."""
+    data = message.get("data")
+    return data if isinstance(data, Mapping) and isinstance(message.get("type"), str) else message
+
+
 def _as_list(value):
     """Return ``value`` if it is a list or tuple, else an empty tuple."""
     return value if isinstance(value, (list, tuple)) else ()
@@ -2244,6 +2260,7 @@ def _is_block(part, block_type):
 
 def _message_chars(message):
     """Return the characters of text in ``message``, as ``trim_messages`` counts them by default."""
+    message = _unwrapped(message)
     total = _content_length(message.get("content"))
     for call in _as_list(message.get("tool_calls")):
         if isinstance(call, Mapping):

@@ -38,7 +38,7 @@ def _tinysession_interface(monkeypatch):
     with tempfile.TemporaryDirectory(prefix="tinysession-peer-") as directory:
         store = _make_store(kind, directory)
         monkeypatch.setattr(
-            flask.Flask, "session_interface", tinysession.FlaskSessionInterface(store, clean_interval=None)
+            flask.Flask, "session_interface", tinysession.FlaskSessionInterface(store)
         )
         yield
         store.close()

@@ -26,7 +26,6 @@ class SessionMiddleware(tinysession.ASGISessionMiddleware):
         super().__init__(
             app, tinysession.FileStore(directory), cookie_name=session_cookie, cookie_max_age=max_age, path=path,
             samesite=same_site, secure=bool(https_only), domain=domain, partitioned=partitioned,
-            clean_interval=None,
         )
 
 
