@@ -4177,6 +4177,18 @@ class OverUvicorn(unittest.TestCase):
         self.assertTrue(stopped.wait(30))
         self.assertEqual(browser.json(), {"user": "ann", "messages": ["hi"]})
 
+    def test_a_failed_save_is_a_whole_500_and_a_streamed_one_is_cut_off(self):
+        store = FailingWrites(temp_dir(self))
+        browser = Browser(self.serve(tinysession.ASGISessionMiddleware(asgi_probe_app, store)))
+        self.assertEqual(browser.json("/set?user=ann"), {"user": "ann"})
+        store.failing = True
+        status, _, body = browser.request("/set?user=bob")
+        self.assertEqual((status, body), (500, b"Internal Server Error"))
+        with self.assertLogs("tinysession", "ERROR"), self.assertRaises(http.client.IncompleteRead):
+            browser.request("/stream")  # the chunked body never ends cleanly
+        store.failing = False
+        self.assertEqual(browser.json(), {"user": "ann"})
+
 
 # -- Flask --
 

@@ -2848,14 +2848,14 @@ class Session(MutableMapping):
         settings = self._settings
         if self.state == _UNLOADED:
             return None
-        if self._holds() and self.state != _GONE:
-            if self._id is None:
-                self._id = _new_session_id()
-            if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
-                return settings.set_cookie(self._id, self._secure)
+        if not self._holds():
+            return None if self._client_id is None else settings.set_cookie(None, self._secure)
+        if self.state == _GONE:
             return None
-        if self._client_id is not None and not self._holds():
-            return settings.set_cookie(None, self._secure)
+        if self._id is None:
+            self._id = _new_session_id()
+        if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
+            return settings.set_cookie(self._id, self._secure)
         return None
 
     def response_headers(self, headers, *, used=None, names=("Vary", "Set-Cookie")):
@@ -2969,7 +2969,8 @@ class Session(MutableMapping):
         if type(record) is not dict or type(record.get("data")) is not dict:
             return None
         if merge is not None:
-            merged = merge(store.decode(key, base_stored)["data"], dict(dict.items(self._data)), record["data"])
+            base = self._settings.store.decode(key, base_stored)["data"]
+            merged = merge(base, dict(dict.items(self._data)), record["data"])
             if not isinstance(merged, dict):
                 raise TypeError(f"merge() must return a dict, not {type(merged).__name__}")
             dict.clear(self._data)
@@ -3037,12 +3038,10 @@ class Session(MutableMapping):
         if self.state == _UNLOADED:
             return
         store = self._settings.store
+        # A logout still happens (removed as a record this request created): its expiring cookie may be out.
+        self._undo += [(key, None, None) for key, _, carry in self._doomed if carry is False]
+        self._doomed = []
         try:
-            for key, _, carry in self._doomed:
-                if carry is False:  # a logout still happens: its expiring cookie may have gone out already
-                    store.remove(key)
-                    store._forget_log(key)
-            self._doomed = []
             while self._undo:
                 key, previous, written = self._undo.pop()
                 if previous is None:
@@ -3610,9 +3609,9 @@ class ASGISessionMiddleware:
         """Return the start message with the session's Vary and Set-Cookie headers (decides the cookie)."""
         if core.cookie() is None and not session.accessed:
             return start
-        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in start.get("headers", ())]
-        headers = core.response_headers(headers, used=session.accessed, names=("vary", "set-cookie"))
-        return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]}
+        pairs = [(raw_name.decode("latin-1"), raw.decode("latin-1")) for raw_name, raw in start.get("headers", ())]
+        pairs = core.response_headers(pairs, used=session.accessed, names=("vary", "set-cookie"))
+        return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
