@@ -2768,7 +2768,7 @@ class Session(MutableMapping):
             return bool(self._doomed) or (self.state == _NEW and self._holds())
         image = _snapshot(self._data)
         interval = self._settings.touch_after()
-        due = self._promote or (interval is not None and _now() - self._mtime >= interval)
+        due = self._promote or self._doomed or (interval is not None and _now() - self._mtime >= interval)
         if image is not None and image == self._image and not due and self._identity_now() == self._identity:
             return False
         self._current = (image,)  # taken once: the save() that follows uses it
