@@ -1,6 +1,6 @@
 """Server-side web sessions in one file, on the standard library only.
 
-Quick start: wrap any WSGI app (Flask: ``app.wsgi_app``) and use the session::
+Quick start: wrap any WSGI app (Flask: ``FlaskSessionInterface``) and use the session::
 
     import tinysession
 
@@ -33,7 +33,7 @@ bytes-level hooks (``read``, ``write``, ``remove``, ``set_mtime``, ``scan``);
 keys, serializers, signing, sizes, expiry and bounds come from the base.
 Records expire by modification time: with ``max_age`` (seconds) a record not
 written or touched for that long is missing on every read, cleaned or not.
-``clean()``, the middleware's background thread or the command line
+``clean()``, the store's background clean as it is written, or the command line
 ``python -m tinysession clean STORE --max-age 7d`` reclaim the space.
 ``trim_messages`` keeps a chat history stored in a session bounded, whole
 rounds at a time, in the OpenAI, Anthropic and LangChain dict formats.
@@ -97,6 +97,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as ModuleSurface checks)
     "DEFAULT_COOKIE_NAME",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_SESSIONS",
+    "EncodeError",
     "FileStore",
     "FlaskSessionInterface",
     "MessageLog",
@@ -139,6 +140,10 @@ class StoreError(SessionError):
 
 class RecordTooLarge(SessionError, ValueError):
     """A serialized record is larger than the store's ``max_bytes``."""
+
+
+class EncodeError(SessionError, TypeError):
+    """The serializer cannot encode a value (or it is nested too deep); the message says which and the way out."""
 
 
 # -- Records --
@@ -2500,66 +2505,37 @@ def _store_key(session_id):
     return hashlib.sha256(session_id.encode("ascii")).hexdigest()
 
 
-def _cookie_values(header, name):
-    """Return the values of every cookie called ``name`` in a Cookie header, in order.
+def _session_ids(header, name):
+    """Return the well-formed session ids of the cookies called ``name`` in a Cookie header: the first four.
 
     Tolerant: a malformed pair is skipped without hiding the pairs after it.
     Surrounding double quotes (allowed by RFC 6265) are removed.
     """
-    if name not in header:
-        return []
-    values = []
-    for pair in header.split(";"):
+    ids = []
+    for pair in header.split(";") if name in header else ():
         pair_name, equals, value = pair.partition("=")
-        if equals and pair_name.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            values.append(value)
-    return values
-
-
-def _vary_with_cookie(value):
-    """Return a Vary header value that includes ``Cookie``, or None if ``value`` already covers it."""
-    tokens = {token.strip().lower() for token in value.split(",")}
-    if "cookie" in tokens or "*" in tokens:
-        return None
-    return value + ", Cookie" if value.strip() else "Cookie"
+        value = value.strip().strip('"')
+        if equals and pair_name.strip() == name and len(value) == _SESSION_ID_LENGTH and _is_key(value):
+            ids.append(value)
+    return ids[:_MAX_COOKIE_CANDIDATES]
 
 
 class _Settings:
-    """A front end's validated session options, shared by all its requests, and its background cleaner.
+    """A front end's validated session options, shared by all its requests.
 
     Every front end takes the same keyword options (see ``SessionMiddleware``)
     and hands them here, so they are checked and applied in one place.
     """
 
-    def __init__(
-        self,
-        store,
-        *,
-        cookie_name=DEFAULT_COOKIE_NAME,
-        path="/",
-        domain=None,
-        secure=None,
-        httponly=True,
-        samesite="Lax",
-        partitioned=False,
-        cookie_max_age=None,
-        refresh_each_request=False,
-        max_lifetime=None,
-        identity_key="_user_id",
-        merge=merge_sessions,
-        touch_interval=60,
-        clean_interval=300,
-    ):
+    def __init__(self, store, *, cookie_name=DEFAULT_COOKIE_NAME, path="/", domain=None, secure=None, httponly=True,
+                 samesite="Lax", partitioned=False, cookie_max_age=None, refresh_each_request=False,
+                 max_lifetime=None, identity_key="_user_id", merge=merge_sessions, touch_interval=60):
         if not isinstance(store, Store):
             raise TypeError(f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}")
-        self._morsel_class = http.cookies.Morsel
         if (
             not isinstance(cookie_name, str)
             or re.fullmatch(_TOKEN_PATTERN, cookie_name) is None
-            or self._morsel_class().isReservedKey(cookie_name)
+            or http.cookies.Morsel().isReservedKey(cookie_name)
         ):
             raise ValueError(f"invalid cookie name {cookie_name!r}")
         for name, value in (("path", path), ("domain", domain)):
@@ -2567,35 +2543,31 @@ class _Settings:
                 not isinstance(value, str) or re.fullmatch(_ATTRIBUTE_PATTERN, value) is None
             ):
                 raise ValueError(f"invalid cookie {name} {value!r}")
-        if samesite is not None:
-            if str(samesite).capitalize() not in ("Lax", "Strict", "None"):
-                raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
-            samesite = samesite.capitalize()
+        if samesite is not None and str(samesite).capitalize() not in ("Lax", "Strict", "None"):
+            raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
         if secure not in (None, True, False):
             raise ValueError(f"secure must be None, True or False, not {secure!r}")
+        if cookie_max_age is not None and (isinstance(cookie_max_age, bool) or not isinstance(cookie_max_age, int)):
+            raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
+        if identity_key is not None and not isinstance(identity_key, str):
+            raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
+        if merge is not None and not callable(merge):
+            raise TypeError(f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}")
         self.store = store
         self.cookie_name = cookie_name
         self.path = path
         self.domain = domain
         self.secure = secure
         self.httponly = bool(httponly)
-        self.samesite = samesite
+        self.samesite = None if samesite is None else samesite.capitalize()
         self.partitioned = bool(partitioned)
-        if cookie_max_age is not None and (isinstance(cookie_max_age, bool) or not isinstance(cookie_max_age, int)):
-            raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
         # As in Starlette: 0 or less sends Max-Age=0, and a cookie that dies at once needs no record.
         self.cookie_max_age = cookie_max_age if cookie_max_age is None or cookie_max_age > 0 else 0
-        if identity_key is not None and not isinstance(identity_key, str):
-            raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
         self.identity_key = identity_key
-        if merge is not None and not callable(merge):
-            raise TypeError(f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}")
         self.merge = merge
         self.refresh_each_request = bool(refresh_each_request)
         self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
         self.touch_interval = _check_seconds(touch_interval, "touch_interval")
-        self.clean_interval = _check_seconds(clean_interval, "clean_interval")
-        self._next_clean = None if clean_interval is None else 0.0
 
     def touch_after(self):
         """Return the seconds after which a read session's mtime is refreshed, or None for never.
@@ -2611,7 +2583,7 @@ class _Settings:
 
     def set_cookie(self, session_id, secure_request):
         """Return the Set-Cookie value for ``session_id``, or one that expires the cookie if it is None."""
-        morsel = self._morsel_class()
+        morsel = http.cookies.Morsel()
         morsel.set(self.cookie_name, session_id or "", session_id or "")
         morsel["path"] = self.path
         if self.domain is not None:
@@ -2630,17 +2602,6 @@ class _Settings:
         # Morsel knows Partitioned only from Python 3.14 on.
         return morsel.OutputString() + ("; Partitioned" if self.partitioned else "")
 
-    def request_finished(self):
-        """Start a background clean of the store when one is due; never blocks, never raises, no I/O.
-
-        Due at most once per ``clean_interval`` in this process, and then
-        only if no other process sharing the store claimed one meanwhile.
-        """
-        if self._next_clean is None or _now() < self._next_clean:
-            return
-        self._next_clean = _now() + self.clean_interval
-        self.store._clean_in_background(claim_interval=self.clean_interval)
-
 
 # -- Session core --
 
@@ -2651,64 +2612,73 @@ _SAVE_ATTEMPTS = 32
 def _snapshot(data):
     """Return a cheap exact image of ``data`` to detect changes, or None if marshal cannot take it."""
     try:
-        return marshal.dumps(data, 2)
+        return marshal.dumps(data if type(data) is dict else dict(dict.items(data)), 2)
     except ValueError:
         return None
 
 
-class Session(MutableMapping):
-    """One request's session: a dict loaded from the store on first use.
+def _encodes(store, key, value):
+    """Return True if ``store`` can encode a record holding ``value``, however large (for EncodeError)."""
+    try:
+        store.encode(key, {"data": value})
+    except RecordTooLarge:
+        return True
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return False
+    return True
 
-    This is the framework-free core every front end drives: it is given the
-    request's Cookie header and whether the request is secure, and it knows
-    nothing of WSGI or ASGI. Inside an app, use it as a dict, with
-    ``regenerate()`` on login and ``invalidate()`` on logout. A front end
-    calls ``load()`` (optional: any use loads), ``cookie()`` once when the
-    response headers go out, ``save()`` when the app is done (again after a
-    streamed body), and ``rollback()`` if the request failed.
+
+class Session(MutableMapping):
+    """One request's session: a dict loaded from the store on first use, and the request's lifecycle.
+
+    This is the framework-free core every front end drives, sans-I/O in its
+    decisions: it is given the request's facts (the Cookie header, or the
+    ids a framework already verified as ``ids``; whether the request is
+    secure) and knows nothing of WSGI, Flask or ASGI. Inside an app, use it
+    as a dict, with ``regenerate()`` on login and ``invalidate()`` on logout.
+
+    A front end calls, in this order: ``load()`` (optional: any use loads;
+    ``has_id_cookie`` says whether it reads the store), ``cookie()`` or
+    ``response_headers()`` once when the response headers go out, ``save()``
+    when the app is done (again after a streamed body; ``pending`` says
+    whether it has store I/O to do), and ``rollback()`` instead if the
+    request failed, or ``abandon()`` if it never completed. A front end that
+    can still choose its headers after saving (Flask) saves first and reads
+    ``live`` and ``id``: a session another request removed meanwhile then
+    gets no cookie.
 
     ``state`` says where the session stands: "unloaded" (not used yet),
     "new" (no record under its id yet), "loaded" (its record is in the store
     as this request last read or wrote it) or "gone" (another request
     removed its record meanwhile, a logout: nothing more is saved).
 
-    Changes, nested ones included, are found by comparing the data with an
-    image taken when it was loaded; a changed record is written only if the
-    store still holds the bytes this request loaded (or last wrote). If
-    another request wrote in between, this request's data is written over
-    theirs (the later save wins); if another request removed the record, it
-    stays removed. A session that ends up empty is removed.
+    Changes, nested ones included, are found by comparing the data with the
+    one image taken when it was loaded (or last saved); a request that only
+    reads encodes nothing. A changed record is written only if the store
+    still holds the bytes this request loaded (or last wrote). If another
+    request wrote in between, the two are merged (the ``merge`` option); if
+    another request removed the record, it stays removed. A session that
+    ends up empty is removed. ``data_class`` is the type of the dict the app
+    gets: ``dict``, or a subclass (ASGI's ``ASGISession``).
 
     A session belongs to one request and is not shared between threads.
     """
 
     __slots__ = (
-        "_client_id",
-        "_cookie",
-        "_cookie_header",
-        "_created",
-        "_data",
-        "_doomed",
-        "_id",
-        "_identity",
-        "_key",
-        "_logged",
-        "_mtime",
-        "_promote",
-        "_secure",
-        "_settings",
-        "_snapshot",
-        "_stored",
-        "_undo",
-        "state",
+        "_client_id", "_cookie", "_created", "_current", "_data", "_data_class", "_doomed", "_fresh", "_id",
+        "_identity", "_ids", "_image", "_key", "_logged", "_mtime", "_promote", "_secure", "_settings", "_stored",
+        "_undo", "state",
     )
 
-    def __init__(self, settings, cookie_header, *, secure=False):
+    def __init__(self, settings, cookie_header="", *, secure=False, ids=None, data_class=dict):
         self._settings = settings
-        self._cookie_header = cookie_header or ""
+        if ids is None:
+            ids = _session_ids(cookie_header or "", settings.cookie_name)
+        self._ids = ids[:_MAX_COOKIE_CANDIDATES]
         self._secure = bool(secure)
+        self._data_class = data_class
         self.state = _UNLOADED
-        self._data = None
+        self._data = self._current = None
         self._cookie = None  # (Set-Cookie value or None,) once decided
 
     # The dict an app sees.
@@ -2722,9 +2692,6 @@ class Session(MutableMapping):
     def __delitem__(self, name):
         del self.load()[name]
 
-    def __contains__(self, name):
-        return name in self.load()
-
     def __iter__(self):
         return iter(self.load())
 
@@ -2732,7 +2699,7 @@ class Session(MutableMapping):
         return len(self.load())
 
     def __repr__(self):
-        return f"<Session {self.state} {self._data!r}>" if self._data is not None else "<Session unloaded>"
+        return f"<Session {self.state} {self._data!r}>"
 
     def regenerate(self):
         """Give the session a new id and keep its data: call it on login.
@@ -2757,7 +2724,7 @@ class Session(MutableMapping):
         if self.state == _NEW and self._logged and self._id is not None:
             self._doomed.append((_store_key(self._id), None, False))  # its log goes at save, in the store's thread
         self._forget_record(carry=False)
-        self._data = {}
+        dict.clear(self._data)
         self._created = None
         self._logged = False
 
@@ -2767,12 +2734,64 @@ class Session(MutableMapping):
             self._doomed.append((self._key, self._stored, carry))
         self.state, self._id, self._key, self._stored = _NEW, None, None, None
 
-    # What a front end calls.
+    # What a front end reads.
 
     @property
     def accessed(self):
         """True once the session has been loaded: the response then varies with the Cookie header."""
         return self.state != _UNLOADED
+
+    @property
+    def has_id_cookie(self):
+        """True if the request carries a well-formed id under the cookie name: ``load()`` reads the store.
+
+        False means ``load()`` does no store I/O, so a front end on an event
+        loop may call it in place rather than in a thread.
+        """
+        return bool(self._ids)
+
+    @property
+    def new(self):
+        """True if the request brought no live session: this one started afresh (loads the session)."""
+        self.load()
+        return self._fresh
+
+    @property
+    def id(self):
+        """The session's id, as its cookie carries it; None while the session has none.
+
+        A loaded session has the id the client sent; a new one gets its id
+        when ``cookie()`` decides to send it (or ``save()`` writes it);
+        ``regenerate()`` and ``invalidate()`` reset it to None.
+        """
+        return None if self._data is None else self._id
+
+    @property
+    def key(self):
+        """The store key of the session's record (the SHA-256 of its id, never the id), or None."""
+        return None if self.id is None else _store_key(self._id)
+
+    @property
+    def live(self):
+        """True if the store holds the session under ``id`` as this request last read or saved it."""
+        return self.state == _LOADED
+
+    @property
+    def pending(self):
+        """True if ``save()`` has store I/O to do now: a front end on an event loop then calls it in a thread."""
+        if self.state == _UNLOADED:
+            return False
+        if self.state != _LOADED:
+            return bool(self._doomed) or (self.state == _NEW and self._holds())
+        image = _snapshot(self._data)
+        interval = self._settings.touch_after()
+        due = self._promote or self._doomed or (interval is not None and _now() - self._mtime >= interval)
+        if image is not None and image == self._image and not due and self._identity_now() == self._identity:
+            return False
+        self._current = (image,)  # taken once: the save() that follows uses it
+        return True
+
+    # What a front end calls.
 
     def load(self):
         """Load the session if it is not loaded yet (store I/O) and return its data dict."""
@@ -2782,11 +2801,10 @@ class Session(MutableMapping):
 
     def _open(self, now):
         settings = self._settings
-        self._client_id = self._id = self._key = self._stored = self._created = None
-        self._doomed, self._undo, self._data, self.state = [], [], {}, _NEW
-        self._logged = False
-        candidates = _cookie_values(self._cookie_header, settings.cookie_name)
-        for value in [v for v in candidates if len(v) == _SESSION_ID_LENGTH and _is_key(v)][:_MAX_COOKIE_CANDIDATES]:
+        self._client_id = self._id = self._key = self._stored = self._created = self._image = None
+        self._doomed, self._undo, self.state, self._logged = [], [], _NEW, False
+        data = {}
+        for value in self._ids:
             key = _store_key(value)
             try:
                 record, stored, mtime = settings.store.load(key, now=now)
@@ -2802,15 +2820,16 @@ class Session(MutableMapping):
                 continue
             self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
             self._promote = settings.store._on_probation(mtime)  # it came back: promote it at save
-            self._created, self._data = record["created"], record["data"]
-            self._logged = record.get("log") is True
-            self._snapshot = _snapshot(self._data)
-            self._identity = self._identity_now()
-            return
+            self._created, data, self._logged = record["created"], record["data"], record.get("log") is True
+            self._image = _snapshot(data)
+            break
+        self._fresh = self.state == _NEW
+        self._data = data if self._data_class is dict else self._data_class(data)
+        self._identity = self._identity_now()
 
     def _identity_now(self):
         key = self._settings.identity_key
-        return None if key is None else self._data.get(key, _MISSING)
+        return None if key is None else dict.get(self._data, key, _MISSING)
 
     def _rotate_on_new_identity(self):
         """Regenerate the id if the identity key changed since loading (login, logout, another user).
@@ -2846,15 +2865,38 @@ class Session(MutableMapping):
         settings = self._settings
         if self.state == _UNLOADED:
             return None
-        if self._holds() and self.state != _GONE:
-            if self._id is None:
-                self._id = _new_session_id()
-            if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
-                return settings.set_cookie(self._id, self._secure)
+        if not self._holds():
+            return None if self._client_id is None else settings.set_cookie(None, self._secure)
+        if self.state == _GONE:
             return None
-        if self._client_id is not None and not self._holds():
-            return settings.set_cookie(None, self._secure)
+        if self._id is None:
+            self._id = _new_session_id()
+        if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
+            return settings.set_cookie(self._id, self._secure)
         return None
+
+    def response_headers(self, headers, *, used=None, names=("Vary", "Set-Cookie")):
+        """Return the response's (name, value) str pairs ``headers`` with this session's Vary and Set-Cookie.
+
+        Decides the cookie (``cookie()``). ``Vary: Cookie`` is merged in (by
+        token, into an existing Vary) when the session was ``used`` (default:
+        loaded) or sends a cookie; ``names`` name the headers added.
+        """
+        cookie = self.cookie()
+        if not (self.accessed if used is None else used) and cookie is None:
+            return headers
+        headers = list(headers)
+        for index, (name, value) in enumerate(headers):
+            if name.lower() == "vary":
+                tokens = {token.strip().lower() for token in value.split(",")}
+                if "cookie" not in tokens and "*" not in tokens:
+                    headers[index] = (name, value + ", Cookie" if value.strip() else "Cookie")
+                break
+        else:
+            headers.append((names[0], "Cookie"))
+        if cookie is not None:
+            headers.append((names[1], cookie))
+        return headers
 
     def save(self, *, now=None):
         """Write, touch or remove the record as the request has left it so far (store I/O).
@@ -2865,93 +2907,97 @@ class Session(MutableMapping):
         request saved first, the two are merged (the ``merge`` option) and
         the merge is written, again conditionally, after a short random
         back-off (0.5 ms doubling, at most 50 ms), up to 32 times before the
-        later save simply wins (logged). Raises StoreError if the store fails
-        and RecordTooLarge if the session is over ``max_bytes``.
+        later save simply wins (logged). Raises StoreError if the store fails,
+        and before anything is written RecordTooLarge if the session is over
+        ``max_bytes`` or EncodeError if the serializer cannot encode a value.
         """
         if self.state == _UNLOADED:
             return
         now = _now() if now is None else now
         self._rotate_on_new_identity()
-        for key, previous, carry in self._doomed:
-            if carry and self._logged:
-                self._move_log(key)
-            self._remove_doomed(key, previous, carry is not False)
-        self._doomed = []
-        if self.state == _LOADED:
-            if self._snapshot is None or _snapshot(self._data) != self._snapshot:
-                self._save_changed(now)
-            else:
-                self._touch(now)
+        image = _snapshot(self._data) if self._current is None else self._current[0]
+        self._current = key = stored = None
+        if self.state == _LOADED and (image is None or image != self._image):
+            key = self._key
+        elif self.state == _NEW and self._holds() and self._settings.cookie_max_age != 0:
+            if self._id is None and self._cookie is None:
+                self._id = _new_session_id()
+            key = None if self._id is None else _store_key(self._id)
+        first = self._created is None
+        if key is not None and self._holds():
+            self._created = now if first else self._created
+            stored = self._encode(key)
+        if self._remove_doomed() and stored is not None:
+            stored, image = self._encode(key), None  # another request's change, carried to the new id
+        if key is not None:
+            self._write(key, stored, image, now, first)
+        elif self.state == _LOADED:
+            self._touch(now)
+        elif self.state == _NEW and self._holds() and self._settings.cookie_max_age == 0:
+            self.abandon()  # its cookie expires with this response: the session ends with it
         elif self.state == _NEW and self._holds():
-            first = self._created is None  # else regenerated: a session that came back, under a new id
-            if first:
-                self._created = now
-            self._save_new(now, first)
+            _logger.warning("session started after the response headers: no cookie was sent, not saved")
 
     def _record(self):
         if self._logged:
             return {"created": self._created, "data": self._data, "log": True}
         return {"created": self._created, "data": self._data}
 
-    def _remove_doomed(self, key, previous, carry):
-        """Remove a record this request left; ``carry`` a change another request saved there first."""
+    def _encode(self, key):
+        """Return the record's bytes; EncodeError names the first top-level key the serializer refuses."""
         store = self._settings.store
-        if previous is not None and store.remove(key, expected=previous):
-            if carry:
-                self._undo.append((key, previous, None))  # a logout (no carry) is never undone
-            else:
-                store._forget_log(key)
-            return
-        theirs = self._theirs(key) if carry and previous is not None else None
-        if theirs is not None:
-            self._merge(key, previous, *theirs)
-        if store.remove(key) and previous is not None and carry:
-            self._undo.append((key, previous if theirs is None else theirs[1], None))
-        if not carry:
-            store._forget_log(key)
-
-    def _theirs(self, key):
-        """Return ``(data, stored bytes)`` of what another request saved under ``key``, or None if gone."""
         try:
-            record, stored, _ = self._settings.store.load(key)
+            return store.encode(key, self._record())
+        except RecordTooLarge:
+            raise
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            culprit = next((name for name, value in dict.items(self._data) if not _encodes(store, key, value)), None)
+            raise EncodeError(
+                f"session key {culprit!r} holds a value the store's serializer cannot encode ({exc}): use "
+                "serializer=tinysession.TaggedJSON() or convert the value; nothing was written"
+            ) from exc
+
+    def _remove_doomed(self):
+        """Remove the records this request left; return True if another request's change was carried here."""
+        store, carried = self._settings.store, False
+        for key, previous, carry in self._doomed:
+            if carry and self._logged:
+                self._move_log(key)
+            removed = previous is not None and store.remove(key, expected=previous)
+            if not removed:
+                theirs = self._merge_theirs(key, previous) if carry is not False and previous is not None else None
+                carried = carried or theirs is not None
+                removed = store.remove(key) and previous is not None
+                previous = previous if theirs is None else theirs
+            if carry is False:
+                store._forget_log(key)
+            elif removed:
+                self._undo.append((key, previous, None))  # a logout (no carry) is never undone
+        self._doomed = []
+        return carried
+
+    def _merge_theirs(self, key, base_stored):
+        """Merge what another request saved under ``key`` into this session's data; return its bytes, None if gone."""
+        store, merge = self._settings.store, self._settings.merge
+        try:
+            record, stored, _ = store.load(key)
         except KeyError:
             return None
         if type(record) is not dict or type(record.get("data")) is not dict:
             return None
-        return record["data"], stored
-
-    def _merge(self, key, base_stored, theirs, theirs_stored):
-        """Merge another request's save under ``key`` into this session's data, in place; return their bytes."""
-        merge = self._settings.merge
         if merge is not None:
             base = self._settings.store.decode(key, base_stored)["data"]
-            merged = merge(base, self._data, theirs)
+            merged = merge(base, dict(dict.items(self._data)), record["data"])
             if not isinstance(merged, dict):
                 raise TypeError(f"merge() must return a dict, not {type(merged).__name__}")
-            self._data.clear()
-            self._data.update(merged)
-        return theirs_stored
+            dict.clear(self._data)
+            dict.update(self._data, merged)
+        return stored
 
-    def _save_new(self, now, first=True):
-        """Write the session under a new id; ``first`` (a session never saved before) puts it on probation."""
-        if self._settings.cookie_max_age == 0:
-            self.abandon()  # its cookie expires with this response: the session ends with it
-            return
-        if self._id is None:
-            if self._cookie is not None:
-                _logger.warning("session started after the response headers: no cookie was sent, not saved")
-                return
-            self._id = _new_session_id()
-        key = _store_key(self._id)
-        stored = self._settings.store.encode(key, self._record())
-        self._settings.store.save(key, stored, now=now, new=first)
-        self._undo.append((key, None, stored))
-        self._became(key, stored, now)
-
-    def _became(self, key, stored, now):
+    def _became(self, key, stored, now, image):
         self.state, self._key, self._stored, self._mtime = _LOADED, key, stored, now
         self._promote = False
-        self._snapshot = _snapshot(self._data)
+        self._image = _snapshot(self._data) if image is None else image
         self._identity = self._identity_now()
 
     def _touch(self, now):
@@ -2966,12 +3012,12 @@ class Session(MutableMapping):
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
         self._mtime, self._promote = now, False
 
-    def _save_changed(self, now):
-        store, key, expected = self._settings.store, self._key, self._stored
+    def _write(self, key, stored, image, now, first):
+        """Write ``stored`` (None: remove) under ``key``, merging with other requests' saves; ``first`` on probation."""
+        store, expected = self._settings.store, self._stored
         for attempt in range(_SAVE_ATTEMPTS + 1):
-            stored = store.encode(key, self._record()) if self._holds() else None
             if stored == expected:
-                self._became(key, stored, now)
+                self._image = _snapshot(self._data) if image is None else image
                 self._touch(now)
                 return
             if attempt == _SAVE_ATTEMPTS:
@@ -2980,23 +3026,24 @@ class Session(MutableMapping):
             if stored is None:
                 done = store.remove(key, expected=expected) or expected is None
             else:
-                done = store.save(key, stored, expected=expected, now=now)
+                done = store.save(key, stored, expected=expected, now=now, new=first)
             if done:
                 self._undo.append((key, expected, stored))
-                if stored is None:
-                    store._forget_log(key)
-                    self.state, self._id, self._key, self._stored = _NEW, None, None, None
-                else:
-                    self._became(key, stored, now)
+                if stored is not None:
+                    self._became(key, stored, now, image)
+                    return
+                store._forget_log(key)
+                self.state, self._id, self._key, self._stored = _NEW, None, None, None
                 return
             # Back off a random while before trying again, so that writers racing on one session spread out.
             time.sleep(min(0.05, 0.0005 * 2**attempt) * int.from_bytes(os.urandom(2), "big") / 65536)
-            theirs = self._theirs(key)
-            if theirs is None:
+            expected = self._merge_theirs(key, expected)
+            if expected is None:
                 _logger.info("session %s was removed by another request: its changes are dropped", key[:12])
                 self.state = _GONE
                 return
-            expected = self._merge(key, expected, *theirs)
+            stored = self._encode(key) if self._holds() else None
+            image = None
 
     def rollback(self):
         """Put back every record this request changed, after the request failed; log, never raise.
@@ -3008,12 +3055,10 @@ class Session(MutableMapping):
         if self.state == _UNLOADED:
             return
         store = self._settings.store
+        # A logout still happens (removed as a record this request created): its expiring cookie may be out.
+        self._undo += [(key, None, None) for key, _, carry in self._doomed if carry is False]
+        self._doomed = []
         try:
-            for key, _, carry in self._doomed:
-                if not carry:  # a logout still happens: its expiring cookie may have gone out already
-                    store.remove(key)
-                    store._forget_log(key)
-            self._doomed = []
             while self._undo:
                 key, previous, written = self._undo.pop()
                 if previous is None:
@@ -3033,32 +3078,11 @@ class Session(MutableMapping):
             except SessionError:
                 _logger.exception("could not remove the message log of an abandoned session")
 
-    @property
-    def has_id_cookie(self):
-        """True if the Cookie header carries a well-formed id under the cookie name: ``load()`` reads the store.
-
-        False means ``load()`` does no store I/O, so a front end on an event
-        loop may call it in place rather than in a thread.
-        """
-        values = _cookie_values(self._cookie_header, self._settings.cookie_name)
-        return any(len(value) == _SESSION_ID_LENGTH and _is_key(value) for value in values)
-
-    @property
-    def id(self):
-        """The session's id, as its cookie carries it; None while the session has none.
-
-        A loaded session has the id the client sent; a new one gets its id
-        when ``cookie()`` decides to send it; ``regenerate()`` and
-        ``invalidate()`` reset it to None. For front ends that write the
-        cookie themselves (Flask) from what ``cookie()`` decided.
-        """
-        return None if self._data is None else self._id
-
     # The message log.
 
     def _holds(self):
         """True if the session has something to keep: data, or a message log."""
-        return bool(self._data) or self._logged
+        return dict.__len__(self._data) > 0 or self._logged
 
     def _move_log(self, old_key):
         """Move the log of a regenerated session's old record to its new id, made now if need be."""
@@ -3091,7 +3115,7 @@ class Session(MutableMapping):
                         self._settings.store.log_move(old_key, key)
                         self._doomed[index] = (old_key, previous, None)
         if not self._logged:
-            self._logged, self._snapshot = True, None  # the record must now say it has a log
+            self._logged, self._image = True, None  # the record must now say it has a log
         return MessageLog(self._settings.store, key)
 
 
@@ -3119,12 +3143,11 @@ class _SessionBody:
     a failed request leaves the store as it found it.
     """
 
-    __slots__ = ("_body", "_failed", "_session", "_settings")
+    __slots__ = ("_body", "_failed", "_session")
 
-    def __init__(self, body, session, settings):
+    def __init__(self, body, session):
         self._body = body
         self._session = session
-        self._settings = settings
         self._failed = False
 
     def __iter__(self):
@@ -3143,7 +3166,6 @@ class _SessionBody:
         finally:
             if not self._failed:
                 self._session.save()
-            self._settings.request_finished()
 
 
 class SessionMiddleware:
@@ -3168,21 +3190,29 @@ class SessionMiddleware:
     is discarded however recently used), ``identity_key`` (the session key
     naming the logged-in user, ``"_user_id"`` as Flask-Login writes it, or
     None: when its value changes the session gets a new id, against
-    fixation), ``touch_interval`` (seconds between
-    mtime refreshes of a session read but not changed, at most a quarter of
-    the store's ``max_age``; None never) and ``clean_interval`` (seconds
-    between background cleans of the store in this process; None never);
-    and here ``environ_key``.
+    fixation), ``merge`` (how a save merges another request's save made
+    meanwhile) and ``touch_interval`` (seconds between mtime refreshes of a
+    session read but not changed, at most a quarter of the store's
+    ``max_age``; None never); and here ``environ_key``.
 
     The session id is 256 random bits; the store only sees its SHA-256, and a
     cookie the server did not issue, or whose session is gone, is never
-    adopted. Thread-safe; several processes may share one store.
+    adopted. Wrapping a Flask app (or its ``wsgi_app``) logs a WARNING:
+    ``flask.session`` stays Flask's own cookie unless the app uses
+    ``FlaskSessionInterface``. Thread-safe; several processes may share one store.
     """
 
     def __init__(self, app, store, *, environ_key="tinysession", **options):
         self.app = app
         self.environ_key = environ_key
         self.settings = _Settings(store, **options)
+        interface = getattr(getattr(app, "__self__", app), "session_interface", None)
+        if interface is not None and type(interface).__module__ != __name__:
+            _logger.warning(
+                "SessionMiddleware wraps a Flask app whose flask.session is still Flask's own cookie, never the "
+                "store: set app.session_interface = tinysession.FlaskSessionInterface(store) to serve it from the "
+                "store (get_session(request.environ) is the middleware's session)"
+            )
 
     @property
     def store(self):
@@ -3200,18 +3230,8 @@ class SessionMiddleware:
         environ[self.environ_key] = session
 
         def session_start_response(status, headers, exc_info=None):
-            if session.accessed:
-                headers = list(headers)
-                for index, (name, value) in enumerate(headers):
-                    if name.lower() == "vary":
-                        headers[index] = (name, _vary_with_cookie(value) or value)
-                        break
-                else:
-                    headers.append(("Vary", "Cookie"))
-            cookie = session.cookie()  # decided now even when unused: a later first write cannot get one
-            if cookie is not None:
-                headers.append(("Set-Cookie", cookie))
-            return start_response(status, headers, exc_info)
+            # The cookie is decided now even when unused: a later first write cannot get one.
+            return start_response(status, session.response_headers(headers), exc_info)
 
         try:
             body = self.app(environ, session_start_response)
@@ -3226,9 +3246,8 @@ class SessionMiddleware:
                 close()
             raise
         if type(body) is list or type(body) is tuple:
-            self.settings.request_finished()
             return body
-        return _SessionBody(body, session, self.settings)
+        return _SessionBody(body, session)
 
 
 # -- Flask --
@@ -3271,112 +3290,57 @@ def _verify_cookie(value, keys):
     return None
 
 
-class _FlaskSession(MutableMapping):
+class _FlaskSession(Session):
     """``flask.session`` for one request: the core Session with Flask's ``SessionMixin`` flags.
 
-    ``core`` is the framework-free ``Session`` underneath; ``request_cookie``
-    is ``(session_id, permanent)`` from the request's verified cookie, or None.
+    ``request_cookie`` is ``(session_id, permanent)`` from the request's
+    verified cookie, or None.
     """
 
-    def __init__(self, core, request_cookie):
-        self.core = core
-        self.request_cookie = request_cookie
-        self._new = None
+    modified = False
+
+    def __init__(self, settings, verified, secure):
+        super().__init__(settings, ids=[session_id for session_id, _ in verified], secure=secure)
+        self.request_cookie = verified[0] if verified else None
         self._accessed = False
-        self.modified = False
-
-    def _data(self):
-        data = self.core.load()
-        if self._new is None:
-            self._new = self.core.state == _NEW
-        return data
-
-    def __getitem__(self, name):
-        return self._data()[name]
 
     def __setitem__(self, name, value):
-        self._data()[name] = value
+        super().__setitem__(name, value)
         self.modified = True
 
     def __delitem__(self, name):
-        del self._data()[name]
+        super().__delitem__(name)
         self.modified = True
-
-    def __contains__(self, name):
-        return name in self._data()
-
-    def __iter__(self):
-        return iter(self._data())
-
-    def __len__(self):
-        return len(self._data())
-
-    def get(self, name, default=None):
-        return self._data().get(name, default)
-
-    def __repr__(self):
-        return f"<flask session {self.core!r}>"
 
     @property
     def permanent(self):
         """True if the session outlives the browser: its cookie has Expires and Max-Age."""
-        return bool(self._data().get("_permanent", False))
+        return bool(self.get("_permanent", False))
 
     @permanent.setter
     def permanent(self, value):
         self["_permanent"] = bool(value)
 
     @property
-    def new(self):
-        """True if the request brought no live session: this one started afresh."""
-        self._data()
-        return self._new
-
-    @property
     def accessed(self):
         """True once the session was used (Flask 3.1.3 also sets it): the response then varies with Cookie."""
-        return self._accessed or self.core.accessed
+        return self._accessed or self.state != "unloaded"
 
     @accessed.setter
     def accessed(self, value):
         self._accessed = bool(value)
 
-    def regenerate(self):
-        """Give the session a new id and keep its data: the core's ``Session.regenerate``."""
-        self.core.regenerate()
-        self.modified = True
 
-    def invalidate(self):
-        """Empty the session, remove its record and expire its cookie: the core's ``Session.invalidate``."""
-        self.core.invalidate()
-        self.modified = True
-
-    @property
-    def history(self):
-        """The session's ``MessageLog``: the core's ``Session.history``."""
-        self._accessed = True
-        return self.core.history
-
-
-class _FlaskNullSession(MutableMapping):
+class _FlaskNullSession(dict):
     """The empty, read-only session of an app without a SECRET_KEY; any write raises RuntimeError."""
 
     permanent = modified = accessed = False
     new = True
 
-    def __getitem__(self, name):
-        raise KeyError(name)
-
-    def __iter__(self):
-        return iter(())
-
-    def __len__(self):
-        return 0
-
     def _fail(self, *args, **kwargs):
         raise RuntimeError(_NO_SECRET_KEY)
 
-    __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = _fail
+    __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = __ior__ = _fail
 
 
 class FlaskSessionInterface:
@@ -3399,21 +3363,24 @@ class FlaskSessionInterface:
     accepted and re-signed when next sent. Without a SECRET_KEY the session
     is an empty one that raises RuntimeError on writes, as Flask's is.
 
-    A store left on the default "json" serializer is switched to
-    ``TaggedJSON``, which reads the same plain JSON records. Options
-    (keyword only): ``identity_key``, ``max_lifetime``, ``touch_interval``
-    and ``clean_interval``, as for ``SessionMiddleware``. Thread-safe.
+    The store is used as it is given: build it with
+    ``serializer=tinysession.TaggedJSON()`` to keep the values Flask's own
+    sessions keep (tuples, bytes, datetimes, Markup...); a store on the plain
+    "json" serializer logs a WARNING here. Options (keyword only):
+    ``identity_key``, ``max_lifetime`` and ``touch_interval``, as for
+    ``SessionMiddleware``. Thread-safe.
     """
 
     pickle_based = False
 
-    def __init__(self, store, *, identity_key="_user_id", max_lifetime=None, touch_interval=60, clean_interval=300):
+    def __init__(self, store, *, identity_key="_user_id", max_lifetime=None, touch_interval=60):
         self.settings = _Settings(
-            store, identity_key=identity_key, max_lifetime=max_lifetime,
-            touch_interval=touch_interval, clean_interval=clean_interval,
+            store, identity_key=identity_key, max_lifetime=max_lifetime, touch_interval=touch_interval
         )
         if type(store.serializer) is _JSONSerializer:
-            store.serializer = TaggedJSON()
+            _logger.warning("FlaskSessionInterface: the store's serializer is plain json, which cannot keep the "
+                            "tuples, bytes, datetimes and Markup Flask apps put in flask.session: build the store "
+                            "with serializer=tinysession.TaggedJSON()")
 
     @property
     def store(self):
@@ -3433,43 +3400,37 @@ class FlaskSessionInterface:
         keys = _cookie_keys(app)
         if not keys:
             return None
-        found = []
-        for value in request.cookies.getlist(app.config["SESSION_COOKIE_NAME"])[:_MAX_COOKIE_CANDIDATES]:
-            verified = _verify_cookie(value, keys)
-            if verified is not None:
-                found.append(verified)
-        header = "; ".join(f"{self.settings.cookie_name}={session_id}" for session_id, _ in found)
-        core = Session(self.settings, header, secure=request.is_secure)
-        return _FlaskSession(core, found[0] if found else None)
+        values = request.cookies.getlist(app.config["SESSION_COOKIE_NAME"])[:_MAX_COOKIE_CANDIDATES]
+        verified = [found for found in (_verify_cookie(value, keys) for value in values) if found is not None]
+        return _FlaskSession(self.settings, verified, request.is_secure)
 
     def save_session(self, app, session, response):
-        """Set the response's cookie and Vary, then write what changed (store I/O).
+        """Write what changed (store I/O), then set the response's cookie and Vary from the outcome.
 
         If an exception is being handled (the request failed), the changes
         are rolled back instead. Raises StoreError if the store fails.
         """
-        core = session.core
         if sys.exc_info()[0] is not None:
-            core.cookie()
-            core.rollback()
+            session.cookie()
+            session.rollback()
             return
-        if core.accessed and set(core) <= {"_permanent"}:
-            core.pop("_permanent", None)  # a session holding only its permanence is empty
-        decision = core.cookie()
         refresh = app.config["SESSION_REFRESH_EACH_REQUEST"]
         if session.accessed:
             response.vary.add("Cookie")
-        if core.accessed:
-            live = len(core) > 0 and core.state != _GONE
-            if decision is not None and not live:
-                response.delete_cookie(**self._cookie_options(app, None))
-            elif live and (decision is not None or session.modified or (session.permanent and refresh)):
-                self._set_cookie(app, response, core.id, session.permanent)
-        elif session.request_cookie is not None and session.request_cookie[1] and refresh:
-            response.vary.add("Cookie")  # refreshed from the cookie alone: no store access
-            self._set_cookie(app, response, session.request_cookie[0], True)
-        core.save()
-        self.settings.request_finished()
+        if session.state == "unloaded":
+            if session.request_cookie is not None and session.request_cookie[1] and refresh:
+                response.vary.add("Cookie")  # refreshed from the cookie alone: no store access
+                self._set_cookie(app, response, session.request_cookie[0], True)
+            return
+        if set(session) <= {"_permanent"}:
+            session.pop("_permanent", None)  # a session holding only its permanence is empty
+        decision = session.cookie()
+        permanent = session.permanent
+        session.save()  # first: a session another request logged out meanwhile gets no cookie
+        if session.live and (decision is not None or session.modified or (permanent and refresh)):
+            self._set_cookie(app, response, session.id, permanent)
+        elif decision is not None and not session.live:
+            response.delete_cookie(**self._cookie_options(app, None))
 
     def _set_cookie(self, app, response, session_id, permanent):
         value = _signed_cookie(_cookie_keys(app)[0], session_id, permanent)
@@ -3497,7 +3458,7 @@ class FlaskSessionInterface:
 
 # -- ASGI --
 
-_HEADER_MESSAGES = ("http.response.start", "websocket.http.response.start", "websocket.accept")
+_START_MESSAGES = ("http.response.start", "websocket.http.response.start")
 
 
 def _is_final(message):
@@ -3506,14 +3467,6 @@ def _is_final(message):
     if kind in ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend"):
         return not message.get("more_body", False)
     return kind in ("http.response.pathsend", "websocket.close")
-
-
-def _copy_into(core, session):
-    """Make the core Session's data what the app left in ``session``, its dict; return the core."""
-    data = core.load()
-    data.clear()
-    data.update(dict.items(session))  # dict's own view: copying is not a use by the app
-    return core
 
 
 def _marking_use(name):
@@ -3528,14 +3481,25 @@ def _marking_use(name):
     return marked
 
 
+async def _save_in_thread(core, run_in_thread):
+    """Save ``core`` in a thread if it has store I/O to do; undo this request's writes if that fails."""
+    if core.pending:
+        try:
+            await run_in_thread(core.save)
+        except BaseException:
+            await run_in_thread(core.rollback)
+            raise
+
+
 class ASGISession(dict):
     """The session an ASGI app finds at ``scope["session"]``: a plain dict, plus login and logout.
 
     Starlette and FastAPI return it from ``request.session`` and
     ``websocket.session``; being a dict, it goes into ``JSONResponse`` as it
     is, and ``|=``, ``copy()`` and ``popitem()`` (the newest key) behave as on
-    any dict. ``regenerate()`` and ``invalidate()`` are the core Session's
-    (see ``Session``); ``await save()`` writes the changes made so far.
+    any dict. It is the core Session's own data, not a copy of it.
+    ``regenerate()`` and ``invalidate()`` are the core Session's (see
+    ``Session``); ``await save()`` writes the changes made so far.
 
     It belongs to one request or socket, on its event loop: change it only
     from that request's tasks.
@@ -3543,10 +3507,8 @@ class ASGISession(dict):
 
     __slots__ = ("_core", "_run", "accessed")
 
-    def __init__(self, core, run_in_thread):
-        super().__init__(core.load())
-        self._core = core
-        self._run = run_in_thread
+    def __init__(self, data=()):
+        dict.__init__(self, data)
         self.accessed = False
 
     def mark_accessed(self):
@@ -3555,9 +3517,7 @@ class ASGISession(dict):
         Any use of the dict (a read, a write, iteration, ``items()`` as
         ``json.dumps`` calls it) marks it too, so this is only for an app
         that learns something from the session without touching the dict.
-
-        Starlette's ``request.session`` calls it; a bare ASGI app that reads
-        the session should too.
+        Starlette's ``request.session`` calls it.
         """
         self.accessed = True
 
@@ -3570,13 +3530,11 @@ class ASGISession(dict):
         """Empty the session, remove its record and expire its cookie: logout (see ``Session.invalidate``)."""
         self.accessed = True
         self._core.invalidate()
-        self.clear()
 
     @property
     def history(self):
         """The session's ``MessageLog`` (see ``Session.history``); its store calls block: use a thread."""
         self.accessed = True
-        _copy_into(self._core, self)
         return self._core.history
 
     async def save(self):
@@ -3587,15 +3545,7 @@ class ASGISession(dict):
         (after undoing this request's writes) if the store fails.
         """
         self.accessed = True
-        _copy_into(self._core, self)
-        try:
-            await self._run(self._core.save)
-        except Exception:
-            await self._run(self._core.rollback)
-            raise
-        # The core may have merged another request's changes in: the app's dict must hold them too.
-        dict.clear(self)
-        dict.update(self, self._core.load())
+        await _save_in_thread(self._core, self._run)
 
 
 _DICT_USES = (
@@ -3617,22 +3567,28 @@ class ASGISessionMiddleware:
     ``SessionMiddleware``'s, plus ``threads``: how many store operations may
     run at once (default 32).
 
-    Store I/O runs in threads, never on the event loop. A request whose
-    Cookie header carries no session id, or whose path is outside the
-    cookie's ``path``, costs no store access (outside the path the cookie is
-    ignored: the browser does not send ours there). Otherwise the session is
-    loaded before the app runs. The cookie is decided when the response
-    headers (``websocket.accept`` for a socket) go out; the changes are saved
-    before the last body message is passed on, so the client's next request
-    sees them, and again when the app returns (a background task's). An
-    exception from the app, or a response never completed (the client went
-    away and the app stopped), saves nothing more. A websocket is saved when
-    the app sends ``websocket.close``, when the app returns normally, and on
-    ``await session.save()``. Runs on an asyncio event loop (uvicorn, hypercorn, daphne...).
+    Store I/O runs in threads, never on the event loop: a request makes no
+    store call when its session is unused and carries no session cookie (or
+    its path is outside the cookie's ``path``: the browser does not send
+    ours there), one to read, two to change it (the load, then one save).
+    As the app's dict is used synchronously, a request whose Cookie header
+    carries a well-formed session id is loaded in a thread before the app
+    runs, used or not. ``http.response.start`` is held until the first
+    body message; when that is the last one, the session is saved before
+    anything is sent, so a failed save is a whole HTTP 500 (the error goes
+    up to the server) and the previous record stays. A response that
+    really streams is saved before its last body message; if that fails,
+    the connection is cut (the error goes up, the last message is not
+    sent) and one ERROR line names the session's store key. Changes made
+    after the response are saved when the app returns. An exception from
+    the app, or a response never completed (the client went away), saves
+    nothing more. A websocket is saved when the app sends
+    ``websocket.close``, when the app returns normally, and on ``await
+    session.save()``. Runs on an asyncio event loop (uvicorn, hypercorn, daphne...).
     """
 
     def __init__(self, app, store, *, threads=32, **options):
-        import concurrent.futures
+        import concurrent.futures  # as asyncio: costly to import, and only ASGI apps need it
 
         self.app = app
         self.settings = _Settings(store, **options)
@@ -3654,52 +3610,59 @@ class ASGISessionMiddleware:
             raise SessionError("ASGISessionMiddleware runs on an asyncio event loop, and none is running") from None
         return await loop.run_in_executor(self._threads, function)
 
-    def _in_path(self, scope):
+    def _cookie_header(self, scope):
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and not path.startswith(root):
             path = root + path
         prefix = self.settings.path
-        return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
-
-    def _cookie_header(self, scope):
-        if not self._in_path(scope):
+        if path != prefix and not path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
             return ""
         return b"; ".join(value for name, value in scope.get("headers", ()) if name.lower() == b"cookie").decode(
             "latin-1"
         )
 
     @staticmethod
-    def _with_headers(message, varies, cookie):
-        headers = list(message.get("headers", ()))
-        if message["type"] != "websocket.accept" and (varies or cookie is not None):
-            for index, (name, value) in enumerate(headers):
-                if name.lower() == b"vary":
-                    merged = _vary_with_cookie(value.decode("latin-1"))
-                    headers[index] = (name, value if merged is None else merged.encode("latin-1"))
-                    break
-            else:
-                headers.append((b"vary", b"Cookie"))
-        if cookie is not None:
-            headers.append((b"set-cookie", cookie.encode("latin-1")))
-        return {**message, "headers": headers}
+    def _with_session(core, session, start):
+        """Return the start message with the session's Vary and Set-Cookie headers (decides the cookie)."""
+        if core.cookie() is None and not session.accessed:
+            return start
+        pairs = [(raw_name.decode("latin-1"), raw.decode("latin-1")) for raw_name, raw in start.get("headers", ())]
+        pairs = core.response_headers(pairs, used=session.accessed, names=("vary", "set-cookie"))
+        return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        core = Session(self.settings, self._cookie_header(scope), secure=scope.get("scheme") in ("https", "wss"))
+        core = Session(self.settings, self._cookie_header(scope), secure=scope.get("scheme") in ("https", "wss"),
+                       data_class=ASGISession)
         if core.has_id_cookie:
             await self._in_thread(core.load)
-        session = scope["session"] = ASGISession(core, self._in_thread)
-        completed = []
+        session = scope["session"] = core.load()
+        session._core, session._run = core, self._in_thread
+        held, completed = [], []
 
         async def session_send(message):
-            if message["type"] in _HEADER_MESSAGES or message["type"] == "websocket.close":
-                cookie = _copy_into(core, session).cookie()  # decided once, on the first call
-                if message["type"] in _HEADER_MESSAGES:
-                    message = self._with_headers(message, session.accessed, cookie)
-            if _is_final(message):
-                await session.save()
+            if message["type"] in _START_MESSAGES:
+                held.append(message)  # sent with the first body message, once the session is saved
+                return
+            final = _is_final(message)
+            if held or message["type"] == "websocket.accept":
+                if final:
+                    await _save_in_thread(core, self._in_thread)  # before anything is sent: a failure is a 500
+                start = self._with_session(core, session, held.pop() if held else message)
+                if start["type"] == "websocket.accept":
+                    message = start
+                else:
+                    await send(start)
+            elif final:
+                try:
+                    await _save_in_thread(core, self._in_thread)
+                except BaseException:
+                    _logger.error("session %s could not be saved after the response headers went out: the "
+                                  "response is cut off", (core.key or "(none)")[:12])
+                    raise
+            if final:
                 completed.append(message["type"])
             await send(message)
 
@@ -3707,13 +3670,12 @@ class ASGISessionMiddleware:
         try:
             await self.app(scope, receive, session_send)
             if completed or scope["type"] == "websocket":
-                _copy_into(core, session).cookie()  # a socket refused unopened: no record without a cookie
-                await session.save()
+                core.cookie()  # a socket refused unopened: no record without a cookie
+                await _save_in_thread(core, self._in_thread)
                 saved = True
         finally:
             if not saved and core.accessed:
                 await self._in_thread(core.abandon)  # a new session's log, never to be saved
-            self.settings.request_finished()
 
 
 # -- Command line --
