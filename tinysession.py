@@ -848,9 +848,17 @@ class Store(MutableMapping):
         """
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_append")
 
-    def log_read(self, key):
-        """Return the lines stored in the log of ``key``, oldest first; ``[]`` if there is none."""
+    def log_read(self, key, start=0, stop=None):
+        """Return ``lines[start:stop]`` of the log of ``key``, oldest first; ``[]`` if there is none.
+
+        Slice semantics: a negative ``start`` counts from the end, so
+        ``log_read(key, -n)`` costs the last n lines, not the whole log.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_read")
+
+    def log_length(self, key):
+        """Return how many lines the log of ``key`` holds; stores override this default to make it O(1)."""
+        return len(self.log_read(key))
 
     def log_trim(self, key, start, stop, expected):
         """Remove ``lines[start:stop]`` of the log if it holds exactly ``expected`` lines now; return True if it did.
@@ -902,9 +910,7 @@ _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 )
 _LOG_SUFFIX = ".log"
-_LOG_APPEND_FLAGS = (
-    os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-)
+_LOG_APPEND_FLAGS = _READ_FLAGS | os.O_RDWR | os.O_APPEND | os.O_CREAT  # O_RDONLY is 0
 
 
 class FileStore(Store):
@@ -1157,58 +1163,105 @@ class FileStore(Store):
     def _log_fail(self, action, path, exc):
         return StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}")
 
+    def _log_open(self, path, flags):
+        """Open the log; return None if there is none, or (logged) if it is a symlink, a FIFO or not a regular file."""
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise self._log_fail("open", path, exc) from exc
+            fd = None
+        if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        if fd is not None:
+            os.close(fd)
+        _logger.warning("message log %r is not a regular file: ignored, as a corrupt record would be", path)
+        return None
+
+    def _log_count(self, fd, repair=False):
+        """Return the whole lines of the open log, remembered by (inode, size, mtime); cut a torn last line if ``repair``."""
+        status = os.fstat(fd)
+        counts = self.__dict__.setdefault("_log_counts", {})
+        count = counts.get((status.st_ino, status.st_size, status.st_mtime_ns))
+        if count is None:
+            data = os.pread(fd, status.st_size, 0)
+            end = data.rfind(b"\n") + 1
+            if repair and end != status.st_size:
+                _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, status.st_size - end)
+                os.ftruncate(fd, end)
+            count = data.count(b"\n", 0, end)
+        return count
+
+    def _log_counted(self, fd, count):
+        """Remember that the open log holds ``count`` lines now; return ``count``."""
+        status = os.fstat(fd)
+        counts = self.__dict__.setdefault("_log_counts", {})
+        if len(counts) > 4096:
+            counts.clear()
+        counts[(status.st_ino, status.st_size, status.st_mtime_ns)] = count
+        return count
+
     def log_append(self, key, lines):
         """Append under the directory lock with ``O_APPEND``; a torn last line (a crash) is cut off first."""
         path = self._log_path(key)
         data = b"".join(bytes(line) + b"\n" for line in lines)
         try:
             with self._locked():
-                fd = os.open(path, _LOG_APPEND_FLAGS, 0o600)
-                # (inode, size) of a log file -> its lines, so that an append need not count them
-                counts = self.__dict__.setdefault("_log_counts", {})
+                fd = self._log_open(path, _LOG_APPEND_FLAGS)
+                if fd is None:  # not a regular file: replaced by a new log
+                    os.unlink(path)
+                    fd = os.open(path, _LOG_APPEND_FLAGS, 0o600)
                 try:
-                    status = os.fstat(fd)
-                    count = counts.get((status.st_ino, status.st_size))
-                    if count is None:
-                        count = self._log_repair(fd, status.st_size)
+                    count = self._log_count(fd, repair=True)
                     view = memoryview(data)
                     while view:
                         view = view[os.write(fd, view) :]
-                    count += len(lines)
-                    if len(counts) > 4096:
-                        counts.clear()
-                    counts[(status.st_ino, os.fstat(fd).st_size)] = count
-                    return count
+                    return self._log_counted(fd, count + len(lines))
                 finally:
                     os.close(fd)
         except OSError as exc:
             raise self._log_fail("append to", path, exc) from exc
 
-    @staticmethod
-    def _log_repair(fd, size):
-        """Cut a torn last line off the open log; return how many whole lines it holds."""
-        data = os.pread(fd, size, 0)
-        end = data.rfind(b"\n") + 1
-        if end != size:
-            _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, size - end)
-            os.ftruncate(fd, end)
-        return data.count(b"\n", 0, end)
-
-    def log_read(self, key):
+    def log_read(self, key, start=0, stop=None):
+        """Read back from the end of the file for a negative ``start``, from its head up to ``stop``, else all of it."""
         path = self._log_path(key)
-        try:
-            fd = os.open(path, _READ_FLAGS)
-        except FileNotFoundError:
+        fd = self._log_open(path, _READ_FLAGS)
+        if fd is None:
             return []
-        except OSError as exc:
-            raise self._log_fail("read", path, exc) from exc
         try:
-            data = os.read(fd, os.fstat(fd).st_size)
+            size, data, offset = os.fstat(fd).st_size, b"", 0
+            if start < 0 and (stop is None or stop < 0):
+                offset = size  # back in doubling chunks until -start whole lines are in
+                while offset and data.count(b"\n") <= -start:
+                    step = min(offset, max(2 * len(data), 4096))
+                    offset -= step
+                    data = os.pread(fd, step, offset) + data
+            else:  # forward: all of it, or until `stop` whole lines are in
+                enough = stop if start >= 0 and stop is not None and stop >= 0 else None
+                chunk = b"-"
+                while chunk and len(data) < size and (enough is None or data.count(b"\n") < enough):
+                    chunk = os.pread(fd, size if enough is None else max(len(data), 4096), len(data))
+                    data += chunk
         except OSError as exc:
             raise self._log_fail("read", path, exc) from exc
         finally:
             os.close(fd)
-        return data.split(b"\n")[:-1]  # a last line without its newline is torn: ignored
+        # A line cut by the chunk's start is dropped, and a last line without its newline is torn: ignored.
+        return data.split(b"\n")[bool(offset) : -1][start:stop]
+
+    def log_length(self, key):
+        path = self._log_path(key)
+        fd = self._log_open(path, _READ_FLAGS)
+        if fd is None:
+            return 0
+        try:
+            return self._log_counted(fd, self._log_count(fd))
+        except OSError as exc:
+            raise self._log_fail("read", path, exc) from exc
+        finally:
+            os.close(fd)
 
     def log_trim(self, key, start, stop, expected):
         """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
@@ -1234,25 +1287,20 @@ class FileStore(Store):
             raise
 
     def log_remove(self, key):
-        path = self._log_path(key)
-        try:
-            with self._locked():
-                os.unlink(path)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise self._log_fail("remove", path, exc) from exc
-        return True
+        return self._log_rename("remove", self._log_path(key), os.unlink)
 
     def log_move(self, old, new):
-        path = self._log_path(old)
+        return self._log_rename("move", self._log_path(old), os.replace, self._log_path(new))
+
+    def _log_rename(self, action, path, rename, *args):
+        """Call ``rename(path, *args)`` under the lock; return False if there was no log."""
         try:
             with self._locked():
-                os.replace(path, self._log_path(new))
+                rename(path, *args)
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise self._log_fail("move", path, exc) from exc
+            raise self._log_fail(action, path, exc) from exc
         return True
 
     def log_scan(self):
@@ -1328,26 +1376,40 @@ _SQL_TEMPLATES = (
 )
 
 
-# The message log: its own table, and a trigger that removes a session's log with its record.
+# The message log: its own table, a trigger that removes a session's log with its record, and the length
+# of each log kept by triggers (counted once from the lines when the length table is new).
 _SQL_LOG_SCHEMA = (
     'CREATE TABLE IF NOT EXISTS "{table}_log" '
     "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
     'CREATE INDEX IF NOT EXISTS "{table}_log_key" ON "{table}_log" (key, seq);'
     'CREATE TRIGGER IF NOT EXISTS "{table}_log_gone" AFTER DELETE ON "{table}" '
     'BEGIN DELETE FROM "{table}_log" WHERE key = old.key; END;'
+    'CREATE TABLE IF NOT EXISTS "{table}_log_length" (key TEXT PRIMARY KEY, lines INTEGER NOT NULL);'
+    'INSERT OR IGNORE INTO "{table}_log_length" SELECT key, COUNT(*) FROM "{table}_log" '
+    'WHERE NOT EXISTS (SELECT 1 FROM "{table}_log_length") GROUP BY key;'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_added" AFTER INSERT ON "{table}_log" BEGIN '
+    'INSERT INTO "{table}_log_length" VALUES (new.key, 1) ON CONFLICT (key) DO UPDATE SET lines = lines + 1; END;'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_removed" AFTER DELETE ON "{table}_log" BEGIN '
+    'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
+    'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; END;'
 )
 _SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
-_SQL_LOG_COUNT = 'SELECT COUNT(*) FROM "{table}_log" WHERE key = ?'
-_SQL_LOG_READ = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq'
+_SQL_LOG_LENGTH = 'SELECT lines FROM "{table}_log_length" WHERE key = ?'
+_SQL_LOG_READ = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?'
+_SQL_LOG_TAIL = (
+    'SELECT line FROM (SELECT seq, line FROM "{table}_log" WHERE key = ? ORDER BY seq DESC LIMIT ?) ORDER BY seq'
+)
 _SQL_LOG_TRIM = (
     'DELETE FROM "{table}_log" WHERE seq IN '
     '(SELECT seq FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?)'
 )
 _SQL_LOG_REMOVE = 'DELETE FROM "{table}_log" WHERE key = ?'
 _SQL_LOG_MOVE = 'UPDATE "{table}_log" SET key = ? WHERE key = ?'
+_SQL_LOG_MOVE_LENGTH = 'UPDATE "{table}_log_length" SET key = ? WHERE key = ?'
 _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key'
 _SQL_LOG_TEMPLATES = (
-    _SQL_LOG_APPEND, _SQL_LOG_COUNT, _SQL_LOG_READ, _SQL_LOG_TRIM, _SQL_LOG_REMOVE, _SQL_LOG_MOVE, _SQL_LOG_SCAN,
+    _SQL_LOG_APPEND, _SQL_LOG_LENGTH, _SQL_LOG_READ, _SQL_LOG_TAIL, _SQL_LOG_TRIM, _SQL_LOG_REMOVE, _SQL_LOG_MOVE,
+    _SQL_LOG_MOVE_LENGTH, _SQL_LOG_SCAN,
 )
 
 
@@ -1572,13 +1634,13 @@ class SQLiteStore(Store):
     # The message log: the table <table>_log, one row per message, removed with its record by a trigger.
 
     def _log_schema(self, connection):
-        """Return True if the log's table exists, creating it on first use (unless read-only)."""
+        """Return True if the log's tables exist, creating them on first use (unless read-only)."""
         if self.__dict__.get("_log_ready"):
             return True
         self._sql.update((template, template.format(table=self.table)) for template in _SQL_LOG_TEMPLATES)
         if self.read_only:
             found = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                       (self.table + "_log",)).fetchone()
+                                       (self.table + "_log_length",)).fetchone()
             if found is None:
                 return False
         else:
@@ -1610,20 +1672,34 @@ class SQLiteStore(Store):
         except self._sqlite3.Error as exc:
             raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
 
+    def _log_count(self, connection, key):
+        row = connection.execute(self._sql[_SQL_LOG_LENGTH], (key,)).fetchone()
+        return 0 if row is None else row[0]
+
     def log_append(self, key, lines):
         with self._log_transaction("append to") as connection:
             connection.executemany(self._sql[_SQL_LOG_APPEND], [(key, bytes(line)) for line in lines])
-            return connection.execute(self._sql[_SQL_LOG_COUNT], (key,)).fetchone()[0]
+            return self._log_count(connection, key)
 
-    def log_read(self, key):
+    def log_read(self, key, start=0, stop=None):
+        """The last lines through the index on ``(key, seq)`` in reverse; others by ``LIMIT`` and ``OFFSET``."""
         with self._log_transaction("read", write=False) as connection:
             if connection is None:
                 return []
-            return [bytes(row[0]) for row in connection.execute(self._sql[_SQL_LOG_READ], (key,))]
+            if start < 0 and stop is None:
+                rows = connection.execute(self._sql[_SQL_LOG_TAIL], (key, -start))
+            else:
+                start, stop, _ = slice(start, stop).indices(self._log_count(connection, key))
+                rows = connection.execute(self._sql[_SQL_LOG_READ], (key, max(0, stop - start), start))
+            return [bytes(row[0]) for row in rows]
+
+    def log_length(self, key):
+        with self._log_transaction("read", write=False) as connection:
+            return 0 if connection is None else self._log_count(connection, key)
 
     def log_trim(self, key, start, stop, expected):
         with self._log_transaction("trim") as connection:
-            if connection.execute(self._sql[_SQL_LOG_COUNT], (key,)).fetchone()[0] != expected:
+            if self._log_count(connection, key) != expected:
                 return False
             connection.execute(self._sql[_SQL_LOG_TRIM], (key, max(0, stop - start), start))
             return True
@@ -1634,9 +1710,10 @@ class SQLiteStore(Store):
 
     def log_move(self, old, new):
         with self._log_transaction("move") as connection:
-            if not connection.execute(self._sql[_SQL_LOG_COUNT], (old,)).fetchone()[0]:
+            if not self._log_count(connection, old):
                 return False
             connection.execute(self._sql[_SQL_LOG_REMOVE], (new,))
+            connection.execute(self._sql[_SQL_LOG_MOVE_LENGTH], (new, old))
             return connection.execute(self._sql[_SQL_LOG_MOVE], (new, old)).rowcount > 0
 
     def log_scan(self):
@@ -1955,8 +2032,13 @@ class RedisStore(Store):
             return self._call(run)
         return self._call(script, [self._log_key(_check_key(key))], [self._ttl(), *lines])
 
-    def log_read(self, key):
-        return list(self._command("LRANGE", self._log_key(_check_key(key)), 0, -1))
+    def log_read(self, key, start=0, stop=None):
+        if stop == 0:
+            return []
+        return list(self._command("LRANGE", self._log_key(_check_key(key)), start, -1 if stop is None else stop - 1))
+
+    def log_length(self, key):
+        return self._command("LLEN", self._log_key(_check_key(key)))
 
     def log_trim(self, key, start, stop, expected):
         script = self._log_script("trim", _REDIS_LOG_TRIM)
@@ -1993,9 +2075,14 @@ def merge_sessions(base, ours, theirs):
       side's value; changed by both to equal values, that value;
     - a key removed by one side and changed by the other keeps the change;
     - a list that both sides grew at the end (or both created), perhaps
-      after dropping items from its front (as ``trim_messages`` does),
+      after dropping one run of items from its front or from just after a
+      kept head (as ``trim_messages`` drops the oldest rounds and keeps the
+      leading instructions), but keeping at least the base's last item,
       becomes: the base's items that neither side dropped, then their new
-      items, then ours;
+      items, then ours. So two requests that each append a round to a chat
+      held at its cap (a system message and 5 rounds, each dropping the
+      oldest round) keep both new rounds, and the app's next trim brings
+      the window back to size;
     - any other key changed by both takes ours (the later save) and is
       logged at INFO on the ``tinysession`` logger by name, never by value.
 
@@ -2025,10 +2112,10 @@ def _merge_values(base, ours, theirs, path):
         return _merge_dicts({} if base is _MISSING else base, ours, theirs, f"{path}.")
     if type(ours) is list and type(theirs) is list and (base is _MISSING or type(base) is list):
         base = [] if base is _MISSING else base
-        ours_dropped, theirs_dropped = _dropped_from_front(base, ours), _dropped_from_front(base, theirs)
-        if ours_dropped is not None and theirs_dropped is not None:
-            kept = base[max(ours_dropped, theirs_dropped):]
-            return kept + theirs[len(base) - theirs_dropped:] + ours[len(base) - ours_dropped:]
+        mine, other = _kept_and_new(base, ours), _kept_and_new(base, theirs)
+        if mine is not None and other is not None:
+            kept = [item for index, item in enumerate(base) if index in mine[0] and index in other[0]]
+            return kept + other[1] + mine[1]
     _logger.info("two requests changed session key %r at once: the later save's value is kept", path)
     return ours
 
@@ -2037,18 +2124,23 @@ def _same(a, b):
     return a is b or (a is not _MISSING and b is not _MISSING and type(a) is type(b) and a == b)
 
 
-def _dropped_from_front(base, grown):
-    """Return how many items ``grown`` dropped from the front of ``base`` before appending, or None.
+def _kept_and_new(base, grown):
+    """Return ``(indexes of base kept, new items)`` if ``grown`` is ``base`` less one run, then appended to; else None.
 
-    At least one item of a non-empty ``base`` must remain: a list that kept
-    none of it was replaced, not grown.
+    The run dropped starts at the front or after a kept head, and the base's
+    last item must remain: a list that kept none of its end was replaced,
+    not grown. Of several readings, the one with the longest head wins.
     """
-    for dropped in range(len(base) + (not base)):
-        kept = len(base) - dropped
-        if kept > len(grown) or (kept and grown[0] != base[dropped]):
-            continue
-        if grown[:kept] == base[dropped:]:
-            return dropped
+    common = 0
+    while common < min(len(base), len(grown)) and grown[common] == base[common]:
+        common += 1
+    if common == len(base):
+        return range(common), grown[common:]
+    for head in range(common, -1, -1):
+        for resume in range(head + 1, len(base)):
+            end = head + len(base) - resume
+            if grown[head:end] == base[resume:]:
+                return set(range(head)) | set(range(resume, len(base))), grown[end:]
     return None
 
 
@@ -2296,6 +2388,7 @@ def _value_length(value):
 
 _LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _LOG_TRIM_ATTEMPTS = 4
+_LOG_MAX_MESSAGES = 1000
 
 
 def _log_key(conversation_id):
@@ -2312,25 +2405,34 @@ def _log_key(conversation_id):
 class MessageLog:
     """A conversation's messages, appended in place in a store: O(new messages) per append.
 
-    ``MessageLog(store, conversation_id, max_rounds=None)``: ids that are not
-    valid store keys are hashed (SHA-256) into one. Messages are JSON, one
-    line each; a request's ``session.history`` is the log of its session.
-    With ``max_rounds``, every append that leaves more than that many rounds
-    (``trim_messages``'s rule) drops the oldest, keeping leading
-    instructions; a trim that races with another writer is retried, then
-    left to the next append, so ``read`` also applies the limit.
+    ``MessageLog(store, conversation_id, max_rounds=None, max_messages=1000)``:
+    ids that are not valid store keys are hashed (SHA-256) into one.
+    Messages are JSON, one line each; a request's ``session.history`` is the
+    log of its session. With ``max_rounds``, every append that leaves more
+    than that many rounds (``trim_messages``'s rule) drops the oldest,
+    keeping leading instructions; a trim that races with another writer is
+    retried, then left to the next append, so ``read`` also applies the
+    limit. ``max_messages`` bounds every log (None for no bound): an append
+    that leaves more drops the oldest whole rounds, the same way, until at
+    most three quarters of it remain, so that trims come once in hundreds
+    of appends; the newest round stays, even alone over.
+
+    ``read(max_rounds=n)`` and trims read the first and last lines of a long
+    log, as many as the rounds take, never the whole log; ``len()`` asks the
+    store (O(1) on the stores here).
 
     Threads and processes: appends are atomic in the store; from any number
     of threads, processes or machines, none is ever lost. The store must
     implement the log hooks (``Store.log_append`` and the rest).
     """
 
-    def __init__(self, store, conversation_id, *, max_rounds=None):
-        if max_rounds is not None:
-            _check_limit("max_rounds", max_rounds, 1)
+    def __init__(self, store, conversation_id, *, max_rounds=None, max_messages=_LOG_MAX_MESSAGES):
+        for name, limit in (("max_rounds", max_rounds), ("max_messages", max_messages)):
+            if limit is not None:
+                _check_limit(name, limit, 1)
         self.store = store
         self.key = _log_key(conversation_id)
-        self.max_rounds = max_rounds
+        self.max_rounds, self.max_messages = max_rounds, max_messages
 
     def __repr__(self):
         return f"<MessageLog {self.key!r} in {self.store!r}>"
@@ -2345,19 +2447,41 @@ class MessageLog:
             raise RecordTooLarge(f"messages[{index}] is {len(line)} bytes of JSON, over max_bytes={limit}")
         return line
 
-    def _decoded(self):
-        """Return ``(pairs, lines)``: ``(line index, message)`` of every readable line, and how many lines."""
+    def _decoded(self, lines, first=0):
+        """Return ``(line index, message)`` of every line that is JSON, counting from ``first``; log the others."""
         pairs = []
-        lines = self.store.log_read(self.key)
-        for index, line in enumerate(lines):
+        for index, line in enumerate(lines, first):
             try:
                 pairs.append((index, json.loads(line)))
             except ValueError:
                 _logger.warning("message log %s: line %d is not JSON: ignored", self.key[:12], index)
-        return pairs, len(lines)
+        return pairs
+
+    def _window(self, max_rounds, budget=None):
+        """Return ``(lead, kept, length)``: the leading instructions, the last ``max_rounds`` rounds (within
+        ``budget`` messages), each as ``(line index, message)``, and the lines the log held.
+
+        A long log is read from both ends, 8 lines a round from each, four
+        times more at each try, until the rounds kept are all in the last part.
+        """
+        length = self.store.log_length(self.key)
+        size = 8 * max_rounds
+        while True:
+            if 2 * size >= length:
+                parts = [self._decoded(self.store.log_read(self.key))]
+            else:
+                parts = [self._decoded(self.store.log_read(self.key, 0, size)),
+                         self._decoded(self.store.log_read(self.key, -size), length - size)]
+            pairs = [pair for part in parts for pair in part]
+            messages = [message for _, message in pairs]
+            kept = trim_messages(messages, max_rounds, budget=budget, count=None if budget is None else lambda message: 1)
+            lead = next((i for i, message in enumerate(kept) if message is not messages[i]), 0)
+            if len(parts) == 1 or lead < len(parts[0]) and len(kept) - lead <= len(parts[1]):
+                return pairs[:lead], pairs[len(pairs) - len(kept) + lead :], length
+            size *= 4
 
     def extend(self, messages):
-        """Append ``messages`` in order, atomically; then trim to ``max_rounds``.
+        """Append ``messages`` in order, atomically; then trim to ``max_rounds`` and ``max_messages``.
 
         Raises TypeError for a message that is not JSON-serializable and
         RecordTooLarge for one over the store's ``max_bytes``, before
@@ -2367,24 +2491,19 @@ class MessageLog:
         if not lines:
             return
         count = self.store.log_append(self.key, lines)
-        if self.max_rounds is not None and count > self.max_rounds:
-            self._trim(self.max_rounds)
+        over = self.max_messages is not None and count > self.max_messages
+        if over or (self.max_rounds is not None and count > self.max_rounds):
+            self._trim(self.max_rounds or count, self.max_messages * 3 // 4 if over else None)
 
     def append(self, message):
         """Append one message: ``extend([message])``."""
         self.extend([message])
 
-    def _trim(self, max_rounds):
+    def _trim(self, max_rounds, budget):
         for _ in range(_LOG_TRIM_ATTEMPTS):
-            pairs, length = self._decoded()
-            messages = [message for _, message in pairs]
-            kept = trim_messages(messages, max_rounds)
-            dropped = len(messages) - len(kept)
-            if not dropped:
-                return
-            lead = next(i for i, message in enumerate(kept) if message is not messages[i])
-            start, stop = pairs[lead][0], pairs[lead + dropped - 1][0] + 1
-            if self.store.log_trim(self.key, start, stop, length):
+            lead, kept, length = self._window(max_rounds, budget)
+            start, stop = lead[-1][0] + 1 if lead else 0, kept[0][0] if kept else length
+            if start >= stop or self.store.log_trim(self.key, start, stop, length):
                 return
 
     def read(self, max_rounds=None):
@@ -2393,18 +2512,28 @@ class MessageLog:
         With neither limit, every message stored. Lines that are not JSON are
         skipped (logged).
         """
-        messages = [message for _, message in self._decoded()[0]]
         max_rounds = self.max_rounds if max_rounds is None else max_rounds
-        return messages if max_rounds is None else trim_messages(messages, max_rounds)
+        if max_rounds is None:
+            return [message for _, message in self._decoded(self.store.log_read(self.key))]
+        lead, kept, _ = self._window(max_rounds)
+        return [message for _, message in lead + kept]
 
     def pop(self):
-        """Remove and return the newest message, atomically; None if the log is empty."""
-        for _ in range(_RETRIES):
-            lines = self.store.log_read(self.key)
-            if not lines:
+        """Remove and return the newest message, atomically; None if the log is empty.
+
+        A newest line that is not JSON is removed (logged) and the one before it popped.
+        """
+        races = 0
+        while races < _RETRIES:
+            length = self.store.log_length(self.key)
+            if not length:
                 return None
-            if self.store.log_trim(self.key, len(lines) - 1, len(lines), len(lines)):
-                return json.loads(lines[-1])
+            lines = self.store.log_read(self.key, -1)
+            if not self.store.log_trim(self.key, length - 1, length, length):
+                races += 1
+                continue
+            for _, message in self._decoded(lines, length - 1):
+                return message
         raise StoreError(f"message log {self.key[:12]} kept changing: could not pop its newest message")
 
     def clear(self):
@@ -2412,7 +2541,7 @@ class MessageLog:
         self.store.log_remove(self.key)
 
     def __len__(self):
-        return len(self.store.log_read(self.key))
+        return self.store.log_length(self.key)
 
 
 class AgentsSession:
