@@ -1163,74 +1163,75 @@ class FileStore(Store):
     def _log_fail(self, action, path, exc):
         return StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}")
 
-    def _log_open(self, path, flags):
-        """Open the log; return None if there is none, or (logged) if it is a symlink, a FIFO or not a regular file."""
+    @contextlib.contextmanager
+    def _log_file(self, key, action, flags=_READ_FLAGS):
+        """Yield the open log of ``key``, or None if there is none; wrap OSError in StoreError."""
+        path = self._log_path(key)
         try:
-            fd = os.open(path, flags, 0o600)
-        except FileNotFoundError:
-            return None
+            fd = self._log_open(path, flags)
+            try:
+                yield fd
+            finally:
+                if fd is not None:
+                    os.close(fd)
         except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-                raise self._log_fail("open", path, exc) from exc
-            fd = None
-        if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd
-        if fd is not None:
-            os.close(fd)
-        _logger.warning("message log %r is not a regular file: ignored, as a corrupt record would be", path)
-        return None
+            raise self._log_fail(action, path, exc) from exc
 
-    def _log_count(self, fd, repair=False):
-        """Return the whole lines of the open log, remembered by (inode, size, mtime); cut a torn last line if ``repair``."""
+    @staticmethod
+    def _log_open(path, flags):
+        """Open the log; None if there is none, or if it is not a regular file (a symbolic link, a FIFO).
+
+        Such a log is ignored, as a corrupt record is, and logged; an append
+        (``O_CREAT``) replaces it by a new log.
+        """
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                return os.open(path, flags, 0o600)
+            _logger.warning("message log %r is not a regular file: ignored, as a corrupt record is", path)
+            if not flags & os.O_CREAT:
+                return None
+            os.unlink(path)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                return None
+        return os.open(path, flags, 0o600)
+
+    def _log_count(self, fd, lines=None, repair=False):
+        """Return the whole lines of the open log, counted or remembered by (inode, size, mtime); remember ``lines``.
+
+        With ``repair``, a torn last line (a crash) is cut off first.
+        """
         status = os.fstat(fd)
+        state = (status.st_ino, status.st_size, status.st_mtime_ns)
         counts = self.__dict__.setdefault("_log_counts", {})
-        count = counts.get((status.st_ino, status.st_size, status.st_mtime_ns))
-        if count is None:
+        lines = counts.get(state) if lines is None else lines
+        if lines is None:
             data = os.pread(fd, status.st_size, 0)
             end = data.rfind(b"\n") + 1
-            if repair and end != status.st_size:
-                _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, status.st_size - end)
+            if repair and end != len(data):
+                _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, len(data) - end)
                 os.ftruncate(fd, end)
-            count = data.count(b"\n", 0, end)
-        return count
-
-    def _log_counted(self, fd, count):
-        """Remember that the open log holds ``count`` lines now; return ``count``."""
-        status = os.fstat(fd)
-        counts = self.__dict__.setdefault("_log_counts", {})
+            lines = data.count(b"\n", 0, end)
         if len(counts) > 4096:
             counts.clear()
-        counts[(status.st_ino, status.st_size, status.st_mtime_ns)] = count
-        return count
+        counts[state] = lines
+        return lines
 
     def log_append(self, key, lines):
         """Append under the directory lock with ``O_APPEND``; a torn last line (a crash) is cut off first."""
-        path = self._log_path(key)
         data = b"".join(bytes(line) + b"\n" for line in lines)
-        try:
-            with self._locked():
-                fd = self._log_open(path, _LOG_APPEND_FLAGS)
-                if fd is None:  # not a regular file: replaced by a new log
-                    os.unlink(path)
-                    fd = os.open(path, _LOG_APPEND_FLAGS, 0o600)
-                try:
-                    count = self._log_count(fd, repair=True)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    return self._log_counted(fd, count + len(lines))
-                finally:
-                    os.close(fd)
-        except OSError as exc:
-            raise self._log_fail("append to", path, exc) from exc
+        with self._locked(), self._log_file(key, "append to", _LOG_APPEND_FLAGS) as fd:
+            count = self._log_count(fd, repair=True)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            return self._log_count(fd, count + len(lines))
 
     def log_read(self, key, start=0, stop=None):
         """Read back from the end of the file for a negative ``start``, from its head up to ``stop``, else all of it."""
-        path = self._log_path(key)
-        fd = self._log_open(path, _READ_FLAGS)
-        if fd is None:
-            return []
-        try:
+        with self._log_file(key, "read") as fd:
+            if fd is None:
+                return []
             size, data, offset = os.fstat(fd).st_size, b"", 0
             if start < 0 and (stop is None or stop < 0):
                 offset = size  # back in doubling chunks until -start whole lines are in
@@ -1238,30 +1239,17 @@ class FileStore(Store):
                     step = min(offset, max(2 * len(data), 4096))
                     offset -= step
                     data = os.pread(fd, step, offset) + data
-            else:  # forward: all of it, or until `stop` whole lines are in
-                enough = stop if start >= 0 and stop is not None and stop >= 0 else None
-                chunk = b"-"
-                while chunk and len(data) < size and (enough is None or data.count(b"\n") < enough):
-                    chunk = os.pread(fd, size if enough is None else max(len(data), 4096), len(data))
-                    data += chunk
-        except OSError as exc:
-            raise self._log_fail("read", path, exc) from exc
-        finally:
-            os.close(fd)
+            elif start >= 0 and stop is not None and stop >= 0:  # the first `stop` lines, and no more
+                with open(fd, "rb", closefd=False) as file:
+                    data = b"".join(file.readline() for _ in range(stop))
+            else:
+                data = os.pread(fd, size, 0)
         # A line cut by the chunk's start is dropped, and a last line without its newline is torn: ignored.
         return data.split(b"\n")[bool(offset) : -1][start:stop]
 
     def log_length(self, key):
-        path = self._log_path(key)
-        fd = self._log_open(path, _READ_FLAGS)
-        if fd is None:
-            return 0
-        try:
-            return self._log_counted(fd, self._log_count(fd))
-        except OSError as exc:
-            raise self._log_fail("read", path, exc) from exc
-        finally:
-            os.close(fd)
+        with self._log_file(key, "read") as fd:
+            return 0 if fd is None else self._log_count(fd)
 
     def log_trim(self, key, start, stop, expected):
         """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
@@ -1376,8 +1364,8 @@ _SQL_TEMPLATES = (
 )
 
 
-# The message log: its own table, a trigger that removes a session's log with its record, and the length
-# of each log kept by triggers (counted once from the lines when the length table is new).
+# The message log: its own table; triggers remove a session's log with its record and keep each log's length
+# (counted from the lines once, when the length table is new).
 _SQL_LOG_SCHEMA = (
     'CREATE TABLE IF NOT EXISTS "{table}_log" '
     "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
@@ -1393,6 +1381,7 @@ _SQL_LOG_SCHEMA = (
     'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
     'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; END;'
 )
+_SQL_LOG_FOUND = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{table}_log_length'"
 _SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
 _SQL_LOG_LENGTH = 'SELECT lines FROM "{table}_log_length" WHERE key = ?'
 _SQL_LOG_READ = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?'
@@ -1404,12 +1393,11 @@ _SQL_LOG_TRIM = (
     '(SELECT seq FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?)'
 )
 _SQL_LOG_REMOVE = 'DELETE FROM "{table}_log" WHERE key = ?'
-_SQL_LOG_MOVE = 'UPDATE "{table}_log" SET key = ? WHERE key = ?'
-_SQL_LOG_MOVE_LENGTH = 'UPDATE "{table}_log_length" SET key = ? WHERE key = ?'
+_SQL_LOG_MOVE = ('UPDATE "{table}_log" SET key = ? WHERE key = ?', 'UPDATE "{table}_log_length" SET key = ? WHERE key = ?')
 _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key'
 _SQL_LOG_TEMPLATES = (
-    _SQL_LOG_APPEND, _SQL_LOG_LENGTH, _SQL_LOG_READ, _SQL_LOG_TAIL, _SQL_LOG_TRIM, _SQL_LOG_REMOVE, _SQL_LOG_MOVE,
-    _SQL_LOG_MOVE_LENGTH, _SQL_LOG_SCAN,
+    _SQL_LOG_FOUND, _SQL_LOG_APPEND, _SQL_LOG_LENGTH, _SQL_LOG_READ, _SQL_LOG_TAIL, _SQL_LOG_TRIM,
+    _SQL_LOG_REMOVE, *_SQL_LOG_MOVE, _SQL_LOG_SCAN, "BEGIN IMMEDIATE", "COMMIT",
 )
 
 
@@ -1633,94 +1621,76 @@ class SQLiteStore(Store):
 
     # The message log: the table <table>_log, one row per message, removed with its record by a trigger.
 
-    def _log_schema(self, connection):
+    def _log_tables(self):
         """Return True if the log's tables exist, creating them on first use (unless read-only)."""
-        if self.__dict__.get("_log_ready"):
-            return True
-        self._sql.update((template, template.format(table=self.table)) for template in _SQL_LOG_TEMPLATES)
-        if self.read_only:
-            found = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                       (self.table + "_log_length",)).fetchone()
-            if found is None:
-                return False
-        else:
-            connection.executescript(_SQL_LOG_SCHEMA.format(table=self.table))
-        self._log_ready = True
-        return True
+        if not self.__dict__.get("_log_ready"):
+            self._sql.update((template, template.format(table=self.table)) for template in _SQL_LOG_TEMPLATES)
+            try:
+                if not self.read_only:
+                    self._connection().executescript(_SQL_LOG_SCHEMA.format(table=self.table))
+            except self._sqlite3.Error as exc:
+                raise StoreError(f"cannot create the message log's tables in {self.path!r}: {exc}") from exc
+            self._log_ready = self._execute(_SQL_LOG_FOUND).fetchone() is not None
+        return self._log_ready
 
     @contextlib.contextmanager
-    def _log_transaction(self, action, write=True):
-        """Yield this thread's connection (None if there is no log table), in ``BEGIN IMMEDIATE`` if ``write``."""
+    def _log_transaction(self, action):
+        """Run the block in a ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
+        if not self._log_tables():
+            raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
         connection = self._connection()
+        self._execute("BEGIN IMMEDIATE")
         try:
-            if not self._log_schema(connection):
-                if write:
-                    raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
-                yield None
-                return
-            if not write:
-                yield connection
-                return
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
-
-    def _log_count(self, connection, key):
-        row = connection.execute(self._sql[_SQL_LOG_LENGTH], (key,)).fetchone()
-        return 0 if row is None else row[0]
+            yield
+            self._execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
 
     def log_append(self, key, lines):
-        with self._log_transaction("append to") as connection:
-            connection.executemany(self._sql[_SQL_LOG_APPEND], [(key, bytes(line)) for line in lines])
-            return self._log_count(connection, key)
+        with self._log_transaction("append to"):
+            for line in lines:
+                self._execute(_SQL_LOG_APPEND, (key, bytes(line)))
+            return self.log_length(key)
 
     def log_read(self, key, start=0, stop=None):
         """The last lines through the index on ``(key, seq)`` in reverse; others by ``LIMIT`` and ``OFFSET``."""
-        with self._log_transaction("read", write=False) as connection:
-            if connection is None:
-                return []
-            if start < 0 and stop is None:
-                rows = connection.execute(self._sql[_SQL_LOG_TAIL], (key, -start))
-            else:
-                start, stop, _ = slice(start, stop).indices(self._log_count(connection, key))
-                rows = connection.execute(self._sql[_SQL_LOG_READ], (key, max(0, stop - start), start))
-            return [bytes(row[0]) for row in rows]
+        if not self._log_tables():
+            return []
+        if start < 0 and stop is None:
+            rows = self._execute(_SQL_LOG_TAIL, (key, -start))
+        else:
+            start, stop, _ = slice(start, stop).indices(self.log_length(key))
+            rows = self._execute(_SQL_LOG_READ, (key, max(0, stop - start), start))
+        return [bytes(row[0]) for row in rows]
 
     def log_length(self, key):
-        with self._log_transaction("read", write=False) as connection:
-            return 0 if connection is None else self._log_count(connection, key)
+        row = self._log_tables() and self._execute(_SQL_LOG_LENGTH, (key,)).fetchone()
+        return row[0] if row else 0
 
     def log_trim(self, key, start, stop, expected):
-        with self._log_transaction("trim") as connection:
-            if self._log_count(connection, key) != expected:
+        with self._log_transaction("trim"):
+            if self.log_length(key) != expected:
                 return False
-            connection.execute(self._sql[_SQL_LOG_TRIM], (key, max(0, stop - start), start))
+            self._execute(_SQL_LOG_TRIM, (key, max(0, stop - start), start))
             return True
 
     def log_remove(self, key):
-        with self._log_transaction("remove") as connection:
-            return connection.execute(self._sql[_SQL_LOG_REMOVE], (key,)).rowcount > 0
+        with self._log_transaction("remove"):
+            return self._execute(_SQL_LOG_REMOVE, (key,)).rowcount > 0
 
     def log_move(self, old, new):
-        with self._log_transaction("move") as connection:
-            if not self._log_count(connection, old):
+        with self._log_transaction("move"):
+            if not self.log_length(old):
                 return False
-            connection.execute(self._sql[_SQL_LOG_REMOVE], (new,))
-            connection.execute(self._sql[_SQL_LOG_MOVE_LENGTH], (new, old))
-            return connection.execute(self._sql[_SQL_LOG_MOVE], (new, old)).rowcount > 0
+            self._execute(_SQL_LOG_REMOVE, (new,))
+            for template in _SQL_LOG_MOVE:
+                self._execute(template, (new, old))
+            return True
 
     def log_scan(self):
-        with self._log_transaction("scan", write=False) as connection:
-            if connection is None:
-                return []
-            return [(key, int(size)) for key, size in connection.execute(self._sql[_SQL_LOG_SCAN])]
+        return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_tables() else []
 
 
 # -- RedisStore --
@@ -2131,16 +2101,13 @@ def _kept_and_new(base, grown):
     last item must remain: a list that kept none of its end was replaced,
     not grown. Of several readings, the one with the longest head wins.
     """
-    common = 0
-    while common < min(len(base), len(grown)) and grown[common] == base[common]:
-        common += 1
+    common = next((i for i, (old, new) in enumerate(zip(base, grown)) if old != new), min(len(base), len(grown)))
     if common == len(base):
         return range(common), grown[common:]
-    for head in range(common, -1, -1):
-        for resume in range(head + 1, len(base)):
-            end = head + len(base) - resume
-            if grown[head:end] == base[resume:]:
-                return set(range(head)) | set(range(resume, len(base))), grown[end:]
+    for end in range(min(len(grown), len(base) - 1), 0, -1):  # where the run kept ends in grown, latest first
+        kept = max(1, end - common)  # the shortest run kept that leaves a common head: the longest head
+        if grown[end - 1] == base[-1] and grown[end - kept : end] == base[len(base) - kept :]:
+            return set(range(end - kept)) | set(range(len(base) - kept, len(base))), grown[end:]
     return None
 
 
@@ -2387,7 +2354,6 @@ def _value_length(value):
 # -- Message log --
 
 _LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_LOG_TRIM_ATTEMPTS = 4
 _LOG_MAX_MESSAGES = 1000
 
 
@@ -2474,7 +2440,8 @@ class MessageLog:
                          self._decoded(self.store.log_read(self.key, -size), length - size)]
             pairs = [pair for part in parts for pair in part]
             messages = [message for _, message in pairs]
-            kept = trim_messages(messages, max_rounds, budget=budget, count=None if budget is None else lambda message: 1)
+            count = None if budget is None else lambda message: 1
+            kept = trim_messages(messages, max_rounds, budget=budget, count=count)
             lead = next((i for i, message in enumerate(kept) if message is not messages[i]), 0)
             if len(parts) == 1 or lead < len(parts[0]) and len(kept) - lead <= len(parts[1]):
                 return pairs[:lead], pairs[len(pairs) - len(kept) + lead :], length
@@ -2500,7 +2467,7 @@ class MessageLog:
         self.extend([message])
 
     def _trim(self, max_rounds, budget):
-        for _ in range(_LOG_TRIM_ATTEMPTS):
+        for _ in range(_RETRIES):
             lead, kept, length = self._window(max_rounds, budget)
             start, stop = lead[-1][0] + 1 if lead else 0, kept[0][0] if kept else length
             if start >= stop or self.store.log_trim(self.key, start, stop, length):
@@ -2523,17 +2490,14 @@ class MessageLog:
 
         A newest line that is not JSON is removed (logged) and the one before it popped.
         """
-        races = 0
-        while races < _RETRIES:
+        for _ in range(_RETRIES):
             length = self.store.log_length(self.key)
             if not length:
                 return None
             lines = self.store.log_read(self.key, -1)
-            if not self.store.log_trim(self.key, length - 1, length, length):
-                races += 1
-                continue
-            for _, message in self._decoded(lines, length - 1):
-                return message
+            if self.store.log_trim(self.key, length - 1, length, length):
+                pairs = self._decoded(lines, length - 1)
+                return pairs[0][1] if pairs else self.pop()  # a line that was not JSON is gone: pop the one before
         raise StoreError(f"message log {self.key[:12]} kept changing: could not pop its newest message")
 
     def clear(self):
