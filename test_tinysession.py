@@ -5757,6 +5757,13 @@ class LogContract:
         self.assertEqual(messages[1:], chat_turns(5000 - (len(messages) - 1) // 2, (len(messages) - 1) // 2))
         self.assertGreaterEqual(len(messages), 750)
 
+    def test_a_log_that_is_not_a_chat_is_kept_whole_past_its_bound_and_the_append_does_not_fail(self):
+        log = tinysession.MessageLog(self.make_store(), "c", max_messages=2)
+        with LogRecords() as records:
+            log.extend([{"event": n} for n in range(3)])
+        self.assertEqual((log.read(), len(records)), ([{"event": n} for n in range(3)], 1))
+        self.assertIn("not trimmed", records[0])
+
     def test_eight_threads_lose_no_append(self):
         switch_threads_often(self)
         log = tinysession.MessageLog(self.make_store(), "c")

@@ -1164,9 +1164,8 @@ class FileStore(Store):
         return StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}")
 
     @contextlib.contextmanager
-    def _log_file(self, key, action, flags=_READ_FLAGS):
-        """Yield the open log of ``key``, or None if there is none; wrap OSError in StoreError."""
-        path = self._log_path(key)
+    def _log_file(self, path, action, flags=_READ_FLAGS):
+        """Yield the log file at ``path`` open, or None if there is none; wrap OSError in StoreError."""
         try:
             fd = self._log_open(path, flags)
             try:
@@ -1220,7 +1219,7 @@ class FileStore(Store):
     def log_append(self, key, lines):
         """Append under the directory lock with ``O_APPEND``; a torn last line (a crash) is cut off first."""
         data = b"".join(bytes(line) + b"\n" for line in lines)
-        with self._locked(), self._log_file(key, "append to", _LOG_APPEND_FLAGS) as fd:
+        with self._locked(), self._log_file(self._log_path(key), "append to", _LOG_APPEND_FLAGS) as fd:
             count = self._log_count(fd, repair=True)
             view = memoryview(data)
             while view:
@@ -1229,7 +1228,7 @@ class FileStore(Store):
 
     def log_read(self, key, start=0, stop=None):
         """Read back from the end of the file for a negative ``start``, from its head up to ``stop``, else all of it."""
-        with self._log_file(key, "read") as fd:
+        with self._log_file(self._log_path(key), "read") as fd:
             if fd is None:
                 return []
             size, data, offset = os.fstat(fd).st_size, b"", 0
@@ -1248,31 +1247,24 @@ class FileStore(Store):
         return data.split(b"\n")[bool(offset) : -1][start:stop]
 
     def log_length(self, key):
-        with self._log_file(key, "read") as fd:
+        with self._log_file(self._log_path(key), "read") as fd:
             return 0 if fd is None else self._log_count(fd)
 
     def log_trim(self, key, start, stop, expected):
         """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
-        path = self._log_path(key)
         temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
         try:
             with self._locked():
                 lines = self.log_read(key)
                 if len(lines) != expected:
                     return False
-                fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
-                try:
+                with self._log_file(temp_path, "trim", _CREATE_FLAGS) as fd:
                     os.write(fd, b"".join(line + b"\n" for line in lines[:start] + lines[stop:]))
-                finally:
-                    os.close(fd)
-                os.replace(temp_path, path)
+                    os.replace(temp_path, self._log_path(key))
                 return True
-        except BaseException as exc:
-            with contextlib.suppress(OSError):  # never created, or already renamed
+        finally:
+            with contextlib.suppress(OSError):  # renamed, or never created
                 os.unlink(temp_path)
-            if isinstance(exc, OSError):
-                raise self._log_fail("trim", path, exc) from exc
-            raise
 
     def log_remove(self, key):
         return self._log_rename("remove", self._log_path(key), os.unlink)
@@ -1385,9 +1377,7 @@ _SQL_LOG_FOUND = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{
 _SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
 _SQL_LOG_LENGTH = 'SELECT lines FROM "{table}_log_length" WHERE key = ?'
 _SQL_LOG_READ = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?'
-_SQL_LOG_TAIL = (
-    'SELECT line FROM (SELECT seq, line FROM "{table}_log" WHERE key = ? ORDER BY seq DESC LIMIT ?) ORDER BY seq'
-)
+_SQL_LOG_TAIL = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq DESC LIMIT ?'
 _SQL_LOG_TRIM = (
     'DELETE FROM "{table}_log" WHERE seq IN '
     '(SELECT seq FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?)'
@@ -1655,11 +1645,11 @@ class SQLiteStore(Store):
             return self.log_length(key)
 
     def log_read(self, key, start=0, stop=None):
-        """The last lines through the index on ``(key, seq)`` in reverse; others by ``LIMIT`` and ``OFFSET``."""
+        """The last lines through the index on ``(key, seq)``, newest first; others by ``LIMIT`` and ``OFFSET``."""
         if not self._log_tables():
             return []
         if start < 0 and stop is None:
-            rows = self._execute(_SQL_LOG_TAIL, (key, -start))
+            rows = self._execute(_SQL_LOG_TAIL, (key, -start)).fetchall()[::-1]
         else:
             start, stop, _ = slice(start, stop).indices(self.log_length(key))
             rows = self._execute(_SQL_LOG_READ, (key, max(0, stop - start), start))
@@ -2452,15 +2442,19 @@ class MessageLog:
 
         Raises TypeError for a message that is not JSON-serializable and
         RecordTooLarge for one over the store's ``max_bytes``, before
-        anything is written; StoreError if the store fails.
+        anything is written; StoreError if the store fails. A log whose
+        messages ``trim_messages`` cannot read is not trimmed (logged).
         """
         lines = [self._encode(message, index) for index, message in enumerate(messages)]
         if not lines:
             return
         count = self.store.log_append(self.key, lines)
         over = self.max_messages is not None and count > self.max_messages
-        if over or (self.max_rounds is not None and count > self.max_rounds):
-            self._trim(self.max_rounds or count, self.max_messages * 3 // 4 if over else None)
+        try:
+            if over or (self.max_rounds is not None and count > self.max_rounds):
+                self._trim(self.max_rounds or count, self.max_messages * 3 // 4 if over else None)
+        except (TypeError, ValueError) as exc:  # the messages are in: an error would invite a retry, a duplicate
+            _logger.warning("message log %s: not trimmed, its messages are not a chat: %s", self.key[:12], exc)
 
     def append(self, message):
         """Append one message: ``extend([message])``."""
@@ -2530,11 +2524,8 @@ class AgentsSession:
         import asyncio
 
         items = await asyncio.to_thread(self.log.read)
-        if limit is None:
-            limit = getattr(self.session_settings, "limit", None)
-        if limit is None:
-            return items
-        return items[-limit:] if limit > 0 else []
+        limit = getattr(self.session_settings, "limit", None) if limit is None else limit
+        return items if limit is None else items[max(len(items) - limit, 0) :]
 
     async def add_items(self, items):
         """Append ``items`` in order (see ``MessageLog.extend``)."""
