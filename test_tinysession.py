@@ -2263,7 +2263,7 @@ class MergeRules(unittest.TestCase):
         self.assertEqual(self.merge(base, {"messages": ["m4"]}, theirs)["messages"], ["m4", "t1"])
 
     def test_lists_trimmed_after_a_kept_head_keep_what_neither_dropped(self):
-        base = {"messages": ["system", "r1", "r2", "r3"]}  # a chat at its cap: each side drops the oldest round
+        base = {"messages": ["system", "r1", "r2", "r3"]}  # at its cap: each side drops the oldest round
         ours, theirs = {"messages": ["system", "r2", "r3", "o1"]}, {"messages": ["system", "r2", "r3", "t1"]}
         self.assertEqual(self.merge(base, ours, theirs)["messages"], ["system", "r2", "r3", "t1", "o1"])
         deeper = {"messages": ["system", "r3", "o1"]}  # ours dropped two rounds, theirs one
@@ -2331,7 +2331,8 @@ class MergeProperties(unittest.TestCase):
                     self.assertEqual(got, mine, (base, ours, theirs))
                 elif "absent" in (mine, other):
                     self.assertEqual(got, other if mine == "absent" else mine)
-            if our_key == their_key == "messages" and {our_kind, their_kind} <= {"append", "trim-append", "head-trim-append"}:
+            growing = {"append", "trim-append", "head-trim-append"}
+            if our_key == their_key == "messages" and {our_kind, their_kind} <= growing:
                 new_ours = [m for m in ours["messages"] if m.startswith("o")]
                 new_theirs = [m for m in theirs["messages"] if m.startswith("t")]
                 kept = [m for m in base["messages"] if m in ours["messages"] and m in theirs["messages"]]
@@ -2461,8 +2462,10 @@ def probe_app(environ, start_response):
         session.invalidate()
     elif path == "/chat":
         message = query.get("m", ["x"])[0]
-        history = session.get("messages", [{"role": "system", "content": text} for text in query.get("system", [])])
-        history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": "re: " + message}]
+        instructions = [{"role": "system", "content": text} for text in query.get("system", [])]
+        history = session.get("messages", instructions)
+        history = history + [{"role": "user", "content": message},
+                             {"role": "assistant", "content": "re: " + message}]
         session["messages"] = tinysession.trim_messages(history, max_rounds=5)
     elif path == "/clear":
         session.clear()
@@ -3368,7 +3371,8 @@ class ParallelRequestsAcrossProcesses:
 
         for number in range(4):
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                self.assertEqual(list(pool.map(chat, [(urls[0], f"A{number}"), (urls[1], f"B{number}")])), [200, 200])
+                statuses = list(pool.map(chat, [(urls[0], f"A{number}"), (urls[1], f"B{number}")]))
+            self.assertEqual(statuses, [200, 200])
             contents = [message["content"] for message in browser.json()["messages"]]
             self.assertEqual(contents[0], "rules")
             self.assertIn(f"A{number}", contents)
@@ -4677,8 +4681,8 @@ class MemoryStoreBehaviour:
 
 
 for _case in [case for case in list(globals().values())  # each suite with the FileStore of MiddlewareCase
-              if isinstance(case, type) and issubclass(case, MiddlewareCase) and case.make_store is MiddlewareCase.make_store
-              and case is not MiddlewareCase]:
+              if isinstance(case, type) and issubclass(case, MiddlewareCase) and case is not MiddlewareCase
+              and case.make_store is MiddlewareCase.make_store]:
     globals()[_case.__name__ + "OnMemoryStore"] = type(
         _case.__name__ + "OnMemoryStore", (MemoryStoreBehaviour, _case), {"__doc__": _case.__doc__}
     )
@@ -5710,9 +5714,12 @@ class LogContract:
         lines = [f"line {n}".encode() for n in range(10)]
         store.log_append("c", lines[:4])
         store.log_append("c", lines[4:])
-        for start, stop in [(0, None), (3, None), (-3, None), (-20, None), (0, 4), (2, 5), (-5, -2), (8, 20), (-3, 9), (5, 2)]:
+        slices = [(0, None), (3, None), (-3, None), (-20, None), (0, 4), (2, 5), (-5, -2), (8, 20), (-3, 9),
+                  (5, 2)]
+        for start, stop in slices:
             self.assertEqual(store.log_read("c", start, stop), lines[start:stop], (start, stop))
-        self.assertEqual((store.log_length("c"), store.log_length("none"), store.log_read("none", -3)), (10, 0, []))
+        self.assertEqual(store.log_length("c"), 10)
+        self.assertEqual((store.log_length("none"), store.log_read("none", -3)), (0, []))
 
     def test_reading_and_trimming_the_last_rounds_read_the_ends_of_the_log_only(self):
         store = self.make_store()
@@ -5912,7 +5919,8 @@ class SQLiteStoreLog(LogContract, unittest.TestCase):
         store.log_move("b", "moved")
         del store["gone"]
         counts = "SELECT key, COUNT(*) FROM sessions_log GROUP BY key ORDER BY key"
-        self.assertEqual(self.sql("SELECT key, lines FROM sessions_log_length ORDER BY key"), self.sql(counts))
+        lengths = "SELECT key, lines FROM sessions_log_length ORDER BY key"
+        self.assertEqual(self.sql(lengths), self.sql(counts))
         self.assertEqual(self.sql(counts), [("a", 1), ("moved", 5)])
         self.sql("DROP TABLE sessions_log_length")  # as a database written before the length was kept
         self.assertEqual(tinysession.MessageLog(self.make_store(), "moved").pop(), user("q2"))
@@ -5971,7 +5979,8 @@ class SessionHistory(unittest.TestCase):
     def test_ten_thousand_appends_to_a_session_s_log_stay_within_the_default_bound(self):
         def say(environ, start_response):
             history = tinysession.get_session(environ).history
-            history.append({"role": "user" if len(environ["PATH_INFO"]) % 2 else "assistant", "content": "x" * 100})
+            role = "user" if len(environ["PATH_INFO"]) % 2 else "assistant"
+            history.append({"role": role, "content": "x" * 100})
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [str(len(history)).encode()]
 
@@ -5980,7 +5989,7 @@ class SessionHistory(unittest.TestCase):
         lengths = [int(call(app, "/" + "1" * (number % 2 + 1), cookie=cookie)[2]) for number in range(9999)]
         self.assertLessEqual(max(lengths), 1000)
         self.assertEqual(self.store.stats().logs, 1)
-        self.assertLessEqual(self.store.stats().log_bytes, 1000 * 128)  # 1,000 lines of at most 128 bytes here
+        self.assertLessEqual(self.store.stats().log_bytes, 1000 * 128)  # 1,000 lines of at most 128 bytes
 
 
 class AgentsSessionProtocol(unittest.TestCase):

@@ -881,11 +881,10 @@ class Store(MutableMapping):
         This default copies and removes (not atomic); the stores here rename.
         """
         lines = self.log_read(old)
-        if not lines:
-            return False
-        self.log_remove(new)
-        self.log_append(new, lines)
-        return self.log_remove(old)
+        if lines:
+            self.log_remove(new)
+            self.log_append(new, lines)
+        return bool(lines) and self.log_remove(old)
 
     def _forget_log(self, key):
         """Remove the log of ``key``, if the store keeps logs; return True if there was one."""
@@ -1609,7 +1608,8 @@ class SQLiteStore(Store):
             if len(rows) < _SQLITE_EVICT_BATCH:
                 return
 
-    # The message log: the table <table>_log, one row per message, removed with its record by a trigger.
+    # The message log: the table <table>_log, one row per message, removed with its record by a trigger;
+    # <table>_log_length, each log's length, kept by triggers.
 
     def _log_tables(self):
         """Return True if the log's tables exist, creating them on first use (unless read-only)."""
