@@ -1159,9 +1159,6 @@ class FileStore(Store):
     def _log_path(self, key):
         return self._path(_check_key(key)) + _LOG_SUFFIX
 
-    def _log_fail(self, action, path, exc):
-        return StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}")
-
     @contextlib.contextmanager
     def _log_file(self, path, action, flags=_READ_FLAGS):
         """Yield the log file at ``path`` open, or None if there is none; wrap OSError in StoreError."""
@@ -1173,7 +1170,7 @@ class FileStore(Store):
                 if fd is not None:
                     os.close(fd)
         except OSError as exc:
-            raise self._log_fail(action, path, exc) from exc
+            raise StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}") from exc
 
     @staticmethod
     def _log_open(path, flags):
@@ -1279,7 +1276,7 @@ class FileStore(Store):
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise self._log_fail(action, path, exc) from exc
+            raise StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}") from exc
         return True
 
     def log_scan(self):
