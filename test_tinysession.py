@@ -2393,12 +2393,24 @@ class MergeRules(unittest.TestCase):
         self.assertEqual(self.merge(base, ours, theirs)["messages"], ["m3", "m4", "t1", "o1"])
         self.assertEqual(self.merge(base, {"messages": ["m4"]}, theirs)["messages"], ["m4", "t1"])
 
+    def test_lists_trimmed_after_a_kept_head_keep_what_neither_dropped(self):
+        base = {"messages": ["system", "r1", "r2", "r3"]}  # at its cap: each side drops the oldest round
+        ours, theirs = {"messages": ["system", "r2", "r3", "o1"]}, {"messages": ["system", "r2", "r3", "t1"]}
+        self.assertEqual(self.merge(base, ours, theirs)["messages"], ["system", "r2", "r3", "t1", "o1"])
+        deeper = {"messages": ["system", "r3", "o1"]}  # ours dropped two rounds, theirs one
+        self.assertEqual(self.merge(base, deeper, theirs)["messages"], ["system", "r3", "t1", "o1"])
+        front = {"messages": ["r2", "r3", "t1"]}  # theirs dropped the head too
+        self.assertEqual(self.merge(base, ours, front)["messages"], ["r2", "r3", "t1", "o1"])
+
     def test_other_list_changes_are_plain_value_changes(self):
         base = {"l": [1, 2, 3]}
         with InfoRecords() as records:
             merged = self.merge(base, {"l": [1, 9, 3]}, {"l": [1, 2, 3, 4]})
         self.assertEqual((merged, len(records)), ({"l": [1, 9, 3]}, 1))
         self.assertEqual(self.merge(base, {"l": [3, 2, 1]}, base), {"l": [3, 2, 1]})
+        with InfoRecords() as records:
+            merged = self.merge(base, {"l": [1, 4]}, {"l": [1, 2, 3, 5]})  # dropped the base's end: replaced
+        self.assertEqual((merged, len(records)), ({"l": [1, 4]}, 1))
 
     def test_types_are_kept_apart_and_nothing_is_mutated(self):
         base, ours, theirs = {"n": 1, "l": [1]}, {"n": True, "l": [1, 2]}, {"n": 1, "l": [1, 3]}
@@ -2410,7 +2422,7 @@ class MergeRules(unittest.TestCase):
 def random_session_edit(rng, data, tag):
     """Apply one random edit to a copy of ``data``; return it and a description of what changed."""
     data = json.loads(json.dumps(data))
-    kind = rng.choice(["set", "delete", "nested", "append", "trim-append"])
+    kind = rng.choice(["set", "delete", "nested", "append", "trim-append", "head-trim-append"])
     key = rng.choice(["a", "b", "c", "settings", "messages"])
     if kind == "set":
         data[key] = f"{tag}{rng.random()}"
@@ -2424,6 +2436,9 @@ def random_session_edit(rng, data, tag):
         messages = data.get("messages") if isinstance(data.get("messages"), list) else []
         if kind == "trim-append":
             messages = messages[rng.randint(0, max(len(messages) - 1, 0)):]  # a window keeps something
+        elif kind == "head-trim-append" and messages:  # keeps a head (instructions) and the last item
+            head = rng.randint(0, len(messages) - 1)
+            messages = messages[:head] + messages[rng.randint(head, len(messages) - 1):]
         data["messages"] = messages + [f"{tag}{n}" for n in range(rng.randint(1, 3))]
         key = "messages"
     return data, (kind, key)
@@ -2447,11 +2462,12 @@ class MergeProperties(unittest.TestCase):
                     self.assertEqual(got, mine, (base, ours, theirs))
                 elif "absent" in (mine, other):
                     self.assertEqual(got, other if mine == "absent" else mine)
-            if our_key == their_key == "messages" and {our_kind, their_kind} <= {"append", "trim-append"}:
+            growing = {"append", "trim-append", "head-trim-append"}
+            if our_key == their_key == "messages" and {our_kind, their_kind} <= growing:
                 new_ours = [m for m in ours["messages"] if m.startswith("o")]
                 new_theirs = [m for m in theirs["messages"] if m.startswith("t")]
-                tail = merged["messages"][len(merged["messages"]) - len(new_theirs) - len(new_ours):]
-                self.assertEqual(tail, new_theirs + new_ours)
+                kept = [m for m in base["messages"] if m in ours["messages"] and m in theirs["messages"]]
+                self.assertEqual(merged["messages"], kept + new_theirs + new_ours, (base, ours, theirs))
             self.assertEqual(tinysession.merge_sessions(base, ours, base), ours)
             self.assertEqual(tinysession.merge_sessions(base, base, theirs), theirs)
             self.assertEqual(tinysession.merge_sessions(base, ours, ours), ours)
@@ -2588,8 +2604,10 @@ def probe_app(environ, start_response):
         session.invalidate()
     elif path == "/chat":
         message = query.get("m", ["x"])[0]
-        history = session.get("messages", []) + [{"role": "user", "content": message},
-                                                 {"role": "assistant", "content": "re: " + message}]
+        instructions = [{"role": "system", "content": text} for text in query.get("system", [])]
+        history = session.get("messages", instructions)
+        history = history + [{"role": "user", "content": message},
+                             {"role": "assistant", "content": "re: " + message}]
         session["messages"] = tinysession.trim_messages(history, max_rounds=5)
     elif path == "/clear":
         session.clear()
@@ -3363,6 +3381,59 @@ class ConcurrentChanges(MiddlewareCase):
         self.assertEqual(len(self.session_keys()), 1)
 
 
+class ChatAtTheCap(MiddlewareCase):
+    """Chat requests at once on a window held at its cap (a system message and 5 rounds) keep every round."""
+
+    def chat_contents(self, browser=None):
+        return [message["content"] for message in (browser or self.browser).json()["messages"]]
+
+    def fill(self):
+        for number in range(5):
+            self.browser.json(f"/chat?m=old{number}&system=rules")
+        self.assertEqual(len(self.chat_contents()), 11)
+
+    def test_two_held_appends_keep_both_rounds(self):
+        self.fill()
+        finish = self.held("/chat?m=tab1")
+        self.browser.json("/chat?m=tab2")
+        self.assertEqual(finish()[0], 200)
+        contents = self.chat_contents()
+        self.assertEqual(contents[:3], ["rules", "old1", "re: old1"])  # both dropped only the oldest round
+        self.assertEqual(contents[-4:], ["tab2", "re: tab2", "tab1", "re: tab1"])
+        self.assertEqual(len(contents), 13)  # the next trim brings it back to 5 rounds
+        self.browser.json("/chat?m=next")
+        self.assertEqual(self.chat_contents()[:3], ["rules", "old3", "re: old3"])
+
+    def test_threads_appending_at_once_keep_every_round(self):
+        self.fill()
+        cookie = {"Cookie": f"{NAME}={self.browser.session_id()}"}
+        for number in range(4):
+            start = threading.Barrier(2)
+
+            def chat(name, number=number, start=start):
+                start.wait(30)
+                client = Browser(self.browser.base_url)
+                return client.request(f"/chat?m={name}{number}&delay=0.05", headers=cookie)[0]
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                self.assertEqual(list(pool.map(chat, "AB")), [200, 200])
+            contents = self.chat_contents()
+            self.assertEqual(contents[0], "rules")
+            self.assertIn(f"A{number}", contents)
+            self.assertIn(f"B{number}", contents)
+
+
+class ChatAtTheCapOnSQLiteStore(ChatAtTheCap):
+    def make_store(self, **options):
+        return counting(tinysession.SQLiteStore)(os.path.join(temp_dir(self), "sessions.db"), **options)
+
+
+class ChatAtTheCapOnRedisStore(ChatAtTheCap):
+    def make_store(self, **options):
+        redis_case(self)
+        return counting(tinysession.RedisStore)(self.redis, prefix=self.prefix, **options)
+
+
 class LastWriteWins(MiddlewareCase):
     middleware_options = {"merge": None}
 
@@ -3438,6 +3509,28 @@ class ParallelRequestsAcrossProcesses:
             keys = set(browser.json())
             lost += sum(f"k{index}" not in keys for index in range(self.parallel))
         return lost
+
+    def test_two_chat_appends_at_the_cap_keep_both_rounds(self):
+        urls = self.start_servers()
+        browser = Browser(urls[0])
+        for number in range(5):
+            browser.json(f"/chat?m=old{number}&system=rules")
+        cookie = {"Cookie": f"{NAME}={browser.session_id()}"}
+
+        def chat(task):
+            url, message = task
+            request = urllib.request.Request(f"{url}/chat?m={message}&delay=0.05", headers=cookie)
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                return reply.status
+
+        for number in range(4):
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                statuses = list(pool.map(chat, [(urls[0], f"A{number}"), (urls[1], f"B{number}")]))
+            self.assertEqual(statuses, [200, 200])
+            contents = [message["content"] for message in browser.json()["messages"]]
+            self.assertEqual(contents[0], "rules")
+            self.assertIn(f"A{number}", contents)
+            self.assertIn(f"B{number}", contents)
 
     def test_no_key_is_lost_with_app_time(self):
         self.assertEqual(self.lost_keys(delay=0.05), 0)
@@ -4916,8 +5009,9 @@ class MemoryStoreBehaviour:
         return counting(load_example("memory_store").MemoryStore)(**options)
 
 
-for _case in [case for case in list(globals().values())
-              if isinstance(case, type) and issubclass(case, MiddlewareCase) and case is not MiddlewareCase]:
+for _case in [case for case in list(globals().values())  # each suite with the FileStore of MiddlewareCase
+              if isinstance(case, type) and issubclass(case, MiddlewareCase) and case is not MiddlewareCase
+              and case.make_store is MiddlewareCase.make_store]:
     globals()[_case.__name__ + "OnMemoryStore"] = type(
         _case.__name__ + "OnMemoryStore", (MemoryStoreBehaviour, _case), {"__doc__": _case.__doc__}
     )
@@ -6084,6 +6178,68 @@ class LogContract:
         log.clear()
         self.assertEqual((log.read(), log.pop()), ([], None))
 
+    def test_log_read_takes_slices_and_log_length_counts(self):
+        store = self.make_store()
+        lines = [f"line {n}".encode() for n in range(10)]
+        store.log_append("c", lines[:4])
+        store.log_append("c", lines[4:])
+        slices = [(0, None), (3, None), (-3, None), (-20, None), (0, 4), (2, 5), (-5, -2), (8, 20), (-3, 9),
+                  (5, 2)]
+        for start, stop in slices:
+            self.assertEqual(store.log_read("c", start, stop), lines[start:stop], (start, stop))
+        self.assertEqual(store.log_length("c"), 10)
+        self.assertEqual((store.log_length("none"), store.log_read("none", -3)), (0, []))
+
+    def test_reading_and_trimming_the_last_rounds_read_the_ends_of_the_log_only(self):
+        store = self.make_store()
+        tinysession.MessageLog(store, "c").extend([system("rules"), *chat_turns(0, 400)])
+        read_lines = []
+        log_read = store.log_read
+        store.log_read = lambda key, *args: read_lines.extend(log_read(key, *args)) or log_read(key, *args)
+        log = tinysession.MessageLog(store, "c")
+        self.assertEqual((len(log), read_lines), (801, []))
+        self.assertEqual(log.read(max_rounds=2), [system("rules"), *chat_turns(398, 2)])
+        self.assertLess(len(read_lines), 100)
+        read_lines.clear()
+        log_trim, trims = store.log_trim, []  # what the log read before it asked the store to trim
+        store.log_trim = lambda key, *args: trims.append(len(read_lines)) or log_trim(key, *args)
+        log.max_rounds = 3
+        log.append(user("q400"))  # the trim reads the ends too, and keeps the instructions
+        self.assertLess(trims[0], 200)
+        self.assertEqual(log.read(max_rounds=10), [system("rules"), *chat_turns(398, 2), user("q400")])
+
+    def test_pop_removes_a_newest_line_that_is_not_json_and_pops_the_message_before(self):
+        store = self.make_store()
+        log = tinysession.MessageLog(store, "c")
+        log.extend(chat_turns(0, 1))
+        store.log_append("c", [b'{"role": "us'])
+        with LogRecords() as records:
+            self.assertEqual(log.pop(), assistant("a0"))
+        self.assertIn("not JSON", records[0])
+        self.assertEqual(log.read(), [user("q0")])
+
+    def test_ten_thousand_appends_with_default_options_stay_within_the_bound(self):
+        log = tinysession.MessageLog(self.make_store(), "c")
+        self.assertEqual(log.max_messages, 1000)
+        log.append(system("rules"))
+        longest = 0
+        for number in range(5000):
+            log.append(user(f"q{number}"))
+            log.append(assistant(f"a{number}"))
+            longest = max(longest, len(log))
+        self.assertLessEqual(longest, 1000)
+        messages = log.read()
+        self.assertEqual(messages[0], system("rules"))
+        self.assertEqual(messages[1:], chat_turns(5000 - (len(messages) - 1) // 2, (len(messages) - 1) // 2))
+        self.assertGreaterEqual(len(messages), 750)
+
+    def test_a_log_that_is_not_a_chat_is_kept_whole_past_its_bound_and_the_append_does_not_fail(self):
+        log = tinysession.MessageLog(self.make_store(), "c", max_messages=2)
+        with LogRecords() as records:
+            log.extend([{"event": n} for n in range(3)])
+        self.assertEqual((log.read(), len(records)), ([{"event": n} for n in range(3)], 1))
+        self.assertIn("not trimmed", records[0])
+
     def test_eight_threads_lose_no_append(self):
         switch_threads_often(self)
         log = tinysession.MessageLog(self.make_store(), "c")
@@ -6159,6 +6315,37 @@ class FileStoreLog(LogContract, unittest.TestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path("c") + ".log").st_mode), 0o600)
 
 
+    def test_reads_from_the_end_across_chunks_of_long_and_short_lines(self):
+        store = self.make_store()
+        lines = [(b"x" * (7000 if n % 3 == 0 else n)) + str(n).encode() for n in range(40)]
+        store.log_append("c", lines)
+        with open(self.path("c") + ".log", "ab") as file:
+            file.write(b'{"torn')
+        for start in range(-41, 1):
+            self.assertEqual(store.log_read("c", start), lines[start:], start)
+        for stop in range(0, 41, 3):
+            self.assertEqual(store.log_read("c", 0, stop), lines[:stop], stop)
+        self.assertEqual(store.log_length("c"), 40)
+
+    def test_a_symlink_or_a_fifo_as_the_log_is_ignored_and_replaced_like_a_corrupt_record(self):
+        store = self.make_store()
+        outside = os.path.join(temp_dir(self), "outside.log")
+        with open(outside, "wb") as file:
+            file.write(b'{"role":"user","content":"planted"}\n')
+        for plant in (lambda path: os.symlink(outside, path), os.mkfifo):
+            log = tinysession.MessageLog(store, "c")
+            log.clear()
+            plant(self.path("c") + ".log")
+            with LogRecords() as records:
+                self.assertEqual((log.read(), len(log), log.pop()), ([], 0, None))
+                log.append(user("after"))
+            self.assertIn("not a regular file", records[0])
+            self.assertEqual(log.read(), [user("after")])
+            self.assertTrue(stat.S_ISREG(os.lstat(self.path("c") + ".log").st_mode))
+        with open(outside, "rb") as file:
+            self.assertEqual(file.read(), b'{"role":"user","content":"planted"}\n')
+
+
 class MemoryStoreLog(LogContract, unittest.TestCase):
     """The message log, on examples/memory_store.py."""
 
@@ -6169,7 +6356,7 @@ class MemoryStoreLog(LogContract, unittest.TestCase):
 
     def make_store(self, **options):
         store = MemoryStoreTest.make_store(self, **options)
-        for name in ("log_append", "log_read", "log_trim", "log_remove", "log_scan"):
+        for name in ("log_append", "log_read", "log_length", "log_trim", "log_remove", "log_scan"):
             setattr(store, name, getattr(self.store, name))
         return store
 
@@ -6189,6 +6376,24 @@ class SQLiteStoreLog(LogContract, unittest.TestCase):
         self.assertEqual(reader.stats().logs, 1)
         with self.assertRaises(tinysession.StoreError):
             tinysession.MessageLog(reader, "c").append(user())
+
+
+    def test_the_length_of_each_log_is_kept_by_triggers_and_counted_once_for_an_older_database(self):
+        store = self.make_store()
+        for key in ("a", "b", "gone"):
+            store[key] = {"n": 1}
+            tinysession.MessageLog(store, key).extend(chat_turns(0, 3))
+        tinysession.MessageLog(store, "a", max_rounds=1).append(user("q3"))
+        tinysession.MessageLog(store, "b").pop()
+        store.log_move("b", "moved")
+        del store["gone"]
+        counts = "SELECT key, COUNT(*) FROM sessions_log GROUP BY key ORDER BY key"
+        lengths = "SELECT key, lines FROM sessions_log_length ORDER BY key"
+        self.assertEqual(self.sql(lengths), self.sql(counts))
+        self.assertEqual(self.sql(counts), [("a", 1), ("moved", 5)])
+        self.sql("DROP TABLE sessions_log_length")  # as a database written before the length was kept
+        self.assertEqual(tinysession.MessageLog(self.make_store(), "moved").pop(), user("q2"))
+        self.assertEqual(self.make_store().log_length("moved"), 4)
 
 
 class RedisStoreLog(LogContract, unittest.TestCase):
@@ -6238,6 +6443,22 @@ class SessionHistory(unittest.TestCase):
         self.browser.request("/logout")
         self.assertEqual(self.store.stats().logs, 0)
         self.assertEqual(self.browser.json("/read"), [])
+
+
+    def test_ten_thousand_appends_to_a_session_s_log_stay_within_the_default_bound(self):
+        def say(environ, start_response):
+            history = tinysession.get_session(environ).history
+            role = "user" if len(environ["PATH_INFO"]) % 2 else "assistant"
+            history.append({"role": role, "content": "x" * 100})
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [str(len(history)).encode()]
+
+        app = tinysession.SessionMiddleware(say, self.store)
+        cookie = set_cookies(call(app, "/1")[1])[0].split(";")[0]
+        lengths = [int(call(app, "/" + "1" * (number % 2 + 1), cookie=cookie)[2]) for number in range(9999)]
+        self.assertLessEqual(max(lengths), 1000)
+        self.assertEqual(self.store.stats().logs, 1)
+        self.assertLessEqual(self.store.stats().log_bytes, 1000 * 128)  # 1,000 lines of at most 128 bytes
 
 
 class AgentsSessionProtocol(unittest.TestCase):

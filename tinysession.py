@@ -853,9 +853,17 @@ class Store(MutableMapping):
         """
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_append")
 
-    def log_read(self, key):
-        """Return the lines stored in the log of ``key``, oldest first; ``[]`` if there is none."""
+    def log_read(self, key, start=0, stop=None):
+        """Return ``lines[start:stop]`` of the log of ``key``, oldest first; ``[]`` if there is none.
+
+        Slice semantics: a negative ``start`` counts from the end, so
+        ``log_read(key, -n)`` costs the last n lines, not the whole log.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_read")
+
+    def log_length(self, key):
+        """Return how many lines the log of ``key`` holds; stores override this default to make it O(1)."""
+        return len(self.log_read(key))
 
     def log_trim(self, key, start, stop, expected):
         """Remove ``lines[start:stop]`` of the log if it holds exactly ``expected`` lines now; return True if it did.
@@ -878,11 +886,10 @@ class Store(MutableMapping):
         This default copies and removes (not atomic); the stores here rename.
         """
         lines = self.log_read(old)
-        if not lines:
-            return False
-        self.log_remove(new)
-        self.log_append(new, lines)
-        return self.log_remove(old)
+        if lines:
+            self.log_remove(new)
+            self.log_append(new, lines)
+        return bool(lines) and self.log_remove(old)
 
     def _forget_log(self, key):
         """Remove the log of ``key``, if the store keeps logs; return True if there was one."""
@@ -907,9 +914,7 @@ _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 )
 _LOG_SUFFIX = ".log"
-_LOG_APPEND_FLAGS = (
-    os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-)
+_LOG_APPEND_FLAGS = _READ_FLAGS | os.O_RDWR | os.O_APPEND | os.O_CREAT  # O_RDONLY is 0
 
 
 class FileStore(Store):
@@ -1159,105 +1164,124 @@ class FileStore(Store):
     def _log_path(self, key):
         return self._path(_check_key(key)) + _LOG_SUFFIX
 
-    def _log_fail(self, action, path, exc):
-        return StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}")
+    @contextlib.contextmanager
+    def _log_file(self, path, action, flags=_READ_FLAGS):
+        """Yield the log file at ``path`` open, or None if there is none; wrap OSError in StoreError."""
+        try:
+            fd = self._log_open(path, flags)
+            try:
+                yield fd
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}") from exc
+
+    @staticmethod
+    def _log_open(path, flags):
+        """Open the log; None if there is none, or if it is not a regular file (a symbolic link, a FIFO).
+
+        Such a log is ignored, as a corrupt record is, and logged; an append
+        (``O_CREAT``) replaces it by a new log.
+        """
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                return os.open(path, flags, 0o600)
+            _logger.warning("message log %r is not a regular file: ignored, as a corrupt record is", path)
+            if not flags & os.O_CREAT:
+                return None
+            os.unlink(path)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                return None
+        return os.open(path, flags, 0o600)
+
+    def _log_count(self, fd, lines=None, repair=False):
+        """Return the whole lines of the open log, counted or remembered by (inode, size, mtime); remember ``lines``.
+
+        With ``repair``, a torn last line (a crash) is cut off first.
+        """
+        status = os.fstat(fd)
+        state = (status.st_ino, status.st_size, status.st_mtime_ns)
+        counts = self.__dict__.setdefault("_log_counts", {})
+        lines = counts.get(state) if lines is None else lines
+        if lines is None:
+            data = os.pread(fd, status.st_size, 0)
+            end = data.rfind(b"\n") + 1
+            if repair and end != len(data):
+                _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, len(data) - end)
+                os.ftruncate(fd, end)
+            lines = data.count(b"\n", 0, end)
+        if len(counts) > 4096:
+            counts.clear()
+        counts[state] = lines
+        return lines
 
     def log_append(self, key, lines):
         """Append under the directory lock with ``O_APPEND``; a torn last line (a crash) is cut off first."""
-        path = self._log_path(key)
         data = b"".join(bytes(line) + b"\n" for line in lines)
-        try:
-            with self._locked():
-                fd = os.open(path, _LOG_APPEND_FLAGS, 0o600)
-                # (inode, size) of a log file -> its lines, so that an append need not count them
-                counts = self.__dict__.setdefault("_log_counts", {})
-                try:
-                    status = os.fstat(fd)
-                    count = counts.get((status.st_ino, status.st_size))
-                    if count is None:
-                        count = self._log_repair(fd, status.st_size)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    count += len(lines)
-                    if len(counts) > 4096:
-                        counts.clear()
-                    counts[(status.st_ino, os.fstat(fd).st_size)] = count
-                    return count
-                finally:
-                    os.close(fd)
-        except OSError as exc:
-            raise self._log_fail("append to", path, exc) from exc
+        with self._locked(), self._log_file(self._log_path(key), "append to", _LOG_APPEND_FLAGS) as fd:
+            count = self._log_count(fd, repair=True)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            return self._log_count(fd, count + len(lines))
 
-    @staticmethod
-    def _log_repair(fd, size):
-        """Cut a torn last line off the open log; return how many whole lines it holds."""
-        data = os.pread(fd, size, 0)
-        end = data.rfind(b"\n") + 1
-        if end != size:
-            _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, size - end)
-            os.ftruncate(fd, end)
-        return data.count(b"\n", 0, end)
+    def log_read(self, key, start=0, stop=None):
+        """Read back from the end of the file for a negative ``start``, from its head up to ``stop``, else all of it."""
+        with self._log_file(self._log_path(key), "read") as fd:
+            if fd is None:
+                return []
+            size, data, offset = os.fstat(fd).st_size, b"", 0
+            if start < 0 and (stop is None or stop < 0):
+                offset = size  # back in doubling chunks until -start whole lines are in
+                while offset and data.count(b"\n") <= -start:
+                    step = min(offset, max(2 * len(data), 4096))
+                    offset -= step
+                    data = os.pread(fd, step, offset) + data
+            elif start >= 0 and stop is not None and stop >= 0:  # the first `stop` lines, and no more
+                with open(fd, "rb", closefd=False) as file:
+                    data = b"".join(file.readline() for _ in range(stop))
+            else:
+                data = os.pread(fd, size, 0)
+        # A line cut by the chunk's start is dropped, and a last line without its newline is torn: ignored.
+        return data.split(b"\n")[bool(offset) : -1][start:stop]
 
-    def log_read(self, key):
-        path = self._log_path(key)
-        try:
-            fd = os.open(path, _READ_FLAGS)
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise self._log_fail("read", path, exc) from exc
-        try:
-            data = os.read(fd, os.fstat(fd).st_size)
-        except OSError as exc:
-            raise self._log_fail("read", path, exc) from exc
-        finally:
-            os.close(fd)
-        return data.split(b"\n")[:-1]  # a last line without its newline is torn: ignored
+    def log_length(self, key):
+        with self._log_file(self._log_path(key), "read") as fd:
+            return 0 if fd is None else self._log_count(fd)
 
     def log_trim(self, key, start, stop, expected):
         """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
-        path = self._log_path(key)
         temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
         try:
             with self._locked():
                 lines = self.log_read(key)
                 if len(lines) != expected:
                     return False
-                fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
-                try:
+                with self._log_file(temp_path, "trim", _CREATE_FLAGS) as fd:
                     os.write(fd, b"".join(line + b"\n" for line in lines[:start] + lines[stop:]))
-                finally:
-                    os.close(fd)
-                os.replace(temp_path, path)
+                    os.replace(temp_path, self._log_path(key))
                 return True
-        except BaseException as exc:
-            with contextlib.suppress(OSError):  # never created, or already renamed
+        finally:
+            with contextlib.suppress(OSError):  # renamed, or never created
                 os.unlink(temp_path)
-            if isinstance(exc, OSError):
-                raise self._log_fail("trim", path, exc) from exc
-            raise
 
     def log_remove(self, key):
-        path = self._log_path(key)
-        try:
-            with self._locked():
-                os.unlink(path)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise self._log_fail("remove", path, exc) from exc
-        return True
+        return self._log_rename("remove", self._log_path(key), os.unlink)
 
     def log_move(self, old, new):
-        path = self._log_path(old)
+        return self._log_rename("move", self._log_path(old), os.replace, self._log_path(new))
+
+    def _log_rename(self, action, path, rename, *args):
+        """Call ``rename(path, *args)`` under the lock; return False if there was no log."""
         try:
             with self._locked():
-                os.replace(path, self._log_path(new))
+                rename(path, *args)
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise self._log_fail("move", path, exc) from exc
+            raise StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}") from exc
         return True
 
     def log_scan(self):
@@ -1333,26 +1357,38 @@ _SQL_TEMPLATES = (
 )
 
 
-# The message log: its own table, and a trigger that removes a session's log with its record.
+# The message log: its own table; triggers remove a session's log with its record and keep each log's length
+# (counted from the lines once, when the length table is new).
 _SQL_LOG_SCHEMA = (
     'CREATE TABLE IF NOT EXISTS "{table}_log" '
     "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
     'CREATE INDEX IF NOT EXISTS "{table}_log_key" ON "{table}_log" (key, seq);'
     'CREATE TRIGGER IF NOT EXISTS "{table}_log_gone" AFTER DELETE ON "{table}" '
     'BEGIN DELETE FROM "{table}_log" WHERE key = old.key; END;'
+    'CREATE TABLE IF NOT EXISTS "{table}_log_length" (key TEXT PRIMARY KEY, lines INTEGER NOT NULL);'
+    'INSERT OR IGNORE INTO "{table}_log_length" SELECT key, COUNT(*) FROM "{table}_log" '
+    'WHERE NOT EXISTS (SELECT 1 FROM "{table}_log_length") GROUP BY key;'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_added" AFTER INSERT ON "{table}_log" BEGIN '
+    'INSERT INTO "{table}_log_length" VALUES (new.key, 1) ON CONFLICT (key) DO UPDATE SET lines = lines + 1; END;'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_removed" AFTER DELETE ON "{table}_log" BEGIN '
+    'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
+    'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; END;'
 )
+_SQL_LOG_FOUND = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{table}_log_length'"
 _SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
-_SQL_LOG_COUNT = 'SELECT COUNT(*) FROM "{table}_log" WHERE key = ?'
-_SQL_LOG_READ = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq'
+_SQL_LOG_LENGTH = 'SELECT lines FROM "{table}_log_length" WHERE key = ?'
+_SQL_LOG_READ = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?'
+_SQL_LOG_TAIL = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq DESC LIMIT ?'
 _SQL_LOG_TRIM = (
     'DELETE FROM "{table}_log" WHERE seq IN '
     '(SELECT seq FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?)'
 )
 _SQL_LOG_REMOVE = 'DELETE FROM "{table}_log" WHERE key = ?'
-_SQL_LOG_MOVE = 'UPDATE "{table}_log" SET key = ? WHERE key = ?'
+_SQL_LOG_MOVE = ('UPDATE "{table}_log" SET key = ? WHERE key = ?', 'UPDATE "{table}_log_length" SET key = ? WHERE key = ?')
 _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key'
 _SQL_LOG_TEMPLATES = (
-    _SQL_LOG_APPEND, _SQL_LOG_COUNT, _SQL_LOG_READ, _SQL_LOG_TRIM, _SQL_LOG_REMOVE, _SQL_LOG_MOVE, _SQL_LOG_SCAN,
+    _SQL_LOG_FOUND, _SQL_LOG_APPEND, _SQL_LOG_LENGTH, _SQL_LOG_READ, _SQL_LOG_TAIL, _SQL_LOG_TRIM,
+    _SQL_LOG_REMOVE, *_SQL_LOG_MOVE, _SQL_LOG_SCAN, "BEGIN IMMEDIATE", "COMMIT",
 )
 
 
@@ -1574,81 +1610,79 @@ class SQLiteStore(Store):
             if len(rows) < _SQLITE_EVICT_BATCH:
                 return
 
-    # The message log: the table <table>_log, one row per message, removed with its record by a trigger.
+    # The message log: the table <table>_log, one row per message, removed with its record by a trigger;
+    # <table>_log_length, each log's length, kept by triggers.
 
-    def _log_schema(self, connection):
-        """Return True if the log's table exists, creating it on first use (unless read-only)."""
-        if self.__dict__.get("_log_ready"):
-            return True
-        self._sql.update((template, template.format(table=self.table)) for template in _SQL_LOG_TEMPLATES)
-        if self.read_only:
-            found = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                       (self.table + "_log",)).fetchone()
-            if found is None:
-                return False
-        else:
-            connection.executescript(_SQL_LOG_SCHEMA.format(table=self.table))
-        self._log_ready = True
-        return True
+    def _log_tables(self):
+        """Return True if the log's tables exist, creating them on first use (unless read-only)."""
+        if not self.__dict__.get("_log_ready"):
+            self._sql.update((template, template.format(table=self.table)) for template in _SQL_LOG_TEMPLATES)
+            try:
+                if not self.read_only:
+                    self._connection().executescript(_SQL_LOG_SCHEMA.format(table=self.table))
+            except self._sqlite3.Error as exc:
+                raise StoreError(f"cannot create the message log's tables in {self.path!r}: {exc}") from exc
+            self._log_ready = self._execute(_SQL_LOG_FOUND).fetchone() is not None
+        return self._log_ready
 
     @contextlib.contextmanager
-    def _log_transaction(self, action, write=True):
-        """Yield this thread's connection (None if there is no log table), in ``BEGIN IMMEDIATE`` if ``write``."""
+    def _log_transaction(self, action):
+        """Run the block in a ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
+        if not self._log_tables():
+            raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
         connection = self._connection()
+        self._execute("BEGIN IMMEDIATE")
         try:
-            if not self._log_schema(connection):
-                if write:
-                    raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
-                yield None
-                return
-            if not write:
-                yield connection
-                return
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
+            yield
+            self._execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
 
     def log_append(self, key, lines):
-        with self._log_transaction("append to") as connection:
-            connection.executemany(self._sql[_SQL_LOG_APPEND], [(key, bytes(line)) for line in lines])
-            return connection.execute(self._sql[_SQL_LOG_COUNT], (key,)).fetchone()[0]
+        with self._log_transaction("append to"):
+            for line in lines:
+                self._execute(_SQL_LOG_APPEND, (key, bytes(line)))
+            return self.log_length(key)
 
-    def log_read(self, key):
-        with self._log_transaction("read", write=False) as connection:
-            if connection is None:
-                return []
-            return [bytes(row[0]) for row in connection.execute(self._sql[_SQL_LOG_READ], (key,))]
+    def log_read(self, key, start=0, stop=None):
+        """The last lines through the index on ``(key, seq)``, newest first; others by ``LIMIT`` and ``OFFSET``."""
+        if not self._log_tables():
+            return []
+        if start < 0 and stop is None:
+            rows = self._execute(_SQL_LOG_TAIL, (key, -start)).fetchall()[::-1]
+        else:
+            start, stop, _ = slice(start, stop).indices(self.log_length(key))
+            rows = self._execute(_SQL_LOG_READ, (key, max(0, stop - start), start))
+        return [bytes(row[0]) for row in rows]
+
+    def log_length(self, key):
+        row = self._log_tables() and self._execute(_SQL_LOG_LENGTH, (key,)).fetchone()
+        return row[0] if row else 0
 
     def log_trim(self, key, start, stop, expected):
-        with self._log_transaction("trim") as connection:
-            if connection.execute(self._sql[_SQL_LOG_COUNT], (key,)).fetchone()[0] != expected:
+        with self._log_transaction("trim"):
+            if self.log_length(key) != expected:
                 return False
-            connection.execute(self._sql[_SQL_LOG_TRIM], (key, max(0, stop - start), start))
+            self._execute(_SQL_LOG_TRIM, (key, max(0, stop - start), start))
             return True
 
     def log_remove(self, key):
-        with self._log_transaction("remove") as connection:
-            return connection.execute(self._sql[_SQL_LOG_REMOVE], (key,)).rowcount > 0
+        with self._log_transaction("remove"):
+            return self._execute(_SQL_LOG_REMOVE, (key,)).rowcount > 0
 
     def log_move(self, old, new):
-        with self._log_transaction("move") as connection:
-            if not connection.execute(self._sql[_SQL_LOG_COUNT], (old,)).fetchone()[0]:
+        with self._log_transaction("move"):
+            if not self.log_length(old):
                 return False
-            connection.execute(self._sql[_SQL_LOG_REMOVE], (new,))
-            return connection.execute(self._sql[_SQL_LOG_MOVE], (new, old)).rowcount > 0
+            self._execute(_SQL_LOG_REMOVE, (new,))
+            for template in _SQL_LOG_MOVE:
+                self._execute(template, (new, old))
+            return True
 
     def log_scan(self):
-        with self._log_transaction("scan", write=False) as connection:
-            if connection is None:
-                return []
-            return [(key, int(size)) for key, size in connection.execute(self._sql[_SQL_LOG_SCAN])]
+        return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_tables() else []
 
 
 # -- RedisStore --
@@ -1960,8 +1994,13 @@ class RedisStore(Store):
             return self._call(run)
         return self._call(script, [self._log_key(_check_key(key))], [self._ttl(), *lines])
 
-    def log_read(self, key):
-        return list(self._command("LRANGE", self._log_key(_check_key(key)), 0, -1))
+    def log_read(self, key, start=0, stop=None):
+        if stop == 0:
+            return []
+        return list(self._command("LRANGE", self._log_key(_check_key(key)), start, -1 if stop is None else stop - 1))
+
+    def log_length(self, key):
+        return self._command("LLEN", self._log_key(_check_key(key)))
 
     def log_trim(self, key, start, stop, expected):
         script = self._log_script("trim", _REDIS_LOG_TRIM)
@@ -1998,9 +2037,14 @@ def merge_sessions(base, ours, theirs):
       side's value; changed by both to equal values, that value;
     - a key removed by one side and changed by the other keeps the change;
     - a list that both sides grew at the end (or both created), perhaps
-      after dropping items from its front (as ``trim_messages`` does),
+      after dropping one run of items from its front or from just after a
+      kept head (as ``trim_messages`` drops the oldest rounds and keeps the
+      leading instructions), but keeping at least the base's last item,
       becomes: the base's items that neither side dropped, then their new
-      items, then ours;
+      items, then ours. So two requests that each append a round to a chat
+      held at its cap (a system message and 5 rounds, each dropping the
+      oldest round) keep both new rounds, and the app's next trim brings
+      the window back to size;
     - any other key changed by both takes ours (the later save) and is
       logged at INFO on the ``tinysession`` logger by name, never by value.
 
@@ -2030,10 +2074,10 @@ def _merge_values(base, ours, theirs, path):
         return _merge_dicts({} if base is _MISSING else base, ours, theirs, f"{path}.")
     if type(ours) is list and type(theirs) is list and (base is _MISSING or type(base) is list):
         base = [] if base is _MISSING else base
-        ours_dropped, theirs_dropped = _dropped_from_front(base, ours), _dropped_from_front(base, theirs)
-        if ours_dropped is not None and theirs_dropped is not None:
-            kept = base[max(ours_dropped, theirs_dropped):]
-            return kept + theirs[len(base) - theirs_dropped:] + ours[len(base) - ours_dropped:]
+        mine, other = _kept_and_new(base, ours), _kept_and_new(base, theirs)
+        if mine is not None and other is not None:
+            kept = [item for index, item in enumerate(base) if index in mine[0] and index in other[0]]
+            return kept + other[1] + mine[1]
     _logger.info("two requests changed session key %r at once: the later save's value is kept", path)
     return ours
 
@@ -2042,18 +2086,20 @@ def _same(a, b):
     return a is b or (a is not _MISSING and b is not _MISSING and type(a) is type(b) and a == b)
 
 
-def _dropped_from_front(base, grown):
-    """Return how many items ``grown`` dropped from the front of ``base`` before appending, or None.
+def _kept_and_new(base, grown):
+    """Return ``(indexes of base kept, new items)`` if ``grown`` is ``base`` less one run, then appended to; else None.
 
-    At least one item of a non-empty ``base`` must remain: a list that kept
-    none of it was replaced, not grown.
+    The run dropped starts at the front or after a kept head, and the base's
+    last item must remain: a list that kept none of its end was replaced,
+    not grown. Of several readings, the one with the longest head wins.
     """
-    for dropped in range(len(base) + (not base)):
-        kept = len(base) - dropped
-        if kept > len(grown) or (kept and grown[0] != base[dropped]):
-            continue
-        if grown[:kept] == base[dropped:]:
-            return dropped
+    common = next((i for i, (old, new) in enumerate(zip(base, grown)) if old != new), min(len(base), len(grown)))
+    if common == len(base):
+        return range(common), grown[common:]
+    for end in range(min(len(grown), len(base) - 1), 0, -1):  # where the run kept ends in grown, latest first
+        kept = max(1, end - common)  # the shortest run kept that leaves a common head: the longest head
+        if grown[end - 1] == base[-1] and grown[end - kept : end] == base[len(base) - kept :]:
+            return set(range(end - kept)) | set(range(len(base) - kept, len(base))), grown[end:]
     return None
 
 
@@ -2317,7 +2363,7 @@ def _value_length(value):
 # -- Message log --
 
 _LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_LOG_TRIM_ATTEMPTS = 4
+_LOG_MAX_MESSAGES = 1000
 
 
 def _log_key(conversation_id):
@@ -2334,25 +2380,34 @@ def _log_key(conversation_id):
 class MessageLog:
     """A conversation's messages, appended in place in a store: O(new messages) per append.
 
-    ``MessageLog(store, conversation_id, max_rounds=None)``: ids that are not
-    valid store keys are hashed (SHA-256) into one. Messages are JSON, one
-    line each; a request's ``session.history`` is the log of its session.
-    With ``max_rounds``, every append that leaves more than that many rounds
-    (``trim_messages``'s rule) drops the oldest, keeping leading
-    instructions; a trim that races with another writer is retried, then
-    left to the next append, so ``read`` also applies the limit.
+    ``MessageLog(store, conversation_id, max_rounds=None, max_messages=1000)``:
+    ids that are not valid store keys are hashed (SHA-256) into one.
+    Messages are JSON, one line each; a request's ``session.history`` is the
+    log of its session. With ``max_rounds``, every append that leaves more
+    than that many rounds (``trim_messages``'s rule) drops the oldest,
+    keeping leading instructions; a trim that races with another writer is
+    retried, then left to the next append, so ``read`` also applies the
+    limit. ``max_messages`` bounds every log (None for no bound): an append
+    that leaves more drops the oldest whole rounds, the same way, until at
+    most three quarters of it remain, so that trims come once in hundreds
+    of appends; the newest round stays, even alone over.
+
+    ``read(max_rounds=n)`` and trims read the first and last lines of a long
+    log, as many as the rounds take, never the whole log; ``len()`` asks the
+    store (O(1) on the stores here).
 
     Threads and processes: appends are atomic in the store; from any number
     of threads, processes or machines, none is ever lost. The store must
     implement the log hooks (``Store.log_append`` and the rest).
     """
 
-    def __init__(self, store, conversation_id, *, max_rounds=None):
-        if max_rounds is not None:
-            _check_limit("max_rounds", max_rounds, 1)
+    def __init__(self, store, conversation_id, *, max_rounds=None, max_messages=_LOG_MAX_MESSAGES):
+        for name, limit in (("max_rounds", max_rounds), ("max_messages", max_messages)):
+            if limit is not None:
+                _check_limit(name, limit, 1)
         self.store = store
         self.key = _log_key(conversation_id)
-        self.max_rounds = max_rounds
+        self.max_rounds, self.max_messages = max_rounds, max_messages
 
     def __repr__(self):
         return f"<MessageLog {self.key!r} in {self.store!r}>"
@@ -2367,46 +2422,68 @@ class MessageLog:
             raise RecordTooLarge(f"messages[{index}] is {len(line)} bytes of JSON, over max_bytes={limit}")
         return line
 
-    def _decoded(self):
-        """Return ``(pairs, lines)``: ``(line index, message)`` of every readable line, and how many lines."""
+    def _decoded(self, lines, first=0):
+        """Return ``(line index, message)`` of every line that is JSON, counting from ``first``; log the others."""
         pairs = []
-        lines = self.store.log_read(self.key)
-        for index, line in enumerate(lines):
+        for index, line in enumerate(lines, first):
             try:
                 pairs.append((index, json.loads(line)))
             except ValueError:
                 _logger.warning("message log %s: line %d is not JSON: ignored", self.key[:12], index)
-        return pairs, len(lines)
+        return pairs
+
+    def _window(self, max_rounds, budget=None):
+        """Return ``(lead, kept, length)``: the leading instructions, the last ``max_rounds`` rounds (within
+        ``budget`` messages), each as ``(line index, message)``, and the lines the log held.
+
+        A long log is read from both ends, 8 lines a round from each, four
+        times more at each try, until the rounds kept are all in the last part.
+        """
+        length = self.store.log_length(self.key)
+        size = 8 * max_rounds
+        while True:
+            if 2 * size >= length:
+                parts = [self._decoded(self.store.log_read(self.key))]
+            else:
+                parts = [self._decoded(self.store.log_read(self.key, 0, size)),
+                         self._decoded(self.store.log_read(self.key, -size), length - size)]
+            pairs = [pair for part in parts for pair in part]
+            messages = [message for _, message in pairs]
+            count = None if budget is None else lambda message: 1
+            kept = trim_messages(messages, max_rounds, budget=budget, count=count)
+            lead = next((i for i, message in enumerate(kept) if message is not messages[i]), 0)
+            if len(parts) == 1 or lead < len(parts[0]) and len(kept) - lead <= len(parts[1]):
+                return pairs[:lead], pairs[len(pairs) - len(kept) + lead :], length
+            size *= 4
 
     def extend(self, messages):
-        """Append ``messages`` in order, atomically; then trim to ``max_rounds``.
+        """Append ``messages`` in order, atomically; then trim to ``max_rounds`` and ``max_messages``.
 
         Raises TypeError for a message that is not JSON-serializable and
         RecordTooLarge for one over the store's ``max_bytes``, before
-        anything is written; StoreError if the store fails.
+        anything is written; StoreError if the store fails. A log whose
+        messages ``trim_messages`` cannot read is not trimmed (logged).
         """
         lines = [self._encode(message, index) for index, message in enumerate(messages)]
         if not lines:
             return
         count = self.store.log_append(self.key, lines)
-        if self.max_rounds is not None and count > self.max_rounds:
-            self._trim(self.max_rounds)
+        over = self.max_messages is not None and count > self.max_messages
+        try:
+            if over or (self.max_rounds is not None and count > self.max_rounds):
+                self._trim(self.max_rounds or count, self.max_messages * 3 // 4 if over else None)
+        except (TypeError, ValueError) as exc:  # the messages are in: an error would invite a retry, a duplicate
+            _logger.warning("message log %s: not trimmed, its messages are not a chat: %s", self.key[:12], exc)
 
     def append(self, message):
         """Append one message: ``extend([message])``."""
         self.extend([message])
 
-    def _trim(self, max_rounds):
-        for _ in range(_LOG_TRIM_ATTEMPTS):
-            pairs, length = self._decoded()
-            messages = [message for _, message in pairs]
-            kept = trim_messages(messages, max_rounds)
-            dropped = len(messages) - len(kept)
-            if not dropped:
-                return
-            lead = next(i for i, message in enumerate(kept) if message is not messages[i])
-            start, stop = pairs[lead][0], pairs[lead + dropped - 1][0] + 1
-            if self.store.log_trim(self.key, start, stop, length):
+    def _trim(self, max_rounds, budget):
+        for _ in range(_RETRIES):
+            lead, kept, length = self._window(max_rounds, budget)
+            start, stop = lead[-1][0] + 1 if lead else 0, kept[0][0] if kept else length
+            if start >= stop or self.store.log_trim(self.key, start, stop, length):
                 return
 
     def read(self, max_rounds=None):
@@ -2415,18 +2492,25 @@ class MessageLog:
         With neither limit, every message stored. Lines that are not JSON are
         skipped (logged).
         """
-        messages = [message for _, message in self._decoded()[0]]
         max_rounds = self.max_rounds if max_rounds is None else max_rounds
-        return messages if max_rounds is None else trim_messages(messages, max_rounds)
+        if max_rounds is None:
+            return [message for _, message in self._decoded(self.store.log_read(self.key))]
+        lead, kept, _ = self._window(max_rounds)
+        return [message for _, message in lead + kept]
 
     def pop(self):
-        """Remove and return the newest message, atomically; None if the log is empty."""
+        """Remove and return the newest message, atomically; None if the log is empty.
+
+        A newest line that is not JSON is removed (logged) and the one before it popped.
+        """
         for _ in range(_RETRIES):
-            lines = self.store.log_read(self.key)
-            if not lines:
+            length = self.store.log_length(self.key)
+            if not length:
                 return None
-            if self.store.log_trim(self.key, len(lines) - 1, len(lines), len(lines)):
-                return json.loads(lines[-1])
+            lines = self.store.log_read(self.key, -1)
+            if self.store.log_trim(self.key, length - 1, length, length):
+                pairs = self._decoded(lines, length - 1)
+                return pairs[0][1] if pairs else self.pop()  # a line that was not JSON is gone: pop the one before
         raise StoreError(f"message log {self.key[:12]} kept changing: could not pop its newest message")
 
     def clear(self):
@@ -2434,7 +2518,7 @@ class MessageLog:
         self.store.log_remove(self.key)
 
     def __len__(self):
-        return len(self.store.log_read(self.key))
+        return self.store.log_length(self.key)
 
 
 class AgentsSession:
@@ -2459,11 +2543,8 @@ class AgentsSession:
         import asyncio
 
         items = await asyncio.to_thread(self.log.read)
-        if limit is None:
-            limit = getattr(self.session_settings, "limit", None)
-        if limit is None:
-            return items
-        return items[-limit:] if limit > 0 else []
+        limit = getattr(self.session_settings, "limit", None) if limit is None else limit
+        return items if limit is None else items[max(len(items) - limit, 0) :]
 
     async def add_items(self, items):
         """Append ``items`` in order (see ``MessageLog.extend``)."""

@@ -1,4 +1,4 @@
-"""An in-process store written only against tinysession's store hooks: five for records, five for logs.
+"""An in-process store written only against tinysession's store hooks: five for records, six for logs.
 
     store = MemoryStore(max_age=3600)
     app = tinysession.SessionMiddleware(app, store)
@@ -66,9 +66,13 @@ class MemoryStore(tinysession.Store):
             log.extend(bytes(line) for line in lines)
             return len(log)
 
-    def log_read(self, key):
+    def log_read(self, key, start=0, stop=None):
         with self._lock:
-            return list(self._logs.get(key, ()))
+            return self._logs.get(key, [])[start:stop]
+
+    def log_length(self, key):
+        with self._lock:
+            return len(self._logs.get(key, ()))
 
     def log_trim(self, key, start, stop, expected):
         with self._lock:
