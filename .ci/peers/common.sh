@@ -29,6 +29,28 @@ peer_sources() {
         && for sdist in *.tar.gz; do tar xzf "$sdist"; done)
 }
 
+# peer_debian_source PACKAGE TARBALL SHA256: for a peer whose PyPI sdist ships no tests, the upstream
+# release tarball (TARBALL) of Debian's source package PACKAGE in trixie, which ships them: apt-get
+# source fetches it from the Debian archive this machine's apt already uses, through a throwaway
+# deb-src list, lists and cache under $work (the machine's apt state is not touched). apt checks it
+# against the signed index; SHA256 pins it; it is unpacked into $work.
+peer_debian_source() {
+    local package=$1 tarball=$2 sha256=$3 apt=$work/apt uri
+    uri=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
+    if [[ -z $uri ]]; then
+        echo "peer_debian_source: no Debian archive (URIs:) in /etc/apt/sources.list.d/debian.sources" >&2
+        return 1
+    fi
+    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
+    echo "deb-src $uri trixie main" >"$apt/sources.list"
+    local options=(-o Dir::Etc::sourcelist="$apt/sources.list" -o Dir::Etc::sourceparts=-
+        -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o APT::Sandbox::User=root)
+    apt-get -qq "${options[@]}" update
+    (cd "$work" && apt-get -qq "${options[@]}" source --download-only --tar-only "$package" >/dev/null)
+    echo "$sha256  $work/$tarball" | sha256sum --check --quiet
+    tar xzf "$work/$tarball" -C "$work"
+}
+
 # break_conftest DIRECTORY: the proof's sabotage, only with PEER_BREAK_CONFTEST=1.
 break_conftest() {
     if [[ ${PEER_BREAK_CONFTEST:-} == 1 ]]; then
@@ -50,7 +72,7 @@ run_pytest() {
 check_run() {
     local name=$1 log=$2 passed=$3 expected=${4:-/dev/null} status failed got
     status=$(cat "$log.status")
-    failed=$(sed -n 's/^\(FAILED\|ERROR\) \([^ ]*\).*/\2/p' "$log" | sort)
+    failed=$(sed -n 's/^\(FAILED\|ERROR\) \([^ ][^ ]*\).*/\2/p' "$log" | sort)  # not "ERROR    logger:..."
     got=$(tail -n 1 "$log" | sed -n 's/.*\b\([0-9][0-9]*\) passed.*/\1/p')
     echo "$name: $(tail -n 1 "$log")"
     if [[ $status -gt 1 ]]; then
