@@ -87,7 +87,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 
 __version__ = "0.2.0"
@@ -183,14 +182,10 @@ class _JSONSerializer:
 class _PickleSerializer:
     """Pickle at the highest protocol; only ever used on signed records."""
 
-    def __init__(self):
-        self._pickle = pickle
+    loads = staticmethod(pickle.loads)
 
     def dumps(self, obj):
-        return self._pickle.dumps(obj, protocol=self._pickle.HIGHEST_PROTOCOL)
-
-    def loads(self, data):
-        return self._pickle.loads(data)
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 _TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT = " t", " b", " m", " u", " d", " di"
@@ -676,15 +671,11 @@ class Store(MutableMapping):
         """Return where the record for ``key`` lives, for log messages."""
         return f"{self!r} key {key!r}"
 
-    def _checked(self, key):
-        """Return ``key`` if the store is open and ``key`` is valid; raise before any I/O otherwise."""
+    def _checked(self, key=_MISSING):
+        """Return ``key`` if the store is open and ``key`` is valid (or not given); raise before any I/O otherwise."""
         if self._closed:
             raise StoreError(f"{self!r} is closed")
-        return _check_key(key)
-
-    def _check_open(self):
-        if self._closed:
-            raise StoreError(f"{self!r} is closed")
+        return key if key is _MISSING else _check_key(key)
 
     def _take(self, key):
         """Remove the record for ``key`` atomically; return its bytes if it was live, else None."""
@@ -719,7 +710,7 @@ class Store(MutableMapping):
         return not self._expired(mtime, None)
 
     def __iter__(self):
-        self._check_open()
+        self._checked()
         now = _now()
         return (key for key, mtime, _ in self.scan() if not self._expired(mtime, now))
 
@@ -828,7 +819,7 @@ class Store(MutableMapping):
         closed store stops the pass at its next batch (StoreError).
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        self._check_open()
+        self._checked()
         started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
         floor = float("-inf") if cutoff is None else cutoff
         sweep = Sweep()
@@ -844,12 +835,12 @@ class Store(MutableMapping):
             for key, mtime, size in self._sweep_scan(now, dry_run):
                 seen += 1
                 seen_bytes += size
-                if mtime < oldest:
+                if mtime < oldest:  # noqa: PLR1730 - a comparison costs less than a call, once per file
                     oldest = mtime
-                if mtime > newest:
+                if mtime > newest:  # noqa: PLR1730
                     newest = mtime
                 if not seen % 10000:
-                    self._check_open()
+                    self._checked()
                     sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = seen, seen_bytes, oldest, newest
                     if progress is not None:
                         progress(sweep)
@@ -888,7 +879,7 @@ class Store(MutableMapping):
         """Remove the doomed ``(key, mtime, size)`` entries, count them into ``sweep``, empty the list."""
         if not doomed:
             return
-        self._check_open()
+        self._checked()
         sizes = [size for _, _, size in doomed] if dry_run else self._evict(doomed)
         sweep.removed += len(sizes)
         sweep.removed_bytes += sum(sizes)
@@ -1059,7 +1050,7 @@ class FileStore(Store):
         if self._lock_forks != _forks():  # a forked child shares its parent's open handle: open its own
             self._thread_lock, self._lock_fd, self._lock_forks = threading.Lock(), None, _forks()
         with self._thread_lock:
-            self._check_open()
+            self._checked()
             try:
                 if self._lock_fd is None:
                     self._lock_fd = os.open(self.directory, _DIRECTORY_FLAGS)
@@ -1502,7 +1493,7 @@ class SQLiteStore(Store):
             _INHERITED.append(self._idle)
             self._idle, self._pool_lock, self._pool_forks = [], threading.Lock(), _forks()
         with self._pool_lock:
-            self._check_open()
+            self._checked()
             if self._idle:
                 return self._idle.pop()
         return self._connect()
@@ -1613,7 +1604,7 @@ class SQLiteStore(Store):
     def _evict_batches(self, connection, select, parameters, offset, sweep, progress):
         """Remove the rows ``select`` picks, a batch per ``BEGIN IMMEDIATE`` transaction, until it picks too few."""
         while True:
-            self._check_open()
+            self._checked()
             rows = connection.execute(self._sql[select], (*parameters, _SQLITE_EVICT_BATCH, offset)).fetchall()
             if not rows:
                 return
