@@ -5385,15 +5385,16 @@ class CommandLineProcess(unittest.TestCase):
                     self.connection = connection
                 def __getattr__(self, name):
                     return getattr(self.connection, name)
-                def executemany(self, sql, *args):
-                    cursor = self.connection.executemany(sql, *args)
-                    if sql.startswith("DELETE"):
-                        Interrupting.batches += 1
-                        if Interrupting.batches == 2:
-                            os.kill(os.getpid(), signal.SIGINT)
+                def execute(self, sql, *args):
+                    Interrupting.batches += sql == "BEGIN IMMEDIATE"
+                    cursor = self.connection.execute(sql, *args)
+                    if sql.startswith("DELETE") and Interrupting.batches == 2:
+                        os.kill(os.getpid(), signal.SIGINT)
                     return cursor
-            connect = tinysession.SQLiteStore._connection
-            tinysession.SQLiteStore._connection = lambda store: Interrupting(connect(store))
+            checkout = tinysession.SQLiteStore._checkout
+            tinysession.SQLiteStore._checkout = lambda store: Interrupting(checkout(store))
+            checkin = tinysession.SQLiteStore._checkin
+            tinysession.SQLiteStore._checkin = lambda store, connection: checkin(store, connection.connection)
         """)
         status, out, err = self.interrupt(path, setup, "--keep", "3")
         self.assertEqual((status, out), (130, ""))
