@@ -396,6 +396,76 @@ class StoreContract:
         store.close()
         self.assertEqual(self.make_store()["a"], {"v": 1})
 
+    def test_close_races_eight_threads_and_a_background_clean(self):
+        # 500 rounds in a child under faulthandler: a connection freed under a running statement kills it.
+        store_code = self.store_code or (
+            f"__import__('runpy').run_path({os.path.join(HERE, 'examples', 'memory_store.py')!r})['MemoryStore']()"
+        )
+        code = textwrap.dedent(f"""
+            import faulthandler, os, sys, threading, tinysession
+            faulthandler.enable()  # as python -X faulthandler: a crash prints every thread's stack
+            sys.setswitchinterval(1e-5)
+            outcomes = []
+            for round in range(500):
+                store = {store_code}
+                store.max_sessions = 10  # so that the clean has rows to remove
+                for index in range(20 if round == 0 or "MemoryStore" in repr(store) else 0):
+                    store["s%d" % index] = {{"i": index}}
+                started = threading.Barrier(9)
+
+                def work(worker, store=store, started=started):
+                    try:
+                        started.wait()
+                        while True:
+                            store["t%d" % worker] = {{"round": round}}
+                            store.get("t%d" % worker)  # None if a clean removed it meanwhile
+                            store.get("s%d" % worker)
+                            store.touch("s%d" % worker)
+                    except tinysession.StoreError as exc:
+                        outcome = "closed" if "closed" in str(exc) else repr(exc)
+                    except BaseException as exc:
+                        outcome = repr(exc)
+                    outcomes.append(outcome)
+
+                threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+                for thread in threads:
+                    thread.start()
+                started.wait()
+                store._clean_in_background()
+                store.close()
+                store.close()
+                try:
+                    store["after"] = {{}}
+                    print("a write after close was not refused", flush=True)
+                    os._exit(1)  # the threads would never stop
+                except tinysession.StoreError:
+                    pass
+                for thread in threads:
+                    thread.join(60)
+            print(sorted((outcome, outcomes.count(outcome)) for outcome in set(outcomes)))
+        """)
+        child = python_process(code, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(child.kill)
+        out, err = child.communicate(timeout=600)
+        self.assertEqual(child.returncode, 0, err.decode()[-3000:])
+        self.assertEqual(out.decode().strip(), str([("closed", 8 * 500)]), err.decode()[-3000:])
+
+    def test_a_value_it_cannot_encode_raises_encode_error_and_keeps_the_record(self):
+        store = self.make_store()
+        store["a"] = {"v": 1}
+        deep = []
+        for _ in range(sys.getrecursionlimit() + 100):
+            deep = [deep]
+        for value, cause, named in ((deep, RecursionError, str(sys.getrecursionlimit())),
+                                    (datetime.datetime(2024, 1, 1), TypeError, "datetime")):
+            with self.subTest(cause=cause.__name__), self.assertRaises(tinysession.EncodeError) as caught:
+                store["a"] = {"v": value}
+            self.assertIsInstance(caught.exception, (tinysession.SessionError, TypeError))
+            self.assertIsInstance(caught.exception.__cause__, cause)
+            self.assertIn(named, str(caught.exception))
+            self.assertIn("'a'", str(caught.exception))
+            self.assertEqual(store["a"], {"v": 1})
+
     def test_threads_share_one_store(self):
         store = self.make_store()
         errors = []
@@ -1108,15 +1178,27 @@ class FileStoreOnDisk(unittest.TestCase):
         self.assertTrue(os.path.exists(outside))
         self.assertEqual(list(self.store), [])
 
-    def test_debris_of_killed_writers_goes_once_old(self):
-        old = time.time() - 3600
-        for name in (".ts-old.tmp", ".ts-young.tmp"):
+    def test_debris_of_killed_writers_goes_once_unchanged_for_two_minutes(self):
+        for name in (".ts-killed.tmp", ".ts-x.keep"):
             with open(os.path.join(self.directory, name), "w") as file:
                 file.write("{")
-        os.utime(os.path.join(self.directory, ".ts-old.tmp"), (old, old))
         self.assertEqual(self.store.clean(), 0)
-        self.assertEqual(os.listdir(self.directory), [".ts-young.tmp"])
+        self.assertEqual(sorted(os.listdir(self.directory)), [".ts-killed.tmp", ".ts-x.keep"])
+        self.assertEqual(self.store.clean(now=time.time() + 121), 0)  # its ctime, two minutes on
+        self.assertEqual(os.listdir(self.directory), [".ts-x.keep"])
         self.assertEqual(list(self.store), [])
+
+    def test_clean_never_removes_a_temp_file_a_back_dated_write_holds(self):
+        # A save(now=time.time() - 600) sets its temp file's mtime 10 minutes back before the rename.
+        path = os.path.join(self.directory, ".ts-0123456789abcdef.tmp")
+        with open(path, "w") as file:
+            file.write("{}")
+        then = time.time() - 600
+        os.utime(path, (then, then))
+        self.assertEqual(self.store.clean(), 0)
+        self.assertTrue(os.path.exists(path))
+        os.replace(path, os.path.join(self.directory, "ts-renamed"))  # the writer's rename still finds it
+        self.assertEqual(self.store["renamed"], {})
 
     def test_symbolic_links_are_not_followed(self):
         secret_file = os.path.join(temp_dir(self), "secret.json")
@@ -1235,6 +1317,43 @@ class SQLiteStoreOnDisk(unittest.TestCase):
         for table in ("", "x; DROP TABLE y", 'a"b', "1abc", "a" * 65):
             with self.subTest(table=table), self.assertRaises(ValueError):
                 tinysession.SQLiteStore(self.path, table=table)
+
+    def test_missing_parent_directories_are_created_0700(self):
+        path = os.path.join(temp_dir(self), "data", "app", "sessions.db")
+        store = tinysession.SQLiteStore(path)
+        self.addCleanup(store.close)
+        store["a"] = {"v": 1}
+        self.assertEqual(file_mode(os.path.dirname(path)), 0o700)
+        self.assertEqual(tinysession.SQLiteStore(path)["a"], {"v": 1})
+
+    def test_a_directory_it_cannot_create_is_named(self):
+        blocker = os.path.join(temp_dir(self), "a-file")
+        with open(blocker, "w"):
+            pass
+        path = os.path.join(blocker, "data", "sessions.db")
+        with self.assertRaises(tinysession.StoreError) as caught:
+            tinysession.SQLiteStore(path)
+        self.assertIn(f"its directory {os.path.dirname(path)!r} is missing", str(caught.exception))
+
+    def test_clean_counts_add_up_while_others_write(self):
+        store = tinysession.SQLiteStore(self.path, max_sessions=None)
+        self.addCleanup(store.close)
+        now = time.time()
+        rows = [(f"k{index}", b"{}", tinysession.Store._stamp(now - 5000 + index)) for index in range(2000)]
+        with contextlib.closing(sqlite3.connect(self.path)) as connection, connection:
+            connection.executemany("INSERT INTO sessions (key, data, mtime) VALUES (?, ?, ?)", rows)
+        writer = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(writer.close)
+
+        def progress(sweep):  # others write meanwhile: new sessions, expired and not, written back-dated
+            if sweep.removed == 0:
+                writer.executemany("INSERT OR IGNORE INTO sessions (key, data, mtime) VALUES (?, ?, ?)",
+                                   [(f"new{index}", b"{}", now - 7200 * (index % 2)) for index in range(600)])
+
+        sweep = store.sweep(max_age=3600, keep=100, progress=progress)
+        self.assertEqual((sweep.seen, sweep.removed), (2000, 1900))
+        self.assertLessEqual(sweep.removed, sweep.seen)
+        self.assertEqual(len([key for key in store if key.startswith("new")]), 600)  # written after it began
 
     def test_a_file_that_is_not_a_database(self):
         with open(self.path, "wb") as file:
@@ -5274,6 +5393,23 @@ class FileStoreDirectoryModes(unittest.TestCase):
                 self.assertIn(f"mode {mode:04o}", str(caught.exception))
                 self.assertEqual(file_mode(directory), mode)
 
+    def test_a_shared_directory_gets_advice_never_to_chmod_it(self):
+        sticky = os.path.join(temp_dir(self), "tmp")
+        os.mkdir(sticky)
+        os.chmod(sticky, 0o1777)
+        for directory in ("/tmp", sticky):
+            with self.subTest(directory=directory), self.assertRaises(tinysession.StoreError) as caught:
+                tinysession.FileStore(directory)
+            self.assertIn("private subdirectory", str(caught.exception))
+            self.assertIn(repr(os.path.join(directory, "sessions")), str(caught.exception))
+            self.assertNotIn("chmod", str(caught.exception))
+        group = os.path.join(temp_dir(self), "group")
+        os.mkdir(group)
+        os.chmod(group, 0o770)
+        with self.assertRaises(tinysession.StoreError) as caught:
+            tinysession.FileStore(group)
+        self.assertIn("chmod go-w", str(caught.exception))
+
     def test_a_directory_readable_by_others_but_writable_by_its_owner_alone_is_used(self):
         for mode in (0o700, 0o750, 0o755):
             with self.subTest(mode=oct(mode)):
@@ -5351,6 +5487,14 @@ class SecretRotation(unittest.TestCase):
         with LogRecords() as records:
             self.assertIsNone(self.store(["current", "next"], serializer="pickle").get("a"))
         self.assertIn("bad signature", records[0])
+
+    def test_a_changed_secret_is_named_in_the_log(self):
+        self.store("first")["a"] = {"user": 42}
+        for secret in (None, "second"):
+            with self.subTest(secret=secret), LogRecords() as records:
+                self.assertIsNone(self.store(secret).get("a"))
+            self.assertIn("secret probably changed", records[0])
+            self.assertNotIn("UnicodeDecodeError", records[0])
 
     def test_sessions_survive_a_rotation_through_the_middleware(self):
         app = tinysession.SessionMiddleware(probe_app, self.store("old"))
@@ -5771,15 +5915,16 @@ class CommandLineProcess(unittest.TestCase):
                     self.connection = connection
                 def __getattr__(self, name):
                     return getattr(self.connection, name)
-                def executemany(self, sql, *args):
-                    cursor = self.connection.executemany(sql, *args)
-                    if sql.startswith("DELETE"):
-                        Interrupting.batches += 1
-                        if Interrupting.batches == 2:
-                            os.kill(os.getpid(), signal.SIGINT)
+                def execute(self, sql, *args):
+                    Interrupting.batches += sql == "BEGIN IMMEDIATE"
+                    cursor = self.connection.execute(sql, *args)
+                    if sql.startswith("DELETE") and Interrupting.batches == 2:
+                        os.kill(os.getpid(), signal.SIGINT)
                     return cursor
-            connect = tinysession.SQLiteStore._connection
-            tinysession.SQLiteStore._connection = lambda store: Interrupting(connect(store))
+            checkout = tinysession.SQLiteStore._checkout
+            tinysession.SQLiteStore._checkout = lambda store: Interrupting(checkout(store))
+            checkin = tinysession.SQLiteStore._checkin
+            tinysession.SQLiteStore._checkin = lambda store, connection: checkin(store, connection.connection)
         """)
         status, out, err = self.interrupt(path, setup, "--keep", "3")
         self.assertEqual((status, out), (130, ""))

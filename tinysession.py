@@ -73,6 +73,7 @@ import hashlib
 import heapq
 import hmac
 import http.cookies
+import itertools
 import json
 import logging
 import marshal
@@ -86,7 +87,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 
 __version__ = "0.2.0"
@@ -143,7 +143,10 @@ class RecordTooLarge(SessionError, ValueError):
 
 
 class EncodeError(SessionError, TypeError):
-    """The serializer cannot encode a value (or it is nested too deep); the message says which and the way out."""
+    """The serializer cannot encode a record: a value of a type it does not know, or nesting too deep.
+
+    The serializer's own error is chained as ``__cause__``; nothing was written.
+    """
 
 
 # -- Records --
@@ -179,14 +182,10 @@ class _JSONSerializer:
 class _PickleSerializer:
     """Pickle at the highest protocol; only ever used on signed records."""
 
-    def __init__(self):
-        self._pickle = pickle
+    loads = staticmethod(pickle.loads)
 
     def dumps(self, obj):
-        return self._pickle.dumps(obj, protocol=self._pickle.HIGHEST_PROTOCOL)
-
-    def loads(self, data):
-        return self._pickle.loads(data)
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 _TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT = " t", " b", " m", " u", " d", " di"
@@ -333,17 +332,30 @@ def _make_serializer(serializer, secret):
 _MISSING = object()
 _EVICT_BATCH = 256
 _RETRIES = 16
+_CLOSE_WAIT_SECONDS = 10.0
 # A probationary mtime is a millisecond plus half of one; a returning one is a whole millisecond.
 _PROBATION_SECONDS = 0.0005
+_FORKS = []  # [forks of this process since a store first asked]: a child must not use its parent's handles
+
+
+def _forks():
+    """Return how many times this process was forked since the first call, without a system call."""
+    if not _FORKS:
+        _FORKS.append(0)
+        os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
+    return _FORKS[0]
 
 
 class Sweep:
     """What one pass of ``Store.sweep`` saw and removed (or, in a dry run, would remove).
 
     ``seen`` and ``seen_bytes`` count every record the pass met, expired ones
-    included; ``removed`` and ``removed_bytes`` those it removed; ``oldest``
-    and ``newest`` are the extreme mtimes met (None for an empty store).
-    ``stats`` also fills ``logs`` and ``log_bytes``: the message logs kept.
+    included (``seen_bytes`` is None where a store's clean does not sum them:
+    SQLiteStore and RedisStore, whose ``stats`` do); ``removed`` and
+    ``removed_bytes`` count those it removed, always among the ``seen``, so
+    ``seen - removed`` were kept, even while others write to the store;
+    ``oldest`` and ``newest`` are the extreme mtimes met (None for an empty
+    store). ``stats`` also fills ``logs`` and ``log_bytes``: the message logs kept.
     """
 
     __slots__ = ("log_bytes", "logs", "newest", "oldest", "removed", "removed_bytes", "seen", "seen_bytes")
@@ -355,15 +367,6 @@ class Sweep:
 
     def __repr__(self):
         return f"<Sweep seen={self.seen} removed={self.removed}>"
-
-    def count(self, mtime, size):
-        """Add one record met by the pass."""
-        self.seen += 1
-        self.seen_bytes += size
-        if self.oldest is None or mtime < self.oldest:
-            self.oldest = mtime
-        if self.newest is None or mtime > self.newest:
-            self.newest = mtime
 
 
 class Store(MutableMapping):
@@ -391,6 +394,15 @@ class Store(MutableMapping):
 
     The bytes a hook sees are the stored bytes: the serialized record,
     preceded by its signature when there is a secret.
+
+    Threads: one store object may be shared by all the threads of a process.
+    ``close()`` ends its use, and is safe at any moment: operations already
+    running finish; every later one raises StoreError saying the store is
+    closed; a background clean of this store object stops at its next batch
+    and is waited for (up to ten seconds). Closing twice, or from inside a
+    clean, is fine. A store that holds resources (connections, handles)
+    releases them in its own ``close``, after this one's, never while
+    another thread is using them.
     """
 
     def __init__(
@@ -408,11 +420,15 @@ class Store(MutableMapping):
         self.max_age = _check_seconds(max_age, "max_age")
         self.max_sessions = _check_count(max_sessions, "max_sessions")
         self.max_bytes = _check_count(max_bytes, "max_bytes")
-        self._write_lock = threading.Lock()
-        self._writes_before_clean = self._writes_between_cleans()
-        self._cleaning = threading.Lock()
+        self._closed = False
+        self._lock = threading.Lock()  # guards the background clean's state and _closed's change
+        self._cleaner = None
         self._clean_again = False
-        self._last_claim = None
+        self._writes = itertools.count(1)  # its next() is atomic: no lock per write
+        if self.max_sessions is not None:
+            self._clean_every = max(10, self.max_sessions // 10)
+        else:
+            self._clean_every = None if self.max_age is None else 1000
 
     @staticmethod
     def _keys_of(secret):
@@ -479,10 +495,20 @@ class Store(MutableMapping):
     def encode(self, key, record):
         """Return the bytes ``write`` stores for ``record``: serialized, size-checked, signed.
 
-        Raises RecordTooLarge past ``max_bytes``.
+        Raises EncodeError if the serializer cannot encode it (a type it does
+        not know, nesting deeper than the recursion limit), RecordTooLarge
+        past ``max_bytes``, StoreError if the store is closed.
         """
-        _check_key(key)
-        payload = self.serializer.dumps(record)
+        self._checked(key)
+        try:
+            payload = self.serializer.dumps(record)
+        except RecursionError as exc:
+            raise EncodeError(
+                f"cannot encode the session record for key {key!r}: nested too deep"
+                f" (past the recursion limit, sys.getrecursionlimit() = {sys.getrecursionlimit()})"
+            ) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"cannot encode the session record for key {key!r}: {exc}") from exc
         if self.max_bytes is not None and len(payload) > self.max_bytes:
             raise RecordTooLarge(
                 f"session record for key {key!r} is {len(payload)} bytes, over max_bytes={self.max_bytes}"
@@ -497,7 +523,7 @@ class Store(MutableMapping):
         Raise KeyError if the record is missing, expired, over the size limit,
         badly signed or not deserializable (the last three are logged).
         """
-        data, mtime = self.read(_check_key(key))
+        data, mtime = self.read(self._checked(key))
         if self._expired(mtime, now):
             raise KeyError(key)
         return self.decode(key, data), data, mtime
@@ -508,20 +534,18 @@ class Store(MutableMapping):
         ``new`` marks a session written for the first time, which stays on
         probation (first to go when the store is full) until it is touched or
         written again. Holds ``max_sessions``: after every
-        ``max_sessions // 10`` writes (at least 10) of this store object, a
-        clean starts in a background thread, never in the caller's, one at a
-        time; its errors are logged.
+        ``max_sessions // 10`` writes (at least 10) of this store object, or
+        every 1,000 with ``max_age`` alone, a clean starts in a background
+        thread, never in the caller's, one at a time; its errors are logged.
         """
-        if not self.write(_check_key(key), data, self._stamp(now, new=new), expected):
+        return self._save(self._checked(key), data, expected, now, new)
+
+    def _save(self, key, data, expected=None, now=None, new=False):
+        """Do what ``save`` says for a checked ``key``."""
+        if not self.write(key, data, self._stamp(now, new=new), expected):
             return False
-        if self.max_sessions is not None:
-            with self._write_lock:
-                self._writes_before_clean -= 1
-                due = self._writes_before_clean <= 0
-                if due:
-                    self._writes_before_clean = self._writes_between_cleans()
-            if due:
-                self._clean_in_background()
+        if self._clean_every is not None and next(self._writes) % self._clean_every == 0:
+            self._clean_in_background()
         return True
 
     @staticmethod
@@ -547,62 +571,50 @@ class Store(MutableMapping):
         scaled = mtime * 1000.0
         return 0.25 <= scaled - int(scaled) <= 0.75
 
-    def _writes_between_cleans(self):
-        return max(10, (self.max_sessions or 0) // 10)
+    def _clean_in_background(self):
+        """Start ``clean()`` in a daemon thread unless one of this store object's is running; return it or None.
 
-    def _clean_in_background(self, *, claim_interval=None):
-        """Start ``clean()`` in a daemon thread unless one of this store object's is running.
-
-        With ``claim_interval`` (seconds), the thread first calls
-        ``_claim_clean(claim_interval)`` and cleans only if it wins. Return
-        the thread, or None if a clean was already running. Each finished
-        clean logs one INFO line with its counts; a failure is logged, never
-        raised. A clean asked for while one runs (the writes outpacing it)
-        makes the running one sweep again when it is done.
+        Each finished pass logs one INFO line with its counts; a failure is
+        logged, never raised. A clean asked for while one runs (the writes
+        outpacing it) makes the running one sweep again when it is done.
         """
-        if not self._cleaning.acquire(blocking=False):
+        with self._lock:
+            if self._closed:
+                return None
             self._clean_again = True
-            return None
-
-        def run():
+            if self._cleaner is not None:
+                return None
+            thread = threading.Thread(target=self._clean_until_done, name="tinysession-clean", daemon=True)
             try:
-                if claim_interval is not None and not self._claim_clean(claim_interval):
-                    return
-                self._clean_again = True
-                while self._clean_again:
-                    self._clean_again, started = False, time.perf_counter()
-                    sweep = self.sweep()
-                    _logger.info("cleaned %r: removed %d of %d sessions in %.2f s",
-                                 self, sweep.removed, sweep.seen, time.perf_counter() - started)
-            except Exception:
-                _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument, logging would bool() it
-            finally:
-                self._cleaning.release()
+                thread.start()
+            except RuntimeError:
+                _logger.exception("could not start a background clean of %s", repr(self))
+                return None
+            self._cleaner = thread
+            return thread
 
-        thread = threading.Thread(target=run, name="tinysession-clean", daemon=True)
+    def _clean_until_done(self):
+        """Sweep until no clean is asked for, logging each pass; the background clean's thread."""
         try:
-            thread.start()
-        except RuntimeError:
-            self._cleaning.release()
-            _logger.exception("could not start a background clean of %s", repr(self))
-            return None
-        return thread
-
-    def _claim_clean(self, interval, *, now=None):
-        """Return True, and claim the next clean, if none was claimed in the last ``interval`` seconds.
-
-        Front ends call it before a periodic background clean so that
-        several workers sharing one store do not repeat one another's sweep.
-        This default remembers claims in this store object only; FileStore,
-        SQLiteStore and RedisStore keep them in the store, so exactly one of
-        the processes sharing it wins each interval.
-        """
-        now = _now() if now is None else now
-        with self._write_lock:
-            if self._last_claim is not None and now - self._last_claim < interval:
-                return False
-            self._last_claim = now
-            return True
+            while True:
+                with self._lock:
+                    if not self._clean_again or self._closed:
+                        self._cleaner = None
+                        return
+                    self._clean_again = False
+                started = time.perf_counter()
+                sweep = self.sweep()
+                _logger.info(
+                    "cleaned %r in %.2f s: met %d sessions, removed %d of them, kept %d",
+                    self, time.perf_counter() - started, sweep.seen, sweep.removed, sweep.seen - sweep.removed,
+                )
+        except Exception:
+            with self._lock:
+                self._cleaner = None
+            if self._closed:
+                _logger.debug("cleaning %s stopped: the store was closed", repr(self))
+            else:
+                _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument, logging would bool() it
 
     def _expired(self, mtime, now):
         return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
@@ -624,28 +636,46 @@ class Store(MutableMapping):
     def decode(self, key, data):
         """Return the record in the stored bytes ``data`` of ``key``, as ``encode`` made them.
 
-        Raise KeyError (logged) if they are oversized, badly signed or corrupt.
+        Raise KeyError (logged) if they are oversized, badly signed or corrupt;
+        the log line says when the secret probably changed.
         """
         try:
             limit = self._read_limit()
             if limit is not None and len(data) > limit:
                 raise ValueError(f"{len(data)} bytes, over the size limit")
-            payload = data
-            if self._signing_key is not None:
-                signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
-                if not any(
-                    hmac.compare_digest(signature, self._signature(key, payload, signing_key))
-                    for signing_key in reversed(self._signing_keys)
-                ):
-                    raise ValueError("bad signature")
+            if self._signing_key is None:
+                return self.serializer.loads(data)
+            signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
+            if not any(
+                hmac.compare_digest(signature, self._signature(key, payload, signing_key))
+                for signing_key in reversed(self._signing_keys)
+            ):
+                raise ValueError("bad signature: the secret probably changed (or the record was altered)")
             return self.serializer.loads(payload)
         except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
-            _logger.warning("unreadable session record %s: %s: %s", self._where(key), type(exc).__name__, exc)
+            cause = f"{type(exc).__name__}: {exc}"
+            if self._signing_key is None and self._reads_as_signed(data):
+                cause = "it is signed and this store has no secret: the secret probably changed"
+            _logger.warning("unreadable session record %s: %s", self._where(key), cause)
             raise KeyError(key) from None
+
+    def _reads_as_signed(self, data):
+        """Return True if ``data`` decodes once a signature's length is cut off: a record signed by a secret."""
+        try:
+            self.serializer.loads(data[_SIGNATURE_BYTES:])
+        except Exception:  # noqa: BLE001 - not a signed record either
+            return False
+        return len(data) > _SIGNATURE_BYTES
 
     def _where(self, key):
         """Return where the record for ``key`` lives, for log messages."""
         return f"{self!r} key {key!r}"
+
+    def _checked(self, key=_MISSING):
+        """Return ``key`` if the store is open and ``key`` is valid (or not given); raise before any I/O otherwise."""
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
+        return key if key is _MISSING else _check_key(key)
 
     def _take(self, key):
         """Remove the record for ``key`` atomically; return its bytes if it was live, else None."""
@@ -666,20 +696,21 @@ class Store(MutableMapping):
         return self.load(key)[0]
 
     def __setitem__(self, key, record):
-        self.save(_check_key(key), self.encode(key, record))
+        self._save(key, self.encode(key, record))
 
     def __delitem__(self, key):
-        if self._take(_check_key(key)) is None:
+        if self._take(self._checked(key)) is None:
             raise KeyError(key)
 
     def __contains__(self, key):
         try:
-            _, mtime = self.read(_check_key(key))
+            _, mtime = self.read(self._checked(key))
         except KeyError:
             return False
         return not self._expired(mtime, None)
 
     def __iter__(self):
+        self._checked()
         now = _now()
         return (key for key, mtime, _ in self.scan() if not self._expired(mtime, now))
 
@@ -688,7 +719,7 @@ class Store(MutableMapping):
 
     def pop(self, key, default=_MISSING):
         """Remove the record for ``key`` and return it, atomically; ``default`` (or KeyError) if absent."""
-        data = self._take(_check_key(key))
+        data = self._take(self._checked(key))
         try:
             if data is None:
                 raise KeyError(key)
@@ -718,7 +749,18 @@ class Store(MutableMapping):
         self.close()
 
     def close(self):
-        """Release the store's resources; safe to call twice."""
+        """Refuse every later operation and wait for this store object's background clean; safe to call twice.
+
+        Operations already running finish; later ones raise StoreError. Never
+        waits for a clean from inside it, nor more than ten seconds.
+        """
+        with self._lock:
+            self._closed = True
+            cleaner = self._cleaner
+        if cleaner is not None and cleaner is not threading.current_thread():
+            cleaner.join(_CLOSE_WAIT_SECONDS)
+            if cleaner.is_alive():
+                _logger.warning("closed %s while its background clean still runs", repr(self))
 
     # Maintenance.
 
@@ -728,15 +770,16 @@ class Store(MutableMapping):
         Return True if the record exists and is live, False if it is missing
         or expired (an expired record is not brought back).
         """
+        self._checked(key)
         now = _now() if now is None else now
         if self.max_age is not None:
             try:
-                _, mtime = self.read(_check_key(key))
+                _, mtime = self.read(key)
             except KeyError:
                 return False
             if self._expired(mtime, now):
                 return False
-        return self.set_mtime(_check_key(key), self._stamp(now))
+        return self.set_mtime(key, self._stamp(now))
 
     def clean(self, max_age=None, keep=None, *, now=None):
         """Remove expired records, then all but ``keep`` of the others; return how many.
@@ -772,10 +815,13 @@ class Store(MutableMapping):
         records, so a caller interrupted mid-pass (Ctrl-C) can still report
         what was seen and removed so far. One pass over ``scan()`` (stat
         only, for FileStore), in memory bounded by ``keep``: a heap of the
-        ``keep`` records to keep so far, keyed ``(returning, mtime)``.
+        ``keep`` records to keep so far, keyed ``(returning, mtime)``. A
+        closed store stops the pass at its next batch (StoreError).
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
+        self._checked()
         started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
+        floor = float("-inf") if cutoff is None else cutoff
         sweep = Sweep()
         kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
         doomed = []
@@ -789,20 +835,26 @@ class Store(MutableMapping):
             for key, mtime, size in self._sweep_scan(now, dry_run):
                 seen += 1
                 seen_bytes += size
-                oldest, newest = min(oldest, mtime), max(newest, mtime)
-                if seen % 10000 == 0:
+                if mtime < oldest:  # noqa: PLR1730 - a comparison costs less than a call, once per file
+                    oldest = mtime
+                if mtime > newest:  # noqa: PLR1730
+                    newest = mtime
+                if not seen % 10000:
+                    self._checked()
                     sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = seen, seen_bytes, oldest, newest
                     if progress is not None:
                         progress(sweep)
-                if cutoff is not None and mtime < cutoff:
+                if mtime < floor:
                     doomed.append((key, mtime, size))
                 elif keep is not None and mtime <= started:
                     entry = (not self._on_probation(mtime), mtime, key, size)
                     if len(kept) < keep:
                         heapq.heappush(kept, entry)
-                    else:
-                        _, mtime, key, size = heapq.heappushpop(kept, entry)
-                        doomed.append((key, mtime, size))
+                        continue
+                    _, mtime, key, size = heapq.heappushpop(kept, entry)
+                    doomed.append((key, mtime, size))
+                else:
+                    continue
                 if len(doomed) >= _EVICT_BATCH:
                     self._evict_counted(doomed, sweep, dry_run)
         finally:
@@ -825,6 +877,9 @@ class Store(MutableMapping):
 
     def _evict_counted(self, doomed, sweep, dry_run):
         """Remove the doomed ``(key, mtime, size)`` entries, count them into ``sweep``, empty the list."""
+        if not doomed:
+            return
+        self._checked()
         sizes = [size for _, _, size in doomed] if dry_run else self._evict(doomed)
         sweep.removed += len(sizes)
         sweep.removed_bytes += sum(sizes)
@@ -904,7 +959,6 @@ class Store(MutableMapping):
 _FILE_PREFIX = "ts-"
 _TEMP_PREFIX = ".ts-"
 _TEMP_SUFFIX = ".tmp"
-_CLAIM_NAME = ".ts-cleaned"
 _TEMP_MAX_AGE = 120.0
 _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = (
@@ -927,7 +981,9 @@ class FileStore(Store):
     by group or others is refused (StoreError). Record files are 0600 and
     named ``ts-<key>``. A write goes to a temporary file ``.ts-*.tmp`` in the
     same directory and is renamed over the record, so a reader sees the old
-    record or the new one, never a partial one, even if the writer is killed.
+    record or the new one, never a partial one, even if the writer is killed;
+    ``clean`` removes a temporary file once nothing changed it (its ctime,
+    which no writer can set) for two minutes, whatever mtime it carries.
     Files without the ``ts-`` prefix are never read or removed, and symbolic
     links are never followed.
 
@@ -938,46 +994,52 @@ class FileStore(Store):
     held only to compare and rename, never while a record is written out,
     and a killed process releases it. Reads take no lock. Records are not fsynced: a killed
     process loses nothing it finished writing, a power failure may lose the
-    newest.
+    newest. ``close()`` (see ``Store``) closes the directory handle the lock
+    is taken on once no thread holds the lock.
     """
 
     def __init__(self, directory, **options):
         super().__init__(**options)
         self.directory = os.fspath(directory)
-        self._fcntl = fcntl
         self._lock_fd = None
-        self._lock_pid = None
+        self._lock_forks = _forks()
         self._thread_lock = threading.Lock()
         self._make_directory()
 
     def _make_directory(self):
         """Create the directory 0700, or check that the existing one is writable by its owner alone."""
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.directory)), exist_ok=True)
-            try:
-                os.mkdir(self.directory, 0o700)
-                os.chmod(self.directory, 0o700)  # whatever the umask took away or left
-            except FileExistsError:
-                pass
-            status = os.stat(self.directory)
+            os.makedirs(self.directory, 0o700)
+            os.chmod(self.directory, 0o700)  # whatever the umask took away or left
+        except FileExistsError:
+            pass
         except OSError as exc:
-            raise StoreError(f"cannot create session directory {self.directory!r}: {exc}") from exc
-        if not stat.S_ISDIR(status.st_mode):
+            raise StoreError(f"cannot create session directory {self.directory!r}: {exc.strerror}") from exc
+        try:
+            mode = os.stat(self.directory).st_mode
+        except OSError as exc:
+            raise StoreError(f"cannot use session directory {self.directory!r}: {exc.strerror}") from exc
+        if not stat.S_ISDIR(mode):
             raise StoreError(f"cannot use {self.directory!r} as the session directory: it is not a directory")
-        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            shared = mode & (stat.S_ISVTX | stat.S_IWOTH)  # /tmp and its kind: never to be chmod-ed
+            advice = (
+                f"use a private subdirectory, such as {os.path.join(self.directory, 'sessions')!r},"
+                f" which FileStore creates 0700" if shared else "make it writable by its owner alone (chmod go-w)"
+            )
             raise StoreError(
                 f"session directory {self.directory!r} is writable by group or others"
-                f" (mode {stat.S_IMODE(status.st_mode):04o}): whoever can write there can plant or remove"
-                f" sessions; make it writable by its owner alone (chmod go-w)"
+                f" (mode {stat.S_IMODE(mode):04o}): whoever can write there can plant or remove sessions; {advice}"
             )
 
     def __repr__(self):
         return f"FileStore({self.directory!r})"
 
     def close(self):
-        """Close the directory handle the lock is taken on; safe to call twice (reopened on next use)."""
+        """Refuse later operations (see ``Store.close``), then close the directory handle of the lock."""
+        super().close()
         with self._thread_lock:
-            if self._lock_fd is not None and self._lock_pid == os.getpid():
+            if self._lock_fd is not None and self._lock_forks == _forks():
                 os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -989,20 +1051,21 @@ class FileStore(Store):
 
     @contextlib.contextmanager
     def _locked(self):
-        """Hold the directory's lock against every other thread and process."""
-        if self._lock_pid != os.getpid():  # a forked child shares its parent's open handle: open its own
-            self._thread_lock, self._lock_fd, self._lock_pid = threading.Lock(), None, os.getpid()
+        """Hold the directory's lock against every other thread and process; StoreError once closed."""
+        if self._lock_forks != _forks():  # a forked child shares its parent's open handle: open its own
+            self._thread_lock, self._lock_fd, self._lock_forks = threading.Lock(), None, _forks()
         with self._thread_lock:
+            self._checked()
             try:
                 if self._lock_fd is None:
                     self._lock_fd = os.open(self.directory, _DIRECTORY_FLAGS)
-                self._fcntl.flock(self._lock_fd, self._fcntl.LOCK_EX)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             except OSError as exc:
                 raise StoreError(f"cannot lock session directory {self.directory!r}: {exc.strerror}") from exc
             try:
                 yield
             finally:
-                self._fcntl.flock(self._lock_fd, self._fcntl.LOCK_UN)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def read(self, key):
         path = self._path(key)
@@ -1096,49 +1159,34 @@ class FileStore(Store):
             directory_fd = os.open(self.directory, _DIRECTORY_FLAGS)
         except OSError as exc:
             raise StoreError(f"cannot open session directory {self.directory!r}: {exc.strerror}") from exc
-        prefix_length = len(_FILE_PREFIX)
+        is_regular = stat.S_ISREG
         try:
             with os.scandir(directory_fd) as entries:
                 for entry in entries:
                     name = entry.name
-                    if not name.startswith((_FILE_PREFIX, _TEMP_PREFIX)):
-                        continue
-                    try:
-                        status = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if not stat.S_ISREG(status.st_mode):
-                        continue
-                    if name[0] != ".":
-                        key = name[prefix_length:]
-                        if 0 < len(key) <= 128 and not key.strip(_KEY_CHARACTERS):  # _is_key, inlined: per file
+                    key = name[3:]  # after _FILE_PREFIX; _is_key, inlined: this loop runs once per file
+                    if name[:3] == _FILE_PREFIX and 0 < len(key) <= 128 and not key.strip(_KEY_CHARACTERS):
+                        try:
+                            status = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if is_regular(status.st_mode):
                             yield key, status.st_mtime, status.st_size
-                    elif not dry_run and name.endswith(_TEMP_SUFFIX) and status.st_mtime < now - _TEMP_MAX_AGE:
-                        with contextlib.suppress(FileNotFoundError):  # another cleaner was first
-                            os.unlink(name, dir_fd=directory_fd)
+                    elif not dry_run and name.startswith(_TEMP_PREFIX) and name.endswith(_TEMP_SUFFIX):
+                        self._remove_debris(name, directory_fd, now)
         except OSError as exc:
             raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
         finally:
             os.close(directory_fd)
 
-    def _claim_clean(self, interval, *, now=None):
-        """Claim the next clean for one process of all sharing the directory (see ``Store._claim_clean``).
-
-        The claim is the mtime of the file ``.ts-cleaned``, set under the lock.
-        """
-        now = _now() if now is None else now
-        path = os.path.join(self.directory, _CLAIM_NAME)
-        with self._locked():
-            try:
-                try:
-                    if now - os.lstat(path).st_mtime < interval:
-                        return False
-                except FileNotFoundError:
-                    os.close(os.open(path, _CREATE_FLAGS, 0o600))
-                os.utime(path, (now, now), follow_symlinks=False)
-            except OSError as exc:
-                raise StoreError(f"cannot claim a clean of {self.directory!r}: {exc.strerror}") from exc
-        return True
+    @staticmethod
+    def _remove_debris(name, directory_fd, now):
+        """Remove the temporary file ``name`` if nothing changed it for two minutes: a killed writer's."""
+        with contextlib.suppress(FileNotFoundError):  # another cleaner was first, or the writer renamed it
+            status = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+            # ctime, not mtime: a writer sets the mtime it likes (in the past, too) before it renames.
+            if stat.S_ISREG(status.st_mode) and status.st_ctime < now - _TEMP_MAX_AGE:
+                os.unlink(name, dir_fd=directory_fd)
 
     def _evict(self, doomed):
         sizes = []
@@ -1300,11 +1348,16 @@ class FileStore(Store):
 
 _TABLE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 _SQLITE_BUSY_SECONDS = 5.0
-_SQL_CREATE = (
-    'CREATE TABLE IF NOT EXISTS "{table}" '
-    "(key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL)"
+_SQLITE_IDLE_CONNECTIONS = 8
+_SQLITE_EVICT_BATCH = 500
+# 1 for a returning session, 0 for one on probation: Store._on_probation in SQL (see Store._stamp).
+_SQL_RETURNING = "(mtime * 1000 - CAST(mtime * 1000 AS INTEGER) NOT BETWEEN 0.25 AND 0.75)"
+_SQL_SCHEMA = (
+    "PRAGMA journal_mode=WAL;"
+    'CREATE TABLE IF NOT EXISTS "{table}" (key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL);'
+    'CREATE INDEX IF NOT EXISTS "{table}_mtime" ON "{table}" (mtime);'
+    'CREATE INDEX IF NOT EXISTS "{table}_segment" ON "{table}" (' + _SQL_RETURNING + ", mtime);"
 )
-_SQL_INDEX = 'CREATE INDEX IF NOT EXISTS "{table}_mtime" ON "{table}" (mtime)'
 _SQL_READ = 'SELECT CASE WHEN LENGTH(data) <= ? THEN data END, mtime FROM "{table}" WHERE key = ?'
 _SQL_PUT = (
     'INSERT INTO "{table}" (key, data, mtime) VALUES (?, ?, ?) '
@@ -1314,47 +1367,26 @@ _SQL_REPLACE = 'UPDATE "{table}" SET data = ?, mtime = ? WHERE key = ? AND data 
 _SQL_SET_MTIME = 'UPDATE "{table}" SET mtime = ? WHERE key = ?'
 _SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ?'
 _SQL_DELETE_EXPECTED = 'DELETE FROM "{table}" WHERE key = ? AND data = ?'
+_SQL_DELETE_SEEN = 'DELETE FROM "{table}" WHERE key = ? AND mtime = ?'
 _SQL_SCAN = 'SELECT key, mtime, LENGTH(data) FROM "{table}"'
 _SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
-_SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime) FROM "{table}"'
-_SQL_SUMMARY_EXPIRED = 'SELECT COUNT(*), TOTAL(LENGTH(data)) FROM "{table}" WHERE mtime < ?'
-# 1 for a returning session, 0 for one on probation: Store._on_probation in SQL (see Store._stamp).
-_SQL_RETURNING = "(mtime * 1000 - CAST(mtime * 1000 AS INTEGER) NOT BETWEEN 0.25 AND 0.75)"
-_SQL_SEGMENT_INDEX = 'CREATE INDEX IF NOT EXISTS "{table}_segment" ON "{table}" (' + _SQL_RETURNING + ", mtime)"
-# The live rows past `keep` (probation first, oldest first, in the segment index's order), of those
-# stamped before the pass began; "+mtime" keeps the planner on the segment index.
+# A clean's tally, all from the indexes; a dry run's (stats) sums the bytes too, which reads every row.
+_SQL_TALLY = (
+    'SELECT (SELECT COUNT(*) FROM "{table}"), (SELECT MIN(mtime) FROM "{table}"),'
+    ' (SELECT MAX(mtime) FROM "{table}"), (SELECT MAX(rowid) FROM "{table}")'
+)
+_SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime), MAX(rowid) FROM "{table}"'
+# What a sweep removes, among the rows its tally counted (rowid <= the last one then; a new row's is
+# larger): the expired, then the live rows past `keep` stamped before the pass began (probation first,
+# oldest first, in the segment index's order). "+" keeps the planner on the mtime and segment indexes.
+_SQL_EXPIRED = 'SELECT key, mtime, LENGTH(data) AS size FROM "{table}" WHERE mtime < ? AND +rowid <= ? LIMIT ? OFFSET ?'
 _SQL_BEYOND = (
-    'SELECT key, LENGTH(data) AS size FROM "{table}" WHERE +mtime >= ? AND +mtime <= ? '
+    'SELECT key, mtime, LENGTH(data) AS size FROM "{table}" WHERE +mtime >= ? AND +mtime <= ? AND +rowid <= ? '
     "ORDER BY " + _SQL_RETURNING + " DESC, mtime DESC LIMIT ? OFFSET ?"
 )
+_SQL_SUMMARY_EXPIRED = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_EXPIRED + ")"
 _SQL_SUMMARY_BEYOND = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_BEYOND + ")"
-_SQL_EXPIRED = 'SELECT key, LENGTH(data) FROM "{table}" WHERE mtime < ? LIMIT ?'
-_SQLITE_EVICT_BATCH = 500
-_SQL_CREATE_CLAIMS = 'CREATE TABLE IF NOT EXISTS "{table}_claims" (name TEXT PRIMARY KEY, at REAL NOT NULL)'
-_SQL_CLAIM = (
-    'INSERT INTO "{table}_claims" (name, at) VALUES (\'clean\', ?) '
-    "ON CONFLICT (name) DO UPDATE SET at = excluded.at WHERE at <= ?"
-)
-_SQL_TEMPLATES = (
-    _SQL_CREATE_CLAIMS,
-    _SQL_CLAIM,
-    _SQL_CREATE,
-    _SQL_INDEX,
-    _SQL_READ,
-    _SQL_PUT,
-    _SQL_REPLACE,
-    _SQL_SET_MTIME,
-    _SQL_DELETE,
-    _SQL_DELETE_EXPECTED,
-    _SQL_SCAN,
-    _SQL_COUNT,
-    _SQL_SUMMARY,
-    _SQL_SUMMARY_EXPIRED,
-    _SQL_SEGMENT_INDEX,
-    _SQL_BEYOND,
-    _SQL_SUMMARY_BEYOND,
-    _SQL_EXPIRED,
-)
+_INHERITED = []  # a forked child's copies of its parent's connections: kept, never used, never closed
 
 
 # The message log: its own table; triggers remove a session's log with its record and keep each log's length
@@ -1384,32 +1416,9 @@ _SQL_LOG_TRIM = (
     '(SELECT seq FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?)'
 )
 _SQL_LOG_REMOVE = 'DELETE FROM "{table}_log" WHERE key = ?'
-_SQL_LOG_MOVE = ('UPDATE "{table}_log" SET key = ? WHERE key = ?', 'UPDATE "{table}_log_length" SET key = ? WHERE key = ?')
+_SQL_LOG_MOVE = 'UPDATE "{table}_log" SET key = ? WHERE key = ?'
+_SQL_LOG_MOVE_LENGTH = 'UPDATE "{table}_log_length" SET key = ? WHERE key = ?'
 _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key'
-_SQL_LOG_TEMPLATES = (
-    _SQL_LOG_FOUND, _SQL_LOG_APPEND, _SQL_LOG_LENGTH, _SQL_LOG_READ, _SQL_LOG_TAIL, _SQL_LOG_TRIM,
-    _SQL_LOG_REMOVE, *_SQL_LOG_MOVE, _SQL_LOG_SCAN, "BEGIN IMMEDIATE", "COMMIT",
-)
-
-
-class _ConnectionHolder:
-    """One thread's SQLite connection, closed when the thread ends and drops it.
-
-    A connection inherited through a fork is never closed by the child: it
-    belongs to the parent.
-    """
-
-    __slots__ = ("__weakref__", "connection", "pid")
-
-    def __init__(self, connection):
-        self.connection = connection
-        self.pid = os.getpid()
-
-    def close(self):
-        if self.pid == os.getpid():
-            self.connection.close()
-
-    __del__ = close
 
 
 class SQLiteStore(Store):
@@ -1419,8 +1428,9 @@ class SQLiteStore(Store):
     ``max_bytes``, as every store takes them (see the README's table).
 
     The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
-    ``mtime`` and on ``(returning, mtime)`` for ``clean``) is created on first use, in a file created 0600 (its ``-wal``
-    and ``-shm`` too) if missing; the database runs in WAL mode with
+    ``mtime`` and on ``(returning, mtime)`` for ``clean``) is created on first
+    use, in a file created 0600 (its ``-wal`` and ``-shm`` too) if missing, in
+    a directory created 0700 if missing; the database runs in WAL mode with
     ``synchronous=NORMAL`` and waits up to five seconds for a lock. With
     ``read_only=True`` the file is opened read-only and nothing about it is
     changed (no table, index or journal mode is created or set); every write
@@ -1428,13 +1438,18 @@ class SQLiteStore(Store):
     A conditional write or removal is one statement (``... WHERE key = ?
     AND data = ?``), so it is atomic.
 
-    Threads and processes: each thread gets its own connection, opened on
-    first use; any number of processes may open the same file. Do not put
-    the file on a network file system.
+    Threads and processes: each operation takes a connection from a small
+    pool of idle ones (opening one only when every pooled one is in use, by
+    up to eight threads at once) and gives it back when it ends, so a new
+    thread costs no new connection; any number of processes may open the
+    same file. ``close()`` (see ``Store``) closes the idle connections at
+    once and each busy one when its operation ends, never under a running
+    statement. Do not put the file on a network file system.
     """
 
     def __init__(self, path, *, table="sessions", read_only=False, **options):
-        import sqlite3
+        import sqlite3  # costly to import (about 3 ms), and needed by this store alone
+
         super().__init__(**options)
         if not isinstance(table, str) or re.fullmatch(_TABLE_PATTERN, table) is None:
             raise ValueError(f"invalid table name {table!r}: expected a letter or _, then [A-Za-z0-9_]")
@@ -1442,17 +1457,29 @@ class SQLiteStore(Store):
         self.table = table
         self.read_only = bool(read_only)
         self._sqlite3 = sqlite3
-        self._sql = {template: template.format(table=table) for template in _SQL_TEMPLATES}
-        self._local = threading.local()
-        self._holders = weakref.WeakSet()
-        self._holders_lock = threading.Lock()
-        self._closed = False
+        # Every SQL template of this section, "_SQL_*", for this table.
+        self._sql = {sql: sql.format(table=table) for name, sql in globals().items()
+                     if name.startswith("_SQL_") and isinstance(sql, str)}
+        self._idle = []  # open connections no operation is using
+        self._pool_lock = threading.Lock()
+        self._pool_forks = _forks()
+        self._schema_ready = self.read_only  # the first connection of this store object sets it up
+        self._log_ready = False  # the log's tables: made (or found, when read-only) on first use
         if not self.read_only and self.path not in ("", ":memory:") and not os.path.exists(self.path):
             self._create_file()
-        self._connection()
+        with self._connected():  # a file that is not a database fails here
+            pass
 
     def _create_file(self):
-        """Create the database file 0600 (SQLite gives its -wal and -shm the same mode)."""
+        """Create the database file 0600 (SQLite gives its -wal and -shm the same mode) and its directory 0700."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create session database {self.path!r}: its directory {directory!r} is missing"
+                f" and cannot be created: {exc.strerror}"
+            ) from exc
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
         except FileExistsError:
@@ -1468,141 +1495,164 @@ class SQLiteStore(Store):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
 
     def close(self):
-        """Close every thread's connection; safe to call twice."""
-        with self._holders_lock:
-            self._closed = True
-            holders = list(self._holders)
-        for holder in holders:
-            holder.close()
+        """Refuse later operations (see ``Store.close``), close the idle connections; busy ones close when done."""
+        super().close()
+        with self._pool_lock:
+            idle, self._idle = (self._idle if self._pool_forks == _forks() else []), []
+        for connection in idle:
+            connection.close()
 
-    def _connection(self):
-        """Return this thread's connection, opening it on first use (and anew after a fork)."""
-        holder = getattr(self._local, "holder", None)
-        if holder is not None and holder.pid == os.getpid():
-            return holder.connection
-        if self._closed:
-            raise StoreError(f"{self.path}: the store is closed")
+    def _connect(self):
+        """Open a connection; the first one of this store object sets up the schema and WAL mode."""
         try:
             if self.read_only:
-                connection = self._sqlite3.connect(
+                return self._sqlite3.connect(
                     f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS,
                     isolation_level=None, check_same_thread=False,
                 )
-            else:
-                connection = self._sqlite3.connect(
-                    self.path, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
-                )
-                connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute("PRAGMA synchronous=NORMAL")
-                connection.execute(self._sql[_SQL_CREATE])
-                connection.execute(self._sql[_SQL_INDEX])
-                connection.execute(self._sql[_SQL_SEGMENT_INDEX])
+            connection = self._sqlite3.connect(
+                self.path, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA synchronous=NORMAL")
+            if not self._schema_ready:
+                connection.executescript(self._sql[_SQL_SCHEMA])
+                self._schema_ready = True
+            return connection
         except self._sqlite3.Error as exc:
             raise StoreError(f"cannot open session database {self.path!r}: {exc}") from exc
-        holder = _ConnectionHolder(connection)
-        self._local.holder = holder
-        with self._holders_lock:
-            self._holders.add(holder)
-        return connection
+
+    def _checkout(self):
+        """Return an idle connection, or a new one, for one operation; StoreError if the store is closed."""
+        if self._pool_forks != _forks():  # a forked child: its parent's connections and lock are not its own
+            _INHERITED.append(self._idle)
+            self._idle, self._pool_lock, self._pool_forks = [], threading.Lock(), _forks()
+        with self._pool_lock:
+            self._checked()
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _checkin(self, connection):
+        """Give back a connection ``_checkout`` returned: kept idle, or closed if the store is closed."""
+        with self._pool_lock:
+            if not self._closed and len(self._idle) < _SQLITE_IDLE_CONNECTIONS:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    @contextlib.contextmanager
+    def _connected(self):
+        """Hold a pooled connection for several statements (a sweep, a transaction)."""
+        connection = self._checkout()
+        try:
+            yield connection
+        finally:
+            self._checkin(connection)
 
     def _execute(self, template, parameters=()):
-        """Run one statement for this table and return its cursor; wrap database errors."""
+        """Run one statement on a pooled connection; return its rows, or how many rows it changed."""
+        connection = self._checkout()
         try:
-            return self._connection().execute(self._sql[template], parameters)
+            cursor = connection.execute(self._sql[template], parameters)
+            return cursor.fetchall() if cursor.description else cursor.rowcount
         except self._sqlite3.Error as exc:
             raise StoreError(f"session database {self.path!r}: {exc}") from exc
+        finally:
+            self._checkin(connection)
 
     def _where(self, key):
         return f"{self.path} table {self.table} key {key!r}"
 
     def read(self, key):
         limit = self._read_limit()
-        row = self._execute(_SQL_READ, (2**62 if limit is None else limit, key)).fetchone()
-        if row is None:
+        rows = self._execute(_SQL_READ, (2**62 if limit is None else limit, key))
+        if not rows:
             raise KeyError(key)
-        if row[0] is None:
+        if rows[0][0] is None:
             _logger.warning("session record %s is over the size limit: ignored", self._where(key))
             raise KeyError(key)
-        return row
+        return rows[0]
 
     def write(self, key, data, mtime, expected=None):
         if expected is None:
             self._execute(_SQL_PUT, (key, data, mtime))
             return True
-        return self._execute(_SQL_REPLACE, (data, mtime, key, expected)).rowcount > 0
+        return self._execute(_SQL_REPLACE, (data, mtime, key, expected)) > 0
 
     def remove(self, key, expected=None):
         if expected is None:
-            return self._execute(_SQL_DELETE, (key,)).rowcount > 0
-        return self._execute(_SQL_DELETE_EXPECTED, (key, expected)).rowcount > 0
+            return self._execute(_SQL_DELETE, (key,)) > 0
+        return self._execute(_SQL_DELETE_EXPECTED, (key, expected)) > 0
 
     def set_mtime(self, key, mtime):
-        return self._execute(_SQL_SET_MTIME, (mtime, key)).rowcount > 0
+        return self._execute(_SQL_SET_MTIME, (mtime, key)) > 0
 
     def scan(self):
-        return self._execute(_SQL_SCAN).fetchall()
+        return self._execute(_SQL_SCAN)
 
     def __len__(self):
-        floor = float("-inf") if self.max_age is None else _now() - self.max_age
-        return self._execute(_SQL_COUNT, (floor,)).fetchone()[0]
-
-    def _claim_clean(self, interval, *, now=None):
-        """Claim the next clean in one conditional upsert on the table ``<table>_claims`` (see ``Store``)."""
-        now = _now() if now is None else now
-        self._execute(_SQL_CREATE_CLAIMS)
-        return self._execute(_SQL_CLAIM, (now, now - interval)).rowcount > 0
+        return self._execute(_SQL_COUNT, (float("-inf") if self.max_age is None else _now() - self.max_age,))[0][0]
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
         """Run one cleaning pass in SQL, in batches that keep writers waiting a few milliseconds: see ``Store.sweep``.
 
-        The counts are plain reads, which block no writer in WAL mode. The
-        removals go in transactions of at most 500 rows (the expired first,
-        then the rows past ``keep`` in the order of the index on
-        ``(returning, mtime)``), and ``progress`` is called after each, its
-        ``Sweep`` counting what is already removed; so a writer waits for one
-        batch at most, never for the whole pass.
+        A clean counts from the indexes alone (``seen_bytes`` is None) and
+        learns from the mtime index that nothing expired; a dry run sums the
+        bytes too. Then the rows to remove are chosen by plain reads, which
+        block no writer in WAL mode, and removed in transactions of at most
+        500 rows (each only if its mtime is still the one read), the expired
+        first, then those past ``keep`` in the order of the index on
+        ``(returning, mtime)``; ``progress`` is called after each. So a writer
+        waits for one batch's deletes at most, and rows written meanwhile are
+        neither counted nor removed.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
-        floor = float("-inf") if cutoff is None else cutoff
         sweep = Sweep()
-        connection = self._connection()
+        passes = [] if cutoff is None else [(_SQL_EXPIRED, _SQL_SUMMARY_EXPIRED, (cutoff,), 0)]
         try:
-            count, size, sweep.oldest, sweep.newest = connection.execute(self._sql[_SQL_SUMMARY]).fetchone()
-            sweep.seen, sweep.seen_bytes = count, int(size)
-            if progress is not None:
-                progress(sweep)
-            if dry_run:
-                summaries = [] if cutoff is None else [(_SQL_SUMMARY_EXPIRED, (cutoff,))]
+            with self._connected() as connection:
+                if dry_run:
+                    sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(
+                        self._sql[_SQL_SUMMARY]).fetchone()
+                    sweep.seen_bytes = int(size)
+                else:
+                    sweep.seen, sweep.oldest, sweep.newest, last = connection.execute(self._sql[_SQL_TALLY]).fetchone()
+                    sweep.seen_bytes = None
                 if keep is not None:
-                    summaries.append((_SQL_SUMMARY_BEYOND, (floor, started, -1, keep)))
-                for summary, parameters in summaries:
-                    count, size = connection.execute(self._sql[summary], parameters).fetchone()
+                    floor = float("-inf") if cutoff is None else cutoff
+                    passes.append((_SQL_BEYOND, _SQL_SUMMARY_BEYOND, (floor, started), keep))
+                if progress is not None:
+                    progress(sweep)
+                for select, summary, parameters, offset in passes:
+                    parameters += (last or 0,)
+                    if not dry_run:
+                        self._evict_batches(connection, select, parameters, offset, sweep, progress)
+                        continue
+                    count, size = connection.execute(self._sql[summary], (*parameters, -1, offset)).fetchone()
                     sweep.removed, sweep.removed_bytes = sweep.removed + count, sweep.removed_bytes + int(size)
-                return sweep
-            if cutoff is not None:
-                self._evict_batches(connection, _SQL_EXPIRED, (cutoff, _SQLITE_EVICT_BATCH), sweep, progress)
-            if keep is not None:
-                parameters = (floor, started, _SQLITE_EVICT_BATCH, keep)
-                self._evict_batches(connection, _SQL_BEYOND, parameters, sweep, progress)
         except self._sqlite3.Error as exc:
             raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
         return sweep
 
-    def _evict_batches(self, connection, select, parameters, sweep, progress):
-        """Remove the rows ``select`` picks, one ``BEGIN IMMEDIATE`` transaction per batch, until it picks too few."""
+    def _evict_batches(self, connection, select, parameters, offset, sweep, progress):
+        """Remove the rows ``select`` picks, a batch per ``BEGIN IMMEDIATE`` transaction, until it picks too few."""
         while True:
+            self._checked()
+            rows = connection.execute(self._sql[select], (*parameters, _SQLITE_EVICT_BATCH, offset)).fetchall()
+            if not rows:
+                return
+            delete = self._sql[_SQL_DELETE_SEEN]
             connection.execute("BEGIN IMMEDIATE")
             try:
-                rows = connection.execute(self._sql[select], parameters).fetchall()
-                connection.executemany(self._sql[_SQL_DELETE], [(key,) for key, _ in rows])
+                sizes = [size for key, mtime, size in rows if connection.execute(delete, (key, mtime)).rowcount]
                 connection.execute("COMMIT")
             except BaseException:
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
                 raise
-            sweep.removed += len(rows)
-            sweep.removed_bytes += sum(size for _, size in rows)
+            sweep.removed += len(sizes)
+            sweep.removed_bytes += sum(sizes)
             # The cleaner copies its own WAL pages back, so that no writer's commit pays a large checkpoint.
             connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
             if progress is not None:
@@ -1615,74 +1665,86 @@ class SQLiteStore(Store):
 
     def _log_tables(self):
         """Return True if the log's tables exist, creating them on first use (unless read-only)."""
-        if not self.__dict__.get("_log_ready"):
-            self._sql.update((template, template.format(table=self.table)) for template in _SQL_LOG_TEMPLATES)
+        if not self._log_ready:
             try:
                 if not self.read_only:
-                    self._connection().executescript(_SQL_LOG_SCHEMA.format(table=self.table))
+                    with self._connected() as connection:
+                        connection.executescript(_SQL_LOG_SCHEMA.format(table=self.table))
             except self._sqlite3.Error as exc:
                 raise StoreError(f"cannot create the message log's tables in {self.path!r}: {exc}") from exc
-            self._log_ready = self._execute(_SQL_LOG_FOUND).fetchone() is not None
+            self._log_ready = bool(self._execute(_SQL_LOG_FOUND))
         return self._log_ready
 
     @contextlib.contextmanager
     def _log_transaction(self, action):
-        """Run the block in a ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
+        """Yield ``run(template, parameters)`` for statements in one ``BEGIN IMMEDIATE`` transaction, tables ready."""
         if not self._log_tables():
             raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
-        connection = self._connection()
-        self._execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
+        with self._connected() as connection:
+
+            def run(template, parameters=()):
+                cursor = connection.execute(self._sql[template], parameters)
+                return cursor.fetchall() if cursor.description else cursor.rowcount
+
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    yield run
+                    connection.execute("COMMIT")
+                except BaseException:
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    raise
+            except self._sqlite3.Error as exc:
+                raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
 
     def log_append(self, key, lines):
-        with self._log_transaction("append to"):
+        with self._log_transaction("append to") as run:
             for line in lines:
-                self._execute(_SQL_LOG_APPEND, (key, bytes(line)))
-            return self.log_length(key)
+                run(_SQL_LOG_APPEND, (key, bytes(line)))
+            return _log_lines(run(_SQL_LOG_LENGTH, (key,)))
 
     def log_read(self, key, start=0, stop=None):
         """The last lines through the index on ``(key, seq)``, newest first; others by ``LIMIT`` and ``OFFSET``."""
         if not self._log_tables():
             return []
         if start < 0 and stop is None:
-            rows = self._execute(_SQL_LOG_TAIL, (key, -start)).fetchall()[::-1]
+            rows = self._execute(_SQL_LOG_TAIL, (key, -start))[::-1]
         else:
             start, stop, _ = slice(start, stop).indices(self.log_length(key))
             rows = self._execute(_SQL_LOG_READ, (key, max(0, stop - start), start))
         return [bytes(row[0]) for row in rows]
 
     def log_length(self, key):
-        row = self._log_tables() and self._execute(_SQL_LOG_LENGTH, (key,)).fetchone()
-        return row[0] if row else 0
+        return _log_lines(self._execute(_SQL_LOG_LENGTH, (key,))) if self._log_tables() else 0
 
     def log_trim(self, key, start, stop, expected):
-        with self._log_transaction("trim"):
-            if self.log_length(key) != expected:
+        with self._log_transaction("trim") as run:
+            if _log_lines(run(_SQL_LOG_LENGTH, (key,))) != expected:
                 return False
-            self._execute(_SQL_LOG_TRIM, (key, max(0, stop - start), start))
+            run(_SQL_LOG_TRIM, (key, max(0, stop - start), start))
             return True
 
     def log_remove(self, key):
-        with self._log_transaction("remove"):
-            return self._execute(_SQL_LOG_REMOVE, (key,)).rowcount > 0
+        with self._log_transaction("remove") as run:
+            return run(_SQL_LOG_REMOVE, (key,)) > 0
 
     def log_move(self, old, new):
-        with self._log_transaction("move"):
-            if not self.log_length(old):
+        with self._log_transaction("move") as run:
+            if not _log_lines(run(_SQL_LOG_LENGTH, (old,))):
                 return False
-            self._execute(_SQL_LOG_REMOVE, (new,))
-            for template in _SQL_LOG_MOVE:
-                self._execute(template, (new, old))
+            run(_SQL_LOG_REMOVE, (new,))
+            run(_SQL_LOG_MOVE, (new, old))
+            run(_SQL_LOG_MOVE_LENGTH, (new, old))
             return True
 
     def log_scan(self):
         return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_tables() else []
+
+
+def _log_lines(rows):
+    """Return the length a ``_SQL_LOG_LENGTH`` query found, 0 for a log with no row."""
+    return rows[0][0] if rows else 0
 
 
 # -- RedisStore --
