@@ -73,6 +73,7 @@ import hashlib
 import heapq
 import hmac
 import http.cookies
+import itertools
 import json
 import logging
 import marshal
@@ -87,6 +88,7 @@ import time
 import urllib.parse
 import uuid
 import weakref
+import zlib
 from collections.abc import Mapping, MutableMapping, Sequence
 
 __version__ = "0.2.0"
@@ -1648,6 +1650,15 @@ class SQLiteStore(Store):
 
 # -- RedisStore --
 
+# Every script touches the keys of one bucket only (see RedisStore's layout),
+# all declared: KEYS[1] the record, KEYS[2] the index, KEYS[3] the message
+# log, KEYS[4] the probation set.
+# The size is checked in the server, so an oversized record never crosses the network.
+_REDIS_READ = """
+local size = redis.call('HSTRLEN', KEYS[1], 'data')
+if ARGV[1] ~= '' and size > tonumber(ARGV[1]) then return {size, redis.call('HGET', KEYS[1], 'mtime')} end
+return redis.call('HMGET', KEYS[1], 'data', 'mtime')
+"""
 # The first command that writes is HSET, which Redis refuses when it is out
 # of memory under noeviction; once a script has written, Redis lets the rest
 # of it run, so nothing that could grow memory may come before it.
@@ -1658,14 +1669,15 @@ if ARGV[3] ~= '' then
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[6])
     redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[6])
+    redis.call('PEXPIRE', KEYS[3], ARGV[3])
 else
     redis.call('PERSIST', KEYS[1])
+    redis.call('PERSIST', KEYS[3])
 end
 local segment, other = KEYS[2], KEYS[4]
 if ARGV[8] == '1' then segment, other = KEYS[4], KEYS[2] end
 redis.call('ZADD', segment, ARGV[2], ARGV[7])
 redis.call('ZREM', other, ARGV[7])
-if KEYS[3] then if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[3], ARGV[3]) else redis.call('PERSIST', KEYS[3]) end end
 return 1
 """
 # Only commands Redis allows when it is out of memory: a logout always works.
@@ -1679,76 +1691,42 @@ return removed
 _REDIS_SET_MTIME = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'mtime', ARGV[1])
-if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
 local segment, other = KEYS[2], KEYS[4]
 if ARGV[4] == '1' then segment, other = KEYS[4], KEYS[2] end
 redis.call('ZADD', segment, ARGV[1], ARGV[3])
 redis.call('ZREM', other, ARGV[3])
-if KEYS[3] and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
 return 1
 """
-# Removes the expired, then the live ones past `keep`, each with its index
-# member: sessions on probation (the second sorted set) first, oldest first,
-# then returning ones (the main index), oldest first. Members whose record is
-# already gone go uncounted. Only a dry run sums the size of every record
-# (seen_bytes is nil otherwise): a real clean must stay O(log N + removed),
-# as the server serves no one while it runs.
-_REDIS_SWEEP = """
-local index, probation, prefix, cutoff, keep = KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3])
-local dry_run = ARGV[4] == '1'
-local seen, seen_bytes, removed, removed_bytes = 0, false, 0, 0
-local oldest, newest = false, false
-for _, set in ipairs({index, probation}) do
-    seen = seen + redis.call('ZCARD', set)
-    local low = redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')[2]
-    local high = redis.call('ZREVRANGE', set, 0, 0, 'WITHSCORES')[2]
-    if low and (not oldest or tonumber(low) < tonumber(oldest)) then oldest = low end
-    if high and (not newest or tonumber(high) > tonumber(newest)) then newest = high end
-    if dry_run then
-        seen_bytes = seen_bytes or 0
-        for start = 0, redis.call('ZCARD', set) - 1, 1000 do
-            for _, member in ipairs(redis.call('ZRANGE', set, start, start + 999)) do
-                seen_bytes = seen_bytes + redis.call('HSTRLEN', prefix .. member, 'data')
-            end
-        end
+# KEYS: one bucket's index and probation set, then a record and its log per
+# member; ARGV: each member and the mtime the clean saw. Removes each record
+# still at that mtime with its log and index member (and the member of a
+# record already gone); returns each record's size, -1 where none was removed.
+_REDIS_EVICT = """
+local sizes = {}
+for j = 1, #ARGV / 2 do
+    local record, member = KEYS[2 * j + 1], ARGV[2 * j - 1]
+    local mtime = redis.call('HGET', record, 'mtime')
+    sizes[j] = -1
+    if not mtime or tonumber(mtime) == tonumber(ARGV[2 * j]) then
+        if mtime then sizes[j] = redis.call('HSTRLEN', record, 'data') end
+        redis.call('DEL', record, KEYS[2 * j + 2])
+        redis.call('ZREM', KEYS[1], member)
+        redis.call('ZREM', KEYS[2], member)
     end
 end
-local function remove(set, members)
-    for _, member in ipairs(members) do
-        local name = prefix .. member
-        local size = redis.call('HSTRLEN', name, 'data')
-        if redis.call(dry_run and 'EXISTS' or 'DEL', name) == 1 then
-            removed, removed_bytes = removed + 1, removed_bytes + size
-        else
-            seen = seen - 1
-        end
-        if not dry_run then
-            redis.call('ZREM', set, member)
-            redis.call('DEL', prefix .. '#log:' .. member)  -- the message log goes with its record
-        end
-    end
-end
-if cutoff ~= '' then
-    remove(index, redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff))
-    remove(probation, redis.call('ZRANGEBYSCORE', probation, '-inf', '(' .. cutoff))
-end
-if keep then
-    local floor = cutoff ~= '' and cutoff or '-inf'
-    local returning = redis.call('ZCOUNT', index, floor, '+inf')
-    if returning >= keep then
-        remove(probation, redis.call('ZRANGEBYSCORE', probation, floor, '+inf'))
-        remove(index, redis.call('ZREVRANGEBYSCORE', index, '+inf', floor, 'LIMIT', keep, -1))
-    else
-        remove(probation, redis.call('ZREVRANGEBYSCORE', probation, '+inf', floor, 'LIMIT', keep - returning, -1))
-    end
-end
-return {seen, seen_bytes, removed, removed_bytes, oldest, newest}
+return sizes
 """
 _REDIS_SCAN_BATCH = 1000
-# The message log of a key is the list prefix + "#log:" + key; its TTL follows the record's.
+_REDIS_BUCKETS = 256
+_REDIS_SLOTS = 16384
+_redis_tags = []
+# The message log of a key is the list "#log:" + key in its bucket; its TTL follows the record's.
+# RPUSH in runs of 1,000 lines: Lua's unpack() has a limit.
 _REDIS_LOG_APPEND = """
-local length = redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
-if ARGV[1] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local length = redis.call('LLEN', KEYS[1])
+for i = 2, #ARGV, 1000 do length = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+if ARGV[1] ~= '' and #ARGV > 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return length
 """
 _REDIS_LOG_TRIM = """
@@ -1766,77 +1744,121 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
 """
-_REDIS_LOG_BATCH = 1000
+
+
+def _redis_cluster_tags():
+    """Return the bucket tags of a cluster: ``_REDIS_BUCKETS`` hash tags, one slot in each equal band of slots.
+
+    A tag's slot is CRC16-XMODEM of the tag modulo 16,384, as Redis Cluster
+    computes it; the search is deterministic, so every process finds the same tags.
+    """
+    if not _redis_tags:
+        tags = {}
+        for number in itertools.count():
+            crc = 0
+            for byte in b"%x" % number:
+                crc ^= byte << 8
+                for _ in range(8):
+                    crc = (crc << 1 ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+            tags.setdefault(crc % _REDIS_SLOTS * _REDIS_BUCKETS // _REDIS_SLOTS, f"{{{number:x}}}")
+            if len(tags) == _REDIS_BUCKETS:
+                _redis_tags[:] = [tags[band] for band in range(_REDIS_BUCKETS)]
+                break
+    return _redis_tags
+
+
+def _redis_pairs(reply):
+    """Return ``[(member, score)]`` from a WITHSCORES reply, flat (redis-py before 8) or paired."""
+    if reply and not isinstance(reply[0], (list, tuple)):
+        reply = zip(reply[0::2], reply[1::2])
+    return [(member, float(score)) for member, score in reply]
 
 
 class RedisStore(Store):
-    """Store records in Redis, through a redis-py client that the caller owns.
+    """Store records in Redis, Valkey or a Redis Cluster, through a redis-py client that the caller owns.
 
     Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
     ``max_bytes``, as every store takes them (see the README's table).
 
-    ``RedisStore(redis.Redis(host="127.0.0.1"), prefix="session:", max_age=3600)``:
-    the same contract and options as FileStore and SQLiteStore. The client
-    must return bytes (``decode_responses=False``, the default); this module
+    ``RedisStore(redis.Redis(host="127.0.0.1"), prefix="session:", max_age=3600)``,
+    or ``redis.cluster.RedisCluster(...)`` for a cluster: the same contract
+    and options as FileStore and SQLiteStore. The client must be synchronous
+    and return bytes (``decode_responses=False``, the default); this module
     never imports redis.
 
-    Layout: the record for ``key`` is the hash ``prefix + key`` with the fields
-    ``data`` (the stored bytes) and ``mtime`` (a POSIX timestamp), so a read
-    is one HMGET and a touch rewrites only ``mtime``. With ``max_age`` every
-    write and touch also sets the hash's TTL to ``max_age``, so Redis removes
+    Layout: sessions live in buckets. On one server there is one bucket,
+    ``prefix``; on a cluster client (one with ``get_nodes``) there are 256,
+    ``prefix + "{tag}"``, whose hash tags fall in 256 equal bands of the
+    16,384 slots, so the sessions spread evenly over the masters; a key's
+    bucket is the CRC-32 of the key modulo their number. In its bucket, the
+    record for ``key`` is the hash ``bucket + key`` with the fields ``data``
+    (the stored bytes) and ``mtime`` (a POSIX timestamp), so a read is one
+    script and a touch rewrites only ``mtime``. With ``max_age`` every write
+    and touch also sets the hash's TTL to ``max_age``, so Redis removes
     expired records by itself; reads still check ``mtime``. Two sorted sets
-    map every key to its mtime: ``prefix + "#probation"`` the sessions on
-    probation (see ``Store._stamp``), ``prefix + "#index"`` all others; a
-    write or touch moves a key between them as its mtime says, in O(log N).
-    ``len()``, iteration and ``clean()`` use them (never KEYS or SCAN), and
-    writes drop their members past ``max_age``, so stores sharing a prefix
-    should share ``max_age``.
-    A write, a removal, a touch and a clean are one Lua script each: atomic
-    (conditions included), index included, in one round trip. A clean costs
-    the server O(log N + removed); a dry run also reads the size of every
-    record. Keys without the prefix are never touched. Needs Redis 4 or
-    later, not Redis Cluster; a maxmemory policy must not evict the index
-    (use noeviction or a volatile-* one). Out of memory under noeviction, a
-    write raises StoreError while removals and cleans still work.
+    per bucket map every key to its mtime: ``bucket + "#probation"`` the
+    sessions on probation (see ``Store._stamp``), ``bucket + "#index"`` all
+    others; a write or touch moves a key between them as its mtime says, in
+    O(log N). ``len()``, iteration and ``clean()`` read them, pipelined over
+    the buckets (never KEYS or SCAN), and writes drop their members past
+    ``max_age``, so stores sharing a prefix should share ``max_age``.
+    A read, a write, a removal and a touch are one Lua script each on one
+    bucket: atomic (conditions included), index included, in one round
+    trip. A clean reads the index members in pages and removes in batches,
+    each batch one script per bucket that removes only records still at the
+    mtime it saw. Keys without the prefix are never touched. Needs Redis 4
+    or later (or Valkey); a maxmemory policy must not evict the index (use
+    noeviction or a volatile-* one). Out of memory under noeviction, a write
+    raises StoreError while removals and cleans still work.
 
     Threads and processes: redis-py clients are thread-safe (each thread
     borrows a connection from the pool), and any number of processes and
-    machines may share one server. Any failure of the client or server raises
-    StoreError; redis-py reconnects by itself, so the store works again once
-    the server is back.
+    machines may share one server or cluster. Any failure of the client or
+    server raises StoreError; redis-py reconnects (and follows a cluster's
+    failover) by itself, so the store works again once the server is back.
+    ``close()`` leaves the client to its owner: later calls raise StoreError.
     """
 
     def __init__(self, client, *, prefix="session:", **options):
         super().__init__(**options)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        for name in ("execute_command", "evalsha"):  # 0x80 is inspect.CO_COROUTINE: an asyncio client
+            if getattr(getattr(getattr(client, name, None), "__code__", None), "co_flags", 0) & 0x80:
+                raise TypeError(f"RedisStore needs a synchronous client, not {type(client).__module__}."
+                                f"{type(client).__name__}: pass redis.Redis or redis.cluster.RedisCluster"
+                                f" (the ASGI middleware already runs store I/O in threads)")
+        if getattr(client.get_encoder(), "decode_responses", False):
+            raise ValueError("RedisStore needs a client that returns bytes: pass decode_responses=False")
+        self.client, self.prefix, self._closed = client, prefix, False
         describe = getattr(client, "get_connection_kwargs", None)
         options = describe() if callable(describe) else {}
-        if options.get("decode_responses"):
-            raise ValueError("RedisStore needs a client that returns bytes: pass decode_responses=False")
-        if "path" in options:
-            self._address = f"unix://{options['path']}?db={options.get('db', 0)}"
-        elif "host" in options:
-            self._address = f"redis://{options['host']}:{options.get('port', 6379)}/{options.get('db', 0)}"
+        if callable(getattr(client, "get_nodes", None)):
+            nodes = ",".join(sorted(f"{node.host}:{node.port}" for node in client.get_nodes()))
+            self._address = f"redis+cluster://{nodes}"
+            if "{" in prefix or "}" in prefix:
+                raise StoreError(f"{self!r}: on a cluster RedisStore spreads the sessions over hash tags of its"
+                                 f" own, so the prefix must hold no '{{' or '}}': pass prefix='session:'")
+            self._buckets = [prefix + tag for tag in _redis_cluster_tags()]
         else:
-            self._address = type(client).__name__
-        self.client = client
-        self.prefix = prefix
-        self._index = prefix + "#index"
-        self._probation = prefix + "#probation"
-        self._write_script = client.register_script(_REDIS_WRITE)
-        self._remove_script = client.register_script(_REDIS_REMOVE)
-        self._set_mtime_script = client.register_script(_REDIS_SET_MTIME)
-        self._sweep_script = client.register_script(_REDIS_SWEEP)
+            if "path" in options:
+                self._address = f"unix://{options['path']}?db={options.get('db', 0)}"
+            else:
+                self._address = f"redis://{options.get('host')}:{options.get('port', 6379)}/{options.get('db', 0)}"
+            self._buckets = [prefix]
+        self._scripts = {}
 
     def __repr__(self):
         return f"RedisStore({self._address!r}, prefix={self.prefix!r})"
 
     def close(self):
-        """Do nothing: the client belongs to the caller, who closes it. Safe to call twice."""
+        """Refuse every later operation with StoreError; the client belongs to the caller, who closes it. Safe twice."""
+        self._closed = True
 
     def _call(self, function, *args):
         """Return ``function(*args)``; any failure of the client or server becomes a StoreError."""
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
         try:
             return function(*args)
         except Exception as exc:
@@ -1844,6 +1866,20 @@ class RedisStore(Store):
 
     def _command(self, *command):
         return self._call(self.client.execute_command, *command)
+
+    def _pipelined(self, commands):
+        """Run ``commands`` (tuples) in one pipeline, which a cluster client splits by node; return the replies."""
+        def run():
+            pipeline = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipeline.execute_command(*command)
+            return pipeline.execute()
+        return self._call(run) if commands else []
+
+    def _script(self, source, keys, arguments):
+        if source not in self._scripts:
+            self._scripts[source] = self.client.register_script(source)
+        return self._call(self._scripts[source], keys, arguments)
 
     def _ttl(self):
         return "" if self.max_age is None else max(1, round(self.max_age * 1000))
@@ -1853,15 +1889,23 @@ class RedisStore(Store):
         """Return ``value`` as an exact decimal string for Redis, or ``none`` for None."""
         return none if value is None else repr(float(value))
 
+    def _bucket(self, key):
+        return self._buckets[zlib.crc32(key.encode("ascii")) % len(self._buckets)]
+
     def _where(self, key):
-        return f"{self!r} key {self.prefix + key!r}"
+        return f"{self!r} key {self._bucket(key) + key!r}"
 
     def _keys(self, key):
-        return [self.prefix + key, self._index, self._log_key(key), self._probation]
+        bucket = self._bucket(key)
+        return [bucket + key, bucket + "#index", bucket + "#log:" + key, bucket + "#probation"]
 
     def read(self, key):
-        data, mtime = self._command("HMGET", self.prefix + key, "data", "mtime")
+        limit = self._read_limit()
+        data, mtime = self._script(_REDIS_READ, self._keys(key)[:1], ["" if limit is None else limit])
         if data is None or mtime is None:
+            raise KeyError(key)
+        if isinstance(data, int):
+            _logger.warning("unreadable session record %s: %d bytes, over the size limit", self._where(key), data)
             raise KeyError(key)
         return data, float(mtime)
 
@@ -1869,114 +1913,123 @@ class RedisStore(Store):
         cutoff = None if self.max_age is None else mtime - self.max_age
         arguments = [data, self._number(mtime), self._ttl(), int(expected is not None), expected or b"",
                      self._number(cutoff), key, int(self._on_probation(mtime))]
-        return self._call(self._write_script, self._keys(key), arguments) == 1
+        return self._script(_REDIS_WRITE, self._keys(key), arguments) == 1
 
     def remove(self, key, expected=None):
         arguments = [int(expected is not None), expected or b"", key]
-        return self._call(self._remove_script, self._keys(key), arguments) == 1
+        return self._script(_REDIS_REMOVE, self._keys(key), arguments) == 1
 
     def set_mtime(self, key, mtime):
         arguments = [self._number(mtime), self._ttl(), key, int(self._on_probation(mtime))]
-        return self._call(self._set_mtime_script, self._keys(key), arguments) == 1
+        return self._script(_REDIS_SET_MTIME, self._keys(key), arguments) == 1
 
     def scan(self):
-        yield from self._scan_set(self._index)
-        yield from self._scan_set(self._probation)
+        return (entry for entry in self._members() if entry[2])
 
-    def _scan_set(self, name):
-        """Yield ``(key, mtime, size)`` of every live record the sorted set ``name`` indexes."""
-        start = 0
-        while True:
-            members = self._command("ZRANGE", name, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES")
-            if not members:
-                return
-            keys = [member.decode("ascii") for member in members[0::2]]
+    def _members(self):
+        """Yield ``(key, mtime, size)`` of every index member, size 0 where its record is gone.
 
-            def sizes(keys=keys):
-                pipeline = self.client.pipeline(transaction=False)
-                for key in keys:
-                    pipeline.execute_command("HSTRLEN", self.prefix + key, "data")
-                return pipeline.execute()
+        Pages of 1,000 members per sorted set, each page of every bucket in
+        one pipeline, their sizes in another. Each set's next page starts
+        after the last member seen, found again by ZRANK (or, if a clean
+        removed it, by ZCOUNT up to its mtime), as removals shift the ranks.
+        """
+        sets = [(bucket, bucket + name, 0) for bucket in self._buckets for name in ("#index", "#probation")]
+        while sets:
+            pages = [_redis_pairs(page) for page in self._pipelined(
+                [("ZRANGE", name, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES") for _, name, start in sets])]
+            entries = [(bucket, member.decode("ascii"), mtime)
+                       for (bucket, _, _), page in zip(sets, pages) for member, mtime in page]
+            sizes = self._pipelined([("HSTRLEN", bucket + key, "data") for bucket, key, _ in entries])
+            for (_, key, mtime), size in zip(entries, sizes):
+                yield key, mtime, size
+            sets = [(bucket, name, page[-1]) for (bucket, name, _), page in zip(sets, pages)
+                    if len(page) == _REDIS_SCAN_BATCH]
+            places = self._pipelined([command for _, name, (member, mtime) in sets for command in
+                                      (("ZRANK", name, member), ("ZCOUNT", name, "-inf", self._number(mtime)))])
+            sets = [(bucket, name, count if rank is None else rank + 1)
+                    for (bucket, name, _), rank, count in zip(sets, places[0::2], places[1::2])]
 
-            for key, mtime, size in zip(keys, members[1::2], self._call(sizes)):
-                if size:
-                    yield key, float(mtime), size
-            start += _REDIS_SCAN_BATCH
 
-    def _claim_clean(self, interval, *, now=None):
-        """Claim the next clean with one ``SET prefix#cleaned NX PX interval`` (see ``Store._claim_clean``)."""
-        reply = self._command("SET", self.prefix + "#cleaned", self._number(_now() if now is None else now),
-                              "NX", "PX", max(1, round(interval * 1000)))
-        return reply is not None
+    def _sweep_scan(self, now, dry_run):
+        """Yield the live records for ``Store.sweep``; a real clean also drops the members of records gone."""
+        gone = []
+        for key, mtime, size in self._members():
+            if size:
+                yield key, mtime, size
+            elif not dry_run:
+                gone.append((key, mtime, 0))
+        self._evict(gone)
+
+    def _evict(self, doomed):
+        """Remove the doomed records still at the mtime the scan saw: one script per bucket, all in one pipeline."""
+        buckets = {}
+        for key, mtime, _ in doomed:
+            keys, arguments = buckets.setdefault(self._bucket(key), ([], []))
+            keys += self._keys(key)[0:3:2]
+            arguments += [key, self._number(mtime)]
+        sizes = self._pipelined([("EVAL", _REDIS_EVICT, len(keys) + 2, bucket + "#index", bucket + "#probation",
+                                  *keys, *arguments) for bucket, (keys, arguments) in buckets.items()])
+        return [size for reply in sizes for size in reply if size >= 0]
 
     def __iter__(self):
         floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
-        members = [*self._command("ZRANGEBYSCORE", self._index, floor, "+inf"),
-                   *self._command("ZRANGEBYSCORE", self._probation, floor, "+inf")]
-        return iter([member.decode("ascii") for member in members])
+        pages = self._pipelined([("ZRANGEBYSCORE", bucket + name, floor, "+inf")
+                                 for bucket in self._buckets for name in ("#index", "#probation")])
+        return iter([member.decode("ascii") for page in pages for member in page])
 
     def __len__(self):
         """Count the live records: the index members not older than ``max_age``."""
         floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
-        return sum(self._command("ZCOUNT", name, floor, "+inf") for name in (self._index, self._probation))
-
-    def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
-        """Run one cleaning pass in one Lua script, atomically: see ``Store.sweep``."""
-        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        arguments = [self.prefix, self._number(cutoff), "" if keep is None else keep, int(dry_run)]
-        reply = self._call(self._sweep_script, [self._index, self._probation], arguments)
-        sweep = Sweep()
-        sweep.seen, sweep.seen_bytes, sweep.removed, sweep.removed_bytes = reply[:4]
-        sweep.oldest, sweep.newest = (None if mtime is None else float(mtime) for mtime in reply[4:])
-        return sweep
+        return sum(self._pipelined([("ZCOUNT", bucket + name, floor, "+inf")
+                                    for bucket in self._buckets for name in ("#index", "#probation")]))
 
     # The message log: a list per key, RPUSH to append (plus LTRIM to trim), its TTL the record's.
 
     def _log_key(self, key):
-        return self.prefix + "#log:" + key
-
-    def _log_script(self, name, source):
-        scripts = self.__dict__.setdefault("_log_scripts", {})
-        if name not in scripts:
-            scripts[name] = self.client.register_script(source)
-        return scripts[name]
+        return self._keys(_check_key(key))[2]
 
     def log_append(self, key, lines):
-        script = self._log_script("append", _REDIS_LOG_APPEND)
-        lines = [bytes(line) for line in lines]
-        if not lines:
-            return self._command("LLEN", self._log_key(_check_key(key)))
-        if len(lines) > _REDIS_LOG_BATCH:  # Lua's unpack() has a limit: one MULTI of several scripts
-            def run():
-                pipeline = self.client.pipeline(transaction=True)
-                for start in range(0, len(lines), _REDIS_LOG_BATCH):
-                    script([self._log_key(key)], [self._ttl(), *lines[start:start + _REDIS_LOG_BATCH]], pipeline)
-                return pipeline.execute()[-1]
-            return self._call(run)
-        return self._call(script, [self._log_key(_check_key(key))], [self._ttl(), *lines])
+        return self._script(_REDIS_LOG_APPEND, [self._log_key(key)], [self._ttl(), *map(bytes, lines)])
 
-    def log_read(self, key):
-        return list(self._command("LRANGE", self._log_key(_check_key(key)), 0, -1))
+    def log_read(self, key, start=0):
+        return list(self._command("LRANGE", self._log_key(key), start, -1))
+
+    def log_length(self, key):
+        return self._command("LLEN", self._log_key(key))
 
     def log_trim(self, key, start, stop, expected):
-        script = self._log_script("trim", _REDIS_LOG_TRIM)
-        return self._call(script, [self._log_key(_check_key(key))], [expected, start, stop]) == 1
+        return self._script(_REDIS_LOG_TRIM, [self._log_key(key)], [expected, start, stop]) == 1
 
     def log_remove(self, key):
-        return self._command("DEL", self._log_key(_check_key(key))) == 1
+        return self._command("DEL", self._log_key(key)) == 1
 
     def log_move(self, old, new):
-        script = self._log_script("move", _REDIS_LOG_MOVE)
-        return self._call(script, [self._log_key(_check_key(old)), self._log_key(_check_key(new))], []) == 1
+        """Move the log of ``old`` to ``new``: a RENAME in one bucket; across buckets, copy first, then trim.
+
+        A crash between the copy and the trim leaves lines twice, never none;
+        lines appended to ``old`` meanwhile are moved by the next round.
+        """
+        source, target = self._log_key(old), self._log_key(new)
+        if self._bucket(old) == self._bucket(new):
+            return self._script(_REDIS_LOG_MOVE, [source, target], []) == 1
+        self.log_remove(new)
+        moved = False
+        while True:
+            lines = self._command("LRANGE", source, 0, _REDIS_SCAN_BATCH - 1)
+            if not lines:
+                return moved
+            self.log_append(new, lines)
+            self._command("LTRIM", source, len(lines), -1)
+            moved = True
 
     def log_scan(self):
         """Yield ``(key, bytes)`` of every log, found with SCAN; the bytes are Redis's MEMORY USAGE."""
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._log_key("")) + "*"
-        start = len(self._log_key(""))
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ("{*}" if len(self._buckets) > 1 else "") + "#log:*"
         for name in self._call(lambda: list(self.client.scan_iter(match=pattern, count=_REDIS_SCAN_BATCH))):
             size = self._command("MEMORY", "USAGE", name)
             if size is not None:
-                yield name[start:].decode("ascii", "replace"), size
+                yield name.rpartition(b"#log:")[2].decode("ascii", "replace"), size
 
 
 # -- Merging --
