@@ -747,8 +747,76 @@ def redis_case(test):
 def set_redis_age(test, key, seconds):
     """Move a record's mtime, in its hash and in the index, ``seconds`` into the past; keep its TTL."""
     then = tinysession.Store._stamp(time.time() - seconds)
-    test.redis.hset(test.prefix + key, "mtime", then)
-    test.redis.zadd(test.index, {key: then})
+    record, index, probation = redis_names(test, key)
+    test.redis.hset(record, "mtime", then)
+    test.redis.zrem(probation, key)
+    test.redis.zadd(index, {key: then})
+
+
+REDIS_CLI = shutil.which("redis-cli")
+_shared_cluster = []
+
+
+class RedisCluster:
+    """A private 6-node Redis Cluster (3 masters, 3 replicas) on free loopback ports, persisting nothing."""
+
+    def __init__(self):
+        self.servers = []
+        try:
+            for _ in range(60):  # a port past 55535 has no cluster bus port (port + 10000): draw again
+                if len(self.servers) < 6:
+                    with contextlib.suppress(RuntimeError):
+                        self.servers.append(RedisServer("--cluster-enabled", "yes", "--cluster-config-file",
+                                                        "nodes.conf", "--cluster-node-timeout", "2000"))
+            subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers),
+                            "--cluster-replicas", "1", "--cluster-yes"], check=True, timeout=60,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while b"cluster_state:ok" not in subprocess.run(
+                    [REDIS_CLI, "-p", str(self.servers[0].port), "cluster", "info"], capture_output=True).stdout:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        except BaseException:
+            self.close()
+            raise
+        self.port = self.servers[0].port
+
+    def close(self):
+        for server in self.servers:
+            server.close()
+
+    def client(self, **options):
+        import redis.cluster
+
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.port, **options)
+
+
+def _close_shared_cluster():
+    while _shared_cluster:
+        _shared_cluster.pop().close()
+
+
+def redis_cluster_case(test):
+    """Give ``test`` the shared cluster (started on first use), a flushed cluster client and its own prefix."""
+    require(REDIS_SERVER is not None and REDIS_CLI is not None,
+            "redis-server and redis-cli are not installed (apt-get install redis-server)")
+    require(HAVE_REDIS_PY, "redis-py is not installed (pip install redis)")
+    if not _shared_cluster:
+        _shared_cluster.append(RedisCluster())
+        unittest.addModuleCleanup(_close_shared_cluster)
+        atexit.register(_close_shared_cluster)
+    test.server = _shared_cluster[0]
+    test.redis = test.server.client()
+    test.addCleanup(test.redis.close)
+    test.redis.flushdb(target_nodes="primaries")
+    test.prefix = f"test{next(_prefix_numbers)}:"
+
+
+def redis_names(test, key):
+    """Return the record's, the index's and the probation set's names for ``key``, in its bucket."""
+    record, index, _, probation = tinysession.RedisStore(test.redis, prefix=test.prefix)._keys(key)
+    return record, index, probation
 
 
 class RedisStoreTest(StoreContract, unittest.TestCase):
@@ -768,21 +836,34 @@ class RedisStoreTest(StoreContract, unittest.TestCase):
         set_redis_age(self, key, seconds)
 
     def mtime(self, store, key):
-        mtime = float(self.redis.hget(self.prefix + key, "mtime"))
-        self.assertEqual(self.redis.zscore(self.index, key), mtime)
+        record, index, probation = redis_names(self, key)
+        mtime = float(self.redis.hget(record, "mtime"))
+        self.assertEqual(self.redis.zscore(index, key) or self.redis.zscore(probation, key), mtime)
         return mtime
 
     def raw(self, store, key):
-        return self.redis.hget(self.prefix + key, "data")
+        return self.redis.hget(redis_names(self, key)[0], "data")
 
     def put_raw(self, store, key, data):
         now = time.time()
-        self.redis.hset(self.prefix + key, mapping={"data": data, "mtime": now})
-        self.redis.zadd(self.index, {key: now})
+        record, index, _ = redis_names(self, key)
+        self.redis.hset(record, mapping={"data": data, "mtime": now})
+        self.redis.zadd(index, {key: now})
 
     def physical_count(self, store):
-        indexes = {self.index.encode(), (self.prefix + "#probation").encode()}
-        return sum(name not in indexes for name in self.redis.scan_iter(self.prefix + "*"))
+        return sum(b"#index" not in name and b"#probation" not in name
+                   for name in self.redis.scan_iter(self.prefix + "*"))
+
+
+class RedisClusterStoreTest(RedisStoreTest):
+    """The store contract, on RedisStore over a 6-node Redis Cluster."""
+
+    def setUp(self):
+        redis_cluster_case(self)
+        self.store_code = (
+            f"tinysession.RedisStore(__import__('redis.cluster').cluster.RedisCluster(host='127.0.0.1',"
+            f" port={self.server.port}), prefix={self.prefix!r})"
+        )
 
 
 class RedisSpecifics(unittest.TestCase):
@@ -4591,12 +4672,19 @@ class MemoryStoreBehaviour:
         return counting(load_example("memory_store").MemoryStore)(**options)
 
 
+class RedisClusterBehaviour:
+    """Runs a middleware behaviour suite over a RedisStore on a 6-node Redis Cluster instead of a FileStore."""
+
+    def make_store(self, **options):
+        redis_cluster_case(self)
+        return counting(tinysession.RedisStore)(self.redis, prefix=self.prefix, **options)
+
+
 for _case in [case for case in list(globals().values())
               if isinstance(case, type) and issubclass(case, MiddlewareCase) and case is not MiddlewareCase]:
-    globals()[_case.__name__ + "OnMemoryStore"] = type(
-        _case.__name__ + "OnMemoryStore", (MemoryStoreBehaviour, _case), {"__doc__": _case.__doc__}
-    )
-del _case
+    for _suffix, _behaviour in (("OnMemoryStore", MemoryStoreBehaviour), ("OnRedisCluster", RedisClusterBehaviour)):
+        globals()[_case.__name__ + _suffix] = type(_case.__name__ + _suffix, (_behaviour, _case), {"__doc__": _case.__doc__})
+del _case, _suffix, _behaviour
 
 
 def load_example(name):
@@ -5735,10 +5823,28 @@ class RedisStoreLog(LogContract, unittest.TestCase):
         store = self.make_store(max_age=100)
         store["k"] = {"n": 1}
         tinysession.MessageLog(store, "k").append(user())
-        self.assertGreater(self.redis.pttl(self.prefix + "#log:k"), 90000)
-        self.redis.pexpire(self.prefix + "#log:k", 5000)
+        log = store._keys("k")[2]
+        self.assertGreater(self.redis.pttl(log), 90000)
+        self.redis.pexpire(log, 5000)
         store.touch("k")
-        self.assertGreater(self.redis.pttl(self.prefix + "#log:k"), 90000)
+        self.assertGreater(self.redis.pttl(log), 90000)
+
+    def test_regenerate_keeps_the_log_across_buckets(self):
+        store = self.make_store()
+        old = "k"
+        new = next(f"n{i}" for i in itertools.count() if store._bucket(f"n{i}") != store._bucket(old)
+                   or len(store._buckets) == 1)
+        store[old] = {}
+        tinysession.MessageLog(store, old).extend([user(str(i)) for i in range(2500)])
+        self.assertTrue(store.log_move(old, new))
+        self.assertEqual((store.log_length(old), store.log_length(new)), (0, 2500))
+        self.assertEqual(tinysession.MessageLog(store, new).read()[-1], user("2499"))
+
+
+class RedisClusterStoreLog(RedisStoreLog):
+    """The message log, on RedisStore over a 6-node Redis Cluster."""
+
+    setUp = RedisClusterStoreTest.setUp
 
 
 def history_app(environ, start_response):
