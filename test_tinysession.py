@@ -773,7 +773,7 @@ class RedisCluster:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 30
             while b"cluster_state:ok" not in subprocess.run(
-                    [REDIS_CLI, "-p", str(self.servers[0].port), "cluster", "info"], capture_output=True).stdout:
+                    [REDIS_CLI, "-p", str(self.servers[0].port), "cluster", "info"], capture_output=True, check=False).stdout:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
                 time.sleep(0.05)
@@ -1141,6 +1141,47 @@ class RedisSpecifics(unittest.TestCase):
         self.assertIn("decode_responses=False", str(caught.exception))
         with self.assertRaises(TypeError):
             tinysession.RedisStore(self.redis, prefix=b"session:")
+
+    def test_an_asyncio_client_is_refused_with_the_fix(self):
+        import redis.asyncio
+        import redis.asyncio.cluster
+
+        for client in (redis.asyncio.Redis(port=self.server.port),
+                       redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=self.server.port)):
+            with self.subTest(client=type(client).__name__):
+                with self.assertRaises(TypeError) as caught:
+                    self.make_store(client)
+                self.assertIn("synchronous client", str(caught.exception))
+                self.assertIn("redis.Redis", str(caught.exception))
+
+    def test_an_oversized_record_is_refused_without_crossing_the_network(self):
+        store = self.make_store(max_bytes=100)
+        store["a"] = {"v": 1}
+        record = store._keys("a")[0]
+        self.redis.hset(record, "data", b"x" * 5_000_000)
+        sent = self.redis.info("stats")["total_net_output_bytes"]
+        with LogRecords() as warnings:
+            self.assertIsNone(store.get("a"))
+        sent = self.redis.info("stats")["total_net_output_bytes"] - sent  # this INFO's reply included
+        self.assertLess(sent, 20_000)
+        self.assertIn("5000000 bytes, over the size limit", warnings[0])
+
+    def test_a_cluster_client_shows_its_nodes_and_refuses_a_hash_tag_prefix(self):
+        redis_cluster_case(self)
+        store = tinysession.RedisStore(self.redis, prefix="s:")
+        self.assertTrue(repr(store).startswith("RedisStore('redis+cluster://127.0.0.1:"), repr(store))
+        self.assertIn(f"127.0.0.1:{self.server.port}", repr(store))
+        with self.assertRaises(tinysession.StoreError) as caught:
+            tinysession.RedisStore(self.redis, prefix="{s}:")
+        self.assertIn("prefix='session:'", str(caught.exception))
+
+    def test_sessions_spread_evenly_over_the_cluster_masters(self):
+        redis_cluster_case(self)
+        store = tinysession.RedisStore(self.redis, prefix=self.prefix, max_sessions=None)
+        for index in range(3000):
+            store[f"s{index}"] = {}
+        counts = [node.redis_connection.dbsize() for node in self.redis.get_primaries()]
+        self.assertLessEqual(max(counts) / min(counts), 1.2, counts)
 
     def test_close_leaves_the_client_to_its_owner_and_refuses_later_calls(self):
         with self.make_store() as store:
@@ -5220,6 +5261,19 @@ class CommandLineWrongDirectory(CommandLineCase):
 
 
 class CommandLineRedis(CommandLineCase):
+    def test_clean_and_stats_on_a_redis_cluster_url(self):
+        redis_cluster_case(self)
+        store = tinysession.RedisStore(self.redis, prefix=self.prefix)
+        for index in range(50):
+            store[f"k{index}"] = {"i": index}
+        url = f"redis+cluster://127.0.0.1:{self.server.servers[-1].port}/0"
+        status, out, err = self.run_main("stats", url, "--prefix", self.prefix)
+        self.assertEqual(status, 0, err)
+        self.assertIn("50", out)
+        status, out, err = self.run_main("clean", url, "--prefix", self.prefix, "--keep", "10")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(len(store), 10)
+
     def test_clean_and_stats_on_a_redis_url(self):
         redis_case(self)
         store = tinysession.RedisStore(self.redis, prefix=self.prefix)
@@ -5903,6 +5957,7 @@ README_PATH = os.path.join(HERE, "README.md")
 # ReadmeSnippets runs it, or it is listed here with the reason it is not run.
 README_NOT_RUN = {
     'redis.Redis(host="10.0.0.5"': "needs a Redis server at 10.0.0.5; RedisStoreTest runs the same calls",
+    "RedisCluster(host=\"10.0.0.5\"": "needs a Redis Cluster at 10.0.0.5; RedisClusterStoreTest runs the same calls",
     "await Runner.run(": "needs the OpenAI Agents SDK and a model; AgentsSessionProtocol and .ci/peer_agents.sh "
                          "run AgentsSession's calls",
 }

@@ -3832,7 +3832,7 @@ def _open_store(spec, table, prefix, read_only):
     With ``read_only`` an SQLite database is opened read-only, so nothing in
     the file changes. FIFOs, sockets and devices are refused before they are opened.
     """
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    if spec.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")):
         return _open_redis(spec, prefix)
     try:
         mode = os.stat(spec).st_mode
@@ -3851,10 +3851,20 @@ def _open_store(spec, table, prefix, read_only):
 def _open_redis(spec, prefix):
     try:
         import redis
+        import redis.cluster
+        import redis.sentinel
     except ImportError:
         raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
+    scheme, _, rest = spec.partition("://")
     try:
-        client = redis.Redis.from_url(spec)
+        if scheme == "redis+cluster":  # any node: the client finds the others
+            client = redis.cluster.RedisCluster.from_url(f"redis://{rest}")
+        elif scheme == "redis+sentinel":  # redis+sentinel://host:port/service: the service's master
+            address, _, service = rest.partition("/")
+            host, _, port = address.rpartition(":")
+            client = redis.sentinel.Sentinel([(host, int(port))]).master_for(service)
+        else:
+            client = redis.Redis.from_url(spec)
     except ValueError as exc:
         raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
     return RedisStore(client, prefix=prefix, **_UNBOUNDED)
