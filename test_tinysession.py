@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -813,6 +814,13 @@ def redis_cluster_case(test):
     test.prefix = f"test{next(_prefix_numbers)}:"
 
 
+def wait_for_background_cleans():
+    """Join the background cleans running now (bounded), so that a test's own clean does not race them."""
+    for thread in threading.enumerate():
+        if thread.name == "tinysession-clean":
+            thread.join(30)
+
+
 def redis_names(test, key):
     """Return the record's, the index's and the probation set's names for ``key``, in its bucket."""
     record, index, _, probation = tinysession.RedisStore(test.redis, prefix=test.prefix)._keys(key)
@@ -963,7 +971,7 @@ class RedisSpecifics(unittest.TestCase):
         store["b"] = {"v": 2}  # a write drops index members past max_age
         self.assertEqual(self.members(), {"b"})
 
-    def test_clean_drops_index_members_whose_record_is_gone_without_counting_them(self):
+    def test_clean_drops_the_members_it_meets_whose_record_is_gone_without_counting_them(self):
         store = self.make_store()
         for key, age in (("gone", 400), ("old", 300), ("new", 100), ("gone2", 50), ("newest", 10)):
             store[key] = {}
@@ -973,7 +981,8 @@ class RedisSpecifics(unittest.TestCase):
         self.assertEqual((sweep.seen, sweep.removed), (3, 2))
         self.assertEqual(len(self.members()), 5)
         self.assertEqual(store.clean(max_age=250), 1)
-        self.assertEqual(self.members(), {"new", "newest"})  # a clean drops every member whose record is gone
+        # A clean reads only what it removes: "gone2", younger than max_age, stays a member (as len() counts it).
+        self.assertEqual(self.members(), {"new", "gone2", "newest"})
         self.assertEqual(store.clean(keep=1), 1)
         self.assertEqual((self.members(), self.names()), ({"newest"}, {"newest"}))
 
@@ -1059,6 +1068,7 @@ class RedisSpecifics(unittest.TestCase):
             store[f"k{index}"] = {"i": index}
         store.touch("k29")
         del store["k29"]
+        wait_for_background_cleans()
         count = len(self.names())
         self.assertEqual((len(store), len(list(store))), (count, count))
         self.assertEqual(store.clean(max_age=0, keep=0), count)
@@ -1182,6 +1192,42 @@ class RedisSpecifics(unittest.TestCase):
             store[f"s{index}"] = {}
         counts = [node.redis_connection.dbsize() for node in self.redis.get_primaries()]
         self.assertLessEqual(max(counts) / min(counts), 1.2, counts)
+
+    def test_keep_is_exact_when_the_threshold_is_bisected_over_buckets(self):
+        for case in (redis_case, redis_cluster_case):
+            with self.subTest(case=case.__name__):
+                case(self)
+                store = self.make_store(max_sessions=None)
+                now, mtimes = time.time(), {}
+                for index in range(400):  # ties by threes, one in four on probation
+                    mtimes[f"k{index:03d}"] = tinysession.Store._stamp(now - 1000 + index // 3, new=index % 4 == 0)
+                    store.write(f"k{index:03d}", b"{}", mtimes[f"k{index:03d}"])
+                order = sorted(mtimes, key=lambda key: (not store._on_probation(mtimes[key]), mtimes[key], key))
+                with unittest.mock.patch.object(tinysession, "_REDIS_SCAN_BATCH", 7):  # windows of 7: many rounds
+                    self.assertEqual(store.clean(keep=150), 250)
+                    self.assertEqual(set(store), set(order[250:]))
+                    self.assertEqual(store.clean(keep=40), 110)
+                self.assertEqual(set(store), set(order[360:]))
+
+    def test_a_clean_reads_only_the_records_it_removes_and_sends_no_script_text(self):
+        import redis
+
+        for case in (redis_case, redis_cluster_case):
+            with self.subTest(case=case.__name__):
+                case(self)
+                store = self.make_store(max_sessions=None)
+                for index in range(300):
+                    store.write(f"k{index}", b"{}", tinysession.Store._stamp(time.time() - 1000 + index))
+                clients = [redis.Redis(port=server.port) for server in getattr(self.server, "servers", [self.server])]
+                for client in clients:
+                    client.config_resetstat()
+                self.assertEqual(store.clean(keep=200), 100)
+                calls = collections.Counter()
+                for client in clients:
+                    calls.update({name: stats["calls"] for name, stats in client.info("commandstats").items()})
+                    client.close()
+                self.assertEqual((calls["cmdstat_hstrlen"], calls["cmdstat_eval"]), (100, 0), calls)
+                self.assertGreater(calls["cmdstat_evalsha"], 0)
 
     def test_close_leaves_the_client_to_its_owner_and_refuses_later_calls(self):
         with self.make_store() as store:

@@ -1659,12 +1659,19 @@ local size = redis.call('HSTRLEN', KEYS[1], 'data')
 if ARGV[1] ~= '' and size > tonumber(ARGV[1]) then return {size, redis.call('HGET', KEYS[1], 'mtime')} end
 return redis.call('HMGET', KEYS[1], 'data', 'mtime')
 """
+# ARGV[4] is '1' for a conditional write, '2' for a touch (mtime only, an existing record only).
 # The first command that writes is HSET, which Redis refuses when it is out
 # of memory under noeviction; once a script has written, Redis lets the rest
 # of it run, so nothing that could grow memory may come before it.
 _REDIS_WRITE = """
 if ARGV[4] == '1' and redis.call('HGET', KEYS[1], 'data') ~= ARGV[5] then return 0 end
-redis.call('HSET', KEYS[1], 'data', ARGV[1], 'mtime', ARGV[2])
+if ARGV[4] ~= '2' then
+    redis.call('HSET', KEYS[1], 'data', ARGV[1], 'mtime', ARGV[2])
+elseif redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('HSET', KEYS[1], 'mtime', ARGV[2])
+else
+    return 0
+end
 if ARGV[3] ~= '' then
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[6])
@@ -1688,28 +1695,19 @@ redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
 return removed
 """
-_REDIS_SET_MTIME = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'mtime', ARGV[1])
-if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
-local segment, other = KEYS[2], KEYS[4]
-if ARGV[4] == '1' then segment, other = KEYS[4], KEYS[2] end
-redis.call('ZADD', segment, ARGV[1], ARGV[3])
-redis.call('ZREM', other, ARGV[3])
-return 1
-"""
 # KEYS: one bucket's index and probation set, then a record and its log per
 # member; ARGV: each member and the mtime the clean saw. Removes each record
 # still at that mtime with its log and index member (and the member of a
-# record already gone); returns each record's size, -1 where none was removed.
+# record already gone); returns each record's size, -1 for a record already
+# gone, -2 for one written since.
 _REDIS_EVICT = """
 local sizes = {}
 for j = 1, #ARGV / 2 do
     local record, member = KEYS[2 * j + 1], ARGV[2 * j - 1]
     local mtime = redis.call('HGET', record, 'mtime')
-    sizes[j] = -1
+    sizes[j] = -2
     if not mtime or tonumber(mtime) == tonumber(ARGV[2 * j]) then
-        if mtime then sizes[j] = redis.call('HSTRLEN', record, 'data') end
+        sizes[j] = mtime and redis.call('HSTRLEN', record, 'data') or -1
         redis.call('DEL', record, KEYS[2 * j + 2])
         redis.call('ZREM', KEYS[1], member)
         redis.call('ZREM', KEYS[2], member)
@@ -1717,7 +1715,18 @@ for j = 1, #ARGV / 2 do
 end
 return sizes
 """
+# KEYS: one bucket's probation set and index; ARGV: the lowest and highest score a clean
+# counts. For each set, its size, its members in that range, its lowest and highest score.
+_REDIS_SUMMARY = """
+local summary = {}
+for i, name in ipairs(KEYS) do
+    local first, last = redis.call('ZRANGE', name, 0, 0, 'WITHSCORES'), redis.call('ZRANGE', name, -1, -1, 'WITHSCORES')
+    summary[i] = {redis.call('ZCARD', name), redis.call('ZCOUNT', name, ARGV[1], ARGV[2]), first[2] or '', last[2] or ''}
+end
+return summary
+"""
 _REDIS_SCAN_BATCH = 1000
+_REDIS_EVICT_BATCH = 10000  # members per round of a clean, over all its sorted sets
 _REDIS_BUCKETS = 256
 _REDIS_SLOTS = 16384
 _redis_tags = []
@@ -1746,21 +1755,16 @@ return 1
 """
 
 
-def _redis_cluster_tags():
+def _redis_cluster_tags(client):
     """Return the bucket tags of a cluster: ``_REDIS_BUCKETS`` hash tags, one slot in each equal band of slots.
 
-    A tag's slot is CRC16-XMODEM of the tag modulo 16,384, as Redis Cluster
-    computes it; the search is deterministic, so every process finds the same tags.
+    The cluster client computes each tag's slot (``keyslot``); the search is
+    deterministic, so every process finds the same tags.
     """
     if not _redis_tags:
         tags = {}
         for number in itertools.count():
-            crc = 0
-            for byte in b"%x" % number:
-                crc ^= byte << 8
-                for _ in range(8):
-                    crc = (crc << 1 ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
-            tags.setdefault(crc % _REDIS_SLOTS * _REDIS_BUCKETS // _REDIS_SLOTS, f"{{{number:x}}}")
+            tags.setdefault(client.keyslot(f"{{{number:x}}}") * _REDIS_BUCKETS // _REDIS_SLOTS, f"{{{number:x}}}")
             if len(tags) == _REDIS_BUCKETS:
                 _redis_tags[:] = [tags[band] for band in range(_REDIS_BUCKETS)]
                 break
@@ -1839,13 +1843,15 @@ class RedisStore(Store):
             if "{" in prefix or "}" in prefix:
                 raise StoreError(f"{self!r}: on a cluster RedisStore spreads the sessions over hash tags of its"
                                  f" own, so the prefix must hold no '{{' or '}}': pass prefix='session:'")
-            self._buckets = [prefix + tag for tag in _redis_cluster_tags()]
+            self._buckets = [prefix + tag for tag in _redis_cluster_tags(client)]
         else:
             if "path" in options:
                 self._address = f"unix://{options['path']}?db={options.get('db', 0)}"
             else:
                 self._address = f"redis://{options.get('host')}:{options.get('port', 6379)}/{options.get('db', 0)}"
             self._buckets = [prefix]
+        # Every sorted set, in the order a clean evicts from them: probation sets first.
+        self._sets = [(bucket, bucket + name) for name in ("#probation", "#index") for bucket in self._buckets]
         self._scripts = {}
 
     def __repr__(self):
@@ -1910,9 +1916,12 @@ class RedisStore(Store):
         return data, float(mtime)
 
     def write(self, key, data, mtime, expected=None):
+        return self._write(key, data, mtime, int(expected is not None), expected or b"")
+
+    def _write(self, key, data, mtime, mode, expected):
         cutoff = None if self.max_age is None else mtime - self.max_age
-        arguments = [data, self._number(mtime), self._ttl(), int(expected is not None), expected or b"",
-                     self._number(cutoff), key, int(self._on_probation(mtime))]
+        arguments = [data, self._number(mtime), self._ttl(), mode, expected, self._number(cutoff), key,
+                     int(self._on_probation(mtime))]
         return self._script(_REDIS_WRITE, self._keys(key), arguments) == 1
 
     def remove(self, key, expected=None):
@@ -1920,8 +1929,7 @@ class RedisStore(Store):
         return self._script(_REDIS_REMOVE, self._keys(key), arguments) == 1
 
     def set_mtime(self, key, mtime):
-        arguments = [self._number(mtime), self._ttl(), key, int(self._on_probation(mtime))]
-        return self._script(_REDIS_SET_MTIME, self._keys(key), arguments) == 1
+        return self._write(key, b"", mtime, 2, b"")
 
     def scan(self):
         return (entry for entry in self._members() if entry[2])
@@ -1951,38 +1959,107 @@ class RedisStore(Store):
                     for (bucket, name, _), rank, count in zip(sets, places[0::2], places[1::2])]
 
 
-    def _sweep_scan(self, now, dry_run):
-        """Yield the live records for ``Store.sweep``; a real clean also drops the members of records gone."""
-        gone = []
-        for key, mtime, size in self._members():
-            if size:
-                yield key, mtime, size
-            elif not dry_run:
-                gone.append((key, mtime, 0))
-        self._evict(gone)
+    def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
+        """Run one cleaning pass, as ``Store.sweep`` does; a clean reads only the records it removes.
 
-    def _evict(self, doomed):
-        """Remove the doomed records still at the mtime the scan saw: one script per bucket, all in one pipeline."""
+        A dry run (``stats``) scans every record, for their bytes. A clean
+        counts the members of the sorted sets (one script per bucket) and
+        never reads a record it keeps: it removes the members past
+        ``max_age``, then the ``keep`` excess, probation sets first, each
+        set's lowest (see ``_evict_lowest``). Its ``seen`` counts the members
+        (as ``len()`` does), its ``seen_bytes`` only the bytes it removed.
+        """
+        if dry_run:
+            return super().sweep(max_age, keep, now=now, dry_run=True, progress=progress)
+        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
+        started, sweep = _now() + 0.001, Sweep()  # started: as in Store.sweep
+        # A failover may lose the scripts a server had loaded: load them (on every master) for each clean.
+        summary, self._evict_sha = [self._call(self.client.script_load, script) for script in (_REDIS_SUMMARY, _REDIS_EVICT)]
+        floor = "-inf" if cutoff is None else self._number(cutoff)
+        replies = self._pipelined([("EVALSHA", summary, 2, bucket + "#probation", bucket + "#index", floor,
+                                    self._number(started)) for bucket in self._buckets])
+        due = [sum(int(reply[1]) for reply in segment) for segment in zip(*replies)]  # probation, index
+        scores = [float(score) for bucket in replies for reply in bucket for score in reply[2:] if score]
+        sweep.seen = sum(int(reply[0]) for bucket in replies for reply in bucket)
+        if scores:
+            sweep.oldest, sweep.newest = min(scores), max(scores)
+        if progress is not None:
+            progress(sweep)
+        if cutoff is not None and scores:
+            self._evict_range(self._sets, "-inf", "(" + self._number(cutoff), sweep, progress)
+        excess = -1 if keep is None else sum(due) - keep
+        for above, sets in zip(due, (self._sets[:len(self._buckets)], self._sets[len(self._buckets):])):
+            if excess > 0:
+                self._evict_lowest(sets, float(floor) if cutoff else min(scores), started, excess, above, sweep, progress)
+                excess -= above
+        sweep.seen_bytes = sweep.removed_bytes
+        return sweep
+
+    def _count(self, sets, low, high):
+        """Return how many members of ``sets`` score from ``low`` to ``high``: one pipeline of ZCOUNTs."""
+        return sum(self._pipelined([("ZCOUNT", name, self._number(low), self._number(high)) for _, name in sets]))
+
+    def _evict_lowest(self, sets, floor, high, excess, above, sweep, progress):
+        """Remove the ``excess`` lowest of the ``above`` members of ``sets`` scored from ``floor`` to ``high``.
+
+        Lowest in (score, key) order, as ``Store.sweep`` evicts. A bisection
+        over pipelined ZCOUNTs narrows (low, high] to at most a page of
+        members around the ``excess``-th: the members up to ``low`` go, then
+        the first of the window, sorted here.
+        """
+        low, below = (high, above) if excess >= above else (floor - 1, 0)
+        while above - below > _REDIS_SCAN_BATCH and high - low > 1e-6:
+            middle = (low + high) / 2
+            count = self._count(sets, floor, middle)
+            low, below, high, above = (middle, count, high, above) if count < excess else (low, below, middle, count)
+        if below:
+            self._evict_range(sets, self._number(floor), self._number(low), sweep, progress)
+        if excess <= below:
+            return
+        pages = self._pipelined([("ZRANGEBYSCORE", name, "(" + self._number(low), self._number(high), "WITHSCORES")
+                                 for _, name in sets])
+        window = sorted((mtime, member.decode("ascii"), bucket)
+                        for (bucket, _), page in zip(sets, pages) for member, mtime in _redis_pairs(page))
+        self._evict([(bucket, key, mtime) for mtime, key, bucket in window[:excess - below]], sweep, progress)
+
+    def _evict_range(self, sets, low, high, sweep, progress):
+        """Remove the members of ``sets`` scored from ``low`` to ``high`` whose record is still at that mtime, in pages."""
+        page = min(_REDIS_SCAN_BATCH, _REDIS_EVICT_BATCH // len(sets))
+        while sets:
+            pages = [_redis_pairs(reply) for reply in self._pipelined(
+                [("ZRANGEBYSCORE", name, low, high, "WITHSCORES", "LIMIT", 0, page) for _, name in sets])]
+            entries = [(bucket, member.decode("ascii"), mtime) for (bucket, _), part in zip(sets, pages) for member, mtime in part]
+            if not self._evict(entries, sweep, progress):
+                return  # nothing left the sets: only records written since remain
+            sets = [entry for entry, part in zip(sets, pages) if len(part) == page]
+
+    def _evict(self, entries, sweep, progress):
+        """Remove each ``(bucket, key, mtime)`` whose record is still at that mtime: one script per bucket, in one pipeline.
+
+        Count the removed records into ``sweep``; return True if any member left its set.
+        """
         buckets = {}
-        for key, mtime, _ in doomed:
-            keys, arguments = buckets.setdefault(self._bucket(key), ([], []))
-            keys += self._keys(key)[0:3:2]
-            arguments += [key, self._number(mtime)]
-        sizes = self._pipelined([("EVAL", _REDIS_EVICT, len(keys) + 2, bucket + "#index", bucket + "#probation",
-                                  *keys, *arguments) for bucket, (keys, arguments) in buckets.items()])
-        return [size for reply in sizes for size in reply if size >= 0]
+        for bucket, key, mtime in entries:
+            keys, arguments = buckets.setdefault(bucket, ([], []))
+            keys += (bucket + key, bucket + "#log:" + key)
+            arguments += (key, repr(mtime))
+        replies = [size for reply in self._pipelined(
+            [("EVALSHA", self._evict_sha, len(keys) + 2, bucket + "#index", bucket + "#probation", *keys, *arguments)
+             for bucket, (keys, arguments) in buckets.items()]) for size in reply]
+        sizes = [size for size in replies if size >= 0]
+        sweep.removed, sweep.removed_bytes = sweep.removed + len(sizes), sweep.removed_bytes + sum(sizes)
+        if progress is not None:
+            progress(sweep)
+        return any(size != -2 for size in replies)
 
     def __iter__(self):
         floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
-        pages = self._pipelined([("ZRANGEBYSCORE", bucket + name, floor, "+inf")
-                                 for bucket in self._buckets for name in ("#index", "#probation")])
+        pages = self._pipelined([("ZRANGEBYSCORE", name, floor, "+inf") for _, name in self._sets])
         return iter([member.decode("ascii") for page in pages for member in page])
 
     def __len__(self):
-        """Count the live records: the index members not older than ``max_age``."""
-        floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
-        return sum(self._pipelined([("ZCOUNT", bucket + name, floor, "+inf")
-                                    for bucket in self._buckets for name in ("#index", "#probation")]))
+        """Count the live records: the members of the sorted sets not older than ``max_age``."""
+        return self._count(self._sets, "-inf" if self.max_age is None else _now() - self.max_age, "+inf")
 
     # The message log: a list per key, RPUSH to append (plus LTRIM to trim), its TTL the record's.
 
