@@ -814,13 +814,6 @@ def redis_cluster_case(test):
     test.prefix = f"test{next(_prefix_numbers)}:"
 
 
-def wait_for_background_cleans():
-    """Join the background cleans running now (bounded), so that a test's own clean does not race them."""
-    for thread in threading.enumerate():
-        if thread.name == "tinysession-clean":
-            thread.join(30)
-
-
 def redis_names(test, key):
     """Return the record's, the index's and the probation set's names for ``key``, in its bucket."""
     record, index, _, probation = tinysession.RedisStore(test.redis, prefix=test.prefix)._keys(key)

@@ -1650,9 +1650,8 @@ class SQLiteStore(Store):
 
 # -- RedisStore --
 
-# Every script touches the keys of one bucket only (see RedisStore's layout),
-# all declared: KEYS[1] the record, KEYS[2] the index, KEYS[3] the message
-# log, KEYS[4] the probation set.
+# Every script touches the keys of one bucket only (see RedisStore), all declared: KEYS[1] the record,
+# KEYS[2] the index, KEYS[3] the message log, KEYS[4] the probation set.
 # The size is checked in the server, so an oversized record never crosses the network.
 _REDIS_READ = """
 local size = redis.call('HSTRLEN', KEYS[1], 'data')
@@ -1660,18 +1659,13 @@ if ARGV[1] ~= '' and size > tonumber(ARGV[1]) then return {size, redis.call('HGE
 return redis.call('HMGET', KEYS[1], 'data', 'mtime')
 """
 # ARGV[4] is '1' for a conditional write, '2' for a touch (mtime only, an existing record only).
-# The first command that writes is HSET, which Redis refuses when it is out
-# of memory under noeviction; once a script has written, Redis lets the rest
-# of it run, so nothing that could grow memory may come before it.
+# The first command that writes is HSET, which Redis refuses when out of memory under noeviction;
+# once a script has written, Redis lets the rest run, so nothing that grows memory may come first.
 _REDIS_WRITE = """
 if ARGV[4] == '1' and redis.call('HGET', KEYS[1], 'data') ~= ARGV[5] then return 0 end
-if ARGV[4] ~= '2' then
-    redis.call('HSET', KEYS[1], 'data', ARGV[1], 'mtime', ARGV[2])
-elseif redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('HSET', KEYS[1], 'mtime', ARGV[2])
-else
-    return 0
-end
+if ARGV[4] == '2' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'mtime', ARGV[2])
+if ARGV[4] ~= '2' then redis.call('HSET', KEYS[1], 'data', ARGV[1]) end
 if ARGV[3] ~= '' then
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[6])
@@ -1695,11 +1689,9 @@ redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
 return removed
 """
-# KEYS: one bucket's index and probation set, then a record and its log per
-# member; ARGV: each member and the mtime the clean saw. Removes each record
-# still at that mtime with its log and index member (and the member of a
-# record already gone); returns each record's size, -1 for a record already
-# gone, -2 for one written since.
+# KEYS: one bucket's index and probation set, then a record and its log per member; ARGV: each
+# member and the mtime the clean saw. Removes each record still at that mtime, its log and member
+# (or the member of a record gone); returns each size, -1 for a record gone, -2 for one written since.
 _REDIS_EVICT = """
 local sizes = {}
 for j = 1, #ARGV / 2 do
@@ -1715,8 +1707,7 @@ for j = 1, #ARGV / 2 do
 end
 return sizes
 """
-# KEYS: one bucket's probation set and index; ARGV: the lowest and highest score a clean
-# counts. For each set, its size, its members in that range, its lowest and highest score.
+# KEYS: a bucket's probation set and index; ARGV: a score range. Per set: size, members in range, ends.
 _REDIS_SUMMARY = """
 local summary = {}
 for i, name in ipairs(KEYS) do
@@ -1726,10 +1717,8 @@ end
 return summary
 """
 _REDIS_SCAN_BATCH = 1000
-_REDIS_EVICT_BATCH = 10000  # members per round of a clean, over all its sorted sets
 _REDIS_BUCKETS = 256
 _REDIS_SLOTS = 16384
-_redis_tags = []
 # The message log of a key is the list "#log:" + key in its bucket; its TTL follows the record's.
 # RPUSH in runs of 1,000 lines: Lua's unpack() has a limit.
 _REDIS_LOG_APPEND = """
@@ -1758,17 +1747,13 @@ return 1
 def _redis_cluster_tags(client):
     """Return the bucket tags of a cluster: ``_REDIS_BUCKETS`` hash tags, one slot in each equal band of slots.
 
-    The cluster client computes each tag's slot (``keyslot``); the search is
-    deterministic, so every process finds the same tags.
+    The search is deterministic, so every process finds the same tags.
     """
-    if not _redis_tags:
-        tags = {}
-        for number in itertools.count():
-            tags.setdefault(client.keyslot(f"{{{number:x}}}") * _REDIS_BUCKETS // _REDIS_SLOTS, f"{{{number:x}}}")
-            if len(tags) == _REDIS_BUCKETS:
-                _redis_tags[:] = [tags[band] for band in range(_REDIS_BUCKETS)]
-                break
-    return _redis_tags
+    tags, numbers = {}, itertools.count()
+    while len(tags) < _REDIS_BUCKETS:
+        tag = f"{{{next(numbers):x}}}"
+        tags.setdefault(client.keyslot(tag) * _REDIS_BUCKETS // _REDIS_SLOTS, tag)
+    return [tags[band] for band in range(_REDIS_BUCKETS)]
 
 
 def _redis_pairs(reply):
@@ -1781,46 +1766,34 @@ def _redis_pairs(reply):
 class RedisStore(Store):
     """Store records in Redis, Valkey or a Redis Cluster, through a redis-py client that the caller owns.
 
-    Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
-    ``max_bytes``, as every store takes them (see the README's table).
-
     ``RedisStore(redis.Redis(host="127.0.0.1"), prefix="session:", max_age=3600)``,
-    or ``redis.cluster.RedisCluster(...)`` for a cluster: the same contract
-    and options as FileStore and SQLiteStore. The client must be synchronous
-    and return bytes (``decode_responses=False``, the default); this module
-    never imports redis.
+    or ``redis.cluster.RedisCluster(...)`` for a cluster: the options and the
+    contract of every store. The client must be synchronous and return bytes
+    (``decode_responses=False``, the default); this module never imports redis.
 
-    Layout: sessions live in buckets. On one server there is one bucket,
-    ``prefix``; on a cluster client (one with ``get_nodes``) there are 256,
-    ``prefix + "{tag}"``, whose hash tags fall in 256 equal bands of the
-    16,384 slots, so the sessions spread evenly over the masters; a key's
-    bucket is the CRC-32 of the key modulo their number. In its bucket, the
-    record for ``key`` is the hash ``bucket + key`` with the fields ``data``
-    (the stored bytes) and ``mtime`` (a POSIX timestamp), so a read is one
-    script and a touch rewrites only ``mtime``. With ``max_age`` every write
-    and touch also sets the hash's TTL to ``max_age``, so Redis removes
-    expired records by itself; reads still check ``mtime``. Two sorted sets
-    per bucket map every key to its mtime: ``bucket + "#probation"`` the
-    sessions on probation (see ``Store._stamp``), ``bucket + "#index"`` all
-    others; a write or touch moves a key between them as its mtime says, in
-    O(log N). ``len()``, iteration and ``clean()`` read them, pipelined over
-    the buckets (never KEYS or SCAN), and writes drop their members past
-    ``max_age``, so stores sharing a prefix should share ``max_age``.
-    A read, a write, a removal and a touch are one Lua script each on one
-    bucket: atomic (conditions included), index included, in one round
-    trip. A clean reads the index members in pages and removes in batches,
-    each batch one script per bucket that removes only records still at the
-    mtime it saw. Keys without the prefix are never touched. Needs Redis 4
-    or later (or Valkey); a maxmemory policy must not evict the index (use
-    noeviction or a volatile-* one). Out of memory under noeviction, a write
-    raises StoreError while removals and cleans still work.
+    Layout: sessions live in buckets: one on a server, ``prefix``; 256 on a
+    cluster client (one with ``get_nodes``), ``prefix + "{tag}"``, their hash
+    tags one in each 64-slot band, so the sessions spread evenly over the
+    masters; a key's bucket is its CRC-32 modulo their number. In its bucket
+    the record for ``key`` is the hash ``bucket + key`` (fields ``data`` and
+    ``mtime``), whose TTL is ``max_age`` from each write or touch, so Redis
+    removes expired records by itself. Two sorted sets per bucket score every
+    key by its mtime: ``#probation`` the sessions on probation (see
+    ``Store._stamp``), ``#index`` the others. A read, a write, a removal and a
+    touch are one Lua script each on one bucket: atomic, sets included, one
+    round trip, O(log N); a write drops the members past ``max_age``, so
+    stores sharing a prefix should share ``max_age``. ``len()``, iteration and
+    ``clean()`` read the sets, pipelined over the buckets (never KEYS or
+    SCAN); see ``sweep``. Keys without the prefix are never touched. Needs
+    Redis 4 or later (or Valkey); a maxmemory policy must not evict the sets
+    (use noeviction or a volatile-* one). Out of memory under noeviction, a
+    write raises StoreError while removals and cleans still work.
 
-    Threads and processes: redis-py clients are thread-safe (each thread
-    borrows a connection from the pool), and any number of processes and
-    machines may share one server or cluster. Any failure of the client or
-    server raises StoreError; redis-py reconnects (and follows a cluster's
-    failover) by itself, so the store works again once the server is back.
-    ``close()`` leaves the client to its owner: later calls raise StoreError.
+    Threads and processes: redis-py clients are thread-safe, and any number
+    of processes and machines may share one server or cluster. Any failure of
+    the client or server raises StoreError; redis-py reconnects (and follows
+    a cluster's failover) by itself, so the store works again once the server
+    is back. ``close()`` leaves the client to its owner: later calls raise StoreError.
     """
 
     def __init__(self, client, *, prefix="session:", **options):
@@ -1852,7 +1825,6 @@ class RedisStore(Store):
             self._buckets = [prefix]
         # Every sorted set, in the order a clean evicts from them: probation sets first.
         self._sets = [(bucket, bucket + name) for name in ("#probation", "#index") for bucket in self._buckets]
-        self._scripts = {}
 
     def __repr__(self):
         return f"RedisStore({self._address!r}, prefix={self.prefix!r})"
@@ -1883,17 +1855,11 @@ class RedisStore(Store):
         return self._call(run) if commands else []
 
     def _script(self, source, keys, arguments):
-        if source not in self._scripts:
-            self._scripts[source] = self.client.register_script(source)
-        return self._call(self._scripts[source], keys, arguments)
+        """Run a script by EVALSHA (redis-py loads it on NOSCRIPT): one round trip once loaded."""
+        return self._call(self.client.register_script(source), keys, arguments)
 
     def _ttl(self):
         return "" if self.max_age is None else max(1, round(self.max_age * 1000))
-
-    @staticmethod
-    def _number(value, none=""):
-        """Return ``value`` as an exact decimal string for Redis, or ``none`` for None."""
-        return none if value is None else repr(float(value))
 
     def _bucket(self, key):
         return self._buckets[zlib.crc32(key.encode("ascii")) % len(self._buckets)]
@@ -1919,9 +1885,9 @@ class RedisStore(Store):
         return self._write(key, data, mtime, int(expected is not None), expected or b"")
 
     def _write(self, key, data, mtime, mode, expected):
-        cutoff = None if self.max_age is None else mtime - self.max_age
-        arguments = [data, self._number(mtime), self._ttl(), mode, expected, self._number(cutoff), key,
-                     int(self._on_probation(mtime))]
+        # Scores and mtimes travel as repr(float): exact decimals, which Redis parses back to the same doubles.
+        cutoff = "" if self.max_age is None else repr(mtime - self.max_age)
+        arguments = [data, repr(mtime), self._ttl(), mode, expected, cutoff, key, int(self._on_probation(mtime))]
         return self._script(_REDIS_WRITE, self._keys(key), arguments) == 1
 
     def remove(self, key, expected=None):
@@ -1932,137 +1898,110 @@ class RedisStore(Store):
         return self._write(key, b"", mtime, 2, b"")
 
     def scan(self):
-        return (entry for entry in self._members() if entry[2])
-
-    def _members(self):
-        """Yield ``(key, mtime, size)`` of every index member, size 0 where its record is gone.
-
-        Pages of 1,000 members per sorted set, each page of every bucket in
-        one pipeline, their sizes in another. Each set's next page starts
-        after the last member seen, found again by ZRANK (or, if a clean
-        removed it, by ZCOUNT up to its mtime), as removals shift the ranks.
-        """
-        sets = [(bucket, bucket + name, 0) for bucket in self._buckets for name in ("#index", "#probation")]
+        """Yield ``(key, mtime, size)`` of every record, in pipelined pages of 1,000 members per set (by rank)."""
+        sets, start = self._sets, 0
         while sets:
             pages = [_redis_pairs(page) for page in self._pipelined(
-                [("ZRANGE", name, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES") for _, name, start in sets])]
+                [("ZRANGE", name, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES") for _, name in sets])]
             entries = [(bucket, member.decode("ascii"), mtime)
-                       for (bucket, _, _), page in zip(sets, pages) for member, mtime in page]
+                       for (bucket, _), page in zip(sets, pages) for member, mtime in page]
             sizes = self._pipelined([("HSTRLEN", bucket + key, "data") for bucket, key, _ in entries])
-            for (_, key, mtime), size in zip(entries, sizes):
-                yield key, mtime, size
-            sets = [(bucket, name, page[-1]) for (bucket, name, _), page in zip(sets, pages)
-                    if len(page) == _REDIS_SCAN_BATCH]
-            places = self._pipelined([command for _, name, (member, mtime) in sets for command in
-                                      (("ZRANK", name, member), ("ZCOUNT", name, "-inf", self._number(mtime)))])
-            sets = [(bucket, name, count if rank is None else rank + 1)
-                    for (bucket, name, _), rank, count in zip(sets, places[0::2], places[1::2])]
-
+            yield from ((key, mtime, size) for (_, key, mtime), size in zip(entries, sizes) if size)
+            sets = [entry for entry, page in zip(sets, pages) if len(page) == _REDIS_SCAN_BATCH]
+            start += _REDIS_SCAN_BATCH
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
         """Run one cleaning pass, as ``Store.sweep`` does; a clean reads only the records it removes.
 
         A dry run (``stats``) scans every record, for their bytes. A clean
-        counts the members of the sorted sets (one script per bucket) and
-        never reads a record it keeps: it removes the members past
-        ``max_age``, then the ``keep`` excess, probation sets first, each
-        set's lowest (see ``_evict_lowest``). Its ``seen`` counts the members
-        (as ``len()`` does), its ``seen_bytes`` only the bytes it removed.
+        counts the members of each bucket's sets in one script per bucket,
+        removes those past ``max_age``, then the ``keep`` excess, probation
+        sets first (see ``_evict_lowest``). It passes its live Sweep to
+        ``progress`` once; ``seen`` counts the members, as ``len()`` does,
+        ``seen_bytes`` the bytes it removed.
         """
         if dry_run:
             return super().sweep(max_age, keep, now=now, dry_run=True, progress=progress)
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         started, sweep = _now() + 0.001, Sweep()  # started: as in Store.sweep
-        # A failover may lose the scripts a server had loaded: load them (on every master) for each clean.
+        floor = float("-inf") if cutoff is None else cutoff
+        # A failover may lose the scripts a master had loaded: load them (on every master) for each clean.
         summary, self._evict_sha = [self._call(self.client.script_load, script) for script in (_REDIS_SUMMARY, _REDIS_EVICT)]
-        floor = "-inf" if cutoff is None else self._number(cutoff)
-        replies = self._pipelined([("EVALSHA", summary, 2, bucket + "#probation", bucket + "#index", floor,
-                                    self._number(started)) for bucket in self._buckets])
+        replies = self._pipelined([("EVALSHA", summary, 2, bucket + "#probation", bucket + "#index", repr(floor),
+                                    repr(started)) for bucket in self._buckets])
         due = [sum(int(reply[1]) for reply in segment) for segment in zip(*replies)]  # probation, index
         scores = [float(score) for bucket in replies for reply in bucket for score in reply[2:] if score]
         sweep.seen = sum(int(reply[0]) for bucket in replies for reply in bucket)
-        if scores:
-            sweep.oldest, sweep.newest = min(scores), max(scores)
+        sweep.oldest, sweep.newest = min(scores, default=None), max(scores, default=None)
         if progress is not None:
             progress(sweep)
-        if cutoff is not None and scores:
-            self._evict_range(self._sets, "-inf", "(" + self._number(cutoff), sweep, progress)
+        if cutoff is not None:
+            self._evict_range(self._sets, "-inf", "(" + repr(cutoff), sweep)
         excess = -1 if keep is None else sum(due) - keep
         for above, sets in zip(due, (self._sets[:len(self._buckets)], self._sets[len(self._buckets):])):
             if excess > 0:
-                self._evict_lowest(sets, float(floor) if cutoff else min(scores), started, excess, above, sweep, progress)
+                self._evict_lowest(sets, max(floor, min(scores)), started, excess, above, sweep)
                 excess -= above
         sweep.seen_bytes = sweep.removed_bytes
         return sweep
 
-    def _count(self, sets, low, high):
-        """Return how many members of ``sets`` score from ``low`` to ``high``: one pipeline of ZCOUNTs."""
-        return sum(self._pipelined([("ZCOUNT", name, self._number(low), self._number(high)) for _, name in sets]))
+    def _evict_lowest(self, sets, floor, high, excess, above, sweep):
+        """Remove the ``excess`` lowest, by (score, key), of the ``above`` members of ``sets`` from ``floor`` to ``high``.
 
-    def _evict_lowest(self, sets, floor, high, excess, above, sweep, progress):
-        """Remove the ``excess`` lowest of the ``above`` members of ``sets`` scored from ``floor`` to ``high``.
-
-        Lowest in (score, key) order, as ``Store.sweep`` evicts. A bisection
-        over pipelined ZCOUNTs narrows (low, high] to at most a page of
-        members around the ``excess``-th: the members up to ``low`` go, then
-        the first of the window, sorted here.
+        A bisection over pipelined ZCOUNTs narrows (low, high] to a page that
+        holds the ``excess``-th: the members up to ``low`` go, then the first of that page.
         """
         low, below = (high, above) if excess >= above else (floor - 1, 0)
         while above - below > _REDIS_SCAN_BATCH and high - low > 1e-6:
             middle = (low + high) / 2
-            count = self._count(sets, floor, middle)
+            count = sum(self._pipelined([("ZCOUNT", name, repr(floor), repr(middle)) for _, name in sets]))
             low, below, high, above = (middle, count, high, above) if count < excess else (low, below, middle, count)
         if below:
-            self._evict_range(sets, self._number(floor), self._number(low), sweep, progress)
-        if excess <= below:
-            return
-        pages = self._pipelined([("ZRANGEBYSCORE", name, "(" + self._number(low), self._number(high), "WITHSCORES")
-                                 for _, name in sets])
-        window = sorted((mtime, member.decode("ascii"), bucket)
-                        for (bucket, _), page in zip(sets, pages) for member, mtime in _redis_pairs(page))
-        self._evict([(bucket, key, mtime) for mtime, key, bucket in window[:excess - below]], sweep, progress)
+            self._evict_range(sets, repr(floor), repr(low), sweep)
+        if excess > below:
+            pages = self._pipelined([("ZRANGEBYSCORE", name, f"({low!r}", repr(high), "WITHSCORES") for _, name in sets])
+            window = sorted((mtime, member, bucket) for (bucket, _), page in zip(sets, pages)
+                            for member, mtime in _redis_pairs(page))
+            self._evict([(bucket, member, mtime) for mtime, member, bucket in window[:excess - below]], sweep)
 
-    def _evict_range(self, sets, low, high, sweep, progress):
-        """Remove the members of ``sets`` scored from ``low`` to ``high`` whose record is still at that mtime, in pages."""
-        page = min(_REDIS_SCAN_BATCH, _REDIS_EVICT_BATCH // len(sets))
+    def _evict_range(self, sets, low, high, sweep):
+        """Remove the members of ``sets`` that score from ``low`` to ``high``, in rounds of about 10,000."""
+        page = min(_REDIS_SCAN_BATCH, 1 + 10 * _REDIS_SCAN_BATCH // len(sets))  # members per set and round
         while sets:
             pages = [_redis_pairs(reply) for reply in self._pipelined(
                 [("ZRANGEBYSCORE", name, low, high, "WITHSCORES", "LIMIT", 0, page) for _, name in sets])]
-            entries = [(bucket, member.decode("ascii"), mtime) for (bucket, _), part in zip(sets, pages) for member, mtime in part]
-            if not self._evict(entries, sweep, progress):
-                return  # nothing left the sets: only records written since remain
+            if not self._evict([(bucket, *entry) for (bucket, _), part in zip(sets, pages) for entry in part], sweep):
+                return  # no member left: what remains was written since the pass began
             sets = [entry for entry, part in zip(sets, pages) if len(part) == page]
 
-    def _evict(self, entries, sweep, progress):
-        """Remove each ``(bucket, key, mtime)`` whose record is still at that mtime: one script per bucket, in one pipeline.
+    def _evict(self, entries, sweep):
+        """Remove each ``(bucket, member, mtime)`` still at that mtime: one script per bucket, one pipeline.
 
-        Count the removed records into ``sweep``; return True if any member left its set.
+        Count the records removed into ``sweep``; return True if any member left its set.
         """
         buckets = {}
-        for bucket, key, mtime in entries:
+        for bucket, member, mtime in entries:
             keys, arguments = buckets.setdefault(bucket, ([], []))
-            keys += (bucket + key, bucket + "#log:" + key)
-            arguments += (key, repr(mtime))
+            keys += (bucket.encode() + member, bucket.encode() + b"#log:" + member)
+            arguments += (member, repr(mtime))
         replies = [size for reply in self._pipelined(
             [("EVALSHA", self._evict_sha, len(keys) + 2, bucket + "#index", bucket + "#probation", *keys, *arguments)
              for bucket, (keys, arguments) in buckets.items()]) for size in reply]
         sizes = [size for size in replies if size >= 0]
         sweep.removed, sweep.removed_bytes = sweep.removed + len(sizes), sweep.removed_bytes + sum(sizes)
-        if progress is not None:
-            progress(sweep)
         return any(size != -2 for size in replies)
 
     def __iter__(self):
-        floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
+        floor = "-inf" if self.max_age is None else repr(_now() - self.max_age)
         pages = self._pipelined([("ZRANGEBYSCORE", name, floor, "+inf") for _, name in self._sets])
         return iter([member.decode("ascii") for page in pages for member in page])
 
     def __len__(self):
         """Count the live records: the members of the sorted sets not older than ``max_age``."""
-        return self._count(self._sets, "-inf" if self.max_age is None else _now() - self.max_age, "+inf")
+        floor = "-inf" if self.max_age is None else repr(_now() - self.max_age)
+        return sum(self._pipelined([("ZCOUNT", name, floor, "+inf") for _, name in self._sets]))
 
     # The message log: a list per key, RPUSH to append (plus LTRIM to trim), its TTL the record's.
-
     def _log_key(self, key):
         return self._keys(_check_key(key))[2]
 
