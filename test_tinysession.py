@@ -1234,6 +1234,75 @@ class RedisSpecifics(unittest.TestCase):
         self.assertEqual(self.make_store()["a"], {"v": 1})
 
 
+class RedisClusterFailover(unittest.TestCase):
+    """A master of a private cluster killed under load: no acknowledged write lost, no restart needed."""
+
+    def test_a_master_killed_under_load_loses_nothing_acknowledged_and_requests_recover(self):
+        require(REDIS_SERVER is not None and REDIS_CLI is not None,
+                "redis-server and redis-cli are not installed (apt-get install redis-server)")
+        require(HAVE_REDIS_PY, "redis-py is not installed (pip install redis)")
+        import redis
+
+        cluster = RedisCluster()  # its own: the killed master stays dead until this test ends
+        self.addCleanup(cluster.close)
+        client = cluster.client(socket_timeout=10, socket_connect_timeout=10)
+        self.addCleanup(client.close)
+        store = tinysession.RedisStore(client, prefix="f:", max_sessions=None)
+        acknowledged, lock, stop = {}, threading.Lock(), threading.Event()
+        outcomes = collections.Counter()
+
+        def work(worker):
+            for index in range(100_000):  # bounded; stopped far earlier
+                if stop.is_set():
+                    return
+                key = f"w{worker}k{index % 50}"  # one writer per key: its values only grow
+                try:
+                    store[key] = {"index": index}
+                    with lock:
+                        acknowledged[key] = index
+                    store.get(f"w{worker}k{(index + 25) % 50}")
+                    outcomes["after" if killed.is_set() else "before"] += 1
+                except tinysession.StoreError:
+                    outcomes["failed"] += 1
+                    stop.wait(0.05)  # a failed request: the next one comes a little later, as a user's would
+
+        killed = threading.Event()
+        workers = [threading.Thread(target=work, args=(worker,)) for worker in range(4)]
+        for thread in workers:
+            thread.start()
+        self.addCleanup(lambda: [stop.set(), *(thread.join(60) for thread in workers)])
+        deadline = time.monotonic() + 60
+        while outcomes["before"] < 400 and time.monotonic() < deadline:
+            stop.wait(0.05)
+        self.assertGreaterEqual(outcomes["before"], 400, "no load before the kill")
+        victim = client.get_primaries()[0]
+        server = next(server for server in cluster.servers if server.port == victim.port)
+        with lock:
+            before = dict(acknowledged)
+        # Replication is asynchronous: what the replica holds once it has caught up is what must survive.
+        with redis.Redis(port=victim.port) as master:
+            offset = master.info("replication")["master_repl_offset"]
+            replica_port = int(master.info("replication")["slave0"]["port"])
+        with redis.Redis(port=replica_port) as replica:
+            while replica.info("replication")["slave_repl_offset"] < offset and time.monotonic() < deadline:
+                stop.wait(0.01)
+        server.process.kill()
+        server.process.wait(10)
+        killed.set()
+        deadline = time.monotonic() + 90  # the node timeout (2 s), the election, redis-py's retries
+        while outcomes["after"] < 400 and time.monotonic() < deadline:
+            stop.wait(0.05)
+        stop.set()
+        for thread in workers:
+            thread.join(60)
+        self.assertGreaterEqual(outcomes["after"], 400, f"requests did not recover: {outcomes}")
+        with redis.Redis(port=replica_port) as replica:
+            self.assertEqual(replica.info("replication")["role"], "master")
+        now = {key: store.get(key, {"index": -1})["index"] for key in before}
+        self.assertEqual([key for key in before if now[key] < before[key]], [])  # none lost, none reverted
+        for index in range(300):  # every bucket takes writes again
+            store[f"after{index}"] = {"index": index}
+
 class FileStoreOnDisk(unittest.TestCase):
     """FileStore's files: modes, names, debris, strays and links."""
 
