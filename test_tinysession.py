@@ -5432,13 +5432,35 @@ class CommandLineRedis(CommandLineCase):
         store = tinysession.RedisStore(self.redis, prefix=self.prefix)
         for index in range(50):
             store[f"k{index}"] = {"i": index}
+        for server in self.server.servers:  # any node, master or replica
+            status, out, err = self.run_main("stats", f"redis+cluster://127.0.0.1:{server.port}", "--prefix",
+                                             self.prefix, "--json")
+            self.assertEqual((status, json.loads(out)["sessions"]), (0, 50), err)
         url = f"redis+cluster://127.0.0.1:{self.server.servers[-1].port}/0"
-        status, out, err = self.run_main("stats", url, "--prefix", self.prefix)
-        self.assertEqual(status, 0, err)
-        self.assertIn("50", out)
         status, out, err = self.run_main("clean", url, "--prefix", self.prefix, "--keep", "10")
         self.assertEqual(status, 0, err)
         self.assertEqual(len(store), 10)
+
+    def test_ctrl_c_during_a_redis_clean_reports_the_rounds_done(self):
+        redis_case(self)
+        store = tinysession.RedisStore(self.redis, prefix=self.prefix, max_sessions=None)
+        for index in range(50):
+            store[f"k{index}"] = {"i": index}
+        evict, rounds = tinysession.RedisStore._evict, []
+
+        def interrupted_evict(store, entries, sweep):
+            rounds.append(len(entries))
+            if len(rounds) == 2:
+                raise KeyboardInterrupt
+            return evict(store, entries, sweep)
+
+        with unittest.mock.patch.object(tinysession, "_REDIS_SCAN_BATCH", 10), \
+                unittest.mock.patch.object(tinysession.RedisStore, "_evict", interrupted_evict):
+            status, _, err = self.run_main("clean", f"redis://127.0.0.1:{self.server.port}/0", "--prefix",
+                                           self.prefix, "--keep", "0")
+        self.assertEqual(status, 130)
+        self.assertIn("interrupted: removed 10 of the 50 sessions seen", err)
+        self.assertEqual(len(store), 40)
 
     def test_clean_and_stats_on_a_redis_url(self):
         redis_case(self)

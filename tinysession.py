@@ -1939,7 +1939,7 @@ class RedisStore(Store):
             self._evict_range(self._sets, "-inf", "(" + repr(cutoff), sweep)
         excess = -1 if keep is None else sum(due) - keep
         for above, sets in zip(due, (self._sets[:len(self._buckets)], self._sets[len(self._buckets):])):
-            if excess > 0:
+            if excess > 0 and above:
                 self._evict_lowest(sets, max(floor, min(scores)), started, excess, above, sweep)
                 excess -= above
         sweep.seen_bytes = sweep.removed_bytes
