@@ -1,12 +1,14 @@
 """Benchmark tinysession against plain baselines and peer session libraries.
 
-    python bench/run.py [--quick] [--dir PARENT] [--redis | --no-redis] [--sections 123456789]
+    python bench/run.py [--quick] [--dir PARENT] [--redis | --no-redis] [--sections 0123456789]
 
 Everything runs in one process except where a fresh process is the point
 (cleaning and importing). Contenders are interleaved across repetitions (for
 each repetition, every contender in a rotated order measures one batch), so
 machine drift hits them all alike; tables show medians over repetitions.
 
+0. Serializers: dumps and loads of a 1 KB and a 100 KB chat session, json
+   beside TaggedJSON and pickle.
 1. Store operations: save (new key), load and update (load, append a message,
    save) of a ~2 KB chat session, per operation, against a plain baseline of
    the same kind: ``raw-file`` (json + temp file + os.replace) for file stores,
@@ -55,6 +57,7 @@ starts, so one run measures one version even if the checkout changes.
 
 import argparse
 import datetime
+import functools
 import gc
 import hashlib
 import io
@@ -2407,6 +2410,52 @@ def print_log_section(config, names, results):
     print()
 
 
+# -- 0. Serializers --
+#
+# dumps and loads of the chat session at 1 KB and 100 KB (HTTP_SIZES), in
+# process: the standard library's json (the floor, what tinysession's default
+# serializer runs), TaggedJSON (Flask's types; json alone where nothing needs
+# a tag) and pickle.
+
+
+def serializer_contenders():
+    tagged = tinysession.TaggedJSON()
+    return [("json (compact, the floor)", json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode,
+             json.loads),
+            ("tinysession TaggedJSON", tagged.dumps, tagged.loads),
+            ("pickle", pickle.dumps, pickle.loads)]
+
+
+def run_serializer_section(config, workdir):
+    contenders = serializer_contenders()
+    log(f"0. serializers: {len(contenders)} serializers, {config['log_n']} calls per figure")
+    results = {}
+    for size, count in HTTP_SIZES.items():
+        record = chat_history(count)
+        for name, dumps, loads in contenders:
+            data = dumps(record)
+            results[name, size] = [(median_us(functools.partial(dumps, record), config["log_n"]),
+                                    median_us(functools.partial(loads, data), config["log_n"]))
+                                   for _ in range(config["log_reps"])]
+    return [name for name, _, _ in contenders], results
+
+
+def print_serializer_section(config, names, results):
+    print(f"## 0. Serializers: µs per call (median of {config['log_n']} calls, median of {config['log_reps']} "
+          "repetitions)\n")
+    print("The chat session at 1 KB and 100 KB, in process. × = against json (lower is faster).\n")
+    print("| serializer | " + " | ".join(f"{size} dumps | × | {size} loads | ×" for size in HTTP_SIZES) + " |")
+    print("| --- |" + " ---: | ---: | ---: | ---: |" * len(HTTP_SIZES))
+    floor = {size: [statistics.median(run[i] for run in results[names[0], size]) for i in (0, 1)] for size in HTTP_SIZES}
+    for name in names:
+        cells = []
+        for size in HTTP_SIZES:
+            dumps, loads = (statistics.median(run[i] for run in results[name, size]) for i in (0, 1))
+            cells.append(f"{dumps:,.0f} | {dumps / floor[size][0]:.2f}x | {loads:,.0f} | {loads / floor[size][1]:.2f}x")
+        print(f"| {name} | {' | '.join(cells)} |")
+    print()
+
+
 # -- Report --
 
 
@@ -2492,7 +2541,7 @@ def main(argv=None):
     redis_group = parser.add_mutually_exclusive_group()
     redis_group.add_argument("--redis", action="store_true", help="require the Redis rows (start a server)")
     redis_group.add_argument("--no-redis", action="store_true", help="skip the Redis rows")
-    parser.add_argument("--sections", default="123456789", help="which sections to run (default: 123456789)")
+    parser.add_argument("--sections", default="0123456789", help="which sections to run (default: 0123456789)")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
     warnings.simplefilter("ignore")
@@ -2518,6 +2567,7 @@ def main(argv=None):
             parser.error(f"--redis: {redis_note}")
         load_before = os.getloadavg()[0]
         runners = {
+            "0": (print_serializer_section, lambda: run_serializer_section(config, workdir)),
             "1": (print_store_section, lambda: run_store_section(config, workdir, redis_server)),
             "2": (print_request_section, lambda: run_request_section(config, workdir)),
             "3": (print_clean_section, lambda: run_clean_section(config, workdir)),
