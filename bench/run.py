@@ -2470,7 +2470,8 @@ def peer_versions():
     from importlib import metadata
 
     names = ["Flask", "Flask-Session", "cachelib", "Beaker", "Django", "sqlitedict", "diskcache",
-             "SQLAlchemy", "Flask-SQLAlchemy", "Werkzeug", "msgspec", "redis"]
+             "SQLAlchemy", "Flask-SQLAlchemy", "Werkzeug", "msgspec", "redis", "starlette", "starsessions",
+             "gunicorn", "uvicorn"]
     versions = []
     for name in names:
         try:
