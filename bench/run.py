@@ -1168,6 +1168,7 @@ def run_flood_section(config, workdir, redis_server):
         results[(name, "quiet")] = write_latencies(store, config["busy_writes"])
         results[(name, "clean")] = write_latencies(store, config["busy_writes"],
                                                    during=lambda store=store: store.clean(keep=1000))
+        wait_for_cleans()
         store.close()
         shutil.rmtree(directory, ignore_errors=True)
         log(f"  {name} done")
@@ -1233,6 +1234,7 @@ def fill_tinysession_store(store, count, now):
             if index % 2:
                 store.touch(_key(index), now=_old_or_new(index, now))
     finally:
+        wait_for_cleans()  # SQLiteStore.close() closes the connection a background clean may be using
         store.close()
 
 
@@ -2383,6 +2385,7 @@ def run_log_section(config, workdir, redis_server):
             try:
                 results[name].append(log_batch(name, store, directory, config))
             finally:
+                wait_for_cleans()
                 store.close()
                 shutil.rmtree(directory, ignore_errors=True)
     return [name for name, _ in stores], results
