@@ -18,6 +18,7 @@ import copy
 import datetime
 import doctest
 import email.utils
+import enum
 import fcntl
 import glob
 import hashlib
@@ -5224,6 +5225,99 @@ class TaggedJSONWithoutMarkupsafe(unittest.TestCase):
                 sys.modules["markupsafe"] = saved
         self.assertEqual((value, value.__html__()), ("<b>hi</b>", "<b>hi</b>"))
         self.assertNotIn("markupsafe", type(value).__module__)
+
+
+class _Html(str):
+    """A Markup-like value: a str that says it is already HTML."""
+
+    def __html__(self):
+        return str(self)
+
+
+class _Colour(enum.IntEnum):
+    RED = 1
+
+
+_Point = collections.namedtuple("_Point", "x y")
+
+
+class TaggedJSONRoundTrips(unittest.TestCase):
+    """TaggedJSON lets json alone write and read what needs no tag; every value still comes back as it was."""
+
+    def shape(self, value):
+        """Return ``value`` as nested (kind, content) pairs: what a round trip must keep, types included."""
+        if hasattr(value, "__html__"):
+            return ("html", str(value))
+        if isinstance(value, dict):
+            return ("dict", [(key, self.shape(item)) for key, item in value.items()])
+        if isinstance(value, (list, tuple)):
+            return (type(value).__mro__[-2].__name__, [self.shape(item) for item in value])
+        for kind in (bool, int, float, str, bytes, datetime.datetime, uuid.UUID):
+            if isinstance(value, kind):
+                return (kind.__name__, value if kind in (datetime.datetime, uuid.UUID) else kind(value))
+        return ("none", value)
+
+    def assert_round_trip(self, value):
+        serializer = tinysession.TaggedJSON()
+        self.assertEqual(self.shape(serializer.loads(serializer.dumps(value))), self.shape(value), repr(value))
+
+    def random_value(self, rng, depth=0):
+        if depth < 4 and rng.random() < 0.6:
+            items = [self.random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+            keys = [rng.choice(["a", "é", " t", " di", " b", '" t"', "{" + '" t"', "1"]) for _ in items]
+            kind = rng.choice(["list", "list", "dict", "dict", "tuple", "point", "ordered"])
+            if kind == "point":
+                return _Point(*(items + [None, None])[:2])
+            if kind in ("dict", "ordered"):
+                pairs = list(zip(keys, items))
+                return dict(pairs) if kind == "dict" else collections.OrderedDict(pairs)
+            return items if kind == "list" else tuple(items)
+        return rng.choice([
+            "text", 'say " t" to me', '{" t": [1]}', "", 0, -7, 2.5, True, None, _Colour.RED,
+            b"\x00\xff", _Html("<b>hi</b>"), uuid.UUID(int=rng.getrandbits(128)),
+            datetime.datetime(2024, 5, 6, 7, 8, 9, rng.randrange(10**6)),
+            datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc),
+        ])
+
+    def test_random_values_round_trip_with_their_types(self):
+        rng = random.Random(22)
+        for _ in range(2000):
+            self.assert_round_trip({"history": [self.random_value(rng) for _ in range(rng.randint(0, 3))]})
+
+    def test_a_tuple_among_plain_json_comes_back_a_tuple(self):
+        history = [{"role": "user", "content": "hi"}] * 3
+        for value in ({"history": history + [{"pair": (1, 2)}]}, [history, (), [[(None,)]]], (1, 2),
+                      {"point": _Point(1, [2])}):
+            with self.subTest(value=value):
+                self.assert_round_trip(value)
+
+    def test_subclasses_of_json_types_come_back_as_before(self):
+        for value in ({"flash": [_Html("<em>x</em>")]}, _Html("<p>"), {"colour": _Colour.RED},
+                      collections.OrderedDict([(" t", [1])]), {"a": collections.OrderedDict([(" di", 1)])}):
+            with self.subTest(value=value):
+                self.assert_round_trip(value)
+
+    def test_a_one_key_dict_whose_key_is_a_tag_comes_back_a_dict(self):
+        for value in ({" t": [1, 2]}, [{" b": "AA=="}], {"deep": [{"x": {" d": "2024-05-06T07:08:09"}}]},
+                      {" u": "12345678123456781234567812345678"}, {" di": [" t", 1]}, {" m": "<b>"}):
+            with self.subTest(value=value):
+                self.assert_round_trip(value)
+
+    def test_plain_json_is_written_as_json_writes_it_and_tag_text_in_strings_is_kept(self):
+        serializer = tinysession.TaggedJSON()
+        value = {"text": 'say " t" and {" t": [1]}', " t": 1, "list": [1.5, None, True, "é"]}
+        self.assertEqual(serializer.dumps(value), json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        self.assertEqual(serializer.loads(serializer.dumps(value)), value)
+        self.assertEqual(serializer.loads(b'{"a":{" t":[1,{" b":"/w=="}]}}'), {"a": (1, b"\xff")})
+
+    def test_values_json_cannot_write_still_fail_as_before(self):
+        serializer = tinysession.TaggedJSON()
+        cycle = []
+        cycle.append(cycle)
+        with self.assertRaisesRegex(TypeError, "'set'"):
+            serializer.dumps([{"a": 1}, {1, 2}])
+        with self.assertRaises(RecursionError):
+            serializer.dumps({"cycle": cycle})
 
 
 class FlaskTaggedValues(FlaskCase):

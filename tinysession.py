@@ -205,21 +205,43 @@ class TaggedJSON:
     markupsafe is loaded, as it always is under Flask, else as a str with ``__html__``).
     A dict whose one key is a tag is stored as ``{" di": [key, value]}``, so
     it comes back as it was. Plain JSON records read the same as with the
-    "json" serializer. ``dumps`` raises TypeError for other types.
+    "json" serializer. ``dumps`` raises TypeError for other types. A value
+    that needs no tag is written and read by ``json`` alone, at its C speed.
     """
 
+    _PLAIN = frozenset((str, int, float, bool, type(None), list, dict))
+    _TAGGED = re.compile("|".join(f'"{tag}"' for tag in _TAGS)).search  # also finds a tag inside a string: harmless
+
     def __init__(self):
-        self._base64, self._datetime, self._uuid = base64, datetime.datetime, uuid.UUID
         self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
         self._decode = json.JSONDecoder(object_hook=self._untag).decode
+        self._untaggers = {_TUPLE: tuple, _BYTES: base64.b64decode, _UUID: uuid.UUID, _MARKUP: _markup,
+                           _DATETIME: datetime.datetime.fromisoformat, _ONE_KEY_DICT: lambda pair: {pair[0]: pair[1]}}
 
     def dumps(self, obj):
         """Return ``obj`` as UTF-8 tagged JSON bytes."""
-        return self._encode(self._tag(obj)).encode("utf-8")
+        # json alone does the work (in C) when nothing needs a tag: it would write a tuple as a list
+        # and a subclass as its base, so _plain() looks at the types, a level at a time.
+        try:
+            text = self._encode(obj)
+        except (TypeError, ValueError, RecursionError):  # a bytes, a cycle...: the walk says which
+            text = None
+        if text is None or not self._plain(obj) or self._TAGGED(text):
+            text = self._encode(self._tag(obj))
+        return text.encode("utf-8")
 
     def loads(self, data):
         """Return the value in UTF-8 tagged JSON ``data``; ValueError if it is not JSON."""
-        return self._decode(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        return self._decode(text) if self._TAGGED(text) else json.loads(text)  # the hook only where a tag can be
+
+    def _plain(self, obj):
+        """Return True if ``obj`` holds only str, int, float, bool, None, list and dict, no subclass."""
+        level = [obj]
+        while level and set(map(type, level)) <= self._PLAIN:
+            level = [item for value in level if type(value) is dict or type(value) is list
+                     for item in (value.values() if type(value) is dict else value)]
+        return not level
 
     def _tag(self, value):
         kind = type(value)
@@ -238,10 +260,10 @@ class TaggedJSON:
         if hasattr(value, "__html__"):
             return {_MARKUP: str(value.__html__())}
         if isinstance(value, bytes):
-            return {_BYTES: self._base64.b64encode(value).decode("ascii")}
-        if isinstance(value, self._datetime):
+            return {_BYTES: base64.b64encode(value).decode("ascii")}
+        if isinstance(value, datetime.datetime):
             return {_DATETIME: value.isoformat()}
-        if isinstance(value, self._uuid):
+        if isinstance(value, uuid.UUID):
             return {_UUID: value.hex}
         for base in (int, float, str, list, tuple, dict):
             if isinstance(value, base):  # an IntEnum, a namedtuple, an OrderedDict: stored as their base
@@ -249,24 +271,18 @@ class TaggedJSON:
         raise TypeError(f"cannot store a {kind.__name__!r} in a session: not JSON, and no tag for it")
 
     def _untag(self, obj):
-        if len(obj) != 1:
-            return obj
-        ((tag, value),) = obj.items()
-        if tag == _TUPLE:
-            return tuple(value)
-        if tag == _BYTES:
-            return self._base64.b64decode(value)
-        if tag == _DATETIME:
-            return self._datetime.fromisoformat(value)
-        if tag == _UUID:
-            return self._uuid(value)
-        if tag == _MARKUP:
-            # Never imported here: Flask has loaded it already (through Jinja2) when it is in use.
-            markupsafe = sys.modules.get("markupsafe")
-            return _HTML(value) if markupsafe is None else markupsafe.Markup(value)
-        if tag == _ONE_KEY_DICT:
-            return {value[0]: value[1]}
+        if len(obj) == 1:
+            ((tag, value),) = obj.items()
+            if tag in self._untaggers:
+                return self._untaggers[tag](value)
         return obj
+
+
+def _markup(text):
+    """Return ``text`` read back as Markup: ``markupsafe.Markup`` where markupsafe is loaded, else an _HTML."""
+    # Never imported here: Flask has loaded it already (through Jinja2) when it is in use.
+    markupsafe = sys.modules.get("markupsafe")
+    return _HTML(text) if markupsafe is None else markupsafe.Markup(text)
 
 
 class _HTML(str):
