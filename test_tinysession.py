@@ -4153,13 +4153,17 @@ def asgi_scope(path="/read", cookie=None, scheme="http", query="", kind="http", 
 
 def asgi_as_wsgi(app):
     """Serve an ASGI app as a WSGI app (bodiless requests, whole responses): the behaviour suite's bridge."""
+    import asyncio
 
     def bridge(environ, start_response):
         scope = asgi_scope(environ["PATH_INFO"], environ.get("HTTP_COOKIE"), environ["wsgi.url_scheme"],
                            environ.get("QUERY_STRING", ""))
-        messages = []
+        messages, received = [], []
 
         async def receive():
+            if received:  # the body went: wait, as a server does, for a disconnect (Quart listens for one)
+                await asyncio.get_running_loop().create_future()
+            received.append(True)
             return {"type": "http.request", "body": b"", "more_body": False}
 
         async def send(message):
@@ -4855,13 +4859,18 @@ HAS_FLASK = importlib.util.find_spec("flask") is not None
 NO_FLASK = "Flask is not installed (pip install flask)"
 
 
-def flask_probe_app(store, **options):
-    """The probe app's paths in Flask, on ``flask.session`` served by FlaskSessionInterface."""
-    import flask
+def flask_probe_app(store, framework="flask", **options):
+    """The probe app's paths in Flask, on ``flask.session`` served by FlaskSessionInterface.
 
-    app = flask.Flask("tinysession_probe")
+    With ``framework="quart"``, the same paths in Quart (a sync view, which
+    Quart runs in a thread) on QuartSessionInterface.
+    """
+    flask = importlib.import_module(framework)  # Quart spells Flask's API alike
+
+    app = flask.Quart("tinysession_probe") if framework == "quart" else flask.Flask("tinysession_probe")
     app.config.update(SECRET_KEY="probe key", SESSION_COOKIE_NAME=NAME)
-    app.session_interface = tinysession.FlaskSessionInterface(store, **options)
+    interface = tinysession.QuartSessionInterface if framework == "quart" else tinysession.FlaskSessionInterface
+    app.session_interface = interface(store, **options)
     session = flask.session
 
     @app.route("/<path:path>")
@@ -5502,6 +5511,206 @@ class SessionIdForFrontEnds(unittest.TestCase):
         self.assertEqual((again["a"], again.id), (1, session.id))
         again.invalidate()
         self.assertIsNone(again.id)
+
+
+
+# -- Quart --
+
+HAS_QUART = importlib.util.find_spec("quart") is not None
+NO_QUART = "Quart is not installed (pip install quart)"
+
+
+class QuartFrontEnd:
+    """Serve the behaviour tests' probe through Quart and QuartSessionInterface, over the ASGI bridge."""
+
+    untouched_store_calls = ["read"]  # a signed cookie is loaded in a thread before the view runs
+
+    def setUp(self):
+        require(HAS_QUART, NO_QUART)
+        self.store = self.make_store(serializer=tinysession.TaggedJSON(), **self.store_options)
+        self.quart_app = flask_probe_app(self.store, "quart", **self.middleware_options)
+        self.app = asgi_as_wsgi(self.quart_app)
+        self.browser = FlaskBrowser(serve(self, self.app))
+
+    def raising_app(self):
+        self.quart_app.config["PROPAGATE_EXCEPTIONS"] = True  # with testing on, Quart sends a traceback page
+        return self.app
+
+
+class QuartCookieRoundTrip(QuartFrontEnd, FlaskCookieRoundTrip):
+    pass
+
+
+class QuartLazyLoading(QuartFrontEnd, FlaskLazyLoading):
+    test_untouched_requests_cost_nothing = None  # loaded before the view runs: see QuartSessions
+
+
+class QuartChangeDetection(QuartFrontEnd, FlaskChangeDetection):
+    pass
+
+
+class QuartTouching(QuartFrontEnd, FlaskTouching):
+    pass
+
+
+class QuartExpiry(QuartFrontEnd, FlaskExpiry):
+    pass
+
+
+class QuartAbsoluteLifetime(QuartFrontEnd, FlaskAbsoluteLifetime):
+    pass
+
+
+class QuartRegenerateAndInvalidate(QuartFrontEnd, FlaskRegenerateAndInvalidate):
+    pass
+
+
+class QuartUnencodableValues(QuartFrontEnd, FlaskUnencodableValues):
+    pass
+
+
+class QuartStrictMode(QuartFrontEnd, FlaskStrictMode):
+    pass
+
+
+class QuartExceptionRollback(QuartFrontEnd, FlaskExceptionRollback):
+    pass
+
+
+class QuartMalformedCookies(QuartFrontEnd, FlaskMalformedCookies):
+    pass
+
+
+class ThreadRecordingStore(tinysession.FileStore):
+    """A FileStore that notes the thread of every read and write."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads = []
+
+    def read(self, key):
+        self.threads.append(threading.get_ident())
+        return super().read(key)
+
+    def write(self, key, data, mtime, expected=None):
+        self.threads.append(threading.get_ident())
+        return super().write(key, data, mtime, expected)
+
+
+class QuartSessions(unittest.TestCase):
+    """Quart's test client on an app whose async views and websockets use QuartSessionInterface."""
+
+    def setUp(self):
+        require(HAS_QUART, NO_QUART)
+        import quart
+
+        self.store = ThreadRecordingStore(temp_dir(self), serializer=tinysession.TaggedJSON())
+        self.app = app = quart.Quart("tinysession_quart")
+        app.session_interface = tinysession.QuartSessionInterface(self.store)
+        app.secret_key = "quart key"
+        self.loop_threads = []
+        session = quart.session
+
+        @app.route("/plain")
+        async def plain():
+            return "plain"
+
+        @app.route("/set")
+        async def set_value():
+            self.loop_threads.append(threading.get_ident())
+            session.update(quart.request.args)
+            return "set"
+
+        @app.route("/read")
+        async def read():
+            self.loop_threads.append(threading.get_ident())
+            return dict(session)
+
+        @app.websocket("/socket")
+        async def socket():
+            await quart.websocket.accept()
+            await quart.websocket.send(json.dumps(dict(session)))
+            session["socket"] = await quart.websocket.receive()
+
+        @app.websocket("/refused")
+        async def refused():
+            return "not you", 401
+
+    def run_client(self, steps):
+        """Run ``await steps(client)`` with a test client of the app on a new event loop; return its result."""
+        import asyncio
+
+        return asyncio.run(steps(self.app.test_client()))
+
+    def test_without_a_secret_key_only_writing_the_session_fails(self):
+        self.app.secret_key = None
+
+        async def steps(client):
+            return [(await client.get(path)).status_code for path in ("/plain", "/read", "/set?a=1")]
+
+        with self.assertLogs(self.app.logger.name, "ERROR"):
+            self.assertEqual(self.run_client(steps), [200, 200, 500])
+        self.assertEqual(len(self.store), 0)
+
+    def test_store_io_runs_off_the_event_loop(self):
+        async def steps(client):
+            await client.get("/set?a=1")
+            return await (await client.get("/read")).get_json()
+
+        self.assertEqual(self.run_client(steps), {"a": "1"})
+        self.assertEqual(len(self.store.threads), 2, "one write, then one read")
+        self.assertFalse(set(self.store.threads) & set(self.loop_threads))
+
+    def test_session_transaction_sets_what_the_next_request_reads(self):
+        async def steps(client):
+            await client.get("/set?a=1")
+            async with client.session_transaction() as session:
+                before = dict(session)
+                session["b"] = "2"
+            return before, await (await client.get("/read")).get_json()
+
+        self.assertEqual(self.run_client(steps), ({"a": "1"}, {"a": "1", "b": "2"}))
+
+    async def talk(self, client):
+        """Open /socket, send "hello" and wait until the app closes it (Quart cancels one the client leaves)."""
+        import quart.testing.connections
+
+        async with client.websocket("/socket") as socket:
+            seen = json.loads(await socket.receive())
+            await socket.send("hello")
+            with self.assertRaises(quart.testing.connections.WebsocketDisconnectError):
+                await socket.receive()
+        return seen
+
+    def test_a_websocket_changes_the_session_it_came_with_saved_when_it_closes(self):
+        async def steps(client):
+            await client.get("/set?a=1")
+            seen = await self.talk(client)
+            return seen, await (await client.get("/read")).get_json()
+
+        self.assertEqual(self.run_client(steps), ({"a": "1"}, {"a": "1", "socket": "hello"}))
+
+    def test_a_websocket_starts_no_session_it_cannot_send_a_cookie_for(self):
+        async def steps(client):
+            await self.talk(client)
+            return await (await client.get("/read")).get_json()
+
+        with self.assertLogs("tinysession", "WARNING") as logs:
+            self.assertEqual(self.run_client(steps), {})
+        self.assertIn("no cookie was sent, not saved", logs.output[0])
+        self.assertEqual(len(self.store), 0)
+
+    def test_a_websocket_refused_with_an_http_response_gets_that_response(self):
+        import quart.testing
+
+        async def steps(client):
+            await client.get("/set?a=1")
+            with self.assertRaises(quart.testing.WebsocketResponseError) as refused:
+                async with client.websocket("/refused") as socket:
+                    await socket.receive()
+            return refused.exception.response.status_code
+
+        self.assertEqual(self.run_client(steps), 401)
 
 
 # -- Examples --
@@ -7106,6 +7315,7 @@ class ReadmeSnippets(unittest.TestCase):
     RUNNERS = {
         "def app(environ, start_response)": "test_the_wsgi_quick_start",
         "flask.Flask(__name__)": "test_the_flask_quick_start",
+        "quart.Quart(__name__)": "test_the_quart_quick_start",
         "app = FastAPI()": "test_the_fastapi_quick_start",
         "def login(environ, start_response)": "test_login_and_logout",
         'store["abc123"] = ': "test_a_store_as_a_mapping",
@@ -7163,6 +7373,21 @@ class ReadmeSnippets(unittest.TestCase):
         self.assertEqual(first.get_data(as_text=True), "1")
         self.assertIn("HttpOnly", first.headers["Set-Cookie"])
         self.assertEqual(client.get("/").get_data(as_text=True), "2")
+        self.assertEqual(len(namespace["store"]), 1)
+
+    def test_the_quart_quick_start(self):
+        require(HAS_QUART, NO_QUART)
+        import asyncio
+
+        namespace, _ = self.run_block()
+
+        async def two_visits(client):
+            first, second = await client.get("/"), await client.get("/")
+            return await first.get_data(as_text=True), first.headers["Set-Cookie"], await second.get_data(as_text=True)
+
+        first, cookie, second = asyncio.run(two_visits(namespace["app"].test_client()))
+        self.assertEqual((first, second), ("1", "2"))
+        self.assertIn("HttpOnly", cookie)
         self.assertEqual(len(namespace["store"]), 1)
 
     def test_the_fastapi_quick_start(self):

@@ -1,6 +1,7 @@
 """Server-side web sessions in one file, on the standard library only.
 
-Quick start: wrap any WSGI app (Flask: ``FlaskSessionInterface``) and use the session::
+Quick start: wrap any WSGI app (Flask: ``FlaskSessionInterface``; Quart:
+``QuartSessionInterface``) and use the session::
 
     import tinysession
 
@@ -58,7 +59,7 @@ that group or others may write to, since they could plant records there.
 
 Sections: errors, records (serializers, ``TaggedJSON``), the store protocol,
 FileStore, SQLiteStore, RedisStore, merging, chat history, the message log,
-cookies, the session core, WSGI, Flask, ASGI, command line.
+cookies, the session core, WSGI, Flask (and Quart), ASGI, command line.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ __all__ = [  # noqa: RUF022 (plain sorted(), as ModuleSurface checks)
     "FileStore",
     "FlaskSessionInterface",
     "MessageLog",
+    "QuartSessionInterface",
     "RecordTooLarge",
     "RedisStore",
     "SQLiteStore",
@@ -3677,6 +3679,68 @@ class FlaskSessionInterface:
             options["max_age"] = int(lifetime.total_seconds())
             options["expires"] = datetime.datetime.now(datetime.timezone.utc) + lifetime
         return options
+
+
+
+async def _in_thread(function, *args):
+    """Run ``function(*args)`` in the event loop's default thread pool and return its result."""
+    import asyncio  # costly to import, and only async apps need it
+
+    return await asyncio.to_thread(function, *args)
+
+
+class QuartSessionInterface(FlaskSessionInterface):
+    """Serve Quart's ``session`` from a store: ``app.session_interface = QuartSessionInterface(store)``.
+
+    ``FlaskSessionInterface`` for Quart, which awaits ``open_session``,
+    ``save_session`` and ``make_null_session``: the same cookie, Flask
+    configuration keys, options and session object (``regenerate()``,
+    ``invalidate()``, ``history``). Without a SECRET_KEY the session is the
+    empty read-only one, and routes that do not write it work.
+
+    Store I/O runs in the event loop's default thread pool, never on the
+    loop. As views use ``session`` synchronously, a request whose cookie
+    holds a validly signed id is loaded in a thread before the view runs,
+    used or not (and its response then carries ``Vary: Cookie``); without
+    one, nothing is read. The session is saved after the response is made,
+    before it is sent, so a failed save is a 500; when the request ends in
+    an unhandled exception (Quart's 500 page) this request's changes are
+    rolled back instead. A websocket's cookie is decided when it opens, as
+    none can be sent once it is accepted: a websocket can change or end a
+    session it came with, whose changes are saved when it closes; one it
+    starts is not saved (logged), nor is one started by a websocket refused
+    with an HTTP response, whose response is otherwise sent as a request's.
+    """
+
+    async def make_null_session(self, app):
+        """Return the session of an app without a SECRET_KEY: empty, and any write raises RuntimeError."""
+        return super().make_null_session(app)
+
+    async def open_session(self, app, request):
+        """Return the request's session, loaded in a thread if its cookie names one; None without a SECRET_KEY."""
+        session = super().open_session(app, request)
+        if session is not None and session.has_id_cookie:
+            await _in_thread(session.load)
+        if session is not None and request.scope["type"] == "websocket":
+            session.cookie()  # decided now: once the socket is accepted, no cookie can be sent
+        return session
+
+    async def save_session(self, app, session, response):
+        """Save as ``FlaskSessionInterface.save_session`` does, store I/O in a thread; ``response`` None on a websocket.
+
+        Roll back instead when an exception is being handled: Quart's
+        ``handle_exception`` saves inside its ``except`` block, which the
+        thread would not see.
+        """
+        if response is None:
+            response = app.response_class("")  # an accepted websocket's: its cookie went with the accept
+        if sys.exc_info()[0] is not None:
+            session.cookie()
+            await _in_thread(session.rollback)
+        elif session.state == "unloaded":
+            super().save_session(app, session, response)  # the cookie alone: no store I/O
+        else:
+            await _in_thread(super().save_session, app, session, response)
 
 
 # -- ASGI --
