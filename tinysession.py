@@ -349,13 +349,10 @@ def _forks():
 class Sweep:
     """What one pass of ``Store.sweep`` saw and removed (or, in a dry run, would remove).
 
-    ``seen`` and ``seen_bytes`` count every record the pass met, expired ones
-    included (``seen_bytes`` is None where a store's clean does not sum them:
-    SQLiteStore and RedisStore, whose ``stats`` do); ``removed`` and
-    ``removed_bytes`` count those it removed, always among the ``seen``, so
-    ``seen - removed`` were kept, even while others write to the store;
-    ``oldest`` and ``newest`` are the extreme mtimes met (None for an empty
-    store). ``stats`` also fills ``logs`` and ``log_bytes``: the message logs kept.
+    ``seen`` and ``seen_bytes`` count every record met, expired ones included (``seen_bytes`` is None
+    where a clean does not sum them); ``removed`` and ``removed_bytes`` those removed, always among the
+    seen; ``oldest`` and ``newest`` are the extreme mtimes (None for an empty store); ``stats`` also
+    fills ``logs`` and ``log_bytes``, the message logs kept.
     """
 
     __slots__ = ("log_bytes", "logs", "newest", "oldest", "removed", "removed_bytes", "seen", "seen_bytes")
@@ -370,39 +367,22 @@ class Sweep:
 
 
 class Store(MutableMapping):
-    """A mapping from keys to session records, over five bytes-level hooks.
+    """A mapping from keys to session records, over five bytes-level hooks (see the README, "Writing a store").
 
-    A backend subclasses Store and implements ``read``, ``write``,
-    ``remove``, ``set_mtime`` and ``scan``; it may override more for speed
-    (``sweep``, ``__len__``). Everything else lives here once: key checks,
-    serialization, signatures, ``max_bytes``, expiry on every read, the
-    ``max_sessions`` bound, cleaning, and the mapping interface, whose
-    compound methods (``pop``, ``popitem``, ``clear``, ``del``) are built on
-    conditional removals, so a key another process removes meanwhile is
-    simply absent, never a KeyError from inside.
-
-    Options, the same for every store (keyword only): ``serializer`` ("json",
-    "pickle", or an object with ``dumps`` and ``loads``), ``secret`` (str or
-    bytes; signs every record; or a list of them, newest last: records are
-    signed with the newest and accepted if any signed them, so a secret can
-    be rotated without logging anyone out), ``max_age`` (seconds since the
-    last write or touch), ``max_sessions`` (records kept;
-    ``DEFAULT_MAX_SESSIONS`` unless given, None for no limit) and
-    ``max_bytes`` (largest serialized record; ``DEFAULT_MAX_BYTES`` unless
-    given, None for no limit). With both defaults a store holds at most
-    10,000 records of 64 KiB.
-
-    The bytes a hook sees are the stored bytes: the serialized record,
-    preceded by its signature when there is a secret.
+    A backend implements ``read``, ``write``, ``remove``, ``set_mtime`` and
+    ``scan``, and may override ``sweep``, ``__len__`` and ``close``. Key
+    checks, serialization, signatures, ``max_bytes``, expiry, the
+    ``max_sessions`` bound, cleaning and the mapping interface live here once;
+    ``pop``, ``popitem``, ``clear`` and ``del`` are built on conditional
+    removals. The keyword options (``serializer``, ``secret``, ``max_age``,
+    ``max_sessions``, ``max_bytes``) are the README's table. A hook sees the
+    stored bytes: the serialized record, preceded by its signature when there
+    is a secret.
 
     Threads: one store object may be shared by all the threads of a process.
-    ``close()`` ends its use, and is safe at any moment: operations already
-    running finish; every later one raises StoreError saying the store is
-    closed; a background clean of this store object stops at its next batch
-    and is waited for (up to ten seconds). Closing twice, or from inside a
-    clean, is fine. A store that holds resources (connections, handles)
-    releases them in its own ``close``, after this one's, never while
-    another thread is using them.
+    ``close()`` is safe at any moment: operations already running finish,
+    later ones raise StoreError, and a background clean stops at its next
+    batch and is waited for (ten seconds at most).
     """
 
     def __init__(
@@ -436,28 +416,22 @@ class Store(MutableMapping):
         if secret is None:
             return []
         secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
-        keys = []
-        for each in secrets:
-            if isinstance(each, str):
-                each = each.encode("utf-8")
-            if not isinstance(each, bytes) or not each:  # never the value in the message: it is a secret
-                raise ValueError(
-                    f"secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
-                    f" got a {type(secret).__name__} holding a {type(each).__name__}"
-                )
-            keys.append(hashlib.sha256(b"tinysession record\0" + each).digest())
-        if not keys:
-            raise ValueError("secret must be a non-empty str or bytes, or a non-empty list of them, not an empty list")
-        return keys
+        secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
+        if not secrets or not all(isinstance(each, bytes) and each for each in secrets):
+            kinds = ", ".join(type(each).__name__ for each in secrets)  # never a value: it is a secret
+            raise ValueError(
+                "secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
+                f" got a {type(secret).__name__} of [{kinds}]"
+            )
+        return [hashlib.sha256(b"tinysession record\0" + each).digest() for each in secrets]
 
     # The five hooks a backend implements.
 
     @abc.abstractmethod
     def read(self, key):
-        """Return ``(data, mtime)``, the bytes stored for ``key`` and their mtime.
+        """Return ``(data, mtime)``, the bytes stored for ``key`` and their mtime; KeyError if absent.
 
-        Raise KeyError if there is no record. Expired records may be
-        returned: the base class checks the mtime.
+        Expired records may be returned: the base class checks the mtime.
         """
 
     @abc.abstractmethod
@@ -465,19 +439,14 @@ class Store(MutableMapping):
         """Store ``data`` (bytes) for ``key`` with modification time ``mtime``; return True.
 
         With ``expected`` (bytes), write only if the bytes stored now are
-        exactly ``expected``, atomically against every thread and process
-        using the store, and return False, changing nothing, otherwise
-        (including when there is no record). A reader sees the old bytes or
-        the new ones, never a mix.
+        exactly these, atomically against every thread and process, and
+        return False, changing nothing, otherwise (also when absent). A
+        reader sees the old bytes or the new ones, never a mix.
         """
 
     @abc.abstractmethod
     def remove(self, key, expected=None):
-        """Remove the record for ``key``; return True if it removed one.
-
-        With ``expected``, remove only if the stored bytes are exactly these,
-        atomically, as for ``write``.
-        """
+        """Remove the record for ``key``; return True if it removed one (``expected`` as for ``write``)."""
 
     @abc.abstractmethod
     def set_mtime(self, key, mtime):
@@ -485,18 +454,14 @@ class Store(MutableMapping):
 
     @abc.abstractmethod
     def scan(self):
-        """Return an iterable of ``(key, mtime, size)`` for every record, expired ones included.
-
-        Records that vanish during the scan are skipped, never an error.
-        """
+        """Return an iterable of ``(key, mtime, size)`` for every record, expired ones included; skip what vanishes."""
 
     # Records.
 
     def encode(self, key, record):
         """Return the bytes ``write`` stores for ``record``: serialized, size-checked, signed.
 
-        Raises EncodeError if the serializer cannot encode it (a type it does
-        not know, nesting deeper than the recursion limit), RecordTooLarge
+        Raises EncodeError if the serializer cannot encode it, RecordTooLarge
         past ``max_bytes``, StoreError if the store is closed.
         """
         self._checked(key)
@@ -531,18 +496,12 @@ class Store(MutableMapping):
     def save(self, key, data, *, expected=None, now=None, new=False):
         """Write bytes made by ``encode`` with mtime ``_stamp(now, new=new)``; return False if ``expected`` did not match.
 
-        ``new`` marks a session written for the first time, which stays on
-        probation (first to go when the store is full) until it is touched or
-        written again. Holds ``max_sessions``: after every
-        ``max_sessions // 10`` writes (at least 10) of this store object, or
-        every 1,000 with ``max_age`` alone, a clean starts in a background
-        thread, never in the caller's, one at a time; its errors are logged.
+        ``new`` marks a first write, which stays on probation until touched or
+        written again. Every ``max(10, max_sessions // 10)`` writes of this
+        store object (every 1,000 with ``max_age`` alone) a clean starts in a
+        background thread, one at a time; its errors are logged.
         """
-        return self._save(self._checked(key), data, expected, now, new)
-
-    def _save(self, key, data, expected=None, now=None, new=False):
-        """Do what ``save`` says for a checked ``key``."""
-        if not self.write(key, data, self._stamp(now, new=new), expected):
+        if not self.write(self._checked(key), data, self._stamp(now, new=new), expected):
             return False
         if self._clean_every is not None and next(self._writes) % self._clean_every == 0:
             self._clean_in_background()
@@ -550,33 +509,24 @@ class Store(MutableMapping):
 
     @staticmethod
     def _stamp(now=None, *, new=False):
-        """Return the mtime a write or touch at ``now`` stores: ``now`` to the millisecond, the segment below it.
+        """Return the mtime a write or touch at ``now`` stores: to the millisecond, plus half of one when ``new``.
 
-        A session's segment lives in its mtime's sub-millisecond digits, so
-        every store keeps it with no field of its own: a new session's mtime
-        is a whole millisecond plus half of one (probationary), any other
-        write's or touch's a whole millisecond (returning). ``_on_probation``
-        reads it back.
+        So every store keeps a session's segment (probationary or returning)
+        in its mtime's sub-millisecond digits, with no field of its own.
         """
         now = _now() if now is None else now
         return round(now, 3) + (_PROBATION_SECONDS if new else 0.0)
 
     @staticmethod
     def _on_probation(mtime):
-        """Return True if ``mtime`` is a probationary one, as ``_stamp(new=True)`` makes them.
-
-        A store whose clock is coarser than a quarter of a millisecond (some
-        file systems) loses the mark: its records then all look returning.
-        """
+        """Return True if ``mtime`` is a probationary one (lost on clocks coarser than a quarter millisecond)."""
         scaled = mtime * 1000.0
         return 0.25 <= scaled - int(scaled) <= 0.75
 
     def _clean_in_background(self):
-        """Start ``clean()`` in a daemon thread unless one of this store object's is running; return it or None.
+        """Start ``clean()`` in a daemon thread unless this store object's runs; return the thread or None.
 
-        Each finished pass logs one INFO line with its counts; a failure is
-        logged, never raised. A clean asked for while one runs (the writes
-        outpacing it) makes the running one sweep again when it is done.
+        A clean asked for while one runs makes the running one sweep again.
         """
         with self._lock:
             if self._closed:
@@ -594,36 +544,32 @@ class Store(MutableMapping):
             return thread
 
     def _clean_until_done(self):
-        """Sweep until no clean is asked for, logging each pass; the background clean's thread."""
-        try:
-            while True:
-                with self._lock:
-                    if not self._clean_again or self._closed:
-                        self._cleaner = None
-                        return
-                    self._clean_again = False
-                started = time.perf_counter()
-                sweep = self.sweep()
-                _logger.info(
-                    "cleaned %r in %.2f s: met %d sessions, removed %d of them, kept %d",
-                    self, time.perf_counter() - started, sweep.seen, sweep.removed, sweep.seen - sweep.removed,
-                )
-        except Exception:
+        """Sweep until no clean is asked for, logging each pass (INFO) or its failure; the cleaner's thread."""
+        while True:
             with self._lock:
-                self._cleaner = None
-            if self._closed:
-                _logger.debug("cleaning %s stopped: the store was closed", repr(self))
-            else:
-                _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument, logging would bool() it
+                if not self._clean_again or self._closed:
+                    self._cleaner = None
+                    return
+                self._clean_again = False
+            started = time.perf_counter()
+            try:
+                sweep = self.sweep()
+            except Exception:
+                if self._closed:
+                    _logger.debug("cleaning %s stopped: the store was closed", repr(self))
+                else:
+                    _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument: bool()-ed
+                continue
+            _logger.info(
+                "cleaned %r in %.2f s: met %d sessions, removed %d of them, kept %d",
+                self, time.perf_counter() - started, sweep.seen, sweep.removed, sweep.seen - sweep.removed,
+            )
 
     def _expired(self, mtime, now):
         return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
 
     def _signature(self, key, payload, signing_key=None):
-        """Return the HMAC-SHA256 of the key and the payload, so a record cannot move to another key.
-
-        ``signing_key`` defaults to the newest secret's.
-        """
+        """Return the HMAC-SHA256 of the key and the payload (newest secret by default): records cannot move."""
         signing_key = self._signing_key if signing_key is None else signing_key
         return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
 
@@ -696,7 +642,7 @@ class Store(MutableMapping):
         return self.load(key)[0]
 
     def __setitem__(self, key, record):
-        self._save(key, self.encode(key, record))
+        self.save(key, self.encode(key, record))
 
     def __delitem__(self, key):
         if self._take(self._checked(key)) is None:
@@ -749,10 +695,10 @@ class Store(MutableMapping):
         self.close()
 
     def close(self):
-        """Refuse every later operation and wait for this store object's background clean; safe to call twice.
+        """Refuse every later operation and wait (ten seconds at most) for this store object's background clean.
 
-        Operations already running finish; later ones raise StoreError. Never
-        waits for a clean from inside it, nor more than ten seconds.
+        Safe to call twice, and from inside the clean. A store holding
+        resources releases them in its own ``close``, after this one.
         """
         with self._lock:
             self._closed = True
@@ -784,16 +730,11 @@ class Store(MutableMapping):
     def clean(self, max_age=None, keep=None, *, now=None):
         """Remove expired records, then all but ``keep`` of the others; return how many.
 
-        The records past ``keep`` go in this order: sessions on probation
-        (written once, never back since: see ``_stamp``), oldest first, then
-        returning ones, oldest first. So a flood of new sessions (cookie-less
-        clients, a crawler) evicts its own kind and no session that came
-        back, and among returning sessions the newest ``keep`` stay: the
-        segmented LRU of scan-resistant caches, in the mtime alone.
-        ``max_age`` defaults to the store's ``max_age`` and ``keep`` to its
-        ``max_sessions``; with neither, only debris (temporary files of killed
-        writers) is removed. A record written or touched after the pass
-        began is never removed by it, nor counted in ``keep``.
+        Past ``keep`` go sessions on probation first, then returning ones,
+        oldest first in each (the README's "Which sessions a full store
+        evicts"). ``max_age`` and ``keep`` default to the store's ``max_age``
+        and ``max_sessions``; with neither, only debris goes. A record written
+        or touched after the pass began is never removed, nor counted in ``keep``.
         """
         return self.sweep(max_age, keep, now=now).removed
 
@@ -811,12 +752,10 @@ class Store(MutableMapping):
         """Run one cleaning pass, as ``clean`` describes, and return its ``Sweep``.
 
         With ``dry_run`` nothing is removed. ``progress``, if given, is called
-        with the pass's live ``Sweep`` when it starts and every 10,000
-        records, so a caller interrupted mid-pass (Ctrl-C) can still report
-        what was seen and removed so far. One pass over ``scan()`` (stat
-        only, for FileStore), in memory bounded by ``keep``: a heap of the
-        ``keep`` records to keep so far, keyed ``(returning, mtime)``. A
-        closed store stops the pass at its next batch (StoreError).
+        with the live ``Sweep`` at the start and every 10,000 records, so an
+        interrupted caller (Ctrl-C) can report what was done. One pass over
+        ``scan()``, in memory bounded by ``keep`` (a heap of the records kept
+        so far). A closed store stops the pass at its next batch (StoreError).
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         self._checked()
@@ -886,7 +825,7 @@ class Store(MutableMapping):
         doomed.clear()
 
     def _evict(self, doomed):
-        """Remove each entry whose record still has the mtime the scan saw; return their sizes."""
+        """Remove each entry whose record still has the mtime the scan saw, and its log; return their sizes."""
         sizes = []
         for key, mtime, size in doomed:
             try:
@@ -895,7 +834,7 @@ class Store(MutableMapping):
                 continue  # removed by someone else meanwhile
             if current == mtime and self.remove(key, expected=data):
                 sizes.append(size)
-                self._forget_log(key)  # the message log goes with its record
+                self._forget_log(key)
         return sizes
 
     # The message log: optional hooks, for MessageLog. A store without them raises NotImplementedError.
