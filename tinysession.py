@@ -910,31 +910,34 @@ _LOG_SUFFIX = ".log"
 _LOG_APPEND_FLAGS = _READ_FLAGS | os.O_RDWR | os.O_APPEND | os.O_CREAT  # O_RDONLY is 0
 
 
+@contextlib.contextmanager
+def _os_errors(action, path):
+    """Raise an OSError of the block as StoreError("cannot <action> <path>: <reason>"), chained."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"cannot {action} {path!r}: {exc.strerror or exc}") from exc
+
+
+def _write_all(fd, data):
+    """Write all of ``data`` to ``fd``, however many calls it takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class FileStore(Store):
-    """Store each record in its own file in one directory (POSIX).
+    """Store each record in its own file ``ts-<key>`` (0600) in one directory (0700), POSIX only.
 
-    Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
-    ``max_bytes``, as every store takes them (see the README's table).
+    The README's "FileStore" section has the details: atomic writes through a
+    temporary file renamed over the record, the two-minute debris rule, the
+    refusal of a directory others may write to, no symbolic links followed.
 
-    ``directory`` is created (mode 0700) if missing; an existing one writable
-    by group or others is refused (StoreError). Record files are 0600 and
-    named ``ts-<key>``. A write goes to a temporary file ``.ts-*.tmp`` in the
-    same directory and is renamed over the record, so a reader sees the old
-    record or the new one, never a partial one, even if the writer is killed;
-    ``clean`` removes a temporary file once nothing changed it (its ctime,
-    which no writer can set) for two minutes, whatever mtime it carries.
-    Files without the ``ts-`` prefix are never read or removed, and symbolic
-    links are never followed.
-
-    Threads and processes: any number of both may share one directory.
-    Every change (write, removal, a sweep's removals) happens under one
-    exclusive ``flock`` of the directory itself, which is what makes
-    conditional writes atomic and leaves no lock file behind; the lock is
-    held only to compare and rename, never while a record is written out,
-    and a killed process releases it. Reads take no lock. Records are not fsynced: a killed
-    process loses nothing it finished writing, a power failure may lose the
-    newest. ``close()`` (see ``Store``) closes the directory handle the lock
-    is taken on once no thread holds the lock.
+    Threads and processes: any number of both may share one directory. Every
+    change happens under one exclusive ``flock`` of the directory itself, held
+    only to compare and rename, never while a record is written out; reads
+    take no lock. ``close()`` closes the directory handle once no thread holds
+    the lock. Records are not fsynced.
     """
 
     def __init__(self, directory, **options):
@@ -943,21 +946,16 @@ class FileStore(Store):
         self._lock_fd = None
         self._lock_forks = _forks()
         self._thread_lock = threading.Lock()
+        self._log_counts = {}  # (inode, size, mtime) of a log -> its lines
         self._make_directory()
 
     def _make_directory(self):
         """Create the directory 0700, or check that the existing one is writable by its owner alone."""
-        try:
+        with _os_errors("create session directory", self.directory), contextlib.suppress(FileExistsError):
             os.makedirs(self.directory, 0o700)
             os.chmod(self.directory, 0o700)  # whatever the umask took away or left
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise StoreError(f"cannot create session directory {self.directory!r}: {exc.strerror}") from exc
-        try:
+        with _os_errors("use session directory", self.directory):
             mode = os.stat(self.directory).st_mode
-        except OSError as exc:
-            raise StoreError(f"cannot use session directory {self.directory!r}: {exc.strerror}") from exc
         if not stat.S_ISDIR(mode):
             raise StoreError(f"cannot use {self.directory!r} as the session directory: it is not a directory")
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -995,16 +993,32 @@ class FileStore(Store):
             self._thread_lock, self._lock_fd, self._lock_forks = threading.Lock(), None, _forks()
         with self._thread_lock:
             self._checked()
-            try:
+            with _os_errors("lock session directory", self.directory):
                 if self._lock_fd is None:
                     self._lock_fd = os.open(self.directory, _DIRECTORY_FLAGS)
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                raise StoreError(f"cannot lock session directory {self.directory!r}: {exc.strerror}") from exc
             try:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _temporary(self, data, mtime=None):
+        """Yield the path of a new temporary file holding ``data`` (and ``mtime``), to rename; removed on error."""
+        temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
+        try:
+            fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
+            try:
+                _write_all(fd, data)
+                if mtime is not None:
+                    os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+            yield temp_path
+        except BaseException:
+            with contextlib.suppress(OSError):  # never created, already renamed, or the directory is gone
+                os.unlink(temp_path)
+            raise
 
     def read(self, key):
         path = self._path(key)
@@ -1013,10 +1027,10 @@ class FileStore(Store):
         except FileNotFoundError:
             raise KeyError(key) from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                _logger.warning("session file %s is a symbolic link: ignored", path)
-                raise KeyError(key) from None
-            raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
+            if exc.errno != errno.ELOOP:
+                raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
+            _logger.warning("session file %s is a symbolic link: ignored", path)
+            raise KeyError(key) from None
         try:
             status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):
@@ -1041,52 +1055,33 @@ class FileStore(Store):
 
     def write(self, key, data, mtime, expected=None):
         path = self._path(key)
-        temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
-        try:
-            fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.utime(fd, (mtime, mtime))
-            finally:
-                os.close(fd)
-            with self._locked():
-                if expected is not None and self._current(key) != expected:
-                    os.unlink(temp_path)
-                    return False
-                os.replace(temp_path, path)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):  # never created, already renamed, or the directory is gone
+        with _os_errors("write session file", path), self._temporary(data, mtime) as temp_path, self._locked():
+            if expected is not None and self._current(key) != expected:
                 os.unlink(temp_path)
-            if isinstance(exc, OSError):
-                raise StoreError(f"cannot write session file {path!r}: {exc.strerror or exc}") from exc
-            raise
+                return False
+            os.replace(temp_path, path)
         return True
 
     def remove(self, key, expected=None):
         path = self._path(key)
-        with self._locked():
+        with self._locked(), _os_errors("remove session file", path):
             if expected is not None and self._current(key) != expected:
                 return False
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 return False
-            except OSError as exc:
-                raise StoreError(f"cannot remove session file {path!r}: {exc.strerror}") from exc
         return True
 
     def set_mtime(self, key, mtime):
         path = self._path(key)
-        try:
-            if not stat.S_ISREG(os.lstat(path).st_mode):
+        with _os_errors("touch session file", path):
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    return False
+                os.utime(path, (mtime, mtime), follow_symlinks=False)
+            except FileNotFoundError:
                 return False
-            os.utime(path, (mtime, mtime), follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StoreError(f"cannot touch session file {path!r}: {exc.strerror}") from exc
         return True
 
     def scan(self):
@@ -1094,13 +1089,11 @@ class FileStore(Store):
 
     def _sweep_scan(self, now, dry_run):
         """Yield ``(key, mtime, size)`` of every record file; unless ``dry_run``, remove old debris."""
-        try:
+        with _os_errors("open session directory", self.directory):
             directory_fd = os.open(self.directory, _DIRECTORY_FLAGS)
-        except OSError as exc:
-            raise StoreError(f"cannot open session directory {self.directory!r}: {exc.strerror}") from exc
         is_regular = stat.S_ISREG
         try:
-            with os.scandir(directory_fd) as entries:
+            with _os_errors("list session directory", self.directory), os.scandir(directory_fd) as entries:
                 for entry in entries:
                     name = entry.name
                     key = name[3:]  # after _FILE_PREFIX; _is_key, inlined: this loop runs once per file
@@ -1113,8 +1106,6 @@ class FileStore(Store):
                             yield key, status.st_mtime, status.st_size
                     elif not dry_run and name.startswith(_TEMP_PREFIX) and name.endswith(_TEMP_SUFFIX):
                         self._remove_debris(name, directory_fd, now)
-        except OSError as exc:
-            raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
         finally:
             os.close(directory_fd)
 
@@ -1128,21 +1119,21 @@ class FileStore(Store):
                 os.unlink(name, dir_fd=directory_fd)
 
     def _evict(self, doomed):
+        """Remove, under one lock, each record file (and its log) that has the mtime the scan saw."""
         sizes = []
         with self._locked():
             for key, mtime, size in doomed:
                 path = self._path(key)
-                try:
-                    if os.lstat(path).st_mtime != mtime:
-                        continue  # written or touched since the scan saw it
-                    os.unlink(path)
+                with _os_errors("remove session file", path):
+                    try:
+                        if os.lstat(path).st_mtime != mtime:
+                            continue  # written or touched since the scan saw it
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        _logger.debug("already removed: %s", path)  # by another cleaner: not counted
+                        continue
                     with contextlib.suppress(FileNotFoundError):  # the message log goes with its record
                         os.unlink(path + _LOG_SUFFIX)
-                except FileNotFoundError:
-                    _logger.debug("already removed: %s", path)  # by another cleaner: not counted
-                    continue
-                except OSError as exc:
-                    raise StoreError(f"cannot remove session file {path!r}: {exc.strerror}") from exc
                 sizes.append(size)
         return sizes
 
@@ -1154,15 +1145,13 @@ class FileStore(Store):
     @contextlib.contextmanager
     def _log_file(self, path, action, flags=_READ_FLAGS):
         """Yield the log file at ``path`` open, or None if there is none; wrap OSError in StoreError."""
-        try:
+        with _os_errors(f"{action} message log", path):
             fd = self._log_open(path, flags)
             try:
                 yield fd
             finally:
                 if fd is not None:
                     os.close(fd)
-        except OSError as exc:
-            raise StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}") from exc
 
     @staticmethod
     def _log_open(path, flags):
@@ -1190,8 +1179,7 @@ class FileStore(Store):
         """
         status = os.fstat(fd)
         state = (status.st_ino, status.st_size, status.st_mtime_ns)
-        counts = self.__dict__.setdefault("_log_counts", {})
-        lines = counts.get(state) if lines is None else lines
+        lines = self._log_counts.get(state) if lines is None else lines
         if lines is None:
             data = os.pread(fd, status.st_size, 0)
             end = data.rfind(b"\n") + 1
@@ -1199,9 +1187,9 @@ class FileStore(Store):
                 _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, len(data) - end)
                 os.ftruncate(fd, end)
             lines = data.count(b"\n", 0, end)
-        if len(counts) > 4096:
-            counts.clear()
-        counts[state] = lines
+        if len(self._log_counts) > 4096:
+            self._log_counts.clear()
+        self._log_counts[state] = lines
         return lines
 
     def log_append(self, key, lines):
@@ -1209,9 +1197,7 @@ class FileStore(Store):
         data = b"".join(bytes(line) + b"\n" for line in lines)
         with self._locked(), self._log_file(self._log_path(key), "append to", _LOG_APPEND_FLAGS) as fd:
             count = self._log_count(fd, repair=True)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             return self._log_count(fd, count + len(lines))
 
     def log_read(self, key, start=0, stop=None):
@@ -1240,19 +1226,14 @@ class FileStore(Store):
 
     def log_trim(self, key, start, stop, expected):
         """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
-        temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
-        try:
-            with self._locked():
-                lines = self.log_read(key)
-                if len(lines) != expected:
-                    return False
-                with self._log_file(temp_path, "trim", _CREATE_FLAGS) as fd:
-                    os.write(fd, b"".join(line + b"\n" for line in lines[:start] + lines[stop:]))
-                    os.replace(temp_path, self._log_path(key))
-                return True
-        finally:
-            with contextlib.suppress(OSError):  # renamed, or never created
-                os.unlink(temp_path)
+        path = self._log_path(key)
+        with self._locked(), _os_errors("trim message log", path):
+            lines = self.log_read(key)
+            if len(lines) != expected:
+                return False
+            with self._temporary(b"".join(line + b"\n" for line in lines[:start] + lines[stop:])) as temp_path:
+                os.replace(temp_path, path)
+            return True
 
     def log_remove(self, key):
         return self._log_rename("remove", self._log_path(key), os.unlink)
@@ -1262,20 +1243,16 @@ class FileStore(Store):
 
     def _log_rename(self, action, path, rename, *args):
         """Call ``rename(path, *args)`` under the lock; return False if there was no log."""
-        try:
-            with self._locked():
+        with self._locked(), _os_errors(f"{action} message log", path):
+            try:
                 rename(path, *args)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}") from exc
+            except FileNotFoundError:
+                return False
         return True
 
     def log_scan(self):
-        try:
+        with _os_errors("list session directory", self.directory):
             names = os.listdir(self.directory)
-        except OSError as exc:
-            raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
         for name in names:
             key = name[len(_FILE_PREFIX) : -len(_LOG_SUFFIX)]
             if name.startswith(_FILE_PREFIX) and name.endswith(_LOG_SUFFIX) and _is_key(key):
@@ -1361,29 +1338,18 @@ _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key
 
 
 class SQLiteStore(Store):
-    """Store records in one table of an SQLite database.
+    """Store records in one table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``) of an SQLite database.
 
-    Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
-    ``max_bytes``, as every store takes them (see the README's table).
-
-    The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
-    ``mtime`` and on ``(returning, mtime)`` for ``clean``) is created on first
-    use, in a file created 0600 (its ``-wal`` and ``-shm`` too) if missing, in
-    a directory created 0700 if missing; the database runs in WAL mode with
-    ``synchronous=NORMAL`` and waits up to five seconds for a lock. With
-    ``read_only=True`` the file is opened read-only and nothing about it is
-    changed (no table, index or journal mode is created or set); every write
-    then raises StoreError.
-    A conditional write or removal is one statement (``... WHERE key = ?
-    AND data = ?``), so it is atomic.
+    The README's "SQLiteStore" section has the details: a file created 0600,
+    WAL mode, ``synchronous=NORMAL``, a five-second busy timeout, conditional
+    writes as one statement. With ``read_only=True`` nothing about the file is
+    changed and every write raises StoreError.
 
     Threads and processes: each operation takes a connection from a small
-    pool of idle ones (opening one only when every pooled one is in use, by
-    up to eight threads at once) and gives it back when it ends, so a new
-    thread costs no new connection; any number of processes may open the
-    same file. ``close()`` (see ``Store``) closes the idle connections at
-    once and each busy one when its operation ends, never under a running
-    statement. Do not put the file on a network file system.
+    pool of idle ones (at most eight kept) and gives it back, so a new thread
+    opens none; any number of processes may open the file (not on a network
+    file system). ``close()`` closes the idle connections at once and each
+    busy one when its operation ends.
     """
 
     def __init__(self, path, *, table="sessions", read_only=False, **options):
@@ -1488,16 +1454,30 @@ class SQLiteStore(Store):
         finally:
             self._checkin(connection)
 
-    def _execute(self, template, parameters=()):
-        """Run one statement on a pooled connection; return its rows, or how many rows it changed."""
-        connection = self._checkout()
+    def _execute(self, template, parameters=(), connection=None):
+        """Run one statement on ``connection`` or a pooled one; return its rows, or how many rows it changed."""
+        pooled = self._checkout() if connection is None else None
         try:
-            cursor = connection.execute(self._sql[template], parameters)
+            cursor = (connection if pooled is None else pooled).execute(self._sql[template], parameters)
             return cursor.fetchall() if cursor.description else cursor.rowcount
         except self._sqlite3.Error as exc:
             raise StoreError(f"session database {self.path!r}: {exc}") from exc
         finally:
-            self._checkin(connection)
+            if pooled is not None:
+                self._checkin(pooled)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(connection):
+        """Run the block in one ``BEGIN IMMEDIATE`` transaction on ``connection``: committed, or rolled back."""
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
 
     def _where(self, key):
         return f"{self.path} table {self.table} key {key!r}"
@@ -1533,17 +1513,12 @@ class SQLiteStore(Store):
         return self._execute(_SQL_COUNT, (float("-inf") if self.max_age is None else _now() - self.max_age,))[0][0]
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
-        """Run one cleaning pass in SQL, in batches that keep writers waiting a few milliseconds: see ``Store.sweep``.
+        """Run one cleaning pass in SQL (see ``Store.sweep``), in batches that keep writers waiting a few milliseconds.
 
-        A clean counts from the indexes alone (``seen_bytes`` is None) and
-        learns from the mtime index that nothing expired; a dry run sums the
-        bytes too. Then the rows to remove are chosen by plain reads, which
-        block no writer in WAL mode, and removed in transactions of at most
-        500 rows (each only if its mtime is still the one read), the expired
-        first, then those past ``keep`` in the order of the index on
-        ``(returning, mtime)``; ``progress`` is called after each. So a writer
-        waits for one batch's deletes at most, and rows written meanwhile are
-        neither counted nor removed.
+        A clean counts from the indexes alone (``seen_bytes`` is None); a dry
+        run sums the bytes too. The rows to remove are picked by plain reads
+        and removed in transactions of at most 500 rows, ``progress`` called
+        after each; rows written meanwhile are neither counted nor removed.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
@@ -1582,14 +1557,8 @@ class SQLiteStore(Store):
             if not rows:
                 return
             delete = self._sql[_SQL_DELETE_SEEN]
-            connection.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(connection):
                 sizes = [size for key, mtime, size in rows if connection.execute(delete, (key, mtime)).rowcount]
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
             sweep.removed += len(sizes)
             sweep.removed_bytes += sum(sizes)
             # The cleaner copies its own WAL pages back, so that no writer's commit pays a large checkpoint.
@@ -1608,7 +1577,7 @@ class SQLiteStore(Store):
             try:
                 if not self.read_only:
                     with self._connected() as connection:
-                        connection.executescript(_SQL_LOG_SCHEMA.format(table=self.table))
+                        connection.executescript(self._sql[_SQL_LOG_SCHEMA])
             except self._sqlite3.Error as exc:
                 raise StoreError(f"cannot create the message log's tables in {self.path!r}: {exc}") from exc
             self._log_ready = bool(self._execute(_SQL_LOG_FOUND))
@@ -1616,32 +1585,20 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _log_transaction(self, action):
-        """Yield ``run(template, parameters)`` for statements in one ``BEGIN IMMEDIATE`` transaction, tables ready."""
+        """Yield a pooled connection in one ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
         if not self._log_tables():
             raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
-        with self._connected() as connection:
-
-            def run(template, parameters=()):
-                cursor = connection.execute(self._sql[template], parameters)
-                return cursor.fetchall() if cursor.description else cursor.rowcount
-
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-                try:
-                    yield run
-                    connection.execute("COMMIT")
-                except BaseException:
-                    if connection.in_transaction:
-                        connection.execute("ROLLBACK")
-                    raise
-            except self._sqlite3.Error as exc:
-                raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
+        try:
+            with self._connected() as connection, self._transaction(connection):
+                yield connection
+        except self._sqlite3.Error as exc:
+            raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
 
     def log_append(self, key, lines):
-        with self._log_transaction("append to") as run:
+        with self._log_transaction("append to") as connection:
             for line in lines:
-                run(_SQL_LOG_APPEND, (key, bytes(line)))
-            return _log_lines(run(_SQL_LOG_LENGTH, (key,)))
+                self._execute(_SQL_LOG_APPEND, (key, bytes(line)), connection)
+            return self._log_lines(key, connection)
 
     def log_read(self, key, start=0, stop=None):
         """The last lines through the index on ``(key, seq)``, newest first; others by ``LIMIT`` and ``OFFSET``."""
@@ -1655,35 +1612,35 @@ class SQLiteStore(Store):
         return [bytes(row[0]) for row in rows]
 
     def log_length(self, key):
-        return _log_lines(self._execute(_SQL_LOG_LENGTH, (key,))) if self._log_tables() else 0
+        return self._log_lines(key) if self._log_tables() else 0
 
     def log_trim(self, key, start, stop, expected):
-        with self._log_transaction("trim") as run:
-            if _log_lines(run(_SQL_LOG_LENGTH, (key,))) != expected:
+        with self._log_transaction("trim") as connection:
+            if self._log_lines(key, connection) != expected:
                 return False
-            run(_SQL_LOG_TRIM, (key, max(0, stop - start), start))
+            self._execute(_SQL_LOG_TRIM, (key, max(0, stop - start), start), connection)
             return True
 
     def log_remove(self, key):
-        with self._log_transaction("remove") as run:
-            return run(_SQL_LOG_REMOVE, (key,)) > 0
+        with self._log_transaction("remove") as connection:
+            return self._execute(_SQL_LOG_REMOVE, (key,), connection) > 0
 
     def log_move(self, old, new):
-        with self._log_transaction("move") as run:
-            if not _log_lines(run(_SQL_LOG_LENGTH, (old,))):
+        with self._log_transaction("move") as connection:
+            if not self._log_lines(old, connection):
                 return False
-            run(_SQL_LOG_REMOVE, (new,))
-            run(_SQL_LOG_MOVE, (new, old))
-            run(_SQL_LOG_MOVE_LENGTH, (new, old))
+            self._execute(_SQL_LOG_REMOVE, (new,), connection)
+            self._execute(_SQL_LOG_MOVE, (new, old), connection)
+            self._execute(_SQL_LOG_MOVE_LENGTH, (new, old), connection)
             return True
 
     def log_scan(self):
         return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_tables() else []
 
-
-def _log_lines(rows):
-    """Return the length a ``_SQL_LOG_LENGTH`` query found, 0 for a log with no row."""
-    return rows[0][0] if rows else 0
+    def _log_lines(self, key, connection=None):
+        """Return how many lines the log of ``key`` holds, 0 for none, on ``connection`` or a pooled one."""
+        rows = self._execute(_SQL_LOG_LENGTH, (key,), connection)
+        return rows[0][0] if rows else 0
 
 
 # -- RedisStore --
