@@ -386,13 +386,7 @@ class Store(MutableMapping):
     """
 
     def __init__(
-        self,
-        *,
-        serializer="json",
-        secret=None,
-        max_age=None,
-        max_sessions=DEFAULT_MAX_SESSIONS,
-        max_bytes=DEFAULT_MAX_BYTES,
+        self, *, serializer="json", secret=None, max_age=None, max_sessions=DEFAULT_MAX_SESSIONS, max_bytes=DEFAULT_MAX_BYTES
     ):
         self._signing_keys = self._keys_of(secret)
         self._signing_key = self._signing_keys[-1] if self._signing_keys else None
@@ -774,10 +768,7 @@ class Store(MutableMapping):
             for key, mtime, size in self._sweep_scan(now, dry_run):
                 seen += 1
                 seen_bytes += size
-                if mtime < oldest:  # noqa: PLR1730 - a comparison costs less than a call, once per file
-                    oldest = mtime
-                if mtime > newest:  # noqa: PLR1730
-                    newest = mtime
+                oldest, newest = min(oldest, mtime), max(newest, mtime)
                 if not seen % 10000:
                     self._checked()
                     sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = seen, seen_bytes, oldest, newest
@@ -1064,25 +1055,19 @@ class FileStore(Store):
 
     def remove(self, key, expected=None):
         path = self._path(key)
-        with self._locked(), _os_errors("remove session file", path):
-            if expected is not None and self._current(key) != expected:
-                return False
-            try:
+        with self._locked(), _os_errors("remove session file", path), contextlib.suppress(FileNotFoundError):
+            if expected is None or self._current(key) == expected:
                 os.unlink(path)
-            except FileNotFoundError:
-                return False
-        return True
+                return True
+        return False
 
     def set_mtime(self, key, mtime):
         path = self._path(key)
-        with _os_errors("touch session file", path):
-            try:
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    return False
+        with _os_errors("touch session file", path), contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(os.lstat(path).st_mode):
                 os.utime(path, (mtime, mtime), follow_symlinks=False)
-            except FileNotFoundError:
-                return False
-        return True
+                return True
+        return False
 
     def scan(self):
         return self._sweep_scan(None, True)
@@ -1144,33 +1129,28 @@ class FileStore(Store):
 
     @contextlib.contextmanager
     def _log_file(self, path, action, flags=_READ_FLAGS):
-        """Yield the log file at ``path`` open, or None if there is none; wrap OSError in StoreError."""
+        """Yield the log file at ``path`` open, or None if there is none; wrap OSError in StoreError.
+
+        A log that is not a regular file (a symbolic link, a FIFO) is ignored
+        and logged, as a corrupt record is; an append (``O_CREAT``) replaces it.
+        """
         with _os_errors(f"{action} message log", path):
-            fd = self._log_open(path, flags)
+            try:
+                regular = stat.S_ISREG(os.lstat(path).st_mode)
+            except FileNotFoundError:
+                regular = None
+            if regular is False:
+                _logger.warning("message log %r is not a regular file: ignored, as a corrupt record is", path)
+                if flags & os.O_CREAT:
+                    os.unlink(path)
+            if not regular and not flags & os.O_CREAT:
+                yield None
+                return
+            fd = os.open(path, flags, 0o600)
             try:
                 yield fd
             finally:
-                if fd is not None:
-                    os.close(fd)
-
-    @staticmethod
-    def _log_open(path, flags):
-        """Open the log; None if there is none, or if it is not a regular file (a symbolic link, a FIFO).
-
-        Such a log is ignored, as a corrupt record is, and logged; an append
-        (``O_CREAT``) replaces it by a new log.
-        """
-        try:
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                return os.open(path, flags, 0o600)
-            _logger.warning("message log %r is not a regular file: ignored, as a corrupt record is", path)
-            if not flags & os.O_CREAT:
-                return None
-            os.unlink(path)
-        except FileNotFoundError:
-            if not flags & os.O_CREAT:
-                return None
-        return os.open(path, flags, 0o600)
+                os.close(fd)
 
     def _log_count(self, fd, lines=None, repair=False):
         """Return the whole lines of the open log, counted or remembered by (inode, size, mtime); remember ``lines``.
@@ -1243,12 +1223,10 @@ class FileStore(Store):
 
     def _log_rename(self, action, path, rename, *args):
         """Call ``rename(path, *args)`` under the lock; return False if there was no log."""
-        with self._locked(), _os_errors(f"{action} message log", path):
-            try:
-                rename(path, *args)
-            except FileNotFoundError:
-                return False
-        return True
+        with self._locked(), _os_errors(f"{action} message log", path), contextlib.suppress(FileNotFoundError):
+            rename(path, *args)
+            return True
+        return False
 
     def log_scan(self):
         with _os_errors("list session directory", self.directory):
@@ -1288,7 +1266,7 @@ _SQL_SCAN = 'SELECT key, mtime, LENGTH(data) FROM "{table}"'
 _SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
 # A clean's tally, all from the indexes; a dry run's (stats) sums the bytes too, which reads every row.
 _SQL_TALLY = (
-    'SELECT (SELECT COUNT(*) FROM "{table}"), (SELECT MIN(mtime) FROM "{table}"),'
+    'SELECT (SELECT COUNT(*) FROM "{table}"), NULL, (SELECT MIN(mtime) FROM "{table}"),'
     ' (SELECT MAX(mtime) FROM "{table}"), (SELECT MAX(rowid) FROM "{table}")'
 )
 _SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime), MAX(rowid) FROM "{table}"'
@@ -1372,8 +1350,7 @@ class SQLiteStore(Store):
         self._log_ready = False  # the log's tables: made (or found, when read-only) on first use
         if not self.read_only and self.path not in ("", ":memory:") and not os.path.exists(self.path):
             self._create_file()
-        with self._connected():  # a file that is not a database fails here
-            pass
+        self._checkin(self._checkout())  # a file that is not a database fails here
 
     def _create_file(self):
         """Create the database file 0600 (SQLite gives its -wal and -shm the same mode) and its directory 0700."""
@@ -1385,16 +1362,13 @@ class SQLiteStore(Store):
                 f"cannot create session database {self.path!r}: its directory {directory!r} is missing"
                 f" and cannot be created: {exc.strerror}"
             ) from exc
-        try:
+        # FileExistsError: another process created it meanwhile.
+        with _os_errors("create session database", self.path), contextlib.suppress(FileExistsError):
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
-        except FileExistsError:
-            return  # another process created it meanwhile
-        except OSError as exc:
-            raise StoreError(f"cannot create session database {self.path!r}: {exc.strerror}") from exc
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask took away
-        finally:
-            os.close(fd)
+            try:
+                os.fchmod(fd, 0o600)  # whatever the umask took away
+            finally:
+                os.close(fd)
 
     def __repr__(self):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
@@ -1409,16 +1383,12 @@ class SQLiteStore(Store):
 
     def _connect(self):
         """Open a connection; the first one of this store object sets up the schema and WAL mode."""
+        target = f"file:{urllib.parse.quote(self.path)}?mode=ro" if self.read_only else self.path
         try:
-            if self.read_only:
-                return self._sqlite3.connect(
-                    f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS,
-                    isolation_level=None, check_same_thread=False,
-                )
             connection = self._sqlite3.connect(
-                self.path, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+                target, uri=self.read_only, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
             )
-            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA synchronous=NORMAL")  # this connection's own setting: changes no file
             if not self._schema_ready:
                 connection.executescript(self._sql[_SQL_SCHEMA])
                 self._schema_ready = True
@@ -1526,13 +1496,9 @@ class SQLiteStore(Store):
         passes = [] if cutoff is None else [(_SQL_EXPIRED, _SQL_SUMMARY_EXPIRED, (cutoff,), 0)]
         try:
             with self._connected() as connection:
-                if dry_run:
-                    sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(
-                        self._sql[_SQL_SUMMARY]).fetchone()
-                    sweep.seen_bytes = int(size)
-                else:
-                    sweep.seen, sweep.oldest, sweep.newest, last = connection.execute(self._sql[_SQL_TALLY]).fetchone()
-                    sweep.seen_bytes = None
+                tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
+                sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(tally).fetchone()
+                sweep.seen_bytes = None if size is None else int(size)
                 if keep is not None:
                     floor = float("-inf") if cutoff is None else cutoff
                     passes.append((_SQL_BEYOND, _SQL_SUMMARY_BEYOND, (floor, started), keep))
