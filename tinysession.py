@@ -1090,18 +1090,14 @@ class FileStore(Store):
                         if is_regular(status.st_mode):
                             yield key, status.st_mtime, status.st_size
                     elif not dry_run and name.startswith(_TEMP_PREFIX) and name.endswith(_TEMP_SUFFIX):
-                        self._remove_debris(name, directory_fd, now)
+                        # A killed writer's, once nothing changed it for two minutes: its ctime, not its mtime,
+                        # which a writer sets as it likes before it renames. Another cleaner may be first.
+                        with contextlib.suppress(FileNotFoundError):
+                            status = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+                            if stat.S_ISREG(status.st_mode) and status.st_ctime < now - _TEMP_MAX_AGE:
+                                os.unlink(name, dir_fd=directory_fd)
         finally:
             os.close(directory_fd)
-
-    @staticmethod
-    def _remove_debris(name, directory_fd, now):
-        """Remove the temporary file ``name`` if nothing changed it for two minutes: a killed writer's."""
-        with contextlib.suppress(FileNotFoundError):  # another cleaner was first, or the writer renamed it
-            status = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
-            # ctime, not mtime: a writer sets the mtime it likes (in the past, too) before it renames.
-            if stat.S_ISREG(status.st_mode) and status.st_ctime < now - _TEMP_MAX_AGE:
-                os.unlink(name, dir_fd=directory_fd)
 
     def _evict(self, doomed):
         """Remove, under one lock, each record file (and its log) that has the mtime the scan saw."""
