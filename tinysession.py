@@ -523,15 +523,13 @@ class Store(MutableMapping):
         A clean asked for while one runs makes the running one sweep again.
         """
         with self._lock:
-            if self._closed:
-                return None
             self._clean_again = True
-            if self._cleaner is not None:
+            if self._closed or self._cleaner is not None:
                 return None
             thread = threading.Thread(target=self._clean_until_done, name="tinysession-clean", daemon=True)
             try:
                 thread.start()
-            except RuntimeError:
+            except RuntimeError:  # at interpreter shutdown
                 _logger.exception("could not start a background clean of %s", repr(self))
                 return None
             self._cleaner = thread
@@ -831,18 +829,16 @@ class Store(MutableMapping):
     # The message log: optional hooks, for MessageLog. A store without them raises NotImplementedError.
 
     def log_append(self, key, lines):
-        """Append ``lines`` (bytes without newlines) to the log of ``key``, in order; return the lines now stored.
+        """Append ``lines`` (bytes without newlines) to the log of ``key``, atomically; return the lines now stored.
 
-        Atomic against every other appender, trimmer and remover: no append
-        is ever lost, and the lines of one call stay together.
+        No append is ever lost, and the lines of one call stay together.
         """
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_append")
 
     def log_read(self, key, start=0, stop=None):
         """Return ``lines[start:stop]`` of the log of ``key``, oldest first; ``[]`` if there is none.
 
-        Slice semantics: a negative ``start`` counts from the end, so
-        ``log_read(key, -n)`` costs the last n lines, not the whole log.
+        A negative ``start`` counts from the end: ``log_read(key, -n)`` costs the last n lines only.
         """
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_read")
 
@@ -851,10 +847,7 @@ class Store(MutableMapping):
         return len(self.log_read(key))
 
     def log_trim(self, key, start, stop, expected):
-        """Remove ``lines[start:stop]`` of the log if it holds exactly ``expected`` lines now; return True if it did.
-
-        Atomic: a log another request appended to or trimmed meanwhile is left unchanged (False).
-        """
+        """Remove ``lines[start:stop]`` of the log if it holds exactly ``expected`` lines now, atomically; True if it did."""
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_trim")
 
     def log_remove(self, key):
@@ -866,10 +859,7 @@ class Store(MutableMapping):
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_scan")
 
     def log_move(self, old, new):
-        """Move the log of ``old`` to ``new``, replacing any there, as ``regenerate`` needs; return True if there was one.
-
-        This default copies and removes (not atomic); the stores here rename.
-        """
+        """Move the log of ``old`` to ``new``, replacing any there; True if there was one. This default is not atomic."""
         lines = self.log_read(old)
         if lines:
             self.log_remove(new)
@@ -890,13 +880,10 @@ _FILE_PREFIX = "ts-"
 _TEMP_PREFIX = ".ts-"
 _TEMP_SUFFIX = ".tmp"
 _TEMP_MAX_AGE = 120.0
-_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = (
-    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-)
-_CREATE_FLAGS = (
-    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-)
+# POSIX flags, all defined wherever fcntl (imported above) is.
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _LOG_SUFFIX = ".log"
 _LOG_APPEND_FLAGS = _READ_FLAGS | os.O_RDWR | os.O_APPEND | os.O_CREAT  # O_RDONLY is 0
 
@@ -1360,7 +1347,7 @@ class SQLiteStore(Store):
             ) from exc
         # FileExistsError: another process created it meanwhile.
         with _os_errors("create session database", self.path), contextlib.suppress(FileExistsError):
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
             try:
                 os.fchmod(fd, 0o600)  # whatever the umask took away
             finally:
