@@ -368,13 +368,10 @@ def _forks():
 class Sweep:
     """What one pass of ``Store.sweep`` saw and removed (or, in a dry run, would remove).
 
-    ``seen`` and ``seen_bytes`` count every record the pass met, expired ones
-    included (``seen_bytes`` is None where a store's clean does not sum them:
-    SQLiteStore and RedisStore, whose ``stats`` do); ``removed`` and
-    ``removed_bytes`` count those it removed, always among the ``seen``, so
-    ``seen - removed`` were kept, even while others write to the store;
-    ``oldest`` and ``newest`` are the extreme mtimes met (None for an empty
-    store). ``stats`` also fills ``logs`` and ``log_bytes``: the message logs kept.
+    ``seen`` and ``seen_bytes`` count every record met, expired ones included (``seen_bytes`` is None
+    where a clean does not sum them); ``removed`` and ``removed_bytes`` those removed, always among the
+    seen; ``oldest`` and ``newest`` are the extreme mtimes (None for an empty store); ``stats`` also
+    fills ``logs`` and ``log_bytes``, the message logs kept.
     """
 
     __slots__ = ("log_bytes", "logs", "newest", "oldest", "removed", "removed_bytes", "seen", "seen_bytes")
@@ -389,49 +386,26 @@ class Sweep:
 
 
 class Store(MutableMapping):
-    """A mapping from keys to session records, over five bytes-level hooks.
+    """A mapping from keys to session records, over five bytes-level hooks (see the README, "Writing a store").
 
-    A backend subclasses Store and implements ``read``, ``write``,
-    ``remove``, ``set_mtime`` and ``scan``; it may override more for speed
-    (``sweep``, ``__len__``). Everything else lives here once: key checks,
-    serialization, signatures, ``max_bytes``, expiry on every read, the
-    ``max_sessions`` bound, cleaning, and the mapping interface, whose
-    compound methods (``pop``, ``popitem``, ``clear``, ``del``) are built on
-    conditional removals, so a key another process removes meanwhile is
-    simply absent, never a KeyError from inside.
-
-    Options, the same for every store (keyword only): ``serializer`` ("json",
-    "pickle", or an object with ``dumps`` and ``loads``), ``secret`` (str or
-    bytes; signs every record; or a list of them, newest last: records are
-    signed with the newest and accepted if any signed them, so a secret can
-    be rotated without logging anyone out), ``max_age`` (seconds since the
-    last write or touch), ``max_sessions`` (records kept;
-    ``DEFAULT_MAX_SESSIONS`` unless given, None for no limit) and
-    ``max_bytes`` (largest serialized record; ``DEFAULT_MAX_BYTES`` unless
-    given, None for no limit). With both defaults a store holds at most
-    10,000 records of 64 KiB.
-
-    The bytes a hook sees are the stored bytes: the serialized record,
-    preceded by its signature when there is a secret.
+    A backend implements ``read``, ``write``, ``remove``, ``set_mtime`` and
+    ``scan``, and may override ``sweep``, ``__len__`` and ``close``. Key
+    checks, serialization, signatures, ``max_bytes``, expiry, the
+    ``max_sessions`` bound, cleaning and the mapping interface live here once;
+    ``pop``, ``popitem``, ``clear`` and ``del`` are built on conditional
+    removals. The keyword options (``serializer``, ``secret``, ``max_age``,
+    ``max_sessions``, ``max_bytes``) are the README's table. A hook sees the
+    stored bytes: the serialized record, preceded by its signature when there
+    is a secret.
 
     Threads: one store object may be shared by all the threads of a process.
-    ``close()`` ends its use, and is safe at any moment: operations already
-    running finish; every later one raises StoreError saying the store is
-    closed; a background clean of this store object stops at its next batch
-    and is waited for (up to ten seconds). Closing twice, or from inside a
-    clean, is fine. A store that holds resources (connections, handles)
-    releases them in its own ``close``, after this one's, never while
-    another thread is using them.
+    ``close()`` is safe at any moment: operations already running finish,
+    later ones raise StoreError, and a background clean stops at its next
+    batch and is waited for (ten seconds at most).
     """
 
     def __init__(
-        self,
-        *,
-        serializer="json",
-        secret=None,
-        max_age=None,
-        max_sessions=DEFAULT_MAX_SESSIONS,
-        max_bytes=DEFAULT_MAX_BYTES,
+        self, *, serializer="json", secret=None, max_age=None, max_sessions=DEFAULT_MAX_SESSIONS, max_bytes=DEFAULT_MAX_BYTES
     ):
         self._signing_keys = self._keys_of(secret)
         self._signing_key = self._signing_keys[-1] if self._signing_keys else None
@@ -455,28 +429,22 @@ class Store(MutableMapping):
         if secret is None:
             return []
         secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
-        keys = []
-        for each in secrets:
-            if isinstance(each, str):
-                each = each.encode("utf-8")
-            if not isinstance(each, bytes) or not each:  # never the value in the message: it is a secret
-                raise ValueError(
-                    f"secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
-                    f" got a {type(secret).__name__} holding a {type(each).__name__}"
-                )
-            keys.append(hashlib.sha256(b"tinysession record\0" + each).digest())
-        if not keys:
-            raise ValueError("secret must be a non-empty str or bytes, or a non-empty list of them, not an empty list")
-        return keys
+        secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
+        if not secrets or not all(isinstance(each, bytes) and each for each in secrets):
+            kinds = ", ".join(type(each).__name__ for each in secrets)  # never a value: it is a secret
+            raise ValueError(
+                "secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
+                f" got a {type(secret).__name__} of [{kinds}]"
+            )
+        return [hashlib.sha256(b"tinysession record\0" + each).digest() for each in secrets]
 
     # The five hooks a backend implements.
 
     @abc.abstractmethod
     def read(self, key):
-        """Return ``(data, mtime)``, the bytes stored for ``key`` and their mtime.
+        """Return ``(data, mtime)``, the bytes stored for ``key`` and their mtime; KeyError if absent.
 
-        Raise KeyError if there is no record. Expired records may be
-        returned: the base class checks the mtime.
+        Expired records may be returned: the base class checks the mtime.
         """
 
     @abc.abstractmethod
@@ -484,19 +452,14 @@ class Store(MutableMapping):
         """Store ``data`` (bytes) for ``key`` with modification time ``mtime``; return True.
 
         With ``expected`` (bytes), write only if the bytes stored now are
-        exactly ``expected``, atomically against every thread and process
-        using the store, and return False, changing nothing, otherwise
-        (including when there is no record). A reader sees the old bytes or
-        the new ones, never a mix.
+        exactly these, atomically against every thread and process, and
+        return False, changing nothing, otherwise (also when absent). A
+        reader sees the old bytes or the new ones, never a mix.
         """
 
     @abc.abstractmethod
     def remove(self, key, expected=None):
-        """Remove the record for ``key``; return True if it removed one.
-
-        With ``expected``, remove only if the stored bytes are exactly these,
-        atomically, as for ``write``.
-        """
+        """Remove the record for ``key``; return True if it removed one (``expected`` as for ``write``)."""
 
     @abc.abstractmethod
     def set_mtime(self, key, mtime):
@@ -504,18 +467,14 @@ class Store(MutableMapping):
 
     @abc.abstractmethod
     def scan(self):
-        """Return an iterable of ``(key, mtime, size)`` for every record, expired ones included.
-
-        Records that vanish during the scan are skipped, never an error.
-        """
+        """Return an iterable of ``(key, mtime, size)`` for every record, expired ones included; skip what vanishes."""
 
     # Records.
 
     def encode(self, key, record):
         """Return the bytes ``write`` stores for ``record``: serialized, size-checked, signed.
 
-        Raises EncodeError if the serializer cannot encode it (a type it does
-        not know, nesting deeper than the recursion limit), RecordTooLarge
+        Raises EncodeError if the serializer cannot encode it, RecordTooLarge
         past ``max_bytes``, StoreError if the store is closed.
         """
         self._checked(key)
@@ -550,18 +509,12 @@ class Store(MutableMapping):
     def save(self, key, data, *, expected=None, now=None, new=False):
         """Write bytes made by ``encode`` with mtime ``_stamp(now, new=new)``; return False if ``expected`` did not match.
 
-        ``new`` marks a session written for the first time, which stays on
-        probation (first to go when the store is full) until it is touched or
-        written again. Holds ``max_sessions``: after every
-        ``max_sessions // 10`` writes (at least 10) of this store object, or
-        every 1,000 with ``max_age`` alone, a clean starts in a background
-        thread, never in the caller's, one at a time; its errors are logged.
+        ``new`` marks a first write, which stays on probation until touched or
+        written again. Every ``max(10, max_sessions // 10)`` writes of this
+        store object (every 1,000 with ``max_age`` alone) a clean starts in a
+        background thread, one at a time; its errors are logged.
         """
-        return self._save(self._checked(key), data, expected, now, new)
-
-    def _save(self, key, data, expected=None, now=None, new=False):
-        """Do what ``save`` says for a checked ``key``."""
-        if not self.write(key, data, self._stamp(now, new=new), expected):
+        if not self.write(self._checked(key), data, self._stamp(now, new=new), expected):
             return False
         if self._clean_every is not None and next(self._writes) % self._clean_every == 0:
             self._clean_in_background()
@@ -569,80 +522,65 @@ class Store(MutableMapping):
 
     @staticmethod
     def _stamp(now=None, *, new=False):
-        """Return the mtime a write or touch at ``now`` stores: ``now`` to the millisecond, the segment below it.
+        """Return the mtime a write or touch at ``now`` stores: to the millisecond, plus half of one when ``new``.
 
-        A session's segment lives in its mtime's sub-millisecond digits, so
-        every store keeps it with no field of its own: a new session's mtime
-        is a whole millisecond plus half of one (probationary), any other
-        write's or touch's a whole millisecond (returning). ``_on_probation``
-        reads it back.
+        So every store keeps a session's segment (probationary or returning)
+        in its mtime's sub-millisecond digits, with no field of its own.
         """
         now = _now() if now is None else now
         return round(now, 3) + (_PROBATION_SECONDS if new else 0.0)
 
     @staticmethod
     def _on_probation(mtime):
-        """Return True if ``mtime`` is a probationary one, as ``_stamp(new=True)`` makes them.
-
-        A store whose clock is coarser than a quarter of a millisecond (some
-        file systems) loses the mark: its records then all look returning.
-        """
+        """Return True if ``mtime`` is a probationary one (lost on clocks coarser than a quarter millisecond)."""
         scaled = mtime * 1000.0
         return 0.25 <= scaled - int(scaled) <= 0.75
 
     def _clean_in_background(self):
-        """Start ``clean()`` in a daemon thread unless one of this store object's is running; return it or None.
+        """Start ``clean()`` in a daemon thread unless this store object's runs; return the thread or None.
 
-        Each finished pass logs one INFO line with its counts; a failure is
-        logged, never raised. A clean asked for while one runs (the writes
-        outpacing it) makes the running one sweep again when it is done.
+        A clean asked for while one runs makes the running one sweep again.
         """
         with self._lock:
-            if self._closed:
-                return None
             self._clean_again = True
-            if self._cleaner is not None:
+            if self._closed or self._cleaner is not None:
                 return None
             thread = threading.Thread(target=self._clean_until_done, name="tinysession-clean", daemon=True)
             try:
                 thread.start()
-            except RuntimeError:
+            except RuntimeError:  # at interpreter shutdown
                 _logger.exception("could not start a background clean of %s", repr(self))
                 return None
             self._cleaner = thread
             return thread
 
     def _clean_until_done(self):
-        """Sweep until no clean is asked for, logging each pass; the background clean's thread."""
-        try:
-            while True:
-                with self._lock:
-                    if not self._clean_again or self._closed:
-                        self._cleaner = None
-                        return
-                    self._clean_again = False
-                started = time.perf_counter()
-                sweep = self.sweep()
-                _logger.info(
-                    "cleaned %r in %.2f s: met %d sessions, removed %d of them, kept %d",
-                    self, time.perf_counter() - started, sweep.seen, sweep.removed, sweep.seen - sweep.removed,
-                )
-        except Exception:
+        """Sweep until no clean is asked for, logging each pass (INFO) or its failure; the cleaner's thread."""
+        while True:
             with self._lock:
-                self._cleaner = None
-            if self._closed:
-                _logger.debug("cleaning %s stopped: the store was closed", repr(self))
-            else:
-                _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument, logging would bool() it
+                if not self._clean_again or self._closed:
+                    self._cleaner = None
+                    return
+                self._clean_again = False
+            started = time.perf_counter()
+            try:
+                sweep = self.sweep()
+            except Exception:
+                if self._closed:
+                    _logger.debug("cleaning %s stopped: the store was closed", repr(self))
+                else:
+                    _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument: bool()-ed
+                continue
+            _logger.info(
+                "cleaned %r in %.2f s: met %d sessions, removed %d of them, kept %d",
+                self, time.perf_counter() - started, sweep.seen, sweep.removed, sweep.seen - sweep.removed,
+            )
 
     def _expired(self, mtime, now):
         return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
 
     def _signature(self, key, payload, signing_key=None):
-        """Return the HMAC-SHA256 of the key and the payload, so a record cannot move to another key.
-
-        ``signing_key`` defaults to the newest secret's.
-        """
+        """Return the HMAC-SHA256 of the key and the payload (newest secret by default): records cannot move."""
         signing_key = self._signing_key if signing_key is None else signing_key
         return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
 
@@ -715,7 +653,7 @@ class Store(MutableMapping):
         return self.load(key)[0]
 
     def __setitem__(self, key, record):
-        self._save(key, self.encode(key, record))
+        self.save(key, self.encode(key, record))
 
     def __delitem__(self, key):
         if self._take(self._checked(key)) is None:
@@ -768,10 +706,10 @@ class Store(MutableMapping):
         self.close()
 
     def close(self):
-        """Refuse every later operation and wait for this store object's background clean; safe to call twice.
+        """Refuse every later operation and wait (ten seconds at most) for this store object's background clean.
 
-        Operations already running finish; later ones raise StoreError. Never
-        waits for a clean from inside it, nor more than ten seconds.
+        Safe to call twice, and from inside the clean. A store holding
+        resources releases them in its own ``close``, after this one.
         """
         with self._lock:
             self._closed = True
@@ -803,16 +741,11 @@ class Store(MutableMapping):
     def clean(self, max_age=None, keep=None, *, now=None):
         """Remove expired records, then all but ``keep`` of the others; return how many.
 
-        The records past ``keep`` go in this order: sessions on probation
-        (written once, never back since: see ``_stamp``), oldest first, then
-        returning ones, oldest first. So a flood of new sessions (cookie-less
-        clients, a crawler) evicts its own kind and no session that came
-        back, and among returning sessions the newest ``keep`` stay: the
-        segmented LRU of scan-resistant caches, in the mtime alone.
-        ``max_age`` defaults to the store's ``max_age`` and ``keep`` to its
-        ``max_sessions``; with neither, only debris (temporary files of killed
-        writers) is removed. A record written or touched after the pass
-        began is never removed by it, nor counted in ``keep``.
+        Past ``keep`` go sessions on probation first, then returning ones,
+        oldest first in each (the README's "Which sessions a full store
+        evicts"). ``max_age`` and ``keep`` default to the store's ``max_age``
+        and ``max_sessions``; with neither, only debris goes. A record written
+        or touched after the pass began is never removed, nor counted in ``keep``.
         """
         return self.sweep(max_age, keep, now=now).removed
 
@@ -830,12 +763,10 @@ class Store(MutableMapping):
         """Run one cleaning pass, as ``clean`` describes, and return its ``Sweep``.
 
         With ``dry_run`` nothing is removed. ``progress``, if given, is called
-        with the pass's live ``Sweep`` when it starts and every 10,000
-        records, so a caller interrupted mid-pass (Ctrl-C) can still report
-        what was seen and removed so far. One pass over ``scan()`` (stat
-        only, for FileStore), in memory bounded by ``keep``: a heap of the
-        ``keep`` records to keep so far, keyed ``(returning, mtime)``. A
-        closed store stops the pass at its next batch (StoreError).
+        with the live ``Sweep`` at the start and every 10,000 records, so an
+        interrupted caller (Ctrl-C) can report what was done. One pass over
+        ``scan()``, in memory bounded by ``keep`` (a heap of the records kept
+        so far). A closed store stops the pass at its next batch (StoreError).
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         self._checked()
@@ -854,10 +785,7 @@ class Store(MutableMapping):
             for key, mtime, size in self._sweep_scan(now, dry_run):
                 seen += 1
                 seen_bytes += size
-                if mtime < oldest:  # noqa: PLR1730 - a comparison costs less than a call, once per file
-                    oldest = mtime
-                if mtime > newest:  # noqa: PLR1730
-                    newest = mtime
+                oldest, newest = min(oldest, mtime), max(newest, mtime)
                 if not seen % 10000:
                     self._checked()
                     sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = seen, seen_bytes, oldest, newest
@@ -905,7 +833,7 @@ class Store(MutableMapping):
         doomed.clear()
 
     def _evict(self, doomed):
-        """Remove each entry whose record still has the mtime the scan saw; return their sizes."""
+        """Remove each entry whose record still has the mtime the scan saw, and its log; return their sizes."""
         sizes = []
         for key, mtime, size in doomed:
             try:
@@ -914,24 +842,22 @@ class Store(MutableMapping):
                 continue  # removed by someone else meanwhile
             if current == mtime and self.remove(key, expected=data):
                 sizes.append(size)
-                self._forget_log(key)  # the message log goes with its record
+                self._forget_log(key)
         return sizes
 
     # The message log: optional hooks, for MessageLog. A store without them raises NotImplementedError.
 
     def log_append(self, key, lines):
-        """Append ``lines`` (bytes without newlines) to the log of ``key``, in order; return the lines now stored.
+        """Append ``lines`` (bytes without newlines) to the log of ``key``, atomically; return the lines now stored.
 
-        Atomic against every other appender, trimmer and remover: no append
-        is ever lost, and the lines of one call stay together.
+        No append is ever lost, and the lines of one call stay together.
         """
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_append")
 
     def log_read(self, key, start=0, stop=None):
         """Return ``lines[start:stop]`` of the log of ``key``, oldest first; ``[]`` if there is none.
 
-        Slice semantics: a negative ``start`` counts from the end, so
-        ``log_read(key, -n)`` costs the last n lines, not the whole log.
+        A negative ``start`` counts from the end: ``log_read(key, -n)`` costs the last n lines only.
         """
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_read")
 
@@ -940,10 +866,7 @@ class Store(MutableMapping):
         return len(self.log_read(key))
 
     def log_trim(self, key, start, stop, expected):
-        """Remove ``lines[start:stop]`` of the log if it holds exactly ``expected`` lines now; return True if it did.
-
-        Atomic: a log another request appended to or trimmed meanwhile is left unchanged (False).
-        """
+        """Remove ``lines[start:stop]`` of the log if it holds exactly ``expected`` lines now, atomically; True if it did."""
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_trim")
 
     def log_remove(self, key):
@@ -955,10 +878,7 @@ class Store(MutableMapping):
         raise NotImplementedError(f"{type(self).__name__} has no message log: it does not implement log_scan")
 
     def log_move(self, old, new):
-        """Move the log of ``old`` to ``new``, replacing any there, as ``regenerate`` needs; return True if there was one.
-
-        This default copies and removes (not atomic); the stores here rename.
-        """
+        """Move the log of ``old`` to ``new``, replacing any there; True if there was one. This default is not atomic."""
         lines = self.log_read(old)
         if lines:
             self.log_remove(new)
@@ -979,42 +899,42 @@ _FILE_PREFIX = "ts-"
 _TEMP_PREFIX = ".ts-"
 _TEMP_SUFFIX = ".tmp"
 _TEMP_MAX_AGE = 120.0
-_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = (
-    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-)
-_CREATE_FLAGS = (
-    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-)
+# POSIX flags, all defined wherever fcntl (imported above) is.
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _LOG_SUFFIX = ".log"
 _LOG_APPEND_FLAGS = _READ_FLAGS | os.O_RDWR | os.O_APPEND | os.O_CREAT  # O_RDONLY is 0
 
 
+@contextlib.contextmanager
+def _os_errors(action, path):
+    """Raise an OSError of the block as StoreError("cannot <action> <path>: <reason>"), chained."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"cannot {action} {path!r}: {exc.strerror or exc}") from exc
+
+
+def _write_all(fd, data):
+    """Write all of ``data`` to ``fd``, however many calls it takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class FileStore(Store):
-    """Store each record in its own file in one directory (POSIX).
+    """Store each record in its own file ``ts-<key>`` (0600) in one directory (0700), POSIX only.
 
-    Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
-    ``max_bytes``, as every store takes them (see the README's table).
+    The README's "FileStore" section has the details: atomic writes through a
+    temporary file renamed over the record, the two-minute debris rule, the
+    refusal of a directory others may write to, no symbolic links followed.
 
-    ``directory`` is created (mode 0700) if missing; an existing one writable
-    by group or others is refused (StoreError). Record files are 0600 and
-    named ``ts-<key>``. A write goes to a temporary file ``.ts-*.tmp`` in the
-    same directory and is renamed over the record, so a reader sees the old
-    record or the new one, never a partial one, even if the writer is killed;
-    ``clean`` removes a temporary file once nothing changed it (its ctime,
-    which no writer can set) for two minutes, whatever mtime it carries.
-    Files without the ``ts-`` prefix are never read or removed, and symbolic
-    links are never followed.
-
-    Threads and processes: any number of both may share one directory.
-    Every change (write, removal, a sweep's removals) happens under one
-    exclusive ``flock`` of the directory itself, which is what makes
-    conditional writes atomic and leaves no lock file behind; the lock is
-    held only to compare and rename, never while a record is written out,
-    and a killed process releases it. Reads take no lock. Records are not fsynced: a killed
-    process loses nothing it finished writing, a power failure may lose the
-    newest. ``close()`` (see ``Store``) closes the directory handle the lock
-    is taken on once no thread holds the lock.
+    Threads and processes: any number of both may share one directory. Every
+    change happens under one exclusive ``flock`` of the directory itself, held
+    only to compare and rename, never while a record is written out; reads
+    take no lock. ``close()`` closes the directory handle once no thread holds
+    the lock. Records are not fsynced.
     """
 
     def __init__(self, directory, **options):
@@ -1023,21 +943,16 @@ class FileStore(Store):
         self._lock_fd = None
         self._lock_forks = _forks()
         self._thread_lock = threading.Lock()
+        self._log_counts = {}  # (inode, size, mtime) of a log -> its lines
         self._make_directory()
 
     def _make_directory(self):
         """Create the directory 0700, or check that the existing one is writable by its owner alone."""
-        try:
+        with _os_errors("create session directory", self.directory), contextlib.suppress(FileExistsError):
             os.makedirs(self.directory, 0o700)
             os.chmod(self.directory, 0o700)  # whatever the umask took away or left
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise StoreError(f"cannot create session directory {self.directory!r}: {exc.strerror}") from exc
-        try:
+        with _os_errors("use session directory", self.directory):
             mode = os.stat(self.directory).st_mode
-        except OSError as exc:
-            raise StoreError(f"cannot use session directory {self.directory!r}: {exc.strerror}") from exc
         if not stat.S_ISDIR(mode):
             raise StoreError(f"cannot use {self.directory!r} as the session directory: it is not a directory")
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -1075,16 +990,32 @@ class FileStore(Store):
             self._thread_lock, self._lock_fd, self._lock_forks = threading.Lock(), None, _forks()
         with self._thread_lock:
             self._checked()
-            try:
+            with _os_errors("lock session directory", self.directory):
                 if self._lock_fd is None:
                     self._lock_fd = os.open(self.directory, _DIRECTORY_FLAGS)
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                raise StoreError(f"cannot lock session directory {self.directory!r}: {exc.strerror}") from exc
             try:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _temporary(self, data, mtime=None):
+        """Yield the path of a new temporary file holding ``data`` (and ``mtime``), to rename; removed on error."""
+        temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
+        try:
+            fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
+            try:
+                _write_all(fd, data)
+                if mtime is not None:
+                    os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+            yield temp_path
+        except BaseException:
+            with contextlib.suppress(OSError):  # never created, already renamed, or the directory is gone
+                os.unlink(temp_path)
+            raise
 
     def read(self, key):
         path = self._path(key)
@@ -1093,10 +1024,10 @@ class FileStore(Store):
         except FileNotFoundError:
             raise KeyError(key) from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                _logger.warning("session file %s is a symbolic link: ignored", path)
-                raise KeyError(key) from None
-            raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
+            if exc.errno != errno.ELOOP:
+                raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
+            _logger.warning("session file %s is a symbolic link: ignored", path)
+            raise KeyError(key) from None
         try:
             status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):
@@ -1121,66 +1052,39 @@ class FileStore(Store):
 
     def write(self, key, data, mtime, expected=None):
         path = self._path(key)
-        temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
-        try:
-            fd = os.open(temp_path, _CREATE_FLAGS, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.utime(fd, (mtime, mtime))
-            finally:
-                os.close(fd)
-            with self._locked():
-                if expected is not None and self._current(key) != expected:
-                    os.unlink(temp_path)
-                    return False
-                os.replace(temp_path, path)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):  # never created, already renamed, or the directory is gone
+        with _os_errors("write session file", path), self._temporary(data, mtime) as temp_path, self._locked():
+            if expected is not None and self._current(key) != expected:
                 os.unlink(temp_path)
-            if isinstance(exc, OSError):
-                raise StoreError(f"cannot write session file {path!r}: {exc.strerror or exc}") from exc
-            raise
+                return False
+            os.replace(temp_path, path)
         return True
 
     def remove(self, key, expected=None):
         path = self._path(key)
-        with self._locked():
-            if expected is not None and self._current(key) != expected:
-                return False
-            try:
+        with self._locked(), _os_errors("remove session file", path), contextlib.suppress(FileNotFoundError):
+            if expected is None or self._current(key) == expected:
                 os.unlink(path)
-            except FileNotFoundError:
-                return False
-            except OSError as exc:
-                raise StoreError(f"cannot remove session file {path!r}: {exc.strerror}") from exc
-        return True
+                return True
+        return False
 
     def set_mtime(self, key, mtime):
         path = self._path(key)
-        try:
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                return False
-            os.utime(path, (mtime, mtime), follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StoreError(f"cannot touch session file {path!r}: {exc.strerror}") from exc
-        return True
+        with _os_errors("touch session file", path), contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.utime(path, (mtime, mtime), follow_symlinks=False)
+                return True
+        return False
 
     def scan(self):
         return self._sweep_scan(None, True)
 
     def _sweep_scan(self, now, dry_run):
         """Yield ``(key, mtime, size)`` of every record file; unless ``dry_run``, remove old debris."""
-        try:
+        with _os_errors("open session directory", self.directory):
             directory_fd = os.open(self.directory, _DIRECTORY_FLAGS)
-        except OSError as exc:
-            raise StoreError(f"cannot open session directory {self.directory!r}: {exc.strerror}") from exc
         is_regular = stat.S_ISREG
         try:
-            with os.scandir(directory_fd) as entries:
+            with _os_errors("list session directory", self.directory), os.scandir(directory_fd) as entries:
                 for entry in entries:
                     name = entry.name
                     key = name[3:]  # after _FILE_PREFIX; _is_key, inlined: this loop runs once per file
@@ -1192,37 +1096,31 @@ class FileStore(Store):
                         if is_regular(status.st_mode):
                             yield key, status.st_mtime, status.st_size
                     elif not dry_run and name.startswith(_TEMP_PREFIX) and name.endswith(_TEMP_SUFFIX):
-                        self._remove_debris(name, directory_fd, now)
-        except OSError as exc:
-            raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
+                        # A killed writer's, once nothing changed it for two minutes: its ctime, not its mtime,
+                        # which a writer sets as it likes before it renames. Another cleaner may be first.
+                        with contextlib.suppress(FileNotFoundError):
+                            status = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+                            if stat.S_ISREG(status.st_mode) and status.st_ctime < now - _TEMP_MAX_AGE:
+                                os.unlink(name, dir_fd=directory_fd)
         finally:
             os.close(directory_fd)
 
-    @staticmethod
-    def _remove_debris(name, directory_fd, now):
-        """Remove the temporary file ``name`` if nothing changed it for two minutes: a killed writer's."""
-        with contextlib.suppress(FileNotFoundError):  # another cleaner was first, or the writer renamed it
-            status = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
-            # ctime, not mtime: a writer sets the mtime it likes (in the past, too) before it renames.
-            if stat.S_ISREG(status.st_mode) and status.st_ctime < now - _TEMP_MAX_AGE:
-                os.unlink(name, dir_fd=directory_fd)
-
     def _evict(self, doomed):
+        """Remove, under one lock, each record file (and its log) that has the mtime the scan saw."""
         sizes = []
         with self._locked():
             for key, mtime, size in doomed:
                 path = self._path(key)
-                try:
-                    if os.lstat(path).st_mtime != mtime:
-                        continue  # written or touched since the scan saw it
-                    os.unlink(path)
+                with _os_errors("remove session file", path):
+                    try:
+                        if os.lstat(path).st_mtime != mtime:
+                            continue  # written or touched since the scan saw it
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        _logger.debug("already removed: %s", path)  # by another cleaner: not counted
+                        continue
                     with contextlib.suppress(FileNotFoundError):  # the message log goes with its record
                         os.unlink(path + _LOG_SUFFIX)
-                except FileNotFoundError:
-                    _logger.debug("already removed: %s", path)  # by another cleaner: not counted
-                    continue
-                except OSError as exc:
-                    raise StoreError(f"cannot remove session file {path!r}: {exc.strerror}") from exc
                 sizes.append(size)
         return sizes
 
@@ -1233,35 +1131,28 @@ class FileStore(Store):
 
     @contextlib.contextmanager
     def _log_file(self, path, action, flags=_READ_FLAGS):
-        """Yield the log file at ``path`` open, or None if there is none; wrap OSError in StoreError."""
-        try:
-            fd = self._log_open(path, flags)
+        """Yield the log file at ``path`` open, or None if there is none; wrap OSError in StoreError.
+
+        A log that is not a regular file (a symbolic link, a FIFO) is ignored
+        and logged, as a corrupt record is; an append (``O_CREAT``) replaces it.
+        """
+        with _os_errors(f"{action} message log", path):
+            try:
+                regular = stat.S_ISREG(os.lstat(path).st_mode)
+            except FileNotFoundError:
+                regular = None
+            if regular is False:
+                _logger.warning("message log %r is not a regular file: ignored, as a corrupt record is", path)
+                if flags & os.O_CREAT:
+                    os.unlink(path)
+            if not regular and not flags & os.O_CREAT:
+                yield None
+                return
+            fd = os.open(path, flags, 0o600)
             try:
                 yield fd
             finally:
-                if fd is not None:
-                    os.close(fd)
-        except OSError as exc:
-            raise StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}") from exc
-
-    @staticmethod
-    def _log_open(path, flags):
-        """Open the log; None if there is none, or if it is not a regular file (a symbolic link, a FIFO).
-
-        Such a log is ignored, as a corrupt record is, and logged; an append
-        (``O_CREAT``) replaces it by a new log.
-        """
-        try:
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                return os.open(path, flags, 0o600)
-            _logger.warning("message log %r is not a regular file: ignored, as a corrupt record is", path)
-            if not flags & os.O_CREAT:
-                return None
-            os.unlink(path)
-        except FileNotFoundError:
-            if not flags & os.O_CREAT:
-                return None
-        return os.open(path, flags, 0o600)
+                os.close(fd)
 
     def _log_count(self, fd, lines=None, repair=False):
         """Return the whole lines of the open log, counted or remembered by (inode, size, mtime); remember ``lines``.
@@ -1270,8 +1161,7 @@ class FileStore(Store):
         """
         status = os.fstat(fd)
         state = (status.st_ino, status.st_size, status.st_mtime_ns)
-        counts = self.__dict__.setdefault("_log_counts", {})
-        lines = counts.get(state) if lines is None else lines
+        lines = self._log_counts.get(state) if lines is None else lines
         if lines is None:
             data = os.pread(fd, status.st_size, 0)
             end = data.rfind(b"\n") + 1
@@ -1279,9 +1169,9 @@ class FileStore(Store):
                 _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, len(data) - end)
                 os.ftruncate(fd, end)
             lines = data.count(b"\n", 0, end)
-        if len(counts) > 4096:
-            counts.clear()
-        counts[state] = lines
+        if len(self._log_counts) > 4096:
+            self._log_counts.clear()
+        self._log_counts[state] = lines
         return lines
 
     def log_append(self, key, lines):
@@ -1289,9 +1179,7 @@ class FileStore(Store):
         data = b"".join(bytes(line) + b"\n" for line in lines)
         with self._locked(), self._log_file(self._log_path(key), "append to", _LOG_APPEND_FLAGS) as fd:
             count = self._log_count(fd, repair=True)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             return self._log_count(fd, count + len(lines))
 
     def log_read(self, key, start=0, stop=None):
@@ -1320,19 +1208,14 @@ class FileStore(Store):
 
     def log_trim(self, key, start, stop, expected):
         """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
-        temp_path = os.path.join(self.directory, _TEMP_PREFIX + os.urandom(8).hex() + _TEMP_SUFFIX)
-        try:
-            with self._locked():
-                lines = self.log_read(key)
-                if len(lines) != expected:
-                    return False
-                with self._log_file(temp_path, "trim", _CREATE_FLAGS) as fd:
-                    os.write(fd, b"".join(line + b"\n" for line in lines[:start] + lines[stop:]))
-                    os.replace(temp_path, self._log_path(key))
-                return True
-        finally:
-            with contextlib.suppress(OSError):  # renamed, or never created
-                os.unlink(temp_path)
+        path = self._log_path(key)
+        with self._locked(), _os_errors("trim message log", path):
+            lines = self.log_read(key)
+            if len(lines) != expected:
+                return False
+            with self._temporary(b"".join(line + b"\n" for line in lines[:start] + lines[stop:])) as temp_path:
+                os.replace(temp_path, path)
+            return True
 
     def log_remove(self, key):
         return self._log_rename("remove", self._log_path(key), os.unlink)
@@ -1342,20 +1225,14 @@ class FileStore(Store):
 
     def _log_rename(self, action, path, rename, *args):
         """Call ``rename(path, *args)`` under the lock; return False if there was no log."""
-        try:
-            with self._locked():
-                rename(path, *args)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StoreError(f"cannot {action} message log {path!r}: {exc.strerror or exc}") from exc
-        return True
+        with self._locked(), _os_errors(f"{action} message log", path), contextlib.suppress(FileNotFoundError):
+            rename(path, *args)
+            return True
+        return False
 
     def log_scan(self):
-        try:
+        with _os_errors("list session directory", self.directory):
             names = os.listdir(self.directory)
-        except OSError as exc:
-            raise StoreError(f"cannot list session directory {self.directory!r}: {exc.strerror}") from exc
         for name in names:
             key = name[len(_FILE_PREFIX) : -len(_LOG_SUFFIX)]
             if name.startswith(_FILE_PREFIX) and name.endswith(_LOG_SUFFIX) and _is_key(key):
@@ -1391,7 +1268,7 @@ _SQL_SCAN = 'SELECT key, mtime, LENGTH(data) FROM "{table}"'
 _SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
 # A clean's tally, all from the indexes; a dry run's (stats) sums the bytes too, which reads every row.
 _SQL_TALLY = (
-    'SELECT (SELECT COUNT(*) FROM "{table}"), (SELECT MIN(mtime) FROM "{table}"),'
+    'SELECT (SELECT COUNT(*) FROM "{table}"), NULL, (SELECT MIN(mtime) FROM "{table}"),'
     ' (SELECT MAX(mtime) FROM "{table}"), (SELECT MAX(rowid) FROM "{table}")'
 )
 _SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime), MAX(rowid) FROM "{table}"'
@@ -1441,29 +1318,18 @@ _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key
 
 
 class SQLiteStore(Store):
-    """Store records in one table of an SQLite database.
+    """Store records in one table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``) of an SQLite database.
 
-    Options: ``serializer``, ``secret``, ``max_age``, ``max_sessions`` and
-    ``max_bytes``, as every store takes them (see the README's table).
-
-    The table (``key TEXT PRIMARY KEY, data BLOB, mtime REAL``, indexed on
-    ``mtime`` and on ``(returning, mtime)`` for ``clean``) is created on first
-    use, in a file created 0600 (its ``-wal`` and ``-shm`` too) if missing, in
-    a directory created 0700 if missing; the database runs in WAL mode with
-    ``synchronous=NORMAL`` and waits up to five seconds for a lock. With
-    ``read_only=True`` the file is opened read-only and nothing about it is
-    changed (no table, index or journal mode is created or set); every write
-    then raises StoreError.
-    A conditional write or removal is one statement (``... WHERE key = ?
-    AND data = ?``), so it is atomic.
+    The README's "SQLiteStore" section has the details: a file created 0600,
+    WAL mode, ``synchronous=NORMAL``, a five-second busy timeout, conditional
+    writes as one statement. With ``read_only=True`` nothing about the file is
+    changed and every write raises StoreError.
 
     Threads and processes: each operation takes a connection from a small
-    pool of idle ones (opening one only when every pooled one is in use, by
-    up to eight threads at once) and gives it back when it ends, so a new
-    thread costs no new connection; any number of processes may open the
-    same file. ``close()`` (see ``Store``) closes the idle connections at
-    once and each busy one when its operation ends, never under a running
-    statement. Do not put the file on a network file system.
+    pool of idle ones (at most eight kept) and gives it back, so a new thread
+    opens none; any number of processes may open the file (not on a network
+    file system). ``close()`` closes the idle connections at once and each
+    busy one when its operation ends.
     """
 
     def __init__(self, path, *, table="sessions", read_only=False, **options):
@@ -1486,8 +1352,7 @@ class SQLiteStore(Store):
         self._log_ready = False  # the log's tables: made (or found, when read-only) on first use
         if not self.read_only and self.path not in ("", ":memory:") and not os.path.exists(self.path):
             self._create_file()
-        with self._connected():  # a file that is not a database fails here
-            pass
+        self._checkin(self._checkout())  # a file that is not a database fails here
 
     def _create_file(self):
         """Create the database file 0600 (SQLite gives its -wal and -shm the same mode) and its directory 0700."""
@@ -1499,16 +1364,13 @@ class SQLiteStore(Store):
                 f"cannot create session database {self.path!r}: its directory {directory!r} is missing"
                 f" and cannot be created: {exc.strerror}"
             ) from exc
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
-        except FileExistsError:
-            return  # another process created it meanwhile
-        except OSError as exc:
-            raise StoreError(f"cannot create session database {self.path!r}: {exc.strerror}") from exc
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask took away
-        finally:
-            os.close(fd)
+        # FileExistsError: another process created it meanwhile.
+        with _os_errors("create session database", self.path), contextlib.suppress(FileExistsError):
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # whatever the umask took away
+            finally:
+                os.close(fd)
 
     def __repr__(self):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
@@ -1523,16 +1385,12 @@ class SQLiteStore(Store):
 
     def _connect(self):
         """Open a connection; the first one of this store object sets up the schema and WAL mode."""
+        target = f"file:{urllib.parse.quote(self.path)}?mode=ro" if self.read_only else self.path
         try:
-            if self.read_only:
-                return self._sqlite3.connect(
-                    f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS,
-                    isolation_level=None, check_same_thread=False,
-                )
             connection = self._sqlite3.connect(
-                self.path, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+                target, uri=self.read_only, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
             )
-            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA synchronous=NORMAL")  # this connection's own setting: changes no file
             if not self._schema_ready:
                 connection.executescript(self._sql[_SQL_SCHEMA])
                 self._schema_ready = True
@@ -1568,16 +1426,30 @@ class SQLiteStore(Store):
         finally:
             self._checkin(connection)
 
-    def _execute(self, template, parameters=()):
-        """Run one statement on a pooled connection; return its rows, or how many rows it changed."""
-        connection = self._checkout()
+    def _execute(self, template, parameters=(), connection=None):
+        """Run one statement on ``connection`` or a pooled one; return its rows, or how many rows it changed."""
+        pooled = self._checkout() if connection is None else None
         try:
-            cursor = connection.execute(self._sql[template], parameters)
+            cursor = (connection if pooled is None else pooled).execute(self._sql[template], parameters)
             return cursor.fetchall() if cursor.description else cursor.rowcount
         except self._sqlite3.Error as exc:
             raise StoreError(f"session database {self.path!r}: {exc}") from exc
         finally:
-            self._checkin(connection)
+            if pooled is not None:
+                self._checkin(pooled)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(connection):
+        """Run the block in one ``BEGIN IMMEDIATE`` transaction on ``connection``: committed, or rolled back."""
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
 
     def _where(self, key):
         return f"{self.path} table {self.table} key {key!r}"
@@ -1613,17 +1485,12 @@ class SQLiteStore(Store):
         return self._execute(_SQL_COUNT, (float("-inf") if self.max_age is None else _now() - self.max_age,))[0][0]
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
-        """Run one cleaning pass in SQL, in batches that keep writers waiting a few milliseconds: see ``Store.sweep``.
+        """Run one cleaning pass in SQL (see ``Store.sweep``), in batches that keep writers waiting a few milliseconds.
 
-        A clean counts from the indexes alone (``seen_bytes`` is None) and
-        learns from the mtime index that nothing expired; a dry run sums the
-        bytes too. Then the rows to remove are chosen by plain reads, which
-        block no writer in WAL mode, and removed in transactions of at most
-        500 rows (each only if its mtime is still the one read), the expired
-        first, then those past ``keep`` in the order of the index on
-        ``(returning, mtime)``; ``progress`` is called after each. So a writer
-        waits for one batch's deletes at most, and rows written meanwhile are
-        neither counted nor removed.
+        A clean counts from the indexes alone (``seen_bytes`` is None); a dry
+        run sums the bytes too. The rows to remove are picked by plain reads
+        and removed in transactions of at most 500 rows, ``progress`` called
+        after each; rows written meanwhile are neither counted nor removed.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
@@ -1631,13 +1498,9 @@ class SQLiteStore(Store):
         passes = [] if cutoff is None else [(_SQL_EXPIRED, _SQL_SUMMARY_EXPIRED, (cutoff,), 0)]
         try:
             with self._connected() as connection:
-                if dry_run:
-                    sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(
-                        self._sql[_SQL_SUMMARY]).fetchone()
-                    sweep.seen_bytes = int(size)
-                else:
-                    sweep.seen, sweep.oldest, sweep.newest, last = connection.execute(self._sql[_SQL_TALLY]).fetchone()
-                    sweep.seen_bytes = None
+                tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
+                sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(tally).fetchone()
+                sweep.seen_bytes = None if size is None else int(size)
                 if keep is not None:
                     floor = float("-inf") if cutoff is None else cutoff
                     passes.append((_SQL_BEYOND, _SQL_SUMMARY_BEYOND, (floor, started), keep))
@@ -1662,14 +1525,8 @@ class SQLiteStore(Store):
             if not rows:
                 return
             delete = self._sql[_SQL_DELETE_SEEN]
-            connection.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(connection):
                 sizes = [size for key, mtime, size in rows if connection.execute(delete, (key, mtime)).rowcount]
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
             sweep.removed += len(sizes)
             sweep.removed_bytes += sum(sizes)
             # The cleaner copies its own WAL pages back, so that no writer's commit pays a large checkpoint.
@@ -1688,7 +1545,7 @@ class SQLiteStore(Store):
             try:
                 if not self.read_only:
                     with self._connected() as connection:
-                        connection.executescript(_SQL_LOG_SCHEMA.format(table=self.table))
+                        connection.executescript(self._sql[_SQL_LOG_SCHEMA])
             except self._sqlite3.Error as exc:
                 raise StoreError(f"cannot create the message log's tables in {self.path!r}: {exc}") from exc
             self._log_ready = bool(self._execute(_SQL_LOG_FOUND))
@@ -1696,32 +1553,20 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _log_transaction(self, action):
-        """Yield ``run(template, parameters)`` for statements in one ``BEGIN IMMEDIATE`` transaction, tables ready."""
+        """Yield a pooled connection in one ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
         if not self._log_tables():
             raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
-        with self._connected() as connection:
-
-            def run(template, parameters=()):
-                cursor = connection.execute(self._sql[template], parameters)
-                return cursor.fetchall() if cursor.description else cursor.rowcount
-
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-                try:
-                    yield run
-                    connection.execute("COMMIT")
-                except BaseException:
-                    if connection.in_transaction:
-                        connection.execute("ROLLBACK")
-                    raise
-            except self._sqlite3.Error as exc:
-                raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
+        try:
+            with self._connected() as connection, self._transaction(connection):
+                yield connection
+        except self._sqlite3.Error as exc:
+            raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
 
     def log_append(self, key, lines):
-        with self._log_transaction("append to") as run:
+        with self._log_transaction("append to") as connection:
             for line in lines:
-                run(_SQL_LOG_APPEND, (key, bytes(line)))
-            return _log_lines(run(_SQL_LOG_LENGTH, (key,)))
+                self._execute(_SQL_LOG_APPEND, (key, bytes(line)), connection)
+            return self._log_lines(key, connection)
 
     def log_read(self, key, start=0, stop=None):
         """The last lines through the index on ``(key, seq)``, newest first; others by ``LIMIT`` and ``OFFSET``."""
@@ -1735,35 +1580,35 @@ class SQLiteStore(Store):
         return [bytes(row[0]) for row in rows]
 
     def log_length(self, key):
-        return _log_lines(self._execute(_SQL_LOG_LENGTH, (key,))) if self._log_tables() else 0
+        return self._log_lines(key) if self._log_tables() else 0
 
     def log_trim(self, key, start, stop, expected):
-        with self._log_transaction("trim") as run:
-            if _log_lines(run(_SQL_LOG_LENGTH, (key,))) != expected:
+        with self._log_transaction("trim") as connection:
+            if self._log_lines(key, connection) != expected:
                 return False
-            run(_SQL_LOG_TRIM, (key, max(0, stop - start), start))
+            self._execute(_SQL_LOG_TRIM, (key, max(0, stop - start), start), connection)
             return True
 
     def log_remove(self, key):
-        with self._log_transaction("remove") as run:
-            return run(_SQL_LOG_REMOVE, (key,)) > 0
+        with self._log_transaction("remove") as connection:
+            return self._execute(_SQL_LOG_REMOVE, (key,), connection) > 0
 
     def log_move(self, old, new):
-        with self._log_transaction("move") as run:
-            if not _log_lines(run(_SQL_LOG_LENGTH, (old,))):
+        with self._log_transaction("move") as connection:
+            if not self._log_lines(old, connection):
                 return False
-            run(_SQL_LOG_REMOVE, (new,))
-            run(_SQL_LOG_MOVE, (new, old))
-            run(_SQL_LOG_MOVE_LENGTH, (new, old))
+            self._execute(_SQL_LOG_REMOVE, (new,), connection)
+            self._execute(_SQL_LOG_MOVE, (new, old), connection)
+            self._execute(_SQL_LOG_MOVE_LENGTH, (new, old), connection)
             return True
 
     def log_scan(self):
         return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_tables() else []
 
-
-def _log_lines(rows):
-    """Return the length a ``_SQL_LOG_LENGTH`` query found, 0 for a log with no row."""
-    return rows[0][0] if rows else 0
+    def _log_lines(self, key, connection=None):
+        """Return how many lines the log of ``key`` holds, 0 for none, on ``connection`` or a pooled one."""
+        rows = self._execute(_SQL_LOG_LENGTH, (key,), connection)
+        return rows[0][0] if rows else 0
 
 
 # -- RedisStore --
