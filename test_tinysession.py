@@ -351,8 +351,9 @@ class StoreContract:
 
     def test_max_sessions_is_held_by_background_cleans_started_by_writes(self):
         store = self.make_store(max_sessions=20)
+        start = time.time() - 10  # a millisecond apart each, in the past: the newest is unambiguous
         for index in range(200):
-            store[f"flood{index}"] = {"i": index}
+            store.save(f"flood{index}", store.encode(f"flood{index}", {"i": index}), now=start + index / 1000)
         wait_for_background_cleans()
         self.assertLessEqual(self.physical_count(store), 20 + 10)  # at most 10 writes since the last clean
         self.assertIn("flood199", store)
