@@ -2316,7 +2316,7 @@ class TrimCountCallable(unittest.TestCase):
             self.assertIn("count(messages[0])", str(caught.exception))
 
     def test_negative_count_names_the_message(self):
-        with self.assertRaisesRegex(ValueError, r"count\(messages\[2\]\) returned -1"):
+        with self.assertRaisesRegex(ValueError, r"count\(messages\[2\]\) must be >= 0, got -1"):
             trim(alternating(2), budget=10, count=lambda m: -1 if m["content"] == "a0" else 1)
 
     def test_budget_checked_like_max_chars(self):

@@ -296,13 +296,18 @@ def _is_key(text):
     return 0 < len(text) <= 128 and not text.strip(_KEY_CHARACTERS)
 
 
-def _check_count(value, name):
-    """Return ``value`` if it is None or a non-negative int."""
-    if value is None:
-        return None
-    if type(value) is not int or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+def _check_int(value, name, minimum=0, wrong_type=TypeError):
+    """Return ``value`` if it is an int (not a bool) of at least ``minimum``; raise ``wrong_type`` or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise wrong_type(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_count(value, name):
+    """Return ``value`` if it is None or an int >= 0; ValueError otherwise, as for every option of a store."""
+    return None if value is None else _check_int(value, name, 0, ValueError)
 
 
 def _check_seconds(value, name):
@@ -2219,14 +2224,14 @@ def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=
     """
     if isinstance(messages, (str, bytes, bytearray)) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a sequence, not {type(messages).__name__}")
-    _check_limit("max_rounds", max_rounds, 1)
+    _check_int(max_rounds, "max_rounds", 1)
     budget, count = _budget_and_count(budget, count, max_chars)
     items = list(messages)
     kinds = [_message_kind(message, index) for index, message in enumerate(items)]
     lead = 0
     while lead < len(kinds) and kinds[lead] == _INSTRUCTIONS:
         lead += 1
-    sizes = [] if budget is None else [_counted(count, m, i) for i, m in enumerate(items)]
+    sizes = [] if budget is None else [_check_int(count(m), f"count(messages[{i}])") for i, m in enumerate(items)]
     if budget is not None and sum(sizes[:lead]) > budget:
         raise ValueError(f"the leading instructions, messages[:{lead}], count {sum(sizes[:lead])}: "
                          f"over the budget of {budget}")
@@ -2237,14 +2242,6 @@ def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=
     if budget is not None:
         first = _first_round_within(sizes, starts, first, budget - sum(sizes[:lead]))
     return items[:lead] + items[starts[first]:]
-
-
-def _check_limit(name, value, minimum):
-    """Raise unless ``value`` is an int of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _budget_and_count(budget, count, max_chars):
@@ -2260,20 +2257,10 @@ def _budget_and_count(budget, count, max_chars):
         if count is not None:
             raise TypeError("count is only used with a budget: pass budget= too")
         return None, None
-    _check_limit(name, budget, 0)
+    _check_int(budget, name)
     if count is not None and not callable(count):
         raise TypeError(f"count must be callable, not {type(count).__name__}")
     return budget, count or _message_chars
-
-
-def _counted(count, message, index):
-    """Return ``count(message)``, checked to be an int >= 0."""
-    size = count(message)
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise TypeError(f"count(messages[{index}]) must return an int, not {type(size).__name__}")
-    if size < 0:
-        raise ValueError(f"count(messages[{index}]) returned {size}, below 0")
-    return size
 
 
 def _message_kind(message, index):
@@ -2464,12 +2451,10 @@ class MessageLog:
     """
 
     def __init__(self, store, conversation_id, *, max_rounds=None, max_messages=_LOG_MAX_MESSAGES):
-        for name, limit in (("max_rounds", max_rounds), ("max_messages", max_messages)):
-            if limit is not None:
-                _check_limit(name, limit, 1)
         self.store = store
         self.key = _log_key(conversation_id)
-        self.max_rounds, self.max_messages = max_rounds, max_messages
+        self.max_rounds = None if max_rounds is None else _check_int(max_rounds, "max_rounds", 1)
+        self.max_messages = None if max_messages is None else _check_int(max_messages, "max_messages", 1)
 
     def __repr__(self):
         return f"<MessageLog {self.key!r} in {self.store!r}>"
