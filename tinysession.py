@@ -2228,9 +2228,7 @@ def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=
     budget, count = _budget_and_count(budget, count, max_chars)
     items = list(messages)
     kinds = [_message_kind(message, index) for index, message in enumerate(items)]
-    lead = 0
-    while lead < len(kinds) and kinds[lead] == _INSTRUCTIONS:
-        lead += 1
+    lead = next((index for index, kind in enumerate(kinds) if kind != _INSTRUCTIONS), len(kinds))
     sizes = [] if budget is None else [_check_int(count(m), f"count(messages[{i}])") for i, m in enumerate(items)]
     if budget is not None and sum(sizes[:lead]) > budget:
         raise ValueError(f"the leading instructions, messages[:{lead}], count {sum(sizes[:lead])}: "
@@ -2250,17 +2248,14 @@ def _budget_and_count(budget, count, max_chars):
         if budget is not None or count is not None:
             raise TypeError("max_chars=n is budget=n counting characters: give one or the other, "
                             "and count only with budget")
-        budget, name = max_chars, "max_chars"
-    else:
-        name = "budget"
+        return _check_int(max_chars, "max_chars"), _message_chars
     if budget is None:
         if count is not None:
             raise TypeError("count is only used with a budget: pass budget= too")
         return None, None
-    _check_int(budget, name)
     if count is not None and not callable(count):
         raise TypeError(f"count must be callable, not {type(count).__name__}")
-    return budget, count or _message_chars
+    return _check_int(budget, "budget"), count or _message_chars
 
 
 def _message_kind(message, index):
@@ -2286,7 +2281,7 @@ def _message_kind(message, index):
     if kind is None or item_type not in (None, "message", "chat"):
         raise ValueError(f"messages[{index}] has an unknown role {role!r} (type {item_type!r}); "
                          f"known roles: {', '.join(_ROLE_KINDS)}")
-    if kind == _USER and any(_is_block(part, "tool_result") for part in _parts(message)):
+    if kind == _USER and _blocks(message, "tool_result"):
         return _RESULT
     return kind
 
@@ -2315,12 +2310,11 @@ def _round_starts(items, kinds, lead):
 def _tool_ids(message):
     """Return the str ids of the tool calls ``message`` makes and of those it answers."""
     message = _unwrapped(message)
-    item_type = message.get("type")
-    item_type = item_type if isinstance(item_type, str) else ""
+    item_type = message.get("type") or ""  # None or a str: _message_kind has checked every message
     calls = [call.get("id") for call in _as_list(message.get("tool_calls")) if isinstance(call, Mapping)]
-    calls += [block.get("id") for block in _parts(message) if _is_block(block, "tool_use")]
+    calls += [block.get("id") for block in _blocks(message, "tool_use")]
     results = [message.get("tool_call_id")]
-    results += [block.get("tool_use_id") for block in _parts(message) if _is_block(block, "tool_result")]
+    results += [block.get("tool_use_id") for block in _blocks(message, "tool_result")]
     if item_type.endswith("_call"):
         calls.append(message.get("call_id"))
     elif item_type.endswith("_call_output"):
@@ -2348,14 +2342,10 @@ def _as_list(value):
     return value if isinstance(value, (list, tuple)) else ()
 
 
-def _parts(message):
-    """Return the parts or blocks of a message's list content, or an empty tuple."""
-    return _as_list(message.get("content"))
-
-
-def _is_block(part, block_type):
-    """Return whether ``part`` is a mapping of type ``block_type``."""
-    return isinstance(part, Mapping) and part.get("type") == block_type
+def _blocks(message, block_type):
+    """Return the parts of a message's list content that are mappings of type ``block_type``."""
+    parts = _as_list(message.get("content"))
+    return [part for part in parts if isinstance(part, Mapping) and part.get("type") == block_type]
 
 
 def _message_chars(message):
