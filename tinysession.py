@@ -2577,29 +2577,28 @@ class AgentsSession:
 
     async def get_items(self, limit=None):
         """Return the stored items, oldest first: the last ``limit`` of them (default: ``session_settings.limit``), or all."""
-        import asyncio
-
-        items = await asyncio.to_thread(self.log.read)
+        items = await _in_thread(self.log.read)
         limit = getattr(self.session_settings, "limit", None) if limit is None else limit
         return items if limit is None else items[max(len(items) - limit, 0) :]
 
     async def add_items(self, items):
         """Append ``items`` in order (see ``MessageLog.extend``)."""
-        import asyncio
-
-        await asyncio.to_thread(self.log.extend, list(items))
+        await _in_thread(self.log.extend, list(items))
 
     async def pop_item(self):
         """Remove and return the newest item; None if there is none."""
-        import asyncio
-
-        return await asyncio.to_thread(self.log.pop)
+        return await _in_thread(self.log.pop)
 
     async def clear_session(self):
         """Remove every item."""
-        import asyncio
+        await _in_thread(self.log.clear)
 
-        await asyncio.to_thread(self.log.clear)
+
+async def _in_thread(function, *args):
+    """Return ``function(*args)``, run in a thread so that the event loop goes on."""
+    import asyncio  # costly to import, and only agents and ASGI apps need it
+
+    return await asyncio.to_thread(function, *args)
 
 
 # -- Cookies --
