@@ -2237,8 +2237,11 @@ def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=
     if not starts or (len(starts) <= max_rounds and (budget is None or sum(sizes) <= budget)):
         return items
     first = max(len(starts) - max_rounds, 0)
-    if budget is not None:
-        first = _first_round_within(sizes, starts, first, budget - sum(sizes[:lead]))
+    if budget is not None:  # drop the oldest rounds until the rest fits, but keep the newest
+        total = sum(sizes[:lead]) + sum(sizes[starts[first]:])
+        while total > budget and first < len(starts) - 1:
+            total -= sum(sizes[starts[first]:starts[first + 1]])
+            first += 1
     return items[:lead] + items[starts[first]:]
 
 
@@ -2320,15 +2323,6 @@ def _tool_ids(message):
     elif item_type.endswith("_call_output"):
         results.append(message.get("call_id"))
     return ([i for i in calls if isinstance(i, str)], [i for i in results if isinstance(i, str)])
-
-
-def _first_round_within(sizes, starts, first, room):
-    """Return the oldest round from ``first`` on whose tail fits ``room``; at most the newest."""
-    total = sum(sizes[starts[first]:])
-    while total > room and first < len(starts) - 1:
-        total -= sum(sizes[starts[first]:starts[first + 1]])
-        first += 1
-    return first
 
 
 def _unwrapped(message):
