@@ -3830,8 +3830,9 @@ def _format_time(timestamp):
 def _open_store(spec, table, prefix, read_only):
     """Open the store at ``spec`` without creating anything; SessionError if there is none.
 
-    With ``read_only`` an SQLite database is opened read-only, so nothing in
-    the file changes. FIFOs, sockets and devices are refused before they are opened.
+    A file must be an SQLite database with a session table named ``table``;
+    with ``read_only`` it is opened read-only, so nothing in the file changes.
+    FIFOs, sockets and devices are refused before they are opened.
     """
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return _open_redis(spec, prefix)
@@ -3841,27 +3842,12 @@ def _open_store(spec, table, prefix, read_only):
         raise SessionError(f"{spec}: is {kind}, neither a session directory nor an SQLite database")
     if stat.S_ISDIR(mode):
         return FileStore(spec, **_UNBOUNDED)
-    return _open_sqlite(spec, table, read_only)
-
-
-def _open_redis(spec, prefix):
-    try:
-        import redis
-    except ImportError:
-        raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
-    try:
-        client = redis.Redis.from_url(spec)
-    except ValueError as exc:
-        raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
-    return RedisStore(client, prefix=prefix, **_UNBOUNDED)
-
-
-def _open_sqlite(spec, table, read_only):
     with open(os.open(spec, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:  # a FIFO swapped in must not hang us
         header = file.read(len(_SQLITE_HEADER))
     if header != _SQLITE_HEADER:
         raise SessionError(f"{spec}: neither a session directory nor an SQLite database")
-    import sqlite3
+    import sqlite3  # as in SQLiteStore: costly, and only SQLite files need it
+
     try:
         with contextlib.closing(
             sqlite3.connect(f"file:{urllib.parse.quote(spec)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS)
@@ -3874,6 +3860,18 @@ def _open_sqlite(spec, table, read_only):
     if not {"key", "data", "mtime"} <= columns:
         raise SessionError(f"{spec}: table {table!r} is not a session table: its columns are {sorted(columns)}")
     return SQLiteStore(spec, table=table, read_only=read_only, **_UNBOUNDED)
+
+
+def _open_redis(spec, prefix):
+    try:
+        import redis
+    except ImportError:
+        raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
+    try:
+        client = redis.Redis.from_url(spec)
+    except ValueError as exc:
+        raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
+    return RedisStore(client, prefix=prefix, **_UNBOUNDED)
 
 
 def _logs(store):
@@ -3945,14 +3943,14 @@ def _cmd_stats(args):
     }
     if args.json:
         print(json.dumps(report))
-        return _no_sessions_status(args, store, sweep)
-    print(f"store:    {args.store}")
-    print(f"sessions: {sweep.seen} ({_format_bytes(sweep.seen_bytes)})")
-    print(f"logs:     {sweep.logs} ({_format_bytes(sweep.log_bytes)})")
-    print(f"oldest:   {_format_time(sweep.oldest)}")
-    print(f"newest:   {_format_time(sweep.newest)}")
-    if args.max_age is not None:
-        print(f"expired:  {sweep.removed} older than {args.max_age:g} s")
+    else:
+        print(f"store:    {args.store}")
+        print(f"sessions: {sweep.seen} ({_format_bytes(sweep.seen_bytes)})")
+        print(f"logs:     {sweep.logs} ({_format_bytes(sweep.log_bytes)})")
+        print(f"oldest:   {_format_time(sweep.oldest)}")
+        print(f"newest:   {_format_time(sweep.newest)}")
+        if args.max_age is not None:
+            print(f"expired:  {sweep.removed} older than {args.max_age:g} s")
     return _no_sessions_status(args, store, sweep)
 
 
