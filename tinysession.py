@@ -2182,9 +2182,11 @@ _ROLE_KINDS = {
 _REPLY_TYPES = frozenset({"reasoning", "mcp_list_tools", "mcp_approval_request", "item_reference"})
 # LangChain's BaseMessage.type without a role; its ChatMessage ("chat") carries one.
 _LANGCHAIN_TYPES = frozenset({"system", "human", "ai", "tool", "function"})
+# The key of a content part's text, by the part's type; a tool's input and result count as text too.
 _PART_TEXT_KEYS = {
     "text": "text", "input_text": "text", "output_text": "text", "summary_text": "text",
     "reasoning_text": "text", "refusal": "refusal", "thinking": "thinking", "reasoning": "reasoning",
+    "tool_use": "input", "tool_result": "content",
 }
 
 
@@ -2373,13 +2375,8 @@ def _part_length(part):
     if not isinstance(part, Mapping):
         return 0
     part_type = part.get("type")
-    if part_type == "tool_use":
-        return _value_length(part.get("input"))
-    if part_type == "tool_result":
-        return _content_length(part.get("content"))
     key = _PART_TEXT_KEYS.get(part_type) if isinstance(part_type, str) else None
-    text = part.get(key) if key else None
-    return len(text) if isinstance(text, str) else 0
+    return _content_length(part.get(key)) if key else 0
 
 
 def _value_length(value):
