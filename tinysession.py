@@ -2348,14 +2348,12 @@ def _message_chars(message):
     """Return the characters of text in ``message``, as ``trim_messages`` counts them by default."""
     message = _unwrapped(message)
     total = _content_length(message.get("content"))
-    for call in _as_list(message.get("tool_calls")):
+    # The legacy Chat Completions ``function_call`` is one more call, as {"function": ...} is in ``tool_calls``.
+    for call in [*_as_list(message.get("tool_calls")), {"function": message.get("function_call")}]:
         if isinstance(call, Mapping):
             function = call.get("function")
             total += _value_length(function.get("arguments") if isinstance(function, Mapping)
                                    else call.get("args"))
-    legacy_call = message.get("function_call")
-    if isinstance(legacy_call, Mapping):
-        total += _value_length(legacy_call.get("arguments"))
     for key in ("arguments", "output", "summary"):
         total += _content_length(message.get(key))
     return total
@@ -2393,7 +2391,6 @@ def _value_length(value):
 # -- Message log --
 
 _LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_LOG_MAX_MESSAGES = 1000
 
 
 def _log_key(conversation_id):
@@ -2431,7 +2428,7 @@ class MessageLog:
     implement the log hooks (``Store.log_append`` and the rest).
     """
 
-    def __init__(self, store, conversation_id, *, max_rounds=None, max_messages=_LOG_MAX_MESSAGES):
+    def __init__(self, store, conversation_id, *, max_rounds=None, max_messages=1000):
         self.store = store
         self.key = _log_key(conversation_id)
         self.max_rounds = None if max_rounds is None else _check_int(max_rounds, "max_rounds", 1)
