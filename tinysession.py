@@ -315,13 +315,18 @@ def _is_key(text):
     return 0 < len(text) <= 128 and not text.strip(_KEY_CHARACTERS)
 
 
-def _check_count(value, name):
-    """Return ``value`` if it is None or a non-negative int."""
-    if value is None:
-        return None
-    if type(value) is not int or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+def _check_int(value, name, minimum=0, wrong_type=TypeError):
+    """Return ``value`` if it is an int (not a bool) of at least ``minimum``; raise ``wrong_type`` or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise wrong_type(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_count(value, name):
+    """Return ``value`` if it is None or an int >= 0; ValueError otherwise, as for every option of a store."""
+    return None if value is None else _check_int(value, name, 0, ValueError)
 
 
 def _check_seconds(value, name):
@@ -2104,9 +2109,11 @@ _ROLE_KINDS = {
 _REPLY_TYPES = frozenset({"reasoning", "mcp_list_tools", "mcp_approval_request", "item_reference"})
 # LangChain's BaseMessage.type without a role; its ChatMessage ("chat") carries one.
 _LANGCHAIN_TYPES = frozenset({"system", "human", "ai", "tool", "function"})
+# The key of a content part's text, by the part's type; a tool's input and result count as text too.
 _PART_TEXT_KEYS = {
     "text": "text", "input_text": "text", "output_text": "text", "summary_text": "text",
     "reasoning_text": "text", "refusal": "refusal", "thinking": "thinking", "reasoning": "reasoning",
+    "tool_use": "input", "tool_result": "content",
 }
 
 
@@ -2146,14 +2153,12 @@ def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=
     """
     if isinstance(messages, (str, bytes, bytearray)) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a sequence, not {type(messages).__name__}")
-    _check_limit("max_rounds", max_rounds, 1)
+    _check_int(max_rounds, "max_rounds", 1)
     budget, count = _budget_and_count(budget, count, max_chars)
     items = list(messages)
     kinds = [_message_kind(message, index) for index, message in enumerate(items)]
-    lead = 0
-    while lead < len(kinds) and kinds[lead] == _INSTRUCTIONS:
-        lead += 1
-    sizes = [] if budget is None else [_counted(count, m, i) for i, m in enumerate(items)]
+    lead = next((index for index, kind in enumerate(kinds) if kind != _INSTRUCTIONS), len(kinds))
+    sizes = [] if budget is None else [_check_int(count(m), f"count(messages[{i}])") for i, m in enumerate(items)]
     if budget is not None and sum(sizes[:lead]) > budget:
         raise ValueError(f"the leading instructions, messages[:{lead}], count {sum(sizes[:lead])}: "
                          f"over the budget of {budget}")
@@ -2161,17 +2166,12 @@ def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=
     if not starts or (len(starts) <= max_rounds and (budget is None or sum(sizes) <= budget)):
         return items
     first = max(len(starts) - max_rounds, 0)
-    if budget is not None:
-        first = _first_round_within(sizes, starts, first, budget - sum(sizes[:lead]))
+    if budget is not None:  # drop the oldest rounds until the rest fits, but keep the newest
+        total = sum(sizes[:lead]) + sum(sizes[starts[first]:])
+        while total > budget and first < len(starts) - 1:
+            total -= sum(sizes[starts[first]:starts[first + 1]])
+            first += 1
     return items[:lead] + items[starts[first]:]
-
-
-def _check_limit(name, value, minimum):
-    """Raise unless ``value`` is an int of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _budget_and_count(budget, count, max_chars):
@@ -2180,27 +2180,14 @@ def _budget_and_count(budget, count, max_chars):
         if budget is not None or count is not None:
             raise TypeError("max_chars=n is budget=n counting characters: give one or the other, "
                             "and count only with budget")
-        budget, name = max_chars, "max_chars"
-    else:
-        name = "budget"
+        return _check_int(max_chars, "max_chars"), _message_chars
     if budget is None:
         if count is not None:
             raise TypeError("count is only used with a budget: pass budget= too")
         return None, None
-    _check_limit(name, budget, 0)
     if count is not None and not callable(count):
         raise TypeError(f"count must be callable, not {type(count).__name__}")
-    return budget, count or _message_chars
-
-
-def _counted(count, message, index):
-    """Return ``count(message)``, checked to be an int >= 0."""
-    size = count(message)
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise TypeError(f"count(messages[{index}]) must return an int, not {type(size).__name__}")
-    if size < 0:
-        raise ValueError(f"count(messages[{index}]) returned {size}, below 0")
-    return size
+    return _check_int(budget, "budget"), count or _message_chars
 
 
 def _message_kind(message, index):
@@ -2226,7 +2213,7 @@ def _message_kind(message, index):
     if kind is None or item_type not in (None, "message", "chat"):
         raise ValueError(f"messages[{index}] has an unknown role {role!r} (type {item_type!r}); "
                          f"known roles: {', '.join(_ROLE_KINDS)}")
-    if kind == _USER and any(_is_block(part, "tool_result") for part in _parts(message)):
+    if kind == _USER and _blocks(message, "tool_result"):
         return _RESULT
     return kind
 
@@ -2255,26 +2242,16 @@ def _round_starts(items, kinds, lead):
 def _tool_ids(message):
     """Return the str ids of the tool calls ``message`` makes and of those it answers."""
     message = _unwrapped(message)
-    item_type = message.get("type")
-    item_type = item_type if isinstance(item_type, str) else ""
+    item_type = message.get("type") or ""  # None or a str: _message_kind has checked every message
     calls = [call.get("id") for call in _as_list(message.get("tool_calls")) if isinstance(call, Mapping)]
-    calls += [block.get("id") for block in _parts(message) if _is_block(block, "tool_use")]
+    calls += [block.get("id") for block in _blocks(message, "tool_use")]
     results = [message.get("tool_call_id")]
-    results += [block.get("tool_use_id") for block in _parts(message) if _is_block(block, "tool_result")]
+    results += [block.get("tool_use_id") for block in _blocks(message, "tool_result")]
     if item_type.endswith("_call"):
         calls.append(message.get("call_id"))
     elif item_type.endswith("_call_output"):
         results.append(message.get("call_id"))
     return ([i for i in calls if isinstance(i, str)], [i for i in results if isinstance(i, str)])
-
-
-def _first_round_within(sizes, starts, first, room):
-    """Return the oldest round from ``first`` on whose tail fits ``room``; at most the newest."""
-    total = sum(sizes[starts[first]:])
-    while total > room and first < len(starts) - 1:
-        total -= sum(sizes[starts[first]:starts[first + 1]])
-        first += 1
-    return first
 
 
 def _unwrapped(message):
@@ -2288,28 +2265,22 @@ def _as_list(value):
     return value if isinstance(value, (list, tuple)) else ()
 
 
-def _parts(message):
-    """Return the parts or blocks of a message's list content, or an empty tuple."""
-    return _as_list(message.get("content"))
-
-
-def _is_block(part, block_type):
-    """Return whether ``part`` is a mapping of type ``block_type``."""
-    return isinstance(part, Mapping) and part.get("type") == block_type
+def _blocks(message, block_type):
+    """Return the parts of a message's list content that are mappings of type ``block_type``."""
+    parts = _as_list(message.get("content"))
+    return [part for part in parts if isinstance(part, Mapping) and part.get("type") == block_type]
 
 
 def _message_chars(message):
     """Return the characters of text in ``message``, as ``trim_messages`` counts them by default."""
     message = _unwrapped(message)
     total = _content_length(message.get("content"))
-    for call in _as_list(message.get("tool_calls")):
+    # The legacy Chat Completions ``function_call`` is one more call, as {"function": ...} is in ``tool_calls``.
+    for call in [*_as_list(message.get("tool_calls")), {"function": message.get("function_call")}]:
         if isinstance(call, Mapping):
             function = call.get("function")
             total += _value_length(function.get("arguments") if isinstance(function, Mapping)
                                    else call.get("args"))
-    legacy_call = message.get("function_call")
-    if isinstance(legacy_call, Mapping):
-        total += _value_length(legacy_call.get("arguments"))
     for key in ("arguments", "output", "summary"):
         total += _content_length(message.get(key))
     return total
@@ -2329,13 +2300,8 @@ def _part_length(part):
     if not isinstance(part, Mapping):
         return 0
     part_type = part.get("type")
-    if part_type == "tool_use":
-        return _value_length(part.get("input"))
-    if part_type == "tool_result":
-        return _content_length(part.get("content"))
     key = _PART_TEXT_KEYS.get(part_type) if isinstance(part_type, str) else None
-    text = part.get(key) if key else None
-    return len(text) if isinstance(text, str) else 0
+    return _content_length(part.get(key)) if key else 0
 
 
 def _value_length(value):
@@ -2352,7 +2318,6 @@ def _value_length(value):
 # -- Message log --
 
 _LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_LOG_MAX_MESSAGES = 1000
 
 
 def _log_key(conversation_id):
@@ -2390,13 +2355,11 @@ class MessageLog:
     implement the log hooks (``Store.log_append`` and the rest).
     """
 
-    def __init__(self, store, conversation_id, *, max_rounds=None, max_messages=_LOG_MAX_MESSAGES):
-        for name, limit in (("max_rounds", max_rounds), ("max_messages", max_messages)):
-            if limit is not None:
-                _check_limit(name, limit, 1)
+    def __init__(self, store, conversation_id, *, max_rounds=None, max_messages=1000):
         self.store = store
         self.key = _log_key(conversation_id)
-        self.max_rounds, self.max_messages = max_rounds, max_messages
+        self.max_rounds = None if max_rounds is None else _check_int(max_rounds, "max_rounds", 1)
+        self.max_messages = None if max_messages is None else _check_int(max_messages, "max_messages", 1)
 
     def __repr__(self):
         return f"<MessageLog {self.key!r} in {self.store!r}>"
@@ -2529,29 +2492,28 @@ class AgentsSession:
 
     async def get_items(self, limit=None):
         """Return the stored items, oldest first: the last ``limit`` of them (default: ``session_settings.limit``), or all."""
-        import asyncio
-
-        items = await asyncio.to_thread(self.log.read)
+        items = await _in_thread(self.log.read)
         limit = getattr(self.session_settings, "limit", None) if limit is None else limit
         return items if limit is None else items[max(len(items) - limit, 0) :]
 
     async def add_items(self, items):
         """Append ``items`` in order (see ``MessageLog.extend``)."""
-        import asyncio
-
-        await asyncio.to_thread(self.log.extend, list(items))
+        await _in_thread(self.log.extend, list(items))
 
     async def pop_item(self):
         """Remove and return the newest item; None if there is none."""
-        import asyncio
-
-        return await asyncio.to_thread(self.log.pop)
+        return await _in_thread(self.log.pop)
 
     async def clear_session(self):
         """Remove every item."""
-        import asyncio
+        await _in_thread(self.log.clear)
 
-        await asyncio.to_thread(self.log.clear)
+
+async def _in_thread(function, *args):
+    """Return ``function(*args)``, run in a thread so that the event loop goes on."""
+    import asyncio  # costly to import, and only agents and ASGI apps need it
+
+    return await asyncio.to_thread(function, *args)
 
 
 # -- Cookies --
@@ -3851,8 +3813,9 @@ def _format_time(timestamp):
 def _open_store(spec, table, prefix, read_only):
     """Open the store at ``spec`` without creating anything; SessionError if there is none.
 
-    With ``read_only`` an SQLite database is opened read-only, so nothing in
-    the file changes. FIFOs, sockets and devices are refused before they are opened.
+    A file must be an SQLite database with a session table named ``table``;
+    with ``read_only`` it is opened read-only, so nothing in the file changes.
+    FIFOs, sockets and devices are refused before they are opened.
     """
     if spec.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")):
         return _open_redis(spec, prefix)
@@ -3862,7 +3825,24 @@ def _open_store(spec, table, prefix, read_only):
         raise SessionError(f"{spec}: is {kind}, neither a session directory nor an SQLite database")
     if stat.S_ISDIR(mode):
         return FileStore(spec, **_UNBOUNDED)
-    return _open_sqlite(spec, table, read_only)
+    with open(os.open(spec, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:  # a FIFO swapped in must not hang us
+        header = file.read(len(_SQLITE_HEADER))
+    if header != _SQLITE_HEADER:
+        raise SessionError(f"{spec}: neither a session directory nor an SQLite database")
+    import sqlite3  # as in SQLiteStore: costly, and only SQLite files need it
+
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{urllib.parse.quote(spec)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS)
+        ) as connection:
+            columns = {row[1] for row in connection.execute("SELECT * FROM pragma_table_info(?)", (table,))}
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read session database {spec!r}: {exc}") from exc
+    if not columns:
+        raise SessionError(f"{spec}: no table {table!r} (is --table right?)")
+    if not {"key", "data", "mtime"} <= columns:
+        raise SessionError(f"{spec}: table {table!r} is not a session table: its columns are {sorted(columns)}")
+    return SQLiteStore(spec, table=table, read_only=read_only, **_UNBOUNDED)
 
 
 def _open_redis(spec, prefix):
@@ -3885,26 +3865,6 @@ def _open_redis(spec, prefix):
     except ValueError as exc:
         raise SessionError(f"{spec}: invalid Redis URL: {exc}") from None
     return RedisStore(client, prefix=prefix, **_UNBOUNDED)
-
-
-def _open_sqlite(spec, table, read_only):
-    with open(os.open(spec, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:  # a FIFO swapped in must not hang us
-        header = file.read(len(_SQLITE_HEADER))
-    if header != _SQLITE_HEADER:
-        raise SessionError(f"{spec}: neither a session directory nor an SQLite database")
-    import sqlite3
-    try:
-        with contextlib.closing(
-            sqlite3.connect(f"file:{urllib.parse.quote(spec)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS)
-        ) as connection:
-            columns = {row[1] for row in connection.execute("SELECT * FROM pragma_table_info(?)", (table,))}
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read session database {spec!r}: {exc}") from exc
-    if not columns:
-        raise SessionError(f"{spec}: no table {table!r} (is --table right?)")
-    if not {"key", "data", "mtime"} <= columns:
-        raise SessionError(f"{spec}: table {table!r} is not a session table: its columns are {sorted(columns)}")
-    return SQLiteStore(spec, table=table, read_only=read_only, **_UNBOUNDED)
 
 
 def _logs(store):
@@ -3950,8 +3910,6 @@ def _cmd_clean(args):
     if sweep is None:
         verb = "would have removed" if args.dry_run else "removed"
         done = f"{verb} {live.removed} of the {live.seen} sessions seen ({_format_bytes(live.removed_bytes)})"
-        if isinstance(store, RedisStore):  # its sweep is one script, which reports no progress
-            done = "the Redis server runs its clean to the end regardless: run stats to see what is left"
         print(f"{args.prog}: interrupted: {done}", file=sys.stderr)
         return _EXIT_INTERRUPTED
     removed = f"{sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)})"
@@ -3976,14 +3934,14 @@ def _cmd_stats(args):
     }
     if args.json:
         print(json.dumps(report))
-        return _no_sessions_status(args, store, sweep)
-    print(f"store:    {args.store}")
-    print(f"sessions: {sweep.seen} ({_format_bytes(sweep.seen_bytes)})")
-    print(f"logs:     {sweep.logs} ({_format_bytes(sweep.log_bytes)})")
-    print(f"oldest:   {_format_time(sweep.oldest)}")
-    print(f"newest:   {_format_time(sweep.newest)}")
-    if args.max_age is not None:
-        print(f"expired:  {sweep.removed} older than {args.max_age:g} s")
+    else:
+        print(f"store:    {args.store}")
+        print(f"sessions: {sweep.seen} ({_format_bytes(sweep.seen_bytes)})")
+        print(f"logs:     {sweep.logs} ({_format_bytes(sweep.log_bytes)})")
+        print(f"oldest:   {_format_time(sweep.oldest)}")
+        print(f"newest:   {_format_time(sweep.newest)}")
+        if args.max_age is not None:
+            print(f"expired:  {sweep.removed} older than {args.max_age:g} s")
     return _no_sessions_status(args, store, sweep)
 
 
