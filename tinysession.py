@@ -2844,18 +2844,12 @@ def _snapshot(data):
 class Session(MutableMapping):
     """One request's session: a dict loaded from the store on first use, and the request's lifecycle.
 
-    The framework-free core every front end drives. It is given the
-    request's facts (the Cookie header, or the ``ids`` a framework verified;
-    whether the request is secure) and knows no framework. A front end calls
-    ``load()`` (optional; ``has_id_cookie``: whether it reads the store),
+    The framework-free core every front end drives, given the request's
+    facts (the Cookie header or verified ``ids``; ``secure``): ``load()``,
     ``cookie()`` or ``response_headers()`` when the headers go out, then
-    ``save()`` (``pending``: whether it has store I/O to do), or instead
-    ``rollback()`` if the request failed, ``abandon()`` if it never ended.
-    ``state`` is "unloaded", "new" (no record yet), "loaded" (stored as
-    this request last read or wrote it) or "gone" (another request removed
-    it: nothing more is saved). ``data_class`` is the type of the app's dict.
-
-    A session belongs to one request and is not shared between threads.
+    ``save()``, or ``rollback()`` if the request failed, ``abandon()`` if it
+    never ended. ``state``: "unloaded", "new", "loaded" or "gone" (another
+    request removed it). Belongs to one request; not shared between threads.
     """
 
     __slots__ = (
@@ -2871,11 +2865,8 @@ class Session(MutableMapping):
         self._ids = ids[:_MAX_COOKIE_CANDIDATES]
         self._secure = bool(secure)
         self._data_class = data_class
-        self.state = _UNLOADED
-        self._data = self._current = None
-        self._cookie = None  # (Set-Cookie value or None,) once decided
-
-    # The dict an app sees.
+        self.state, self._doomed, self._undo = _UNLOADED, [], []
+        self._data = self._current = self._cookie = None  # _cookie: (Set-Cookie value or None,) once decided
 
     def __getitem__(self, name):
         return self.load()[name]
@@ -2909,16 +2900,13 @@ class Session(MutableMapping):
             self._doomed.append((_store_key(self._id), None, False))  # its log goes at save, in the store's thread
         self._forget_record(carry=False)
         dict.clear(self._data)
-        self._created = None
-        self._logged = False
+        self._created, self._logged = None, False
 
     def _forget_record(self, carry):
         """Leave the loaded record, to be removed at save; with ``carry``, another request's change there is kept."""
         if self.state == _LOADED:
             self._doomed.append((self._key, self._stored, carry))
         self.state, self._id, self._key, self._stored = _NEW, None, None, None
-
-    # What a front end reads.
 
     @property
     def accessed(self):
@@ -2954,8 +2942,6 @@ class Session(MutableMapping):
     @property
     def pending(self):
         """True if ``save()`` has store I/O to do now: a front end on an event loop then calls it in a thread."""
-        if self.state == _UNLOADED:
-            return False
         if self.state != _LOADED:
             return bool(self._doomed) or (self.state == _NEW and self._holds())
         image = _snapshot(self._data)
@@ -2965,18 +2951,13 @@ class Session(MutableMapping):
         self._current = (image,)  # taken once: the save() that follows uses it
         return True
 
-    # What a front end calls.
-
     def load(self):
         """Load the session if it is not loaded yet (store I/O) and return its data dict."""
-        if self._data is None:
-            self._open(_now())
-        return self._data
-
-    def _open(self, now):
-        settings = self._settings
+        if self._data is not None:
+            return self._data
+        now, settings = _now(), self._settings
         self._client_id = self._id = self._key = self._stored = self._created = self._image = None
-        self._doomed, self._undo, self.state, self._logged = [], [], _NEW, False
+        self.state, self._logged = _NEW, False
         data = {}
         for value in self._ids:
             key = _store_key(value)
@@ -3000,6 +2981,7 @@ class Session(MutableMapping):
         self._fresh = self.state == _NEW
         self._data = data if self._data_class is dict else self._data_class(data)
         self._identity = self._identity_now()
+        return self._data
 
     def _identity_now(self):
         key = self._settings.identity_key
@@ -3015,12 +2997,7 @@ class Session(MutableMapping):
         self._forget_record(carry=self._cookie is None)
 
     def cookie(self):
-        """Return the Set-Cookie value this response must carry, or None; decided once, on the first call.
-
-        An expiring cookie goes only with a session this request found in the
-        store and then emptied; a session whose ``identity_key`` value changed
-        gets a new id first, against fixation.
-        """
+        """Return the Set-Cookie value this response must carry, or None: decided once, on the first call."""
         if self._cookie is None:
             self._rotate_on_new_identity()
             self._cookie = (self._decide_cookie(),)
@@ -3041,11 +3018,7 @@ class Session(MutableMapping):
         return None
 
     def response_headers(self, headers, *, used=None, names=("Vary", "Set-Cookie")):
-        """Return the (name, value) str pairs ``headers`` with this session's Vary and Set-Cookie (``cookie()``).
-
-        ``Vary: Cookie`` goes in when the session was ``used`` (default:
-        loaded) or sends a cookie; ``names`` name the headers added.
-        """
+        """Return the (name, value) str pairs ``headers`` plus ``names``: Vary if ``used`` (default: loaded), Set-Cookie."""
         cookie = self.cookie()
         if not (self.accessed if used is None else used) and cookie is None:
             return headers
@@ -3063,11 +3036,9 @@ class Session(MutableMapping):
         return headers
 
     def save(self, *, now=None):
-        """Write, touch or remove the record as the request has left it so far (store I/O); safe to repeat.
+        """Write, touch or remove the record as left so far (store I/O, repeatable); merge others' saves.
 
-        Writes are conditional on the bytes this request loaded or last
-        wrote; another request's save meanwhile is merged (``merge``). Raises
-        StoreError, or before writing RecordTooLarge or EncodeError.
+        Raises StoreError, or before writing anything RecordTooLarge or EncodeError.
         """
         if self.state == _UNLOADED:
             return
@@ -3097,9 +3068,8 @@ class Session(MutableMapping):
             _logger.warning("session started after the response headers: no cookie was sent, not saved")
 
     def _record(self):
-        if self._logged:
-            return {"created": self._created, "data": self._data, "log": True}
-        return {"created": self._created, "data": self._data}
+        record = {"created": self._created, "data": self._data}
+        return {**record, "log": True} if self._logged else record
 
     def _encode(self, key):
         """Return the record's bytes; EncodeError names the first top-level key the serializer refuses."""
@@ -3121,8 +3091,9 @@ class Session(MutableMapping):
         """Remove the records this request left; return True if another request's change was carried here."""
         store, carried = self._settings.store, False
         for key, previous, carry in self._doomed:
-            if carry and self._logged:
-                self._move_log(key)
+            if carry and self._logged:  # regenerated: the log moves to the new id, made now if need be
+                self._id = self._id or _new_session_id()
+                store.log_move(key, _store_key(self._id))
             removed = previous is not None and store.remove(key, expected=previous)
             if not removed:
                 theirs = self._merge_theirs(key, previous) if carry is not False and previous is not None else None
@@ -3160,7 +3131,6 @@ class Session(MutableMapping):
         return self._promote or (interval is not None and now - self._mtime >= interval)
 
     def _touch(self, now):
-        """Refresh the mtime when it is due."""
         if not self._touch_due(now):
             return
         store = self._settings.store
@@ -3206,13 +3176,7 @@ class Session(MutableMapping):
             image = None
 
     def rollback(self):
-        """Put back every record this request changed, after the request failed; log, never raise.
-
-        A logout is never undone (one not saved yet is carried out); appends
-        to the message log of a session that existed before stay.
-        """
-        if self.state == _UNLOADED:
-            return
+        """Put back the records a failed request changed, but not a logout; log, never raise."""
         store = self._settings.store
         # A logout still happens (removed as a record this request created): its expiring cookie may be out.
         self._undo += [(key, None, None) for key, _, carry in self._doomed if carry is False]
@@ -3237,24 +3201,12 @@ class Session(MutableMapping):
             except SessionError:
                 _logger.exception("could not remove the message log of an abandoned session")
 
-    # The message log.
-
     def _holds(self):
-        """True if the session has something to keep: data, or a message log."""
         return dict.__len__(self._data) > 0 or self._logged
-
-    def _move_log(self, old_key):
-        """Move the log of a regenerated session's old record to its new id, made now if need be."""
-        if self._id is None:
-            self._id = _new_session_id()
-        self._settings.store.log_move(old_key, _store_key(self._id))
 
     @property
     def history(self):
-        """The session's ``MessageLog``: its chat history, moved by ``regenerate()``, removed with the session.
-
-        Using it keeps even an empty session; on a new one, SessionError once the headers are out.
-        """
+        """The session's ``MessageLog``, kept with it (even empty); new: SessionError once the headers are out."""
         self.load()
         if self.state == _LOADED:
             key = self._key
@@ -3315,9 +3267,8 @@ class _SessionBody:
 
     def close(self):
         try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
+            if hasattr(self._body, "close"):
+                self._body.close()
         finally:
             if not self._failed:
                 self._session.save()
@@ -3396,9 +3347,8 @@ class SessionMiddleware:
         try:
             session.save()
         except BaseException:
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
+            if hasattr(body, "close"):
+                body.close()
             raise
         if type(body) is list or type(body) is tuple:
             return body
@@ -3863,24 +3813,20 @@ class ASGISessionMiddleware:
             if message["type"] in _START_MESSAGES:
                 held.append(message)  # sent with the first body message, once the session is saved
                 return
-            final = _is_final(message)
-            if held or message["type"] == "websocket.accept":
-                if final:
-                    await _save_in_thread(core, self._in_thread)  # before anything is sent: a failure is a 500
-                start = self._with_session(core, session, held.pop() if held else message)
-                if start["type"] == "websocket.accept":
-                    message = start
-                else:
-                    await send(start)
-            elif final:
+            headers_out = not held and message["type"] != "websocket.accept"
+            if _is_final(message):
                 try:
-                    await _save_in_thread(core, self._in_thread)
+                    await _save_in_thread(core, self._in_thread)  # held headers not sent yet: a failure is a 500
                 except BaseException:
-                    _logger.error("session %s could not be saved after the response headers went out: the "
-                                  "response is cut off", (core.key or "(none)")[:12])
+                    if headers_out:
+                        _logger.error("session %s could not be saved after the response headers went out: the "
+                                      "response is cut off", (core.key or "(none)")[:12])
                     raise
-            if final:
                 completed.append(message["type"])
+            if held:
+                await send(self._with_session(core, session, held.pop()))
+            elif not headers_out:
+                message = self._with_session(core, session, message)  # the websocket's accept
             await send(message)
 
         saved = False
