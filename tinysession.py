@@ -3759,9 +3759,8 @@ class ASGISessionMiddleware:
 
         self.app = app
         self.settings = _Settings(store, **options)
-        self._threads = concurrent.futures.ThreadPoolExecutor(
-            _check_count(threads, "threads"), thread_name_prefix="tinysession-asgi"
-        )
+        threads = _check_count(threads, "threads")
+        self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinysession-asgi")
 
     @property
     def store(self):
@@ -3784,9 +3783,8 @@ class ASGISessionMiddleware:
         prefix = self.settings.path
         if path != prefix and not path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
             return ""
-        return b"; ".join(value for name, value in scope.get("headers", ()) if name.lower() == b"cookie").decode(
-            "latin-1"
-        )
+        cookies = [value for name, value in scope.get("headers", ()) if name.lower() == b"cookie"]
+        return b"; ".join(cookies).decode("latin-1")
 
     @staticmethod
     def _with_session(core, session, start):
