@@ -2562,29 +2562,28 @@ class _Settings:
     def __init__(self, store, *, cookie_name=DEFAULT_COOKIE_NAME, path="/", domain=None, secure=None, httponly=True,
                  samesite="Lax", partitioned=False, cookie_max_age=None, refresh_each_request=False,
                  max_lifetime=None, identity_key="_user_id", merge=merge_sessions, touch_interval=60):
-        if not isinstance(store, Store):
-            raise TypeError(f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}")
-        if (
-            not isinstance(cookie_name, str)
-            or re.fullmatch(_TOKEN_PATTERN, cookie_name) is None
-            or http.cookies.Morsel().isReservedKey(cookie_name)
-        ):
-            raise ValueError(f"invalid cookie name {cookie_name!r}")
-        for name, value in (("path", path), ("domain", domain)):
-            if (value is not None or name == "path") and (
-                not isinstance(value, str) or re.fullmatch(_ATTRIBUTE_PATTERN, value) is None
-            ):
-                raise ValueError(f"invalid cookie {name} {value!r}")
-        if samesite is not None and str(samesite).capitalize() not in ("Lax", "Strict", "None"):
-            raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
-        if secure not in (None, True, False):
-            raise ValueError(f"secure must be None, True or False, not {secure!r}")
-        if cookie_max_age is not None and (isinstance(cookie_max_age, bool) or not isinstance(cookie_max_age, int)):
-            raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
-        if identity_key is not None and not isinstance(identity_key, str):
-            raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
-        if merge is not None and not callable(merge):
-            raise TypeError(f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}")
+        checks = (
+            (isinstance(store, Store), TypeError,
+             f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}"),
+            (isinstance(cookie_name, str) and re.fullmatch(_TOKEN_PATTERN, cookie_name) is not None
+             and not http.cookies.Morsel().isReservedKey(cookie_name), ValueError, f"invalid cookie name {cookie_name!r}"),
+            (isinstance(path, str) and re.fullmatch(_ATTRIBUTE_PATTERN, path) is not None, ValueError,
+             f"invalid cookie path {path!r}"),
+            (domain is None or isinstance(domain, str) and re.fullmatch(_ATTRIBUTE_PATTERN, domain) is not None,
+             ValueError, f"invalid cookie domain {domain!r}"),
+            (samesite is None or str(samesite).capitalize() in ("Lax", "Strict", "None"), ValueError,
+             f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}"),
+            (secure in (None, True, False), ValueError, f"secure must be None, True or False, not {secure!r}"),
+            (cookie_max_age is None or type(cookie_max_age) is int, ValueError,
+             f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}"),
+            (identity_key is None or isinstance(identity_key, str), TypeError,
+             f"identity_key must be a str or None, not {type(identity_key).__name__}"),
+            (merge is None or callable(merge), TypeError,
+             f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}"),
+        )
+        for valid, error, message in checks:
+            if not valid:
+                raise error(message)
         self.store = store
         self.cookie_name = cookie_name
         self.path = path
@@ -2649,51 +2648,15 @@ def _snapshot(data):
         return None
 
 
-def _encodes(store, key, value):
-    """Return True if ``store`` can encode a record holding ``value``, however large (for EncodeError)."""
-    try:
-        store.encode(key, {"data": value})
-    except RecordTooLarge:
-        return True
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        return False
-    return True
-
-
 class Session(MutableMapping):
     """One request's session: a dict loaded from the store on first use, and the request's lifecycle.
 
-    This is the framework-free core every front end drives, sans-I/O in its
-    decisions: it is given the request's facts (the Cookie header, or the
-    ids a framework already verified as ``ids``; whether the request is
-    secure) and knows nothing of WSGI, Flask or ASGI. Inside an app, use it
-    as a dict, with ``regenerate()`` on login and ``invalidate()`` on logout.
-
-    A front end calls, in this order: ``load()`` (optional: any use loads;
-    ``has_id_cookie`` says whether it reads the store), ``cookie()`` or
-    ``response_headers()`` once when the response headers go out, ``save()``
-    when the app is done (again after a streamed body; ``pending`` says
-    whether it has store I/O to do), and ``rollback()`` instead if the
-    request failed, or ``abandon()`` if it never completed. A front end that
-    can still choose its headers after saving (Flask) saves first and reads
-    ``live`` and ``id``: a session another request removed meanwhile then
-    gets no cookie.
-
-    ``state`` says where the session stands: "unloaded" (not used yet),
-    "new" (no record under its id yet), "loaded" (its record is in the store
-    as this request last read or wrote it) or "gone" (another request
-    removed its record meanwhile, a logout: nothing more is saved).
-
-    Changes, nested ones included, are found by comparing the data with the
-    one image taken when it was loaded (or last saved); a request that only
-    reads encodes nothing. A changed record is written only if the store
-    still holds the bytes this request loaded (or last wrote). If another
-    request wrote in between, the two are merged (the ``merge`` option); if
-    another request removed the record, it stays removed. A session that
-    ends up empty is removed. ``data_class`` is the type of the dict the app
-    gets: ``dict``, or a subclass (ASGI's ``ASGISession``).
-
-    A session belongs to one request and is not shared between threads.
+    The framework-free core every front end drives, given the request's
+    facts (the Cookie header or verified ``ids``; ``secure``): ``load()``,
+    ``cookie()`` or ``response_headers()`` when the headers go out, then
+    ``save()``, or ``rollback()`` if the request failed, ``abandon()`` if it
+    never ended. ``state``: "unloaded", "new", "loaded" or "gone" (another
+    request removed it). Belongs to one request; not shared between threads.
     """
 
     __slots__ = (
@@ -2709,11 +2672,8 @@ class Session(MutableMapping):
         self._ids = ids[:_MAX_COOKIE_CANDIDATES]
         self._secure = bool(secure)
         self._data_class = data_class
-        self.state = _UNLOADED
-        self._data = self._current = None
-        self._cookie = None  # (Set-Cookie value or None,) once decided
-
-    # The dict an app sees.
+        self.state, self._doomed, self._undo = _UNLOADED, [], []
+        self._data = self._current = self._cookie = None  # _cookie: (Set-Cookie value or None,) once decided
 
     def __getitem__(self, name):
         return self.load()[name]
@@ -2734,39 +2694,26 @@ class Session(MutableMapping):
         return f"<Session {self.state} {self._data!r}>"
 
     def regenerate(self):
-        """Give the session a new id and keep its data: call it on login.
-
-        The old id stops working when the session is saved. The creation time
-        is kept, so ``max_lifetime`` still counts from the first id. Raises
-        SessionError once the response headers are out, when the new cookie
-        can no longer be sent.
-        """
+        """Give the session a new id and keep its data (login); SessionError once the headers are out."""
         self.load()
         if self._cookie is not None:
             raise SessionError("regenerate() after the response started: the new cookie cannot be sent")
         self._forget_record(carry=True)
 
     def invalidate(self):
-        """Empty the session, remove it from the store and expire its cookie: logout.
-
-        Anything written afterwards in the same request starts a new session
-        with a new id.
-        """
+        """Empty the session, remove it from the store and expire its cookie: logout."""
         self.load()
         if self.state == _NEW and self._logged and self._id is not None:
             self._doomed.append((_store_key(self._id), None, False))  # its log goes at save, in the store's thread
         self._forget_record(carry=False)
         dict.clear(self._data)
-        self._created = None
-        self._logged = False
+        self._created, self._logged = None, False
 
     def _forget_record(self, carry):
         """Leave the loaded record, to be removed at save; with ``carry``, another request's change there is kept."""
         if self.state == _LOADED:
             self._doomed.append((self._key, self._stored, carry))
         self.state, self._id, self._key, self._stored = _NEW, None, None, None
-
-    # What a front end reads.
 
     @property
     def accessed(self):
@@ -2775,11 +2722,7 @@ class Session(MutableMapping):
 
     @property
     def has_id_cookie(self):
-        """True if the request carries a well-formed id under the cookie name: ``load()`` reads the store.
-
-        False means ``load()`` does no store I/O, so a front end on an event
-        loop may call it in place rather than in a thread.
-        """
+        """True if the request carries a well-formed session id: only then does ``load()`` do store I/O."""
         return bool(self._ids)
 
     @property
@@ -2790,12 +2733,7 @@ class Session(MutableMapping):
 
     @property
     def id(self):
-        """The session's id, as its cookie carries it; None while the session has none.
-
-        A loaded session has the id the client sent; a new one gets its id
-        when ``cookie()`` decides to send it (or ``save()`` writes it);
-        ``regenerate()`` and ``invalidate()`` reset it to None.
-        """
+        """The session's id, as its cookie carries it; None until ``cookie()`` or ``save()`` gives it one."""
         return None if self._data is None else self._id
 
     @property
@@ -2811,30 +2749,22 @@ class Session(MutableMapping):
     @property
     def pending(self):
         """True if ``save()`` has store I/O to do now: a front end on an event loop then calls it in a thread."""
-        if self.state == _UNLOADED:
-            return False
         if self.state != _LOADED:
             return bool(self._doomed) or (self.state == _NEW and self._holds())
         image = _snapshot(self._data)
-        interval = self._settings.touch_after()
-        due = self._promote or self._doomed or (interval is not None and _now() - self._mtime >= interval)
+        due = self._doomed or self._touch_due(_now())
         if image is not None and image == self._image and not due and self._identity_now() == self._identity:
             return False
         self._current = (image,)  # taken once: the save() that follows uses it
         return True
 
-    # What a front end calls.
-
     def load(self):
         """Load the session if it is not loaded yet (store I/O) and return its data dict."""
-        if self._data is None:
-            self._open(_now())
-        return self._data
-
-    def _open(self, now):
-        settings = self._settings
+        if self._data is not None:
+            return self._data
+        now, settings = _now(), self._settings
         self._client_id = self._id = self._key = self._stored = self._created = self._image = None
-        self._doomed, self._undo, self.state, self._logged = [], [], _NEW, False
+        self.state, self._logged = _NEW, False
         data = {}
         for value in self._ids:
             key = _store_key(value)
@@ -2858,17 +2788,14 @@ class Session(MutableMapping):
         self._fresh = self.state == _NEW
         self._data = data if self._data_class is dict else self._data_class(data)
         self._identity = self._identity_now()
+        return self._data
 
     def _identity_now(self):
         key = self._settings.identity_key
         return None if key is None else dict.get(self._data, key, _MISSING)
 
     def _rotate_on_new_identity(self):
-        """Regenerate the id if the identity key changed since loading (login, logout, another user).
-
-        Once the headers are out no new id can be sent: the session is then
-        removed, never kept under the id the client had before (fixation).
-        """
+        """Regenerate the id if the identity key changed since loading; once the headers are out, remove it."""
         if self.state != _LOADED or self._identity_now() == self._identity:
             return
         if self._cookie is not None:
@@ -2877,17 +2804,7 @@ class Session(MutableMapping):
         self._forget_record(carry=self._cookie is None)
 
     def cookie(self):
-        """Return the Set-Cookie value this response must carry, or None; decided once, on the first call.
-
-        A session gets a cookie when it holds data under an id the client
-        does not have yet (or on every response, with ``cookie_max_age`` and
-        ``refresh_each_request``). An expiring cookie goes only with a
-        session this request found in the store and then emptied or
-        invalidated: a cookie the server does not recognise is left alone.
-        Before the response headers, a session whose ``identity_key`` value
-        changed since it was loaded (a login, a logout, another user) gets a
-        new id and its old record is removed, against session fixation.
-        """
+        """Return the Set-Cookie value this response must carry, or None: decided once, on the first call."""
         if self._cookie is None:
             self._rotate_on_new_identity()
             self._cookie = (self._decide_cookie(),)
@@ -2908,12 +2825,7 @@ class Session(MutableMapping):
         return None
 
     def response_headers(self, headers, *, used=None, names=("Vary", "Set-Cookie")):
-        """Return the response's (name, value) str pairs ``headers`` with this session's Vary and Set-Cookie.
-
-        Decides the cookie (``cookie()``). ``Vary: Cookie`` is merged in (by
-        token, into an existing Vary) when the session was ``used`` (default:
-        loaded) or sends a cookie; ``names`` name the headers added.
-        """
+        """Return the (name, value) str pairs ``headers`` plus ``names``: Vary if ``used`` (default: loaded), Set-Cookie."""
         cookie = self.cookie()
         if not (self.accessed if used is None else used) and cookie is None:
             return headers
@@ -2931,17 +2843,9 @@ class Session(MutableMapping):
         return headers
 
     def save(self, *, now=None):
-        """Write, touch or remove the record as the request has left it so far (store I/O).
+        """Write, touch or remove the record as left so far (store I/O, repeatable); merge others' saves.
 
-        Safe to call again later in the request: it then writes only what
-        changed since. A write or removal of a loaded session is conditional
-        on the bytes this request loaded (or last wrote); when another
-        request saved first, the two are merged (the ``merge`` option) and
-        the merge is written, again conditionally, after a short random
-        back-off (0.5 ms doubling, at most 50 ms), up to 32 times before the
-        later save simply wins (logged). Raises StoreError if the store fails,
-        and before anything is written RecordTooLarge if the session is over
-        ``max_bytes`` or EncodeError if the serializer cannot encode a value.
+        Raises StoreError, or before writing anything RecordTooLarge or EncodeError.
         """
         if self.state == _UNLOADED:
             return
@@ -2971,30 +2875,32 @@ class Session(MutableMapping):
             _logger.warning("session started after the response headers: no cookie was sent, not saved")
 
     def _record(self):
-        if self._logged:
-            return {"created": self._created, "data": self._data, "log": True}
-        return {"created": self._created, "data": self._data}
+        record = {"created": self._created, "data": self._data}
+        return {**record, "log": True} if self._logged else record
 
     def _encode(self, key):
         """Return the record's bytes; EncodeError names the first top-level key the serializer refuses."""
         store = self._settings.store
         try:
             return store.encode(key, self._record())
-        except RecordTooLarge:
+        except EncodeError as exc:
+            for name, value in dict.items(self._data):
+                try:
+                    store.serializer.dumps(value)
+                except (TypeError, ValueError, OverflowError, RecursionError):
+                    raise EncodeError(
+                        f"session key {name!r} holds a value the store's serializer cannot encode ({exc}): use "
+                        "serializer=tinysession.TaggedJSON() or convert the value; nothing was written"
+                    ) from exc
             raise
-        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-            culprit = next((name for name, value in dict.items(self._data) if not _encodes(store, key, value)), None)
-            raise EncodeError(
-                f"session key {culprit!r} holds a value the store's serializer cannot encode ({exc}): use "
-                "serializer=tinysession.TaggedJSON() or convert the value; nothing was written"
-            ) from exc
 
     def _remove_doomed(self):
         """Remove the records this request left; return True if another request's change was carried here."""
         store, carried = self._settings.store, False
         for key, previous, carry in self._doomed:
-            if carry and self._logged:
-                self._move_log(key)
+            if carry and self._logged:  # regenerated: the log moves to the new id, made now if need be
+                self._id = self._id or _new_session_id()
+                store.log_move(key, _store_key(self._id))
             removed = previous is not None and store.remove(key, expected=previous)
             if not removed:
                 theirs = self._merge_theirs(key, previous) if carry is not False and previous is not None else None
@@ -3018,7 +2924,7 @@ class Session(MutableMapping):
         if type(record) is not dict or type(record.get("data")) is not dict:
             return None
         if merge is not None:
-            base = self._settings.store.decode(key, base_stored)["data"]
+            base = store.decode(key, base_stored)["data"]
             merged = merge(base, dict(dict.items(self._data)), record["data"])
             if not isinstance(merged, dict):
                 raise TypeError(f"merge() must return a dict, not {type(merged).__name__}")
@@ -3026,16 +2932,13 @@ class Session(MutableMapping):
             dict.update(self._data, merged)
         return stored
 
-    def _became(self, key, stored, now, image):
-        self.state, self._key, self._stored, self._mtime = _LOADED, key, stored, now
-        self._promote = False
-        self._image = _snapshot(self._data) if image is None else image
-        self._identity = self._identity_now()
+    def _touch_due(self, now):
+        """True once ``touch_interval`` has passed since the mtime, or at once if the session is on probation."""
+        interval = self._settings.touch_after()
+        return self._promote or (interval is not None and now - self._mtime >= interval)
 
     def _touch(self, now):
-        """Refresh the mtime once ``touch_interval`` has passed, or at once if the session is still on probation."""
-        interval = self._settings.touch_after()
-        if not self._promote and (interval is None or now - self._mtime < interval):
+        if not self._touch_due(now):
             return
         store = self._settings.store
         try:
@@ -3062,7 +2965,9 @@ class Session(MutableMapping):
             if done:
                 self._undo.append((key, expected, stored))
                 if stored is not None:
-                    self._became(key, stored, now, image)
+                    self.state, self._key, self._stored, self._mtime, self._promote = _LOADED, key, stored, now, False
+                    self._image = _snapshot(self._data) if image is None else image
+                    self._identity = self._identity_now()
                     return
                 store._forget_log(key)
                 self.state, self._id, self._key, self._stored = _NEW, None, None, None
@@ -3078,14 +2983,7 @@ class Session(MutableMapping):
             image = None
 
     def rollback(self):
-        """Put back every record this request changed, after the request failed; log, never raise.
-
-        A logout (``invalidate()``) is never undone, and one not saved yet
-        is carried out; a session this request created goes with its message
-        log; appends to the log of a session that existed before stay.
-        """
-        if self.state == _UNLOADED:
-            return
+        """Put back the records a failed request changed, but not a logout; log, never raise."""
         store = self._settings.store
         # A logout still happens (removed as a record this request created): its expiring cookie may be out.
         self._undo += [(key, None, None) for key, _, carry in self._doomed if carry is False]
@@ -3110,28 +3008,12 @@ class Session(MutableMapping):
             except SessionError:
                 _logger.exception("could not remove the message log of an abandoned session")
 
-    # The message log.
-
     def _holds(self):
-        """True if the session has something to keep: data, or a message log."""
         return dict.__len__(self._data) > 0 or self._logged
-
-    def _move_log(self, old_key):
-        """Move the log of a regenerated session's old record to its new id, made now if need be."""
-        if self._id is None:
-            self._id = _new_session_id()
-        self._settings.store.log_move(old_key, _store_key(self._id))
 
     @property
     def history(self):
-        """The session's ``MessageLog``: the chat history kept beside its record, appended in place.
-
-        It is keyed by the session's store key, so it goes with the session:
-        ``regenerate()`` moves it to the new id (at save), ``invalidate()``,
-        expiry and cleaning remove it. Using it gives a new session its id,
-        and keeps the session even with an empty dict; its cookie must still
-        go out, so SessionError once the response headers are out without one.
-        """
+        """The session's ``MessageLog``, kept with it (even empty); new: SessionError once the headers are out."""
         self.load()
         if self.state == _LOADED:
             key = self._key
@@ -3192,9 +3074,8 @@ class _SessionBody:
 
     def close(self):
         try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
+            if hasattr(self._body, "close"):
+                self._body.close()
         finally:
             if not self._failed:
                 self._session.save()
@@ -3273,9 +3154,8 @@ class SessionMiddleware:
         try:
             session.save()
         except BaseException:
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
+            if hasattr(body, "close"):
+                body.close()
             raise
         if type(body) is list or type(body) is tuple:
             return body
@@ -3686,9 +3566,8 @@ class ASGISessionMiddleware:
 
         self.app = app
         self.settings = _Settings(store, **options)
-        self._threads = concurrent.futures.ThreadPoolExecutor(
-            _check_count(threads, "threads"), thread_name_prefix="tinysession-asgi"
-        )
+        threads = _check_count(threads, "threads")
+        self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinysession-asgi")
 
     @property
     def store(self):
@@ -3711,9 +3590,8 @@ class ASGISessionMiddleware:
         prefix = self.settings.path
         if path != prefix and not path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
             return ""
-        return b"; ".join(value for name, value in scope.get("headers", ()) if name.lower() == b"cookie").decode(
-            "latin-1"
-        )
+        cookies = [value for name, value in scope.get("headers", ()) if name.lower() == b"cookie"]
+        return b"; ".join(cookies).decode("latin-1")
 
     @staticmethod
     def _with_session(core, session, start):
@@ -3740,24 +3618,20 @@ class ASGISessionMiddleware:
             if message["type"] in _START_MESSAGES:
                 held.append(message)  # sent with the first body message, once the session is saved
                 return
-            final = _is_final(message)
-            if held or message["type"] == "websocket.accept":
-                if final:
-                    await _save_in_thread(core, self._in_thread)  # before anything is sent: a failure is a 500
-                start = self._with_session(core, session, held.pop() if held else message)
-                if start["type"] == "websocket.accept":
-                    message = start
-                else:
-                    await send(start)
-            elif final:
+            headers_out = not held and message["type"] != "websocket.accept"
+            if _is_final(message):
                 try:
-                    await _save_in_thread(core, self._in_thread)
+                    await _save_in_thread(core, self._in_thread)  # held headers not sent yet: a failure is a 500
                 except BaseException:
-                    _logger.error("session %s could not be saved after the response headers went out: the "
-                                  "response is cut off", (core.key or "(none)")[:12])
+                    if headers_out:
+                        _logger.error("session %s could not be saved after the response headers went out: the "
+                                      "response is cut off", (core.key or "(none)")[:12])
                     raise
-            if final:
                 completed.append(message["type"])
+            if held:
+                await send(self._with_session(core, session, held.pop()))
+            elif not headers_out:
+                message = self._with_session(core, session, message)  # the websocket's accept
             await send(message)
 
         saved = False
