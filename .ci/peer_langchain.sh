@@ -5,7 +5,7 @@
 source "$(dirname "$0")/peers/common.sh"
 peer_venv langchain-core==1.8.3 pytest==9.2.0
 break_conftest "$work"
-cp "$root/tinysession.py" "$root/test_tinysession.py" "$work/"
+cp -r "$root/tinysession.py" "$root/test_tinysession.py" "$root/README.md" "$root/requirements-test.txt" "$root/examples" "$work/"
 run_pytest "$work/langchain.log" "$work" test_tinysession.py -k TrimReadsLangChainDumps
 check_run "langchain-core 1.8.3, TrimReadsLangChainDumps" "$work/langchain.log" 8
 exit $verdict

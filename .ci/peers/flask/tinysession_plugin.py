@@ -15,17 +15,22 @@ import pytest
 import tinysession
 
 
+def _options():
+    """The store options of a Flask app's store: TaggedJSON, as the README's Flask quick start builds it."""
+    return {"max_age": 3600, "serializer": tinysession.TaggedJSON()}
+
+
 def _make_store(kind, directory):
     if kind == "file":
-        return tinysession.FileStore(os.path.join(directory, "sessions"), max_age=3600)
+        return tinysession.FileStore(os.path.join(directory, "sessions"), **_options())
     if kind == "sqlite":
-        return tinysession.SQLiteStore(os.path.join(directory, "sessions.db"), max_age=3600)
+        return tinysession.SQLiteStore(os.path.join(directory, "sessions.db"), **_options())
     if kind == "redis":
         import redis
 
         client = redis.Redis.from_url(os.environ["TINYSESSION_REDIS_URL"])
         client.flushdb()
-        return tinysession.RedisStore(client, max_age=3600)
+        return tinysession.RedisStore(client, **_options())
     raise ValueError(f"TINYSESSION_STORE must be file, sqlite, redis or flask, not {kind!r}")
 
 
