@@ -3352,6 +3352,35 @@ class RegenerateAndInvalidate(MiddlewareCase):
             self.assertEqual((status, headers.get_all("Set-Cookie")), (200, None))
         self.assertEqual(self.session_keys(), [])
 
+    def failing(self, hook, times):
+        """Make the store's ``hook`` ("write", "remove") raise StoreError on its next ``times`` calls."""
+        original, failures = getattr(self.store, hook), [tinysession.StoreError("the disk is full")] * times
+
+        def failing_hook(*args, **kwargs):
+            if failures:
+                raise failures.pop()
+            return original(*args, **kwargs)
+
+        setattr(self.store, hook, failing_hook)
+        self.addCleanup(vars(self.store).pop, hook, None)
+
+    def test_a_login_whose_writes_fail_keeps_the_session(self):
+        self.browser.json("/set?cart=3")
+        keys = self.session_keys()
+        self.failing("write", 100)  # as on a full disk, where removals still work
+        self.assertEqual(self.browser.request("/login?user=ann")[0], 500)
+        del self.store.write
+        self.assertEqual(self.session_keys(), keys)
+        self.assertEqual(self.browser.json(), {"cart": "3"})
+
+    def test_a_login_whose_removal_fails_is_rolled_back(self):
+        self.browser.json("/set?cart=3")
+        keys = self.session_keys()
+        self.failing("remove", 1)
+        self.assertEqual(self.browser.request("/login?user=ann")[0], 500)
+        self.assertEqual(self.session_keys(), keys)
+        self.assertEqual(self.browser.json(), {"cart": "3"})
+
     def test_regenerate_after_the_response_started_raises_even_if_loaded_late(self):
         def app(environ, start_response):
             start_response("200 OK", [])

@@ -2842,14 +2842,24 @@ class Session(MutableMapping):
             headers.append((names[1], cookie))
         return headers
 
-    def save(self, *, now=None):
+    def save(self, *, now=None, keep=False):
         """Write, touch or remove the record as left so far (store I/O, repeatable); merge others' saves.
 
-        Raises StoreError, or before writing anything RecordTooLarge or EncodeError.
+        Raises StoreError, or before writing anything RecordTooLarge or
+        EncodeError, after ``rollback()``. With ``keep``, what is saved stays
+        even if ``rollback()`` follows (an explicit save in a long request).
         """
+        try:
+            self._save(_now() if now is None else now)
+        except BaseException:
+            self.rollback()
+            raise
+        if keep:
+            self._undo = []
+
+    def _save(self, now):
         if self.state == _UNLOADED:
             return
-        now = _now() if now is None else now
         self._rotate_on_new_identity()
         image = _snapshot(self._data) if self._current is None else self._current[0]
         self._current = key = stored = None
@@ -2863,16 +2873,16 @@ class Session(MutableMapping):
         if key is not None and self._holds():
             self._created = now if first else self._created
             stored = self._encode(key)
-        if self._remove_doomed() and stored is not None:
-            stored, image = self._encode(key), None  # another request's change, carried to the new id
         if key is not None:
-            self._write(key, stored, image, now, first)
+            self._write(key, stored, image, now, first)  # before the old record goes: a failed login keeps it
         elif self.state == _LOADED:
             self._touch(now)
         elif self.state == _NEW and self._holds() and self._settings.cookie_max_age == 0:
             self.abandon()  # its cookie expires with this response: the session ends with it
         elif self.state == _NEW and self._holds():
             _logger.warning("session started after the response headers: no cookie was sent, not saved")
+        if self._remove_doomed() and self.state == _LOADED:
+            self._write(self._key, self._encode(self._key), None, now, False)  # another request's change, carried
 
     def _record(self):
         record = {"created": self._created, "data": self._data}
