@@ -4495,6 +4495,20 @@ class ASGIResponses(ASGICase):
             asgi_run(self.middleware(app), asgi_scope("/", cookie))
         self.assertEqual(self.stored(), [{"user": "ann", "seen": True}])
 
+    def test_a_refreshed_read_racing_a_logout_sends_no_stale_cookie(self):
+        cookie = self.start_session(user="ann")
+        (key,) = self.store
+        self.store.set_mtime(key, time.time() - 120)  # a touch is due
+
+        async def app(scope, receive, send):
+            user = scope["session"]["user"]
+            self.store.remove(key)  # another request's logout, meanwhile
+            await asgi_respond(send, user.encode())
+
+        app = self.middleware(app, cookie_max_age=3600, refresh_each_request=True)
+        messages = asgi_run(app, asgi_scope("/", cookie))
+        self.assertEqual((messages[1]["body"], dict(sent_headers(messages)).get("set-cookie")), (b"ann", None))
+
     def test_regenerate_after_the_response_started_raises(self):
         async def app(scope, receive, send):
             await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -5119,6 +5133,18 @@ class FlaskPermanentSessions(FlaskCase):
         cookie = self.get("/set?a=2").headers["Set-Cookie"]
         self.assertNotIn("Expires", cookie)
         self.assertNotIn("Max-Age", cookie)
+
+    def test_a_read_racing_a_logout_sends_no_stale_cookie(self):
+        def read_while_another_tab_logs_out():
+            user = self.flask.session["user"]
+            self.store.remove(self.flask.session.key)  # another request's logout, meanwhile
+            return user
+
+        self.route("/race", read_while_another_tab_logs_out)
+        self.get("/set?user=ann")
+        os.utime(os.path.join(self.directory, self.records()[0]), (time.time() - 120,) * 2)  # a touch is due
+        response = self.get("/race")
+        self.assertEqual((response.text, response.headers.get("Set-Cookie")), ("ann", None))
 
     def test_a_permanent_session_survives_a_browser_restart_until_the_documented_lifetime(self):
         self.get("/set?user=ann")

@@ -2952,7 +2952,8 @@ class Session(MutableMapping):
             return
         store = self._settings.store
         try:
-            store.set_mtime(self._key, store._stamp(now))
+            if not store.set_mtime(self._key, store._stamp(now)):
+                self.state = _GONE  # another request removed it meanwhile: no cookie may name it again
         except StoreError as exc:
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
         self._mtime, self._promote = now, False
