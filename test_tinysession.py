@@ -5251,9 +5251,12 @@ class FlaskSecretKeys(FlaskCase):
     def test_without_a_secret_key_the_session_is_read_only_and_empty(self):
         self.app.secret_key = None
         self.app.config["TESTING"] = True
+        for name in ("invalidate", "regenerate"):
+            self.route(f"/{name}", lambda name=name: getattr(self.flask.session, name)() or "")
         self.assertEqual(self.client.get("/read").json, {})
-        with self.assertRaisesRegex(RuntimeError, "no secret key was set"):
-            self.client.get("/set")
+        for path in ("/set", "/invalidate", "/regenerate"):
+            with self.subTest(path=path), self.assertRaisesRegex(RuntimeError, "no secret key was set"):
+                self.client.get(path)
         self.assertEqual(self.store.accesses, [])
 
 

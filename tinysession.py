@@ -3264,6 +3264,7 @@ class _FlaskNullSession(dict):
         raise RuntimeError(_NO_SECRET_KEY)
 
     __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = __ior__ = _fail
+    regenerate = invalidate = _fail
 
 
 class FlaskSessionInterface:
