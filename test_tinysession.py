@@ -4154,7 +4154,8 @@ async def asgi_probe_app(scope, receive, send):
         session.setdefault("messages", []).append("streamed")
         if path == "/stream-fail":
             raise RuntimeError("failed mid-body")
-        await send({"type": "http.response.body", "body": b"end"})
+        await send({"type": "http.response.body", "body": b"end", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})  # as Starlette's StreamingResponse ends
         return
     await asgi_respond(send, json.dumps(session).encode())
 
@@ -4483,7 +4484,7 @@ class ASGIResponses(ASGICase):
         asgi_run(self.middleware(app), asgi_scope("/", cookie))
         self.assertEqual(self.stored(), [{"user": "ann", "background": "ran"}])
 
-    def test_an_exception_after_the_response_keeps_what_the_response_saved(self):
+    def test_an_exception_after_the_response_undoes_what_it_saved(self):
         async def app(scope, receive, send):
             scope["session"]["seen"] = True
             await asgi_respond(send, b"done")
@@ -4493,7 +4494,7 @@ class ASGIResponses(ASGICase):
         cookie = self.start_session(user="ann")
         with self.assertRaises(RuntimeError):
             asgi_run(self.middleware(app), asgi_scope("/", cookie))
-        self.assertEqual(self.stored(), [{"user": "ann", "seen": True}])
+        self.assertEqual(self.stored(), [{"user": "ann"}])
 
     def test_a_refreshed_read_racing_a_logout_sends_no_stale_cookie(self):
         cookie = self.start_session(user="ann")
@@ -4513,11 +4514,31 @@ class ASGIResponses(ASGICase):
         async def app(scope, receive, send):
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"half", "more_body": True})
+            await send({"type": "http.response.body", "body": b"more", "more_body": True})  # the headers go now
             scope["session"].regenerate()
 
         cookie = self.start_session(user="ann")
         with self.assertRaises(tinysession.SessionError):
             asgi_run(self.middleware(app), asgi_scope("/", cookie))
+        self.assertEqual(self.stored(), [{"user": "ann"}])
+
+    def test_a_second_response_start_raises(self):
+        async def app(scope, receive, send):
+            scope["session"]["y"] = 1
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+
+        with self.assertRaisesRegex(RuntimeError, "http.response.start after http.response.start"):
+            asgi_run(self.middleware(app), asgi_scope("/"))
+        self.assertEqual(self.stored(), [])
+
+    def test_a_write_outside_the_cookie_path_sends_no_cookie_and_saves_nothing(self):
+        cookie = self.start_session(user="ann")
+        app = self.middleware(path="/app")
+        with LogRecords() as warnings:
+            messages = asgi_run(app, asgi_scope("/other/set", cookie, query="theme=dark"))
+        self.assertNotIn("set-cookie", dict(sent_headers(messages)))
+        self.assertIn("outside the cookie's path", " ".join(warnings))
         self.assertEqual(self.stored(), [{"user": "ann"}])
 
     def test_vary_is_merged_by_token_and_the_cookie_added(self):
@@ -4538,6 +4559,22 @@ class ASGIResponses(ASGICase):
         sent = []
         with self.assertRaises(tinysession.StoreError):
             asgi_run(self.middleware(), asgi_scope("/set", cookie, query="user=bob"), on_send=sent.append)
+        self.assertEqual(sent, [])
+        self.assertEqual(self.stored(), [{"user": "ann"}])
+
+    def test_a_body_then_an_empty_last_message_whose_save_fails_sends_nothing(self):
+        async def app(scope, receive, send):  # as behind Starlette's BaseHTTPMiddleware, with Content-Length
+            scope["session"]["user"] = "bob"
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok", "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+        self.store = FailingWrites(self.directory)
+        cookie = self.start_session(user="ann")
+        self.store.failing = True
+        sent = []
+        with self.assertRaises(tinysession.StoreError):
+            asgi_run(self.middleware(app), asgi_scope("/", cookie), on_send=sent.append)
         self.assertEqual(sent, [])
         self.assertEqual(self.stored(), [{"user": "ann"}])
 
@@ -4636,6 +4673,19 @@ class ASGIWebSocket(ASGICase):
         asgi_run(self.middleware(app), asgi_scope("/ws", cookie, kind="websocket"), incoming, on_send)
         self.assertEqual(at_close, [[{"user": "ann", "chat": ["hi"]}]])
 
+    def test_a_socket_refused_before_its_accept_saves_nothing(self):
+        async def app(scope, receive, send):
+            await receive()
+            scope["session"]["x"] = 1
+            await send({"type": "websocket.close", "code": 1008})
+
+        for cookie in (None, self.start_session(user="ann")):
+            with self.subTest(cookie=cookie):
+                incoming = [{"type": "websocket.connect"}]
+                sent = asgi_run(self.middleware(app), asgi_scope("/ws", cookie, kind="websocket"), incoming)
+                self.assertEqual([message["type"] for message in sent], ["websocket.close"])
+                self.assertEqual(self.stored(), [{"user": "ann"}])
+
     def test_a_socket_cannot_start_a_session(self):
         with LogRecords() as warnings:
             replies, _ = self.converse(None, ["hi"])
@@ -4712,6 +4762,22 @@ class StarletteAndFastAPI(unittest.TestCase):
         self.assertEqual(response.json(), {"session": {"a": "1"}})
         self.assertEqual((response.headers["vary"], response.headers.get("set-cookie")), ("Cookie", None))
         self.assertNotIn("vary", self.client.get("/plain").headers)
+
+    def test_wrapped_outside_starlette_a_failed_request_is_not_saved(self):
+        from starlette.routing import Route
+
+        async def pay(request):
+            request.session["paid"] = True
+            raise RuntimeError("the payment provider is down")
+
+        app = starlette_probe()
+        app.router.routes.append(Route("/pay", pay))
+        client = starlette_test_client(tinysession.ASGISessionMiddleware(app, self.store),
+                                       raise_server_exceptions=False)
+        self.addCleanup(client.close)
+        client.get("/merge?user=ann")
+        self.assertEqual(client.get("/pay").status_code, 500)  # Starlette's error page, then the error again
+        self.assertEqual(client.get("/").json(), {"session": {"user": "ann"}})
 
     def test_changes_made_while_a_streaming_response_streams_are_saved(self):
         self.client.get("/merge?a=1")
