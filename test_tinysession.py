@@ -4223,7 +4223,8 @@ class ASGIFrontEnd:
 
     def cookie_for(self, scheme="http", **options):
         middleware = tinysession.ASGISessionMiddleware(asgi_probe_app, self.store, **options)
-        _status, headers, _ = call(asgi_as_wsgi(middleware), "/set", query="a=1", scheme=scheme)
+        path = options.get("path", "").rstrip("/") + "/set"  # inside the cookie's path, or nothing is saved
+        _status, headers, _ = call(asgi_as_wsgi(middleware), path, query="a=1", scheme=scheme)
         (cookie,) = set_cookies(headers)
         return cookie
 
@@ -5822,7 +5823,7 @@ class QuartSessions(unittest.TestCase):
 
         with self.assertLogs("tinysession", "WARNING") as logs:
             self.assertEqual(self.run_client(steps), {})
-        self.assertIn("no cookie was sent, not saved", logs.output[0])
+        self.assertIn("after the response headers or outside the cookie's path: not saved", logs.output[0])
         self.assertEqual(len(self.store), 0)
 
     def test_a_websocket_refused_with_an_http_response_gets_that_response(self):
