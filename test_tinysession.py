@@ -3360,6 +3360,35 @@ class RegenerateAndInvalidate(MiddlewareCase):
             self.assertEqual((status, headers.get_all("Set-Cookie")), (200, None))
         self.assertEqual(self.session_keys(), [])
 
+    def failing(self, hook, times):
+        """Make the store's ``hook`` ("write", "remove") raise StoreError on its next ``times`` calls."""
+        original, failures = getattr(self.store, hook), [tinysession.StoreError("the disk is full")] * times
+
+        def failing_hook(*args, **kwargs):
+            if failures:
+                raise failures.pop()
+            return original(*args, **kwargs)
+
+        setattr(self.store, hook, failing_hook)
+        self.addCleanup(vars(self.store).pop, hook, None)
+
+    def test_a_login_whose_writes_fail_keeps_the_session(self):
+        self.browser.json("/set?cart=3")
+        keys = self.session_keys()
+        self.failing("write", 100)  # as on a full disk, where removals still work
+        self.assertEqual(self.browser.request("/login?user=ann")[0], 500)
+        del self.store.write
+        self.assertEqual(self.session_keys(), keys)
+        self.assertEqual(self.browser.json(), {"cart": "3"})
+
+    def test_a_login_whose_removal_fails_is_rolled_back(self):
+        self.browser.json("/set?cart=3")
+        keys = self.session_keys()
+        self.failing("remove", 1)
+        self.assertEqual(self.browser.request("/login?user=ann")[0], 500)
+        self.assertEqual(self.session_keys(), keys)
+        self.assertEqual(self.browser.json(), {"cart": "3"})
+
     def test_regenerate_after_the_response_started_raises_even_if_loaded_late(self):
         def app(environ, start_response):
             start_response("200 OK", [])
@@ -4133,7 +4162,8 @@ async def asgi_probe_app(scope, receive, send):
         session.setdefault("messages", []).append("streamed")
         if path == "/stream-fail":
             raise RuntimeError("failed mid-body")
-        await send({"type": "http.response.body", "body": b"end"})
+        await send({"type": "http.response.body", "body": b"end", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})  # as Starlette's StreamingResponse ends
         return
     await asgi_respond(send, json.dumps(session).encode())
 
@@ -4201,7 +4231,8 @@ class ASGIFrontEnd:
 
     def cookie_for(self, scheme="http", **options):
         middleware = tinysession.ASGISessionMiddleware(asgi_probe_app, self.store, **options)
-        _status, headers, _ = call(asgi_as_wsgi(middleware), "/set", query="a=1", scheme=scheme)
+        path = options.get("path", "").rstrip("/") + "/set"  # inside the cookie's path, or nothing is saved
+        _status, headers, _ = call(asgi_as_wsgi(middleware), path, query="a=1", scheme=scheme)
         (cookie,) = set_cookies(headers)
         return cookie
 
@@ -4462,7 +4493,7 @@ class ASGIResponses(ASGICase):
         asgi_run(self.middleware(app), asgi_scope("/", cookie))
         self.assertEqual(self.stored(), [{"user": "ann", "background": "ran"}])
 
-    def test_an_exception_after_the_response_keeps_what_the_response_saved(self):
+    def test_an_exception_after_the_response_undoes_what_it_saved(self):
         async def app(scope, receive, send):
             scope["session"]["seen"] = True
             await asgi_respond(send, b"done")
@@ -4472,17 +4503,51 @@ class ASGIResponses(ASGICase):
         cookie = self.start_session(user="ann")
         with self.assertRaises(RuntimeError):
             asgi_run(self.middleware(app), asgi_scope("/", cookie))
-        self.assertEqual(self.stored(), [{"user": "ann", "seen": True}])
+        self.assertEqual(self.stored(), [{"user": "ann"}])
+
+    def test_a_refreshed_read_racing_a_logout_sends_no_stale_cookie(self):
+        cookie = self.start_session(user="ann")
+        (key,) = self.store
+        self.store.set_mtime(key, time.time() - 120)  # a touch is due
+
+        async def app(scope, receive, send):
+            user = scope["session"]["user"]
+            self.store.remove(key)  # another request's logout, meanwhile
+            await asgi_respond(send, user.encode())
+
+        app = self.middleware(app, cookie_max_age=3600, refresh_each_request=True)
+        messages = asgi_run(app, asgi_scope("/", cookie))
+        self.assertEqual((messages[1]["body"], dict(sent_headers(messages)).get("set-cookie")), (b"ann", None))
 
     def test_regenerate_after_the_response_started_raises(self):
         async def app(scope, receive, send):
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"half", "more_body": True})
+            await send({"type": "http.response.body", "body": b"more", "more_body": True})  # the headers go now
             scope["session"].regenerate()
 
         cookie = self.start_session(user="ann")
         with self.assertRaises(tinysession.SessionError):
             asgi_run(self.middleware(app), asgi_scope("/", cookie))
+        self.assertEqual(self.stored(), [{"user": "ann"}])
+
+    def test_a_second_response_start_raises(self):
+        async def app(scope, receive, send):
+            scope["session"]["y"] = 1
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+
+        with self.assertRaisesRegex(RuntimeError, "http.response.start after http.response.start"):
+            asgi_run(self.middleware(app), asgi_scope("/"))
+        self.assertEqual(self.stored(), [])
+
+    def test_a_write_outside_the_cookie_path_sends_no_cookie_and_saves_nothing(self):
+        cookie = self.start_session(user="ann")
+        app = self.middleware(path="/app")
+        with LogRecords() as warnings:
+            messages = asgi_run(app, asgi_scope("/other/set", cookie, query="theme=dark"))
+        self.assertNotIn("set-cookie", dict(sent_headers(messages)))
+        self.assertIn("outside the cookie's path", " ".join(warnings))
         self.assertEqual(self.stored(), [{"user": "ann"}])
 
     def test_vary_is_merged_by_token_and_the_cookie_added(self):
@@ -4503,6 +4568,22 @@ class ASGIResponses(ASGICase):
         sent = []
         with self.assertRaises(tinysession.StoreError):
             asgi_run(self.middleware(), asgi_scope("/set", cookie, query="user=bob"), on_send=sent.append)
+        self.assertEqual(sent, [])
+        self.assertEqual(self.stored(), [{"user": "ann"}])
+
+    def test_a_body_then_an_empty_last_message_whose_save_fails_sends_nothing(self):
+        async def app(scope, receive, send):  # as behind Starlette's BaseHTTPMiddleware, with Content-Length
+            scope["session"]["user"] = "bob"
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok", "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+        self.store = FailingWrites(self.directory)
+        cookie = self.start_session(user="ann")
+        self.store.failing = True
+        sent = []
+        with self.assertRaises(tinysession.StoreError):
+            asgi_run(self.middleware(app), asgi_scope("/", cookie), on_send=sent.append)
         self.assertEqual(sent, [])
         self.assertEqual(self.stored(), [{"user": "ann"}])
 
@@ -4601,6 +4682,19 @@ class ASGIWebSocket(ASGICase):
         asgi_run(self.middleware(app), asgi_scope("/ws", cookie, kind="websocket"), incoming, on_send)
         self.assertEqual(at_close, [[{"user": "ann", "chat": ["hi"]}]])
 
+    def test_a_socket_refused_before_its_accept_saves_nothing(self):
+        async def app(scope, receive, send):
+            await receive()
+            scope["session"]["x"] = 1
+            await send({"type": "websocket.close", "code": 1008})
+
+        for cookie in (None, self.start_session(user="ann")):
+            with self.subTest(cookie=cookie):
+                incoming = [{"type": "websocket.connect"}]
+                sent = asgi_run(self.middleware(app), asgi_scope("/ws", cookie, kind="websocket"), incoming)
+                self.assertEqual([message["type"] for message in sent], ["websocket.close"])
+                self.assertEqual(self.stored(), [{"user": "ann"}])
+
     def test_a_socket_cannot_start_a_session(self):
         with LogRecords() as warnings:
             replies, _ = self.converse(None, ["hi"])
@@ -4677,6 +4771,22 @@ class StarletteAndFastAPI(unittest.TestCase):
         self.assertEqual(response.json(), {"session": {"a": "1"}})
         self.assertEqual((response.headers["vary"], response.headers.get("set-cookie")), ("Cookie", None))
         self.assertNotIn("vary", self.client.get("/plain").headers)
+
+    def test_wrapped_outside_starlette_a_failed_request_is_not_saved(self):
+        from starlette.routing import Route
+
+        async def pay(request):
+            request.session["paid"] = True
+            raise RuntimeError("the payment provider is down")
+
+        app = starlette_probe()
+        app.router.routes.append(Route("/pay", pay))
+        client = starlette_test_client(tinysession.ASGISessionMiddleware(app, self.store),
+                                       raise_server_exceptions=False)
+        self.addCleanup(client.close)
+        client.get("/merge?user=ann")
+        self.assertEqual(client.get("/pay").status_code, 500)  # Starlette's error page, then the error again
+        self.assertEqual(client.get("/").json(), {"session": {"user": "ann"}})
 
     def test_changes_made_while_a_streaming_response_streams_are_saved(self):
         self.client.get("/merge?a=1")
@@ -5099,6 +5209,18 @@ class FlaskPermanentSessions(FlaskCase):
         self.assertNotIn("Expires", cookie)
         self.assertNotIn("Max-Age", cookie)
 
+    def test_a_read_racing_a_logout_sends_no_stale_cookie(self):
+        def read_while_another_tab_logs_out():
+            user = self.flask.session["user"]
+            self.store.remove(self.flask.session.key)  # another request's logout, meanwhile
+            return user
+
+        self.route("/race", read_while_another_tab_logs_out)
+        self.get("/set?user=ann")
+        os.utime(os.path.join(self.directory, self.records()[0]), (time.time() - 120,) * 2)  # a touch is due
+        response = self.get("/race")
+        self.assertEqual((response.text, response.headers.get("Set-Cookie")), ("ann", None))
+
     def test_a_permanent_session_survives_a_browser_restart_until_the_documented_lifetime(self):
         self.get("/set?user=ann")
         self.jar.restart()
@@ -5204,9 +5326,12 @@ class FlaskSecretKeys(FlaskCase):
     def test_without_a_secret_key_the_session_is_read_only_and_empty(self):
         self.app.secret_key = None
         self.app.config["TESTING"] = True
+        for name in ("invalidate", "regenerate"):
+            self.route(f"/{name}", lambda name=name: getattr(self.flask.session, name)() or "")
         self.assertEqual(self.client.get("/read").json, {})
-        with self.assertRaisesRegex(RuntimeError, "no secret key was set"):
-            self.client.get("/set")
+        for path in ("/set", "/invalidate", "/regenerate"):
+            with self.subTest(path=path), self.assertRaisesRegex(RuntimeError, "no secret key was set"):
+                self.client.get(path)
         self.assertEqual(self.store.accesses, [])
 
 
@@ -5706,7 +5831,7 @@ class QuartSessions(unittest.TestCase):
 
         with self.assertLogs("tinysession", "WARNING") as logs:
             self.assertEqual(self.run_client(steps), {})
-        self.assertIn("no cookie was sent, not saved", logs.output[0])
+        self.assertIn("after the response headers or outside the cookie's path: not saved", logs.output[0])
         self.assertEqual(len(self.store), 0)
 
     def test_a_websocket_refused_with_an_http_response_gets_that_response(self):

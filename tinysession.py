@@ -2842,14 +2842,22 @@ class Session(MutableMapping):
             headers.append((names[1], cookie))
         return headers
 
-    def save(self, *, now=None):
-        """Write, touch or remove the record as left so far (store I/O, repeatable); merge others' saves.
+    def save(self, *, now=None, keep=False):
+        """Write, touch or remove the record as left so far (store I/O); with ``keep``, no later rollback() undoes it.
 
-        Raises StoreError, or before writing anything RecordTooLarge or EncodeError.
+        Raises StoreError, or before writing anything RecordTooLarge or EncodeError, after rolling back.
         """
+        try:
+            self._save(_now() if now is None else now)
+        except BaseException:
+            self.rollback()
+            raise
+        if keep:
+            self._undo = []
+
+    def _save(self, now):
         if self.state == _UNLOADED:
             return
-        now = _now() if now is None else now
         self._rotate_on_new_identity()
         image = _snapshot(self._data) if self._current is None else self._current[0]
         self._current = key = stored = None
@@ -2863,16 +2871,16 @@ class Session(MutableMapping):
         if key is not None and self._holds():
             self._created = now if first else self._created
             stored = self._encode(key)
-        if self._remove_doomed() and stored is not None:
-            stored, image = self._encode(key), None  # another request's change, carried to the new id
         if key is not None:
-            self._write(key, stored, image, now, first)
+            self._write(key, stored, image, now, first)  # before the old record goes: a failed login keeps it
         elif self.state == _LOADED:
             self._touch(now)
         elif self.state == _NEW and self._holds() and self._settings.cookie_max_age == 0:
             self.abandon()  # its cookie expires with this response: the session ends with it
         elif self.state == _NEW and self._holds():
-            _logger.warning("session started after the response headers: no cookie was sent, not saved")
+            _logger.warning("session started after the response headers or outside the cookie's path: not saved")
+        if self._remove_doomed() and self.state == _LOADED:
+            self._write(self._key, self._encode(self._key), None, now, False)  # another request's change, carried
 
     def _record(self):
         record = {"created": self._created, "data": self._data}
@@ -2942,7 +2950,8 @@ class Session(MutableMapping):
             return
         store = self._settings.store
         try:
-            store.set_mtime(self._key, store._stamp(now))
+            if not store.set_mtime(self._key, store._stamp(now)):
+                self.state = _GONE  # another request removed it meanwhile: no cookie may name it again
         except StoreError as exc:
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
         self._mtime, self._promote = now, False
@@ -3253,6 +3262,7 @@ class _FlaskNullSession(dict):
         raise RuntimeError(_NO_SECRET_KEY)
 
     __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = __ior__ = _fail
+    regenerate = invalidate = _fail
 
 
 class FlaskSessionInterface:
@@ -3433,14 +3443,15 @@ class QuartSessionInterface(FlaskSessionInterface):
 # -- ASGI --
 
 _START_MESSAGES = ("http.response.start", "websocket.http.response.start")
+_BODY_MESSAGES = ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend",
+                  "http.response.pathsend")
 
 
 def _is_final(message):
     """Return True for the message that completes an ASGI response or closes a socket."""
-    kind = message["type"]
-    if kind in ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend"):
-        return not message.get("more_body", False)
-    return kind in ("http.response.pathsend", "websocket.close")
+    if message["type"] in ("http.response.pathsend", "websocket.close"):
+        return True
+    return not message.get("more_body", False)
 
 
 def _marking_use(name):
@@ -3453,16 +3464,6 @@ def _marking_use(name):
 
     marked.__name__, marked.__doc__ = name, method.__doc__
     return marked
-
-
-async def _save_in_thread(core, run_in_thread):
-    """Save ``core`` in a thread if it has store I/O to do; undo this request's writes if that fails."""
-    if core.pending:
-        try:
-            await run_in_thread(core.save)
-        except BaseException:
-            await run_in_thread(core.rollback)
-            raise
 
 
 class ASGISession(dict):
@@ -3519,7 +3520,8 @@ class ASGISession(dict):
         (after undoing this request's writes) if the store fails.
         """
         self.accessed = True
-        await _save_in_thread(self._core, self._run)
+        if self._core.pending:
+            await self._run(lambda: self._core.save(keep=True))
 
 
 _DICT_USES = (
@@ -3547,17 +3549,20 @@ class ASGISessionMiddleware:
     ours there), one to read, two to change it (the load, then one save).
     As the app's dict is used synchronously, a request whose Cookie header
     carries a well-formed session id is loaded in a thread before the app
-    runs, used or not. ``http.response.start`` is held until the first
-    body message; when that is the last one, the session is saved before
-    anything is sent, so a failed save is a whole HTTP 500 (the error goes
-    up to the server) and the previous record stays. A response that
-    really streams is saved before its last body message; if that fails,
-    the connection is cut (the error goes up, the last message is not
-    sent) and one ERROR line names the session's store key. Changes made
-    after the response are saved when the app returns. An exception from
-    the app, or a response never completed (the client went away), saves
-    nothing more. A websocket is saved when the app sends
-    ``websocket.close``, when the app returns normally, and on ``await
+    runs, used or not. Each body message is held until the next one comes
+    (``http.response.start`` with the first), so the session is saved
+    before the last bytes go out: when nothing was sent yet (one body
+    message, or one and an empty last one), a failed save is a whole HTTP 500
+    (the error goes up to the server) and the previous record stays; a
+    response that really streams is cut off instead (the held bytes are not
+    sent, the error goes up) and one ERROR line names the session's store
+    key. Changes made after the response are saved when the app returns. An
+    exception from the app undoes the request's saves, even after a complete
+    response; a response never completed (the client went away) saves
+    nothing. Outside the cookie's ``path`` nothing is saved. A second
+    ``http.response.start`` raises RuntimeError. A websocket is saved when
+    the app sends ``websocket.close`` (not if it was never accepted), when
+    the app returns normally, and on ``await
     session.save()``. Runs on an asyncio event loop (uvicorn, hypercorn, daphne...).
     """
 
@@ -3584,12 +3589,13 @@ class ASGISessionMiddleware:
         return await loop.run_in_executor(self._threads, function)
 
     def _cookie_header(self, scope):
+        """Return the request's Cookie header, or None outside the cookie's path (where ours is never sent)."""
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and not path.startswith(root):
             path = root + path
         prefix = self.settings.path
         if path != prefix and not path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
-            return ""
+            return None
         cookies = [value for name, value in scope.get("headers", ()) if name.lower() == b"cookie"]
         return b"; ".join(cookies).decode("latin-1")
 
@@ -3606,44 +3612,65 @@ class ASGISessionMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        core = Session(self.settings, self._cookie_header(scope), secure=scope.get("scheme") in ("https", "wss"),
-                       data_class=ASGISession)
+        header = self._cookie_header(scope)
+        core = Session(self.settings, header, secure=scope.get("scheme") in ("https", "wss"), data_class=ASGISession)
         if core.has_id_cookie:
             await self._in_thread(core.load)
         session = scope["session"] = core.load()
         session._core, session._run = core, self._in_thread
-        held, completed = [], []
+        if header is None:
+            core.cookie()  # outside the cookie's path: a cookie sent from here would replace the user's
+        opened, start, body, completed = [], [], [], []  # start and body: held, each until the next message
+
+        async def flush():
+            if start:
+                await send(self._with_session(core, session, start.pop()))
+            if body:
+                await send(body.pop())
 
         async def session_send(message):
-            if message["type"] in _START_MESSAGES:
-                held.append(message)  # sent with the first body message, once the session is saved
+            kind = message["type"]
+            if kind in _START_MESSAGES or kind == "websocket.accept":
+                if opened:
+                    raise RuntimeError(f"ASGI: {kind} after {opened[0]}: a response starts once")
+                opened.append(kind)
+                if kind == "websocket.accept":  # its cookie goes now, none can follow
+                    await send(self._with_session(core, session, message))
+                else:
+                    start.append(message)
                 return
-            headers_out = not held and message["type"] != "websocket.accept"
-            if _is_final(message):
+            if kind not in _BODY_MESSAGES and kind != "websocket.close":
+                await send(message)
+                return
+            if not _is_final(message):
+                if body:
+                    await flush()  # the body goes one message late (the start with it): the last waits for the save
+                body.append(message)
+                return
+            if opened:  # a socket refused before its accept has no cookie to reach a record: not saved
                 try:
-                    await _save_in_thread(core, self._in_thread)  # held headers not sent yet: a failure is a 500
+                    if core.pending:
+                        await self._in_thread(core.save)  # while start is held, a failure is a whole 500
                 except BaseException:
-                    if headers_out:
+                    if not start:
                         _logger.error("session %s could not be saved after the response headers went out: the "
                                       "response is cut off", (core.key or "(none)")[:12])
                     raise
-                completed.append(message["type"])
-            if held:
-                await send(self._with_session(core, session, held.pop()))
-            elif not headers_out:
-                message = self._with_session(core, session, message)  # the websocket's accept
+                completed.append(kind)
+            await flush()
             await send(message)
 
-        saved = False
         try:
             await self.app(scope, receive, session_send)
-            if completed or scope["type"] == "websocket":
-                core.cookie()  # a socket refused unopened: no record without a cookie
-                await _save_in_thread(core, self._in_thread)
-                saved = True
-        finally:
-            if not saved and core.accessed:
-                await self._in_thread(core.abandon)  # a new session's log, never to be saved
+        except BaseException:
+            await self._in_thread(core.rollback)  # even after a complete response (an error page)
+            raise
+        if completed or opened == ["websocket.accept"]:
+            core.cookie()
+            if core.pending:
+                await self._in_thread(core.save)
+        else:
+            await self._in_thread(core.abandon)  # a new session's log, never to be saved
 
 
 # -- Command line --
