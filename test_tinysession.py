@@ -4587,6 +4587,20 @@ class ASGIResponses(ASGICase):
         self.assertEqual(sent, [])
         self.assertEqual(self.stored(), [{"user": "ann"}])
 
+    def test_a_chunked_stream_sends_each_message_at_once_and_only_its_end_waits(self):
+        sent, seen_by_the_app = [], []
+
+        async def app(scope, receive, send):  # server-sent events: no Content-Length
+            scope["session"]["user"] = "bob"
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+            seen_by_the_app.append([message["type"] for message in sent])
+            await send({"type": "http.response.body", "body": b""})
+
+        asgi_run(self.middleware(app), asgi_scope("/"), on_send=sent.append)
+        self.assertEqual(seen_by_the_app, [["http.response.start", "http.response.body"]])
+        self.assertEqual(self.stored(), [{"user": "bob"}])
+
     def test_a_streamed_response_whose_save_fails_is_cut_off_and_logged_once(self):
         self.store = FailingWrites(self.directory)
         cookie = self.start_session(user="ann")
@@ -4595,7 +4609,8 @@ class ASGIResponses(ASGICase):
         sent = []
         with self.assertLogs("tinysession", "ERROR") as logs, self.assertRaises(tinysession.StoreError):
             asgi_run(self.middleware(), asgi_scope("/stream", cookie), on_send=sent.append)
-        self.assertEqual([message.get("more_body") for message in sent[1:]], [True], "no clean end")
+        self.assertTrue(sent[1:], "a chunked stream goes out as it comes")
+        self.assertTrue(all(message.get("more_body") for message in sent[1:]), "no clean end")
         self.assertEqual(len(logs.output), 1)
         self.assertIn(key[:12], logs.output[0])
         self.assertEqual(self.stored(), [{"user": "ann"}])

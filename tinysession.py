@@ -3549,9 +3549,10 @@ class ASGISessionMiddleware:
     ours there), one to read, two to change it (the load, then one save).
     As the app's dict is used synchronously, a request whose Cookie header
     carries a well-formed session id is loaded in a thread before the app
-    runs, used or not. Each body message is held until the next one comes
-    (``http.response.start`` with the first), so the session is saved
-    before the last bytes go out: when nothing was sent yet (one body
+    runs, used or not. ``http.response.start`` is held until the first body
+    message, and in a response that declares its Content-Length each body
+    message until the next one comes, so the session is saved before the
+    client has the whole response: when nothing was sent yet (one body
     message, or one and an empty last one), a failed save is a whole HTTP 500
     (the error goes up to the server) and the previous record stays; a
     response that really streams is cut off instead (the held bytes are not
@@ -3620,7 +3621,7 @@ class ASGISessionMiddleware:
         session._core, session._run = core, self._in_thread
         if header is None:
             core.cookie()  # outside the cookie's path: a cookie sent from here would replace the user's
-        opened, start, body, completed = [], [], [], []  # start and body: held, each until the next message
+        opened, start, body, completed, sized = [], [], [], [], []  # start and body: held until the next message
 
         async def flush():
             if start:
@@ -3638,6 +3639,7 @@ class ASGISessionMiddleware:
                     await send(self._with_session(core, session, message))
                 else:
                     start.append(message)
+                    sized.extend(name for name, _ in message.get("headers", ()) if name.lower() == b"content-length")
                 return
             if kind not in _BODY_MESSAGES and kind != "websocket.close":
                 await send(message)
@@ -3646,6 +3648,8 @@ class ASGISessionMiddleware:
                 if body:
                     await flush()  # the body goes one message late (the start with it): the last waits for the save
                 body.append(message)
+                if not sized:  # a chunked response is whole only with its last message: the others need not wait
+                    await flush()
                 return
             if opened:  # a socket refused before its accept has no cookie to reach a record: not saved
                 try:
