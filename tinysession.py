@@ -2552,6 +2552,17 @@ def _session_ids(header, name):
     return ids[:_MAX_COOKIE_CANDIDATES]
 
 
+def _vary_cookie(headers, name):
+    """Return the list of (name, value) str pairs ``headers`` with Cookie in its Vary, a header ``name`` if none."""
+    for index, (header, value) in enumerate(headers):
+        if header.lower() == "vary":
+            tokens = {token.strip().lower() for token in value.split(",")}
+            if "cookie" not in tokens and "*" not in tokens:
+                headers[index] = (header, value + ", Cookie" if value.strip() else "Cookie")
+            return headers
+    return [*headers, (name, "Cookie")]
+
+
 class _Settings:
     """A front end's validated session options, shared by all its requests.
 
@@ -2829,15 +2840,7 @@ class Session(MutableMapping):
         cookie = self.cookie()
         if not (self.accessed if used is None else used) and cookie is None:
             return headers
-        headers = list(headers)
-        for index, (name, value) in enumerate(headers):
-            if name.lower() == "vary":
-                tokens = {token.strip().lower() for token in value.split(",")}
-                if "cookie" not in tokens and "*" not in tokens:
-                    headers[index] = (name, value + ", Cookie" if value.strip() else "Cookie")
-                break
-        else:
-            headers.append((names[0], "Cookie"))
+        headers = _vary_cookie(list(headers), names[0])
         if cookie is not None:
             headers.append((names[1], cookie))
         return headers
