@@ -1249,7 +1249,10 @@ def _key(index):
 
 
 def fill_tinysession_store(store, count, now):
-    """Write ``count`` chat records through the public API, then date the odd ones back by touch()."""
+    """Write ``count`` chat records through the public API, then date the odd ones back by touch().
+
+    Open ``store`` with max_sessions=None: the default bound (10,000) would clean the layout down to it.
+    """
     record = chat_record()
     try:
         for index in range(count):
@@ -1262,7 +1265,7 @@ def fill_tinysession_store(store, count, now):
 
 
 def build_tinysession_files(directory, count, now):
-    fill_tinysession_store(tinysession.FileStore(directory), count, now)
+    fill_tinysession_store(tinysession.FileStore(directory, max_sessions=None), count, now)
 
 
 def build_cachelib_files(directory, count, now):
@@ -1307,7 +1310,7 @@ def build_raw_sqlite(directory, count, now):
 
 def build_tinysession_sqlite(directory, count, now):
     os.makedirs(directory)
-    fill_tinysession_store(tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3")), count, now)
+    fill_tinysession_store(tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3"), max_sessions=None), count, now)
 
 
 def build_django_db(directory, count, now):
@@ -1365,12 +1368,12 @@ def count_rows(filename, table):
 
 
 def child_tinysession_files(directory, _count, **clean):
-    store = tinysession.FileStore(directory)
+    store = tinysession.FileStore(directory, max_sessions=None)
     return lambda: store.clean(**clean)
 
 
 def child_tinysession_sqlite(directory, _count):
-    store = tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3"))
+    store = tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3"), max_sessions=None)
     return lambda: store.clean(max_age=MAX_AGE)
 
 
