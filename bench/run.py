@@ -1,6 +1,6 @@
 """Benchmark tinysession against plain baselines and peer session libraries.
 
-    python bench/run.py [--quick] [--dir PARENT] [--redis | --no-redis] [--sections 0123456789]
+    python bench/run.py [--quick] [--dir PARENT] [--redis | --no-redis] [--sections 0123456789c]
 
 Everything runs in one process except where a fresh process is the point
 (cleaning and importing). Contenders are interleaved across repetitions (for
@@ -37,6 +37,13 @@ machine drift hits them all alike; tables show medians over repetitions.
 9. The message log: one append and a read of the last 5 rounds on
    conversations of 10 to 10,000 messages, against rewriting the record and
    the store's raw append.
+c. Redis Cluster against one server: each RedisStore operation (save, load,
+   conditional update, touch, remove, len, stats, clean(keep), clean(max_age))
+   on a private 6-node cluster (redis-server --cluster-enabled, joined by
+   redis-cli --cluster create) beside one redis-server, and how evenly 10,000
+   sessions spread over its 3 masters. Skipped with a note without
+   redis-server, redis-cli or redis-py; every node it starts is stopped when
+   the section ends, on an error or Ctrl-C too.
 
 The HTTP sections load the servers with wrk (apt-get install wrk) when it is
 on PATH, else with a Python load generator in a child process; they need
@@ -68,6 +75,7 @@ import platform
 import random
 import secrets
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -92,14 +100,18 @@ FULL = {"store_n": 2000, "store_reps": 3, "req_n": 400, "req_reps": 3, "users": 
             "clean_n": 100_000, "clean_reps": 1, "import_runs": 7, "http_s": 2, "http_reps": 3, "http_warmup_s": 1,
             "contended_saves": 50, "flood_keep": 1000, "flood_returning": 300, "flood_new": 20000,
             "busy_files": 100_000, "busy_rows": 300_000, "busy_writes": 2000, "log_n": 200, "log_reps": 3,
-            "log_sizes": (10, 100, 1000, 10_000), "http_sizes": ["1 KB", "100 KB"], "http_only": None}
+            "log_sizes": (10, 100, 1000, 10_000), "http_sizes": ["1 KB", "100 KB"], "http_only": None,
+            "cluster_n": 2000, "cluster_reps": 3, "cluster_spread": 10_000}
 # One cleaning run each in the full run: building and tearing down a 100,000-file
 # layout costs ~30 s per cleaner on a 2-core VM disk; raise clean_reps on a faster one.
-QUICK = {"store_n": 200, "store_reps": 3, "req_n": 60, "req_reps": 3, "users": 50,
-             "clean_n": 5000, "clean_reps": 1, "import_runs": 3, "contended_saves": 10, "flood_keep": 100,
-             "flood_returning": 30, "flood_new": 1000, "busy_files": 2000, "busy_rows": 5000, "busy_writes": 200,
-             "log_n": 30, "log_reps": 1, "log_sizes": (10, 100), "http_s": 1, "http_reps": 1, "http_warmup_s": 0, "http_sizes": ["1 KB"],
-             "http_only": ["no sessions", "tinysession SQLiteStore"]}
+QUICK = {"store_n": 100, "store_reps": 1, "req_n": 30, "req_reps": 1, "users": 20,
+             "clean_n": 1200, "clean_reps": 1, "import_runs": 1, "contended_saves": 5, "flood_keep": 50,
+             "flood_returning": 15, "flood_new": 500, "busy_files": 1500, "busy_rows": 3000, "busy_writes": 100,
+             "log_n": 20, "log_reps": 1, "log_sizes": (10, 100), "http_s": 1, "http_reps": 1, "http_warmup_s": 0,
+             "http_sizes": ["1 KB"], "http_only": ["no sessions", "tinysession SQLiteStore"], "cluster_n": 100,
+             "cluster_reps": 1, "cluster_spread": 2000}
+# --quick is CI's smoke run (once per build, under 2 minutes on a loaded 2-core VM): one repetition of small
+# sizes, every section and check run; its figures are not the ones to quote.
 WARMUP = 20  # operations or requests per contender before any timing
 
 MAX_AGE = 2 * 3600  # the cleaning section's expiry: half the sessions are 3 hours old
@@ -309,38 +321,49 @@ def sqlalchemy_pragmas():
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port, no persistence."""
+    """A throwaway redis-server on a free loopback port, no persistence; ``options`` go to its command line."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, *options, name="redis"):
         self.process = None
         self.port = None
-        self.workdir = os.path.join(workdir, "redis")
+        self.options = options
+        self.workdir = os.path.join(workdir, name)
 
-    def start(self):
+    def start(self, max_port=65535):
+        """Start the server and wait until it answers PING; return None, or what went wrong.
+
+        The port is drawn again until it is at most ``max_port`` (a cluster node needs port + 10000 free
+        for its bus).
+        """
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(binary):
             return "no redis-server binary"
         import redis
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = max_port + 1
+        while self.port > max_port:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
         os.makedirs(self.workdir)
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.workdir],
+             "--dir", self.workdir, *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return None
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    if client.ping():
+                        return None
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
         self.stop()
-        return "redis-server did not answer within 10 s"
+        return f"redis-server on port {self.port} did not answer within 10 s"
 
     def client(self):
         import redis
@@ -1226,7 +1249,10 @@ def _key(index):
 
 
 def fill_tinysession_store(store, count, now):
-    """Write ``count`` chat records through the public API, then date the odd ones back by touch()."""
+    """Write ``count`` chat records through the public API, then date the odd ones back by touch().
+
+    Open ``store`` with max_sessions=None: the default bound (10,000) would clean the layout down to it.
+    """
     record = chat_record()
     try:
         for index in range(count):
@@ -1239,7 +1265,7 @@ def fill_tinysession_store(store, count, now):
 
 
 def build_tinysession_files(directory, count, now):
-    fill_tinysession_store(tinysession.FileStore(directory), count, now)
+    fill_tinysession_store(tinysession.FileStore(directory, max_sessions=None), count, now)
 
 
 def build_cachelib_files(directory, count, now):
@@ -1284,7 +1310,7 @@ def build_raw_sqlite(directory, count, now):
 
 def build_tinysession_sqlite(directory, count, now):
     os.makedirs(directory)
-    fill_tinysession_store(tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3")), count, now)
+    fill_tinysession_store(tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3"), max_sessions=None), count, now)
 
 
 def build_django_db(directory, count, now):
@@ -1342,12 +1368,12 @@ def count_rows(filename, table):
 
 
 def child_tinysession_files(directory, _count, **clean):
-    store = tinysession.FileStore(directory)
+    store = tinysession.FileStore(directory, max_sessions=None)
     return lambda: store.clean(**clean)
 
 
 def child_tinysession_sqlite(directory, _count):
-    store = tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3"))
+    store = tinysession.SQLiteStore(os.path.join(directory, "s.sqlite3"), max_sessions=None)
     return lambda: store.clean(max_age=MAX_AGE)
 
 
@@ -2418,6 +2444,196 @@ def print_log_section(config, names, results):
     print()
 
 
+# -- c. Redis Cluster against one server --
+#
+# The same RedisStore operations on a private 6-node Redis Cluster (3 masters,
+# 3 replicas, through redis-py's RedisCluster: the bucketed layout) and on the
+# one redis-server the other sections use, interleaved in one run; then how
+# evenly CLUSTER_SPREAD sessions spread over the masters.
+
+CLUSTER_NODES = 6
+CLUSTER_MAX_PORT = 55535  # a node's cluster bus listens on port + 10000
+CLUSTER_TIMED = ["save", "load", "conditional update", "touch", "remove"]  # µs per operation
+CLUSTER_CALLS = ["len()", "stats()", "clean(keep)", "clean(max_age)"]  # ms per call
+
+
+class RedisCluster:
+    """A private Redis Cluster of CLUSTER_NODES redis-servers on loopback (a replica per master), no persistence."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.servers = []
+
+    def start(self):
+        """Start the nodes, join them with ``redis-cli --cluster create``; return None, or what went wrong.
+
+        On any failure (Ctrl-C included) the nodes already started are stopped.
+        """
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            return "no redis-cli binary"
+        try:
+            for number in range(CLUSTER_NODES):
+                server = RedisServer(self.workdir, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                     "--cluster-node-timeout", "2000", name=f"cluster-{number}")
+                self.servers.append(server)
+                problem = server.start(max_port=CLUSTER_MAX_PORT)
+                if problem is not None:
+                    self.stop()
+                    return problem
+            created = subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers), "--cluster-replicas",
+                 "1", "--cluster-yes"], capture_output=True, check=False, timeout=60)
+            deadline = time.monotonic() + 30
+            while created.returncode == 0 and b"cluster_state:ok" not in subprocess.run(
+                    [cli, "-p", str(self.servers[0].port), "cluster", "info"], capture_output=True, check=False,
+                    timeout=10).stdout:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    return "the cluster did not reach cluster_state:ok within 30 s"
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        if created.returncode != 0:
+            self.stop()
+            return f"redis-cli --cluster create failed: {created.stderr.decode(errors='replace').strip()[-200:]}"
+        return None
+
+    def client(self):
+        import redis.cluster
+
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.servers[0].port)
+
+    def stop(self):
+        for server in self.servers:
+            server.stop()
+        self.servers = []
+
+
+def cluster_batch(store, count, record):
+    """One repetition on one store: {operation: µs per operation, or ms per call for CLUSTER_CALLS}.
+
+    The store starts empty; every phase is timed alone after gc.collect(), untimed (no os.sync:
+    Redis here writes nothing to disk). It ends empty.
+    """
+    message = new_message()
+    keys = [secrets.token_hex(16) for _ in range(count)]
+    results = {}
+
+    def timed(operation, calls, function, scale):
+        gc.collect()
+        started = time.perf_counter()
+        for call in calls:
+            function(call)
+        results[operation] = (time.perf_counter() - started) * scale / len(calls)
+
+    def put(key):
+        store[key] = record
+
+    def update(key):
+        loaded, data, _ = store.load(key)
+        loaded["messages"].append(message)
+        if not store.save(key, store.encode(key, loaded), expected=data):
+            raise AssertionError("a conditional write failed with no other writer")
+
+    def remove(key):
+        del store[key]
+
+    timed("save", keys, put, 1e6)
+    timed("load", keys, store.__getitem__, 1e6)
+    timed("conditional update", keys, update, 1e6)
+    timed("touch", keys, store.touch, 1e6)
+    timed("len()", range(5), lambda _: len(store), 1e3)
+    timed("stats()", range(3), lambda _: store.stats(), 1e3)
+    if len(store) != count:
+        raise AssertionError(f"{store!r}: {len(store)} sessions, {count} saved")
+    timed("remove", keys[:count // 2], remove, 1e6)
+    timed("clean(keep)", [None], lambda _: store.clean(keep=count // 4), 1e3)
+    timed("clean(max_age)", [None], lambda _: store.clean(max_age=MAX_AGE, now=time.time() + 2 * MAX_AGE), 1e3)
+    if len(store) != 0:
+        raise AssertionError(f"{store!r}: {len(store)} sessions left after the cleans, none expected")
+    return results
+
+
+def cluster_spread(client, count, record):
+    """Save ``count`` sessions on the cluster; return each master's key count (DBSIZE), largest first."""
+    store = tinysession.RedisStore(client, prefix="bench:spread:", max_age=86400, max_sessions=10**9)
+    try:
+        for _ in range(count):
+            store[secrets.token_hex(16)] = record
+        return sorted((node.redis_connection.dbsize() for node in client.get_primaries()), reverse=True)
+    finally:
+        store.close()
+
+
+def run_cluster_section(config, workdir, redis_server):
+    """Return ({"version": ..., "repr": ...}, {"server": [...], "cluster": [...], "spread": [...]}) or ({}, {})."""
+    if redis_server is None:
+        NOTES.add("section c (Redis Cluster) skipped: no single redis-server to compare with (see the Redis rows)")
+        return {}, {}
+    cluster = RedisCluster(os.path.join(workdir, "cluster"))
+    log(f"c. Redis Cluster: starting {CLUSTER_NODES} nodes")
+    problem = cluster.start()
+    if problem is not None:
+        NOTES.add(f"section c (Redis Cluster) skipped: {problem}")
+        return {}, {}
+    clients = []
+    try:
+        version = subprocess.run([shutil.which("redis-server") or "redis-server", "--version"], capture_output=True,
+                                 check=False).stdout.decode().split()
+        clients = [redis_server.client(), cluster.client()]
+        clients[0].flushdb()
+        clients[1].flushdb(target_nodes="primaries")
+        # max_sessions far above the sizes here: no background clean starts in the middle of a timed phase
+        stores = {name: tinysession.RedisStore(client, prefix="bench:c:", max_age=86400,
+                                            max_sessions=10**9)
+                  for name, client in zip(("server", "cluster"), clients)}
+        record = chat_record()
+        log(f"  {config['cluster_n']} sessions, {config['cluster_reps']} repetitions, then {config['cluster_spread']:,}"
+            " sessions for the spread")
+        for store in stores.values():
+            cluster_batch(store, WARMUP, record)
+        results = {name: [] for name in stores}
+        for rep in range(config["cluster_reps"]):
+            for name in rotated(list(stores), rep):
+                results[name].append(cluster_batch(stores[name], config["cluster_n"], record))
+        info = {"version": " ".join(version[:3]), "repr": repr(stores["cluster"])}
+        for store in stores.values():
+            store.close()
+        results["spread"] = cluster_spread(clients[1], config["cluster_spread"], record)
+        return info, results
+    finally:
+        for client in clients:
+            client.close()
+        cluster.stop()
+
+
+def print_cluster_section(config, info, results):
+    if not info:
+        return
+    print(f"## c. Redis Cluster against one server ({config['cluster_n']:,} sessions, median of "
+          f"{config['cluster_reps']} repetitions)\n")
+    print(f"The same `RedisStore` (max_age=1 day, max_sessions=10**9, so no background clean runs) on one private redis-server and on a "
+          f"private {CLUSTER_NODES}-node Redis Cluster ({CLUSTER_NODES // 2} masters, a replica each, {info['version']}; "
+          f"{info['repr']}) through redis-py's `RedisCluster`, all on loopback, interleaved in one run. "
+          "A phase runs over every session: save a new key, load, conditional update (load, append a message, "
+          "save on the bytes loaded, as the session core does), touch, then len() and stats() at the full "
+          "size, remove half the sessions, clean(keep=a quarter) and clean(max_age) of the rest. × = cluster "
+          "against one server (lower is faster).\n")
+    print("| operation | one server | cluster | × |")
+    print("| --- | ---: | ---: | ---: |")
+    for operation in CLUSTER_TIMED + CLUSTER_CALLS:
+        unit = "µs" if operation in CLUSTER_TIMED else "ms"
+        server, cluster = (statistics.median(run[operation] for run in results[name]) for name in ("server", "cluster"))
+        print(f"| {operation} | {server:,.1f} {unit} | {cluster:,.1f} {unit} | {cluster / server:.2f}x |")
+    spread = results["spread"]
+    ratio = spread[0] / spread[-1]
+    print(f"\nSpread: {config['cluster_spread']:,} sessions saved on the cluster; keys per master (DBSIZE: the "
+          f"records and the 256 buckets' two sorted sets) {' / '.join(f'{n:,}' for n in spread)}; largest / "
+          f"smallest {ratio:.3f} (target at most 1.2: {'holds' if ratio <= 1.2 else 'not met'}).\n")
+
+
 # -- 0. Serializers --
 #
 # dumps and loads of the chat session at 1 KB and 100 KB (HTTP_SIZES), in
@@ -2552,10 +2768,12 @@ def main(argv=None):
     redis_group = parser.add_mutually_exclusive_group()
     redis_group.add_argument("--redis", action="store_true", help="require the Redis rows (start a server)")
     redis_group.add_argument("--no-redis", action="store_true", help="skip the Redis rows")
-    parser.add_argument("--sections", default="0123456789", help="which sections to run (default: 0123456789)")
+    parser.add_argument("--sections", default="0123456789c", help="which sections to run (default: 0123456789c)")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
     warnings.simplefilter("ignore")
+    # SIGTERM ends the run as Ctrl-C does: through the finally blocks that stop the servers it started.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     started = time.perf_counter()
     workdir = tempfile.mkdtemp(prefix="tinysession-bench-", dir=args.dir)
     redis_server = None
@@ -2588,8 +2806,7 @@ def main(argv=None):
             "7": (print_flood_section, lambda: run_flood_section(config, workdir, redis_server)),
             "8": (print_asgi_section, lambda: run_asgi_section(config, workdir, redis_server)),
             "9": (print_log_section, lambda: run_log_section(config, workdir, redis_server)),
-            # A section comes as one more key here, its runner returning (contenders, results) for its
-            # printer: Redis Cluster against one server is the place kept for the next one.
+            "c": (print_cluster_section, lambda: run_cluster_section(config, workdir, redis_server)),
         }
         sections = []
         for number, (printer, runner) in runners.items():
