@@ -7097,6 +7097,17 @@ class FileStoreLog(LogContract, unittest.TestCase):
         self.assertIn("torn", records[0])
         self.assertEqual(stat.S_IMODE(os.stat(self.path("c") + ".log").st_mode), 0o600)
 
+    def test_an_append_cuts_a_torn_last_line_even_after_its_length_was_read(self):
+        store = self.make_store()
+        store.log_append("c", [b'{"a":1}', b'{"a":2}'])
+        with open(self.path("c") + ".log", "ab") as file:
+            file.write(b'{"a":3')  # a writer killed mid-line
+        self.assertEqual(store.log_length("c"), 2)
+        with LogRecords() as records:
+            self.assertEqual(store.log_append("c", [b'{"a":4}']), 3)
+        self.assertIn("torn", records[0])
+        self.assertEqual(store.log_read("c"), [b'{"a":1}', b'{"a":2}', b'{"a":4}'])
+        self.assertEqual(self.make_store().log_length("c"), 3)
 
     def test_reads_from_the_end_across_chunks_of_long_and_short_lines(self):
         store = self.make_store()

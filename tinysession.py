@@ -948,7 +948,7 @@ class FileStore(Store):
         self._lock_fd = None
         self._lock_forks = _forks()
         self._thread_lock = threading.Lock()
-        self._log_counts = {}  # (inode, size, mtime) of a log -> its lines
+        self._log_counts = {}  # (path, inode, size, mtime) of a log ending in a newline -> its lines
         self._make_directory()
 
     def _make_directory(self):
@@ -1159,21 +1159,24 @@ class FileStore(Store):
             finally:
                 os.close(fd)
 
-    def _log_count(self, fd, lines=None, repair=False):
-        """Return the whole lines of the open log, counted or remembered by (inode, size, mtime); remember ``lines``.
+    def _log_count(self, path, fd, lines=None, repair=False):
+        """Return the whole lines of the open log at ``path``, counted or remembered by its state; remember ``lines``.
 
-        With ``repair``, a torn last line (a crash) is cut off first.
+        A log with a torn last line (a crash) is never remembered, so that
+        the next append, which passes ``repair``, counts it and cuts that line off.
         """
         status = os.fstat(fd)
-        state = (status.st_ino, status.st_size, status.st_mtime_ns)
+        state = (path, status.st_ino, status.st_size, status.st_mtime_ns)
         lines = self._log_counts.get(state) if lines is None else lines
         if lines is None:
             data = os.pread(fd, status.st_size, 0)
             end = data.rfind(b"\n") + 1
-            if repair and end != len(data):
-                _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, len(data) - end)
-                os.ftruncate(fd, end)
             lines = data.count(b"\n", 0, end)
+            if end != len(data):
+                if repair:
+                    _logger.warning("message log %s: dropped a torn last line of %d bytes", path, len(data) - end)
+                    os.ftruncate(fd, end)
+                return lines
         if len(self._log_counts) > 4096:
             self._log_counts.clear()
         self._log_counts[state] = lines
@@ -1182,10 +1185,11 @@ class FileStore(Store):
     def log_append(self, key, lines):
         """Append under the directory lock with ``O_APPEND``; a torn last line (a crash) is cut off first."""
         data = b"".join(bytes(line) + b"\n" for line in lines)
-        with self._locked(), self._log_file(self._log_path(key), "append to", _LOG_APPEND_FLAGS) as fd:
-            count = self._log_count(fd, repair=True)
+        path = self._log_path(key)
+        with self._locked(), self._log_file(path, "append to", _LOG_APPEND_FLAGS) as fd:
+            count = self._log_count(path, fd, repair=True)
             _write_all(fd, data)
-            return self._log_count(fd, count + len(lines))
+            return self._log_count(path, fd, count + len(lines))
 
     def log_read(self, key, start=0, stop=None):
         """Read back from the end of the file for a negative ``start``, from its head up to ``stop``, else all of it."""
@@ -1208,8 +1212,9 @@ class FileStore(Store):
         return data.split(b"\n")[bool(offset) : -1][start:stop]
 
     def log_length(self, key):
-        with self._log_file(self._log_path(key), "read") as fd:
-            return 0 if fd is None else self._log_count(fd)
+        path = self._log_path(key)
+        with self._log_file(path, "read") as fd:
+            return 0 if fd is None else self._log_count(path, fd)
 
     def log_trim(self, key, start, stop, expected):
         """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
