@@ -7217,6 +7217,29 @@ class RedisStoreLog(LogContract, unittest.TestCase):
         self.assertEqual((store.log_length(old), store.log_length(new)), (0, 2500))
         self.assertEqual(tinysession.MessageLog(store, new).read()[-1], user("2499"))
 
+    def test_a_move_across_buckets_loses_no_line_to_a_trim_and_an_append_meanwhile(self):
+        store = self.make_store()
+        if len(store._buckets) == 1:
+            self.skipTest("one bucket: a move is one RENAME")
+        old = "k"
+        new = next(f"n{i}" for i in itertools.count() if store._bucket(f"n{i}") != store._bucket(old))
+        store.log_append(old, [b"%d" % n for n in range(3000)])
+        log_append, raced = store.log_append, []
+
+        def racing_append(key, lines):
+            if key == new and not raced:  # the move's first copy: another client acts now
+                raced.append(key)
+                log_append(old, [b"late1", b"late2"])
+                self.assertTrue(store.log_trim(old, 0, 2500, 3002))  # as its MessageLog trims the oldest
+            return log_append(key, lines)
+
+        store.log_append = racing_append
+        self.assertTrue(store.log_move(old, new))
+        moved = store.log_read(new)
+        expected = [b"%d" % n for n in range(2500, 3000)] + [b"late1", b"late2"]
+        self.assertTrue(moved == expected, f"{len(moved)} lines moved, the last {moved[-3:]}")
+        self.assertEqual(store.log_length(old), 0)
+
 
 class RedisClusterStoreLog(RedisStoreLog):
     """The message log, on RedisStore over a 6-node Redis Cluster."""

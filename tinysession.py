@@ -1715,6 +1715,15 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
 """
+# Remove the lines ARGV[2..] from the head (ARGV[1] '0') or the tail ('-N') of a log, if they are still there.
+_REDIS_LOG_CUT = """
+local n = #ARGV - 1
+local lines = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[1] + n - 1)
+if #lines ~= n then return 0 end
+for i = 1, n do if lines[i] ~= ARGV[i + 1] then return 0 end end
+if ARGV[1] == '0' then redis.call('LTRIM', KEYS[1], n, -1) else redis.call('LTRIM', KEYS[1], 0, -n - 1) end
+return 1
+"""
 
 
 def _redis_cluster_tags(client):
@@ -1995,10 +2004,12 @@ class RedisStore(Store):
         return self._command("DEL", self._log_key(key)) == 1
 
     def log_move(self, old, new):
-        """Move the log of ``old`` to ``new``: a RENAME in one bucket; across buckets, copy first, then trim.
+        """Move the log of ``old`` to ``new``: a RENAME in one bucket; across buckets, copy first, then cut.
 
-        A crash between the copy and the trim leaves lines twice, never none;
-        lines appended to ``old`` meanwhile are moved by the next round.
+        The copied lines leave ``old`` only if they are still its head;
+        otherwise (a trim meanwhile) they leave ``new`` and the round starts
+        again. A crash between the copy and the cut leaves lines twice, never
+        none; lines appended to ``old`` meanwhile are moved by the next round.
         """
         source, target = self._log_key(old), self._log_key(new)
         if self._bucket(old) == self._bucket(new):
@@ -2010,8 +2021,10 @@ class RedisStore(Store):
             if not lines:
                 return moved
             self.log_append(new, lines)
-            self._command("LTRIM", source, len(lines), -1)
-            moved = True
+            if self._script(_REDIS_LOG_CUT, [source], [0, *lines]):
+                moved = True
+            else:
+                self._script(_REDIS_LOG_CUT, [target], [-len(lines), *lines])
 
     def log_scan(self):
         """Yield ``(key, bytes)`` of every log, found with SCAN; the bytes are Redis's MEMORY USAGE."""
