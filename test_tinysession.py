@@ -1590,6 +1590,13 @@ class SQLiteStoreOnDisk(unittest.TestCase):
         self.assertEqual(writer.execute("SELECT COUNT(*) FROM other").fetchone()[0], 4)
         self.assertEqual(sorted(store), sorted(key for key, _, _ in rows[-100:]))
 
+    def test_an_in_memory_database_is_refused(self):
+        # Each pooled connection would open an empty database of its own: a write on one, a read on another.
+        for path in (":memory:", ""):
+            with self.subTest(path=path), self.assertRaises(ValueError) as caught:
+                tinysession.SQLiteStore(path)
+            self.assertIn("in-memory", str(caught.exception))
+
     def test_schema_and_journal_mode(self):
         store = tinysession.SQLiteStore(self.path, table="web_sessions")
         self.addCleanup(store.close)

@@ -1339,7 +1339,8 @@ class SQLiteStore(Store):
     pool of idle ones (at most eight kept) and gives it back, so a new thread
     opens none; any number of processes may open the file (not on a network
     file system). ``close()`` closes the idle connections at once and each
-    busy one when its operation ends.
+    busy one when its operation ends. An in-memory database (``":memory:"``,
+    ``""``) is refused (ValueError): each pooled connection would see its own.
     """
 
     def __init__(self, path, *, table="sessions", read_only=False, **options):
@@ -1349,6 +1350,9 @@ class SQLiteStore(Store):
         if not isinstance(table, str) or re.fullmatch(_TABLE_PATTERN, table) is None:
             raise ValueError(f"invalid table name {table!r}: expected a letter or _, then [A-Za-z0-9_]")
         self.path = os.fspath(path)
+        if self.path in ("", ":memory:"):
+            raise ValueError(f"SQLiteStore needs a database file, not {self.path!r}: each pooled connection"
+                             " would open an in-memory database of its own; use a file in a temporary directory")
         self.table = table
         self.read_only = bool(read_only)
         self._sqlite3 = sqlite3
@@ -1360,7 +1364,7 @@ class SQLiteStore(Store):
         self._pool_forks = _forks()
         self._schema_ready = self.read_only  # the first connection of this store object sets it up
         self._log_ready = False  # the log's tables: made (or found, when read-only) on first use
-        if not self.read_only and self.path not in ("", ":memory:") and not os.path.exists(self.path):
+        if not self.read_only and not os.path.exists(self.path):
             self._create_file()
         self._checkin(self._checkout())  # a file that is not a database fails here
 
