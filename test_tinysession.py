@@ -107,6 +107,28 @@ def python_process(code, *args, **popen_options):
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, **popen_options)
 
 
+def in_forked_child(function):
+    """Return what ``function()`` returns (or raises), as a str, in a forked child; "hung" after 30 seconds."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into unittest
+        try:
+            os.write(write, str(function()).encode())
+        except BaseException as exc:
+            os.write(write, repr(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        if not select.select([read], [], [], 30)[0]:
+            os.kill(pid, signal.SIGKILL)
+            return "hung"
+        return os.read(read, 65536).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
 class LogRecords(logging.Handler):
     """Collect the ``tinysession`` logger's records at WARNING and above."""
 
@@ -393,6 +415,28 @@ class StoreContract:
             fresh[f"new{index}"] = {}
         self.assertFalse([thread for thread in threading.enumerate() if thread.name == "tinysession-clean"])
         self.assertGreaterEqual(self.physical_count(fresh), 40)
+
+    def test_a_forked_child_cleans_in_the_background_while_its_parent_does(self):
+        store = self.make_store(max_sessions=10)
+        parent, release = os.getpid(), threading.Event()
+        self.addCleanup(release.set)
+        sweep = store.sweep
+
+        def held_sweep(*args, **options):  # the parent's clean still runs at the fork, as a preloading server's
+            if os.getpid() == parent:
+                release.wait(30)
+            return sweep(*args, **options)
+
+        def child():
+            for index in range(100):
+                store.save(f"c{index}", store.encode(f"c{index}", {}), now=time.time() - 1000 + index)
+            wait_for_background_cleans()
+            return self.physical_count(store)
+
+        store.sweep = held_sweep
+        for index in range(10):  # the tenth write starts a clean
+            store.save(f"p{index}", store.encode(f"p{index}", {}), now=time.time() - 2000 + index)
+        self.assertEqual(in_forked_child(child), "10")
 
     def test_close_is_safe_twice_and_works_as_a_context_manager(self):
         with self.make_store() as store:

@@ -419,9 +419,8 @@ class Store(MutableMapping):
         self.max_sessions = _check_count(max_sessions, "max_sessions")
         self.max_bytes = _check_count(max_bytes, "max_bytes")
         self._closed = False
-        self._lock = threading.Lock()  # guards the background clean's state and _closed's change
-        self._cleaner = None
-        self._clean_again = False
+        self._forks = _forks()
+        self._forked()
         self._writes = itertools.count(1)  # its next() is atomic: no lock per write
         if self.max_sessions is not None:
             self._clean_every = max(10, self.max_sessions // 10)
@@ -635,9 +634,18 @@ class Store(MutableMapping):
 
     def _checked(self, key=_MISSING):
         """Return ``key`` if the store is open and ``key`` is valid (or not given); raise before any I/O otherwise."""
+        if self._forks != _forks():  # a forked child: the parent's clean, locks and handles are not its own
+            self._forks = _forks()
+            self._forked()
         if self._closed:
             raise StoreError(f"{self!r} is closed")
         return key if key is _MISSING else _check_key(key)
+
+    def _forked(self):
+        """Start afresh in a new process: no background clean, new locks; a store also drops its handles here."""
+        self._lock = threading.Lock()  # guards the background clean's state and _closed's change
+        self._cleaner = None
+        self._clean_again = False
 
     def _take(self, key):
         """Remove the record for ``key`` atomically; return its bytes if it was live, else None."""
@@ -945,9 +953,6 @@ class FileStore(Store):
     def __init__(self, directory, **options):
         super().__init__(**options)
         self.directory = os.fspath(directory)
-        self._lock_fd = None
-        self._lock_forks = _forks()
-        self._thread_lock = threading.Lock()
         self._log_counts = {}  # (path, inode, size, mtime) of a log ending in a newline -> its lines
         self._make_directory()
 
@@ -978,9 +983,13 @@ class FileStore(Store):
         """Refuse later operations (see ``Store.close``), then close the directory handle of the lock."""
         super().close()
         with self._thread_lock:
-            if self._lock_fd is not None and self._lock_forks == _forks():
+            if self._lock_fd is not None and self._forks == _forks():
                 os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _forked(self):
+        super()._forked()
+        self._thread_lock, self._lock_fd = threading.Lock(), None  # the parent's handle is shared: never used
 
     def _path(self, key):
         return os.path.join(self.directory, _FILE_PREFIX + key)
@@ -991,8 +1000,7 @@ class FileStore(Store):
     @contextlib.contextmanager
     def _locked(self):
         """Hold the directory's lock against every other thread and process; StoreError once closed."""
-        if self._lock_forks != _forks():  # a forked child shares its parent's open handle: open its own
-            self._thread_lock, self._lock_fd, self._lock_forks = threading.Lock(), None, _forks()
+        self._checked()  # in a forked child, before its parent's lock is taken
         with self._thread_lock:
             self._checked()
             with _os_errors("lock session directory", self.directory):
@@ -1292,7 +1300,7 @@ _SQL_BEYOND = (
 )
 _SQL_SUMMARY_EXPIRED = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_EXPIRED + ")"
 _SQL_SUMMARY_BEYOND = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_BEYOND + ")"
-_INHERITED = []  # a forked child's copies of its parent's connections: kept, never used, never closed
+_INHERITED = []  # a forked child's copies of its parent's connections
 
 
 # The message log: its own table; triggers remove a session's log with its record and keep each log's length
@@ -1359,9 +1367,6 @@ class SQLiteStore(Store):
         # Every SQL template of this section, "_SQL_*", for this table.
         self._sql = {sql: sql.format(table=table) for name, sql in globals().items()
                      if name.startswith("_SQL_") and isinstance(sql, str)}
-        self._idle = []  # open connections no operation is using
-        self._pool_lock = threading.Lock()
-        self._pool_forks = _forks()
         self._schema_ready = self.read_only  # the first connection of this store object sets it up
         self._log_ready = False  # the log's tables: made (or found, when read-only) on first use
         if not self.read_only and not os.path.exists(self.path):
@@ -1393,9 +1398,14 @@ class SQLiteStore(Store):
         """Refuse later operations (see ``Store.close``), close the idle connections; busy ones close when done."""
         super().close()
         with self._pool_lock:
-            idle, self._idle = (self._idle if self._pool_forks == _forks() else []), []
+            idle, self._idle = (self._idle if self._forks == _forks() else []), []
         for connection in idle:
             connection.close()
+
+    def _forked(self):
+        super()._forked()
+        _INHERITED.extend(getattr(self, "_idle", ()))  # the parent's connections: never used, never closed
+        self._idle, self._pool_lock = [], threading.Lock()  # _idle: open connections no operation is using
 
     def _connect(self):
         """Open a connection; the first one of this store object sets up the schema and WAL mode."""
@@ -1414,11 +1424,8 @@ class SQLiteStore(Store):
 
     def _checkout(self):
         """Return an idle connection, or a new one, for one operation; StoreError if the store is closed."""
-        if self._pool_forks != _forks():  # a forked child: its parent's connections and lock are not its own
-            _INHERITED.append(self._idle)
-            self._idle, self._pool_lock, self._pool_forks = [], threading.Lock(), _forks()
+        self._checked()  # in a forked child, before its parent's lock is taken
         with self._pool_lock:
-            self._checked()
             if self._idle:
                 return self._idle.pop()
         return self._connect()
