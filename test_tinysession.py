@@ -438,6 +438,18 @@ class StoreContract:
             store.save(f"p{index}", store.encode(f"p{index}", {}), now=time.time() - 2000 + index)
         self.assertEqual(in_forked_child(child), "10")
 
+    def test_close_in_a_forked_child_takes_none_of_the_parents_locks(self):
+        store = self.make_store()
+        store["a"] = {}
+        locks = [getattr(store, name) for name in ("_lock", "_thread_lock", "_pool_lock") if hasattr(store, name)]
+        for lock in locks:  # as threads of the parent inside operations at the fork
+            lock.acquire()
+        try:
+            self.assertEqual(in_forked_child(lambda: store.close() or "closed"), "closed")
+        finally:
+            for lock in locks:
+                lock.release()
+
     def test_close_is_safe_twice_and_works_as_a_context_manager(self):
         with self.make_store() as store:
             store["a"] = {"v": 1}

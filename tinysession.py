@@ -634,12 +634,16 @@ class Store(MutableMapping):
 
     def _checked(self, key=_MISSING):
         """Return ``key`` if the store is open and ``key`` is valid (or not given); raise before any I/O otherwise."""
-        if self._forks != _forks():  # a forked child: the parent's clean, locks and handles are not its own
-            self._forks = _forks()
-            self._forked()
+        self._own()
         if self._closed:
             raise StoreError(f"{self!r} is closed")
         return key if key is _MISSING else _check_key(key)
+
+    def _own(self):
+        """In a forked child, drop the parent's clean, locks and handles (``_forked``) before any is used."""
+        if self._forks != _forks():
+            self._forks = _forks()
+            self._forked()
 
     def _forked(self):
         """Start afresh in a new process: no background clean, new locks; a store also drops its handles here."""
@@ -724,6 +728,7 @@ class Store(MutableMapping):
         Safe to call twice, and from inside the clean. A store holding
         resources releases them in its own ``close``, after this one.
         """
+        self._own()
         with self._lock:
             self._closed = True
             cleaner = self._cleaner
@@ -983,7 +988,7 @@ class FileStore(Store):
         """Refuse later operations (see ``Store.close``), then close the directory handle of the lock."""
         super().close()
         with self._thread_lock:
-            if self._lock_fd is not None and self._forks == _forks():
+            if self._lock_fd is not None:
                 os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -1000,7 +1005,7 @@ class FileStore(Store):
     @contextlib.contextmanager
     def _locked(self):
         """Hold the directory's lock against every other thread and process; StoreError once closed."""
-        self._checked()  # in a forked child, before its parent's lock is taken
+        self._own()  # in a forked child, before its parent's lock is taken
         with self._thread_lock:
             self._checked()
             with _os_errors("lock session directory", self.directory):
@@ -1398,7 +1403,7 @@ class SQLiteStore(Store):
         """Refuse later operations (see ``Store.close``), close the idle connections; busy ones close when done."""
         super().close()
         with self._pool_lock:
-            idle, self._idle = (self._idle if self._forks == _forks() else []), []
+            idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
 
@@ -1424,7 +1429,7 @@ class SQLiteStore(Store):
 
     def _checkout(self):
         """Return an idle connection, or a new one, for one operation; StoreError if the store is closed."""
-        self._checked()  # in a forked child, before its parent's lock is taken
+        self._checked()  # StoreError if closed; in a forked child, before its parent's lock is taken
         with self._pool_lock:
             if self._idle:
                 return self._idle.pop()
