@@ -7252,6 +7252,14 @@ class SQLiteStoreLog(LogContract, unittest.TestCase):
         self.assertEqual(tinysession.MessageLog(self.make_store(), "moved").pop(), user("q2"))
         self.assertEqual(self.make_store().log_length("moved"), 4)
 
+    def test_the_lengths_stay_right_when_an_older_version_moves_a_log(self):
+        store = self.make_store()
+        store.log_append("a", [b"1", b"2", b"3"])
+        store.log_append("b", [b"x"])
+        self.sql("UPDATE sessions_log SET key = 'b' WHERE key = 'a'")  # an older version's log_move
+        self.assertEqual((store.log_length("a"), store.log_length("b")), (0, 4))
+        self.assertEqual(store.log_read("b", 2, 4), [b"3", b"x"])
+
 
 class RedisStoreLog(LogContract, unittest.TestCase):
     """The message log, on RedisStore: a list per conversation."""

@@ -1309,7 +1309,7 @@ _INHERITED = []  # a forked child's copies of its parent's connections
 
 
 # The message log: its own table; triggers remove a session's log with its record and keep each log's length
-# (counted from the lines once, when the length table is new).
+# (counted from the lines once, when the length table is new), whatever changes the lines, an older version too.
 _SQL_LOG_SCHEMA = (
     'CREATE TABLE IF NOT EXISTS "{table}_log" '
     "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
@@ -1324,6 +1324,10 @@ _SQL_LOG_SCHEMA = (
     'CREATE TRIGGER IF NOT EXISTS "{table}_log_removed" AFTER DELETE ON "{table}_log" BEGIN '
     'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
     'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; END;'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_moved" AFTER UPDATE OF key ON "{table}_log" BEGIN '
+    'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
+    'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; '
+    'INSERT INTO "{table}_log_length" VALUES (new.key, 1) ON CONFLICT (key) DO UPDATE SET lines = lines + 1; END;'
 )
 _SQL_LOG_FOUND = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{table}_log_length'"
 _SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
@@ -1336,7 +1340,6 @@ _SQL_LOG_TRIM = (
 )
 _SQL_LOG_REMOVE = 'DELETE FROM "{table}_log" WHERE key = ?'
 _SQL_LOG_MOVE = 'UPDATE "{table}_log" SET key = ? WHERE key = ?'
-_SQL_LOG_MOVE_LENGTH = 'UPDATE "{table}_log_length" SET key = ? WHERE key = ?'
 _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key'
 
 
@@ -1625,7 +1628,6 @@ class SQLiteStore(Store):
                 return False
             self._execute(_SQL_LOG_REMOVE, (new,), connection)
             self._execute(_SQL_LOG_MOVE, (new, old), connection)
-            self._execute(_SQL_LOG_MOVE_LENGTH, (new, old), connection)
             return True
 
     def log_scan(self):
