@@ -450,6 +450,16 @@ class StoreContract:
             for lock in locks:
                 lock.release()
 
+    def test_a_clean_never_removes_a_record_written_after_it_began_in_the_same_millisecond(self):
+        store = self.make_store(max_sessions=None)
+        for index in range(3):
+            store.save(f"old{index}", store.encode(f"old{index}", {}), now=990 + index)
+        self.addCleanup(setattr, tinysession, "_now", tinysession._now)
+        tinysession._now = lambda: 1000.0011  # the pass begins; the write below comes 0.3 ms later
+        store.save("late", store.encode("late", {}), now=1000.0014, new=True)  # stamped 1000.0015
+        self.assertEqual(store.clean(keep=2), 1)
+        self.assertEqual(sorted(store), ["late", "old1", "old2"])
+
     def test_close_is_safe_twice_and_works_as_a_context_manager(self):
         with self.make_store() as store:
             store["a"] = {"v": 1}
