@@ -70,6 +70,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import heapq
 import hmac
@@ -370,6 +371,15 @@ def _forks():
     return _FORKS[0]
 
 
+def _refused_once_closed(hook):
+    """Return ``hook`` wrapped to raise StoreError, before any I/O, once its store is closed (see ``Store._checked``)."""
+    @functools.wraps(hook)
+    def checked(self, *args, **options):
+        self._checked()
+        return hook(self, *args, **options)
+    return checked
+
+
 class Sweep:
     """What one pass of ``Store.sweep`` saw and removed (or, in a dry run, would remove).
 
@@ -426,6 +436,14 @@ class Store(MutableMapping):
             self._clean_every = max(10, self.max_sessions // 10)
         else:
             self._clean_every = None if self.max_age is None else 1000
+
+    def __init_subclass__(cls, **options):
+        """Make each hook a subclass defines refuse to run once the store is closed: the one check, for every store."""
+        super().__init_subclass__(**options)
+        for name in ("read", "write", "remove", "set_mtime", "scan", "log_append", "log_read", "log_length",
+                     "log_trim", "log_remove", "log_scan", "log_move"):
+            if name in vars(cls):
+                setattr(cls, name, _refused_once_closed(vars(cls)[name]))
 
     @staticmethod
     def _keys_of(secret):
