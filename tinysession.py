@@ -702,7 +702,6 @@ class Store(MutableMapping):
         return not self._expired(mtime, None)
 
     def __iter__(self):
-        self._checked()
         now = _now()
         return (key for key, mtime, _ in self.scan() if not self._expired(mtime, now))
 
@@ -864,7 +863,6 @@ class Store(MutableMapping):
         """Remove the doomed ``(key, mtime, size)`` entries, count them into ``sweep``, empty the list."""
         if not doomed:
             return
-        self._checked()
         sizes = [size for _, _, size in doomed] if dry_run else self._evict(doomed)
         sweep.removed += len(sizes)
         sweep.removed_bytes += sum(sizes)
@@ -978,7 +976,7 @@ class FileStore(Store):
     def __init__(self, directory, **options):
         super().__init__(**options)
         self.directory = os.fspath(directory)
-        self._log_counts = {}  # (path, inode, size, mtime) of a log ending in a newline -> its lines
+        self._log_counts = {}  # (key, inode, size, mtime) of a log ending in a newline -> its lines
         self._make_directory()
 
     def _make_directory(self):
@@ -1025,8 +1023,7 @@ class FileStore(Store):
     @contextlib.contextmanager
     def _locked(self):
         """Hold the directory's lock against every other thread and process; StoreError once closed."""
-        self._own()  # in a forked child, before its parent's lock is taken
-        with self._thread_lock:
+        with self._thread_lock:  # a forked child's own: every caller ran _checked() first
             self._checked()
             with _os_errors("lock session directory", self.directory):
                 if self._lock_fd is None:
@@ -1192,14 +1189,14 @@ class FileStore(Store):
             finally:
                 os.close(fd)
 
-    def _log_count(self, path, fd, lines=None, repair=False):
-        """Return the whole lines of the open log at ``path``, counted or remembered by its state; remember ``lines``.
+    def _log_count(self, key, fd, lines=None, repair=False):
+        """Return the whole lines of the open log of ``key``, counted or remembered by its state; remember ``lines``.
 
         A log with a torn last line (a crash) is never remembered, so that
         the next append, which passes ``repair``, counts it and cuts that line off.
         """
         status = os.fstat(fd)
-        state = (path, status.st_ino, status.st_size, status.st_mtime_ns)
+        state = (key, status.st_ino, status.st_size, status.st_mtime_ns)
         lines = self._log_counts.get(state) if lines is None else lines
         if lines is None:
             data = os.pread(fd, status.st_size, 0)
@@ -1207,7 +1204,7 @@ class FileStore(Store):
             lines = data.count(b"\n", 0, end)
             if end != len(data):
                 if repair:
-                    _logger.warning("message log %s: dropped a torn last line of %d bytes", path, len(data) - end)
+                    _logger.warning("message log of key %r: dropped a torn last line of %d bytes", key, len(data) - end)
                     os.ftruncate(fd, end)
                 return lines
         if len(self._log_counts) > 4096:
@@ -1218,11 +1215,10 @@ class FileStore(Store):
     def log_append(self, key, lines):
         """Append under the directory lock with ``O_APPEND``; a torn last line (a crash) is cut off first."""
         data = b"".join(bytes(line) + b"\n" for line in lines)
-        path = self._log_path(key)
-        with self._locked(), self._log_file(path, "append to", _LOG_APPEND_FLAGS) as fd:
-            count = self._log_count(path, fd, repair=True)
+        with self._locked(), self._log_file(self._log_path(key), "append to", _LOG_APPEND_FLAGS) as fd:
+            count = self._log_count(key, fd, repair=True)
             _write_all(fd, data)
-            return self._log_count(path, fd, count + len(lines))
+            return self._log_count(key, fd, count + len(lines))
 
     def log_read(self, key, start=0, stop=None):
         """Read back from the end of the file for a negative ``start``, from its head up to ``stop``, else all of it."""
@@ -1245,9 +1241,8 @@ class FileStore(Store):
         return data.split(b"\n")[bool(offset) : -1][start:stop]
 
     def log_length(self, key):
-        path = self._log_path(key)
-        with self._log_file(path, "read") as fd:
-            return 0 if fd is None else self._log_count(path, fd)
+        with self._log_file(self._log_path(key), "read") as fd:
+            return 0 if fd is None else self._log_count(key, fd)
 
     def log_trim(self, key, start, stop, expected):
         """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
@@ -1757,7 +1752,6 @@ return 1
 _REDIS_LOG_CUT = """
 local n = #ARGV - 1
 local lines = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[1] + n - 1)
-if #lines ~= n then return 0 end
 for i = 1, n do if lines[i] ~= ARGV[i + 1] then return 0 end end
 if ARGV[1] == '0' then redis.call('LTRIM', KEYS[1], n, -1) else redis.call('LTRIM', KEYS[1], 0, -n - 1) end
 return 1
@@ -1848,10 +1842,6 @@ class RedisStore(Store):
 
     def __repr__(self):
         return f"RedisStore({self._address!r}, prefix={self.prefix!r})"
-
-    def close(self):
-        """Refuse later operations and wait for the background clean (see ``Store.close``); the client stays open."""
-        super().close()
 
     def _call(self, function, *args):
         """Return ``function(*args)``; any failure of the client or server becomes a StoreError."""
