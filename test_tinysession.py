@@ -107,6 +107,28 @@ def python_process(code, *args, **popen_options):
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, **popen_options)
 
 
+def in_forked_child(function):
+    """Return what ``function()`` returns (or raises), as a str, in a forked child; "hung" after 30 seconds."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into unittest
+        try:
+            os.write(write, str(function()).encode())
+        except BaseException as exc:  # noqa: BLE001 - any failure is the answer the parent reads
+            os.write(write, repr(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        if not select.select([read], [], [], 30)[0]:
+            os.kill(pid, signal.SIGKILL)
+            return "hung"
+        return os.read(read, 65536).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
 class LogRecords(logging.Handler):
     """Collect the ``tinysession`` logger's records at WARNING and above."""
 
@@ -374,8 +396,9 @@ class StoreContract:
 
         store.sweep = slow_sweep
         try:
-            for index in range(10):  # the 10th write is due to clean
-                store[f"new{index}"] = {"i": index}
+            for index in range(10):  # the 10th write is due to clean; stamped a millisecond apart, in the past:
+                # a clean neither counts nor removes what is stamped in the millisecond it began
+                store.save(f"new{index}", store.encode(f"new{index}", {"i": index}), now=time.time() - 10 + index / 1000)
             self.assertTrue(entered.wait(30))  # the clean began, and every write had returned
         finally:
             release.set()
@@ -393,6 +416,70 @@ class StoreContract:
             fresh[f"new{index}"] = {}
         self.assertFalse([thread for thread in threading.enumerate() if thread.name == "tinysession-clean"])
         self.assertGreaterEqual(self.physical_count(fresh), 40)
+
+    def test_a_forked_child_cleans_in_the_background_while_its_parent_does(self):
+        store = self.make_store(max_sessions=10)
+        parent, release = os.getpid(), threading.Event()
+        self.addCleanup(release.set)
+        sweep = store.sweep
+
+        def held_sweep(*args, **options):  # the parent's clean still runs at the fork, as a preloading server's
+            if os.getpid() == parent:
+                release.wait(30)
+            return sweep(*args, **options)
+
+        def child():
+            for index in range(100):
+                store.save(f"c{index}", store.encode(f"c{index}", {}), now=time.time() - 1000 + index)
+            wait_for_background_cleans()
+            return self.physical_count(store)
+
+        store.sweep = held_sweep
+        for index in range(10):  # the tenth write starts a clean
+            store.save(f"p{index}", store.encode(f"p{index}", {}), now=time.time() - 2000 + index)
+        self.assertEqual(in_forked_child(child), "10")
+
+    def test_close_in_a_forked_child_takes_none_of_the_parents_locks(self):
+        store = self.make_store()
+        store["a"] = {}
+        locks = [getattr(store, name) for name in ("_lock", "_thread_lock", "_pool_lock") if hasattr(store, name)]
+        for lock in locks:  # as threads of the parent inside operations at the fork
+            lock.acquire()
+        try:
+            self.assertEqual(in_forked_child(lambda: store.close() or "closed"), "closed")
+        finally:
+            for lock in locks:
+                lock.release()
+
+    def test_a_clean_never_removes_a_record_written_after_it_began_in_the_same_millisecond(self):
+        store = self.make_store(max_sessions=None)
+        for index in range(3):
+            store.save(f"old{index}", store.encode(f"old{index}", {}), now=990 + index)
+        self.addCleanup(setattr, tinysession, "_now", tinysession._now)
+        tinysession._now = lambda: 1000.0011  # the pass begins; the write below comes 0.3 ms later
+        store.save("late", store.encode("late", {}), now=1000.0014, new=True)  # stamped 1000.0015
+        self.assertEqual(store.clean(keep=2), 1)
+        self.assertEqual(sorted(store), ["late", "old1", "old2"])
+
+    def test_every_operation_after_close_raises_store_error(self):
+        store = self.make_store()
+        store["k"] = {}
+        store.log_append("k", [b"1"])
+        store.close()
+        calls = {
+            "read": lambda: store.read("k"), "write": lambda: store.write("k", b"{}", 1.0),
+            "remove": lambda: store.remove("k"), "set_mtime": lambda: store.set_mtime("k", 1.0),
+            "scan": lambda: list(store.scan()), "log_append": lambda: store.log_append("k", [b"2"]),
+            "log_read": lambda: store.log_read("k"), "log_length": lambda: store.log_length("k"),
+            "log_trim": lambda: store.log_trim("k", 0, 1, 1), "log_remove": lambda: store.log_remove("k"),
+            "log_scan": lambda: list(store.log_scan()), "log_move": lambda: store.log_move("k", "j"),
+            "get": lambda: store.get("k"), "in": lambda: "k" in store, "len": lambda: len(store),
+            "iter": lambda: list(store), "touch": lambda: store.touch("k"), "clean": store.clean,
+            "stats": store.stats, "MessageLog.read": lambda: tinysession.MessageLog(store, "k").read(),
+        }
+        for name, call in calls.items():
+            with self.subTest(name), self.assertRaises(tinysession.StoreError):
+                call()
 
     def test_close_is_safe_twice_and_works_as_a_context_manager(self):
         with self.make_store() as store:
@@ -689,10 +776,9 @@ class MemoryStoreTest(StoreContract, unittest.TestCase):
         self.store = load_example("memory_store").MemoryStore()
 
     def make_store(self, **options):
-        """Return a store over the same records, as reopening a store on disk would."""
+        """Return a store over the same records and logs, as reopening a store on disk would."""
         store = type(self.store)(**options)
-        store.read, store.write, store.remove = self.store.read, self.store.write, self.store.remove
-        store.set_mtime, store.scan = self.store.set_mtime, self.store.scan
+        store._records, store._logs, store._lock = self.store._records, self.store._logs, self.store._lock
         return store
 
     def set_age(self, store, key, seconds):
@@ -1597,6 +1683,13 @@ class SQLiteStoreOnDisk(unittest.TestCase):
         self.assertEqual(seen, [0, 500, 1000, 1100])  # batches of 500, each counted as it is committed
         self.assertEqual(writer.execute("SELECT COUNT(*) FROM other").fetchone()[0], 4)
         self.assertEqual(sorted(store), sorted(key for key, _, _ in rows[-100:]))
+
+    def test_an_in_memory_database_is_refused(self):
+        # Each pooled connection would open an empty database of its own: a write on one, a read on another.
+        for path in (":memory:", ""):
+            with self.subTest(path=path), self.assertRaises(ValueError) as caught:
+                tinysession.SQLiteStore(path)
+            self.assertIn("in-memory", str(caught.exception))
 
     def test_schema_and_journal_mode(self):
         store = tinysession.SQLiteStore(self.path, table="web_sessions")
@@ -7245,6 +7338,17 @@ class FileStoreLog(LogContract, unittest.TestCase):
         self.assertIn("torn", records[0])
         self.assertEqual(stat.S_IMODE(os.stat(self.path("c") + ".log").st_mode), 0o600)
 
+    def test_an_append_cuts_a_torn_last_line_even_after_its_length_was_read(self):
+        store = self.make_store()
+        store.log_append("c", [b'{"a":1}', b'{"a":2}'])
+        with open(self.path("c") + ".log", "ab") as file:
+            file.write(b'{"a":3')  # a writer killed mid-line
+        self.assertEqual(store.log_length("c"), 2)
+        with LogRecords() as records:
+            self.assertEqual(store.log_append("c", [b'{"a":4}']), 3)
+        self.assertIn("torn", records[0])
+        self.assertEqual(store.log_read("c"), [b'{"a":1}', b'{"a":2}', b'{"a":4}'])
+        self.assertEqual(self.make_store().log_length("c"), 3)
 
     def test_reads_from_the_end_across_chunks_of_long_and_short_lines(self):
         store = self.make_store()
@@ -7285,12 +7389,7 @@ class MemoryStoreLog(LogContract, unittest.TestCase):
     def setUp(self):
         self.store = load_example("memory_store").MemoryStore()
 
-    def make_store(self, **options):
-        store = MemoryStoreTest.make_store(self, **options)
-        for name in ("log_append", "log_read", "log_length", "log_trim", "log_remove", "log_scan"):
-            setattr(store, name, getattr(self.store, name))
-        return store
-
+    make_store = MemoryStoreTest.make_store
     set_age = MemoryStoreTest.set_age
 
 
@@ -7326,6 +7425,14 @@ class SQLiteStoreLog(LogContract, unittest.TestCase):
         self.assertEqual(tinysession.MessageLog(self.make_store(), "moved").pop(), user("q2"))
         self.assertEqual(self.make_store().log_length("moved"), 4)
 
+    def test_the_lengths_stay_right_when_an_older_version_moves_a_log(self):
+        store = self.make_store()
+        store.log_append("a", [b"1", b"2", b"3"])
+        store.log_append("b", [b"x"])
+        self.sql("UPDATE sessions_log SET key = 'b' WHERE key = 'a'")  # an older version's log_move
+        self.assertEqual((store.log_length("a"), store.log_length("b")), (0, 4))
+        self.assertEqual(store.log_read("b", 2, 4), [b"3", b"x"])
+
 
 class RedisStoreLog(LogContract, unittest.TestCase):
     """The message log, on RedisStore: a list per conversation."""
@@ -7353,6 +7460,29 @@ class RedisStoreLog(LogContract, unittest.TestCase):
         self.assertTrue(store.log_move(old, new))
         self.assertEqual((store.log_length(old), store.log_length(new)), (0, 2500))
         self.assertEqual(tinysession.MessageLog(store, new).read()[-1], user("2499"))
+
+    def test_a_move_across_buckets_loses_no_line_to_a_trim_and_an_append_meanwhile(self):
+        store = self.make_store()
+        if len(store._buckets) == 1:
+            self.skipTest("one bucket: a move is one RENAME")
+        old = "k"
+        new = next(f"n{i}" for i in itertools.count() if store._bucket(f"n{i}") != store._bucket(old))
+        store.log_append(old, [b"%d" % n for n in range(3000)])
+        log_append, raced = store.log_append, []
+
+        def racing_append(key, lines):
+            if key == new and not raced:  # the move's first copy: another client acts now
+                raced.append(key)
+                log_append(old, [b"late1", b"late2"])
+                self.assertTrue(store.log_trim(old, 0, 2500, 3002))  # as its MessageLog trims the oldest
+            return log_append(key, lines)
+
+        store.log_append = racing_append
+        self.assertTrue(store.log_move(old, new))
+        moved = store.log_read(new)
+        expected = [b"%d" % n for n in range(2500, 3000)] + [b"late1", b"late2"]
+        self.assertTrue(moved == expected, f"{len(moved)} lines moved, the last {moved[-3:]}")
+        self.assertEqual(store.log_length(old), 0)
 
 
 class RedisClusterStoreLog(RedisStoreLog):

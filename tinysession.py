@@ -70,6 +70,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import heapq
 import hmac
@@ -370,6 +371,15 @@ def _forks():
     return _FORKS[0]
 
 
+def _refused_once_closed(hook):
+    """Return ``hook`` wrapped to raise StoreError, before any I/O, once its store is closed (see ``Store._checked``)."""
+    @functools.wraps(hook)
+    def checked(self, *args, **options):
+        self._checked()
+        return hook(self, *args, **options)
+    return checked
+
+
 class Sweep:
     """What one pass of ``Store.sweep`` saw and removed (or, in a dry run, would remove).
 
@@ -419,14 +429,21 @@ class Store(MutableMapping):
         self.max_sessions = _check_count(max_sessions, "max_sessions")
         self.max_bytes = _check_count(max_bytes, "max_bytes")
         self._closed = False
-        self._lock = threading.Lock()  # guards the background clean's state and _closed's change
-        self._cleaner = None
-        self._clean_again = False
+        self._forks = _forks()
+        self._forked()
         self._writes = itertools.count(1)  # its next() is atomic: no lock per write
         if self.max_sessions is not None:
             self._clean_every = max(10, self.max_sessions // 10)
         else:
             self._clean_every = None if self.max_age is None else 1000
+
+    def __init_subclass__(cls, **options):
+        """Make each hook a subclass defines refuse to run once the store is closed: the one check, for every store."""
+        super().__init_subclass__(**options)
+        for name in ("read", "write", "remove", "set_mtime", "scan", "log_append", "log_read", "log_length",
+                     "log_trim", "log_remove", "log_scan", "log_move"):
+            if name in vars(cls):
+                setattr(cls, name, _refused_once_closed(vars(cls)[name]))
 
     @staticmethod
     def _keys_of(secret):
@@ -635,9 +652,22 @@ class Store(MutableMapping):
 
     def _checked(self, key=_MISSING):
         """Return ``key`` if the store is open and ``key`` is valid (or not given); raise before any I/O otherwise."""
+        self._own()
         if self._closed:
             raise StoreError(f"{self!r} is closed")
         return key if key is _MISSING else _check_key(key)
+
+    def _own(self):
+        """In a forked child, drop the parent's clean, locks and handles (``_forked``) before any is used."""
+        if self._forks != _forks():
+            self._forks = _forks()
+            self._forked()
+
+    def _forked(self):
+        """Start afresh in a new process: no background clean, new locks; a store also drops its handles here."""
+        self._lock = threading.Lock()  # guards the background clean's state and _closed's change
+        self._cleaner = None
+        self._clean_again = False
 
     def _take(self, key):
         """Remove the record for ``key`` atomically; return its bytes if it was live, else None."""
@@ -672,7 +702,6 @@ class Store(MutableMapping):
         return not self._expired(mtime, None)
 
     def __iter__(self):
-        self._checked()
         now = _now()
         return (key for key, mtime, _ in self.scan() if not self._expired(mtime, now))
 
@@ -716,6 +745,7 @@ class Store(MutableMapping):
         Safe to call twice, and from inside the clean. A store holding
         resources releases them in its own ``close``, after this one.
         """
+        self._own()
         with self._lock:
             self._closed = True
             cleaner = self._cleaner
@@ -775,7 +805,9 @@ class Store(MutableMapping):
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         self._checked()
-        started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
+        # A write that begins from now on stamps at least _stamp(); one stamped below it (by a quarter of a
+        # millisecond, for the file system's rounding) began before: only those are counted and removed.
+        started = self._stamp() - _PROBATION_SECONDS / 2
         floor = float("-inf") if cutoff is None else cutoff
         sweep = Sweep()
         kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
@@ -831,7 +863,6 @@ class Store(MutableMapping):
         """Remove the doomed ``(key, mtime, size)`` entries, count them into ``sweep``, empty the list."""
         if not doomed:
             return
-        self._checked()
         sizes = [size for _, _, size in doomed] if dry_run else self._evict(doomed)
         sweep.removed += len(sizes)
         sweep.removed_bytes += sum(sizes)
@@ -945,10 +976,7 @@ class FileStore(Store):
     def __init__(self, directory, **options):
         super().__init__(**options)
         self.directory = os.fspath(directory)
-        self._lock_fd = None
-        self._lock_forks = _forks()
-        self._thread_lock = threading.Lock()
-        self._log_counts = {}  # (inode, size, mtime) of a log -> its lines
+        self._log_counts = {}  # (key, inode, size, mtime) of a log ending in a newline -> its lines
         self._make_directory()
 
     def _make_directory(self):
@@ -978,9 +1006,13 @@ class FileStore(Store):
         """Refuse later operations (see ``Store.close``), then close the directory handle of the lock."""
         super().close()
         with self._thread_lock:
-            if self._lock_fd is not None and self._lock_forks == _forks():
+            if self._lock_fd is not None:
                 os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _forked(self):
+        super()._forked()
+        self._thread_lock, self._lock_fd = threading.Lock(), None  # the parent's handle is shared: never used
 
     def _path(self, key):
         return os.path.join(self.directory, _FILE_PREFIX + key)
@@ -991,9 +1023,7 @@ class FileStore(Store):
     @contextlib.contextmanager
     def _locked(self):
         """Hold the directory's lock against every other thread and process; StoreError once closed."""
-        if self._lock_forks != _forks():  # a forked child shares its parent's open handle: open its own
-            self._thread_lock, self._lock_fd, self._lock_forks = threading.Lock(), None, _forks()
-        with self._thread_lock:
+        with self._thread_lock:  # a forked child's own: every caller ran _checked() first
             self._checked()
             with _os_errors("lock session directory", self.directory):
                 if self._lock_fd is None:
@@ -1159,21 +1189,24 @@ class FileStore(Store):
             finally:
                 os.close(fd)
 
-    def _log_count(self, fd, lines=None, repair=False):
-        """Return the whole lines of the open log, counted or remembered by (inode, size, mtime); remember ``lines``.
+    def _log_count(self, key, fd, lines=None, repair=False):
+        """Return the whole lines of the open log of ``key``, counted or remembered by its state; remember ``lines``.
 
-        With ``repair``, a torn last line (a crash) is cut off first.
+        A log with a torn last line (a crash) is never remembered, so that
+        the next append, which passes ``repair``, counts it and cuts that line off.
         """
         status = os.fstat(fd)
-        state = (status.st_ino, status.st_size, status.st_mtime_ns)
+        state = (key, status.st_ino, status.st_size, status.st_mtime_ns)
         lines = self._log_counts.get(state) if lines is None else lines
         if lines is None:
             data = os.pread(fd, status.st_size, 0)
             end = data.rfind(b"\n") + 1
-            if repair and end != len(data):
-                _logger.warning("message log fd %d: dropped a torn last line of %d bytes", fd, len(data) - end)
-                os.ftruncate(fd, end)
             lines = data.count(b"\n", 0, end)
+            if end != len(data):
+                if repair:
+                    _logger.warning("message log of key %r: dropped a torn last line of %d bytes", key, len(data) - end)
+                    os.ftruncate(fd, end)
+                return lines
         if len(self._log_counts) > 4096:
             self._log_counts.clear()
         self._log_counts[state] = lines
@@ -1183,9 +1216,9 @@ class FileStore(Store):
         """Append under the directory lock with ``O_APPEND``; a torn last line (a crash) is cut off first."""
         data = b"".join(bytes(line) + b"\n" for line in lines)
         with self._locked(), self._log_file(self._log_path(key), "append to", _LOG_APPEND_FLAGS) as fd:
-            count = self._log_count(fd, repair=True)
+            count = self._log_count(key, fd, repair=True)
             _write_all(fd, data)
-            return self._log_count(fd, count + len(lines))
+            return self._log_count(key, fd, count + len(lines))
 
     def log_read(self, key, start=0, stop=None):
         """Read back from the end of the file for a negative ``start``, from its head up to ``stop``, else all of it."""
@@ -1209,7 +1242,7 @@ class FileStore(Store):
 
     def log_length(self, key):
         with self._log_file(self._log_path(key), "read") as fd:
-            return 0 if fd is None else self._log_count(fd)
+            return 0 if fd is None else self._log_count(key, fd)
 
     def log_trim(self, key, start, stop, expected):
         """Rewrite the log without ``lines[start:stop]``: a temporary file renamed over it, under the lock."""
@@ -1287,11 +1320,11 @@ _SQL_BEYOND = (
 )
 _SQL_SUMMARY_EXPIRED = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_EXPIRED + ")"
 _SQL_SUMMARY_BEYOND = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_BEYOND + ")"
-_INHERITED = []  # a forked child's copies of its parent's connections: kept, never used, never closed
+_INHERITED = []  # a forked child's copies of its parent's connections
 
 
 # The message log: its own table; triggers remove a session's log with its record and keep each log's length
-# (counted from the lines once, when the length table is new).
+# (counted from the lines once, when the length table is new), whatever changes the lines, an older version too.
 _SQL_LOG_SCHEMA = (
     'CREATE TABLE IF NOT EXISTS "{table}_log" '
     "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
@@ -1306,6 +1339,10 @@ _SQL_LOG_SCHEMA = (
     'CREATE TRIGGER IF NOT EXISTS "{table}_log_removed" AFTER DELETE ON "{table}_log" BEGIN '
     'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
     'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; END;'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_moved" AFTER UPDATE OF key ON "{table}_log" BEGIN '
+    'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
+    'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; '
+    'INSERT INTO "{table}_log_length" VALUES (new.key, 1) ON CONFLICT (key) DO UPDATE SET lines = lines + 1; END;'
 )
 _SQL_LOG_FOUND = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{table}_log_length'"
 _SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
@@ -1318,7 +1355,6 @@ _SQL_LOG_TRIM = (
 )
 _SQL_LOG_REMOVE = 'DELETE FROM "{table}_log" WHERE key = ?'
 _SQL_LOG_MOVE = 'UPDATE "{table}_log" SET key = ? WHERE key = ?'
-_SQL_LOG_MOVE_LENGTH = 'UPDATE "{table}_log_length" SET key = ? WHERE key = ?'
 _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key'
 
 
@@ -1334,7 +1370,8 @@ class SQLiteStore(Store):
     pool of idle ones (at most eight kept) and gives it back, so a new thread
     opens none; any number of processes may open the file (not on a network
     file system). ``close()`` closes the idle connections at once and each
-    busy one when its operation ends.
+    busy one when its operation ends. An in-memory database (``":memory:"``,
+    ``""``) is refused (ValueError): each pooled connection would see its own.
     """
 
     def __init__(self, path, *, table="sessions", read_only=False, **options):
@@ -1344,18 +1381,18 @@ class SQLiteStore(Store):
         if not isinstance(table, str) or re.fullmatch(_TABLE_PATTERN, table) is None:
             raise ValueError(f"invalid table name {table!r}: expected a letter or _, then [A-Za-z0-9_]")
         self.path = os.fspath(path)
+        if self.path in ("", ":memory:"):
+            raise ValueError(f"SQLiteStore needs a database file, not {self.path!r}: each pooled connection"
+                             " would open an in-memory database of its own; use a file in a temporary directory")
         self.table = table
         self.read_only = bool(read_only)
         self._sqlite3 = sqlite3
         # Every SQL template of this section, "_SQL_*", for this table.
         self._sql = {sql: sql.format(table=table) for name, sql in globals().items()
                      if name.startswith("_SQL_") and isinstance(sql, str)}
-        self._idle = []  # open connections no operation is using
-        self._pool_lock = threading.Lock()
-        self._pool_forks = _forks()
         self._schema_ready = self.read_only  # the first connection of this store object sets it up
         self._log_ready = False  # the log's tables: made (or found, when read-only) on first use
-        if not self.read_only and self.path not in ("", ":memory:") and not os.path.exists(self.path):
+        if not self.read_only and not os.path.exists(self.path):
             self._create_file()
         self._checkin(self._checkout())  # a file that is not a database fails here
 
@@ -1384,9 +1421,14 @@ class SQLiteStore(Store):
         """Refuse later operations (see ``Store.close``), close the idle connections; busy ones close when done."""
         super().close()
         with self._pool_lock:
-            idle, self._idle = (self._idle if self._pool_forks == _forks() else []), []
+            idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
+
+    def _forked(self):
+        super()._forked()
+        _INHERITED.extend(getattr(self, "_idle", ()))  # the parent's connections: never used, never closed
+        self._idle, self._pool_lock = [], threading.Lock()  # _idle: open connections no operation is using
 
     def _connect(self):
         """Open a connection; the first one of this store object sets up the schema and WAL mode."""
@@ -1405,11 +1447,8 @@ class SQLiteStore(Store):
 
     def _checkout(self):
         """Return an idle connection, or a new one, for one operation; StoreError if the store is closed."""
-        if self._pool_forks != _forks():  # a forked child: its parent's connections and lock are not its own
-            _INHERITED.append(self._idle)
-            self._idle, self._pool_lock, self._pool_forks = [], threading.Lock(), _forks()
+        self._checked()  # StoreError if closed; in a forked child, before its parent's lock is taken
         with self._pool_lock:
-            self._checked()
             if self._idle:
                 return self._idle.pop()
         return self._connect()
@@ -1498,7 +1537,7 @@ class SQLiteStore(Store):
         after each; rows written meanwhile are neither counted nor removed.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
+        started = self._stamp() - _PROBATION_SECONDS / 2  # as in Store.sweep
         sweep = Sweep()
         passes = [] if cutoff is None else [(_SQL_EXPIRED, _SQL_SUMMARY_EXPIRED, (cutoff,), 0)]
         try:
@@ -1604,7 +1643,6 @@ class SQLiteStore(Store):
                 return False
             self._execute(_SQL_LOG_REMOVE, (new,), connection)
             self._execute(_SQL_LOG_MOVE, (new, old), connection)
-            self._execute(_SQL_LOG_MOVE_LENGTH, (new, old), connection)
             return True
 
     def log_scan(self):
@@ -1710,6 +1748,14 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
 """
+# Remove the lines ARGV[2..] from the head (ARGV[1] '0') or the tail ('-N') of a log, if they are still there.
+_REDIS_LOG_CUT = """
+local n = #ARGV - 1
+local lines = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[1] + n - 1)
+for i = 1, n do if lines[i] ~= ARGV[i + 1] then return 0 end end
+if ARGV[1] == '0' then redis.call('LTRIM', KEYS[1], n, -1) else redis.call('LTRIM', KEYS[1], 0, -n - 1) end
+return 1
+"""
 
 
 def _redis_cluster_tags(client):
@@ -1796,10 +1842,6 @@ class RedisStore(Store):
 
     def __repr__(self):
         return f"RedisStore({self._address!r}, prefix={self.prefix!r})"
-
-    def close(self):
-        """Refuse later operations and wait for the background clean (see ``Store.close``); the client stays open."""
-        super().close()
 
     def _call(self, function, *args):
         """Return ``function(*args)``; any failure of the client or server becomes a StoreError."""
@@ -1890,7 +1932,7 @@ class RedisStore(Store):
         if dry_run:
             return super().sweep(max_age, keep, now=now, dry_run=True, progress=progress)
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        started, sweep = _now() + 0.001, Sweep()  # started: as in Store.sweep
+        started, sweep = self._stamp() - _PROBATION_SECONDS / 2, Sweep()  # started: as in Store.sweep
         floor = float("-inf") if cutoff is None else cutoff
         # A failover may lose the scripts a master had loaded: load them (on every master) for each clean.
         summary, self._evict_sha = [self._call(self.client.script_load, script) for script in (_REDIS_SUMMARY, _REDIS_EVICT)]
@@ -1990,10 +2032,12 @@ class RedisStore(Store):
         return self._command("DEL", self._log_key(key)) == 1
 
     def log_move(self, old, new):
-        """Move the log of ``old`` to ``new``: a RENAME in one bucket; across buckets, copy first, then trim.
+        """Move the log of ``old`` to ``new``: a RENAME in one bucket; across buckets, copy first, then cut.
 
-        A crash between the copy and the trim leaves lines twice, never none;
-        lines appended to ``old`` meanwhile are moved by the next round.
+        The copied lines leave ``old`` only if they are still its head;
+        otherwise (a trim meanwhile) they leave ``new`` and the round starts
+        again. A crash between the copy and the cut leaves lines twice, never
+        none; lines appended to ``old`` meanwhile are moved by the next round.
         """
         source, target = self._log_key(old), self._log_key(new)
         if self._bucket(old) == self._bucket(new):
@@ -2005,8 +2049,10 @@ class RedisStore(Store):
             if not lines:
                 return moved
             self.log_append(new, lines)
-            self._command("LTRIM", source, len(lines), -1)
-            moved = True
+            if self._script(_REDIS_LOG_CUT, [source], [0, *lines]):
+                moved = True
+            else:
+                self._script(_REDIS_LOG_CUT, [target], [-len(lines), *lines])
 
     def log_scan(self):
         """Yield ``(key, bytes)`` of every log, found with SCAN; the bytes are Redis's MEMORY USAGE."""
