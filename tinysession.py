@@ -3582,6 +3582,60 @@ for _name in _DICT_USES:
 del _name
 
 
+class _HeldSend:
+    """One response's ``send``: holds the start (and, with a Content-Length, each body message) until the next.
+
+    So the session is saved before the client has the whole response (see ``ASGISessionMiddleware``).
+    """
+
+    def __init__(self, core, session, send, middleware):
+        self.core, self.session, self._send, self.middleware = core, session, send, middleware
+        self.opened = self.completed = None  # the message that opened the response, and the one that ended it
+        self.start, self.body, self.sized = [], [], False
+
+    async def flush(self):
+        if self.start:
+            await self._send(self.middleware._with_session(self.core, self.session, self.start.pop()))
+        if self.body:
+            await self._send(self.body.pop())
+
+    async def send(self, message):
+        kind = message["type"]
+        if kind in _START_MESSAGES or kind == "websocket.accept":
+            if self.opened:
+                raise RuntimeError(f"ASGI: {kind} after {self.opened}: a response starts once")
+            self.opened = kind
+            if kind == "websocket.accept":  # its cookie goes now, none can follow
+                await self._send(self.middleware._with_session(self.core, self.session, message))
+                return
+            self.start.append(message)
+            self.sized = any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
+        elif kind not in _BODY_MESSAGES and kind != "websocket.close":
+            await self._send(message)
+        elif not _is_final(message):
+            if self.body:
+                await self.flush()  # the body goes one message late (the start with it): the last waits for the save
+            self.body.append(message)
+            if not self.sized:  # a chunked response is whole only with its last message: the others need not wait
+                await self.flush()
+        else:
+            if self.opened:  # a socket refused before its accept has no cookie to reach a record: not saved
+                await self._save()
+                self.completed = kind
+            await self.flush()
+            await self._send(message)
+
+    async def _save(self):
+        try:
+            if self.core.pending:
+                await self.middleware._in_thread(self.core.save)  # while start is held, a failure is a whole 500
+        except BaseException:
+            if not self.start:
+                _logger.error("session %s could not be saved after the response headers went out: the "
+                              "response is cut off", (self.core.key or "(none)")[:12])
+            raise
+
+
 class ASGISessionMiddleware:
     """Give every HTTP request and websocket of an ASGI app a server-side session.
 
@@ -3670,55 +3724,13 @@ class ASGISessionMiddleware:
         session._core, session._run = core, self._in_thread
         if header is None:
             core.cookie()  # outside the cookie's path: a cookie sent from here would replace the user's
-        opened, start, body, completed, sized = [], [], [], [], []  # start and body: held until the next message
-
-        async def flush():
-            if start:
-                await send(self._with_session(core, session, start.pop()))
-            if body:
-                await send(body.pop())
-
-        async def session_send(message):
-            kind = message["type"]
-            if kind in _START_MESSAGES or kind == "websocket.accept":
-                if opened:
-                    raise RuntimeError(f"ASGI: {kind} after {opened[0]}: a response starts once")
-                opened.append(kind)
-                if kind == "websocket.accept":  # its cookie goes now, none can follow
-                    await send(self._with_session(core, session, message))
-                else:
-                    start.append(message)
-                    sized.extend(name for name, _ in message.get("headers", ()) if name.lower() == b"content-length")
-                return
-            if kind not in _BODY_MESSAGES and kind != "websocket.close":
-                await send(message)
-                return
-            if not _is_final(message):
-                if body:
-                    await flush()  # the body goes one message late (the start with it): the last waits for the save
-                body.append(message)
-                if not sized:  # a chunked response is whole only with its last message: the others need not wait
-                    await flush()
-                return
-            if opened:  # a socket refused before its accept has no cookie to reach a record: not saved
-                try:
-                    if core.pending:
-                        await self._in_thread(core.save)  # while start is held, a failure is a whole 500
-                except BaseException:
-                    if not start:
-                        _logger.error("session %s could not be saved after the response headers went out: the "
-                                      "response is cut off", (core.key or "(none)")[:12])
-                    raise
-                completed.append(kind)
-            await flush()
-            await send(message)
-
+        sender = _HeldSend(core, session, send, self)
         try:
-            await self.app(scope, receive, session_send)
+            await self.app(scope, receive, sender.send)
         except BaseException:
             await self._in_thread(core.rollback)  # even after a complete response (an error page)
             raise
-        if completed or opened == ["websocket.accept"]:
+        if sender.completed or sender.opened == "websocket.accept":
             core.cookie()
             if core.pending:
                 await self._in_thread(core.save)
