@@ -4295,16 +4295,20 @@ def asgi_as_wsgi(app):
     def bridge(environ, start_response):
         scope = asgi_scope(environ["PATH_INFO"], environ.get("HTTP_COOKIE"), environ["wsgi.url_scheme"],
                            environ.get("QUERY_STRING", ""))
-        messages, received = [], []
+        messages, received, done = [], [], []
 
         async def receive():
-            if received:  # the body went: wait, as a server does, for a disconnect (Quart listens for one)
-                await asyncio.get_running_loop().create_future()
+            if received:  # the body went: as a server, answer a disconnect once the response is complete
+                while not done:
+                    await asyncio.sleep(0.001)
+                return {"type": "http.disconnect"}
             received.append(True)
             return {"type": "http.request", "body": b"", "more_body": False}
 
         async def send(message):
             messages.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                done.append(True)
 
         run_on_loop(app(scope, receive, send))
         start = messages[0]
@@ -7791,7 +7795,8 @@ class TheTestCommand(unittest.TestCase):
 
     def test_one_command_installs_every_package_the_tests_name(self):
         with open(os.path.join(HERE, "requirements-test.txt"), encoding="utf-8") as file:
-            listed = {line.split(";")[0].strip().lower() for line in file if line.strip() and not line.startswith("#")}
+            listed = {re.match(r"[a-z0-9_.-]+", line.strip().lower()).group()  # the name, without version or marker
+                      for line in file if line.strip() and not line.startswith("#")}
         with open(__file__, encoding="utf-8") as file:
             named = {name.lower() for names in re.findall(r"pip install ([a-z][a-z -]*)", file.read())
                      for name in names.split()}
