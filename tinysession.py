@@ -805,9 +805,7 @@ class Store(MutableMapping):
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         self._checked()
-        # A write that begins from now on stamps at least _stamp(); one stamped below it (by a quarter of a
-        # millisecond, for the file system's rounding) began before: only those are counted and removed.
-        started = self._stamp() - _PROBATION_SECONDS / 2
+        started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
         floor = float("-inf") if cutoff is None else cutoff
         sweep = Sweep()
         kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
@@ -1537,7 +1535,7 @@ class SQLiteStore(Store):
         after each; rows written meanwhile are neither counted nor removed.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        started = self._stamp() - _PROBATION_SECONDS / 2  # as in Store.sweep
+        started = _now() + 0.001  # as in Store.sweep
         sweep = Sweep()
         passes = [] if cutoff is None else [(_SQL_EXPIRED, _SQL_SUMMARY_EXPIRED, (cutoff,), 0)]
         try:
@@ -1932,7 +1930,7 @@ class RedisStore(Store):
         if dry_run:
             return super().sweep(max_age, keep, now=now, dry_run=True, progress=progress)
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        started, sweep = self._stamp() - _PROBATION_SECONDS / 2, Sweep()  # started: as in Store.sweep
+        started, sweep = _now() + 0.001, Sweep()  # started: as in Store.sweep
         floor = float("-inf") if cutoff is None else cutoff
         # A failover may lose the scripts a master had loaded: load them (on every master) for each clean.
         summary, self._evict_sha = [self._call(self.client.script_load, script) for script in (_REDIS_SUMMARY, _REDIS_EVICT)]
