@@ -3426,13 +3426,6 @@ class FlaskSessionInterface:
 
 
 
-async def _in_thread(function, *args):
-    """Run ``function(*args)`` in the event loop's default thread pool and return its result."""
-    import asyncio  # costly to import, and only async apps need it
-
-    return await asyncio.to_thread(function, *args)
-
-
 class QuartSessionInterface(FlaskSessionInterface):
     """Serve Quart's ``session`` from a store: ``app.session_interface = QuartSessionInterface(store)``.
 
@@ -3586,14 +3579,15 @@ class _HeldSend:
     So the session is saved before the client has the whole response (see ``ASGISessionMiddleware``).
     """
 
-    def __init__(self, core, session, send, middleware):
-        self.core, self.session, self._send, self.middleware = core, session, send, middleware
+    def __init__(self, core, session, send, headers, run):
+        # headers(message) adds the session's headers to a start message; run(function) runs it in a thread
+        self.core, self.session, self._send, self._headers, self._run = core, session, send, headers, run
         self.opened = self.completed = None  # the message that opened the response, and the one that ended it
         self.start, self.body, self.sized = [], [], False
 
     async def flush(self):
         if self.start:
-            await self._send(self.middleware._with_session(self.core, self.session, self.start.pop()))
+            await self._send(self._headers(self.start.pop()))
         if self.body:
             await self._send(self.body.pop())
 
@@ -3604,7 +3598,7 @@ class _HeldSend:
                 raise RuntimeError(f"ASGI: {kind} after {self.opened}: a response starts once")
             self.opened = kind
             if kind == "websocket.accept":  # its cookie goes now, none can follow
-                await self._send(self.middleware._with_session(self.core, self.session, message))
+                await self._send(self._headers(message))
                 return
             self.start.append(message)
             self.sized = any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
@@ -3626,7 +3620,7 @@ class _HeldSend:
     async def _save(self):
         try:
             if self.core.pending:
-                await self.middleware._in_thread(self.core.save)  # while start is held, a failure is a whole 500
+                await self._run(self.core.save)  # while start is held, a failure is a whole 500
         except BaseException:
             if not self.start:
                 _logger.error("session %s could not be saved after the response headers went out: the "
@@ -3722,7 +3716,8 @@ class ASGISessionMiddleware:
         session._core, session._run = core, self._in_thread
         if header is None:
             core.cookie()  # outside the cookie's path: a cookie sent from here would replace the user's
-        sender = _HeldSend(core, session, send, self)
+        sender = _HeldSend(core, session, send, lambda start: self._with_session(core, session, start),
+                           self._in_thread)
         try:
             await self.app(scope, receive, sender.send)
         except BaseException:
@@ -3812,18 +3807,16 @@ def _open_store(spec, table, prefix, read_only):
 def _open_redis(spec, prefix):
     try:
         import redis
-        import redis.cluster
-        import redis.sentinel
     except ImportError:
         raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
     scheme, _, rest = spec.partition("://")
     try:
         if scheme == "redis+cluster":  # any node: the client finds the others
-            client = redis.cluster.RedisCluster.from_url(f"redis://{rest}")
+            client = redis.RedisCluster.from_url(f"redis://{rest}")
         elif scheme == "redis+sentinel":  # redis+sentinel://host:port/service: the service's master
             address, _, service = rest.partition("/")
             host, _, port = address.rpartition(":")
-            client = redis.sentinel.Sentinel([(host, int(port))]).master_for(service)
+            client = redis.Sentinel([(host, int(port))]).master_for(service)
         else:
             client = redis.Redis.from_url(spec)
     except ValueError as exc:
