@@ -832,11 +832,9 @@ class Store(MutableMapping):
                     entry = (not self._on_probation(mtime), mtime, key, size)
                     if len(kept) < keep:
                         heapq.heappush(kept, entry)
-                        continue
-                    _, mtime, key, size = heapq.heappushpop(kept, entry)
-                    doomed.append((key, mtime, size))
-                else:
-                    continue
+                    else:
+                        _, mtime, key, size = heapq.heappushpop(kept, entry)
+                        doomed.append((key, mtime, size))
                 if len(doomed) >= _EVICT_BATCH:
                     self._evict_counted(doomed, sweep, dry_run)
         finally:
