@@ -316,11 +316,14 @@ def _is_key(text):
     return 0 < len(text) <= 128 and not text.strip(_KEY_CHARACTERS)
 
 
-def _check_int(value, name, minimum=0, wrong_type=TypeError):
-    """Return ``value`` if it is an int (not a bool) of at least ``minimum``; raise ``wrong_type`` or ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise wrong_type(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
+def _check_int(value, name, minimum=0, wrong_type=TypeError, kinds=int):
+    """Return ``value`` if it is an int (or one of ``kinds``, never a bool) of at least ``minimum``.
+
+    Raise ``wrong_type`` for another type, ValueError below ``minimum`` (NaN too).
+    """
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise wrong_type(f"{name} must be {'an int' if kinds is int else 'a number'}, not {type(value).__name__}")
+    if not value >= minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
@@ -331,12 +334,8 @@ def _check_count(value, name):
 
 
 def _check_seconds(value, name):
-    """Return ``value`` as a float if it is a non-negative number, or None."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
-    return float(value)
+    """Return ``value`` as a float if it is None or a number >= 0 (an int or a float); ValueError otherwise."""
+    return None if value is None else float(_check_int(value, name, 0, ValueError, (int, float)))
 
 
 def _make_serializer(serializer, secret):
@@ -352,32 +351,12 @@ def _make_serializer(serializer, secret):
     raise ValueError(f"serializer must be 'json', 'pickle' or an object with dumps() and loads(), not {serializer!r}")
 
 
-# -- The store protocol --
+# -- Cleaning --
 
-_MISSING = object()
 _EVICT_BATCH = 256
-_RETRIES = 16
 _CLOSE_WAIT_SECONDS = 10.0
 # A probationary mtime is a millisecond plus half of one; a returning one is a whole millisecond.
 _PROBATION_SECONDS = 0.0005
-_FORKS = []  # [forks of this process since a store first asked]: a child must not use its parent's handles
-
-
-def _forks():
-    """Return how many times this process was forked since the first call, without a system call."""
-    if not _FORKS:
-        _FORKS.append(0)
-        os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
-    return _FORKS[0]
-
-
-def _refused_once_closed(hook):
-    """Return ``hook`` wrapped to raise StoreError, before any I/O, once its store is closed (see ``Store._checked``)."""
-    @functools.wraps(hook)
-    def checked(self, *args, **options):
-        self._checked()
-        return hook(self, *args, **options)
-    return checked
 
 
 class Sweep:
@@ -400,147 +379,16 @@ class Sweep:
         return f"<Sweep seen={self.seen} removed={self.removed}>"
 
 
-class Store(MutableMapping):
-    """A mapping from keys to session records, over five bytes-level hooks (see the README, "Writing a store").
+class _Cleaning:
+    """The cleaning every store inherits through ``Store``: the mtime stamps, ``clean``, ``stats``, ``sweep``
+    and the background clean.
 
-    A backend implements ``read``, ``write``, ``remove``, ``set_mtime`` and
-    ``scan``, and may override ``sweep``, ``__len__`` and ``close``. Key
-    checks, serialization, signatures, ``max_bytes``, expiry, the
-    ``max_sessions`` bound, cleaning and the mapping interface live here once;
-    ``pop``, ``popitem``, ``clear`` and ``del`` are built on conditional
-    removals. The keyword options (``serializer``, ``secret``, ``max_age``,
-    ``max_sessions``, ``max_bytes``) are the README's table. A hook sees the
-    stored bytes: the serialized record, preceded by its signature when there
-    is a secret.
-
-    Threads: one store object may be shared by all the threads of a process.
-    ``close()`` is safe at any moment: operations already running finish,
-    later ones raise StoreError, and a background clean stops at its next
-    batch and is waited for (ten seconds at most).
+    It is written over the store protocol of the next section: the hooks
+    ``scan``, ``read`` and ``remove`` (and ``log_scan``), and what ``Store``
+    keeps (``max_age``, ``max_sessions``, ``_checked()``, ``_forget_log()``,
+    the background clean's lock and state). A store may override ``sweep``
+    whole (SQLiteStore, RedisStore), or only ``_sweep_scan`` and ``_evict`` (FileStore).
     """
-
-    def __init__(
-        self, *, serializer="json", secret=None, max_age=None, max_sessions=DEFAULT_MAX_SESSIONS, max_bytes=DEFAULT_MAX_BYTES
-    ):
-        self._signing_keys = self._keys_of(secret)
-        self._signing_key = self._signing_keys[-1] if self._signing_keys else None
-        self.serializer = _make_serializer(serializer, secret)
-        self.max_age = _check_seconds(max_age, "max_age")
-        self.max_sessions = _check_count(max_sessions, "max_sessions")
-        self.max_bytes = _check_count(max_bytes, "max_bytes")
-        self._closed = False
-        self._forks = _forks()
-        self._forked()
-        self._writes = itertools.count(1)  # its next() is atomic: no lock per write
-        if self.max_sessions is not None:
-            self._clean_every = max(10, self.max_sessions // 10)
-        else:
-            self._clean_every = None if self.max_age is None else 1000
-
-    def __init_subclass__(cls, **options):
-        """Make each hook a subclass defines refuse to run once the store is closed: the one check, for every store."""
-        super().__init_subclass__(**options)
-        for name in ("read", "write", "remove", "set_mtime", "scan", "log_append", "log_read", "log_length",
-                     "log_trim", "log_remove", "log_scan", "log_move"):
-            if name in vars(cls):
-                setattr(cls, name, _refused_once_closed(vars(cls)[name]))
-
-    @staticmethod
-    def _keys_of(secret):
-        """Return the HMAC keys derived from ``secret`` (None, a str or bytes, or a list of them), oldest first."""
-        if secret is None:
-            return []
-        secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
-        secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
-        if not secrets or not all(isinstance(each, bytes) and each for each in secrets):
-            kinds = ", ".join(type(each).__name__ for each in secrets)  # never a value: it is a secret
-            raise ValueError(
-                "secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
-                f" got a {type(secret).__name__} of [{kinds}]"
-            )
-        return [hashlib.sha256(b"tinysession record\0" + each).digest() for each in secrets]
-
-    # The five hooks a backend implements.
-
-    @abc.abstractmethod
-    def read(self, key):
-        """Return ``(data, mtime)``, the bytes stored for ``key`` and their mtime; KeyError if absent.
-
-        Expired records may be returned: the base class checks the mtime.
-        """
-
-    @abc.abstractmethod
-    def write(self, key, data, mtime, expected=None):
-        """Store ``data`` (bytes) for ``key`` with modification time ``mtime``; return True.
-
-        With ``expected`` (bytes), write only if the bytes stored now are
-        exactly these, atomically against every thread and process, and
-        return False, changing nothing, otherwise (also when absent). A
-        reader sees the old bytes or the new ones, never a mix.
-        """
-
-    @abc.abstractmethod
-    def remove(self, key, expected=None):
-        """Remove the record for ``key``; return True if it removed one (``expected`` as for ``write``)."""
-
-    @abc.abstractmethod
-    def set_mtime(self, key, mtime):
-        """Set the record's mtime without rewriting its data; return False if there is none."""
-
-    @abc.abstractmethod
-    def scan(self):
-        """Return an iterable of ``(key, mtime, size)`` for every record, expired ones included; skip what vanishes."""
-
-    # Records.
-
-    def encode(self, key, record):
-        """Return the bytes ``write`` stores for ``record``: serialized, size-checked, signed.
-
-        Raises EncodeError if the serializer cannot encode it, RecordTooLarge
-        past ``max_bytes``, StoreError if the store is closed.
-        """
-        self._checked(key)
-        try:
-            payload = self.serializer.dumps(record)
-        except RecursionError as exc:
-            raise EncodeError(
-                f"cannot encode the session record for key {key!r}: nested too deep"
-                f" (past the recursion limit, sys.getrecursionlimit() = {sys.getrecursionlimit()})"
-            ) from exc
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise EncodeError(f"cannot encode the session record for key {key!r}: {exc}") from exc
-        if self.max_bytes is not None and len(payload) > self.max_bytes:
-            raise RecordTooLarge(
-                f"session record for key {key!r} is {len(payload)} bytes, over max_bytes={self.max_bytes}"
-            )
-        if self._signing_key is None:
-            return payload
-        return self._signature(key, payload) + payload
-
-    def load(self, key, *, now=None):
-        """Return ``(record, data, mtime)``: the record, its stored bytes and its mtime.
-
-        Raise KeyError if the record is missing, expired, over the size limit,
-        badly signed or not deserializable (the last three are logged).
-        """
-        data, mtime = self.read(self._checked(key))
-        if self._expired(mtime, now):
-            raise KeyError(key)
-        return self.decode(key, data), data, mtime
-
-    def save(self, key, data, *, expected=None, now=None, new=False):
-        """Write bytes made by ``encode`` with mtime ``_stamp(now, new=new)``; return False if ``expected`` did not match.
-
-        ``new`` marks a first write, which stays on probation until touched or
-        written again. Every ``max(10, max_sessions // 10)`` writes of this
-        store object (every 1,000 with ``max_age`` alone) a clean starts in a
-        background thread, one at a time; its errors are logged.
-        """
-        if not self.write(self._checked(key), data, self._stamp(now, new=new), expected):
-            return False
-        if self._clean_every is not None and next(self._writes) % self._clean_every == 0:
-            self._clean_in_background()
-        return True
 
     @staticmethod
     def _stamp(now=None, *, new=False):
@@ -557,221 +405,6 @@ class Store(MutableMapping):
         """Return True if ``mtime`` is a probationary one (lost on clocks coarser than a quarter millisecond)."""
         scaled = mtime * 1000.0
         return 0.25 <= scaled - int(scaled) <= 0.75
-
-    def _clean_in_background(self):
-        """Start ``clean()`` in a daemon thread unless this store object's runs; return the thread or None.
-
-        A clean asked for while one runs makes the running one sweep again.
-        """
-        with self._lock:
-            self._clean_again = True
-            if self._closed or self._cleaner is not None:
-                return None
-            thread = threading.Thread(target=self._clean_until_done, name="tinysession-clean", daemon=True)
-            try:
-                thread.start()
-            except RuntimeError:  # at interpreter shutdown
-                _logger.exception("could not start a background clean of %s", repr(self))
-                return None
-            self._cleaner = thread
-            return thread
-
-    def _clean_until_done(self):
-        """Sweep until no clean is asked for, logging each pass (INFO) or its failure; the cleaner's thread."""
-        while True:
-            with self._lock:
-                if not self._clean_again or self._closed:
-                    self._cleaner = None
-                    return
-                self._clean_again = False
-            started = time.perf_counter()
-            try:
-                sweep = self.sweep()
-            except Exception:
-                if self._closed:
-                    _logger.debug("cleaning %s stopped: the store was closed", repr(self))
-                else:
-                    _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument: bool()-ed
-                continue
-            _logger.info(
-                "cleaned %r in %.2f s: met %d sessions, removed %d of them, kept %d",
-                self, time.perf_counter() - started, sweep.seen, sweep.removed, sweep.seen - sweep.removed,
-            )
-
-    def _expired(self, mtime, now):
-        return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
-
-    def _signature(self, key, payload, signing_key=None):
-        """Return the HMAC-SHA256 of the key and the payload (newest secret by default): records cannot move."""
-        signing_key = self._signing_key if signing_key is None else signing_key
-        return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
-
-    def _read_limit(self):
-        """Return the largest stored record size worth reading, or None."""
-        if self.max_bytes is None:
-            return None
-        return self.max_bytes + (_SIGNATURE_BYTES if self._signing_key is not None else 0)
-
-    def decode(self, key, data):
-        """Return the record in the stored bytes ``data`` of ``key``, as ``encode`` made them.
-
-        Raise KeyError (logged) if they are oversized, badly signed or corrupt;
-        the log line says when the secret probably changed.
-        """
-        try:
-            limit = self._read_limit()
-            if limit is not None and len(data) > limit:
-                raise ValueError(f"{len(data)} bytes, over the size limit")
-            if self._signing_key is None:
-                return self.serializer.loads(data)
-            signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
-            if not any(
-                hmac.compare_digest(signature, self._signature(key, payload, signing_key))
-                for signing_key in reversed(self._signing_keys)
-            ):
-                raise ValueError("bad signature: the secret probably changed (or the record was altered)")
-            return self.serializer.loads(payload)
-        except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
-            cause = f"{type(exc).__name__}: {exc}"
-            if self._signing_key is None and self._reads_as_signed(data):
-                cause = "it is signed and this store has no secret: the secret probably changed"
-            _logger.warning("unreadable session record %s: %s", self._where(key), cause)
-            raise KeyError(key) from None
-
-    def _reads_as_signed(self, data):
-        """Return True if ``data`` decodes once a signature's length is cut off: a record signed by a secret."""
-        try:
-            self.serializer.loads(data[_SIGNATURE_BYTES:])
-        except Exception:  # noqa: BLE001 - not a signed record either
-            return False
-        return len(data) > _SIGNATURE_BYTES
-
-    def _where(self, key):
-        """Return where the record for ``key`` lives, for log messages."""
-        return f"{self!r} key {key!r}"
-
-    def _checked(self, key=_MISSING):
-        """Return ``key`` if the store is open and ``key`` is valid (or not given); raise before any I/O otherwise."""
-        self._own()
-        if self._closed:
-            raise StoreError(f"{self!r} is closed")
-        return key if key is _MISSING else _check_key(key)
-
-    def _own(self):
-        """In a forked child, drop the parent's clean, locks and handles (``_forked``) before any is used."""
-        if self._forks != _forks():
-            self._forks = _forks()
-            self._forked()
-
-    def _forked(self):
-        """Start afresh in a new process: no background clean, new locks; a store also drops its handles here."""
-        self._lock = threading.Lock()  # guards the background clean's state and _closed's change
-        self._cleaner = None
-        self._clean_again = False
-
-    def _take(self, key):
-        """Remove the record for ``key`` atomically; return its bytes if it was live, else None."""
-        for _ in range(_RETRIES):
-            try:
-                data, mtime = self.read(key)
-            except KeyError:
-                return None
-            if self.remove(key, expected=data):
-                self._forget_log(key)
-                return None if self._expired(mtime, None) else data
-        self._forget_log(key)
-        return data if self.remove(key) else None  # rewritten under us every time: remove what is there
-
-    # The mapping interface.
-
-    def __getitem__(self, key):
-        return self.load(key)[0]
-
-    def __setitem__(self, key, record):
-        self.save(key, self.encode(key, record))
-
-    def __delitem__(self, key):
-        if self._take(self._checked(key)) is None:
-            raise KeyError(key)
-
-    def __contains__(self, key):
-        try:
-            _, mtime = self.read(self._checked(key))
-        except KeyError:
-            return False
-        return not self._expired(mtime, None)
-
-    def __iter__(self):
-        now = _now()
-        return (key for key, mtime, _ in self.scan() if not self._expired(mtime, now))
-
-    def __len__(self):
-        return sum(1 for _ in self)
-
-    def pop(self, key, default=_MISSING):
-        """Remove the record for ``key`` and return it, atomically; ``default`` (or KeyError) if absent."""
-        data = self._take(self._checked(key))
-        try:
-            if data is None:
-                raise KeyError(key)
-            return self.decode(key, data)
-        except KeyError:
-            if default is _MISSING:
-                raise
-            return default
-
-    def popitem(self):
-        """Remove and return some ``(key, record)``; KeyError if the store is empty."""
-        for key in self:
-            record = self.pop(key, _MISSING)
-            if record is not _MISSING:
-                return key, record
-        raise KeyError("popitem(): the store is empty")
-
-    def clear(self):
-        """Remove every record."""
-        for key in list(self):
-            self.pop(key, None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    def close(self):
-        """Refuse every later operation and wait (ten seconds at most) for this store object's background clean.
-
-        Safe to call twice, and from inside the clean. A store holding
-        resources releases them in its own ``close``, after this one.
-        """
-        self._own()
-        with self._lock:
-            self._closed = True
-            cleaner = self._cleaner
-        if cleaner is not None and cleaner is not threading.current_thread():
-            cleaner.join(_CLOSE_WAIT_SECONDS)
-            if cleaner.is_alive():
-                _logger.warning("closed %s while its background clean still runs", repr(self))
-
-    # Maintenance.
-
-    def touch(self, key, *, now=None):
-        """Set the record's mtime to ``_stamp(now)`` without rewriting it: it is then a returning session.
-
-        Return True if the record exists and is live, False if it is missing
-        or expired (an expired record is not brought back).
-        """
-        self._checked(key)
-        now = _now() if now is None else now
-        if self.max_age is not None:
-            try:
-                _, mtime = self.read(key)
-            except KeyError:
-                return False
-            if self._expired(mtime, now):
-                return False
-        return self.set_mtime(key, self._stamp(now))
 
     def clean(self, max_age=None, keep=None, *, now=None):
         """Remove expired records, then all but ``keep`` of the others; return how many.
@@ -876,6 +509,386 @@ class Store(MutableMapping):
                 sizes.append(size)
                 self._forget_log(key)
         return sizes
+
+    def _clean_in_background(self):
+        """Start ``clean()`` in a daemon thread unless this store object's runs; return the thread or None.
+
+        A clean asked for while one runs makes the running one sweep again.
+        """
+        with self._lock:
+            self._clean_again = True
+            if self._closed or self._cleaner is not None:
+                return None
+            thread = threading.Thread(target=self._clean_until_done, name="tinysession-clean", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # at interpreter shutdown
+                _logger.exception("could not start a background clean of %s", repr(self))
+                return None
+            self._cleaner = thread
+            return thread
+
+    def _clean_until_done(self):
+        """Sweep until no clean is asked for, logging each pass (INFO) or its failure; the cleaner's thread."""
+        while True:
+            with self._lock:
+                if not self._clean_again or self._closed:
+                    self._cleaner = None
+                    return
+                self._clean_again = False
+            started = time.perf_counter()
+            try:
+                sweep = self.sweep()
+            except Exception:
+                if self._closed:
+                    _logger.debug("cleaning %s stopped: the store was closed", repr(self))
+                else:
+                    _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument: bool()-ed
+                continue
+            _logger.info(
+                "cleaned %r in %.2f s: met %d sessions, removed %d of them, kept %d",
+                self, time.perf_counter() - started, sweep.seen, sweep.removed, sweep.seen - sweep.removed,
+            )
+
+
+# -- The store protocol --
+
+_MISSING = object()
+_RETRIES = 16
+_FORKS = []  # [forks of this process since a store first asked]: a child must not use its parent's handles
+
+
+def _forks():
+    """Return how many times this process was forked since the first call, without a system call."""
+    if not _FORKS:
+        _FORKS.append(0)
+        os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
+    return _FORKS[0]
+
+
+def _refused_once_closed(hook):
+    """Return ``hook`` wrapped to raise StoreError, before any I/O, once its store is closed (see ``Store._checked``)."""
+    @functools.wraps(hook)
+    def checked(self, *args, **options):
+        self._checked()
+        return hook(self, *args, **options)
+    return checked
+
+
+class Store(_Cleaning, MutableMapping):
+    """A mapping from keys to session records, over five bytes-level hooks (see the README, "Writing a store").
+
+    A backend implements ``read``, ``write``, ``remove``, ``set_mtime`` and
+    ``scan``, and may override ``sweep``, ``__len__`` and ``close``. Key
+    checks, serialization, signatures, ``max_bytes``, expiry, the
+    ``max_sessions`` bound, cleaning (from ``_Cleaning``, above) and the
+    mapping interface live here once; ``pop``, ``popitem``, ``clear`` and ``del`` are built on conditional
+    removals. The keyword options (``serializer``, ``secret``, ``max_age``,
+    ``max_sessions``, ``max_bytes``) are the README's table. A hook sees the
+    stored bytes: the serialized record, preceded by its signature when there
+    is a secret.
+
+    Threads: one store object may be shared by all the threads of a process.
+    ``close()`` is safe at any moment: operations already running finish,
+    later ones raise StoreError, and a background clean stops at its next
+    batch and is waited for (ten seconds at most).
+    """
+
+    def __init__(
+        self, *, serializer="json", secret=None, max_age=None, max_sessions=DEFAULT_MAX_SESSIONS, max_bytes=DEFAULT_MAX_BYTES
+    ):
+        self._signing_keys = self._keys_of(secret)
+        self.serializer = _make_serializer(serializer, secret)
+        self.max_age = _check_seconds(max_age, "max_age")
+        self.max_sessions = _check_count(max_sessions, "max_sessions")
+        self.max_bytes = _check_count(max_bytes, "max_bytes")
+        self._closed = False
+        self._forks = _forks()
+        self._forked()
+        self._writes = itertools.count(1)  # its next() is atomic: no lock per write
+        if self.max_sessions is not None:
+            self._clean_every = max(10, self.max_sessions // 10)
+        else:
+            self._clean_every = None if self.max_age is None else 1000
+
+    def __init_subclass__(cls, **options):
+        """Make each hook a subclass defines refuse to run once the store is closed: the one check, for every store."""
+        super().__init_subclass__(**options)
+        for name in ("read", "write", "remove", "set_mtime", "scan", "log_append", "log_read", "log_length",
+                     "log_trim", "log_remove", "log_scan", "log_move"):
+            if name in vars(cls):
+                setattr(cls, name, _refused_once_closed(vars(cls)[name]))
+
+    @staticmethod
+    def _keys_of(secret):
+        """Return the HMAC keys derived from ``secret`` (None, a str or bytes, or a list of them), oldest first."""
+        if secret is None:
+            return []
+        secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
+        secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
+        if not secrets or not all(isinstance(each, bytes) and each for each in secrets):
+            kinds = ", ".join(type(each).__name__ for each in secrets)  # never a value: it is a secret
+            raise ValueError(
+                "secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
+                f" got a {type(secret).__name__} of [{kinds}]"
+            )
+        return [hashlib.sha256(b"tinysession record\0" + each).digest() for each in secrets]
+
+    # The five hooks a backend implements.
+
+    @abc.abstractmethod
+    def read(self, key):
+        """Return ``(data, mtime)``, the bytes stored for ``key`` and their mtime; KeyError if absent.
+
+        Expired records may be returned: the base class checks the mtime.
+        """
+
+    @abc.abstractmethod
+    def write(self, key, data, mtime, expected=None):
+        """Store ``data`` (bytes) for ``key`` with modification time ``mtime``; return True.
+
+        With ``expected`` (bytes), write only if the bytes stored now are
+        exactly these, atomically against every thread and process, and
+        return False, changing nothing, otherwise (also when absent). A
+        reader sees the old bytes or the new ones, never a mix.
+        """
+
+    @abc.abstractmethod
+    def remove(self, key, expected=None):
+        """Remove the record for ``key``; return True if it removed one (``expected`` as for ``write``)."""
+
+    @abc.abstractmethod
+    def set_mtime(self, key, mtime):
+        """Set the record's mtime without rewriting its data; return False if there is none."""
+
+    @abc.abstractmethod
+    def scan(self):
+        """Return an iterable of ``(key, mtime, size)`` for every record, expired ones included; skip what vanishes."""
+
+    # Records.
+
+    def encode(self, key, record):
+        """Return the bytes ``write`` stores for ``record``: serialized, size-checked, signed.
+
+        Raises EncodeError if the serializer cannot encode it, RecordTooLarge
+        past ``max_bytes``, StoreError if the store is closed.
+        """
+        self._checked(key)
+        try:
+            payload = self.serializer.dumps(record)
+        except RecursionError as exc:
+            raise EncodeError(
+                f"cannot encode the session record for key {key!r}: nested too deep"
+                f" (past the recursion limit, sys.getrecursionlimit() = {sys.getrecursionlimit()})"
+            ) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"cannot encode the session record for key {key!r}: {exc}") from exc
+        if self.max_bytes is not None and len(payload) > self.max_bytes:
+            raise RecordTooLarge(
+                f"session record for key {key!r} is {len(payload)} bytes, over max_bytes={self.max_bytes}"
+            )
+        if not self._signing_keys:
+            return payload
+        return self._signature(self._signing_keys[-1], key, payload) + payload
+
+    def load(self, key, *, now=None):
+        """Return ``(record, data, mtime)``: the record, its stored bytes and its mtime.
+
+        Raise KeyError if the record is missing, expired, over the size limit,
+        badly signed or not deserializable (the last three are logged).
+        """
+        data, mtime = self.read(self._checked(key))
+        if self._expired(mtime, now):
+            raise KeyError(key)
+        return self.decode(key, data), data, mtime
+
+    def save(self, key, data, *, expected=None, now=None, new=False):
+        """Write bytes made by ``encode`` with mtime ``_stamp(now, new=new)``; return False if ``expected`` did not match.
+
+        ``new`` marks a first write, which stays on probation until touched or
+        written again. Every ``max(10, max_sessions // 10)`` writes of this
+        store object (every 1,000 with ``max_age`` alone) a clean starts in a
+        background thread, one at a time; its errors are logged.
+        """
+        if not self.write(self._checked(key), data, self._stamp(now, new=new), expected):
+            return False
+        if self._clean_every is not None and next(self._writes) % self._clean_every == 0:
+            self._clean_in_background()
+        return True
+
+    def _expired(self, mtime, now):
+        return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
+
+    def _live_mtime(self, key, now):
+        """Return the mtime of the record for ``key`` if it is there and live at ``now``, else None."""
+        try:
+            _, mtime = self.read(key)
+        except KeyError:
+            return None
+        return None if self._expired(mtime, now) else mtime
+
+    @staticmethod
+    def _signature(signing_key, key, payload):
+        """Return the HMAC-SHA256 of the key and the payload under ``signing_key``: records cannot move."""
+        return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
+
+    def _read_limit(self):
+        """Return the largest stored record size worth reading, or None."""
+        if self.max_bytes is None:
+            return None
+        return self.max_bytes + (_SIGNATURE_BYTES if self._signing_keys else 0)
+
+    def decode(self, key, data):
+        """Return the record in the stored bytes ``data`` of ``key``, as ``encode`` made them.
+
+        Raise KeyError (logged) if they are oversized, badly signed or corrupt;
+        the log line says when the secret probably changed.
+        """
+        try:
+            limit = self._read_limit()
+            if limit is not None and len(data) > limit:
+                raise ValueError(f"{len(data)} bytes, over the size limit")
+            if not self._signing_keys:
+                return self.serializer.loads(data)
+            signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
+            if not any(
+                hmac.compare_digest(signature, self._signature(signing_key, key, payload))
+                for signing_key in reversed(self._signing_keys)
+            ):
+                raise ValueError("bad signature: the secret probably changed (or the record was altered)")
+            return self.serializer.loads(payload)
+        except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
+            cause = f"{type(exc).__name__}: {exc}"
+            if not self._signing_keys and self._reads_as_signed(data):
+                cause = "it is signed and this store has no secret: the secret probably changed"
+            _logger.warning("unreadable session record %s: %s", self._where(key), cause)
+            raise KeyError(key) from None
+
+    def _reads_as_signed(self, data):
+        """Return True if ``data`` decodes once a signature's length is cut off: a record signed by a secret."""
+        try:
+            self.serializer.loads(data[_SIGNATURE_BYTES:])
+        except Exception:  # noqa: BLE001 - not a signed record either
+            return False
+        return len(data) > _SIGNATURE_BYTES
+
+    def _where(self, key):
+        """Return where the record for ``key`` lives, for log messages."""
+        return f"{self!r} key {key!r}"
+
+    def _checked(self, key=_MISSING):
+        """Return ``key`` if the store is open and ``key`` is valid (or not given); raise before any I/O otherwise."""
+        self._own()
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
+        return key if key is _MISSING else _check_key(key)
+
+    def _own(self):
+        """In a forked child, drop the parent's clean, locks and handles (``_forked``) before any is used."""
+        if self._forks != _forks():
+            self._forks = _forks()
+            self._forked()
+
+    def _forked(self):
+        """Start afresh in a new process: no background clean, new locks; a store also drops its handles here."""
+        self._lock = threading.Lock()  # guards the background clean's state and _closed's change
+        self._cleaner = None
+        self._clean_again = False
+
+    def _take(self, key):
+        """Remove the record for ``key`` atomically; return its bytes if it was live, else None."""
+        for _ in range(_RETRIES):
+            try:
+                data, mtime = self.read(key)
+            except KeyError:
+                return None
+            if self.remove(key, expected=data):
+                self._forget_log(key)
+                return None if self._expired(mtime, None) else data
+        self._forget_log(key)
+        return data if self.remove(key) else None  # rewritten under us every time: remove what is there
+
+    # The mapping interface.
+
+    def __getitem__(self, key):
+        return self.load(key)[0]
+
+    def __setitem__(self, key, record):
+        self.save(key, self.encode(key, record))
+
+    def __delitem__(self, key):
+        if self._take(self._checked(key)) is None:
+            raise KeyError(key)
+
+    def __contains__(self, key):
+        return self._live_mtime(self._checked(key), None) is not None
+
+    def __iter__(self):
+        now = _now()
+        return (key for key, mtime, _ in self.scan() if not self._expired(mtime, now))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+    def pop(self, key, default=_MISSING):
+        """Remove the record for ``key`` and return it, atomically; ``default`` (or KeyError) if absent."""
+        data = self._take(self._checked(key))
+        try:
+            if data is None:
+                raise KeyError(key)
+            return self.decode(key, data)
+        except KeyError:
+            if default is _MISSING:
+                raise
+            return default
+
+    def popitem(self):
+        """Remove and return some ``(key, record)``; KeyError if the store is empty."""
+        for key in self:
+            record = self.pop(key, _MISSING)
+            if record is not _MISSING:
+                return key, record
+        raise KeyError("popitem(): the store is empty")
+
+    def clear(self):
+        """Remove every record."""
+        for key in list(self):
+            self.pop(key, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        """Refuse every later operation and wait (ten seconds at most) for this store object's background clean.
+
+        Safe to call twice, and from inside the clean. A store holding
+        resources releases them in its own ``close``, after this one.
+        """
+        self._own()
+        with self._lock:
+            self._closed = True
+            cleaner = self._cleaner
+        if cleaner is not None and cleaner is not threading.current_thread():
+            cleaner.join(_CLOSE_WAIT_SECONDS)
+            if cleaner.is_alive():
+                _logger.warning("closed %s while its background clean still runs", repr(self))
+
+    # Maintenance.
+
+    def touch(self, key, *, now=None):
+        """Set the record's mtime to ``_stamp(now)`` without rewriting it: it is then a returning session.
+
+        Return True if the record exists and is live, False if it is missing
+        or expired (an expired record is not brought back).
+        """
+        self._checked(key)
+        now = _now() if now is None else now
+        if self.max_age is not None and self._live_mtime(key, now) is None:
+            return False
+        return self.set_mtime(key, self._stamp(now))
 
     # The message log: optional hooks, for MessageLog. A store without them raises NotImplementedError.
 
@@ -1295,8 +1308,7 @@ _SQL_PUT = (
 )
 _SQL_REPLACE = 'UPDATE "{table}" SET data = ?, mtime = ? WHERE key = ? AND data = ?'
 _SQL_SET_MTIME = 'UPDATE "{table}" SET mtime = ? WHERE key = ?'
-_SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ?'
-_SQL_DELETE_EXPECTED = 'DELETE FROM "{table}" WHERE key = ? AND data = ?'
+_SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ? AND (? IS NULL OR data = ?)'
 _SQL_DELETE_SEEN = 'DELETE FROM "{table}" WHERE key = ? AND mtime = ?'
 _SQL_SCAN = 'SELECT key, mtime, LENGTH(data) FROM "{table}"'
 _SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
@@ -1314,8 +1326,6 @@ _SQL_BEYOND = (
     'SELECT key, mtime, LENGTH(data) AS size FROM "{table}" WHERE +mtime >= ? AND +mtime <= ? AND +rowid <= ? '
     "ORDER BY " + _SQL_RETURNING + " DESC, mtime DESC LIMIT ? OFFSET ?"
 )
-_SQL_SUMMARY_EXPIRED = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_EXPIRED + ")"
-_SQL_SUMMARY_BEYOND = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_BEYOND + ")"
 _INHERITED = []  # a forked child's copies of its parent's connections
 
 
@@ -1404,11 +1414,8 @@ class SQLiteStore(Store):
             ) from exc
         # FileExistsError: another process created it meanwhile.
         with _os_errors("create session database", self.path), contextlib.suppress(FileExistsError):
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)  # whatever the umask took away
-            finally:
-                os.close(fd)
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            os.chmod(self.path, 0o600)  # whatever the umask took away
 
     def __repr__(self):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
@@ -1511,9 +1518,7 @@ class SQLiteStore(Store):
         return self._execute(_SQL_REPLACE, (data, mtime, key, expected)) > 0
 
     def remove(self, key, expected=None):
-        if expected is None:
-            return self._execute(_SQL_DELETE, (key,)) > 0
-        return self._execute(_SQL_DELETE_EXPECTED, (key, expected)) > 0
+        return self._execute(_SQL_DELETE, (key, expected, expected)) > 0
 
     def set_mtime(self, key, mtime):
         return self._execute(_SQL_SET_MTIME, (mtime, key)) > 0
@@ -1534,24 +1539,25 @@ class SQLiteStore(Store):
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         started = _now() + 0.001  # as in Store.sweep
+        floor = float("-inf") if cutoff is None else cutoff
+        passes = [(_SQL_EXPIRED, (floor,), 0)]
+        if keep is not None:
+            passes.append((_SQL_BEYOND, (floor, started), keep))
         sweep = Sweep()
-        passes = [] if cutoff is None else [(_SQL_EXPIRED, _SQL_SUMMARY_EXPIRED, (cutoff,), 0)]
         try:
             with self._connected() as connection:
                 tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
                 sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(tally).fetchone()
                 sweep.seen_bytes = None if size is None else int(size)
-                if keep is not None:
-                    floor = float("-inf") if cutoff is None else cutoff
-                    passes.append((_SQL_BEYOND, _SQL_SUMMARY_BEYOND, (floor, started), keep))
                 if progress is not None:
                     progress(sweep)
-                for select, summary, parameters, offset in passes:
+                for select, parameters, offset in passes:
                     parameters += (last or 0,)
                     if not dry_run:
                         self._evict_batches(connection, select, parameters, offset, sweep, progress)
                         continue
-                    count, size = connection.execute(self._sql[summary], (*parameters, -1, offset)).fetchone()
+                    summary = f"SELECT COUNT(*), TOTAL(size) FROM ({self._sql[select]})"
+                    count, size = connection.execute(summary, (*parameters, -1, offset)).fetchone()
                     sweep.removed, sweep.removed_bytes = sweep.removed + count, sweep.removed_bytes + int(size)
         except self._sqlite3.Error as exc:
             raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
