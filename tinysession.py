@@ -187,9 +187,7 @@ class _PickleSerializer:
     """Pickle at the highest protocol; only ever used on signed records."""
 
     loads = staticmethod(pickle.loads)
-
-    def dumps(self, obj):
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    dumps = staticmethod(functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 _TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT = " t", " b", " m", " u", " d", " di"
@@ -419,12 +417,10 @@ class _Cleaning:
 
     def stats(self, max_age=None, *, now=None):
         """Return a dry-run ``Sweep``: the records, their bytes and times, and how many are past ``max_age``."""
-        sweep = self.sweep(max_age, None, now=now, dry_run=True)
-        try:
+        sweep = self.sweep(max_age, now=now, dry_run=True)
+        with contextlib.suppress(NotImplementedError):  # a store without message logs
             sizes = [size for _, size in self.log_scan()]
-        except NotImplementedError:
-            return sweep
-        sweep.logs, sweep.log_bytes = len(sizes), sum(sizes)
+            sweep.logs, sweep.log_bytes = len(sizes), sum(sizes)
         return sweep
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
@@ -501,13 +497,11 @@ class _Cleaning:
         """Remove each entry whose record still has the mtime the scan saw, and its log; return their sizes."""
         sizes = []
         for key, mtime, size in doomed:
-            try:
+            with contextlib.suppress(KeyError):  # removed by someone else meanwhile
                 data, current = self.read(key)
-            except KeyError:
-                continue  # removed by someone else meanwhile
-            if current == mtime and self.remove(key, expected=data):
-                sizes.append(size)
-                self._forget_log(key)
+                if current == mtime and self.remove(key, expected=data):
+                    sizes.append(size)
+                    self._forget_log(key)
         return sizes
 
     def _clean_in_background(self):
@@ -759,18 +753,13 @@ class Store(_Cleaning, MutableMapping):
             return self.serializer.loads(payload)
         except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
             cause = f"{type(exc).__name__}: {exc}"
-            if not self._signing_keys and self._reads_as_signed(data):
-                cause = "it is signed and this store has no secret: the secret probably changed"
+            if not self._signing_keys and len(data) > _SIGNATURE_BYTES:
+                # It decodes once a signature's length is cut off: a record signed by a secret. Else: unsigned damage.
+                with contextlib.suppress(Exception):
+                    self.serializer.loads(data[_SIGNATURE_BYTES:])
+                    cause = "it is signed and this store has no secret: the secret probably changed"
             _logger.warning("unreadable session record %s: %s", self._where(key), cause)
             raise KeyError(key) from None
-
-    def _reads_as_signed(self, data):
-        """Return True if ``data`` decodes once a signature's length is cut off: a record signed by a secret."""
-        try:
-            self.serializer.loads(data[_SIGNATURE_BYTES:])
-        except Exception:  # noqa: BLE001 - not a signed record either
-            return False
-        return len(data) > _SIGNATURE_BYTES
 
     def _where(self, key):
         """Return where the record for ``key`` lives, for log messages."""
@@ -932,10 +921,9 @@ class Store(_Cleaning, MutableMapping):
 
     def _forget_log(self, key):
         """Remove the log of ``key``, if the store keeps logs; return True if there was one."""
-        try:
+        with contextlib.suppress(NotImplementedError):  # a store without message logs
             return self.log_remove(key)
-        except NotImplementedError:
-            return False
+        return False
 
 
 # -- FileStore --
@@ -1026,8 +1014,7 @@ class FileStore(Store):
     def _path(self, key):
         return os.path.join(self.directory, _FILE_PREFIX + key)
 
-    def _where(self, key):
-        return self._path(key)
+    _where = _path  # a record lives at its path
 
     @contextlib.contextmanager
     def _locked(self):
@@ -1065,6 +1052,18 @@ class FileStore(Store):
         path = self._path(key)
         try:
             fd = os.open(path, _READ_FLAGS)
+            try:
+                status = os.fstat(fd)
+                if not stat.S_ISREG(status.st_mode):
+                    _logger.warning("session file %s is not a regular file: ignored", path)
+                    raise KeyError(key)
+                limit = self._read_limit()
+                if limit is not None and status.st_size > limit:
+                    _logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
+                    raise KeyError(key)
+                return os.read(fd, status.st_size), status.st_mtime
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             raise KeyError(key) from None
         except OSError as exc:
@@ -1072,20 +1071,6 @@ class FileStore(Store):
                 raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
             _logger.warning("session file %s is a symbolic link: ignored", path)
             raise KeyError(key) from None
-        try:
-            status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode):
-                _logger.warning("session file %s is not a regular file: ignored", path)
-                raise KeyError(key)
-            limit = self._read_limit()
-            if limit is not None and status.st_size > limit:
-                _logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
-                raise KeyError(key)
-            return os.read(fd, status.st_size), status.st_mtime
-        except OSError as exc:
-            raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
 
     def _current(self, key):
         """Return the bytes stored for ``key`` now, or None; call it holding the lock."""
@@ -1155,17 +1140,12 @@ class FileStore(Store):
         with self._locked():
             for key, mtime, size in doomed:
                 path = self._path(key)
-                with _os_errors("remove session file", path):
-                    try:
-                        if os.lstat(path).st_mtime != mtime:
-                            continue  # written or touched since the scan saw it
+                # FileNotFoundError: removed by another cleaner (not counted), or a record without a log.
+                with _os_errors("remove session file", path), contextlib.suppress(FileNotFoundError):
+                    if os.lstat(path).st_mtime == mtime:  # else written or touched since the scan saw it
                         os.unlink(path)
-                    except FileNotFoundError:
-                        _logger.debug("already removed: %s", path)  # by another cleaner: not counted
-                        continue
-                    with contextlib.suppress(FileNotFoundError):  # the message log goes with its record
-                        os.unlink(path + _LOG_SUFFIX)
-                sizes.append(size)
+                        sizes.append(size)
+                        os.unlink(path + _LOG_SUFFIX)  # the message log goes with its record
         return sizes
 
     # The message log: the file ts-<key>.log beside the record, one JSON line per message.
@@ -1498,9 +1478,6 @@ class SQLiteStore(Store):
                 connection.execute("ROLLBACK")
             raise
 
-    def _where(self, key):
-        return f"{self.path} table {self.table} key {key!r}"
-
     def read(self, key):
         limit = self._read_limit()
         rows = self._execute(_SQL_READ, (2**62 if limit is None else limit, key))
@@ -1513,8 +1490,7 @@ class SQLiteStore(Store):
 
     def write(self, key, data, mtime, expected=None):
         if expected is None:
-            self._execute(_SQL_PUT, (key, data, mtime))
-            return True
+            return self._execute(_SQL_PUT, (key, data, mtime)) > 0  # an upsert: always 1 row
         return self._execute(_SQL_REPLACE, (data, mtime, key, expected)) > 0
 
     def remove(self, key, expected=None):
