@@ -57,8 +57,8 @@ rotates a secret: records are signed with the newest, accepted under any.
 Files are 0600 and session directories 0700; FileStore refuses a directory
 that group or others may write to, since they could plant records there.
 
-Sections: errors, records (serializers, ``TaggedJSON``), the store protocol,
-FileStore, SQLiteStore, RedisStore, merging, chat history, the message log,
+Sections: errors, records (serializers, ``TaggedJSON``), cleaning, the store
+protocol, FileStore, SQLiteStore, RedisStore, merging, chat history, the message log,
 cookies, the session core, WSGI, Flask (and Quart), ASGI, command line.
 """
 
@@ -320,7 +320,8 @@ def _check_int(value, name, minimum=0, wrong_type=TypeError, kinds=int):
     Raise ``wrong_type`` for another type, ValueError below ``minimum`` (NaN too).
     """
     if isinstance(value, bool) or not isinstance(value, kinds):
-        raise wrong_type(f"{name} must be {'an int' if kinds is int else 'a number'}, not {type(value).__name__}")
+        expected = "an int" if kinds is int else "a number"
+        raise wrong_type(f"{name} must be {expected}, not {type(value).__name__}")
     if not value >= minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -332,7 +333,7 @@ def _check_count(value, name):
 
 
 def _check_seconds(value, name):
-    """Return ``value`` as a float if it is None or a number >= 0 (an int or a float); ValueError otherwise."""
+    """Return ``value`` as a float if it is a number (int or float) >= 0, or None; ValueError otherwise."""
     return None if value is None else float(_check_int(value, name, 0, ValueError, (int, float)))
 
 
@@ -754,7 +755,7 @@ class Store(_Cleaning, MutableMapping):
         except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
             cause = f"{type(exc).__name__}: {exc}"
             if not self._signing_keys and len(data) > _SIGNATURE_BYTES:
-                # It decodes once a signature's length is cut off: a record signed by a secret. Else: unsigned damage.
+                # A record signed by a secret decodes once a signature's length is cut off.
                 with contextlib.suppress(Exception):
                     self.serializer.loads(data[_SIGNATURE_BYTES:])
                     cause = "it is signed and this store has no secret: the secret probably changed"
@@ -822,14 +823,12 @@ class Store(_Cleaning, MutableMapping):
     def pop(self, key, default=_MISSING):
         """Remove the record for ``key`` and return it, atomically; ``default`` (or KeyError) if absent."""
         data = self._take(self._checked(key))
-        try:
-            if data is None:
-                raise KeyError(key)
-            return self.decode(key, data)
-        except KeyError:
-            if default is _MISSING:
-                raise
-            return default
+        if data is not None:
+            with contextlib.suppress(KeyError):  # unreadable (logged): as if absent
+                return self.decode(key, data)
+        if default is _MISSING:
+            raise KeyError(key)
+        return default
 
     def popitem(self):
         """Remove and return some ``(key, record)``; KeyError if the store is empty."""
@@ -1332,7 +1331,7 @@ _SQL_LOG_SCHEMA = (
 )
 _SQL_LOG_FOUND = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{table}_log_length'"
 _SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
-_SQL_LOG_LENGTH = 'SELECT lines FROM "{table}_log_length" WHERE key = ?'
+_SQL_LOG_LENGTH = 'SELECT COALESCE((SELECT lines FROM "{table}_log_length" WHERE key = ?), 0)'
 _SQL_LOG_READ = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?'
 _SQL_LOG_TAIL = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq DESC LIMIT ?'
 _SQL_LOG_TRIM = (
@@ -1628,8 +1627,7 @@ class SQLiteStore(Store):
 
     def _log_lines(self, key, connection=None):
         """Return how many lines the log of ``key`` holds, 0 for none, on ``connection`` or a pooled one."""
-        rows = self._execute(_SQL_LOG_LENGTH, (key,), connection)
-        return rows[0][0] if rows else 0
+        return self._execute(_SQL_LOG_LENGTH, (key,), connection)[0][0]
 
 
 # -- RedisStore --
