@@ -163,21 +163,19 @@ DEFAULT_MAX_SESSIONS = 10000
 
 _KEY_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 _SIGNATURE_BYTES = 32
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # thread-safe, as json's own
+_raw_decode_json = json.JSONDecoder().raw_decode  # json.loads without its checks and whitespace scans
 
 
 class _JSONSerializer:
     """Compact UTF-8 JSON: dicts, lists, strings, numbers, booleans and None."""
 
-    def __init__(self):
-        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-        self._decode = json.JSONDecoder().raw_decode
-
     def dumps(self, obj):
-        return self._encode(obj).encode("utf-8")
+        return _compact_json(obj).encode("utf-8")
 
     def loads(self, data):
         text = data.decode("utf-8")
-        value, end = self._decode(text)
+        value, end = _raw_decode_json(text)
         if end != len(text):
             raise ValueError(f"extra data after the JSON value at offset {end}")
         return value
@@ -214,7 +212,6 @@ class TaggedJSON:
     _TAGGED = re.compile("|".join(f'"{tag}"' for tag in _TAGS)).search  # also finds a tag inside a string: harmless
 
     def __init__(self):
-        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
         self._decode = json.JSONDecoder(object_hook=self._untag).decode
         self._untaggers = {_TUPLE: tuple, _BYTES: base64.b64decode, _UUID: uuid.UUID, _MARKUP: _markup,
                            _DATETIME: datetime.datetime.fromisoformat, _ONE_KEY_DICT: lambda pair: {pair[0]: pair[1]}}
@@ -224,11 +221,11 @@ class TaggedJSON:
         # json alone does the work (in C) when nothing needs a tag: it would write a tuple as a list
         # and a subclass as its base, so _plain() looks at the types, a level at a time.
         try:
-            text = self._encode(obj)
+            text = _compact_json(obj)
         except (TypeError, ValueError, RecursionError):  # a bytes, a cycle...: the walk says which
             text = None
         if text is None or not self._plain(obj) or self._TAGGED(text):
-            text = self._encode(self._tag(obj))
+            text = _compact_json(self._tag(obj))
         return text.encode("utf-8")
 
     def loads(self, data):
