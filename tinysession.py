@@ -2346,11 +2346,10 @@ def _log_key(conversation_id):
     """Return the store key of a conversation: the id itself if it is a valid key, else its SHA-256."""
     if isinstance(conversation_id, str) and _is_key(conversation_id):
         return conversation_id
-    if isinstance(conversation_id, str):
-        conversation_id = conversation_id.encode("utf-8")
-    if not isinstance(conversation_id, bytes):
+    if not isinstance(conversation_id, (str, bytes)):
         raise TypeError(f"conversation_id must be a str or bytes, not {type(conversation_id).__name__}")
-    return hashlib.sha256(conversation_id).hexdigest()
+    data = conversation_id.encode("utf-8") if isinstance(conversation_id, str) else conversation_id
+    return hashlib.sha256(data).hexdigest()
 
 
 class MessageLog:
@@ -3823,7 +3822,6 @@ def _no_sessions_status(args, store, sweep):
 def _cmd_clean(args):
     if args.max_age is None and args.keep is None:
         args.usage.error("clean needs --max-age, --keep or both; it will not guess what to remove")
-    store = _open_store(args.store, args.table, args.prefix, args.dry_run)
     live = Sweep()  # what the pass has counted so far, for a Ctrl-C
     terminal = not args.quiet and sys.stderr.isatty()
     clear_line = "\r\033[K" if terminal else ""
@@ -3834,7 +3832,7 @@ def _cmd_clean(args):
         if terminal:
             print(f"\rscanned {sweep.seen} sessions...", end="", file=sys.stderr, flush=True)
 
-    with store:
+    with _open_store(args.store, args.table, args.prefix, args.dry_run) as store:
         started, logs = time.perf_counter(), _logs(store)
         try:
             sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
@@ -3857,8 +3855,7 @@ def _cmd_clean(args):
 
 
 def _cmd_stats(args):
-    store = _open_store(args.store, args.table, args.prefix, True)
-    with store:
+    with _open_store(args.store, args.table, args.prefix, True) as store:
         sweep = store.stats(args.max_age)
     report = {
         "store": args.store, "sessions": sweep.seen, "bytes": sweep.seen_bytes, "logs": sweep.logs,
