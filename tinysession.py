@@ -2090,8 +2090,9 @@ def merge_sessions(base, ours, theirs):
 
 
 def _merge_dicts(base, ours, theirs, path):
+    # {**ours, **theirs}: ours' keys first, then theirs' new ones.
     merged = {key: _merge_values(base.get(key, _MISSING), ours.get(key, _MISSING), theirs.get(key, _MISSING),
-                                 f"{path}{key}") for key in {**ours, **theirs}}  # ours' keys first, then theirs'
+                                 f"{path}{key}") for key in {**ours, **theirs}}
     return {key: value for key, value in merged.items() if value is not _MISSING}
 
 
@@ -3838,8 +3839,8 @@ def _cmd_clean(args):
             sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
         except KeyboardInterrupt:
             verb = "would have removed" if args.dry_run else "removed"
-            print(f"{clear_line}{args.prog}: interrupted: {verb} {live.removed} of the {live.seen} sessions seen"
-                  f" ({_format_bytes(live.removed_bytes)})", file=sys.stderr)
+            print(f"{clear_line}{args.prog}: interrupted: {verb} {live.removed} of the {live.seen}"
+                  f" sessions seen ({_format_bytes(live.removed_bytes)})", file=sys.stderr)
             return _EXIT_INTERRUPTED
         print(clear_line, end="", file=sys.stderr)
         kept = _logs(store)
