@@ -334,6 +334,26 @@ def _check_seconds(value, name):
     return None if value is None else float(_check_int(value, name, 0, ValueError, (int, float)))
 
 
+def _keys_of(secret):
+    """Return the HMAC keys derived from ``secret`` (None, a str or bytes, or a list of them), oldest first."""
+    if secret is None:
+        return []
+    secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
+    secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
+    if not secrets or not all(isinstance(each, bytes) and each for each in secrets):
+        kinds = ", ".join(type(each).__name__ for each in secrets)  # never a value: it is a secret
+        raise ValueError(
+            "secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
+            f" got a {type(secret).__name__} of [{kinds}]"
+        )
+    return [hashlib.sha256(b"tinysession record\0" + each).digest() for each in secrets]
+
+
+def _signature(signing_key, key, payload):
+    """Return the HMAC-SHA256 of the key and the payload under ``signing_key``: records cannot move."""
+    return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
+
+
 def _make_serializer(serializer, secret):
     """Return the serializer object that ``serializer`` names."""
     if serializer == "json":
@@ -375,32 +395,32 @@ class Sweep:
         return f"<Sweep seen={self.seen} removed={self.removed}>"
 
 
+def _stamp(now=None, *, new=False):
+    """Return the mtime a write or touch at ``now`` stores: to the millisecond, plus half of one when ``new``.
+
+    So every store keeps a session's segment (probationary or returning)
+    in its mtime's sub-millisecond digits, with no field of its own.
+    """
+    now = _now() if now is None else now
+    return round(now, 3) + (_PROBATION_SECONDS if new else 0.0)
+
+
+def _on_probation(mtime):
+    """Return True if ``mtime`` is a probationary one (lost on clocks coarser than a quarter millisecond)."""
+    scaled = mtime * 1000.0
+    return 0.25 <= scaled - int(scaled) <= 0.75
+
+
 class _Cleaning:
     """The cleaning every store inherits through ``Store``: the mtime stamps, ``clean``, ``stats``, ``sweep``
     and the background clean.
 
     It is written over the store protocol of the next section: the hooks
     ``scan``, ``read`` and ``remove`` (and ``log_scan``), and what ``Store``
-    keeps (``max_age``, ``max_sessions``, ``_checked()``, ``_forget_log()``,
+    keeps (``max_age``, ``max_sessions``, ``_checked()``,
     the background clean's lock and state). A store may override ``sweep``
     whole (SQLiteStore, RedisStore), or only ``_sweep_scan`` and ``_evict`` (FileStore).
     """
-
-    @staticmethod
-    def _stamp(now=None, *, new=False):
-        """Return the mtime a write or touch at ``now`` stores: to the millisecond, plus half of one when ``new``.
-
-        So every store keeps a session's segment (probationary or returning)
-        in its mtime's sub-millisecond digits, with no field of its own.
-        """
-        now = _now() if now is None else now
-        return round(now, 3) + (_PROBATION_SECONDS if new else 0.0)
-
-    @staticmethod
-    def _on_probation(mtime):
-        """Return True if ``mtime`` is a probationary one (lost on clocks coarser than a quarter millisecond)."""
-        scaled = mtime * 1000.0
-        return 0.25 <= scaled - int(scaled) <= 0.75
 
     def clean(self, max_age=None, keep=None, *, now=None):
         """Remove expired records, then all but ``keep`` of the others; return how many.
@@ -456,7 +476,7 @@ class _Cleaning:
                 if mtime < floor:
                     doomed.append((key, mtime, size))
                 elif keep is not None and mtime <= started:
-                    entry = (not self._on_probation(mtime), mtime, key, size)
+                    entry = (not _on_probation(mtime), mtime, key, size)
                     if len(kept) < keep:
                         heapq.heappush(kept, entry)
                     else:
@@ -499,7 +519,7 @@ class _Cleaning:
                 data, current = self.read(key)
                 if current == mtime and self.remove(key, expected=data):
                     sizes.append(size)
-                    self._forget_log(key)
+                    _forget_log(self, key)
         return sizes
 
     def _clean_in_background(self):
@@ -589,7 +609,7 @@ class Store(_Cleaning, MutableMapping):
     def __init__(
         self, *, serializer="json", secret=None, max_age=None, max_sessions=DEFAULT_MAX_SESSIONS, max_bytes=DEFAULT_MAX_BYTES
     ):
-        self._signing_keys = self._keys_of(secret)
+        self._signing_keys = _keys_of(secret)
         self.serializer = _make_serializer(serializer, secret)
         self.max_age = _check_seconds(max_age, "max_age")
         self.max_sessions = _check_count(max_sessions, "max_sessions")
@@ -610,21 +630,6 @@ class Store(_Cleaning, MutableMapping):
                      "log_trim", "log_remove", "log_scan", "log_move"):
             if name in vars(cls):
                 setattr(cls, name, _refused_once_closed(vars(cls)[name]))
-
-    @staticmethod
-    def _keys_of(secret):
-        """Return the HMAC keys derived from ``secret`` (None, a str or bytes, or a list of them), oldest first."""
-        if secret is None:
-            return []
-        secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
-        secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
-        if not secrets or not all(isinstance(each, bytes) and each for each in secrets):
-            kinds = ", ".join(type(each).__name__ for each in secrets)  # never a value: it is a secret
-            raise ValueError(
-                "secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
-                f" got a {type(secret).__name__} of [{kinds}]"
-            )
-        return [hashlib.sha256(b"tinysession record\0" + each).digest() for each in secrets]
 
     # The five hooks a backend implements.
 
@@ -681,7 +686,7 @@ class Store(_Cleaning, MutableMapping):
             )
         if not self._signing_keys:
             return payload
-        return self._signature(self._signing_keys[-1], key, payload) + payload
+        return _signature(self._signing_keys[-1], key, payload) + payload
 
     def load(self, key, *, now=None):
         """Return ``(record, data, mtime)``: the record, its stored bytes and its mtime.
@@ -702,7 +707,7 @@ class Store(_Cleaning, MutableMapping):
         store object (every 1,000 with ``max_age`` alone) a clean starts in a
         background thread, one at a time; its errors are logged.
         """
-        if not self.write(self._checked(key), data, self._stamp(now, new=new), expected):
+        if not self.write(self._checked(key), data, _stamp(now, new=new), expected):
             return False
         if self._clean_every is not None and next(self._writes) % self._clean_every == 0:
             self._clean_in_background()
@@ -718,11 +723,6 @@ class Store(_Cleaning, MutableMapping):
         except KeyError:
             return None
         return None if self._expired(mtime, now) else mtime
-
-    @staticmethod
-    def _signature(signing_key, key, payload):
-        """Return the HMAC-SHA256 of the key and the payload under ``signing_key``: records cannot move."""
-        return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
 
     def _read_limit(self):
         """Return the largest stored record size worth reading, or None."""
@@ -744,7 +744,7 @@ class Store(_Cleaning, MutableMapping):
                 return self.serializer.loads(data)
             signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
             if not any(
-                hmac.compare_digest(signature, self._signature(signing_key, key, payload))
+                hmac.compare_digest(signature, _signature(signing_key, key, payload))
                 for signing_key in reversed(self._signing_keys)
             ):
                 raise ValueError("bad signature: the secret probably changed (or the record was altered)")
@@ -790,9 +790,9 @@ class Store(_Cleaning, MutableMapping):
             except KeyError:
                 return None
             if self.remove(key, expected=data):
-                self._forget_log(key)
+                _forget_log(self, key)
                 return None if self._expired(mtime, None) else data
-        self._forget_log(key)
+        _forget_log(self, key)
         return data if self.remove(key) else None  # rewritten under us every time: remove what is there
 
     # The mapping interface.
@@ -873,7 +873,7 @@ class Store(_Cleaning, MutableMapping):
         now = _now() if now is None else now
         if self.max_age is not None and self._live_mtime(key, now) is None:
             return False
-        return self.set_mtime(key, self._stamp(now))
+        return self.set_mtime(key, _stamp(now))
 
     # The message log: optional hooks, for MessageLog. A store without them raises NotImplementedError.
 
@@ -915,11 +915,12 @@ class Store(_Cleaning, MutableMapping):
             self.log_append(new, lines)
         return bool(lines) and self.log_remove(old)
 
-    def _forget_log(self, key):
-        """Remove the log of ``key``, if the store keeps logs; return True if there was one."""
-        with contextlib.suppress(NotImplementedError):  # a store without message logs
-            return self.log_remove(key)
-        return False
+
+def _forget_log(store, key):
+    """Remove the log of ``key`` from ``store``, if it keeps logs; return True if there was one."""
+    with contextlib.suppress(NotImplementedError):  # a store without message logs
+        return store.log_remove(key)
+    return False
 
 
 # -- FileStore --
@@ -1269,7 +1270,7 @@ _TABLE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 _SQLITE_BUSY_SECONDS = 5.0
 _SQLITE_IDLE_CONNECTIONS = 8
 _SQLITE_EVICT_BATCH = 500
-# 1 for a returning session, 0 for one on probation: Store._on_probation in SQL (see Store._stamp).
+# 1 for a returning session, 0 for one on probation: _on_probation in SQL (see _stamp).
 _SQL_RETURNING = "(mtime * 1000 - CAST(mtime * 1000 AS INTEGER) NOT BETWEEN 0.25 AND 0.75)"
 _SQL_SCHEMA = (
     "PRAGMA journal_mode=WAL;"
@@ -1338,6 +1339,19 @@ _SQL_LOG_TRIM = (
 _SQL_LOG_REMOVE = 'DELETE FROM "{table}_log" WHERE key = ?'
 _SQL_LOG_MOVE = 'UPDATE "{table}_log" SET key = ? WHERE key = ?'
 _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key'
+
+
+@contextlib.contextmanager
+def _transaction(connection):
+    """Run the block in one ``BEGIN IMMEDIATE`` transaction on ``connection``: committed, or rolled back."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
 
 
 class SQLiteStore(Store):
@@ -1441,11 +1455,13 @@ class SQLiteStore(Store):
         connection.close()
 
     @contextlib.contextmanager
-    def _connected(self):
-        """Hold a pooled connection for several statements (a sweep, a transaction)."""
+    def _connected(self, action):
+        """Hold a pooled connection for several statements (a sweep, a transaction); raise sqlite3.Error as StoreError."""
         connection = self._checkout()
         try:
             yield connection
+        except self._sqlite3.Error as exc:
+            raise StoreError(f"cannot {action} session database {self.path!r}: {exc}") from exc
         finally:
             self._checkin(connection)
 
@@ -1460,19 +1476,6 @@ class SQLiteStore(Store):
         finally:
             if pooled is not None:
                 self._checkin(pooled)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _transaction(connection):
-        """Run the block in one ``BEGIN IMMEDIATE`` transaction on ``connection``: committed, or rolled back."""
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
 
     def read(self, key):
         limit = self._read_limit()
@@ -1516,23 +1519,20 @@ class SQLiteStore(Store):
         if keep is not None:
             passes.append((_SQL_BEYOND, (floor, started), keep))
         sweep = Sweep()
-        try:
-            with self._connected() as connection:
-                tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
-                sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(tally).fetchone()
-                sweep.seen_bytes = None if size is None else int(size)
-                if progress is not None:
-                    progress(sweep)
-                for select, parameters, offset in passes:
-                    parameters += (last or 0,)
-                    if not dry_run:
-                        self._evict_batches(connection, select, parameters, offset, sweep, progress)
-                        continue
-                    summary = f"SELECT COUNT(*), TOTAL(size) FROM ({self._sql[select]})"
-                    count, size = connection.execute(summary, (*parameters, -1, offset)).fetchone()
-                    sweep.removed, sweep.removed_bytes = sweep.removed + count, sweep.removed_bytes + int(size)
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
+        with self._connected("clean") as connection:
+            tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
+            sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(tally).fetchone()
+            sweep.seen_bytes = None if size is None else int(size)
+            if progress is not None:
+                progress(sweep)
+            for select, parameters, offset in passes:
+                parameters += (last or 0,)
+                if not dry_run:
+                    self._evict_batches(connection, select, parameters, offset, sweep, progress)
+                    continue
+                summary = f"SELECT COUNT(*), TOTAL(size) FROM ({self._sql[select]})"
+                count, size = connection.execute(summary, (*parameters, -1, offset)).fetchone()
+                sweep.removed, sweep.removed_bytes = sweep.removed + count, sweep.removed_bytes + int(size)
         return sweep
 
     def _evict_batches(self, connection, select, parameters, offset, sweep, progress):
@@ -1543,7 +1543,7 @@ class SQLiteStore(Store):
             if not rows:
                 return
             delete = self._sql[_SQL_DELETE_SEEN]
-            with self._transaction(connection):
+            with _transaction(connection):
                 sizes = [size for key, mtime, size in rows if connection.execute(delete, (key, mtime)).rowcount]
             sweep.removed += len(sizes)
             sweep.removed_bytes += sum(sizes)
@@ -1560,12 +1560,9 @@ class SQLiteStore(Store):
     def _log_tables(self):
         """Return True if the log's tables exist, creating them on first use (unless read-only)."""
         if not self._log_ready:
-            try:
-                if not self.read_only:
-                    with self._connected() as connection:
-                        connection.executescript(self._sql[_SQL_LOG_SCHEMA])
-            except self._sqlite3.Error as exc:
-                raise StoreError(f"cannot create the message log's tables in {self.path!r}: {exc}") from exc
+            if not self.read_only:
+                with self._connected("create the message log's tables in") as connection:
+                    connection.executescript(self._sql[_SQL_LOG_SCHEMA])
             self._log_ready = bool(self._execute(_SQL_LOG_FOUND))
         return self._log_ready
 
@@ -1574,11 +1571,8 @@ class SQLiteStore(Store):
         """Yield a pooled connection in one ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
         if not self._log_tables():
             raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
-        try:
-            with self._connected() as connection, self._transaction(connection):
-                yield connection
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
+        with self._connected(f"{action} the message log in") as connection, _transaction(connection):
+            yield connection
 
     def log_append(self, key, lines):
         with self._log_transaction("append to") as connection:
@@ -1869,7 +1863,7 @@ class RedisStore(Store):
     def _write(self, key, data, mtime, mode, expected):
         # Scores and mtimes travel as repr(float): exact decimals, which Redis parses back to the same doubles.
         cutoff = "" if self.max_age is None else repr(mtime - self.max_age)
-        arguments = [data, repr(mtime), self._ttl(), mode, expected, cutoff, key, int(self._on_probation(mtime))]
+        arguments = [data, repr(mtime), self._ttl(), mode, expected, cutoff, key, int(_on_probation(mtime))]
         return self._script(_REDIS_WRITE, self._keys(key), arguments) == 1
 
     def remove(self, key, expected=None):
@@ -2789,7 +2783,7 @@ class Session(MutableMapping):
                 self._doomed.append((key, None, False))
                 continue
             self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
-            self._promote = settings.store._on_probation(mtime)  # it came back: promote it at save
+            self._promote = _on_probation(mtime)  # it came back: promote it at save
             self._created, data, self._logged = record["created"], record["data"], record.get("log") is True
             self._image = _snapshot(data)
             break
@@ -2916,7 +2910,7 @@ class Session(MutableMapping):
                 removed = store.remove(key) and previous is not None
                 previous = previous if theirs is None else theirs
             if carry is False:
-                store._forget_log(key)
+                _forget_log(store, key)
             elif removed:
                 self._undo.append((key, previous, None))  # a logout (no carry) is never undone
         self._doomed = []
@@ -2950,7 +2944,7 @@ class Session(MutableMapping):
             return
         store = self._settings.store
         try:
-            if not store.set_mtime(self._key, store._stamp(now)):
+            if not store.set_mtime(self._key, _stamp(now)):
                 self.state = _GONE  # another request removed it meanwhile: no cookie may name it again
         except StoreError as exc:
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
@@ -2978,7 +2972,7 @@ class Session(MutableMapping):
                     self._image = _snapshot(self._data) if image is None else image
                     self._identity = self._identity_now()
                     return
-                store._forget_log(key)
+                _forget_log(store, key)
                 self.state, self._id, self._key, self._stored = _NEW, None, None, None
                 return
             # Back off a random while before trying again, so that writers racing on one session spread out.
@@ -3002,7 +2996,7 @@ class Session(MutableMapping):
                 key, previous, written = self._undo.pop()
                 if previous is None:
                     store.remove(key, expected=written)
-                    store._forget_log(key)
+                    _forget_log(store, key)
                 else:
                     store.save(key, previous, expected=written)
             self.abandon()
@@ -3013,7 +3007,7 @@ class Session(MutableMapping):
         """Remove the message log of a new session that will never be saved (store I/O); never raise."""
         if self.state == _NEW and self._logged and self._id is not None:
             try:
-                self._settings.store._forget_log(_store_key(self._id))
+                _forget_log(self._settings.store, _store_key(self._id))
             except SessionError:
                 _logger.exception("could not remove the message log of an abandoned session")
 
