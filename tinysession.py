@@ -673,13 +673,10 @@ class Store(_Cleaning, MutableMapping):
         self._checked(key)
         try:
             payload = self.serializer.dumps(record)
-        except RecursionError as exc:
-            raise EncodeError(
-                f"cannot encode the session record for key {key!r}: nested too deep"
-                f" (past the recursion limit, sys.getrecursionlimit() = {sys.getrecursionlimit()})"
-            ) from exc
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise EncodeError(f"cannot encode the session record for key {key!r}: {exc}") from exc
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            deep = f"nested too deep (past the recursion limit, sys.getrecursionlimit() = {sys.getrecursionlimit()})"
+            cause = deep if isinstance(exc, RecursionError) else exc
+            raise EncodeError(f"cannot encode the session record for key {key!r}: {cause}") from exc
         if self.max_bytes is not None and len(payload) > self.max_bytes:
             raise RecordTooLarge(
                 f"session record for key {key!r} is {len(payload)} bytes, over max_bytes={self.max_bytes}"
@@ -938,12 +935,12 @@ _LOG_APPEND_FLAGS = _READ_FLAGS | os.O_RDWR | os.O_APPEND | os.O_CREAT  # O_RDON
 
 
 @contextlib.contextmanager
-def _os_errors(action, path):
-    """Raise an OSError of the block as StoreError("cannot <action> <path>: <reason>"), chained."""
+def _os_errors(action, path, errors=OSError):
+    """Raise ``errors`` (OSError) of the block as StoreError("cannot <action> <path>: <reason>"), chained."""
     try:
         yield
-    except OSError as exc:
-        raise StoreError(f"cannot {action} {path!r}: {exc.strerror or exc}") from exc
+    except errors as exc:
+        raise StoreError(f"cannot {action} {path!r}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def _write_all(fd, data):
@@ -971,10 +968,7 @@ class FileStore(Store):
         super().__init__(**options)
         self.directory = os.fspath(directory)
         self._log_counts = {}  # (key, inode, size, mtime) of a log ending in a newline -> its lines
-        self._make_directory()
-
-    def _make_directory(self):
-        """Create the directory 0700, or check that the existing one is writable by its owner alone."""
+        # Create the directory 0700, or check that the existing one is writable by its owner alone.
         with _os_errors("create session directory", self.directory), contextlib.suppress(FileExistsError):
             os.makedirs(self.directory, 0o700)
             os.chmod(self.directory, 0o700)  # whatever the umask took away or left
@@ -1255,13 +1249,12 @@ class FileStore(Store):
         return False
 
     def log_scan(self):
-        with _os_errors("list session directory", self.directory):
-            names = os.listdir(self.directory)
-        for name in names:
-            key = name[len(_FILE_PREFIX) : -len(_LOG_SUFFIX)]
-            if name.startswith(_FILE_PREFIX) and name.endswith(_LOG_SUFFIX) and _is_key(key):
-                with contextlib.suppress(FileNotFoundError):  # removed meanwhile
-                    yield key, os.lstat(os.path.join(self.directory, name)).st_size
+        with _os_errors("list session directory", self.directory), os.scandir(self.directory) as entries:
+            for entry in entries:
+                key = entry.name[len(_FILE_PREFIX) : -len(_LOG_SUFFIX)]
+                if entry.name.startswith(_FILE_PREFIX) and entry.name.endswith(_LOG_SUFFIX) and _is_key(key):
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                        yield key, entry.stat(follow_symlinks=False).st_size
 
 
 # -- SQLiteStore --
@@ -1389,23 +1382,20 @@ class SQLiteStore(Store):
         self._schema_ready = self.read_only  # the first connection of this store object sets it up
         self._log_ready = False  # the log's tables: made (or found, when read-only) on first use
         if not self.read_only and not os.path.exists(self.path):
-            self._create_file()
+            # The file is created 0600 (SQLite gives its -wal and -shm the same mode), its directory 0700.
+            directory = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(directory, 0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create session database {self.path!r}: its directory {directory!r} is missing"
+                    f" and cannot be created: {exc.strerror}"
+                ) from exc
+            # FileExistsError: another process created it meanwhile.
+            with _os_errors("create session database", self.path), contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+                os.chmod(self.path, 0o600)  # whatever the umask took away
         self._checkin(self._checkout())  # a file that is not a database fails here
-
-    def _create_file(self):
-        """Create the database file 0600 (SQLite gives its -wal and -shm the same mode) and its directory 0700."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(directory, 0o700, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create session database {self.path!r}: its directory {directory!r} is missing"
-                f" and cannot be created: {exc.strerror}"
-            ) from exc
-        # FileExistsError: another process created it meanwhile.
-        with _os_errors("create session database", self.path), contextlib.suppress(FileExistsError):
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-            os.chmod(self.path, 0o600)  # whatever the umask took away
 
     def __repr__(self):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
@@ -1423,10 +1413,17 @@ class SQLiteStore(Store):
         _INHERITED.extend(getattr(self, "_idle", ()))  # the parent's connections: never used, never closed
         self._idle, self._pool_lock = [], threading.Lock()  # _idle: open connections no operation is using
 
-    def _connect(self):
-        """Open a connection; the first one of this store object sets up the schema and WAL mode."""
+    def _checkout(self):
+        """Return an idle connection, or open one, for one operation; StoreError if the store is closed.
+
+        The first connection of this store object sets up the schema and WAL mode.
+        """
+        self._checked()  # StoreError if closed; in a forked child, before its parent's lock is taken
+        with self._pool_lock:
+            if self._idle:
+                return self._idle.pop()
         target = f"file:{urllib.parse.quote(self.path)}?mode=ro" if self.read_only else self.path
-        try:
+        with _os_errors("open session database", self.path, self._sqlite3.Error):
             connection = self._sqlite3.connect(
                 target, uri=self.read_only, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
             )
@@ -1434,17 +1431,7 @@ class SQLiteStore(Store):
             if not self._schema_ready:
                 connection.executescript(self._sql[_SQL_SCHEMA])
                 self._schema_ready = True
-            return connection
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot open session database {self.path!r}: {exc}") from exc
-
-    def _checkout(self):
-        """Return an idle connection, or a new one, for one operation; StoreError if the store is closed."""
-        self._checked()  # StoreError if closed; in a forked child, before its parent's lock is taken
-        with self._pool_lock:
-            if self._idle:
-                return self._idle.pop()
-        return self._connect()
+        return connection
 
     def _checkin(self, connection):
         """Give back a connection ``_checkout`` returned: kept idle, or closed if the store is closed."""
@@ -1459,9 +1446,8 @@ class SQLiteStore(Store):
         """Hold a pooled connection for several statements (a sweep, a transaction); raise sqlite3.Error as StoreError."""
         connection = self._checkout()
         try:
-            yield connection
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot {action} session database {self.path!r}: {exc}") from exc
+            with _os_errors(f"{action} session database", self.path, self._sqlite3.Error):
+                yield connection
         finally:
             self._checkin(connection)
 
