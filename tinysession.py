@@ -740,10 +740,8 @@ class Store(_Cleaning, MutableMapping):
             if not self._signing_keys:
                 return self.serializer.loads(data)
             signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
-            if not any(
-                hmac.compare_digest(signature, _signature(signing_key, key, payload))
-                for signing_key in reversed(self._signing_keys)
-            ):
+            expected = (_signature(signing_key, key, payload) for signing_key in reversed(self._signing_keys))
+            if not any(hmac.compare_digest(signature, each) for each in expected):
                 raise ValueError("bad signature: the secret probably changed (or the record was altered)")
             return self.serializer.loads(payload)
         except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
@@ -866,8 +864,7 @@ class Store(_Cleaning, MutableMapping):
         Return True if the record exists and is live, False if it is missing
         or expired (an expired record is not brought back).
         """
-        self._checked(key)
-        now = _now() if now is None else now
+        key = self._checked(key)
         if self.max_age is not None and self._live_mtime(key, now) is None:
             return False
         return self.set_mtime(key, _stamp(now))
@@ -1380,7 +1377,6 @@ class SQLiteStore(Store):
         self._sql = {sql: sql.format(table=table) for name, sql in globals().items()
                      if name.startswith("_SQL_") and isinstance(sql, str)}
         self._schema_ready = self.read_only  # the first connection of this store object sets it up
-        self._log_ready = False  # the log's tables: made (or found, when read-only) on first use
         if not self.read_only and not os.path.exists(self.path):
             # The file is created 0600 (SQLite gives its -wal and -shm the same mode), its directory 0700.
             directory = os.path.dirname(os.path.abspath(self.path))
@@ -1396,6 +1392,7 @@ class SQLiteStore(Store):
                 os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
                 os.chmod(self.path, 0o600)  # whatever the umask took away
         self._checkin(self._checkout())  # a file that is not a database fails here
+        self._log_ready = not self.read_only or bool(self._execute(_SQL_LOG_FOUND))  # the log's tables exist
 
     def __repr__(self):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
@@ -1416,7 +1413,7 @@ class SQLiteStore(Store):
     def _checkout(self):
         """Return an idle connection, or open one, for one operation; StoreError if the store is closed.
 
-        The first connection of this store object sets up the schema and WAL mode.
+        The first connection of this store object sets up the schema (the message log's tables too) and WAL mode.
         """
         self._checked()  # StoreError if closed; in a forked child, before its parent's lock is taken
         with self._pool_lock:
@@ -1429,7 +1426,7 @@ class SQLiteStore(Store):
             )
             connection.execute("PRAGMA synchronous=NORMAL")  # this connection's own setting: changes no file
             if not self._schema_ready:
-                connection.executescript(self._sql[_SQL_SCHEMA])
+                connection.executescript(self._sql[_SQL_SCHEMA] + self._sql[_SQL_LOG_SCHEMA])
                 self._schema_ready = True
         return connection
 
@@ -1543,19 +1540,10 @@ class SQLiteStore(Store):
     # The message log: the table <table>_log, one row per message, removed with its record by a trigger;
     # <table>_log_length, each log's length, kept by triggers.
 
-    def _log_tables(self):
-        """Return True if the log's tables exist, creating them on first use (unless read-only)."""
-        if not self._log_ready:
-            if not self.read_only:
-                with self._connected("create the message log's tables in") as connection:
-                    connection.executescript(self._sql[_SQL_LOG_SCHEMA])
-            self._log_ready = bool(self._execute(_SQL_LOG_FOUND))
-        return self._log_ready
-
     @contextlib.contextmanager
     def _log_transaction(self, action):
         """Yield a pooled connection in one ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
-        if not self._log_tables():
+        if not self._log_ready:
             raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
         with self._connected(f"{action} the message log in") as connection, _transaction(connection):
             yield connection
@@ -1568,7 +1556,7 @@ class SQLiteStore(Store):
 
     def log_read(self, key, start=0, stop=None):
         """The last lines through the index on ``(key, seq)``, newest first; others by ``LIMIT`` and ``OFFSET``."""
-        if not self._log_tables():
+        if not self._log_ready:
             return []
         if start < 0 and stop is None:
             rows = self._execute(_SQL_LOG_TAIL, (key, -start))[::-1]
@@ -1578,7 +1566,7 @@ class SQLiteStore(Store):
         return [bytes(row[0]) for row in rows]
 
     def log_length(self, key):
-        return self._log_lines(key) if self._log_tables() else 0
+        return self._log_lines(key) if self._log_ready else 0
 
     def log_trim(self, key, start, stop, expected):
         with self._log_transaction("trim") as connection:
@@ -1600,7 +1588,7 @@ class SQLiteStore(Store):
             return True
 
     def log_scan(self):
-        return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_tables() else []
+        return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_ready else []
 
     def _log_lines(self, key, connection=None):
         """Return how many lines the log of ``key`` holds, 0 for none, on ``connection`` or a pooled one."""
