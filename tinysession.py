@@ -504,8 +504,6 @@ class _Cleaning:
 
     def _evict_counted(self, doomed, sweep, dry_run):
         """Remove the doomed ``(key, mtime, size)`` entries, count them into ``sweep``, empty the list."""
-        if not doomed:
-            return
         sizes = [size for _, _, size in doomed] if dry_run else self._evict(doomed)
         sweep.removed += len(sizes)
         sweep.removed_bytes += sum(sizes)
