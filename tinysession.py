@@ -1265,6 +1265,25 @@ _SQL_SCHEMA = (
     'CREATE TABLE IF NOT EXISTS "{table}" (key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL);'
     'CREATE INDEX IF NOT EXISTS "{table}_mtime" ON "{table}" (mtime);'
     'CREATE INDEX IF NOT EXISTS "{table}_segment" ON "{table}" (' + _SQL_RETURNING + ", mtime);"
+    # The message log: its own table; triggers remove a session's log with its record and keep each log's length
+    # (counted from the lines once, when the length table is new), whatever changes the lines, an older version too.
+    'CREATE TABLE IF NOT EXISTS "{table}_log" '
+    "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
+    'CREATE INDEX IF NOT EXISTS "{table}_log_key" ON "{table}_log" (key, seq);'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_gone" AFTER DELETE ON "{table}" '
+    'BEGIN DELETE FROM "{table}_log" WHERE key = old.key; END;'
+    'CREATE TABLE IF NOT EXISTS "{table}_log_length" (key TEXT PRIMARY KEY, lines INTEGER NOT NULL);'
+    'INSERT OR IGNORE INTO "{table}_log_length" SELECT key, COUNT(*) FROM "{table}_log" '
+    'WHERE NOT EXISTS (SELECT 1 FROM "{table}_log_length") GROUP BY key;'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_added" AFTER INSERT ON "{table}_log" BEGIN '
+    'INSERT INTO "{table}_log_length" VALUES (new.key, 1) ON CONFLICT (key) DO UPDATE SET lines = lines + 1; END;'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_removed" AFTER DELETE ON "{table}_log" BEGIN '
+    'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
+    'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; END;'
+    'CREATE TRIGGER IF NOT EXISTS "{table}_log_moved" AFTER UPDATE OF key ON "{table}_log" BEGIN '
+    'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
+    'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; '
+    'INSERT INTO "{table}_log_length" VALUES (new.key, 1) ON CONFLICT (key) DO UPDATE SET lines = lines + 1; END;'
 )
 _SQL_READ = 'SELECT CASE WHEN LENGTH(data) <= ? THEN data END, mtime FROM "{table}" WHERE key = ?'
 _SQL_PUT = (
@@ -1294,27 +1313,7 @@ _SQL_BEYOND = (
 _INHERITED = []  # a forked child's copies of its parent's connections
 
 
-# The message log: its own table; triggers remove a session's log with its record and keep each log's length
-# (counted from the lines once, when the length table is new), whatever changes the lines, an older version too.
-_SQL_LOG_SCHEMA = (
-    'CREATE TABLE IF NOT EXISTS "{table}_log" '
-    "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
-    'CREATE INDEX IF NOT EXISTS "{table}_log_key" ON "{table}_log" (key, seq);'
-    'CREATE TRIGGER IF NOT EXISTS "{table}_log_gone" AFTER DELETE ON "{table}" '
-    'BEGIN DELETE FROM "{table}_log" WHERE key = old.key; END;'
-    'CREATE TABLE IF NOT EXISTS "{table}_log_length" (key TEXT PRIMARY KEY, lines INTEGER NOT NULL);'
-    'INSERT OR IGNORE INTO "{table}_log_length" SELECT key, COUNT(*) FROM "{table}_log" '
-    'WHERE NOT EXISTS (SELECT 1 FROM "{table}_log_length") GROUP BY key;'
-    'CREATE TRIGGER IF NOT EXISTS "{table}_log_added" AFTER INSERT ON "{table}_log" BEGIN '
-    'INSERT INTO "{table}_log_length" VALUES (new.key, 1) ON CONFLICT (key) DO UPDATE SET lines = lines + 1; END;'
-    'CREATE TRIGGER IF NOT EXISTS "{table}_log_removed" AFTER DELETE ON "{table}_log" BEGIN '
-    'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
-    'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; END;'
-    'CREATE TRIGGER IF NOT EXISTS "{table}_log_moved" AFTER UPDATE OF key ON "{table}_log" BEGIN '
-    'UPDATE "{table}_log_length" SET lines = lines - 1 WHERE key = old.key; '
-    'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; '
-    'INSERT INTO "{table}_log_length" VALUES (new.key, 1) ON CONFLICT (key) DO UPDATE SET lines = lines + 1; END;'
-)
+# The message log's statements (its tables and triggers are in _SQL_SCHEMA).
 _SQL_LOG_FOUND = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{table}_log_length'"
 _SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
 _SQL_LOG_LENGTH = 'SELECT COALESCE((SELECT lines FROM "{table}_log_length" WHERE key = ?), 0)'
@@ -1389,8 +1388,9 @@ class SQLiteStore(Store):
             with _os_errors("create session database", self.path), contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
                 os.chmod(self.path, 0o600)  # whatever the umask took away
-        self._checkin(self._checkout())  # a file that is not a database fails here
-        self._log_ready = not self.read_only or bool(self._execute(_SQL_LOG_FOUND))  # the log's tables exist
+        # The first query opens a connection (a file that is not a database fails here). The log's tables
+        # are there unless a read-only store opened a database that predates them.
+        self._log_ready = bool(self._execute(_SQL_LOG_FOUND))
 
     def __repr__(self):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
@@ -1424,7 +1424,7 @@ class SQLiteStore(Store):
             )
             connection.execute("PRAGMA synchronous=NORMAL")  # this connection's own setting: changes no file
             if not self._schema_ready:
-                connection.executescript(self._sql[_SQL_SCHEMA] + self._sql[_SQL_LOG_SCHEMA])
+                connection.executescript(self._sql[_SQL_SCHEMA])
                 self._schema_ready = True
         return connection
 
@@ -1548,8 +1548,7 @@ class SQLiteStore(Store):
 
     def log_append(self, key, lines):
         with self._log_transaction("append to") as connection:
-            for line in lines:
-                self._execute(_SQL_LOG_APPEND, (key, bytes(line)), connection)
+            connection.executemany(self._sql[_SQL_LOG_APPEND], [(key, bytes(line)) for line in lines])
             return self._log_lines(key, connection)
 
     def log_read(self, key, start=0, stop=None):
@@ -1574,8 +1573,7 @@ class SQLiteStore(Store):
             return True
 
     def log_remove(self, key):
-        with self._log_transaction("remove") as connection:
-            return self._execute(_SQL_LOG_REMOVE, (key,), connection) > 0
+        return self._log_ready and self._execute(_SQL_LOG_REMOVE, (key,)) > 0  # one statement: atomic alone
 
     def log_move(self, old, new):
         with self._log_transaction("move") as connection:
