@@ -412,14 +412,14 @@ def _on_probation(mtime):
 
 
 class _Cleaning:
-    """The cleaning every store inherits through ``Store``: the mtime stamps, ``clean``, ``stats``, ``sweep``
-    and the background clean.
+    """The cleaning every store inherits through ``Store``: ``clean``, ``stats``, ``sweep`` and the background clean.
 
     It is written over the store protocol of the next section: the hooks
-    ``scan``, ``read`` and ``remove`` (and ``log_scan``), and what ``Store``
-    keeps (``max_age``, ``max_sessions``, ``_checked()``,
-    the background clean's lock and state). A store may override ``sweep``
-    whole (SQLiteStore, RedisStore), or only ``_sweep_scan`` and ``_evict`` (FileStore).
+    ``scan``, ``read`` and ``remove`` (and ``log_scan``, ``log_remove``), and
+    what ``Store`` keeps (``max_age``, ``max_sessions``, ``_checked()``, the
+    background clean's lock and state); a session's segment is read from its
+    mtime (``_on_probation``, above). A store may override ``sweep`` whole
+    (SQLiteStore, RedisStore), or only ``_sweep_scan`` and ``_evict`` (FileStore).
     """
 
     def clean(self, max_age=None, keep=None, *, now=None):
