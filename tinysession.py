@@ -1244,12 +1244,13 @@ class FileStore(Store):
         return False
 
     def log_scan(self):
-        with _os_errors("list session directory", self.directory), os.scandir(self.directory) as entries:
-            for entry in entries:
-                key = entry.name[len(_FILE_PREFIX) : -len(_LOG_SUFFIX)]
-                if entry.name.startswith(_FILE_PREFIX) and entry.name.endswith(_LOG_SUFFIX) and _is_key(key):
-                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile
-                        yield key, entry.stat(follow_symlinks=False).st_size
+        with _os_errors("list session directory", self.directory):
+            names = os.listdir(self.directory)
+        for name in names:
+            key = name[len(_FILE_PREFIX) : -len(_LOG_SUFFIX)]
+            if name.startswith(_FILE_PREFIX) and name.endswith(_LOG_SUFFIX) and _is_key(key):
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                    yield key, os.lstat(os.path.join(self.directory, name)).st_size
 
 
 # -- SQLiteStore --
