@@ -412,7 +412,7 @@ def _on_probation(mtime):
 
 
 class _Cleaning:
-    """The cleaning every store inherits through ``Store``: ``clean``, ``stats``, ``sweep`` and the background clean.
+    """The cleaning every store inherits through ``Store``: ``clean``, ``stats``, ``sweep``, the background clean.
 
     It is written over the store protocol of the next section: the hooks
     ``scan``, ``read`` and ``remove`` (and ``log_scan``, ``log_remove``), and
@@ -672,8 +672,9 @@ class Store(_Cleaning, MutableMapping):
         try:
             payload = self.serializer.dumps(record)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-            deep = f"nested too deep (past the recursion limit, sys.getrecursionlimit() = {sys.getrecursionlimit()})"
-            cause = deep if isinstance(exc, RecursionError) else exc
+            cause = exc
+            if isinstance(exc, RecursionError):
+                cause = f"nested too deep (past sys.getrecursionlimit() = {sys.getrecursionlimit()})"
             raise EncodeError(f"cannot encode the session record for key {key!r}: {cause}") from exc
         if self.max_bytes is not None and len(payload) > self.max_bytes:
             raise RecordTooLarge(
@@ -1266,8 +1267,9 @@ _SQL_SCHEMA = (
     'CREATE TABLE IF NOT EXISTS "{table}" (key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL);'
     'CREATE INDEX IF NOT EXISTS "{table}_mtime" ON "{table}" (mtime);'
     'CREATE INDEX IF NOT EXISTS "{table}_segment" ON "{table}" (' + _SQL_RETURNING + ", mtime);"
-    # The message log: its own table; triggers remove a session's log with its record and keep each log's length
-    # (counted from the lines once, when the length table is new), whatever changes the lines, an older version too.
+    # The message log: its own table; triggers remove a session's log with its record and keep each
+    # log's length (counted from the lines once, when the length table is new), whatever changes the
+    # lines, an older version too.
     'CREATE TABLE IF NOT EXISTS "{table}_log" '
     "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
     'CREATE INDEX IF NOT EXISTS "{table}_log_key" ON "{table}_log" (key, seq);'
@@ -1412,7 +1414,8 @@ class SQLiteStore(Store):
     def _checkout(self):
         """Return an idle connection, or open one, for one operation; StoreError if the store is closed.
 
-        The first connection of this store object sets up the schema (the message log's tables too) and WAL mode.
+        The first connection of this store object sets up the schema (the message log's tables too)
+        and WAL mode.
         """
         self._checked()  # StoreError if closed; in a forked child, before its parent's lock is taken
         with self._pool_lock:
@@ -1439,7 +1442,7 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _connected(self, action):
-        """Hold a pooled connection for several statements (a sweep, a transaction); raise sqlite3.Error as StoreError."""
+        """Hold a pooled connection for several statements (a sweep, a transaction); sqlite3.Error as StoreError."""
         connection = self._checkout()
         try:
             with _os_errors(f"{action} session database", self.path, self._sqlite3.Error):
