@@ -384,12 +384,10 @@ class Sweep:
     fills ``logs`` and ``log_bytes``, the message logs kept.
     """
 
-    __slots__ = ("log_bytes", "logs", "newest", "oldest", "removed", "removed_bytes", "seen", "seen_bytes")
-
-    def __init__(self):
-        self.seen = self.seen_bytes = self.removed = self.removed_bytes = 0
-        self.logs = self.log_bytes = 0
-        self.oldest = self.newest = None
+    # Defaults; a pass sets its own on the instance.
+    seen = seen_bytes = removed = removed_bytes = 0
+    logs = log_bytes = 0
+    oldest = newest = None
 
     def __repr__(self):
         return f"<Sweep seen={self.seen} removed={self.removed}>"
