@@ -2580,18 +2580,14 @@ def _store_key(session_id):
 
 
 def _session_ids(header, name):
-    """Return the well-formed session ids of the cookies called ``name`` in a Cookie header: the first four.
+    """Return the well-formed session ids of the cookies called ``name`` in a Cookie header.
 
     Tolerant: a malformed pair is skipped without hiding the pairs after it.
     Surrounding double quotes (allowed by RFC 6265) are removed.
     """
-    ids = []
-    for pair in header.split(";") if name in header else ():
-        pair_name, equals, value = pair.partition("=")
-        value = value.strip().strip('"')
-        if equals and pair_name.strip() == name and len(value) == _SESSION_ID_LENGTH and _is_key(value):
-            ids.append(value)
-    return ids[:_MAX_COOKIE_CANDIDATES]
+    pairs = (pair.partition("=") for pair in header.split(";")) if name in header else ()
+    values = (value.strip().strip('"') for pair_name, _, value in pairs if pair_name.strip() == name)
+    return [value for value in values if len(value) == _SESSION_ID_LENGTH and _is_key(value)]
 
 
 def _vary_cookie(headers, name):
@@ -2640,49 +2636,29 @@ class _Settings:
         self.store = store
         self.cookie_name = cookie_name
         self.path = path
-        self.domain = domain
-        self.secure = secure
-        self.httponly = bool(httponly)
-        self.samesite = None if samesite is None else samesite.capitalize()
+        samesite = None if samesite is None else samesite.capitalize()
+        self.secure = True if samesite == "None" or partitioned else secure  # as browsers require
         self.partitioned = bool(partitioned)
         # As in Starlette: 0 or less sends Max-Age=0, and a cookie that dies at once needs no record.
-        self.cookie_max_age = cookie_max_age if cookie_max_age is None or cookie_max_age > 0 else 0
+        self.cookie_max_age = None if cookie_max_age is None else max(cookie_max_age, 0)
         self.identity_key = identity_key
         self.merge = merge
         self.refresh_each_request = bool(refresh_each_request)
         self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
         self.touch_interval = _check_seconds(touch_interval, "touch_interval")
-
-    def touch_after(self):
-        """Return the seconds after which a read session's mtime is refreshed, or None for never.
-
-        ``touch_interval``, but at most a quarter of the store's ``max_age``,
-        so a session used at least every three quarters of ``max_age`` never
-        expires.
-        """
-        max_age = self.store.max_age
-        if self.touch_interval is None or max_age is None:
-            return self.touch_interval
-        return min(self.touch_interval, max_age / 4)
+        # The attributes of every Set-Cookie, as Morsel takes them: "" (or False) leaves one out.
+        self._attributes = {"path": path, "domain": domain or "", "httponly": bool(httponly),
+                            "samesite": samesite or "",
+                            "max-age": "" if self.cookie_max_age is None else self.cookie_max_age}
 
     def set_cookie(self, session_id, secure_request):
         """Return the Set-Cookie value for ``session_id``, or one that expires the cookie if it is None."""
         morsel = http.cookies.Morsel()
         morsel.set(self.cookie_name, session_id or "", session_id or "")
-        morsel["path"] = self.path
-        if self.domain is not None:
-            morsel["domain"] = self.domain
-        if (self.secure if self.secure is not None else secure_request) or self.samesite == "None" or self.partitioned:
-            morsel["secure"] = True
-        if self.httponly:
-            morsel["httponly"] = True
-        if self.samesite is not None:
-            morsel["samesite"] = self.samesite
+        morsel.update(self._attributes)
+        morsel["secure"] = secure_request if self.secure is None else self.secure
         if session_id is None:
-            morsel["max-age"] = 0
-            morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
-        elif self.cookie_max_age is not None:
-            morsel["max-age"] = self.cookie_max_age
+            morsel.update({"max-age": 0, "expires": "Thu, 01 Jan 1970 00:00:00 GMT"})
         # Morsel knows Partitioned only from Python 3.14 on.
         return morsel.OutputString() + ("; Partitioned" if self.partitioned else "")
 
@@ -2713,7 +2689,7 @@ class Session(MutableMapping):
     """
 
     __slots__ = (
-        "_client_id", "_cookie", "_created", "_current", "_data", "_data_class", "_doomed", "_fresh", "_id",
+        "_client_id", "_cookie", "_created", "_data", "_data_class", "_doomed", "_fresh", "_id",
         "_identity", "_ids", "_image", "_key", "_logged", "_mtime", "_promote", "_secure", "_settings", "_stored",
         "_undo", "state",
     )
@@ -2725,8 +2701,9 @@ class Session(MutableMapping):
         self._ids = ids[:_MAX_COOKIE_CANDIDATES]
         self._secure = bool(secure)
         self._data_class = data_class
-        self.state, self._doomed, self._undo = _UNLOADED, [], []
-        self._data = self._current = self._cookie = None  # _cookie: (Set-Cookie value or None,) once decided
+        self.state, self._doomed, self._undo, self._logged = _UNLOADED, [], [], False
+        self._data = self._cookie = None  # _cookie: (Set-Cookie value or None,) once decided
+        self._client_id = self._id = self._key = self._stored = self._created = self._image = None
 
     def __getitem__(self, name):
         return self.load()[name]
@@ -2787,12 +2764,12 @@ class Session(MutableMapping):
     @property
     def id(self):
         """The session's id, as its cookie carries it; None until ``cookie()`` or ``save()`` gives it one."""
-        return None if self._data is None else self._id
+        return self._id
 
     @property
     def key(self):
         """The store key of the session's record (the SHA-256 of its id, never the id), or None."""
-        return None if self.id is None else _store_key(self._id)
+        return None if self._id is None else _store_key(self._id)
 
     @property
     def live(self):
@@ -2802,23 +2779,20 @@ class Session(MutableMapping):
     @property
     def pending(self):
         """True if ``save()`` has store I/O to do now: a front end on an event loop then calls it in a thread."""
+        if self._doomed or self.state == _NEW and self._holds():
+            return True
         if self.state != _LOADED:
-            return bool(self._doomed) or (self.state == _NEW and self._holds())
-        image = _snapshot(self._data)
-        due = self._doomed or self._touch_due(_now())
-        if image is not None and image == self._image and not due and self._identity_now() == self._identity:
             return False
-        self._current = (image,)  # taken once: the save() that follows uses it
-        return True
+        image = _snapshot(self._data)
+        changed = image is None or image != self._image or self._identity_now() != self._identity
+        return changed or self._touch_due(_now())
 
     def load(self):
         """Load the session if it is not loaded yet (store I/O) and return its data dict."""
         if self._data is not None:
             return self._data
         now, settings = _now(), self._settings
-        self._client_id = self._id = self._key = self._stored = self._created = self._image = None
-        self.state, self._logged = _NEW, False
-        data = {}
+        self.state, data = _NEW, {}
         for value in self._ids:
             key = _store_key(value)
             try:
@@ -2865,14 +2839,11 @@ class Session(MutableMapping):
 
     def _decide_cookie(self):
         settings = self._settings
-        if self.state == _UNLOADED:
+        if self.state == _UNLOADED or (self.state == _GONE and self._holds()):
             return None
         if not self._holds():
             return None if self._client_id is None else settings.set_cookie(None, self._secure)
-        if self.state == _GONE:
-            return None
-        if self._id is None:
-            self._id = _new_session_id()
+        self._id = self._id or _new_session_id()
         if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
             return settings.set_cookie(self._id, self._secure)
         return None
@@ -2904,28 +2875,21 @@ class Session(MutableMapping):
         if self.state == _UNLOADED:
             return
         self._rotate_on_new_identity()
-        image = _snapshot(self._data) if self._current is None else self._current[0]
-        self._current = key = stored = None
-        if self.state == _LOADED and (image is None or image != self._image):
-            key = self._key
-        elif self.state == _NEW and self._holds() and self._settings.cookie_max_age != 0:
-            if self._id is None and self._cookie is None:
-                self._id = _new_session_id()
-            key = None if self._id is None else _store_key(self._id)
-        first = self._created is None
-        if key is not None and self._holds():
-            self._created = now if first else self._created
-            stored = self._encode(key)
-        if key is not None:
-            self._write(key, stored, image, now, first)  # before the old record goes: a failed login keeps it
-        elif self.state == _LOADED:
+        image = _snapshot(self._data)
+        if self.state == _LOADED and image is not None and image == self._image:
             self._touch(now)
-        elif self.state == _NEW and self._holds() and self._settings.cookie_max_age == 0:
-            self.abandon()  # its cookie expires with this response: the session ends with it
+        elif self.state == _LOADED:
+            self._write(self._key, now)  # before the old record goes: a failed login keeps it
         elif self.state == _NEW and self._holds():
-            _logger.warning("session started after the response headers or outside the cookie's path: not saved")
+            if self._settings.cookie_max_age == 0:
+                self.abandon()  # its cookie expires with this response: the session ends with it
+            elif self._id is None and self._cookie is not None:
+                _logger.warning("session started after the response headers or outside the cookie's path: not saved")
+            else:
+                self._id = self._id or _new_session_id()
+                self._write(_store_key(self._id), now)
         if self._remove_doomed() and self.state == _LOADED:
-            self._write(self._key, self._encode(self._key), None, now, False)  # another request's change, carried
+            self._write(self._key, now)  # another request's change, carried here
 
     def _record(self):
         record = {"created": self._created, "data": self._data}
@@ -2986,8 +2950,14 @@ class Session(MutableMapping):
         return stored
 
     def _touch_due(self, now):
-        """True once ``touch_interval`` has passed since the mtime, or at once if the session is on probation."""
-        interval = self._settings.touch_after()
+        """True once ``touch_interval`` has passed since the mtime, or at once if the session is on probation.
+
+        The interval is at most a quarter of the store's ``max_age``, so a
+        session used at least every three quarters of ``max_age`` never expires.
+        """
+        interval, max_age = self._settings.touch_interval, self._settings.store.max_age
+        if interval is not None and max_age is not None:
+            interval = min(interval, max_age / 4)
         return self._promote or (interval is not None and now - self._mtime >= interval)
 
     def _touch(self, now):
@@ -3001,12 +2971,19 @@ class Session(MutableMapping):
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
         self._mtime, self._promote = now, False
 
-    def _write(self, key, stored, image, now, first):
-        """Write ``stored`` (None: remove) under ``key``, merging with other requests' saves; ``first`` on probation."""
-        store, expected = self._settings.store, self._stored
+    def _write(self, key, now):
+        """Write the data under ``key``, or remove the record if the session holds nothing; ``now`` stamps it.
+
+        A save another request made since this one read the record is merged
+        in and the write tried again. A session's first write goes on probation.
+        """
+        store, expected, new = self._settings.store, self._stored, self._created is None
+        self._created = now if new else self._created
         for attempt in range(_SAVE_ATTEMPTS + 1):
-            if stored == expected:
-                self._image = _snapshot(self._data) if image is None else image
+            image = _snapshot(self._data)
+            stored = self._encode(key) if self._holds() else None
+            if stored == expected:  # the store holds it already (what another request saved, merged in)
+                self._stored, self._image = stored, image
                 self._touch(now)
                 return
             if attempt == _SAVE_ATTEMPTS:
@@ -3015,16 +2992,15 @@ class Session(MutableMapping):
             if stored is None:
                 done = store.remove(key, expected=expected) or expected is None
             else:
-                done = store.save(key, stored, expected=expected, now=now, new=first)
+                done = store.save(key, stored, expected=expected, now=now, new=new)
             if done:
                 self._undo.append((key, expected, stored))
-                if stored is not None:
+                if stored is None:
+                    store._forget_log(key)
+                    self.state, self._id, self._key, self._stored = _NEW, None, None, None
+                else:
                     self.state, self._key, self._stored, self._mtime, self._promote = _LOADED, key, stored, now, False
-                    self._image = _snapshot(self._data) if image is None else image
-                    self._identity = self._identity_now()
-                    return
-                store._forget_log(key)
-                self.state, self._id, self._key, self._stored = _NEW, None, None, None
+                    self._image, self._identity = image, self._identity_now()
                 return
             # Back off a random while before trying again, so that writers racing on one session spread out.
             time.sleep(min(0.05, 0.0005 * 2**attempt) * int.from_bytes(os.urandom(2), "big") / 65536)
@@ -3033,8 +3009,6 @@ class Session(MutableMapping):
                 _logger.info("session %s was removed by another request: its changes are dropped", key[:12])
                 self.state = _GONE
                 return
-            stored = self._encode(key) if self._holds() else None
-            image = None
 
     def rollback(self):
         """Put back the records a failed request changed, but not a logout; log, never raise."""
@@ -3069,19 +3043,15 @@ class Session(MutableMapping):
     def history(self):
         """The session's ``MessageLog``, kept with it (even empty); new: SessionError once the headers are out."""
         self.load()
-        if self.state == _LOADED:
-            key = self._key
-        else:
-            if self._id is None:
-                if self._cookie is not None:
-                    raise SessionError("history of a new session after the response started: no cookie can be sent")
-                self._id = _new_session_id()
-            key = _store_key(self._id)
-            if self._logged:  # regenerated this request: the log follows now, so it reads the same
-                for index, (old_key, previous, carry) in enumerate(self._doomed):
-                    if carry:
-                        self._settings.store.log_move(old_key, key)
-                        self._doomed[index] = (old_key, previous, None)
+        if self.state != _LOADED and self._id is None:
+            if self._cookie is not None:
+                raise SessionError("history of a new session after the response started: no cookie can be sent")
+            self._id = _new_session_id()
+        key = _store_key(self._id)
+        for index, (old_key, previous, carry) in enumerate(self._doomed):
+            if carry and self._logged:  # regenerated this request: the log follows now, so it reads the same
+                self._settings.store.log_move(old_key, key)
+                self._doomed[index] = (old_key, previous, None)
         if not self._logged:
             self._logged, self._image = True, None  # the record must now say it has a log
         return MessageLog(self._settings.store, key)
