@@ -3199,10 +3199,8 @@ def _cookie_keys(app):
     if not app.secret_key:
         return []
     secrets = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
-    return [
-        hashlib.sha256(b"tinysession flask cookie\0" + (s.encode("utf-8") if isinstance(s, str) else s)).digest()
-        for s in secrets
-    ]
+    secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
+    return [hashlib.sha256(b"tinysession flask cookie\0" + each).digest() for each in secrets]
 
 
 def _signed_cookie(key, session_id, permanent):
@@ -3214,15 +3212,11 @@ def _signed_cookie(key, session_id, permanent):
 
 def _verify_cookie(value, keys):
     """Return ``(session_id, permanent)`` from a cookie value one of ``keys`` signed, or None."""
-    if not value.isascii():
-        return None  # never ours, and compare_digest refuses non-ASCII str
     session_id, _, rest = value.partition(".")
-    flag, _, _ = rest.partition(".")
-    if len(session_id) != _SESSION_ID_LENGTH or not _is_key(session_id) or flag not in ("p", "s"):
-        return None
-    for key in keys:
-        if hmac.compare_digest(value, _signed_cookie(key, session_id, flag == "p")):
-            return session_id, flag == "p"
+    permanent = rest.startswith("p.")
+    # A non-ASCII value is never ours, and compare_digest refuses non-ASCII str.
+    if value.isascii() and any(hmac.compare_digest(value, _signed_cookie(key, session_id, permanent)) for key in keys):
+        return session_id, permanent
     return None
 
 
@@ -3348,7 +3342,6 @@ class FlaskSessionInterface:
         are rolled back instead. Raises StoreError if the store fails.
         """
         if sys.exc_info()[0] is not None:
-            session.cookie()
             session.rollback()
             return
         refresh = app.config["SESSION_REFRESH_EACH_REQUEST"]
@@ -3387,9 +3380,7 @@ class FlaskSessionInterface:
         if config.get("SESSION_COOKIE_PARTITIONED"):
             options["partitioned"] = True  # a keyword only Werkzeug 3.1 and later know
         if permanent:
-            lifetime = app.permanent_session_lifetime
-            options["max_age"] = int(lifetime.total_seconds())
-            options["expires"] = datetime.datetime.now(datetime.timezone.utc) + lifetime
+            options["max_age"] = app.permanent_session_lifetime  # a timedelta: Werkzeug adds the Expires it makes
         return options
 
 
@@ -3440,7 +3431,6 @@ class QuartSessionInterface(FlaskSessionInterface):
         if response is None:
             response = app.response_class("")  # an accepted websocket's: its cookie went with the accept
         if sys.exc_info()[0] is not None:
-            session.cookie()
             await _in_thread(session.rollback)
         elif session.state == "unloaded":
             super().save_session(app, session, response)  # the cookie alone: no store I/O
@@ -3450,7 +3440,7 @@ class QuartSessionInterface(FlaskSessionInterface):
 
 # -- ASGI --
 
-_START_MESSAGES = ("http.response.start", "websocket.http.response.start")
+_OPENING_MESSAGES = ("http.response.start", "websocket.http.response.start", "websocket.accept")
 _BODY_MESSAGES = ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend",
                   "http.response.pathsend")
 
@@ -3488,11 +3478,7 @@ class ASGISession(dict):
     from that request's tasks.
     """
 
-    __slots__ = ("_core", "_run", "accessed")
-
-    def __init__(self, data=()):
-        dict.__init__(self, data)
-        self.accessed = False
+    accessed = False  # as in Starlette's session: set by any use of the dict
 
     def mark_accessed(self):
         """Note that the app used the session: the response then carries ``Vary: Cookie``.
@@ -3532,11 +3518,9 @@ class ASGISession(dict):
             await self._run(lambda: self._core.save(keep=True))
 
 
-_DICT_USES = (
-    "__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
-    "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear", "copy",
-)
-for _name in _DICT_USES:
+for _name in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
+              "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear",
+              "copy"):
     setattr(ASGISession, _name, _marking_use(_name))
 del _name
 
@@ -3547,29 +3531,36 @@ class _HeldSend:
     So the session is saved before the client has the whole response (see ``ASGISessionMiddleware``).
     """
 
-    def __init__(self, core, session, send, headers, run):
-        # headers(message) adds the session's headers to a start message; run(function) runs it in a thread
-        self.core, self.session, self._send, self._headers, self._run = core, session, send, headers, run
+    def __init__(self, session, send):
+        self.session, self.core, self._send = session, session._core, send
         self.opened = self.completed = None  # the message that opened the response, and the one that ended it
         self.start, self.body, self.sized = [], [], False
 
+    def _with_session(self, start):
+        """Return the start message with the session's Vary and Set-Cookie headers (decides the cookie)."""
+        used = self.session.accessed
+        if self.core.cookie() is None and not used:
+            return start
+        pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in start.get("headers", ())]
+        pairs = self.core.response_headers(pairs, used=used, names=("vary", "set-cookie"))
+        return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]}
+
     async def flush(self):
         if self.start:
-            await self._send(self._headers(self.start.pop()))
+            await self._send(self._with_session(self.start.pop()))
         if self.body:
             await self._send(self.body.pop())
 
     async def send(self, message):
         kind = message["type"]
-        if kind in _START_MESSAGES or kind == "websocket.accept":
+        if kind in _OPENING_MESSAGES:
             if self.opened:
                 raise RuntimeError(f"ASGI: {kind} after {self.opened}: a response starts once")
             self.opened = kind
-            if kind == "websocket.accept":  # its cookie goes now, none can follow
-                await self._send(self._headers(message))
-                return
             self.start.append(message)
             self.sized = any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
+            if kind == "websocket.accept":  # its cookie goes now, none can follow
+                await self.flush()
         elif kind not in _BODY_MESSAGES and kind != "websocket.close":
             await self._send(message)
         elif not _is_final(message):
@@ -3588,7 +3579,7 @@ class _HeldSend:
     async def _save(self):
         try:
             if self.core.pending:
-                await self._run(self.core.save)  # while start is held, a failure is a whole 500
+                await self.session._run(self.core.save)  # while start is held, a failure is a whole 500
         except BaseException:
             if not self.start:
                 _logger.error("session %s could not be saved after the response headers went out: the "
@@ -3635,7 +3626,7 @@ class ASGISessionMiddleware:
 
         self.app = app
         self.settings = _Settings(store, **options)
-        threads = _check_count(threads, "threads")
+        threads = _check_count(threads, "threads")  # None: the executor's default
         self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinysession-asgi")
 
     @property
@@ -3663,15 +3654,6 @@ class ASGISessionMiddleware:
         cookies = [value for name, value in scope.get("headers", ()) if name.lower() == b"cookie"]
         return b"; ".join(cookies).decode("latin-1")
 
-    @staticmethod
-    def _with_session(core, session, start):
-        """Return the start message with the session's Vary and Set-Cookie headers (decides the cookie)."""
-        if core.cookie() is None and not session.accessed:
-            return start
-        pairs = [(raw_name.decode("latin-1"), raw.decode("latin-1")) for raw_name, raw in start.get("headers", ())]
-        pairs = core.response_headers(pairs, used=session.accessed, names=("vary", "set-cookie"))
-        return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]}
-
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
@@ -3684,19 +3666,16 @@ class ASGISessionMiddleware:
         session._core, session._run = core, self._in_thread
         if header is None:
             core.cookie()  # outside the cookie's path: a cookie sent from here would replace the user's
-        sender = _HeldSend(core, session, send, lambda start: self._with_session(core, session, start),
-                           self._in_thread)
+        sender = _HeldSend(session, send)
         try:
             await self.app(scope, receive, sender.send)
         except BaseException:
             await self._in_thread(core.rollback)  # even after a complete response (an error page)
             raise
-        if sender.completed or sender.opened == "websocket.accept":
-            core.cookie()
-            if core.pending:
-                await self._in_thread(core.save)
-        else:
+        if not (sender.completed or sender.opened == "websocket.accept"):
             await self._in_thread(core.abandon)  # a new session's log, never to be saved
+        elif core.pending:
+            await self._in_thread(core.save)  # what the app changed after the response
 
 
 # -- Command line --
