@@ -2611,28 +2611,25 @@ class _Settings:
     def __init__(self, store, *, cookie_name=DEFAULT_COOKIE_NAME, path="/", domain=None, secure=None, httponly=True,
                  samesite="Lax", partitioned=False, cookie_max_age=None, refresh_each_request=False,
                  max_lifetime=None, identity_key="_user_id", merge=merge_sessions, touch_interval=60):
-        checks = (
-            (isinstance(store, Store), TypeError,
-             f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}"),
-            (isinstance(cookie_name, str) and re.fullmatch(_TOKEN_PATTERN, cookie_name) is not None
-             and not http.cookies.Morsel().isReservedKey(cookie_name), ValueError, f"invalid cookie name {cookie_name!r}"),
-            (isinstance(path, str) and re.fullmatch(_ATTRIBUTE_PATTERN, path) is not None, ValueError,
-             f"invalid cookie path {path!r}"),
-            (domain is None or isinstance(domain, str) and re.fullmatch(_ATTRIBUTE_PATTERN, domain) is not None,
-             ValueError, f"invalid cookie domain {domain!r}"),
-            (samesite is None or str(samesite).capitalize() in ("Lax", "Strict", "None"), ValueError,
-             f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}"),
-            (secure in (None, True, False), ValueError, f"secure must be None, True or False, not {secure!r}"),
-            (cookie_max_age is None or type(cookie_max_age) is int, ValueError,
-             f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}"),
-            (identity_key is None or isinstance(identity_key, str), TypeError,
-             f"identity_key must be a str or None, not {type(identity_key).__name__}"),
-            (merge is None or callable(merge), TypeError,
-             f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}"),
-        )
-        for valid, error, message in checks:
-            if not valid:
-                raise error(message)
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}")
+        if not (isinstance(cookie_name, str) and re.fullmatch(_TOKEN_PATTERN, cookie_name)
+                and not http.cookies.Morsel().isReservedKey(cookie_name)):
+            raise ValueError(f"invalid cookie name {cookie_name!r}")
+        if not (isinstance(path, str) and re.fullmatch(_ATTRIBUTE_PATTERN, path)):
+            raise ValueError(f"invalid cookie path {path!r}")
+        if domain is not None and not (isinstance(domain, str) and re.fullmatch(_ATTRIBUTE_PATTERN, domain)):
+            raise ValueError(f"invalid cookie domain {domain!r}")
+        if samesite is not None and str(samesite).capitalize() not in ("Lax", "Strict", "None"):
+            raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
+        if secure not in (None, True, False):
+            raise ValueError(f"secure must be None, True or False, not {secure!r}")
+        if cookie_max_age is not None and type(cookie_max_age) is not int:
+            raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
+        if identity_key is not None and not isinstance(identity_key, str):
+            raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
+        if merge is not None and not callable(merge):
+            raise TypeError(f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}")
         self.store = store
         self.cookie_name = cookie_name
         self.path = path
@@ -2681,18 +2678,13 @@ class Session(MutableMapping):
     """One request's session: a dict loaded from the store on first use, and the request's lifecycle.
 
     The framework-free core every front end drives, given the request's
-    facts (the Cookie header or verified ``ids``; ``secure``): ``load()``,
+    facts (the Cookie header, None outside the cookie's path where no cookie
+    may be sent, or verified ``ids``; ``secure``): ``load()``,
     ``cookie()`` or ``response_headers()`` when the headers go out, then
     ``save()``, or ``rollback()`` if the request failed, ``abandon()`` if it
     never ended. ``state``: "unloaded", "new", "loaded" or "gone" (another
     request removed it). Belongs to one request; not shared between threads.
     """
-
-    __slots__ = (
-        "_client_id", "_cookie", "_created", "_data", "_data_class", "_doomed", "_fresh", "_id",
-        "_identity", "_ids", "_image", "_key", "_logged", "_mtime", "_promote", "_secure", "_settings", "_stored",
-        "_undo", "state",
-    )
 
     def __init__(self, settings, cookie_header="", *, secure=False, ids=None, data_class=dict):
         self._settings = settings
@@ -2702,8 +2694,8 @@ class Session(MutableMapping):
         self._secure = bool(secure)
         self._data_class = data_class
         self.state, self._doomed, self._undo, self._logged = _UNLOADED, [], [], False
-        self._data = self._cookie = None  # _cookie: (Set-Cookie value or None,) once decided
-        self._client_id = self._id = self._key = self._stored = self._created = self._image = None
+        self._data = self._client_id = self._id = self._key = self._stored = self._created = self._image = None
+        self._cookie = (None,) if cookie_header is None else None  # (Set-Cookie value or None,) once decided
 
     def __getitem__(self, name):
         return self.load()[name]
@@ -2848,10 +2840,10 @@ class Session(MutableMapping):
             return settings.set_cookie(self._id, self._secure)
         return None
 
-    def response_headers(self, headers, *, used=None, names=("Vary", "Set-Cookie")):
-        """Return the (name, value) str pairs ``headers`` plus ``names``: Vary if ``used`` (default: loaded), Set-Cookie."""
+    def response_headers(self, headers, *, names=("Vary", "Set-Cookie")):
+        """Return the (name, value) str pairs ``headers`` plus ``names``: Vary if the session was loaded, Set-Cookie."""
         cookie = self.cookie()
-        if not (self.accessed if used is None else used) and cookie is None:
+        if not self.accessed and cookie is None:
             return headers
         headers = _vary_cookie(list(headers), names[0])
         if cookie is not None:
@@ -3081,8 +3073,6 @@ class _SessionBody:
     a failed request leaves the store as it found it.
     """
 
-    __slots__ = ("_body", "_failed", "_session")
-
     def __init__(self, body, session):
         self._body = body
         self._session = session
@@ -3188,12 +3178,6 @@ class SessionMiddleware:
 
 # -- Flask --
 
-_NO_SECRET_KEY = (
-    "The session is unavailable because no secret key was set. Set the secret_key on the application"
-    " to something unique and secret."
-)
-
-
 def _cookie_keys(app):
     """Return the HMAC keys derived from the app's SECRET_KEY then its SECRET_KEY_FALLBACKS."""
     if not app.secret_key:
@@ -3268,7 +3252,8 @@ class _FlaskNullSession(dict):
     new = True
 
     def _fail(self, *args, **kwargs):
-        raise RuntimeError(_NO_SECRET_KEY)
+        raise RuntimeError("The session is unavailable because no secret key was set. Set the secret_key on the"
+                           " application to something unique and secret.")
 
     __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = __ior__ = _fail
     regenerate = invalidate = _fail
@@ -3538,11 +3523,10 @@ class _HeldSend:
 
     def _with_session(self, start):
         """Return the start message with the session's Vary and Set-Cookie headers (decides the cookie)."""
-        used = self.session.accessed
-        if self.core.cookie() is None and not used:
-            return start
+        if self.core.cookie() is None and not self.session.accessed:
+            return start  # the app never used the dict (the core, loaded before it ran, would say Vary)
         pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in start.get("headers", ())]
-        pairs = self.core.response_headers(pairs, used=used, names=("vary", "set-cookie"))
+        pairs = self.core.response_headers(pairs, names=("vary", "set-cookie"))
         return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]}
 
     async def flush(self):
@@ -3658,14 +3642,12 @@ class ASGISessionMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        header = self._cookie_header(scope)
+        header = self._cookie_header(scope)  # None outside the cookie's path: the core then sends no cookie
         core = Session(self.settings, header, secure=scope.get("scheme") in ("https", "wss"), data_class=ASGISession)
         if core.has_id_cookie:
             await self._in_thread(core.load)
         session = scope["session"] = core.load()
         session._core, session._run = core, self._in_thread
-        if header is None:
-            core.cookie()  # outside the cookie's path: a cookie sent from here would replace the user's
         sender = _HeldSend(session, send)
         try:
             await self.app(scope, receive, sender.send)
