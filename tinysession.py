@@ -2897,10 +2897,9 @@ class Session(MutableMapping):
                 try:
                     store.serializer.dumps(value)
                 except (TypeError, ValueError, OverflowError, RecursionError):
-                    raise EncodeError(
-                        f"session key {name!r} holds a value the store's serializer cannot encode ({exc}): use "
-                        "serializer=tinysession.TaggedJSON() or convert the value; nothing was written"
-                    ) from exc
+                    raise EncodeError(f"session key {name!r} holds a value the store's serializer cannot encode "
+                                      f"({exc}): use serializer=tinysession.TaggedJSON() or convert the value; "
+                                      "nothing was written") from exc
             raise
 
     def _remove_doomed(self):
@@ -3061,9 +3060,8 @@ def get_session(environ, environ_key="tinysession"):
     try:
         return environ[environ_key]
     except KeyError:
-        raise SessionError(
-            f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
-        ) from None
+        message = f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
+        raise SessionError(message) from None
 
 
 class _SessionBody:
@@ -3135,11 +3133,9 @@ class SessionMiddleware:
         self.settings = _Settings(store, **options)
         interface = getattr(getattr(app, "__self__", app), "session_interface", None)
         if interface is not None and type(interface).__module__ != __name__:
-            _logger.warning(
-                "SessionMiddleware wraps a Flask app whose flask.session is still Flask's own cookie, never the "
-                "store: set app.session_interface = tinysession.FlaskSessionInterface(store) to serve it from the "
-                "store (get_session(request.environ) is the middleware's session)"
-            )
+            _logger.warning("SessionMiddleware wraps a Flask app whose flask.session is still Flask's own cookie, "
+                            "never the store: set app.session_interface = tinysession.FlaskSessionInterface(store) "
+                            "to serve it from the store (get_session(request.environ) is the middleware's session)")
 
     @property
     def store(self):
@@ -3290,9 +3286,8 @@ class FlaskSessionInterface:
     pickle_based = False
 
     def __init__(self, store, *, identity_key="_user_id", max_lifetime=None, touch_interval=60):
-        self.settings = _Settings(
-            store, identity_key=identity_key, max_lifetime=max_lifetime, touch_interval=touch_interval
-        )
+        self.settings = _Settings(store, identity_key=identity_key, max_lifetime=max_lifetime,
+                                  touch_interval=touch_interval)
         if type(store.serializer) is _JSONSerializer:
             _logger.warning("FlaskSessionInterface: the store's serializer is plain json, which cannot keep the "
                             "tuples, bytes, datetimes and Markup Flask apps put in flask.session: build the store "
@@ -3618,15 +3613,6 @@ class ASGISessionMiddleware:
         """The store the sessions live in."""
         return self.settings.store
 
-    async def _in_thread(self, function):
-        import asyncio
-
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise SessionError("ASGISessionMiddleware runs on an asyncio event loop, and none is running") from None
-        return await loop.run_in_executor(self._threads, function)
-
     def _cookie_header(self, scope):
         """Return the request's Cookie header, or None outside the cookie's path (where ours is never sent)."""
         path, root = scope.get("path", ""), scope.get("root_path", "")
@@ -3642,22 +3628,25 @@ class ASGISessionMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        import asyncio  # as concurrent.futures
+
+        in_thread = functools.partial(asyncio.get_running_loop().run_in_executor, self._threads)
         header = self._cookie_header(scope)  # None outside the cookie's path: the core then sends no cookie
         core = Session(self.settings, header, secure=scope.get("scheme") in ("https", "wss"), data_class=ASGISession)
         if core.has_id_cookie:
-            await self._in_thread(core.load)
+            await in_thread(core.load)
         session = scope["session"] = core.load()
-        session._core, session._run = core, self._in_thread
+        session._core, session._run = core, in_thread
         sender = _HeldSend(session, send)
         try:
             await self.app(scope, receive, sender.send)
         except BaseException:
-            await self._in_thread(core.rollback)  # even after a complete response (an error page)
+            await in_thread(core.rollback)  # even after a complete response (an error page)
             raise
         if not (sender.completed or sender.opened == "websocket.accept"):
-            await self._in_thread(core.abandon)  # a new session's log, never to be saved
+            await in_thread(core.abandon)  # a new session's log, never to be saved
         elif core.pending:
-            await self._in_thread(core.save)  # what the app changed after the response
+            await in_thread(core.save)  # what the app changed after the response
 
 
 # -- Command line --
