@@ -2695,6 +2695,7 @@ class Session(MutableMapping):
         self._data_class = data_class
         self.state, self._doomed, self._undo, self._logged = _UNLOADED, [], [], False
         self._data = self._client_id = self._id = self._key = self._stored = self._created = self._image = None
+        self._accessed = False
         self._cookie = (None,) if cookie_header is None else None  # (Set-Cookie value or None,) once decided
 
     def __getitem__(self, name):
@@ -2739,8 +2740,12 @@ class Session(MutableMapping):
 
     @property
     def accessed(self):
-        """True once the session has been loaded: the response then varies with the Cookie header."""
-        return self.state != _UNLOADED
+        """True once the session was loaded, or set by a front end: the response then varies with the Cookie header."""
+        return self._accessed or self.state != _UNLOADED
+
+    @accessed.setter
+    def accessed(self, value):
+        self._accessed = bool(value)
 
     @property
     def has_id_cookie(self):
@@ -3073,15 +3078,14 @@ class _SessionBody:
 
     def __init__(self, body, session):
         self._body = body
-        self._session = session
-        self._failed = False
+        self._session = session  # None once the body failed: nothing more is saved
 
     def __iter__(self):
         try:
             yield from self._body
         except Exception:
-            self._failed = True
             self._session.rollback()
+            self._session = None
             raise
 
     def close(self):
@@ -3089,7 +3093,7 @@ class _SessionBody:
             if hasattr(self._body, "close"):
                 self._body.close()
         finally:
-            if not self._failed:
+            if self._session is not None:
                 self._session.save()
 
 
@@ -3148,8 +3152,7 @@ class SessionMiddleware:
         return self.settings.cookie_name
 
     def __call__(self, environ, start_response):
-        secure = environ.get("wsgi.url_scheme") == "https"
-        session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=secure)
+        session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=environ.get("wsgi.url_scheme") == "https")
         environ[self.environ_key] = session
 
         def session_start_response(status, headers, exc_info=None):
@@ -3203,6 +3206,9 @@ def _verify_cookie(value, keys):
 class _FlaskSession(Session):
     """``flask.session`` for one request: the core Session with Flask's ``SessionMixin`` flags.
 
+    Flask 3.1.3's request context sets ``accessed`` itself; ``modified`` is set
+    by every write.
+
     ``request_cookie`` is ``(session_id, permanent)`` from the request's
     verified cookie, or None.
     """
@@ -3212,7 +3218,6 @@ class _FlaskSession(Session):
     def __init__(self, settings, verified, secure):
         super().__init__(settings, ids=[session_id for session_id, _ in verified], secure=secure)
         self.request_cookie = verified[0] if verified else None
-        self._accessed = False
 
     def __setitem__(self, name, value):
         super().__setitem__(name, value)
@@ -3230,15 +3235,6 @@ class _FlaskSession(Session):
     @permanent.setter
     def permanent(self, value):
         self["_permanent"] = bool(value)
-
-    @property
-    def accessed(self):
-        """True once the session was used (Flask 3.1.3 also sets it): the response then varies with Cookie."""
-        return self._accessed or self.state != "unloaded"
-
-    @accessed.setter
-    def accessed(self, value):
-        self._accessed = bool(value)
 
 
 class _FlaskNullSession(dict):
@@ -3427,18 +3423,16 @@ _BODY_MESSAGES = ("http.response.body", "websocket.http.response.body", "http.re
 
 def _is_final(message):
     """Return True for the message that completes an ASGI response or closes a socket."""
-    if message["type"] in ("http.response.pathsend", "websocket.close"):
-        return True
-    return not message.get("more_body", False)
+    return message["type"] in ("http.response.pathsend", "websocket.close") or not message.get("more_body", False)
 
 
-def _marking_use(name):
-    """Return dict's method ``name`` wrapped to mark the session accessed first."""
-    method = getattr(dict, name)
+def _marking_use(name, owner=dict):
+    """Return ``owner``'s method ``name`` wrapped to mark the session accessed first; a Session's runs on the core."""
+    method = getattr(owner, name)
 
     def marked(self, *args, **kwargs):
         self.accessed = True
-        return method(self, *args, **kwargs)
+        return method(self if owner is dict else self._core, *args, **kwargs)
 
     marked.__name__, marked.__doc__ = name, method.__doc__
     return marked
@@ -3470,15 +3464,8 @@ class ASGISession(dict):
         """
         self.accessed = True
 
-    def regenerate(self):
-        """Give the session a new id and keep its data: call it on login (see ``Session.regenerate``)."""
-        self.accessed = True
-        self._core.regenerate()
-
-    def invalidate(self):
-        """Empty the session, remove its record and expire its cookie: logout (see ``Session.invalidate``)."""
-        self.accessed = True
-        self._core.invalidate()
+    regenerate = _marking_use("regenerate", Session)
+    invalidate = _marking_use("invalidate", Session)
 
     @property
     def history(self):
@@ -3616,10 +3603,8 @@ class ASGISessionMiddleware:
     def _cookie_header(self, scope):
         """Return the request's Cookie header, or None outside the cookie's path (where ours is never sent)."""
         path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and not path.startswith(root):
-            path = root + path
-        prefix = self.settings.path
-        if path != prefix and not path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+        path = path if path.startswith(root) else root + path  # servers differ on whether path includes it
+        if path != self.settings.path and not path.startswith(self.settings.path.rstrip("/") + "/"):
             return None
         cookies = [value for name, value in scope.get("headers", ()) if name.lower() == b"cookie"]
         return b"; ".join(cookies).decode("latin-1")
