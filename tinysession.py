@@ -3113,21 +3113,13 @@ class SessionMiddleware:
         self.app = app
         self.environ_key = environ_key
         self.settings = _Settings(store, **options)
+        self.store = store
+        self.cookie_name = self.settings.cookie_name
         interface = getattr(getattr(app, "__self__", app), "session_interface", None)
         if interface is not None and type(interface).__module__ != __name__:
             _logger.warning("SessionMiddleware wraps a Flask app whose flask.session is still Flask's own cookie, "
                             "never the store: set app.session_interface = tinysession.FlaskSessionInterface(store) "
                             "to serve it from the store (get_session(request.environ) is the middleware's session)")
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
-
-    @property
-    def cookie_name(self):
-        """The session cookie's name."""
-        return self.settings.cookie_name
 
     def __call__(self, environ, start_response):
         session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=environ.get("wsgi.url_scheme") == "https")
@@ -3262,15 +3254,11 @@ class FlaskSessionInterface:
     def __init__(self, store, *, identity_key="_user_id", max_lifetime=None, touch_interval=60):
         self.settings = _Settings(store, identity_key=identity_key, max_lifetime=max_lifetime,
                                   touch_interval=touch_interval)
+        self.store = store
         if type(store.serializer) is _JSONSerializer:
             _logger.warning("FlaskSessionInterface: the store's serializer is plain json, which cannot keep the "
                             "tuples, bytes, datetimes and Markup Flask apps put in flask.session: build the store "
                             "with serializer=tinysession.TaggedJSON()")
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
 
     def make_null_session(self, app):
         """Return the session of an app without a SECRET_KEY: empty, and any write raises RuntimeError."""
@@ -3396,12 +3384,7 @@ class QuartSessionInterface(FlaskSessionInterface):
 
 _OPENING_MESSAGES = ("http.response.start", "websocket.http.response.start", "websocket.accept")
 _BODY_MESSAGES = ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend",
-                  "http.response.pathsend")
-
-
-def _is_final(message):
-    """Return True for the message that completes an ASGI response or closes a socket."""
-    return message["type"] in ("http.response.pathsend", "websocket.close") or not message.get("more_body", False)
+                  "http.response.pathsend", "websocket.close")  # and the close that ends a socket
 
 
 def _marking_use(name, owner=dict):
@@ -3505,9 +3488,9 @@ class _HeldSend:
             self.sized = any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
             if kind == "websocket.accept":  # its cookie goes now, none can follow
                 await self.flush()
-        elif kind not in _BODY_MESSAGES and kind != "websocket.close":
+        elif kind not in _BODY_MESSAGES:
             await self._send(message)
-        elif not _is_final(message):
+        elif message.get("more_body", False):
             if self.body:
                 await self.flush()  # the body goes one message late (the start with it): the last waits for the save
             self.body.append(message)
@@ -3570,13 +3553,9 @@ class ASGISessionMiddleware:
 
         self.app = app
         self.settings = _Settings(store, **options)
+        self.store = store
         threads = _check_count(threads, "threads")  # None: the executor's default
         self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinysession-asgi")
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
 
     def _cookie_header(self, scope):
         """Return the request's Cookie header, or None outside the cookie's path (where ours is never sent)."""
