@@ -3326,7 +3326,6 @@ class FlaskSessionInterface:
         return options
 
 
-
 class QuartSessionInterface(FlaskSessionInterface):
     """Serve Quart's ``session`` from a store: ``app.session_interface = QuartSessionInterface(store)``.
 
@@ -3437,8 +3436,9 @@ class ASGISession(dict):
     async def save(self):
         """Write the changes made so far, in a thread (store I/O); they then stay whatever happens next.
 
-        The middleware calls it when the response is complete or the socket
-        closes; call it yourself in a long-lived websocket. Raises StoreError
+        The middleware saves when the response is complete or the socket
+        closes, and calls it when the app returns; call it yourself in a
+        long-lived websocket. Raises StoreError
         (after undoing this request's writes) if the store fails.
         """
         self.accessed = True
@@ -3587,8 +3587,8 @@ class ASGISessionMiddleware:
             raise
         if not (sender.completed or sender.opened == "websocket.accept"):
             await in_thread(core.abandon)  # a new session's log, never to be saved
-        elif core.pending:
-            await in_thread(core.save)  # what the app changed after the response
+        else:
+            await session.save()  # what the app changed after the response
 
 
 # -- Command line --
