@@ -2767,7 +2767,8 @@ class Session(MutableMapping):
         if self._data is not None:
             return self._data
         now, settings = _now(), self._settings
-        self.state, data = _NEW, {}
+        self.state = _NEW
+        data = {}
         for value in self._ids:
             key = _store_key(value)
             try:
@@ -2951,7 +2952,8 @@ class Session(MutableMapping):
         A save another request made since this one read the record is merged
         in and the write tried again. A session's first write goes on probation.
         """
-        store, expected, new = self._settings.store, self._stored, self._created is None
+        store, expected = self._settings.store, self._stored
+        new = self._created is None
         self._created = now if new else self._created
         for attempt in range(_SAVE_ATTEMPTS + 1):
             image = _snapshot(self._data)
@@ -2974,7 +2976,8 @@ class Session(MutableMapping):
                     self.state, self._id, self._key, self._stored = _NEW, None, None, None
                 else:
                     self.state, self._key, self._stored, self._mtime, self._promote = _LOADED, key, stored, now, False
-                    self._image, self._identity = image, self._identity_now()
+                    self._image = image
+                    self._identity = self._identity_now()
                 return
             # Back off a random while before trying again, so that writers racing on one session spread out.
             time.sleep(min(0.05, 0.0005 * 2**attempt) * int.from_bytes(os.urandom(2), "big") / 65536)
@@ -3122,7 +3125,8 @@ class SessionMiddleware:
                             "to serve it from the store (get_session(request.environ) is the middleware's session)")
 
     def __call__(self, environ, start_response):
-        session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=environ.get("wsgi.url_scheme") == "https")
+        secure = environ.get("wsgi.url_scheme") == "https"
+        session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=secure)
         environ[self.environ_key] = session
 
         def session_start_response(status, headers, exc_info=None):
