@@ -2501,18 +2501,14 @@ def _store_key(session_id):
 
 
 def _session_ids(header, name):
-    """Return the well-formed session ids of the cookies called ``name`` in a Cookie header: the first four.
+    """Return the well-formed session ids of the cookies called ``name`` in a Cookie header.
 
     Tolerant: a malformed pair is skipped without hiding the pairs after it.
     Surrounding double quotes (allowed by RFC 6265) are removed.
     """
-    ids = []
-    for pair in header.split(";") if name in header else ():
-        pair_name, equals, value = pair.partition("=")
-        value = value.strip().strip('"')
-        if equals and pair_name.strip() == name and len(value) == _SESSION_ID_LENGTH and _is_key(value):
-            ids.append(value)
-    return ids[:_MAX_COOKIE_CANDIDATES]
+    pairs = (pair.partition("=") for pair in header.split(";")) if name in header else ()
+    values = (value.strip().strip('"') for pair_name, _, value in pairs if pair_name.strip() == name)
+    return [value for value in values if len(value) == _SESSION_ID_LENGTH and _is_key(value)]
 
 
 def _vary_cookie(headers, name):
@@ -2536,74 +2532,51 @@ class _Settings:
     def __init__(self, store, *, cookie_name=DEFAULT_COOKIE_NAME, path="/", domain=None, secure=None, httponly=True,
                  samesite="Lax", partitioned=False, cookie_max_age=None, refresh_each_request=False,
                  max_lifetime=None, identity_key="_user_id", merge=merge_sessions, touch_interval=60):
-        checks = (
-            (isinstance(store, Store), TypeError,
-             f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}"),
-            (isinstance(cookie_name, str) and re.fullmatch(_TOKEN_PATTERN, cookie_name) is not None
-             and not http.cookies.Morsel().isReservedKey(cookie_name), ValueError, f"invalid cookie name {cookie_name!r}"),
-            (isinstance(path, str) and re.fullmatch(_ATTRIBUTE_PATTERN, path) is not None, ValueError,
-             f"invalid cookie path {path!r}"),
-            (domain is None or isinstance(domain, str) and re.fullmatch(_ATTRIBUTE_PATTERN, domain) is not None,
-             ValueError, f"invalid cookie domain {domain!r}"),
-            (samesite is None or str(samesite).capitalize() in ("Lax", "Strict", "None"), ValueError,
-             f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}"),
-            (secure in (None, True, False), ValueError, f"secure must be None, True or False, not {secure!r}"),
-            (cookie_max_age is None or type(cookie_max_age) is int, ValueError,
-             f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}"),
-            (identity_key is None or isinstance(identity_key, str), TypeError,
-             f"identity_key must be a str or None, not {type(identity_key).__name__}"),
-            (merge is None or callable(merge), TypeError,
-             f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}"),
-        )
-        for valid, error, message in checks:
-            if not valid:
-                raise error(message)
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}")
+        if not (isinstance(cookie_name, str) and re.fullmatch(_TOKEN_PATTERN, cookie_name)
+                and not http.cookies.Morsel().isReservedKey(cookie_name)):
+            raise ValueError(f"invalid cookie name {cookie_name!r}")
+        if not (isinstance(path, str) and re.fullmatch(_ATTRIBUTE_PATTERN, path)):
+            raise ValueError(f"invalid cookie path {path!r}")
+        if domain is not None and not (isinstance(domain, str) and re.fullmatch(_ATTRIBUTE_PATTERN, domain)):
+            raise ValueError(f"invalid cookie domain {domain!r}")
+        if samesite is not None and str(samesite).capitalize() not in ("Lax", "Strict", "None"):
+            raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
+        if secure not in (None, True, False):
+            raise ValueError(f"secure must be None, True or False, not {secure!r}")
+        if cookie_max_age is not None and type(cookie_max_age) is not int:
+            raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
+        if identity_key is not None and not isinstance(identity_key, str):
+            raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
+        if merge is not None and not callable(merge):
+            raise TypeError(f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}")
         self.store = store
         self.cookie_name = cookie_name
         self.path = path
-        self.domain = domain
-        self.secure = secure
-        self.httponly = bool(httponly)
-        self.samesite = None if samesite is None else samesite.capitalize()
+        samesite = None if samesite is None else samesite.capitalize()
+        self.secure = True if samesite == "None" or partitioned else secure  # as browsers require
         self.partitioned = bool(partitioned)
         # As in Starlette: 0 or less sends Max-Age=0, and a cookie that dies at once needs no record.
-        self.cookie_max_age = cookie_max_age if cookie_max_age is None or cookie_max_age > 0 else 0
+        self.cookie_max_age = None if cookie_max_age is None else max(cookie_max_age, 0)
         self.identity_key = identity_key
         self.merge = merge
         self.refresh_each_request = bool(refresh_each_request)
         self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
         self.touch_interval = _check_seconds(touch_interval, "touch_interval")
-
-    def touch_after(self):
-        """Return the seconds after which a read session's mtime is refreshed, or None for never.
-
-        ``touch_interval``, but at most a quarter of the store's ``max_age``,
-        so a session used at least every three quarters of ``max_age`` never
-        expires.
-        """
-        max_age = self.store.max_age
-        if self.touch_interval is None or max_age is None:
-            return self.touch_interval
-        return min(self.touch_interval, max_age / 4)
+        # The attributes of every Set-Cookie, as Morsel takes them: "" (or False) leaves one out.
+        self._attributes = {"path": path, "domain": domain or "", "httponly": bool(httponly),
+                            "samesite": samesite or "",
+                            "max-age": "" if self.cookie_max_age is None else self.cookie_max_age}
 
     def set_cookie(self, session_id, secure_request):
         """Return the Set-Cookie value for ``session_id``, or one that expires the cookie if it is None."""
         morsel = http.cookies.Morsel()
         morsel.set(self.cookie_name, session_id or "", session_id or "")
-        morsel["path"] = self.path
-        if self.domain is not None:
-            morsel["domain"] = self.domain
-        if (self.secure if self.secure is not None else secure_request) or self.samesite == "None" or self.partitioned:
-            morsel["secure"] = True
-        if self.httponly:
-            morsel["httponly"] = True
-        if self.samesite is not None:
-            morsel["samesite"] = self.samesite
+        morsel.update(self._attributes)
+        morsel["secure"] = secure_request if self.secure is None else self.secure
         if session_id is None:
-            morsel["max-age"] = 0
-            morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
-        elif self.cookie_max_age is not None:
-            morsel["max-age"] = self.cookie_max_age
+            morsel.update({"max-age": 0, "expires": "Thu, 01 Jan 1970 00:00:00 GMT"})
         # Morsel knows Partitioned only from Python 3.14 on.
         return morsel.OutputString() + ("; Partitioned" if self.partitioned else "")
 
@@ -2626,18 +2599,13 @@ class Session(MutableMapping):
     """One request's session: a dict loaded from the store on first use, and the request's lifecycle.
 
     The framework-free core every front end drives, given the request's
-    facts (the Cookie header or verified ``ids``; ``secure``): ``load()``,
+    facts (the Cookie header, None outside the cookie's path where no cookie
+    may be sent, or verified ``ids``; ``secure``): ``load()``,
     ``cookie()`` or ``response_headers()`` when the headers go out, then
     ``save()``, or ``rollback()`` if the request failed, ``abandon()`` if it
     never ended. ``state``: "unloaded", "new", "loaded" or "gone" (another
     request removed it). Belongs to one request; not shared between threads.
     """
-
-    __slots__ = (
-        "_client_id", "_cookie", "_created", "_current", "_data", "_data_class", "_doomed", "_fresh", "_id",
-        "_identity", "_ids", "_image", "_key", "_logged", "_mtime", "_promote", "_secure", "_settings", "_stored",
-        "_undo", "state",
-    )
 
     def __init__(self, settings, cookie_header="", *, secure=False, ids=None, data_class=dict):
         self._settings = settings
@@ -2646,8 +2614,10 @@ class Session(MutableMapping):
         self._ids = ids[:_MAX_COOKIE_CANDIDATES]
         self._secure = bool(secure)
         self._data_class = data_class
-        self.state, self._doomed, self._undo = _UNLOADED, [], []
-        self._data = self._current = self._cookie = None  # _cookie: (Set-Cookie value or None,) once decided
+        self.state, self._doomed, self._undo, self._logged = _UNLOADED, [], [], False
+        self._data = self._client_id = self._id = self._key = self._stored = self._created = self._image = None
+        self._accessed = False
+        self._cookie = (None,) if cookie_header is None else None  # (Set-Cookie value or None,) once decided
 
     def __getitem__(self, name):
         return self.load()[name]
@@ -2691,8 +2661,12 @@ class Session(MutableMapping):
 
     @property
     def accessed(self):
-        """True once the session has been loaded: the response then varies with the Cookie header."""
-        return self.state != _UNLOADED
+        """True once the session was loaded, or set by a front end: the response then varies with the Cookie header."""
+        return self._accessed or self.state != _UNLOADED
+
+    @accessed.setter
+    def accessed(self, value):
+        self._accessed = bool(value)
 
     @property
     def has_id_cookie(self):
@@ -2708,12 +2682,12 @@ class Session(MutableMapping):
     @property
     def id(self):
         """The session's id, as its cookie carries it; None until ``cookie()`` or ``save()`` gives it one."""
-        return None if self._data is None else self._id
+        return self._id
 
     @property
     def key(self):
         """The store key of the session's record (the SHA-256 of its id, never the id), or None."""
-        return None if self.id is None else _store_key(self._id)
+        return None if self._id is None else _store_key(self._id)
 
     @property
     def live(self):
@@ -2723,22 +2697,20 @@ class Session(MutableMapping):
     @property
     def pending(self):
         """True if ``save()`` has store I/O to do now: a front end on an event loop then calls it in a thread."""
+        if self._doomed or self.state == _NEW and self._holds():
+            return True
         if self.state != _LOADED:
-            return bool(self._doomed) or (self.state == _NEW and self._holds())
-        image = _snapshot(self._data)
-        due = self._doomed or self._touch_due(_now())
-        if image is not None and image == self._image and not due and self._identity_now() == self._identity:
             return False
-        self._current = (image,)  # taken once: the save() that follows uses it
-        return True
+        image = _snapshot(self._data)
+        changed = image is None or image != self._image or self._identity_now() != self._identity
+        return changed or self._touch_due(_now())
 
     def load(self):
         """Load the session if it is not loaded yet (store I/O) and return its data dict."""
         if self._data is not None:
             return self._data
         now, settings = _now(), self._settings
-        self._client_id = self._id = self._key = self._stored = self._created = self._image = None
-        self.state, self._logged = _NEW, False
+        self.state = _NEW
         data = {}
         for value in self._ids:
             key = _store_key(value)
@@ -2786,22 +2758,19 @@ class Session(MutableMapping):
 
     def _decide_cookie(self):
         settings = self._settings
-        if self.state == _UNLOADED:
+        if self.state == _UNLOADED or (self.state == _GONE and self._holds()):
             return None
         if not self._holds():
             return None if self._client_id is None else settings.set_cookie(None, self._secure)
-        if self.state == _GONE:
-            return None
-        if self._id is None:
-            self._id = _new_session_id()
+        self._id = self._id or _new_session_id()
         if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
             return settings.set_cookie(self._id, self._secure)
         return None
 
-    def response_headers(self, headers, *, used=None, names=("Vary", "Set-Cookie")):
-        """Return the (name, value) str pairs ``headers`` plus ``names``: Vary if ``used`` (default: loaded), Set-Cookie."""
+    def response_headers(self, headers, *, names=("Vary", "Set-Cookie")):
+        """Return the (name, value) str pairs ``headers`` plus ``names``: Vary if the session was loaded, Set-Cookie."""
         cookie = self.cookie()
-        if not (self.accessed if used is None else used) and cookie is None:
+        if not self.accessed and cookie is None:
             return headers
         headers = _vary_cookie(list(headers), names[0])
         if cookie is not None:
@@ -2825,28 +2794,21 @@ class Session(MutableMapping):
         if self.state == _UNLOADED:
             return
         self._rotate_on_new_identity()
-        image = _snapshot(self._data) if self._current is None else self._current[0]
-        self._current = key = stored = None
-        if self.state == _LOADED and (image is None or image != self._image):
-            key = self._key
-        elif self.state == _NEW and self._holds() and self._settings.cookie_max_age != 0:
-            if self._id is None and self._cookie is None:
-                self._id = _new_session_id()
-            key = None if self._id is None else _store_key(self._id)
-        first = self._created is None
-        if key is not None and self._holds():
-            self._created = now if first else self._created
-            stored = self._encode(key)
-        if key is not None:
-            self._write(key, stored, image, now, first)  # before the old record goes: a failed login keeps it
-        elif self.state == _LOADED:
+        image = _snapshot(self._data)
+        if self.state == _LOADED and image is not None and image == self._image:
             self._touch(now)
-        elif self.state == _NEW and self._holds() and self._settings.cookie_max_age == 0:
-            self.abandon()  # its cookie expires with this response: the session ends with it
+        elif self.state == _LOADED:
+            self._write(self._key, now)  # before the old record goes: a failed login keeps it
         elif self.state == _NEW and self._holds():
-            _logger.warning("session started after the response headers or outside the cookie's path: not saved")
+            if self._settings.cookie_max_age == 0:
+                self.abandon()  # its cookie expires with this response: the session ends with it
+            elif self._id is None and self._cookie is not None:
+                _logger.warning("session started after the response headers or outside the cookie's path: not saved")
+            else:
+                self._id = self._id or _new_session_id()
+                self._write(_store_key(self._id), now)
         if self._remove_doomed() and self.state == _LOADED:
-            self._write(self._key, self._encode(self._key), None, now, False)  # another request's change, carried
+            self._write(self._key, now)  # another request's change, carried here
 
     def _record(self):
         record = {"created": self._created, "data": self._data}
@@ -2862,10 +2824,9 @@ class Session(MutableMapping):
                 try:
                     store.serializer.dumps(value)
                 except (TypeError, ValueError, OverflowError, RecursionError):
-                    raise EncodeError(
-                        f"session key {name!r} holds a value the store's serializer cannot encode ({exc}): use "
-                        "serializer=tinysession.TaggedJSON() or convert the value; nothing was written"
-                    ) from exc
+                    raise EncodeError(f"session key {name!r} holds a value the store's serializer cannot encode "
+                                      f"({exc}): use serializer=tinysession.TaggedJSON() or convert the value; "
+                                      "nothing was written") from exc
             raise
 
     def _remove_doomed(self):
@@ -2907,8 +2868,14 @@ class Session(MutableMapping):
         return stored
 
     def _touch_due(self, now):
-        """True once ``touch_interval`` has passed since the mtime, or at once if the session is on probation."""
-        interval = self._settings.touch_after()
+        """True once ``touch_interval`` has passed since the mtime, or at once if the session is on probation.
+
+        The interval is at most a quarter of the store's ``max_age``, so a
+        session used at least every three quarters of ``max_age`` never expires.
+        """
+        interval, max_age = self._settings.touch_interval, self._settings.store.max_age
+        if interval is not None and max_age is not None:
+            interval = min(interval, max_age / 4)
         return self._promote or (interval is not None and now - self._mtime >= interval)
 
     def _touch(self, now):
@@ -2922,12 +2889,20 @@ class Session(MutableMapping):
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
         self._mtime, self._promote = now, False
 
-    def _write(self, key, stored, image, now, first):
-        """Write ``stored`` (None: remove) under ``key``, merging with other requests' saves; ``first`` on probation."""
+    def _write(self, key, now):
+        """Write the data under ``key``, or remove the record if the session holds nothing; ``now`` stamps it.
+
+        A save another request made since this one read the record is merged
+        in and the write tried again. A session's first write goes on probation.
+        """
         store, expected = self._settings.store, self._stored
+        new = self._created is None
+        self._created = now if new else self._created
         for attempt in range(_SAVE_ATTEMPTS + 1):
-            if stored == expected:
-                self._image = _snapshot(self._data) if image is None else image
+            image = _snapshot(self._data)
+            stored = self._encode(key) if self._holds() else None
+            if stored == expected:  # the store holds it already (what another request saved, merged in)
+                self._stored, self._image = stored, image
                 self._touch(now)
                 return
             if attempt == _SAVE_ATTEMPTS:
@@ -2936,16 +2911,16 @@ class Session(MutableMapping):
             if stored is None:
                 done = store.remove(key, expected=expected) or expected is None
             else:
-                done = store.save(key, stored, expected=expected, now=now, new=first)
+                done = store.save(key, stored, expected=expected, now=now, new=new)
             if done:
                 self._undo.append((key, expected, stored))
-                if stored is not None:
+                if stored is None:
+                    _forget_log(store, key)
+                    self.state, self._id, self._key, self._stored = _NEW, None, None, None
+                else:
                     self.state, self._key, self._stored, self._mtime, self._promote = _LOADED, key, stored, now, False
-                    self._image = _snapshot(self._data) if image is None else image
+                    self._image = image
                     self._identity = self._identity_now()
-                    return
-                _forget_log(store, key)
-                self.state, self._id, self._key, self._stored = _NEW, None, None, None
                 return
             # Back off a random while before trying again, so that writers racing on one session spread out.
             time.sleep(min(0.05, 0.0005 * 2**attempt) * int.from_bytes(os.urandom(2), "big") / 65536)
@@ -2954,8 +2929,6 @@ class Session(MutableMapping):
                 _logger.info("session %s was removed by another request: its changes are dropped", key[:12])
                 self.state = _GONE
                 return
-            stored = self._encode(key) if self._holds() else None
-            image = None
 
     def rollback(self):
         """Put back the records a failed request changed, but not a logout; log, never raise."""
@@ -2990,19 +2963,15 @@ class Session(MutableMapping):
     def history(self):
         """The session's ``MessageLog``, kept with it (even empty); new: SessionError once the headers are out."""
         self.load()
-        if self.state == _LOADED:
-            key = self._key
-        else:
-            if self._id is None:
-                if self._cookie is not None:
-                    raise SessionError("history of a new session after the response started: no cookie can be sent")
-                self._id = _new_session_id()
-            key = _store_key(self._id)
-            if self._logged:  # regenerated this request: the log follows now, so it reads the same
-                for index, (old_key, previous, carry) in enumerate(self._doomed):
-                    if carry:
-                        self._settings.store.log_move(old_key, key)
-                        self._doomed[index] = (old_key, previous, None)
+        if self.state != _LOADED and self._id is None:
+            if self._cookie is not None:
+                raise SessionError("history of a new session after the response started: no cookie can be sent")
+            self._id = _new_session_id()
+        key = _store_key(self._id)
+        for index, (old_key, previous, carry) in enumerate(self._doomed):
+            if carry and self._logged:  # regenerated this request: the log follows now, so it reads the same
+                self._settings.store.log_move(old_key, key)
+                self._doomed[index] = (old_key, previous, None)
         if not self._logged:
             self._logged, self._image = True, None  # the record must now say it has a log
         return MessageLog(self._settings.store, key)
@@ -3020,9 +2989,8 @@ def get_session(environ, environ_key="tinysession"):
     try:
         return environ[environ_key]
     except KeyError:
-        raise SessionError(
-            f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
-        ) from None
+        message = f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
+        raise SessionError(message) from None
 
 
 class _SessionBody:
@@ -3032,19 +3000,16 @@ class _SessionBody:
     a failed request leaves the store as it found it.
     """
 
-    __slots__ = ("_body", "_failed", "_session")
-
     def __init__(self, body, session):
         self._body = body
-        self._session = session
-        self._failed = False
+        self._session = session  # None once the body failed: nothing more is saved
 
     def __iter__(self):
         try:
             yield from self._body
         except Exception:
-            self._failed = True
             self._session.rollback()
+            self._session = None
             raise
 
     def close(self):
@@ -3052,7 +3017,7 @@ class _SessionBody:
             if hasattr(self._body, "close"):
                 self._body.close()
         finally:
-            if not self._failed:
+            if self._session is not None:
                 self._session.save()
 
 
@@ -3094,23 +3059,13 @@ class SessionMiddleware:
         self.app = app
         self.environ_key = environ_key
         self.settings = _Settings(store, **options)
+        self.store = store
+        self.cookie_name = self.settings.cookie_name
         interface = getattr(getattr(app, "__self__", app), "session_interface", None)
         if interface is not None and type(interface).__module__ != __name__:
-            _logger.warning(
-                "SessionMiddleware wraps a Flask app whose flask.session is still Flask's own cookie, never the "
-                "store: set app.session_interface = tinysession.FlaskSessionInterface(store) to serve it from the "
-                "store (get_session(request.environ) is the middleware's session)"
-            )
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
-
-    @property
-    def cookie_name(self):
-        """The session cookie's name."""
-        return self.settings.cookie_name
+            _logger.warning("SessionMiddleware wraps a Flask app whose flask.session is still Flask's own cookie, "
+                            "never the store: set app.session_interface = tinysession.FlaskSessionInterface(store) "
+                            "to serve it from the store (get_session(request.environ) is the middleware's session)")
 
     def __call__(self, environ, start_response):
         secure = environ.get("wsgi.url_scheme") == "https"
@@ -3139,21 +3094,13 @@ class SessionMiddleware:
 
 # -- Flask --
 
-_NO_SECRET_KEY = (
-    "The session is unavailable because no secret key was set. Set the secret_key on the application"
-    " to something unique and secret."
-)
-
-
 def _cookie_keys(app):
     """Return the HMAC keys derived from the app's SECRET_KEY then its SECRET_KEY_FALLBACKS."""
     if not app.secret_key:
         return []
     secrets = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
-    return [
-        hashlib.sha256(b"tinysession flask cookie\0" + (s.encode("utf-8") if isinstance(s, str) else s)).digest()
-        for s in secrets
-    ]
+    secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
+    return [hashlib.sha256(b"tinysession flask cookie\0" + each).digest() for each in secrets]
 
 
 def _signed_cookie(key, session_id, permanent):
@@ -3165,20 +3112,19 @@ def _signed_cookie(key, session_id, permanent):
 
 def _verify_cookie(value, keys):
     """Return ``(session_id, permanent)`` from a cookie value one of ``keys`` signed, or None."""
-    if not value.isascii():
-        return None  # never ours, and compare_digest refuses non-ASCII str
     session_id, _, rest = value.partition(".")
-    flag, _, _ = rest.partition(".")
-    if len(session_id) != _SESSION_ID_LENGTH or not _is_key(session_id) or flag not in ("p", "s"):
-        return None
-    for key in keys:
-        if hmac.compare_digest(value, _signed_cookie(key, session_id, flag == "p")):
-            return session_id, flag == "p"
+    permanent = rest.startswith("p.")
+    # A non-ASCII value is never ours, and compare_digest refuses non-ASCII str.
+    if value.isascii() and any(hmac.compare_digest(value, _signed_cookie(key, session_id, permanent)) for key in keys):
+        return session_id, permanent
     return None
 
 
 class _FlaskSession(Session):
     """``flask.session`` for one request: the core Session with Flask's ``SessionMixin`` flags.
+
+    Flask 3.1.3's request context sets ``accessed`` itself; ``modified`` is set
+    by every write.
 
     ``request_cookie`` is ``(session_id, permanent)`` from the request's
     verified cookie, or None.
@@ -3189,7 +3135,6 @@ class _FlaskSession(Session):
     def __init__(self, settings, verified, secure):
         super().__init__(settings, ids=[session_id for session_id, _ in verified], secure=secure)
         self.request_cookie = verified[0] if verified else None
-        self._accessed = False
 
     def __setitem__(self, name, value):
         super().__setitem__(name, value)
@@ -3208,15 +3153,6 @@ class _FlaskSession(Session):
     def permanent(self, value):
         self["_permanent"] = bool(value)
 
-    @property
-    def accessed(self):
-        """True once the session was used (Flask 3.1.3 also sets it): the response then varies with Cookie."""
-        return self._accessed or self.state != "unloaded"
-
-    @accessed.setter
-    def accessed(self, value):
-        self._accessed = bool(value)
-
 
 class _FlaskNullSession(dict):
     """The empty, read-only session of an app without a SECRET_KEY; any write raises RuntimeError."""
@@ -3225,7 +3161,8 @@ class _FlaskNullSession(dict):
     new = True
 
     def _fail(self, *args, **kwargs):
-        raise RuntimeError(_NO_SECRET_KEY)
+        raise RuntimeError("The session is unavailable because no secret key was set. Set the secret_key on the"
+                           " application to something unique and secret.")
 
     __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = __ior__ = _fail
     regenerate = invalidate = _fail
@@ -3262,18 +3199,13 @@ class FlaskSessionInterface:
     pickle_based = False
 
     def __init__(self, store, *, identity_key="_user_id", max_lifetime=None, touch_interval=60):
-        self.settings = _Settings(
-            store, identity_key=identity_key, max_lifetime=max_lifetime, touch_interval=touch_interval
-        )
+        self.settings = _Settings(store, identity_key=identity_key, max_lifetime=max_lifetime,
+                                  touch_interval=touch_interval)
+        self.store = store
         if type(store.serializer) is _JSONSerializer:
             _logger.warning("FlaskSessionInterface: the store's serializer is plain json, which cannot keep the "
                             "tuples, bytes, datetimes and Markup Flask apps put in flask.session: build the store "
                             "with serializer=tinysession.TaggedJSON()")
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
 
     def make_null_session(self, app):
         """Return the session of an app without a SECRET_KEY: empty, and any write raises RuntimeError."""
@@ -3299,7 +3231,6 @@ class FlaskSessionInterface:
         are rolled back instead. Raises StoreError if the store fails.
         """
         if sys.exc_info()[0] is not None:
-            session.cookie()
             session.rollback()
             return
         refresh = app.config["SESSION_REFRESH_EACH_REQUEST"]
@@ -3338,11 +3269,8 @@ class FlaskSessionInterface:
         if config.get("SESSION_COOKIE_PARTITIONED"):
             options["partitioned"] = True  # a keyword only Werkzeug 3.1 and later know
         if permanent:
-            lifetime = app.permanent_session_lifetime
-            options["max_age"] = int(lifetime.total_seconds())
-            options["expires"] = datetime.datetime.now(datetime.timezone.utc) + lifetime
+            options["max_age"] = app.permanent_session_lifetime  # a timedelta: Werkzeug adds the Expires it makes
         return options
-
 
 
 class QuartSessionInterface(FlaskSessionInterface):
@@ -3391,7 +3319,6 @@ class QuartSessionInterface(FlaskSessionInterface):
         if response is None:
             response = app.response_class("")  # an accepted websocket's: its cookie went with the accept
         if sys.exc_info()[0] is not None:
-            session.cookie()
             await _in_thread(session.rollback)
         elif session.state == "unloaded":
             super().save_session(app, session, response)  # the cookie alone: no store I/O
@@ -3401,25 +3328,18 @@ class QuartSessionInterface(FlaskSessionInterface):
 
 # -- ASGI --
 
-_START_MESSAGES = ("http.response.start", "websocket.http.response.start")
+_OPENING_MESSAGES = ("http.response.start", "websocket.http.response.start", "websocket.accept")
 _BODY_MESSAGES = ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend",
-                  "http.response.pathsend")
+                  "http.response.pathsend", "websocket.close")  # and the close that ends a socket
 
 
-def _is_final(message):
-    """Return True for the message that completes an ASGI response or closes a socket."""
-    if message["type"] in ("http.response.pathsend", "websocket.close"):
-        return True
-    return not message.get("more_body", False)
-
-
-def _marking_use(name):
-    """Return dict's method ``name`` wrapped to mark the session accessed first."""
-    method = getattr(dict, name)
+def _marking_use(name, owner=dict):
+    """Return ``owner``'s method ``name`` wrapped to mark the session accessed first; a Session's runs on the core."""
+    method = getattr(owner, name)
 
     def marked(self, *args, **kwargs):
         self.accessed = True
-        return method(self, *args, **kwargs)
+        return method(self if owner is dict else self._core, *args, **kwargs)
 
     marked.__name__, marked.__doc__ = name, method.__doc__
     return marked
@@ -3439,11 +3359,7 @@ class ASGISession(dict):
     from that request's tasks.
     """
 
-    __slots__ = ("_core", "_run", "accessed")
-
-    def __init__(self, data=()):
-        dict.__init__(self, data)
-        self.accessed = False
+    accessed = False  # as in Starlette's session: set by any use of the dict
 
     def mark_accessed(self):
         """Note that the app used the session: the response then carries ``Vary: Cookie``.
@@ -3455,15 +3371,8 @@ class ASGISession(dict):
         """
         self.accessed = True
 
-    def regenerate(self):
-        """Give the session a new id and keep its data: call it on login (see ``Session.regenerate``)."""
-        self.accessed = True
-        self._core.regenerate()
-
-    def invalidate(self):
-        """Empty the session, remove its record and expire its cookie: logout (see ``Session.invalidate``)."""
-        self.accessed = True
-        self._core.invalidate()
+    regenerate = _marking_use("regenerate", Session)
+    invalidate = _marking_use("invalidate", Session)
 
     @property
     def history(self):
@@ -3474,8 +3383,9 @@ class ASGISession(dict):
     async def save(self):
         """Write the changes made so far, in a thread (store I/O); they then stay whatever happens next.
 
-        The middleware calls it when the response is complete or the socket
-        closes; call it yourself in a long-lived websocket. Raises StoreError
+        The middleware saves when the response is complete or the socket
+        closes, and calls it when the app returns; call it yourself in a
+        long-lived websocket. Raises StoreError
         (after undoing this request's writes) if the store fails.
         """
         self.accessed = True
@@ -3483,11 +3393,9 @@ class ASGISession(dict):
             await self._run(lambda: self._core.save(keep=True))
 
 
-_DICT_USES = (
-    "__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
-    "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear", "copy",
-)
-for _name in _DICT_USES:
+for _name in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
+              "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear",
+              "copy"):
     setattr(ASGISession, _name, _marking_use(_name))
 del _name
 
@@ -3498,32 +3406,38 @@ class _HeldSend:
     So the session is saved before the client has the whole response (see ``ASGISessionMiddleware``).
     """
 
-    def __init__(self, core, session, send, headers, run):
-        # headers(message) adds the session's headers to a start message; run(function) runs it in a thread
-        self.core, self.session, self._send, self._headers, self._run = core, session, send, headers, run
+    def __init__(self, session, send):
+        self.session, self.core, self._send = session, session._core, send
         self.opened = self.completed = None  # the message that opened the response, and the one that ended it
         self.start, self.body, self.sized = [], [], False
 
+    def _with_session(self, start):
+        """Return the start message with the session's Vary and Set-Cookie headers (decides the cookie)."""
+        if self.core.cookie() is None and not self.session.accessed:
+            return start  # the app never used the dict (the core, loaded before it ran, would say Vary)
+        pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in start.get("headers", ())]
+        pairs = self.core.response_headers(pairs, names=("vary", "set-cookie"))
+        return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]}
+
     async def flush(self):
         if self.start:
-            await self._send(self._headers(self.start.pop()))
+            await self._send(self._with_session(self.start.pop()))
         if self.body:
             await self._send(self.body.pop())
 
     async def send(self, message):
         kind = message["type"]
-        if kind in _START_MESSAGES or kind == "websocket.accept":
+        if kind in _OPENING_MESSAGES:
             if self.opened:
                 raise RuntimeError(f"ASGI: {kind} after {self.opened}: a response starts once")
             self.opened = kind
-            if kind == "websocket.accept":  # its cookie goes now, none can follow
-                await self._send(self._headers(message))
-                return
             self.start.append(message)
             self.sized = any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
-        elif kind not in _BODY_MESSAGES and kind != "websocket.close":
+            if kind == "websocket.accept":  # its cookie goes now, none can follow
+                await self.flush()
+        elif kind not in _BODY_MESSAGES:
             await self._send(message)
-        elif not _is_final(message):
+        elif message.get("more_body", False):
             if self.body:
                 await self.flush()  # the body goes one message late (the start with it): the last waits for the save
             self.body.append(message)
@@ -3539,7 +3453,7 @@ class _HeldSend:
     async def _save(self):
         try:
             if self.core.pending:
-                await self._run(self.core.save)  # while start is held, a failure is a whole 500
+                await self.session._run(self.core.save)  # while start is held, a failure is a whole 500
         except BaseException:
             if not self.start:
                 _logger.error("session %s could not be saved after the response headers went out: the "
@@ -3586,68 +3500,42 @@ class ASGISessionMiddleware:
 
         self.app = app
         self.settings = _Settings(store, **options)
-        threads = _check_count(threads, "threads")
+        self.store = store
+        threads = _check_count(threads, "threads")  # None: the executor's default
         self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinysession-asgi")
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
-
-    async def _in_thread(self, function):
-        import asyncio
-
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise SessionError("ASGISessionMiddleware runs on an asyncio event loop, and none is running") from None
-        return await loop.run_in_executor(self._threads, function)
 
     def _cookie_header(self, scope):
         """Return the request's Cookie header, or None outside the cookie's path (where ours is never sent)."""
         path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and not path.startswith(root):
-            path = root + path
-        prefix = self.settings.path
-        if path != prefix and not path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+        path = path if path.startswith(root) else root + path  # servers differ on whether path includes it
+        if path != self.settings.path and not path.startswith(self.settings.path.rstrip("/") + "/"):
             return None
         cookies = [value for name, value in scope.get("headers", ()) if name.lower() == b"cookie"]
         return b"; ".join(cookies).decode("latin-1")
-
-    @staticmethod
-    def _with_session(core, session, start):
-        """Return the start message with the session's Vary and Set-Cookie headers (decides the cookie)."""
-        if core.cookie() is None and not session.accessed:
-            return start
-        pairs = [(raw_name.decode("latin-1"), raw.decode("latin-1")) for raw_name, raw in start.get("headers", ())]
-        pairs = core.response_headers(pairs, used=session.accessed, names=("vary", "set-cookie"))
-        return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        header = self._cookie_header(scope)
+        import asyncio  # as concurrent.futures
+
+        in_thread = functools.partial(asyncio.get_running_loop().run_in_executor, self._threads)
+        header = self._cookie_header(scope)  # None outside the cookie's path: the core then sends no cookie
         core = Session(self.settings, header, secure=scope.get("scheme") in ("https", "wss"), data_class=ASGISession)
         if core.has_id_cookie:
-            await self._in_thread(core.load)
+            await in_thread(core.load)
         session = scope["session"] = core.load()
-        session._core, session._run = core, self._in_thread
-        if header is None:
-            core.cookie()  # outside the cookie's path: a cookie sent from here would replace the user's
-        sender = _HeldSend(core, session, send, lambda start: self._with_session(core, session, start),
-                           self._in_thread)
+        session._core, session._run = core, in_thread
+        sender = _HeldSend(session, send)
         try:
             await self.app(scope, receive, sender.send)
         except BaseException:
-            await self._in_thread(core.rollback)  # even after a complete response (an error page)
+            await in_thread(core.rollback)  # even after a complete response (an error page)
             raise
-        if sender.completed or sender.opened == "websocket.accept":
-            core.cookie()
-            if core.pending:
-                await self._in_thread(core.save)
+        if not (sender.completed or sender.opened == "websocket.accept"):
+            await in_thread(core.abandon)  # a new session's log, never to be saved
         else:
-            await self._in_thread(core.abandon)  # a new session's log, never to be saved
+            await session.save()  # what the app changed after the response
 
 
 # -- Command line --
