@@ -414,7 +414,7 @@ class _Cleaning:
 
     It is written over the store protocol of the next section: the hooks
     ``scan``, ``read`` and ``remove`` (and ``log_scan``, ``log_remove``), and
-    what ``Store`` keeps (``max_age``, ``max_sessions``, ``_checked()``, the
+    what ``Store`` keeps (``max_age``, ``max_sessions``, ``_checked()``, ``_current()``, the
     background clean's lock and state); a session's segment is read from its
     mtime (``_on_probation``, above). A store may override ``sweep`` whole
     (SQLiteStore, RedisStore), or only ``_sweep_scan`` and ``_evict`` (FileStore).
@@ -511,11 +511,10 @@ class _Cleaning:
         """Remove each entry whose record still has the mtime the scan saw, and its log; return their sizes."""
         sizes = []
         for key, mtime, size in doomed:
-            with contextlib.suppress(KeyError):  # removed by someone else meanwhile
-                data, current = self.read(key)
-                if current == mtime and self.remove(key, expected=data):
-                    sizes.append(size)
-                    _forget_log(self, key)
+            data, current = self._current(key)  # (None, None) if removed by someone else meanwhile
+            if current == mtime and self.remove(key, expected=data):
+                sizes.append(size)
+                _forget_log(self, key)
         return sizes
 
     def _clean_in_background(self):
@@ -710,13 +709,17 @@ class Store(_Cleaning, MutableMapping):
     def _expired(self, mtime, now):
         return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
 
+    def _current(self, key):
+        """Return ``(data, mtime)``, what ``read`` returns for ``key``, or ``(None, None)`` if it raises KeyError."""
+        try:
+            return self.read(key)
+        except KeyError:
+            return None, None
+
     def _live_mtime(self, key, now):
         """Return the mtime of the record for ``key`` if it is there and live at ``now``, else None."""
-        try:
-            _, mtime = self.read(key)
-        except KeyError:
-            return None
-        return None if self._expired(mtime, now) else mtime
+        _, mtime = self._current(key)
+        return None if mtime is None or self._expired(mtime, now) else mtime
 
     def _read_limit(self):
         """Return the largest stored record size worth reading, or None."""
@@ -777,9 +780,8 @@ class Store(_Cleaning, MutableMapping):
     def _take(self, key):
         """Remove the record for ``key`` atomically; return its bytes if it was live, else None."""
         for _ in range(_RETRIES):
-            try:
-                data, mtime = self.read(key)
-            except KeyError:
+            data, mtime = self._current(key)
+            if data is None:
                 return None
             if self.remove(key, expected=data):
                 _forget_log(self, key)
@@ -1057,17 +1059,10 @@ class FileStore(Store):
             _logger.warning("session file %s is a symbolic link: ignored", path)
             raise KeyError(key) from None
 
-    def _current(self, key):
-        """Return the bytes stored for ``key`` now, or None; call it holding the lock."""
-        try:
-            return self.read(key)[0]
-        except KeyError:
-            return None
-
     def write(self, key, data, mtime, expected=None):
         path = self._path(key)
         with _os_errors("write session file", path), self._temporary(data, mtime) as temp_path, self._locked():
-            if expected is not None and self._current(key) != expected:
+            if expected is not None and self._current(key)[0] != expected:
                 os.unlink(temp_path)
                 return False
             os.replace(temp_path, path)
@@ -1076,7 +1071,7 @@ class FileStore(Store):
     def remove(self, key, expected=None):
         path = self._path(key)
         with self._locked(), _os_errors("remove session file", path), contextlib.suppress(FileNotFoundError):
-            if expected is None or self._current(key) == expected:
+            if expected is None or self._current(key)[0] == expected:
                 os.unlink(path)
                 return True
         return False
