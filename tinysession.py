@@ -824,9 +824,8 @@ class Store(_Cleaning, MutableMapping):
     def popitem(self):
         """Remove and return some ``(key, record)``; KeyError if the store is empty."""
         for key in self:
-            record = self.pop(key, _MISSING)
-            if record is not _MISSING:
-                return key, record
+            with contextlib.suppress(KeyError):  # removed (or unreadable) meanwhile: the next one
+                return key, self.pop(key)
         raise KeyError("popitem(): the store is empty")
 
     def clear(self):
@@ -973,11 +972,10 @@ class FileStore(Store):
         if not stat.S_ISDIR(mode):
             raise StoreError(f"cannot use {self.directory!r} as the session directory: it is not a directory")
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            shared = mode & (stat.S_ISVTX | stat.S_IWOTH)  # /tmp and its kind: never to be chmod-ed
-            advice = (
-                f"use a private subdirectory, such as {os.path.join(self.directory, 'sessions')!r},"
-                f" which FileStore creates 0700" if shared else "make it writable by its owner alone (chmod go-w)"
-            )
+            advice = "make it writable by its owner alone (chmod go-w)"
+            if mode & (stat.S_ISVTX | stat.S_IWOTH):  # /tmp and its kind: never to be chmod-ed
+                private = os.path.join(self.directory, "sessions")
+                advice = f"use a private subdirectory, such as {private!r}, which FileStore creates 0700"
             raise StoreError(
                 f"session directory {self.directory!r} is writable by group or others"
                 f" (mode {stat.S_IMODE(mode):04o}): whoever can write there can plant or remove sessions; {advice}"
