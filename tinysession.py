@@ -968,9 +968,7 @@ class FileStore(Store):
             os.makedirs(self.directory, 0o700)
             os.chmod(self.directory, 0o700)  # whatever the umask took away or left
         with _os_errors("use session directory", self.directory):
-            mode = os.stat(self.directory).st_mode
-        if not stat.S_ISDIR(mode):
-            raise StoreError(f"cannot use {self.directory!r} as the session directory: it is not a directory")
+            mode = os.stat(os.path.join(self.directory, "")).st_mode  # the trailing "/": ENOTDIR for a file
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
             advice = "make it writable by its owner alone (chmod go-w)"
             if mode & (stat.S_ISVTX | stat.S_IWOTH):  # /tmp and its kind: never to be chmod-ed
@@ -1533,16 +1531,8 @@ class SQLiteStore(Store):
     # The message log: the table <table>_log, one row per message, removed with its record by a trigger;
     # <table>_log_length, each log's length, kept by triggers.
 
-    @contextlib.contextmanager
-    def _log_transaction(self, action):
-        """Yield a pooled connection in one ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
-        if not self._log_ready:
-            raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
-        with self._connected(f"{action} the message log in") as connection, _transaction(connection):
-            yield connection
-
     def log_append(self, key, lines):
-        with self._log_transaction("append to") as connection:
+        with self._connected("append to the message log in") as connection, _transaction(connection):
             connection.executemany(self._sql[_SQL_LOG_APPEND], [(key, bytes(line)) for line in lines])
             return self._log_lines(key, connection)
 
@@ -1561,7 +1551,7 @@ class SQLiteStore(Store):
         return self._log_lines(key) if self._log_ready else 0
 
     def log_trim(self, key, start, stop, expected):
-        with self._log_transaction("trim") as connection:
+        with self._connected("trim the message log in") as connection, _transaction(connection):
             if self._log_lines(key, connection) != expected:
                 return False
             self._execute(_SQL_LOG_TRIM, (key, max(0, stop - start), start), connection)
@@ -1571,7 +1561,7 @@ class SQLiteStore(Store):
         return self._log_ready and self._execute(_SQL_LOG_REMOVE, (key,)) > 0  # one statement: atomic alone
 
     def log_move(self, old, new):
-        with self._log_transaction("move") as connection:
+        with self._connected("move the message log in") as connection, _transaction(connection):
             if not self._log_lines(old, connection):
                 return False
             self._execute(_SQL_LOG_REMOVE, (new,), connection)
