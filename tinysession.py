@@ -1145,14 +1145,12 @@ class FileStore(Store):
                 _logger.warning("message log %r is not a regular file: ignored, as a corrupt record is", path)
                 if flags & os.O_CREAT:
                     os.unlink(path)
-            if not regular and not flags & os.O_CREAT:
-                yield None
-                return
-            fd = os.open(path, flags, 0o600)
+            fd = os.open(path, flags, 0o600) if regular or flags & os.O_CREAT else None
             try:
                 yield fd
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
 
     def _log_count(self, key, fd, lines=None, repair=False):
         """Return the whole lines of the open log of ``key``, counted or remembered by its state; remember ``lines``.
@@ -1439,17 +1437,16 @@ class SQLiteStore(Store):
         finally:
             self._checkin(connection)
 
-    def _execute(self, template, parameters=(), connection=None):
-        """Run one statement on ``connection`` or a pooled one; return its rows, or how many rows it changed."""
-        pooled = self._checkout() if connection is None else None
+    def _execute(self, template, parameters=()):
+        """Run one statement on a pooled connection; return its rows, or how many rows it changed."""
+        connection = self._checkout()
         try:
-            cursor = (connection if pooled is None else pooled).execute(self._sql[template], parameters)
+            cursor = connection.execute(self._sql[template], parameters)
             return cursor.fetchall() if cursor.description else cursor.rowcount
         except self._sqlite3.Error as exc:
             raise StoreError(f"session database {self.path!r}: {exc}") from exc
         finally:
-            if pooled is not None:
-                self._checkin(pooled)
+            self._checkin(connection)
 
     def read(self, key):
         limit = self._read_limit()
@@ -1548,13 +1545,13 @@ class SQLiteStore(Store):
         return [bytes(row[0]) for row in rows]
 
     def log_length(self, key):
-        return self._log_lines(key) if self._log_ready else 0
+        return self._execute(_SQL_LOG_LENGTH, (key,))[0][0] if self._log_ready else 0
 
     def log_trim(self, key, start, stop, expected):
         with self._connected("trim the message log in") as connection, _transaction(connection):
             if self._log_lines(key, connection) != expected:
                 return False
-            self._execute(_SQL_LOG_TRIM, (key, max(0, stop - start), start), connection)
+            connection.execute(self._sql[_SQL_LOG_TRIM], (key, max(0, stop - start), start))
             return True
 
     def log_remove(self, key):
@@ -1564,16 +1561,16 @@ class SQLiteStore(Store):
         with self._connected("move the message log in") as connection, _transaction(connection):
             if not self._log_lines(old, connection):
                 return False
-            self._execute(_SQL_LOG_REMOVE, (new,), connection)
-            self._execute(_SQL_LOG_MOVE, (new, old), connection)
+            connection.execute(self._sql[_SQL_LOG_REMOVE], (new,))
+            connection.execute(self._sql[_SQL_LOG_MOVE], (new, old))
             return True
 
     def log_scan(self):
         return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_ready else []
 
-    def _log_lines(self, key, connection=None):
-        """Return how many lines the log of ``key`` holds, 0 for none, on ``connection`` or a pooled one."""
-        return self._execute(_SQL_LOG_LENGTH, (key,), connection)[0][0]
+    def _log_lines(self, key, connection):
+        """Return how many lines the log of ``key`` holds, 0 for none, on ``connection`` (in a transaction)."""
+        return connection.execute(self._sql[_SQL_LOG_LENGTH], (key,)).fetchone()[0]
 
 
 # -- RedisStore --
