@@ -248,11 +248,10 @@ class TaggedJSON:
         if kind is list:
             return [self._tag(item) for item in value]
         if kind is dict:
-            if len(value) == 1:
-                ((key, item),) = value.items()
-                if key in _TAGS:
-                    return {_ONE_KEY_DICT: [key, self._tag(item)]}
-            return {key: self._tag(item) for key, item in value.items()}
+            tagged = {key: self._tag(item) for key, item in value.items()}
+            if len(tagged) == 1 and tagged.keys() <= _TAGS:  # it would read back as a tagged value
+                return {_ONE_KEY_DICT: list(*tagged.items())}  # [key, value]
+            return tagged
         if kind is tuple:
             return {_TUPLE: [self._tag(item) for item in value]}
         if hasattr(value, "__html__"):
@@ -269,10 +268,9 @@ class TaggedJSON:
         raise TypeError(f"cannot store a {kind.__name__!r} in a session: not JSON, and no tag for it")
 
     def _untag(self, obj):
-        if len(obj) == 1:
+        if len(obj) == 1 and obj.keys() <= self._untaggers.keys():
             ((tag, value),) = obj.items()
-            if tag in self._untaggers:
-                return self._untaggers[tag](value)
+            return self._untaggers[tag](value)
         return obj
 
 
