@@ -407,6 +407,10 @@ def _on_probation(mtime):
     return 0.25 <= scaled - int(scaled) <= 0.75
 
 
+def _no_progress(sweep):
+    """Report nothing: what ``sweep`` calls where no ``progress`` is given."""
+
+
 class _Cleaning:
     """The cleaning every store inherits through ``Store``: ``clean``, ``stats``, ``sweep``, the background clean.
 
@@ -453,8 +457,8 @@ class _Cleaning:
         sweep = Sweep()
         kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
         doomed = []
-        if progress is not None:
-            progress(sweep)
+        progress = progress or _no_progress
+        progress(sweep)
         # The counts live in locals, and reach the Sweep every 10,000 records and when the pass ends or is
         # interrupted: this loop runs once per file.
         seen = seen_bytes = 0
@@ -467,8 +471,7 @@ class _Cleaning:
                 if not seen % 10000:
                     self._checked()
                     sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = seen, seen_bytes, oldest, newest
-                    if progress is not None:
-                        progress(sweep)
+                    progress(sweep)
                 if mtime < floor:
                     doomed.append((key, mtime, size))
                 elif keep is not None and mtime <= started:
@@ -611,10 +614,9 @@ class Store(_Cleaning, MutableMapping):
         self._forks = _forks()
         self._forked()
         self._writes = itertools.count(1)  # its next() is atomic: no lock per write
+        self._clean_every = None if self.max_age is None else 1000
         if self.max_sessions is not None:
             self._clean_every = max(10, self.max_sessions // 10)
-        else:
-            self._clean_every = None if self.max_age is None else 1000
 
     def __init_subclass__(cls, **options):
         """Make each hook a subclass defines refuse to run once the store is closed: the one check, for every store."""
@@ -1492,8 +1494,8 @@ class SQLiteStore(Store):
             tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
             sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(tally).fetchone()
             sweep.seen_bytes = None if size is None else int(size)
-            if progress is not None:
-                progress(sweep)
+            progress = progress or _no_progress
+            progress(sweep)
             for select, parameters, offset in passes:
                 parameters += (last or 0,)
                 if not dry_run:
@@ -1518,8 +1520,7 @@ class SQLiteStore(Store):
             sweep.removed_bytes += sum(sizes)
             # The cleaner copies its own WAL pages back, so that no writer's commit pays a large checkpoint.
             connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            if progress is not None:
-                progress(sweep)
+            progress(sweep)
             if len(rows) < _SQLITE_EVICT_BATCH:
                 return
 
