@@ -1486,9 +1486,6 @@ class SQLiteStore(Store):
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         started = _now() + 0.001  # as in Store.sweep
         floor = float("-inf") if cutoff is None else cutoff
-        passes = [(_SQL_EXPIRED, (floor,), 0)]
-        if keep is not None:
-            passes.append((_SQL_BEYOND, (floor, started), keep))
         sweep = Sweep()
         with self._connected("clean") as connection:
             tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
@@ -1496,8 +1493,10 @@ class SQLiteStore(Store):
             sweep.seen_bytes = None if size is None else int(size)
             progress = progress or _no_progress
             progress(sweep)
+            passes = [(_SQL_EXPIRED, (floor, last), 0)]  # last: NULL for an empty table, which picks nothing
+            if keep is not None:
+                passes.append((_SQL_BEYOND, (floor, started, last), keep))
             for select, parameters, offset in passes:
-                parameters += (last or 0,)
                 if not dry_run:
                     self._evict_batches(connection, select, parameters, offset, sweep, progress)
                     continue
