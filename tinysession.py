@@ -2273,20 +2273,17 @@ def _content_length(content):
 
 def _part_text(part):
     """Return the text of one content part or block (a str is its own), or None if it has none."""
-    if not isinstance(part, Mapping):
-        return part if isinstance(part, str) else None
-    part_type = part.get("type")
-    key = _PART_TEXT_KEYS.get(part_type) if isinstance(part_type, str) else None
-    return None if key is None else part.get(key)
+    part_type = part.get("type") if isinstance(part, Mapping) else None
+    if isinstance(part_type, str) and part_type in _PART_TEXT_KEYS:
+        return part.get(_PART_TEXT_KEYS[part_type])
+    return part if isinstance(part, str) else None
 
 
 def _value_length(value):
     """Return the length of a str, 0 for None, else the length of its JSON."""
-    if value is None:
-        return 0
     if isinstance(value, str):
         return len(value)
-    return len(json.dumps(value, ensure_ascii=False, default=str))
+    return 0 if value is None else len(json.dumps(value, ensure_ascii=False, default=str))
 
 
 
@@ -3736,14 +3733,12 @@ def _open_redis(spec, prefix):
         import redis
     except ImportError:
         raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
-    scheme, _, rest = spec.partition("://")
+    url = urllib.parse.urlsplit(spec)
     try:
-        if scheme == "redis+cluster":  # any node: the client finds the others
-            client = redis.RedisCluster.from_url(f"redis://{rest}")
-        elif scheme == "redis+sentinel":  # redis+sentinel://host:port/service: the service's master
-            address, _, service = rest.partition("/")
-            host, _, port = address.rpartition(":")
-            client = redis.Sentinel([(host, int(port))]).master_for(service)
+        if url.scheme == "redis+cluster":  # any node: the client finds the others
+            client = redis.RedisCluster.from_url(spec.replace("redis+cluster://", "redis://", 1))
+        elif url.scheme == "redis+sentinel":  # redis+sentinel://host:port/service: the service's master
+            client = redis.Sentinel([(url.hostname, url.port or 26379)]).master_for(url.path.strip("/"))
         else:
             client = redis.Redis.from_url(spec)
     except ValueError as exc:
