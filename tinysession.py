@@ -1910,6 +1910,8 @@ class RedisStore(Store):
         sweep.oldest, sweep.newest = min(scores, default=None), max(scores, default=None)
         if progress is not None:
             progress(sweep)
+        # Loaded for each clean, on every master: a failover may lose the scripts a master had loaded.
+        self._evict_sha = self._call(self.client.script_load, _REDIS_EVICT)
         if cutoff is not None:
             self._evict_lowest(self._sets, "-inf", "(" + floor, sys.maxsize, sweep)
         excess = 0 if keep is None else due - keep
@@ -1921,10 +1923,11 @@ class RedisStore(Store):
     def _evict_lowest(self, sets, low, high, count, sweep):
         """Remove the ``count`` lowest members of ``sets`` from ``low`` to ``high``; return how many are left.
 
-        Lowest by (score, member): a merge of pipelined pages, about 10,000
-        members in all per round. Each round removes the members up to the
-        lowest end of a full page, below which no set holds a member unread.
-        A member written since the pass began counts among the ``count``, and stays.
+        Lowest by (score, member): a merge of pipelined pages, at most 1,000
+        members per set and about 10,000 in all per round. Each round removes
+        the members up to the lowest end of a full page, below which no set
+        holds a member unread. A member written since the pass began counts
+        among the ``count``, and stays.
         """
         while count > 0:
             page = min(_REDIS_SCAN_BATCH, 1 + 10 * _REDIS_SCAN_BATCH // len(sets), count)  # per set
@@ -1943,10 +1946,8 @@ class RedisStore(Store):
 
         Count the records removed into ``sweep``; return True if any member left its set.
         """
-        # Loaded on each call, on every master: a failover may lose the scripts a master had loaded.
-        sha = self._call(self.client.script_load, _REDIS_EVICT)
-        replies = self._pipelined([("EVALSHA", sha, 4, *self._keys(member.decode()), member, repr(mtime))
-                                   for mtime, member in entries])
+        replies = self._pipelined([("EVALSHA", self._evict_sha, 4, *self._keys(member.decode()), member,
+                                    repr(mtime)) for mtime, member in entries])
         sizes = [size for size in replies if size >= 0]
         sweep.removed, sweep.removed_bytes = sweep.removed + len(sizes), sweep.removed_bytes + sum(sizes)
         return any(size != -2 for size in replies)
