@@ -2356,7 +2356,7 @@ class MessageLog:
                 _logger.warning("message log %s: line %d is not JSON: ignored", self.key[:12], index)
         return pairs
 
-    def _window(self, max_rounds, budget=None):
+    def _window(self, max_rounds, budget=sys.maxsize):
         """Return ``(lead, kept, length)``: the leading instructions, the last ``max_rounds`` rounds (within
         ``budget`` messages), each as ``(line index, message)``, and the lines the log held.
 
@@ -2371,8 +2371,7 @@ class MessageLog:
             tail = [] if whole else self._decoded(self.store.log_read(self.key, -size), length - size)
             pairs = head + tail
             messages = [message for _, message in pairs]
-            count = None if budget is None else lambda message: 1
-            kept = trim_messages(messages, max_rounds, budget=budget, count=count)
+            kept = trim_messages(messages, max_rounds, budget=budget, count=lambda message: 1)
             lead = next((i for i, message in enumerate(kept) if message is not messages[i]), 0)
             if whole or lead < len(head) and len(kept) - lead <= len(tail):
                 return pairs[:lead], pairs[len(pairs) - len(kept) + lead :], length
@@ -2393,7 +2392,7 @@ class MessageLog:
         over = self.max_messages is not None and count > self.max_messages
         try:
             if over or (self.max_rounds is not None and count > self.max_rounds):
-                self._trim(self.max_rounds or count, self.max_messages * 3 // 4 if over else None)
+                self._trim(self.max_rounds or count, self.max_messages * 3 // 4 if over else sys.maxsize)
         except (TypeError, ValueError) as exc:  # the messages are in: an error would invite a retry, a duplicate
             _logger.warning("message log %s: not trimmed, its messages are not a chat: %s", self.key[:12], exc)
 
