@@ -13,7 +13,10 @@ machine drift hits them all alike; tables show medians over repetitions.
    save) of a ~2 KB chat session, per operation, against a plain baseline of
    the same kind: ``raw-file`` (json + temp file + os.replace) for file stores,
    ``raw-sqlite`` (one table, WAL, INSERT OR REPLACE / SELECT) for SQLite
-   stores, raw redis-py SET/GET for Redis.
+   stores, raw redis-py SET/GET for Redis; the baselines and tinysession's
+   stores again with a 64 KB session; wall and CPU time. Then one load in a
+   new thread per request (as threaded servers run them) against the same load
+   in a reused thread and against starting a thread alone.
 2. A full WSGI request cycle, called in-process with prepared environs and a
    cookie jar per user: a request that appends a chat message, one that only
    reads, one that never touches the session.
@@ -96,7 +99,8 @@ ROOT = os.path.abspath(os.environ.get("TINYSESSION_ROOT") or os.path.join(HERE, 
 # changes during the run.
 tinysession = None
 
-FULL = {"store_n": 2000, "store_reps": 3, "req_n": 400, "req_reps": 3, "users": 200,
+FULL = {"store_n": 2000, "store_big_n": 500, "big_messages": 440, "thread_n": 2000, "store_reps": 3,
+            "req_n": 400, "req_reps": 3, "users": 200,
             "clean_n": 100_000, "clean_reps": 1, "import_runs": 7, "http_s": 2, "http_reps": 3, "http_warmup_s": 1,
             "contended_saves": 50, "flood_keep": 1000, "flood_returning": 300, "flood_new": 20000,
             "busy_files": 100_000, "busy_rows": 300_000, "busy_writes": 2000, "log_n": 200, "log_reps": 3,
@@ -104,7 +108,8 @@ FULL = {"store_n": 2000, "store_reps": 3, "req_n": 400, "req_reps": 3, "users": 
             "cluster_n": 2000, "cluster_reps": 3, "cluster_spread": 10_000}
 # One cleaning run each in the full run: building and tearing down a 100,000-file
 # layout costs ~30 s per cleaner on a 2-core VM disk; raise clean_reps on a faster one.
-QUICK = {"store_n": 100, "store_reps": 1, "req_n": 30, "req_reps": 1, "users": 20,
+QUICK = {"store_n": 100, "store_big_n": 30, "big_messages": 440, "thread_n": 100, "store_reps": 1,
+             "req_n": 30, "req_reps": 1, "users": 20,
              "clean_n": 1200, "clean_reps": 1, "import_runs": 1, "contended_saves": 5, "flood_keep": 50,
              "flood_returning": 15, "flood_new": 500, "busy_files": 1500, "busy_rows": 3000, "busy_writes": 100,
              "log_n": 20, "log_reps": 1, "log_sizes": (10, 100), "http_s": 1, "http_reps": 1, "http_warmup_s": 0,
@@ -619,6 +624,10 @@ def store_contenders(workdir, redis_server):
     if redis_server is not None:
         contenders.append(raw_redis_contender(redis_server))
     contenders += tinysession_contenders(redis_server)
+    for contender in contenders:
+        contender["big"] = True  # the baselines and tinysession's stores also run at 64 KB
+        if contender["group"] == "redis":
+            contender["server_pid"] = redis_server.process.pid  # its CPU counts with the client's
     if try_import("cachelib", "cachelib.file"):
         contenders += [cachelib_contender(0), cachelib_contender(100_000)]
     if try_import("Beaker", "beaker.session"):
@@ -634,30 +643,36 @@ def store_contenders(workdir, redis_server):
 
 
 def store_batch(contender, directory, count, record):
-    """Save ``count`` new keys, load them all, update them all; return µs per op of each.
+    """Save ``count`` new keys, load them all, update them all; return µs per op of each, wall then CPU.
 
-    Each of the three timed phases starts after settle(), outside its timing.
+    Each of the three timed phases starts after settle(), outside its timing. CPU = this process's
+    (every thread's, background cleans included) plus the server's for a contender with a "server_pid".
     """
     os.makedirs(directory)
     create, load, update = contender["create"], contender["load"], contender["update"]
+    server = contender.get("server_pid")
+
+    def cpu():
+        return time.process_time() + (0.0 if server is None else cpu_seconds(server))
+
     message = new_message()
     handle = contender["open"](directory)
     try:
         keys = [secrets.token_hex(16) for _ in range(count)]
         settle()
-        started = time.perf_counter()
+        cpu_started, started = cpu(), time.perf_counter()
         keys = [create(handle, key, record) for key in keys]
-        saved = time.perf_counter()
+        saved, cpu_saved = time.perf_counter(), cpu()
         settle()
-        load_started = time.perf_counter()
+        cpu_load_started, load_started = cpu(), time.perf_counter()
         for key in keys:
             load(handle, key)
-        loaded = time.perf_counter()
+        loaded, cpu_loaded = time.perf_counter(), cpu()
         settle()
-        update_started = time.perf_counter()
+        cpu_update_started, update_started = cpu(), time.perf_counter()
         for key in keys:
             update(handle, key, message)
-        updated = time.perf_counter()
+        updated, cpu_updated = time.perf_counter(), cpu()
         for key in (keys[0], keys[-1]):
             messages = load(handle, key)["messages"]
             if len(messages) != len(record["messages"]) + 1 or messages[-1]["content"] != APPEND_TEXT:
@@ -666,47 +681,195 @@ def store_batch(contender, directory, count, record):
         contender["close"](handle)
     shutil.rmtree(directory, ignore_errors=True)
     scale = 1e6 / count
-    return ((saved - started) * scale, (loaded - load_started) * scale, (updated - update_started) * scale)
+    return ((saved - started) * scale, (loaded - load_started) * scale, (updated - update_started) * scale,
+            (cpu_saved - cpu_started) * scale, (cpu_loaded - cpu_load_started) * scale,
+            (cpu_updated - cpu_update_started) * scale)
+
+
+# -- 1. (cont.) A request in a new thread --
+#
+# A server that runs each request in a new thread (wsgiref's or werkzeug's
+# threaded server, socketserver.ThreadingMixIn) pays for whatever a store
+# keeps per thread on every request. One load of a saved session, timed
+# around starting a thread that runs it and joining it, against the same
+# load in a thread that has run many (a thread pool's worker, or a
+# single-threaded server) and against starting and joining a thread that
+# does nothing. raw-sqlite opens its connection in the thread, as a store
+# with one connection per thread (threading.local) would.
+
+THREAD_MODES = ("reused", "new", "thread")  # a reused thread; a new thread per request; a new thread alone
+THREAD_CHUNK = 50
+
+
+def nothing(*_args):
+    """A thread's target that does nothing: what starting and joining a thread costs alone."""
+
+
+def thread_contenders():
+    """(name, open(directory) -> handle, load(handle, key), save(handle, key, record), close(handle))."""
+
+    def tinysession_store(name, factory):
+        def save(store, key, record):
+            store[key] = record
+
+        def close(store):
+            wait_for_cleans()
+            store.close()
+
+        return (name, factory, lambda store, key: store.load(key), save, close)
+
+    def raw_open(directory):
+        connection = raw_sqlite_contender()["open"](directory)
+        return {"path": os.path.join(directory, "raw.sqlite3"), "connection": connection,
+                "local": threading.local()}
+
+    def raw_load(handle, key):
+        local = handle["local"]
+        if not hasattr(local, "connection"):  # closed with the thread's locals when it ends
+            local.connection = sqlite3.connect(handle["path"], isolation_level=None)
+            local.connection.execute("PRAGMA synchronous=NORMAL")
+        row = local.connection.execute("SELECT v FROM s WHERE k = ?", (key,)).fetchone()
+        return json.loads(row[0])
+
+    def raw_save(handle, key, record):
+        handle["connection"].execute("INSERT OR REPLACE INTO s (k, v, mtime) VALUES (?, ?, ?)",
+                                     (key, json.dumps(record).encode(), time.time()))
+
+    return [
+        tinysession_store("tinysession SQLiteStore",
+                          lambda d: tinysession.SQLiteStore(os.path.join(d, "s.sqlite3"), max_age=86400)),
+        tinysession_store("tinysession FileStore",
+                          lambda d: tinysession.FileStore(os.path.join(d, "s"), max_age=86400)),
+        ("raw-sqlite, a connection per thread (threading.local)", raw_open, raw_load, raw_save,
+         lambda handle: handle["connection"].close()),
+    ]
+
+
+def thread_batch(contender, directory, count, record):
+    """Return µs per request of ``count`` loads: in this thread, each in a new thread, and a new thread alone.
+
+    Each mode's wall time, and the process's CPU time (every thread's) under "<mode> cpu". The
+    modes take turns every THREAD_CHUNK requests, so a change in the machine's load hits all three.
+    """
+    _name, open_, load, save, close = contender
+    os.makedirs(directory)
+    handle = open_(directory)
+    try:
+        keys = [secrets.token_hex(16) for _ in range(count)]
+        for key in keys:
+            save(handle, key, record)
+        load(handle, keys[0])  # this thread has run one before the timing, as a server's has
+        figures = dict.fromkeys([*THREAD_MODES, *(mode + " cpu" for mode in THREAD_MODES)], 0.0)
+        settle()
+        for turn, start in enumerate(range(0, count, THREAD_CHUNK)):
+            for mode in rotated(list(THREAD_MODES), turn):
+                started, cpu_started = time.perf_counter(), time.process_time()
+                for key in keys[start:start + THREAD_CHUNK]:
+                    if mode == "reused":
+                        load(handle, key)
+                        continue
+                    thread = threading.Thread(target=load if mode == "new" else nothing, args=(handle, key))
+                    thread.start()
+                    thread.join()
+                figures[mode] += (time.perf_counter() - started) * 1e6 / count
+                figures[mode + " cpu"] += (time.process_time() - cpu_started) * 1e6 / count
+    finally:
+        close(handle)
+    shutil.rmtree(directory, ignore_errors=True)
+    return figures
 
 
 def run_store_section(config, workdir, redis_server):
     contenders = store_contenders(workdir, redis_server)
-    record = chat_record()
-    results = {c["name"]: [] for c in contenders}
-    log(f"1. store operations: {len(contenders)} contenders, {config['store_n']} keys, "
-        f"{config['store_reps']} repetitions")
-    for contender in contenders:  # warm-up: lazy imports, caches, first connections
-        store_batch(contender, os.path.join(workdir, "warmup"), WARMUP, record)
+    big_record = chat_history(config["big_messages"])
+    sizes = [("1 KB", chat_record(), contenders, config["store_n"]),
+             ("64 KB", big_record, [c for c in contenders if c.get("big")], config["store_big_n"])]
+    results = {(label, c["name"]): [] for label, _, members, _ in sizes for c in members}
+    log(f"1. store operations: {len(contenders)} contenders, {config['store_n']} keys at 1 KB, "
+        f"{len(sizes[1][2])} contenders, {config['store_big_n']} keys at 64 KB, {config['store_reps']} repetitions")
+    for label, record, members, _ in sizes:  # warm-up: lazy imports, caches, first connections
+        for contender in members:
+            store_batch(contender, os.path.join(workdir, "warmup"), WARMUP, record)
     for rep in range(config["store_reps"]):
-        for contender in rotated(contenders, rep):
-            directory = os.path.join(workdir, f"store-{rep}-{secrets.token_hex(4)}")
-            results[contender["name"]].append(store_batch(contender, directory, config["store_n"], record))
+        for label, record, members, count in sizes:
+            for contender in rotated(members, rep):
+                directory = os.path.join(workdir, f"store-{rep}-{secrets.token_hex(4)}")
+                results[(label, contender["name"])].append(store_batch(contender, directory, count, record))
         log(f"  repetition {rep + 1}/{config['store_reps']} done")
-    return contenders, results
+    threads = thread_contenders()
+    record = chat_record()
+    results.update({("thread", contender[0]): [] for contender in threads})
+    for rep in range(config["store_reps"]):
+        for contender in rotated(threads, rep):
+            directory = os.path.join(workdir, f"thread-{rep}-{secrets.token_hex(4)}")
+            results[("thread", contender[0])].append(thread_batch(contender, directory, config["thread_n"], record))
+    log("  requests in new threads done")
+    info = {"contenders": contenders, "sizes": [(label, len(json.dumps(record, separators=(",", ":")).encode()),
+                                                 len(record["messages"]), members, count)
+                                                for label, record, members, count in sizes],
+            "threads": [c[0] for c in threads]}
+    return info, results
 
 
-def print_store_section(config, contenders, results):
-    print(f"## 1. Store operations: µs per operation ({config['store_n']:,} sessions, "
-          f"median of {config['store_reps']} repetitions)\n")
+def print_store_section(config, info, results):
+    print(f"## 1. Store operations: µs per operation (median of {config['store_reps']} repetitions)\n")
     print("save = a new key; load = read it back; update = load, append one message, save. Each of the "
           "three phases starts after os.sync() and gc.collect(), untimed. "
           "× = time relative to the first row of the table (the plain baseline of that kind; "
-          "lower is faster).\n")
+          "lower is faster). At 64 KB only the baselines and tinysession's stores run.\n")
     titles = {"file": "File stores, against raw-file", "sqlite": "SQLite stores, against raw-sqlite",
               "redis": "Redis, against raw redis-py"}
-    for group, title in titles.items():
-        members = [c for c in contenders if c["group"] == group]
-        if not members:
-            continue
-        print(f"### {title}\n")
-        print("| contender | save µs | × | load µs | × | update µs | × |")
+    for label, size, messages, members, count in info["sizes"]:
+        print(f"### {label}: a chat session of {messages} messages, {size:,} bytes as compact JSON "
+              f"({count:,} sessions)\n")
+        for group, title in titles.items():
+            rows = [c["name"] for c in members if c["group"] == group]
+            if not rows:
+                continue
+            print(f"#### {title}, {label}\n")
+            print("| contender | save µs | × | load µs | × | update µs | × |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+            baseline = [statistics.median(r[i] for r in results[(label, rows[0])]) for i in range(3)]
+            for name in rows:
+                medians = [statistics.median(r[i] for r in results[(label, name)]) for i in range(3)]
+                cells = " | ".join(f"{m:.1f} | {m / b:.2f}x" for m, b in zip(medians, baseline))
+                print(f"| {name} | {cells} |")
+            print()
+        print(f"#### CPU time, {label}\n")
+        print("The same operations in CPU µs per operation: this process's (every thread's, background cleans "
+              "included) plus redis-server's for the Redis rows; steadier than wall time on a busy machine. "
+              "× = against the baseline of the row's kind.\n")
+        print("| contender | save CPU µs | × | load CPU µs | × | update CPU µs | × |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        baseline = [statistics.median(r[i] for r in results[members[0]["name"]]) for i in range(3)]
-        for contender in members:
-            medians = [statistics.median(r[i] for r in results[contender["name"]]) for i in range(3)]
-            cells = " | ".join(f"{m:.1f} | {m / b:.2f}x" for m, b in zip(medians, baseline))
-            print(f"| {contender['name']} | {cells} |")
+        for group in titles:
+            rows = [c["name"] for c in members if c["group"] == group]
+            if not rows:
+                continue
+            baseline = [statistics.median(r[i] for r in results[(label, rows[0])]) for i in range(3, 6)]
+            for name in rows:
+                medians = [statistics.median(r[i] for r in results[(label, name)]) for i in range(3, 6)]
+                cells = " | ".join(f"{m:.1f} | {m / b:.2f}x" for m, b in zip(medians, baseline))
+                print(f"| {name} | {cells} |")
         print()
+    print(f"### A request in a new thread ({config['thread_n']:,} loads of the 1 KB session)\n")
+    print("µs per request: one load in a thread that has run many (reused), the load in a new thread "
+          "started and joined for it (new thread, as wsgiref's and werkzeug's threaded servers run each "
+          "request), and starting and joining a thread that does nothing; added = new thread − reused − "
+          "thread alone, what the store pays for being in a new thread; the same in CPU time (the process's, every "
+          "thread's: steadier than wall time on a busy machine). FileStore keeps nothing per thread: its added "
+          "time is what any work pays for running in a fresh thread. raw-sqlite keeps a connection per "
+          "thread in a threading.local, opened by the thread's first load.\n")
+    print("| store | reused thread µs | new thread µs | thread alone µs | added µs | CPU µs: reused | new thread "
+          "| thread alone | added |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in info["threads"]:
+        cells = []
+        for suffix in ("", " cpu"):
+            reused, new, alone = (statistics.median(r[mode + suffix] for r in results[("thread", name)])
+                                  for mode in THREAD_MODES)
+            cells.append(f"{reused:.1f} | {new:.1f} | {alone:.1f} | {new - reused - alone:.1f}")
+        print(f"| {name} | {' | '.join(cells)} |")
+    print()
 
 
 # -- 2. Request cycle --
