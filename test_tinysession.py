@@ -7141,7 +7141,7 @@ def chat_turns(first, count):
 LOG_APPENDER = """
 import sys, tinysession
 store = eval(sys.argv[1])
-log = tinysession.MessageLog(store, "shared conversation")
+log = tinysession.MessageLog(store, "shared conversation", max_messages=None)  # no trim: every message counts
 for n in range(int(sys.argv[3])):
     log.extend([{"role": "user", "content": sys.argv[2] + str(n)}])
     if n == 0:
@@ -7287,7 +7287,7 @@ class LogContract:
         child = python_process(LOG_APPENDER, self.store_code, "K", "100000", stdout=subprocess.PIPE)
         self.addCleanup(child.stdout.close)
         self.assertEqual(child.stdout.readline(), b"started\n")
-        log = tinysession.MessageLog(self.make_store(), "shared conversation")
+        log = tinysession.MessageLog(self.make_store(), "shared conversation", max_messages=None)
         while len(log) < 200:
             pass  # let it write a while; the count is what the child finished
         child.kill()

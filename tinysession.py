@@ -2090,13 +2090,10 @@ def merge_sessions(base, ours, theirs):
 
 
 def _merge_dicts(base, ours, theirs, path):
-    merged = {}
-    for key in list(ours) + [key for key in theirs if key not in ours]:
-        value = _merge_values(base.get(key, _MISSING), ours.get(key, _MISSING), theirs.get(key, _MISSING),
-                              f"{path}{key}")
-        if value is not _MISSING:
-            merged[key] = value
-    return merged
+    # {**ours, **theirs}: ours' keys first, then theirs' new ones.
+    merged = {key: _merge_values(base.get(key, _MISSING), ours.get(key, _MISSING), theirs.get(key, _MISSING),
+                                 f"{path}{key}") for key in {**ours, **theirs}}
+    return {key: value for key, value in merged.items() if value is not _MISSING}
 
 
 def _merge_values(base, ours, theirs, path):
@@ -2141,14 +2138,15 @@ def _kept_and_new(base, grown):
 
 # -- Chat history --
 
-_INSTRUCTIONS, _USER, _REPLY, _RESULT = "instructions", "user", "reply", "result"
+# What a message is to trimming: instructions, a user turn (which may start a round), or anything else.
+_INSTRUCTIONS, _USER, _OTHER = "instructions", "user", "other"
 _ROLE_KINDS = {
-    "system": _INSTRUCTIONS, "developer": _INSTRUCTIONS,
-    "user": _USER, "human": _USER,
-    "assistant": _REPLY, "ai": _REPLY,
-    "tool": _RESULT, "function": _RESULT,
+    "system": _INSTRUCTIONS, "developer": _INSTRUCTIONS, "user": _USER, "human": _USER,
+    "assistant": _OTHER, "ai": _OTHER, "tool": _OTHER, "function": _OTHER,
 }
-_REPLY_TYPES = frozenset({"reasoning", "mcp_list_tools", "mcp_approval_request", "item_reference"})
+# The Responses item types that end in neither _call nor _call_output.
+_ITEM_TYPES = frozenset({"reasoning", "mcp_list_tools", "mcp_approval_request", "mcp_approval_response",
+                         "item_reference"})
 # LangChain's BaseMessage.type without a role; its ChatMessage ("chat") carries one.
 _LANGCHAIN_TYPES = frozenset({"system", "human", "ai", "tool", "function"})
 # The key of a content part's text, by the part's type; a tool's input and result count as text too.
@@ -2162,29 +2160,24 @@ _PART_TEXT_KEYS = {
 def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=None):
     """Keep the leading instructions and the last ``max_rounds`` whole rounds.
 
-    Takes Chat Completions, Responses / Agents SDK, Anthropic or LangChain
-    dicts: role-keyed, ``BaseMessage.model_dump()`` ones (``type`` ``human``,
-    ``ai``, ``system``, ``tool``...) or ``messages_to_dict()`` entries
-    (``{"type": ..., "data": {...}}``).  The leading ``system`` / ``developer`` messages are always kept.
-    A round starts at a user turn (role ``user`` or ``human``, not carrying
-    ``tool_result`` blocks, and not inside a tool call/result pair with the
-    same id) and holds everything up to the next, so calls, results and
-    reasoning stay with it.  Messages before the first round go first.
+    Takes Chat Completions, Responses / Agents SDK, Anthropic or LangChain dicts: role-keyed ones,
+    ``BaseMessage.model_dump()`` ones (``type`` ``human``, ``ai``...) or ``messages_to_dict()`` entries
+    (``{"type": ..., "data": {...}}``). The leading ``system`` / ``developer`` messages are always kept.
+    A round starts at a user turn (role ``user`` or ``human``, without ``tool_result`` blocks, not inside
+    a tool call/result pair with the same id) and holds everything up to the next, so calls, results and
+    reasoning stay with it. Messages before the first round go first.
 
-    With ``budget``, the oldest rounds are then dropped until the total,
-    instructions included, is at most ``budget``; the newest round stays even
-    alone over.  ``count(message) -> int >= 0`` measures a message (tokens,
-    say); by default, its characters of text: str content, text parts of
-    every kind, tool-call arguments and tool outputs (JSON length when not a
-    str; images count 0).  ``max_chars=n`` is ``budget=n`` with that default.
+    With ``budget``, the oldest rounds are then dropped until the total, instructions included, is at
+    most ``budget``; the newest round stays even alone over. ``count(message) -> int >= 0`` measures a
+    message (tokens, say); by default, its characters of text: str content, text parts of every kind,
+    tool-call arguments and tool outputs (JSON length when not a str; images count 0). ``max_chars=n``
+    is ``budget=n`` with that default.
 
-    Returns a new list of the same message objects, in the shape given (the input's when nothing
-    needs trimming or there is no round); never mutates ``messages``; linear.
-    Raises TypeError for a non-sequence, a non-mapping item, a non-int limit
-    or count result, ``count`` without ``budget`` or with ``max_chars``; ValueError
-    for an unknown role or item type, ``max_rounds < 1``, a negative budget
-    or count, or leading instructions alone over the budget.  Errors name
-    the message index.
+    Returns a new list of the same message objects (all of them when nothing needs trimming or there is
+    no round); never mutates ``messages``; linear. TypeError for a non-sequence, a non-mapping item, a
+    non-int limit or count result, ``count`` without ``budget`` or with ``max_chars``; ValueError for an
+    unknown role or item type, ``max_rounds < 1``, a negative budget or count, or leading instructions
+    alone over the budget. Errors name the message index.
 
     >>> chat = [{"role": "developer", "content": "Be brief."}]
     >>> for n in range(3):
@@ -2193,31 +2186,30 @@ def trim_messages(messages, max_rounds=5, *, budget=None, count=None, max_chars=
     >>> [m["content"] for m in trim_messages(chat, max_rounds=1)]
     ['Be brief.', 'q2', 'a2']
     """
-    if isinstance(messages, (str, bytes, bytearray)) or not isinstance(messages, Sequence):
-        raise TypeError(f"messages must be a sequence, not {type(messages).__name__}")
-    _check_int(max_rounds, "max_rounds", 1)
-    budget, count = _budget_and_count(budget, count, max_chars)
+    budget, count = _checked_arguments(messages, max_rounds, budget, count, max_chars)
     items = list(messages)
     kinds = [_message_kind(message, index) for index, message in enumerate(items)]
     lead = next((index for index, kind in enumerate(kinds) if kind != _INSTRUCTIONS), len(kinds))
-    sizes = [] if budget is None else [_check_int(count(m), f"count(messages[{i}])") for i, m in enumerate(items)]
-    if budget is not None and sum(sizes[:lead]) > budget:
+    sizes = [_check_int(count(message), f"count(messages[{index}])") for index, message in enumerate(items)]
+    if sum(sizes[:lead]) > budget:
         raise ValueError(f"the leading instructions, messages[:{lead}], count {sum(sizes[:lead])}: "
                          f"over the budget of {budget}")
     starts = _round_starts(items, kinds, lead)
-    if not starts or (len(starts) <= max_rounds and (budget is None or sum(sizes) <= budget)):
+    if not starts or (len(starts) <= max_rounds and sum(sizes) <= budget):
         return items
     first = max(len(starts) - max_rounds, 0)
-    if budget is not None:  # drop the oldest rounds until the rest fits, but keep the newest
-        total = sum(sizes[:lead]) + sum(sizes[starts[first]:])
-        while total > budget and first < len(starts) - 1:
-            total -= sum(sizes[starts[first]:starts[first + 1]])
-            first += 1
+    total = sum(sizes[:lead]) + sum(sizes[starts[first]:])
+    while total > budget and first < len(starts) - 1:  # drop the oldest rounds, but keep the newest
+        total -= sum(sizes[starts[first]:starts[first + 1]])
+        first += 1
     return items[:lead] + items[starts[first]:]
 
 
-def _budget_and_count(budget, count, max_chars):
-    """Return ``(budget, count)`` from trim_messages' keywords, checked; ``(None, None)`` for none."""
+def _checked_arguments(messages, max_rounds, budget, count, max_chars):
+    """Check trim_messages' arguments; return its ``(budget, count)``: with no budget, 0 and a count of 0."""
+    if isinstance(messages, (str, bytes, bytearray)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a sequence, not {type(messages).__name__}")
+    _check_int(max_rounds, "max_rounds", 1)
     if max_chars is not None:
         if budget is not None or count is not None:
             raise TypeError("max_chars=n is budget=n counting characters: give one or the other, "
@@ -2226,14 +2218,14 @@ def _budget_and_count(budget, count, max_chars):
     if budget is None:
         if count is not None:
             raise TypeError("count is only used with a budget: pass budget= too")
-        return None, None
+        return 0, lambda message: 0
     if count is not None and not callable(count):
         raise TypeError(f"count must be callable, not {type(count).__name__}")
     return _check_int(budget, "budget"), count or _message_chars
 
 
 def _message_kind(message, index):
-    """Return whether ``message`` is instructions, a user turn, a reply or a tool result."""
+    """Return whether ``message`` is instructions, a user turn or other (a reply, a tool call or result)."""
     if not isinstance(message, Mapping):
         raise TypeError(f"messages[{index}] is not a mapping: {message!r}")
     message = _unwrapped(message)
@@ -2246,38 +2238,32 @@ def _message_kind(message, index):
         if not isinstance(item_type, str) or item_type == "message":
             raise ValueError(f"messages[{index}] has no 'role' and no known 'type': "
                              f"keys {list(message)!r}")
-        if item_type.endswith("_call_output") or item_type == "mcp_approval_response":
-            return _RESULT
-        if item_type.endswith("_call") or item_type in _REPLY_TYPES:
-            return _REPLY
+        if item_type.endswith(("_call", "_call_output")) or item_type in _ITEM_TYPES:
+            return _OTHER
         raise ValueError(f"messages[{index}] has an unknown type {item_type!r}")
     kind = _ROLE_KINDS.get(role) if isinstance(role, str) else None
     if kind is None or item_type not in (None, "message", "chat"):
         raise ValueError(f"messages[{index}] has an unknown role {role!r} (type {item_type!r}); "
                          f"known roles: {', '.join(_ROLE_KINDS)}")
     if kind == _USER and _blocks(message, "tool_result"):
-        return _RESULT
+        return _OTHER
     return kind
 
 
 def _round_starts(items, kinds, lead):
     """Return the indexes of the user turns, from ``lead`` on, that no call/result pair spans."""
-    spans = [0] * (len(items) + 1)
+    reach = list(range(len(items)))  # reach[i]: the last result answering a call made at i
     call_at = {}
     for index, message in enumerate(items):
         calls, results = _tool_ids(message)
-        for call_id in calls:
-            call_at[call_id] = index
+        call_at.update(dict.fromkeys(calls, index))
         for call_id in results:
-            call = call_at.get(call_id)
-            if call is not None and call < index:
-                spans[call + 1] += 1
-                spans[index + 1] -= 1
-    starts, open_pairs = [], 0
+            reach[call_at.get(call_id, index)] = index
+    starts, spanned = [], -1  # spanned: the last index inside a pair whose call came earlier
     for index, kind in enumerate(kinds):
-        open_pairs += spans[index]
-        if index >= lead and kind == _USER and not open_pairs:
+        if index >= lead and kind == _USER and spanned < index:
             starts.append(index)
+        spanned = max(spanned, reach[index])
     return starts
 
 
@@ -2316,34 +2302,30 @@ def _blocks(message, block_type):
 def _message_chars(message):
     """Return the characters of text in ``message``, as ``trim_messages`` counts them by default."""
     message = _unwrapped(message)
-    total = _content_length(message.get("content"))
+    total = sum(_content_length(message.get(key)) for key in ("content", "arguments", "output", "summary"))
     # The legacy Chat Completions ``function_call`` is one more call, as {"function": ...} is in ``tool_calls``.
     for call in [*_as_list(message.get("tool_calls")), {"function": message.get("function_call")}]:
         if isinstance(call, Mapping):
             function = call.get("function")
-            total += _value_length(function.get("arguments") if isinstance(function, Mapping)
-                                   else call.get("args"))
-    for key in ("arguments", "output", "summary"):
-        total += _content_length(message.get(key))
+            arguments = function.get("arguments") if isinstance(function, Mapping) else call.get("args")
+            total += _value_length(arguments)
     return total
 
 
 def _content_length(content):
     """Return the characters of text in a content value: a str, a list of parts, or other."""
     if isinstance(content, (list, tuple)):
-        return sum(_part_length(part) for part in content)
+        return sum(_content_length(_part_text(part)) for part in content)
     return _value_length(content)
 
 
-def _part_length(part):
-    """Return the characters of text in one content part or block."""
-    if isinstance(part, str):
-        return len(part)
+def _part_text(part):
+    """Return the text of one content part or block (a str is its own), or None if it has none."""
     if not isinstance(part, Mapping):
-        return 0
+        return part if isinstance(part, str) else None
     part_type = part.get("type")
     key = _PART_TEXT_KEYS.get(part_type) if isinstance(part_type, str) else None
-    return _content_length(part.get(key)) if key else 0
+    return None if key is None else part.get(key)
 
 
 def _value_length(value):
@@ -2356,7 +2338,6 @@ def _value_length(value):
 
 
 
-
 # -- Message log --
 
 _LOG_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -2366,11 +2347,10 @@ def _log_key(conversation_id):
     """Return the store key of a conversation: the id itself if it is a valid key, else its SHA-256."""
     if isinstance(conversation_id, str) and _is_key(conversation_id):
         return conversation_id
-    if isinstance(conversation_id, str):
-        conversation_id = conversation_id.encode("utf-8")
-    if not isinstance(conversation_id, bytes):
+    if not isinstance(conversation_id, (str, bytes)):
         raise TypeError(f"conversation_id must be a str or bytes, not {type(conversation_id).__name__}")
-    return hashlib.sha256(conversation_id).hexdigest()
+    data = conversation_id.encode("utf-8") if isinstance(conversation_id, str) else conversation_id
+    return hashlib.sha256(data).hexdigest()
 
 
 class MessageLog:
@@ -2436,17 +2416,15 @@ class MessageLog:
         length = self.store.log_length(self.key)
         size = 8 * max_rounds
         while True:
-            if 2 * size >= length:
-                parts = [self._decoded(self.store.log_read(self.key))]
-            else:
-                parts = [self._decoded(self.store.log_read(self.key, 0, size)),
-                         self._decoded(self.store.log_read(self.key, -size), length - size)]
-            pairs = [pair for part in parts for pair in part]
+            whole = 2 * size >= length
+            head = self._decoded(self.store.log_read(self.key, 0, None if whole else size))
+            tail = [] if whole else self._decoded(self.store.log_read(self.key, -size), length - size)
+            pairs = head + tail
             messages = [message for _, message in pairs]
             count = None if budget is None else lambda message: 1
             kept = trim_messages(messages, max_rounds, budget=budget, count=count)
             lead = next((i for i, message in enumerate(kept) if message is not messages[i]), 0)
-            if len(parts) == 1 or lead < len(parts[0]) and len(kept) - lead <= len(parts[1]):
+            if whole or lead < len(head) and len(kept) - lead <= len(tail):
                 return pairs[:lead], pairs[len(pairs) - len(kept) + lead :], length
             size *= 4
 
@@ -3788,10 +3766,9 @@ def _open_store(spec, table, prefix, read_only):
         raise SessionError(f"{spec}: neither a session directory nor an SQLite database")
     import sqlite3  # as in SQLiteStore: costly, and only SQLite files need it
 
+    uri = f"file:{urllib.parse.quote(spec)}?mode=ro"
     try:
-        with contextlib.closing(
-            sqlite3.connect(f"file:{urllib.parse.quote(spec)}?mode=ro", uri=True, timeout=_SQLITE_BUSY_SECONDS)
-        ) as connection:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=_SQLITE_BUSY_SECONDS)) as connection:
             columns = {row[1] for row in connection.execute("SELECT * FROM pragma_table_info(?)", (table,))}
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read session database {spec!r}: {exc}") from exc
@@ -3844,9 +3821,11 @@ def _no_sessions_status(args, store, sweep):
 
 
 def _cmd_clean(args):
-    store = _open_store(args.store, args.table, args.prefix, args.dry_run)
+    if args.max_age is None and args.keep is None:
+        args.usage.error("clean needs --max-age, --keep or both; it will not guess what to remove")
     live = Sweep()  # what the pass has counted so far, for a Ctrl-C
     terminal = not args.quiet and sys.stderr.isatty()
+    clear_line = "\r\033[K" if terminal else ""
 
     def progress(sweep):
         nonlocal live
@@ -3854,19 +3833,17 @@ def _cmd_clean(args):
         if terminal:
             print(f"\rscanned {sweep.seen} sessions...", end="", file=sys.stderr, flush=True)
 
-    with store:
+    with _open_store(args.store, args.table, args.prefix, args.dry_run) as store:
         started, logs = time.perf_counter(), _logs(store)
         try:
             sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
         except KeyboardInterrupt:
-            sweep = None
-        print("\r\033[K" if terminal else "", end="", file=sys.stderr)
-        kept = None if sweep is None else _logs(store)
-    if sweep is None:
-        verb = "would have removed" if args.dry_run else "removed"
-        done = f"{verb} {live.removed} of the {live.seen} sessions seen ({_format_bytes(live.removed_bytes)})"
-        print(f"{args.prog}: interrupted: {done}", file=sys.stderr)
-        return _EXIT_INTERRUPTED
+            verb = "would have removed" if args.dry_run else "removed"
+            print(f"{clear_line}{args.prog}: interrupted: {verb} {live.removed} of the {live.seen}"
+                  f" sessions seen ({_format_bytes(live.removed_bytes)})", file=sys.stderr)
+            return _EXIT_INTERRUPTED
+        print(clear_line, end="", file=sys.stderr)
+        kept = _logs(store)
     removed = f"{sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)})"
     if args.dry_run:
         print(f"would remove {removed} and their message logs (of {logs[0]}, {_format_bytes(logs[1])}),"
@@ -3879,8 +3856,7 @@ def _cmd_clean(args):
 
 
 def _cmd_stats(args):
-    store = _open_store(args.store, args.table, args.prefix, True)
-    with store:
+    with _open_store(args.store, args.table, args.prefix, True) as store:
         sweep = store.stats(args.max_age)
     report = {
         "store": args.store, "sessions": sweep.seen, "bytes": sweep.seen_bytes, "logs": sweep.logs,
@@ -3951,12 +3927,9 @@ def main(argv=None, *, prog="python -m tinysession"):
     """
     try:
         args = _parser(prog).parse_args(argv)
-        if args.command == "clean" and args.max_age is None and args.keep is None:
-            args.usage.error("clean needs --max-age, --keep or both; it will not guess what to remove")
+        return args.run(args)
     except SystemExit as exit:  # argparse exits for --help, --version and usage errors; return the status instead
         return exit.code
-    try:
-        return args.run(args)
     except (SessionError, OSError) as exc:  # an OSError names its path and cause: no traceback needed
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return _EXIT_FAILED
