@@ -103,7 +103,8 @@ FULL = {"store_n": 2000, "store_big_n": 500, "big_messages": 440, "thread_n": 20
             "req_n": 400, "req_reps": 3, "users": 200,
             "clean_n": 100_000, "clean_reps": 1, "import_runs": 7, "http_s": 2, "http_reps": 3, "http_warmup_s": 1,
             "contended_saves": 50, "flood_keep": 1000, "flood_returning": 300, "flood_new": 20000,
-            "busy_files": 100_000, "busy_rows": 300_000, "busy_writes": 2000, "log_n": 200, "log_reps": 3,
+            "busy_files": 100_000, "busy_rows": 300_000, "busy_writes": 2000, "evict_reps": 3,
+            "log_n": 200, "log_reps": 3,
             "log_sizes": (10, 100, 1000, 10_000), "http_sizes": ["1 KB", "100 KB"], "http_only": None,
             "cluster_n": 2000, "cluster_reps": 3, "cluster_spread": 10_000}
 # One cleaning run each in the full run: building and tearing down a 100,000-file
@@ -112,7 +113,8 @@ QUICK = {"store_n": 100, "store_big_n": 30, "big_messages": 440, "thread_n": 100
              "req_n": 30, "req_reps": 1, "users": 20,
              "clean_n": 1200, "clean_reps": 1, "import_runs": 1, "contended_saves": 5, "flood_keep": 50,
              "flood_returning": 15, "flood_new": 500, "busy_files": 1500, "busy_rows": 3000, "busy_writes": 100,
-             "log_n": 20, "log_reps": 1, "log_sizes": (10, 100), "http_s": 1, "http_reps": 1, "http_warmup_s": 0,
+             "evict_reps": 1, "log_n": 20, "log_reps": 1, "log_sizes": (10, 100), "http_s": 1, "http_reps": 1,
+             "http_warmup_s": 0,
              "http_sizes": ["1 KB"], "http_only": ["no sessions", "tinysession SQLiteStore"], "cluster_n": 100,
              "cluster_reps": 1, "cluster_spread": 2000}
 # --quick is CI's smoke run (once per build, under 2 minutes on a loaded 2-core VM): one repetition of small
@@ -1358,7 +1360,178 @@ def run_flood_section(config, workdir, redis_server):
         store.close()
         shutil.rmtree(directory, ignore_errors=True)
         log(f"  {name} done")
+    if hasattr(tinysession, "_SQLITE_EVICT_BATCH"):
+        results["evict"] = run_evict_batch_part(config, workdir)
     return stores, results
+
+
+# -- 7. (cont.) The SQLite clean's batch size against a writer's wait --
+#
+# SQLiteStore.sweep removes rows in transactions of _SQLITE_EVICT_BATCH rows.
+# While one is open, a writer's statement waits in SQLite's busy handler,
+# which sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100 ms between its
+# tries: a writer that keeps losing the lock to the next batch waits in those
+# steps. A writer saving a session every 10 ms while clean(keep=1000) runs
+# over busy_rows old rows, at each batch size (the module attribute set at
+# run time, in this process and in the child), with the clean in a thread of
+# the writer's process (as a background clean runs) and in another process
+# (as `tinysession clean` from cron runs), on the machine as it is and with
+# one CPU-bound process per core added.
+
+EVICT_MODES = ("thread", "process")
+EVICT_LOADS = ("as is", "+1 CPU hog per core")
+WRITE_EVERY = 0.010
+
+
+def evict_batches():
+    """The batch sizes to compare: the module's own first, then 500, 250 and 100."""
+    current = getattr(tinysession, "_SQLITE_EVICT_BATCH", None)
+    return [size for size in dict.fromkeys([current, 500, 250, 100]) if size is not None]
+
+
+def build_old_rows(path, count):
+    """Write ``count`` ten-day-old sessions into a new SQLiteStore database at ``path``, checkpointed."""
+    store = tinysession.SQLiteStore(path, max_sessions=None)
+    data = store.encode("old", {})
+    store.save("old", data)  # creates the schema
+    store.close()
+    old = time.time() - 10 * 86400
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        table = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        connection.execute("BEGIN")
+        connection.executemany(f'INSERT OR REPLACE INTO "{table}" (key, data, mtime) VALUES (?, ?, ?)',
+                               ((f"old{n}", data, old + n // 1000) for n in range(count)))
+        connection.execute("COMMIT")
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        connection.close()
+
+
+def evict_child_main(path, batch):
+    """The `run.py _evict DB BATCH` subprocess: clean(keep=1000) at that batch size, timed, as JSON."""
+    tinysession._SQLITE_EVICT_BATCH = batch
+    store = tinysession.SQLiteStore(path, max_sessions=None)
+    len(store)  # opens the connection before the parent starts writing
+    print("go", flush=True)
+    started = time.perf_counter()
+    removed = store.clean(keep=1000)
+    print(json.dumps({"seconds": time.perf_counter() - started, "removed": removed}), flush=True)
+    store.close()
+    return 0
+
+
+def paced_writes(store, done):
+    """Save a new session every WRITE_EVERY s until ``done()``; return each save's ms."""
+    latencies = []
+    due = time.perf_counter()
+    while not done():
+        key = f"w{len(latencies)}-{secrets.token_hex(4)}"
+        data = store.encode(key, {"n": len(latencies)})
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        started = time.perf_counter()
+        store.save(key, data)
+        finished = time.perf_counter()
+        latencies.append((finished - started) * 1000)
+        due = max(due + WRITE_EVERY, finished)  # a late write is not followed by a burst
+    return latencies
+
+
+def evict_batch_run(template, directory, batch, mode):
+    """One clean of a copy of ``template`` at ``batch`` beside a paced writer: (latencies ms, clean s)."""
+    path = os.path.join(directory, f"evict-{batch}-{mode}.db")
+    shutil.copy(template, path)
+    store = tinysession.SQLiteStore(path, max_sessions=None)
+    len(store)
+    saved = tinysession._SQLITE_EVICT_BATCH
+    try:
+        if mode == "thread":
+            tinysession._SQLITE_EVICT_BATCH = batch
+            outcome = {}
+
+            def clean():
+                started = time.perf_counter()
+                outcome["removed"] = store.clean(keep=1000)
+                outcome["seconds"] = time.perf_counter() - started
+
+            thread = threading.Thread(target=clean)
+            thread.start()
+            latencies = paced_writes(store, lambda: not thread.is_alive())
+            thread.join()
+        else:
+            child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_evict", path, str(batch)],
+                                     stdout=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, TINYSESSION_ROOT=os.path.dirname(tinysession.__file__)))
+            if child.stdout.readline().strip() != "go":
+                raise AssertionError("the cleaning child did not start")
+            latencies = paced_writes(store, lambda: child.poll() is not None)
+            outcome = json.loads(child.stdout.read())
+            child.wait()
+    finally:
+        tinysession._SQLITE_EVICT_BATCH = saved
+        store.close()
+    os.remove(path)
+    if outcome.get("removed", 0) < 1:
+        raise AssertionError(f"the clean removed nothing: {outcome}")
+    return latencies, outcome["seconds"]
+
+
+def cpu_hogs(count):
+    """Start ``count`` processes that spin on a CPU; return them (terminate and wait when done)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def run_evict_batch_part(config, workdir):
+    """Return {(batch, mode, load): [(latencies, clean s), ...]} over config["evict_reps"] repetitions."""
+    directory = os.path.join(workdir, f"evict-{secrets.token_hex(4)}")
+    os.makedirs(directory)
+    template = os.path.join(directory, "template.db")
+    build_old_rows(template, config["busy_rows"])
+    batches = evict_batches()
+    runs = [(batch, mode) for batch in batches for mode in EVICT_MODES]
+    results = {(batch, mode, load): [] for batch, mode in runs for load in EVICT_LOADS}
+    log(f"  evict batch: {config['busy_rows']:,} rows, batches {batches}, {config['evict_reps']} repetitions")
+    for load in EVICT_LOADS:
+        hogs = cpu_hogs(os.cpu_count() or 1) if load != EVICT_LOADS[0] else []
+        try:
+            for rep in range(config["evict_reps"]):
+                for batch, mode in rotated(runs, rep):
+                    settle()
+                    results[(batch, mode, load)].append(evict_batch_run(template, directory, batch, mode))
+        finally:
+            for hog in hogs:
+                hog.terminate()
+                hog.wait()
+    shutil.rmtree(directory, ignore_errors=True)
+    return batches, results
+
+
+def print_evict_batch_part(config, batches, results):
+    print(f"### The SQLite clean's batch size against a writer's wait ({config['busy_rows']:,} rows, "
+          "clean(keep=1000))\n")
+    print(f"A writer saves a new session every {WRITE_EVERY * 1000:.0f} ms while `clean(keep=1000)` runs; "
+          "the clean in a thread of the writer's process or in another process, on the machine as it is "
+          "and with a CPU-bound process per core added. Each batch size is `_SQLITE_EVICT_BATCH` set at "
+          f"run time (this version's: {getattr(tinysession, '_SQLITE_EVICT_BATCH', 'none')}). "
+          f"Figures over {config['evict_reps']} repetitions: the writes' worst (the largest of the "
+          "repetitions' worsts), p99 and median (of all writes pooled), the count over 100 ms, and the "
+          "clean's median seconds.\n")
+    print("| load | clean in | batch | writes | worst ms | p99 ms | median ms | > 100 ms | clean s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for load in EVICT_LOADS:
+        for mode in EVICT_MODES:
+            for batch in batches:
+                runs = results[(batch, mode, load)]
+                pooled = sorted(ms for latencies, _ in runs for ms in latencies)
+                worst = max(max(latencies) for latencies, _ in runs)
+                p99 = pooled[min(len(pooled) - 1, int(len(pooled) * 0.99))]
+                over = sum(ms > 100 for ms in pooled)
+                seconds = statistics.median(s for _, s in runs)
+                print(f"| {load} | {mode} | {batch} | {len(pooled):,} | {worst:.1f} | {p99:.1f} | "
+                      f"{statistics.median(pooled):.2f} | {over} | {seconds:.2f} |")
+    print()
 
 
 def print_flood_section(config, stores, results):
@@ -1381,6 +1554,8 @@ def print_flood_section(config, stores, results):
         quiet, busy = results[(name, "quiet")], results[(name, "clean")]
         print(f"| {name} | {quiet[0]:.1f} | {quiet[1]:.2f} | {busy[0]:.1f} | {busy[1]:.2f} |")
     print()
+    if "evict" in results:
+        print_evict_batch_part(config, *results["evict"])
 
 
 # -- 3. Cleaning --
@@ -2998,6 +3173,9 @@ def main(argv=None):
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "_load":
         sys.exit(load_child_main(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5]))
+    if len(sys.argv) == 4 and sys.argv[1] == "_evict":
+        load_tinysession(ROOT)
+        sys.exit(evict_child_main(sys.argv[2], int(sys.argv[3])))
     if len(sys.argv) == 5 and sys.argv[1] == "_clean":
         load_tinysession(ROOT)  # the parent's snapshot, passed as TINYSESSION_ROOT
         sys.exit(clean_child_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
