@@ -3,7 +3,9 @@
 Builds a directory of N FileStore session files (default 1,000,000), a
 fraction of them (--expired, default 0.5) three hours old, then times
 ``python -m tinysession clean --max-age 2h``, ``python -m tinysession clean
---keep 1000`` (unless --no-keep) and ``find DIR -type f -mmin +120 -delete``,
+--keep 1000`` (unless --no-keep), the same clean through the API alone
+(``FileStore(DIR).clean(max_age=7200)``: no command line, which also counts
+the message logs before and after) and ``find DIR -type f -mmin +120 -delete``,
 each in a fresh process, and reports wall time, user and system CPU time and
 peak memory (max RSS) of each, from GNU time (apt-get install time), as a
 Markdown table. Beside them, the floor of any cleaner written in Python: a
@@ -30,6 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PAYLOAD = b'{"created":1700000000.0,"data":{"user":42,"csrf":"' + b"x" * 43 + b'"}}'
+API_CLEAN = "import sys, tinysession\ntinysession.FileStore(sys.argv[1], max_sessions=None).clean(max_age=7200)\n"
 SCANDIR_FLOOR = (
     "import os, sys\n"
     "count = 0\n"
@@ -92,6 +95,8 @@ def main():
                                            "--max-age", "2h", "--quiet"],
         "tinysession clean --keep 1000": [sys.executable, "-m", "tinysession", "clean", directory,
                                           "--keep", "1000", "--quiet"],
+        "python: FileStore(DIR).clean(max_age=7200), no command line": [
+            sys.executable, "-c", API_CLEAN, directory],
         find: ["find", directory, "-type", "f", "-mmin", "+120", "-delete"],
         "python: os.scandir + entry.stat, nothing else": [sys.executable, "-c", SCANDIR_FLOOR, directory],
     }
