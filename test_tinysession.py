@@ -721,7 +721,7 @@ class FileStoreTest(StoreContract, unittest.TestCase):
         return os.path.join(self.directory, "ts-" + key)
 
     def set_age(self, store, key, seconds):
-        then = tinysession.Store._stamp(time.time() - seconds)
+        then = tinysession._stamp(time.time() - seconds)
         os.utime(self.path(key), (then, then))
 
     def mtime(self, store, key):
@@ -754,7 +754,7 @@ class MemoryStoreTest(StoreContract, unittest.TestCase):
         return store
 
     def set_age(self, store, key, seconds):
-        store.set_mtime(key, store._stamp(time.time() - seconds))
+        store.set_mtime(key, tinysession._stamp(time.time() - seconds))
 
     def mtime(self, store, key):
         return store.read(key)[1]
@@ -786,7 +786,7 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
             return connection.execute(statement, parameters).fetchall()
 
     def set_age(self, store, key, seconds):
-        self.sql("UPDATE sessions SET mtime = ? WHERE key = ?", (tinysession.Store._stamp(time.time() - seconds), key))
+        self.sql("UPDATE sessions SET mtime = ? WHERE key = ?", (tinysession._stamp(time.time() - seconds), key))
 
     def mtime(self, store, key):
         return self.sql("SELECT mtime FROM sessions WHERE key = ?", (key,))[0][0]
@@ -893,7 +893,7 @@ def redis_case(test, binary=None):
 
 def set_redis_age(test, key, seconds):
     """Move a record's mtime, in its hash and in the index, ``seconds`` into the past; keep its TTL."""
-    then = tinysession.Store._stamp(time.time() - seconds)
+    then = tinysession._stamp(time.time() - seconds)
     record, index, probation = redis_names(test, key)
     test.redis.hset(record, "mtime", then)
     test.redis.zrem(probation, key)
@@ -1382,9 +1382,9 @@ class RedisSpecifics(unittest.TestCase):
                 store = self.make_store(max_sessions=None)
                 now, mtimes = time.time(), {}
                 for index in range(400):  # ties by threes, one in four on probation
-                    mtimes[f"k{index:03d}"] = tinysession.Store._stamp(now - 1000 + index // 3, new=index % 4 == 0)
+                    mtimes[f"k{index:03d}"] = tinysession._stamp(now - 1000 + index // 3, new=index % 4 == 0)
                     store.write(f"k{index:03d}", b"{}", mtimes[f"k{index:03d}"])
-                order = sorted(mtimes, key=lambda key: (not store._on_probation(mtimes[key]), mtimes[key], key))
+                order = sorted(mtimes, key=lambda key: (not tinysession._on_probation(mtimes[key]), mtimes[key], key))
                 with unittest.mock.patch.object(tinysession, "_REDIS_SCAN_BATCH", 7):  # windows of 7: many rounds
                     self.assertEqual(store.clean(keep=150), 250)
                     self.assertEqual(set(store), set(order[250:]))
@@ -1399,7 +1399,7 @@ class RedisSpecifics(unittest.TestCase):
                 case(self)
                 store = self.make_store(max_sessions=None)
                 for index in range(300):
-                    store.write(f"k{index}", b"{}", tinysession.Store._stamp(time.time() - 1000 + index))
+                    store.write(f"k{index}", b"{}", tinysession._stamp(time.time() - 1000 + index))
                 clients = [redis.Redis(port=server.port) for server in getattr(self.server, "servers", [self.server])]
                 for client in clients:
                     client.config_resetstat()
@@ -1642,7 +1642,7 @@ class SQLiteStoreOnDisk(unittest.TestCase):
         store = tinysession.SQLiteStore(self.path, max_sessions=None)
         self.addCleanup(store.close)
         then = time.time() - 10000
-        rows = [(f"k{index}", b"{}", tinysession.Store._stamp(then + index)) for index in range(1200)]
+        rows = [(f"k{index}", b"{}", tinysession._stamp(then + index)) for index in range(1200)]
         with contextlib.closing(sqlite3.connect(self.path)) as connection, connection:
             connection.executemany("INSERT INTO sessions (key, data, mtime) VALUES (?, ?, ?)", rows)
         writer = sqlite3.connect(self.path, timeout=0, isolation_level=None)  # fails at once on a held lock
@@ -1709,7 +1709,7 @@ class SQLiteStoreOnDisk(unittest.TestCase):
         store = tinysession.SQLiteStore(self.path, max_sessions=None)
         self.addCleanup(store.close)
         now = time.time()
-        rows = [(f"k{index}", b"{}", tinysession.Store._stamp(now - 5000 + index)) for index in range(2000)]
+        rows = [(f"k{index}", b"{}", tinysession._stamp(now - 5000 + index)) for index in range(2000)]
         with contextlib.closing(sqlite3.connect(self.path)) as connection, connection:
             connection.executemany("INSERT INTO sessions (key, data, mtime) VALUES (?, ?, ?)", rows)
         writer = sqlite3.connect(self.path, isolation_level=None)
@@ -6358,7 +6358,7 @@ class CommandLineCase(unittest.TestCase):
         self.store = tinysession.FileStore(self.directory)
         for index, age in enumerate([10, 20, 30, 4000, 5000, 90000]):
             self.store[f"k{index}"] = {"pad": "x" * 100}
-            then = tinysession.Store._stamp(time.time() - age)  # a returning session's mtime
+            then = tinysession._stamp(time.time() - age)  # a returning session's mtime
             os.utime(os.path.join(self.directory, f"ts-k{index}"), (then, then))
 
     def run_main(self, *argv):

@@ -57,8 +57,8 @@ rotates a secret: records are signed with the newest, accepted under any.
 Files are 0600 and session directories 0700; FileStore refuses a directory
 that group or others may write to, since they could plant records there.
 
-Sections: errors, records (serializers, ``TaggedJSON``), the store protocol,
-FileStore, SQLiteStore, RedisStore, merging, chat history, the message log,
+Sections: errors, records (serializers, ``TaggedJSON``), cleaning, the store
+protocol, FileStore, SQLiteStore, RedisStore, merging, chat history, the message log,
 cookies, the session core, WSGI, Flask (and Quart), ASGI, command line.
 """
 
@@ -163,21 +163,19 @@ DEFAULT_MAX_SESSIONS = 10000
 
 _KEY_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 _SIGNATURE_BYTES = 32
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # thread-safe, as json's own
+_raw_decode_json = json.JSONDecoder().raw_decode  # json.loads without its checks and whitespace scans
 
 
 class _JSONSerializer:
     """Compact UTF-8 JSON: dicts, lists, strings, numbers, booleans and None."""
 
-    def __init__(self):
-        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-        self._decode = json.JSONDecoder().raw_decode
-
     def dumps(self, obj):
-        return self._encode(obj).encode("utf-8")
+        return _compact_json(obj).encode("utf-8")
 
     def loads(self, data):
         text = data.decode("utf-8")
-        value, end = self._decode(text)
+        value, end = _raw_decode_json(text)
         if end != len(text):
             raise ValueError(f"extra data after the JSON value at offset {end}")
         return value
@@ -187,9 +185,7 @@ class _PickleSerializer:
     """Pickle at the highest protocol; only ever used on signed records."""
 
     loads = staticmethod(pickle.loads)
-
-    def dumps(self, obj):
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    dumps = staticmethod(functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 _TUPLE, _BYTES, _MARKUP, _UUID, _DATETIME, _ONE_KEY_DICT = " t", " b", " m", " u", " d", " di"
@@ -216,7 +212,6 @@ class TaggedJSON:
     _TAGGED = re.compile("|".join(f'"{tag}"' for tag in _TAGS)).search  # also finds a tag inside a string: harmless
 
     def __init__(self):
-        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
         self._decode = json.JSONDecoder(object_hook=self._untag).decode
         self._untaggers = {_TUPLE: tuple, _BYTES: base64.b64decode, _UUID: uuid.UUID, _MARKUP: _markup,
                            _DATETIME: datetime.datetime.fromisoformat, _ONE_KEY_DICT: lambda pair: {pair[0]: pair[1]}}
@@ -226,11 +221,11 @@ class TaggedJSON:
         # json alone does the work (in C) when nothing needs a tag: it would write a tuple as a list
         # and a subclass as its base, so _plain() looks at the types, a level at a time.
         try:
-            text = self._encode(obj)
+            text = _compact_json(obj)
         except (TypeError, ValueError, RecursionError):  # a bytes, a cycle...: the walk says which
             text = None
         if text is None or not self._plain(obj) or self._TAGGED(text):
-            text = self._encode(self._tag(obj))
+            text = _compact_json(self._tag(obj))
         return text.encode("utf-8")
 
     def loads(self, data):
@@ -316,11 +311,15 @@ def _is_key(text):
     return 0 < len(text) <= 128 and not text.strip(_KEY_CHARACTERS)
 
 
-def _check_int(value, name, minimum=0, wrong_type=TypeError):
-    """Return ``value`` if it is an int (not a bool) of at least ``minimum``; raise ``wrong_type`` or ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise wrong_type(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
+def _check_int(value, name, minimum=0, wrong_type=TypeError, kinds=int):
+    """Return ``value`` if it is an int (or one of ``kinds``, never a bool) of at least ``minimum``.
+
+    Raise ``wrong_type`` for another type, ValueError below ``minimum`` (NaN too).
+    """
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        expected = "an int" if kinds is int else "a number"
+        raise wrong_type(f"{name} must be {expected}, not {type(value).__name__}")
+    if not value >= minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
@@ -331,12 +330,28 @@ def _check_count(value, name):
 
 
 def _check_seconds(value, name):
-    """Return ``value`` as a float if it is a non-negative number, or None."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
-    return float(value)
+    """Return ``value`` as a float if it is a number (int or float) >= 0, or None; ValueError otherwise."""
+    return None if value is None else float(_check_int(value, name, 0, ValueError, (int, float)))
+
+
+def _keys_of(secret):
+    """Return the HMAC keys derived from ``secret`` (None, a str or bytes, or a list of them), oldest first."""
+    if secret is None:
+        return []
+    secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
+    secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
+    if not secrets or not all(isinstance(each, bytes) and each for each in secrets):
+        kinds = ", ".join(type(each).__name__ for each in secrets)  # never a value: it is a secret
+        raise ValueError(
+            "secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
+            f" got a {type(secret).__name__} of [{kinds}]"
+        )
+    return [hashlib.sha256(b"tinysession record\0" + each).digest() for each in secrets]
+
+
+def _signature(signing_key, key, payload):
+    """Return the HMAC-SHA256 of the key and the payload under ``signing_key``: records cannot move."""
+    return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
 
 
 def _make_serializer(serializer, secret):
@@ -352,14 +367,202 @@ def _make_serializer(serializer, secret):
     raise ValueError(f"serializer must be 'json', 'pickle' or an object with dumps() and loads(), not {serializer!r}")
 
 
-# -- The store protocol --
+# -- Cleaning --
 
-_MISSING = object()
 _EVICT_BATCH = 256
-_RETRIES = 16
 _CLOSE_WAIT_SECONDS = 10.0
 # A probationary mtime is a millisecond plus half of one; a returning one is a whole millisecond.
 _PROBATION_SECONDS = 0.0005
+
+
+class Sweep:
+    """What one pass of ``Store.sweep`` saw and removed (or, in a dry run, would remove).
+
+    ``seen`` and ``seen_bytes`` count every record met, expired ones included (``seen_bytes`` is None
+    where a clean does not sum them); ``removed`` and ``removed_bytes`` those removed, always among the
+    seen; ``oldest`` and ``newest`` are the extreme mtimes (None for an empty store); ``stats`` also
+    fills ``logs`` and ``log_bytes``, the message logs kept.
+    """
+
+    # Defaults; a pass sets its own on the instance.
+    seen = seen_bytes = removed = removed_bytes = 0
+    logs = log_bytes = 0
+    oldest = newest = None
+
+    def __repr__(self):
+        return f"<Sweep seen={self.seen} removed={self.removed}>"
+
+
+def _stamp(now=None, *, new=False):
+    """Return the mtime a write or touch at ``now`` stores: to the millisecond, plus half of one when ``new``.
+
+    So every store keeps a session's segment (probationary or returning)
+    in its mtime's sub-millisecond digits, with no field of its own.
+    """
+    now = _now() if now is None else now
+    return round(now, 3) + (_PROBATION_SECONDS if new else 0.0)
+
+
+def _on_probation(mtime):
+    """Return True if ``mtime`` is a probationary one (lost on clocks coarser than a quarter millisecond)."""
+    scaled = mtime * 1000.0
+    return 0.25 <= scaled - int(scaled) <= 0.75
+
+
+class _Cleaning:
+    """The cleaning every store inherits through ``Store``: ``clean``, ``stats``, ``sweep``, the background clean.
+
+    It is written over the store protocol of the next section: the hooks
+    ``scan``, ``read`` and ``remove`` (and ``log_scan``, ``log_remove``), and
+    what ``Store`` keeps (``max_age``, ``max_sessions``, ``_checked()``, the
+    background clean's lock and state); a session's segment is read from its
+    mtime (``_on_probation``, above). A store may override ``sweep`` whole
+    (SQLiteStore, RedisStore), or only ``_sweep_scan`` and ``_evict`` (FileStore).
+    """
+
+    def clean(self, max_age=None, keep=None, *, now=None):
+        """Remove expired records, then all but ``keep`` of the others; return how many.
+
+        Past ``keep`` go sessions on probation first, then returning ones,
+        oldest first in each (the README's "Which sessions a full store
+        evicts"). ``max_age`` and ``keep`` default to the store's ``max_age``
+        and ``max_sessions``; with neither, only debris goes. A record written
+        or touched after the pass began is never removed, nor counted in ``keep``.
+        """
+        return self.sweep(max_age, keep, now=now).removed
+
+    def stats(self, max_age=None, *, now=None):
+        """Return a dry-run ``Sweep``: the records, their bytes and times, and how many are past ``max_age``."""
+        sweep = self.sweep(max_age, now=now, dry_run=True)
+        with contextlib.suppress(NotImplementedError):  # a store without message logs
+            sizes = [size for _, size in self.log_scan()]
+            sweep.logs, sweep.log_bytes = len(sizes), sum(sizes)
+        return sweep
+
+    def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
+        """Run one cleaning pass, as ``clean`` describes, and return its ``Sweep``.
+
+        With ``dry_run`` nothing is removed. ``progress``, if given, is called
+        with the live ``Sweep`` at the start and every 10,000 records, so an
+        interrupted caller (Ctrl-C) can report what was done. One pass over
+        ``scan()``, in memory bounded by ``keep`` (a heap of the records kept
+        so far). A closed store stops the pass at its next batch (StoreError).
+        """
+        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
+        self._checked()
+        started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
+        floor = float("-inf") if cutoff is None else cutoff
+        sweep = Sweep()
+        kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
+        doomed = []
+        if progress is not None:
+            progress(sweep)
+        # The counts live in locals, and reach the Sweep every 10,000 records and when the pass ends or is
+        # interrupted: this loop runs once per file.
+        seen = seen_bytes = 0
+        oldest, newest = float("inf"), float("-inf")
+        try:
+            for key, mtime, size in self._sweep_scan(now, dry_run):
+                seen += 1
+                seen_bytes += size
+                oldest, newest = min(oldest, mtime), max(newest, mtime)
+                if not seen % 10000:
+                    self._checked()
+                    sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = seen, seen_bytes, oldest, newest
+                    if progress is not None:
+                        progress(sweep)
+                if mtime < floor:
+                    doomed.append((key, mtime, size))
+                elif keep is not None and mtime <= started:
+                    entry = (not _on_probation(mtime), mtime, key, size)
+                    if len(kept) < keep:
+                        heapq.heappush(kept, entry)
+                    else:
+                        _, mtime, key, size = heapq.heappushpop(kept, entry)
+                        doomed.append((key, mtime, size))
+                if len(doomed) >= _EVICT_BATCH:
+                    self._evict_counted(doomed, sweep, dry_run)
+        finally:
+            sweep.seen, sweep.seen_bytes = seen, seen_bytes
+            if seen:
+                sweep.oldest, sweep.newest = oldest, newest
+        self._evict_counted(doomed, sweep, dry_run)
+        return sweep
+
+    def _sweep_limits(self, max_age, keep, now):
+        """Return ``(cutoff, keep, now)`` for a sweep, the store's options filling in the defaults."""
+        max_age = self.max_age if max_age is None else _check_seconds(max_age, "max_age")
+        keep = self.max_sessions if keep is None else _check_count(keep, "keep")
+        now = _now() if now is None else now
+        return (None if max_age is None else now - max_age), keep, now
+
+    def _sweep_scan(self, now, dry_run):
+        """Return what a sweep iterates: ``scan()``, which a store may extend (FileStore removes debris)."""
+        return self.scan()
+
+    def _evict_counted(self, doomed, sweep, dry_run):
+        """Remove the doomed ``(key, mtime, size)`` entries, count them into ``sweep``, empty the list."""
+        sizes = [size for _, _, size in doomed] if dry_run else self._evict(doomed)
+        sweep.removed += len(sizes)
+        sweep.removed_bytes += sum(sizes)
+        doomed.clear()
+
+    def _evict(self, doomed):
+        """Remove each entry whose record still has the mtime the scan saw, and its log; return their sizes."""
+        sizes = []
+        for key, mtime, size in doomed:
+            with contextlib.suppress(KeyError):  # removed by someone else meanwhile
+                data, current = self.read(key)
+                if current == mtime and self.remove(key, expected=data):
+                    sizes.append(size)
+                    _forget_log(self, key)
+        return sizes
+
+    def _clean_in_background(self):
+        """Start ``clean()`` in a daemon thread unless this store object's runs; return the thread or None.
+
+        A clean asked for while one runs makes the running one sweep again.
+        """
+        with self._lock:
+            self._clean_again = True
+            if self._closed or self._cleaner is not None:
+                return None
+            thread = threading.Thread(target=self._clean_until_done, name="tinysession-clean", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # at interpreter shutdown
+                _logger.exception("could not start a background clean of %s", repr(self))
+                return None
+            self._cleaner = thread
+            return thread
+
+    def _clean_until_done(self):
+        """Sweep until no clean is asked for, logging each pass (INFO) or its failure; the cleaner's thread."""
+        while True:
+            with self._lock:
+                if not self._clean_again or self._closed:
+                    self._cleaner = None
+                    return
+                self._clean_again = False
+            started = time.perf_counter()
+            try:
+                sweep = self.sweep()
+            except Exception:
+                if self._closed:
+                    _logger.debug("cleaning %s stopped: the store was closed", repr(self))
+                else:
+                    _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument: bool()-ed
+                continue
+            _logger.info(
+                "cleaned %r in %.2f s: met %d sessions, removed %d of them, kept %d",
+                self, time.perf_counter() - started, sweep.seen, sweep.removed, sweep.seen - sweep.removed,
+            )
+
+
+# -- The store protocol --
+
+_MISSING = object()
+_RETRIES = 16
 _FORKS = []  # [forks of this process since a store first asked]: a child must not use its parent's handles
 
 
@@ -380,34 +583,14 @@ def _refused_once_closed(hook):
     return checked
 
 
-class Sweep:
-    """What one pass of ``Store.sweep`` saw and removed (or, in a dry run, would remove).
-
-    ``seen`` and ``seen_bytes`` count every record met, expired ones included (``seen_bytes`` is None
-    where a clean does not sum them); ``removed`` and ``removed_bytes`` those removed, always among the
-    seen; ``oldest`` and ``newest`` are the extreme mtimes (None for an empty store); ``stats`` also
-    fills ``logs`` and ``log_bytes``, the message logs kept.
-    """
-
-    __slots__ = ("log_bytes", "logs", "newest", "oldest", "removed", "removed_bytes", "seen", "seen_bytes")
-
-    def __init__(self):
-        self.seen = self.seen_bytes = self.removed = self.removed_bytes = 0
-        self.logs = self.log_bytes = 0
-        self.oldest = self.newest = None
-
-    def __repr__(self):
-        return f"<Sweep seen={self.seen} removed={self.removed}>"
-
-
-class Store(MutableMapping):
+class Store(_Cleaning, MutableMapping):
     """A mapping from keys to session records, over five bytes-level hooks (see the README, "Writing a store").
 
     A backend implements ``read``, ``write``, ``remove``, ``set_mtime`` and
     ``scan``, and may override ``sweep``, ``__len__`` and ``close``. Key
     checks, serialization, signatures, ``max_bytes``, expiry, the
-    ``max_sessions`` bound, cleaning and the mapping interface live here once;
-    ``pop``, ``popitem``, ``clear`` and ``del`` are built on conditional
+    ``max_sessions`` bound, cleaning (from ``_Cleaning``, above) and the
+    mapping interface live here once; ``pop``, ``popitem``, ``clear`` and ``del`` are built on conditional
     removals. The keyword options (``serializer``, ``secret``, ``max_age``,
     ``max_sessions``, ``max_bytes``) are the README's table. A hook sees the
     stored bytes: the serialized record, preceded by its signature when there
@@ -422,8 +605,7 @@ class Store(MutableMapping):
     def __init__(
         self, *, serializer="json", secret=None, max_age=None, max_sessions=DEFAULT_MAX_SESSIONS, max_bytes=DEFAULT_MAX_BYTES
     ):
-        self._signing_keys = self._keys_of(secret)
-        self._signing_key = self._signing_keys[-1] if self._signing_keys else None
+        self._signing_keys = _keys_of(secret)
         self.serializer = _make_serializer(serializer, secret)
         self.max_age = _check_seconds(max_age, "max_age")
         self.max_sessions = _check_count(max_sessions, "max_sessions")
@@ -444,21 +626,6 @@ class Store(MutableMapping):
                      "log_trim", "log_remove", "log_scan", "log_move"):
             if name in vars(cls):
                 setattr(cls, name, _refused_once_closed(vars(cls)[name]))
-
-    @staticmethod
-    def _keys_of(secret):
-        """Return the HMAC keys derived from ``secret`` (None, a str or bytes, or a list of them), oldest first."""
-        if secret is None:
-            return []
-        secrets = list(secret) if isinstance(secret, (list, tuple)) else [secret]
-        secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
-        if not secrets or not all(isinstance(each, bytes) and each for each in secrets):
-            kinds = ", ".join(type(each).__name__ for each in secrets)  # never a value: it is a secret
-            raise ValueError(
-                "secret must be a non-empty str or bytes, or a non-empty list of them, newest last;"
-                f" got a {type(secret).__name__} of [{kinds}]"
-            )
-        return [hashlib.sha256(b"tinysession record\0" + each).digest() for each in secrets]
 
     # The five hooks a backend implements.
 
@@ -502,20 +669,18 @@ class Store(MutableMapping):
         self._checked(key)
         try:
             payload = self.serializer.dumps(record)
-        except RecursionError as exc:
-            raise EncodeError(
-                f"cannot encode the session record for key {key!r}: nested too deep"
-                f" (past the recursion limit, sys.getrecursionlimit() = {sys.getrecursionlimit()})"
-            ) from exc
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise EncodeError(f"cannot encode the session record for key {key!r}: {exc}") from exc
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            cause = exc
+            if isinstance(exc, RecursionError):
+                cause = f"nested too deep (past sys.getrecursionlimit() = {sys.getrecursionlimit()})"
+            raise EncodeError(f"cannot encode the session record for key {key!r}: {cause}") from exc
         if self.max_bytes is not None and len(payload) > self.max_bytes:
             raise RecordTooLarge(
                 f"session record for key {key!r} is {len(payload)} bytes, over max_bytes={self.max_bytes}"
             )
-        if self._signing_key is None:
+        if not self._signing_keys:
             return payload
-        return self._signature(key, payload) + payload
+        return _signature(self._signing_keys[-1], key, payload) + payload
 
     def load(self, key, *, now=None):
         """Return ``(record, data, mtime)``: the record, its stored bytes and its mtime.
@@ -536,81 +701,28 @@ class Store(MutableMapping):
         store object (every 1,000 with ``max_age`` alone) a clean starts in a
         background thread, one at a time; its errors are logged.
         """
-        if not self.write(self._checked(key), data, self._stamp(now, new=new), expected):
+        if not self.write(self._checked(key), data, _stamp(now, new=new), expected):
             return False
         if self._clean_every is not None and next(self._writes) % self._clean_every == 0:
             self._clean_in_background()
         return True
 
-    @staticmethod
-    def _stamp(now=None, *, new=False):
-        """Return the mtime a write or touch at ``now`` stores: to the millisecond, plus half of one when ``new``.
-
-        So every store keeps a session's segment (probationary or returning)
-        in its mtime's sub-millisecond digits, with no field of its own.
-        """
-        now = _now() if now is None else now
-        return round(now, 3) + (_PROBATION_SECONDS if new else 0.0)
-
-    @staticmethod
-    def _on_probation(mtime):
-        """Return True if ``mtime`` is a probationary one (lost on clocks coarser than a quarter millisecond)."""
-        scaled = mtime * 1000.0
-        return 0.25 <= scaled - int(scaled) <= 0.75
-
-    def _clean_in_background(self):
-        """Start ``clean()`` in a daemon thread unless this store object's runs; return the thread or None.
-
-        A clean asked for while one runs makes the running one sweep again.
-        """
-        with self._lock:
-            self._clean_again = True
-            if self._closed or self._cleaner is not None:
-                return None
-            thread = threading.Thread(target=self._clean_until_done, name="tinysession-clean", daemon=True)
-            try:
-                thread.start()
-            except RuntimeError:  # at interpreter shutdown
-                _logger.exception("could not start a background clean of %s", repr(self))
-                return None
-            self._cleaner = thread
-            return thread
-
-    def _clean_until_done(self):
-        """Sweep until no clean is asked for, logging each pass (INFO) or its failure; the cleaner's thread."""
-        while True:
-            with self._lock:
-                if not self._clean_again or self._closed:
-                    self._cleaner = None
-                    return
-                self._clean_again = False
-            started = time.perf_counter()
-            try:
-                sweep = self.sweep()
-            except Exception:
-                if self._closed:
-                    _logger.debug("cleaning %s stopped: the store was closed", repr(self))
-                else:
-                    _logger.exception("cleaning %s failed", repr(self))  # a lone Mapping argument: bool()-ed
-                continue
-            _logger.info(
-                "cleaned %r in %.2f s: met %d sessions, removed %d of them, kept %d",
-                self, time.perf_counter() - started, sweep.seen, sweep.removed, sweep.seen - sweep.removed,
-            )
-
     def _expired(self, mtime, now):
         return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
 
-    def _signature(self, key, payload, signing_key=None):
-        """Return the HMAC-SHA256 of the key and the payload (newest secret by default): records cannot move."""
-        signing_key = self._signing_key if signing_key is None else signing_key
-        return hmac.digest(signing_key, key.encode("ascii") + b"\0" + payload, "sha256")
+    def _live_mtime(self, key, now):
+        """Return the mtime of the record for ``key`` if it is there and live at ``now``, else None."""
+        try:
+            _, mtime = self.read(key)
+        except KeyError:
+            return None
+        return None if self._expired(mtime, now) else mtime
 
     def _read_limit(self):
         """Return the largest stored record size worth reading, or None."""
         if self.max_bytes is None:
             return None
-        return self.max_bytes + (_SIGNATURE_BYTES if self._signing_key is not None else 0)
+        return self.max_bytes + (_SIGNATURE_BYTES if self._signing_keys else 0)
 
     def decode(self, key, data):
         """Return the record in the stored bytes ``data`` of ``key``, as ``encode`` made them.
@@ -622,29 +734,22 @@ class Store(MutableMapping):
             limit = self._read_limit()
             if limit is not None and len(data) > limit:
                 raise ValueError(f"{len(data)} bytes, over the size limit")
-            if self._signing_key is None:
+            if not self._signing_keys:
                 return self.serializer.loads(data)
             signature, payload = data[:_SIGNATURE_BYTES], data[_SIGNATURE_BYTES:]
-            if not any(
-                hmac.compare_digest(signature, self._signature(key, payload, signing_key))
-                for signing_key in reversed(self._signing_keys)
-            ):
+            expected = (_signature(signing_key, key, payload) for signing_key in reversed(self._signing_keys))
+            if not any(hmac.compare_digest(signature, each) for each in expected):
                 raise ValueError("bad signature: the secret probably changed (or the record was altered)")
             return self.serializer.loads(payload)
         except Exception as exc:  # noqa: BLE001 - any serializer, any damage: the record is unreadable
             cause = f"{type(exc).__name__}: {exc}"
-            if self._signing_key is None and self._reads_as_signed(data):
-                cause = "it is signed and this store has no secret: the secret probably changed"
+            if not self._signing_keys and len(data) > _SIGNATURE_BYTES:
+                # A record signed by a secret decodes once a signature's length is cut off.
+                with contextlib.suppress(Exception):
+                    self.serializer.loads(data[_SIGNATURE_BYTES:])
+                    cause = "it is signed and this store has no secret: the secret probably changed"
             _logger.warning("unreadable session record %s: %s", self._where(key), cause)
             raise KeyError(key) from None
-
-    def _reads_as_signed(self, data):
-        """Return True if ``data`` decodes once a signature's length is cut off: a record signed by a secret."""
-        try:
-            self.serializer.loads(data[_SIGNATURE_BYTES:])
-        except Exception:  # noqa: BLE001 - not a signed record either
-            return False
-        return len(data) > _SIGNATURE_BYTES
 
     def _where(self, key):
         """Return where the record for ``key`` lives, for log messages."""
@@ -677,9 +782,9 @@ class Store(MutableMapping):
             except KeyError:
                 return None
             if self.remove(key, expected=data):
-                self._forget_log(key)
+                _forget_log(self, key)
                 return None if self._expired(mtime, None) else data
-        self._forget_log(key)
+        _forget_log(self, key)
         return data if self.remove(key) else None  # rewritten under us every time: remove what is there
 
     # The mapping interface.
@@ -695,11 +800,7 @@ class Store(MutableMapping):
             raise KeyError(key)
 
     def __contains__(self, key):
-        try:
-            _, mtime = self.read(self._checked(key))
-        except KeyError:
-            return False
-        return not self._expired(mtime, None)
+        return self._live_mtime(self._checked(key), None) is not None
 
     def __iter__(self):
         now = _now()
@@ -711,14 +812,12 @@ class Store(MutableMapping):
     def pop(self, key, default=_MISSING):
         """Remove the record for ``key`` and return it, atomically; ``default`` (or KeyError) if absent."""
         data = self._take(self._checked(key))
-        try:
-            if data is None:
-                raise KeyError(key)
-            return self.decode(key, data)
-        except KeyError:
-            if default is _MISSING:
-                raise
-            return default
+        if data is not None:
+            with contextlib.suppress(KeyError):  # unreadable (logged): as if absent
+                return self.decode(key, data)
+        if default is _MISSING:
+            raise KeyError(key)
+        return default
 
     def popitem(self):
         """Remove and return some ``(key, record)``; KeyError if the store is empty."""
@@ -762,120 +861,10 @@ class Store(MutableMapping):
         Return True if the record exists and is live, False if it is missing
         or expired (an expired record is not brought back).
         """
-        self._checked(key)
-        now = _now() if now is None else now
-        if self.max_age is not None:
-            try:
-                _, mtime = self.read(key)
-            except KeyError:
-                return False
-            if self._expired(mtime, now):
-                return False
-        return self.set_mtime(key, self._stamp(now))
-
-    def clean(self, max_age=None, keep=None, *, now=None):
-        """Remove expired records, then all but ``keep`` of the others; return how many.
-
-        Past ``keep`` go sessions on probation first, then returning ones,
-        oldest first in each (the README's "Which sessions a full store
-        evicts"). ``max_age`` and ``keep`` default to the store's ``max_age``
-        and ``max_sessions``; with neither, only debris goes. A record written
-        or touched after the pass began is never removed, nor counted in ``keep``.
-        """
-        return self.sweep(max_age, keep, now=now).removed
-
-    def stats(self, max_age=None, *, now=None):
-        """Return a dry-run ``Sweep``: the records, their bytes and times, and how many are past ``max_age``."""
-        sweep = self.sweep(max_age, None, now=now, dry_run=True)
-        try:
-            sizes = [size for _, size in self.log_scan()]
-        except NotImplementedError:
-            return sweep
-        sweep.logs, sweep.log_bytes = len(sizes), sum(sizes)
-        return sweep
-
-    def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
-        """Run one cleaning pass, as ``clean`` describes, and return its ``Sweep``.
-
-        With ``dry_run`` nothing is removed. ``progress``, if given, is called
-        with the live ``Sweep`` at the start and every 10,000 records, so an
-        interrupted caller (Ctrl-C) can report what was done. One pass over
-        ``scan()``, in memory bounded by ``keep`` (a heap of the records kept
-        so far). A closed store stops the pass at its next batch (StoreError).
-        """
-        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        self._checked()
-        started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
-        floor = float("-inf") if cutoff is None else cutoff
-        sweep = Sweep()
-        kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
-        doomed = []
-        if progress is not None:
-            progress(sweep)
-        # The counts live in locals, and reach the Sweep every 10,000 records and when the pass ends or is
-        # interrupted: this loop runs once per file.
-        seen = seen_bytes = 0
-        oldest, newest = float("inf"), float("-inf")
-        try:
-            for key, mtime, size in self._sweep_scan(now, dry_run):
-                seen += 1
-                seen_bytes += size
-                oldest, newest = min(oldest, mtime), max(newest, mtime)
-                if not seen % 10000:
-                    self._checked()
-                    sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = seen, seen_bytes, oldest, newest
-                    if progress is not None:
-                        progress(sweep)
-                if mtime < floor:
-                    doomed.append((key, mtime, size))
-                elif keep is not None and mtime <= started:
-                    entry = (not self._on_probation(mtime), mtime, key, size)
-                    if len(kept) < keep:
-                        heapq.heappush(kept, entry)
-                    else:
-                        _, mtime, key, size = heapq.heappushpop(kept, entry)
-                        doomed.append((key, mtime, size))
-                if len(doomed) >= _EVICT_BATCH:
-                    self._evict_counted(doomed, sweep, dry_run)
-        finally:
-            sweep.seen, sweep.seen_bytes = seen, seen_bytes
-            if seen:
-                sweep.oldest, sweep.newest = oldest, newest
-        self._evict_counted(doomed, sweep, dry_run)
-        return sweep
-
-    def _sweep_limits(self, max_age, keep, now):
-        """Return ``(cutoff, keep, now)`` for a sweep, the store's options filling in the defaults."""
-        max_age = self.max_age if max_age is None else _check_seconds(max_age, "max_age")
-        keep = self.max_sessions if keep is None else _check_count(keep, "keep")
-        now = _now() if now is None else now
-        return (None if max_age is None else now - max_age), keep, now
-
-    def _sweep_scan(self, now, dry_run):
-        """Return what a sweep iterates: ``scan()``, which a store may extend (FileStore removes debris)."""
-        return self.scan()
-
-    def _evict_counted(self, doomed, sweep, dry_run):
-        """Remove the doomed ``(key, mtime, size)`` entries, count them into ``sweep``, empty the list."""
-        if not doomed:
-            return
-        sizes = [size for _, _, size in doomed] if dry_run else self._evict(doomed)
-        sweep.removed += len(sizes)
-        sweep.removed_bytes += sum(sizes)
-        doomed.clear()
-
-    def _evict(self, doomed):
-        """Remove each entry whose record still has the mtime the scan saw, and its log; return their sizes."""
-        sizes = []
-        for key, mtime, size in doomed:
-            try:
-                data, current = self.read(key)
-            except KeyError:
-                continue  # removed by someone else meanwhile
-            if current == mtime and self.remove(key, expected=data):
-                sizes.append(size)
-                self._forget_log(key)
-        return sizes
+        key = self._checked(key)
+        if self.max_age is not None and self._live_mtime(key, now) is None:
+            return False
+        return self.set_mtime(key, _stamp(now))
 
     # The message log: optional hooks, for MessageLog. A store without them raises NotImplementedError.
 
@@ -917,12 +906,12 @@ class Store(MutableMapping):
             self.log_append(new, lines)
         return bool(lines) and self.log_remove(old)
 
-    def _forget_log(self, key):
-        """Remove the log of ``key``, if the store keeps logs; return True if there was one."""
-        try:
-            return self.log_remove(key)
-        except NotImplementedError:
-            return False
+
+def _forget_log(store, key):
+    """Remove the log of ``key`` from ``store``, if it keeps logs; return True if there was one."""
+    with contextlib.suppress(NotImplementedError):  # a store without message logs
+        return store.log_remove(key)
+    return False
 
 
 # -- FileStore --
@@ -940,12 +929,12 @@ _LOG_APPEND_FLAGS = _READ_FLAGS | os.O_RDWR | os.O_APPEND | os.O_CREAT  # O_RDON
 
 
 @contextlib.contextmanager
-def _os_errors(action, path):
-    """Raise an OSError of the block as StoreError("cannot <action> <path>: <reason>"), chained."""
+def _os_errors(action, path, errors=OSError):
+    """Raise ``errors`` (OSError) of the block as StoreError("cannot <action> <path>: <reason>"), chained."""
     try:
         yield
-    except OSError as exc:
-        raise StoreError(f"cannot {action} {path!r}: {exc.strerror or exc}") from exc
+    except errors as exc:
+        raise StoreError(f"cannot {action} {path!r}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def _write_all(fd, data):
@@ -973,10 +962,7 @@ class FileStore(Store):
         super().__init__(**options)
         self.directory = os.fspath(directory)
         self._log_counts = {}  # (key, inode, size, mtime) of a log ending in a newline -> its lines
-        self._make_directory()
-
-    def _make_directory(self):
-        """Create the directory 0700, or check that the existing one is writable by its owner alone."""
+        # Create the directory 0700, or check that the existing one is writable by its owner alone.
         with _os_errors("create session directory", self.directory), contextlib.suppress(FileExistsError):
             os.makedirs(self.directory, 0o700)
             os.chmod(self.directory, 0o700)  # whatever the umask took away or left
@@ -1013,8 +999,7 @@ class FileStore(Store):
     def _path(self, key):
         return os.path.join(self.directory, _FILE_PREFIX + key)
 
-    def _where(self, key):
-        return self._path(key)
+    _where = _path  # a record lives at its path
 
     @contextlib.contextmanager
     def _locked(self):
@@ -1052,6 +1037,18 @@ class FileStore(Store):
         path = self._path(key)
         try:
             fd = os.open(path, _READ_FLAGS)
+            try:
+                status = os.fstat(fd)
+                if not stat.S_ISREG(status.st_mode):
+                    _logger.warning("session file %s is not a regular file: ignored", path)
+                    raise KeyError(key)
+                limit = self._read_limit()
+                if limit is not None and status.st_size > limit:
+                    _logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
+                    raise KeyError(key)
+                return os.read(fd, status.st_size), status.st_mtime
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             raise KeyError(key) from None
         except OSError as exc:
@@ -1059,20 +1056,6 @@ class FileStore(Store):
                 raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
             _logger.warning("session file %s is a symbolic link: ignored", path)
             raise KeyError(key) from None
-        try:
-            status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode):
-                _logger.warning("session file %s is not a regular file: ignored", path)
-                raise KeyError(key)
-            limit = self._read_limit()
-            if limit is not None and status.st_size > limit:
-                _logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
-                raise KeyError(key)
-            return os.read(fd, status.st_size), status.st_mtime
-        except OSError as exc:
-            raise StoreError(f"cannot read session file {path!r}: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
 
     def _current(self, key):
         """Return the bytes stored for ``key`` now, or None; call it holding the lock."""
@@ -1142,17 +1125,12 @@ class FileStore(Store):
         with self._locked():
             for key, mtime, size in doomed:
                 path = self._path(key)
-                with _os_errors("remove session file", path):
-                    try:
-                        if os.lstat(path).st_mtime != mtime:
-                            continue  # written or touched since the scan saw it
+                # FileNotFoundError: removed by another cleaner (not counted), or a record without a log.
+                with _os_errors("remove session file", path), contextlib.suppress(FileNotFoundError):
+                    if os.lstat(path).st_mtime == mtime:  # else written or touched since the scan saw it
                         os.unlink(path)
-                    except FileNotFoundError:
-                        _logger.debug("already removed: %s", path)  # by another cleaner: not counted
-                        continue
-                    with contextlib.suppress(FileNotFoundError):  # the message log goes with its record
-                        os.unlink(path + _LOG_SUFFIX)
-                sizes.append(size)
+                        sizes.append(size)
+                        os.unlink(path + _LOG_SUFFIX)  # the message log goes with its record
         return sizes
 
     # The message log: the file ts-<key>.log beside the record, one JSON line per message.
@@ -1280,48 +1258,16 @@ _TABLE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 _SQLITE_BUSY_SECONDS = 5.0
 _SQLITE_IDLE_CONNECTIONS = 8
 _SQLITE_EVICT_BATCH = 500
-# 1 for a returning session, 0 for one on probation: Store._on_probation in SQL (see Store._stamp).
+# 1 for a returning session, 0 for one on probation: _on_probation in SQL (see _stamp).
 _SQL_RETURNING = "(mtime * 1000 - CAST(mtime * 1000 AS INTEGER) NOT BETWEEN 0.25 AND 0.75)"
 _SQL_SCHEMA = (
     "PRAGMA journal_mode=WAL;"
     'CREATE TABLE IF NOT EXISTS "{table}" (key TEXT PRIMARY KEY, data BLOB NOT NULL, mtime REAL NOT NULL);'
     'CREATE INDEX IF NOT EXISTS "{table}_mtime" ON "{table}" (mtime);'
     'CREATE INDEX IF NOT EXISTS "{table}_segment" ON "{table}" (' + _SQL_RETURNING + ", mtime);"
-)
-_SQL_READ = 'SELECT CASE WHEN LENGTH(data) <= ? THEN data END, mtime FROM "{table}" WHERE key = ?'
-_SQL_PUT = (
-    'INSERT INTO "{table}" (key, data, mtime) VALUES (?, ?, ?) '
-    "ON CONFLICT (key) DO UPDATE SET data = excluded.data, mtime = excluded.mtime"
-)
-_SQL_REPLACE = 'UPDATE "{table}" SET data = ?, mtime = ? WHERE key = ? AND data = ?'
-_SQL_SET_MTIME = 'UPDATE "{table}" SET mtime = ? WHERE key = ?'
-_SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ?'
-_SQL_DELETE_EXPECTED = 'DELETE FROM "{table}" WHERE key = ? AND data = ?'
-_SQL_DELETE_SEEN = 'DELETE FROM "{table}" WHERE key = ? AND mtime = ?'
-_SQL_SCAN = 'SELECT key, mtime, LENGTH(data) FROM "{table}"'
-_SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
-# A clean's tally, all from the indexes; a dry run's (stats) sums the bytes too, which reads every row.
-_SQL_TALLY = (
-    'SELECT (SELECT COUNT(*) FROM "{table}"), NULL, (SELECT MIN(mtime) FROM "{table}"),'
-    ' (SELECT MAX(mtime) FROM "{table}"), (SELECT MAX(rowid) FROM "{table}")'
-)
-_SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime), MAX(rowid) FROM "{table}"'
-# What a sweep removes, among the rows its tally counted (rowid <= the last one then; a new row's is
-# larger): the expired, then the live rows past `keep` stamped before the pass began (probation first,
-# oldest first, in the segment index's order). "+" keeps the planner on the mtime and segment indexes.
-_SQL_EXPIRED = 'SELECT key, mtime, LENGTH(data) AS size FROM "{table}" WHERE mtime < ? AND +rowid <= ? LIMIT ? OFFSET ?'
-_SQL_BEYOND = (
-    'SELECT key, mtime, LENGTH(data) AS size FROM "{table}" WHERE +mtime >= ? AND +mtime <= ? AND +rowid <= ? '
-    "ORDER BY " + _SQL_RETURNING + " DESC, mtime DESC LIMIT ? OFFSET ?"
-)
-_SQL_SUMMARY_EXPIRED = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_EXPIRED + ")"
-_SQL_SUMMARY_BEYOND = "SELECT COUNT(*), TOTAL(size) FROM (" + _SQL_BEYOND + ")"
-_INHERITED = []  # a forked child's copies of its parent's connections
-
-
-# The message log: its own table; triggers remove a session's log with its record and keep each log's length
-# (counted from the lines once, when the length table is new), whatever changes the lines, an older version too.
-_SQL_LOG_SCHEMA = (
+    # The message log: its own table; triggers remove a session's log with its record and keep each
+    # log's length (counted from the lines once, when the length table is new), whatever changes the
+    # lines, an older version too.
     'CREATE TABLE IF NOT EXISTS "{table}_log" '
     "(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, line BLOB NOT NULL);"
     'CREATE INDEX IF NOT EXISTS "{table}_log_key" ON "{table}_log" (key, seq);'
@@ -1340,9 +1286,38 @@ _SQL_LOG_SCHEMA = (
     'DELETE FROM "{table}_log_length" WHERE key = old.key AND lines <= 0; '
     'INSERT INTO "{table}_log_length" VALUES (new.key, 1) ON CONFLICT (key) DO UPDATE SET lines = lines + 1; END;'
 )
+_SQL_READ = 'SELECT CASE WHEN LENGTH(data) <= ? THEN data END, mtime FROM "{table}" WHERE key = ?'
+_SQL_PUT = (
+    'INSERT INTO "{table}" (key, data, mtime) VALUES (?, ?, ?) '
+    "ON CONFLICT (key) DO UPDATE SET data = excluded.data, mtime = excluded.mtime"
+)
+_SQL_REPLACE = 'UPDATE "{table}" SET data = ?, mtime = ? WHERE key = ? AND data = ?'
+_SQL_SET_MTIME = 'UPDATE "{table}" SET mtime = ? WHERE key = ?'
+_SQL_DELETE = 'DELETE FROM "{table}" WHERE key = ? AND (? IS NULL OR data = ?)'
+_SQL_DELETE_SEEN = 'DELETE FROM "{table}" WHERE key = ? AND mtime = ?'
+_SQL_SCAN = 'SELECT key, mtime, LENGTH(data) FROM "{table}"'
+_SQL_COUNT = 'SELECT COUNT(*) FROM "{table}" WHERE mtime >= ?'
+# A clean's tally, all from the indexes; a dry run's (stats) sums the bytes too, which reads every row.
+_SQL_TALLY = (
+    'SELECT (SELECT COUNT(*) FROM "{table}"), NULL, (SELECT MIN(mtime) FROM "{table}"),'
+    ' (SELECT MAX(mtime) FROM "{table}"), (SELECT MAX(rowid) FROM "{table}")'
+)
+_SQL_SUMMARY = 'SELECT COUNT(*), TOTAL(LENGTH(data)), MIN(mtime), MAX(mtime), MAX(rowid) FROM "{table}"'
+# What a sweep removes, among the rows its tally counted (rowid <= the last one then; a new row's is
+# larger): the expired, then the live rows past `keep` stamped before the pass began (probation first,
+# oldest first, in the segment index's order). "+" keeps the planner on the mtime and segment indexes.
+_SQL_EXPIRED = 'SELECT key, mtime, LENGTH(data) AS size FROM "{table}" WHERE mtime < ? AND +rowid <= ? LIMIT ? OFFSET ?'
+_SQL_BEYOND = (
+    'SELECT key, mtime, LENGTH(data) AS size FROM "{table}" WHERE +mtime >= ? AND +mtime <= ? AND +rowid <= ? '
+    "ORDER BY " + _SQL_RETURNING + " DESC, mtime DESC LIMIT ? OFFSET ?"
+)
+_INHERITED = []  # a forked child's copies of its parent's connections
+
+
+# The message log's statements (its tables and triggers are in _SQL_SCHEMA).
 _SQL_LOG_FOUND = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{table}_log_length'"
 _SQL_LOG_APPEND = 'INSERT INTO "{table}_log" (key, line) VALUES (?, ?)'
-_SQL_LOG_LENGTH = 'SELECT lines FROM "{table}_log_length" WHERE key = ?'
+_SQL_LOG_LENGTH = 'SELECT COALESCE((SELECT lines FROM "{table}_log_length" WHERE key = ?), 0)'
 _SQL_LOG_READ = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq LIMIT ? OFFSET ?'
 _SQL_LOG_TAIL = 'SELECT line FROM "{table}_log" WHERE key = ? ORDER BY seq DESC LIMIT ?'
 _SQL_LOG_TRIM = (
@@ -1352,6 +1327,19 @@ _SQL_LOG_TRIM = (
 _SQL_LOG_REMOVE = 'DELETE FROM "{table}_log" WHERE key = ?'
 _SQL_LOG_MOVE = 'UPDATE "{table}_log" SET key = ? WHERE key = ?'
 _SQL_LOG_SCAN = 'SELECT key, TOTAL(LENGTH(line)) FROM "{table}_log" GROUP BY key'
+
+
+@contextlib.contextmanager
+def _transaction(connection):
+    """Run the block in one ``BEGIN IMMEDIATE`` transaction on ``connection``: committed, or rolled back."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
 
 
 class SQLiteStore(Store):
@@ -1387,28 +1375,23 @@ class SQLiteStore(Store):
         self._sql = {sql: sql.format(table=table) for name, sql in globals().items()
                      if name.startswith("_SQL_") and isinstance(sql, str)}
         self._schema_ready = self.read_only  # the first connection of this store object sets it up
-        self._log_ready = False  # the log's tables: made (or found, when read-only) on first use
         if not self.read_only and not os.path.exists(self.path):
-            self._create_file()
-        self._checkin(self._checkout())  # a file that is not a database fails here
-
-    def _create_file(self):
-        """Create the database file 0600 (SQLite gives its -wal and -shm the same mode) and its directory 0700."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(directory, 0o700, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create session database {self.path!r}: its directory {directory!r} is missing"
-                f" and cannot be created: {exc.strerror}"
-            ) from exc
-        # FileExistsError: another process created it meanwhile.
-        with _os_errors("create session database", self.path), contextlib.suppress(FileExistsError):
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            # The file is created 0600 (SQLite gives its -wal and -shm the same mode), its directory 0700.
+            directory = os.path.dirname(os.path.abspath(self.path))
             try:
-                os.fchmod(fd, 0o600)  # whatever the umask took away
-            finally:
-                os.close(fd)
+                os.makedirs(directory, 0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create session database {self.path!r}: its directory {directory!r} is missing"
+                    f" and cannot be created: {exc.strerror}"
+                ) from exc
+            # FileExistsError: another process created it meanwhile.
+            with _os_errors("create session database", self.path), contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+                os.chmod(self.path, 0o600)  # whatever the umask took away
+        # The first query opens a connection (a file that is not a database fails here). The log's tables
+        # are there unless a read-only store opened a database that predates them.
+        self._log_ready = bool(self._execute(_SQL_LOG_FOUND))
 
     def __repr__(self):
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
@@ -1426,10 +1409,18 @@ class SQLiteStore(Store):
         _INHERITED.extend(getattr(self, "_idle", ()))  # the parent's connections: never used, never closed
         self._idle, self._pool_lock = [], threading.Lock()  # _idle: open connections no operation is using
 
-    def _connect(self):
-        """Open a connection; the first one of this store object sets up the schema and WAL mode."""
+    def _checkout(self):
+        """Return an idle connection, or open one, for one operation; StoreError if the store is closed.
+
+        The first connection of this store object sets up the schema (the message log's tables too)
+        and WAL mode.
+        """
+        self._checked()  # StoreError if closed; in a forked child, before its parent's lock is taken
+        with self._pool_lock:
+            if self._idle:
+                return self._idle.pop()
         target = f"file:{urllib.parse.quote(self.path)}?mode=ro" if self.read_only else self.path
-        try:
+        with _os_errors("open session database", self.path, self._sqlite3.Error):
             connection = self._sqlite3.connect(
                 target, uri=self.read_only, timeout=_SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False
             )
@@ -1437,17 +1428,7 @@ class SQLiteStore(Store):
             if not self._schema_ready:
                 connection.executescript(self._sql[_SQL_SCHEMA])
                 self._schema_ready = True
-            return connection
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot open session database {self.path!r}: {exc}") from exc
-
-    def _checkout(self):
-        """Return an idle connection, or a new one, for one operation; StoreError if the store is closed."""
-        self._checked()  # StoreError if closed; in a forked child, before its parent's lock is taken
-        with self._pool_lock:
-            if self._idle:
-                return self._idle.pop()
-        return self._connect()
+        return connection
 
     def _checkin(self, connection):
         """Give back a connection ``_checkout`` returned: kept idle, or closed if the store is closed."""
@@ -1458,11 +1439,12 @@ class SQLiteStore(Store):
         connection.close()
 
     @contextlib.contextmanager
-    def _connected(self):
-        """Hold a pooled connection for several statements (a sweep, a transaction)."""
+    def _connected(self, action):
+        """Hold a pooled connection for several statements (a sweep, a transaction); sqlite3.Error as StoreError."""
         connection = self._checkout()
         try:
-            yield connection
+            with _os_errors(f"{action} session database", self.path, self._sqlite3.Error):
+                yield connection
         finally:
             self._checkin(connection)
 
@@ -1478,22 +1460,6 @@ class SQLiteStore(Store):
             if pooled is not None:
                 self._checkin(pooled)
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _transaction(connection):
-        """Run the block in one ``BEGIN IMMEDIATE`` transaction on ``connection``: committed, or rolled back."""
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
-
-    def _where(self, key):
-        return f"{self.path} table {self.table} key {key!r}"
-
     def read(self, key):
         limit = self._read_limit()
         rows = self._execute(_SQL_READ, (2**62 if limit is None else limit, key))
@@ -1506,14 +1472,11 @@ class SQLiteStore(Store):
 
     def write(self, key, data, mtime, expected=None):
         if expected is None:
-            self._execute(_SQL_PUT, (key, data, mtime))
-            return True
+            return self._execute(_SQL_PUT, (key, data, mtime)) > 0  # an upsert: always 1 row
         return self._execute(_SQL_REPLACE, (data, mtime, key, expected)) > 0
 
     def remove(self, key, expected=None):
-        if expected is None:
-            return self._execute(_SQL_DELETE, (key,)) > 0
-        return self._execute(_SQL_DELETE_EXPECTED, (key, expected)) > 0
+        return self._execute(_SQL_DELETE, (key, expected, expected)) > 0
 
     def set_mtime(self, key, mtime):
         return self._execute(_SQL_SET_MTIME, (mtime, key)) > 0
@@ -1534,27 +1497,25 @@ class SQLiteStore(Store):
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         started = _now() + 0.001  # as in Store.sweep
+        floor = float("-inf") if cutoff is None else cutoff
+        passes = [(_SQL_EXPIRED, (floor,), 0)]
+        if keep is not None:
+            passes.append((_SQL_BEYOND, (floor, started), keep))
         sweep = Sweep()
-        passes = [] if cutoff is None else [(_SQL_EXPIRED, _SQL_SUMMARY_EXPIRED, (cutoff,), 0)]
-        try:
-            with self._connected() as connection:
-                tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
-                sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(tally).fetchone()
-                sweep.seen_bytes = None if size is None else int(size)
-                if keep is not None:
-                    floor = float("-inf") if cutoff is None else cutoff
-                    passes.append((_SQL_BEYOND, _SQL_SUMMARY_BEYOND, (floor, started), keep))
-                if progress is not None:
-                    progress(sweep)
-                for select, summary, parameters, offset in passes:
-                    parameters += (last or 0,)
-                    if not dry_run:
-                        self._evict_batches(connection, select, parameters, offset, sweep, progress)
-                        continue
-                    count, size = connection.execute(self._sql[summary], (*parameters, -1, offset)).fetchone()
-                    sweep.removed, sweep.removed_bytes = sweep.removed + count, sweep.removed_bytes + int(size)
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot clean session database {self.path!r}: {exc}") from exc
+        with self._connected("clean") as connection:
+            tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
+            sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(tally).fetchone()
+            sweep.seen_bytes = None if size is None else int(size)
+            if progress is not None:
+                progress(sweep)
+            for select, parameters, offset in passes:
+                parameters += (last or 0,)
+                if not dry_run:
+                    self._evict_batches(connection, select, parameters, offset, sweep, progress)
+                    continue
+                summary = f"SELECT COUNT(*), TOTAL(size) FROM ({self._sql[select]})"
+                count, size = connection.execute(summary, (*parameters, -1, offset)).fetchone()
+                sweep.removed, sweep.removed_bytes = sweep.removed + count, sweep.removed_bytes + int(size)
         return sweep
 
     def _evict_batches(self, connection, select, parameters, offset, sweep, progress):
@@ -1565,7 +1526,7 @@ class SQLiteStore(Store):
             if not rows:
                 return
             delete = self._sql[_SQL_DELETE_SEEN]
-            with self._transaction(connection):
+            with _transaction(connection):
                 sizes = [size for key, mtime, size in rows if connection.execute(delete, (key, mtime)).rowcount]
             sweep.removed += len(sizes)
             sweep.removed_bytes += sum(sizes)
@@ -1579,38 +1540,22 @@ class SQLiteStore(Store):
     # The message log: the table <table>_log, one row per message, removed with its record by a trigger;
     # <table>_log_length, each log's length, kept by triggers.
 
-    def _log_tables(self):
-        """Return True if the log's tables exist, creating them on first use (unless read-only)."""
-        if not self._log_ready:
-            try:
-                if not self.read_only:
-                    with self._connected() as connection:
-                        connection.executescript(self._sql[_SQL_LOG_SCHEMA])
-            except self._sqlite3.Error as exc:
-                raise StoreError(f"cannot create the message log's tables in {self.path!r}: {exc}") from exc
-            self._log_ready = bool(self._execute(_SQL_LOG_FOUND))
-        return self._log_ready
-
     @contextlib.contextmanager
     def _log_transaction(self, action):
         """Yield a pooled connection in one ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
-        if not self._log_tables():
+        if not self._log_ready:
             raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
-        try:
-            with self._connected() as connection, self._transaction(connection):
-                yield connection
-        except self._sqlite3.Error as exc:
-            raise StoreError(f"cannot {action} the message log in {self.path!r}: {exc}") from exc
+        with self._connected(f"{action} the message log in") as connection, _transaction(connection):
+            yield connection
 
     def log_append(self, key, lines):
         with self._log_transaction("append to") as connection:
-            for line in lines:
-                self._execute(_SQL_LOG_APPEND, (key, bytes(line)), connection)
+            connection.executemany(self._sql[_SQL_LOG_APPEND], [(key, bytes(line)) for line in lines])
             return self._log_lines(key, connection)
 
     def log_read(self, key, start=0, stop=None):
         """The last lines through the index on ``(key, seq)``, newest first; others by ``LIMIT`` and ``OFFSET``."""
-        if not self._log_tables():
+        if not self._log_ready:
             return []
         if start < 0 and stop is None:
             rows = self._execute(_SQL_LOG_TAIL, (key, -start))[::-1]
@@ -1620,7 +1565,7 @@ class SQLiteStore(Store):
         return [bytes(row[0]) for row in rows]
 
     def log_length(self, key):
-        return self._log_lines(key) if self._log_tables() else 0
+        return self._log_lines(key) if self._log_ready else 0
 
     def log_trim(self, key, start, stop, expected):
         with self._log_transaction("trim") as connection:
@@ -1630,8 +1575,7 @@ class SQLiteStore(Store):
             return True
 
     def log_remove(self, key):
-        with self._log_transaction("remove") as connection:
-            return self._execute(_SQL_LOG_REMOVE, (key,), connection) > 0
+        return self._log_ready and self._execute(_SQL_LOG_REMOVE, (key,)) > 0  # one statement: atomic alone
 
     def log_move(self, old, new):
         with self._log_transaction("move") as connection:
@@ -1642,12 +1586,11 @@ class SQLiteStore(Store):
             return True
 
     def log_scan(self):
-        return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_tables() else []
+        return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_ready else []
 
     def _log_lines(self, key, connection=None):
         """Return how many lines the log of ``key`` holds, 0 for none, on ``connection`` or a pooled one."""
-        rows = self._execute(_SQL_LOG_LENGTH, (key,), connection)
-        return rows[0][0] if rows else 0
+        return self._execute(_SQL_LOG_LENGTH, (key,), connection)[0][0]
 
 
 # -- RedisStore --
@@ -1892,7 +1835,7 @@ class RedisStore(Store):
     def _write(self, key, data, mtime, mode, expected):
         # Scores and mtimes travel as repr(float): exact decimals, which Redis parses back to the same doubles.
         cutoff = "" if self.max_age is None else repr(mtime - self.max_age)
-        arguments = [data, repr(mtime), self._ttl(), mode, expected, cutoff, key, int(self._on_probation(mtime))]
+        arguments = [data, repr(mtime), self._ttl(), mode, expected, cutoff, key, int(_on_probation(mtime))]
         return self._script(_REDIS_WRITE, self._keys(key), arguments) == 1
 
     def remove(self, key, expected=None):
@@ -2558,18 +2501,14 @@ def _store_key(session_id):
 
 
 def _session_ids(header, name):
-    """Return the well-formed session ids of the cookies called ``name`` in a Cookie header: the first four.
+    """Return the well-formed session ids of the cookies called ``name`` in a Cookie header.
 
     Tolerant: a malformed pair is skipped without hiding the pairs after it.
     Surrounding double quotes (allowed by RFC 6265) are removed.
     """
-    ids = []
-    for pair in header.split(";") if name in header else ():
-        pair_name, equals, value = pair.partition("=")
-        value = value.strip().strip('"')
-        if equals and pair_name.strip() == name and len(value) == _SESSION_ID_LENGTH and _is_key(value):
-            ids.append(value)
-    return ids[:_MAX_COOKIE_CANDIDATES]
+    pairs = (pair.partition("=") for pair in header.split(";")) if name in header else ()
+    values = (value.strip().strip('"') for pair_name, _, value in pairs if pair_name.strip() == name)
+    return [value for value in values if len(value) == _SESSION_ID_LENGTH and _is_key(value)]
 
 
 def _vary_cookie(headers, name):
@@ -2593,74 +2532,51 @@ class _Settings:
     def __init__(self, store, *, cookie_name=DEFAULT_COOKIE_NAME, path="/", domain=None, secure=None, httponly=True,
                  samesite="Lax", partitioned=False, cookie_max_age=None, refresh_each_request=False,
                  max_lifetime=None, identity_key="_user_id", merge=merge_sessions, touch_interval=60):
-        checks = (
-            (isinstance(store, Store), TypeError,
-             f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}"),
-            (isinstance(cookie_name, str) and re.fullmatch(_TOKEN_PATTERN, cookie_name) is not None
-             and not http.cookies.Morsel().isReservedKey(cookie_name), ValueError, f"invalid cookie name {cookie_name!r}"),
-            (isinstance(path, str) and re.fullmatch(_ATTRIBUTE_PATTERN, path) is not None, ValueError,
-             f"invalid cookie path {path!r}"),
-            (domain is None or isinstance(domain, str) and re.fullmatch(_ATTRIBUTE_PATTERN, domain) is not None,
-             ValueError, f"invalid cookie domain {domain!r}"),
-            (samesite is None or str(samesite).capitalize() in ("Lax", "Strict", "None"), ValueError,
-             f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}"),
-            (secure in (None, True, False), ValueError, f"secure must be None, True or False, not {secure!r}"),
-            (cookie_max_age is None or type(cookie_max_age) is int, ValueError,
-             f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}"),
-            (identity_key is None or isinstance(identity_key, str), TypeError,
-             f"identity_key must be a str or None, not {type(identity_key).__name__}"),
-            (merge is None or callable(merge), TypeError,
-             f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}"),
-        )
-        for valid, error, message in checks:
-            if not valid:
-                raise error(message)
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a tinysession.Store (FileStore, SQLiteStore, RedisStore...), not {store!r}")
+        if not (isinstance(cookie_name, str) and re.fullmatch(_TOKEN_PATTERN, cookie_name)
+                and not http.cookies.Morsel().isReservedKey(cookie_name)):
+            raise ValueError(f"invalid cookie name {cookie_name!r}")
+        if not (isinstance(path, str) and re.fullmatch(_ATTRIBUTE_PATTERN, path)):
+            raise ValueError(f"invalid cookie path {path!r}")
+        if domain is not None and not (isinstance(domain, str) and re.fullmatch(_ATTRIBUTE_PATTERN, domain)):
+            raise ValueError(f"invalid cookie domain {domain!r}")
+        if samesite is not None and str(samesite).capitalize() not in ("Lax", "Strict", "None"):
+            raise ValueError(f"samesite must be 'Lax', 'Strict', 'None' or None, not {samesite!r}")
+        if secure not in (None, True, False):
+            raise ValueError(f"secure must be None, True or False, not {secure!r}")
+        if cookie_max_age is not None and type(cookie_max_age) is not int:
+            raise ValueError(f"cookie_max_age must be an int number of seconds or None, not {cookie_max_age!r}")
+        if identity_key is not None and not isinstance(identity_key, str):
+            raise TypeError(f"identity_key must be a str or None, not {type(identity_key).__name__}")
+        if merge is not None and not callable(merge):
+            raise TypeError(f"merge must be a callable merge(base, ours, theirs) -> dict or None, not {merge!r}")
         self.store = store
         self.cookie_name = cookie_name
         self.path = path
-        self.domain = domain
-        self.secure = secure
-        self.httponly = bool(httponly)
-        self.samesite = None if samesite is None else samesite.capitalize()
+        samesite = None if samesite is None else samesite.capitalize()
+        self.secure = True if samesite == "None" or partitioned else secure  # as browsers require
         self.partitioned = bool(partitioned)
         # As in Starlette: 0 or less sends Max-Age=0, and a cookie that dies at once needs no record.
-        self.cookie_max_age = cookie_max_age if cookie_max_age is None or cookie_max_age > 0 else 0
+        self.cookie_max_age = None if cookie_max_age is None else max(cookie_max_age, 0)
         self.identity_key = identity_key
         self.merge = merge
         self.refresh_each_request = bool(refresh_each_request)
         self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
         self.touch_interval = _check_seconds(touch_interval, "touch_interval")
-
-    def touch_after(self):
-        """Return the seconds after which a read session's mtime is refreshed, or None for never.
-
-        ``touch_interval``, but at most a quarter of the store's ``max_age``,
-        so a session used at least every three quarters of ``max_age`` never
-        expires.
-        """
-        max_age = self.store.max_age
-        if self.touch_interval is None or max_age is None:
-            return self.touch_interval
-        return min(self.touch_interval, max_age / 4)
+        # The attributes of every Set-Cookie, as Morsel takes them: "" (or False) leaves one out.
+        self._attributes = {"path": path, "domain": domain or "", "httponly": bool(httponly),
+                            "samesite": samesite or "",
+                            "max-age": "" if self.cookie_max_age is None else self.cookie_max_age}
 
     def set_cookie(self, session_id, secure_request):
         """Return the Set-Cookie value for ``session_id``, or one that expires the cookie if it is None."""
         morsel = http.cookies.Morsel()
         morsel.set(self.cookie_name, session_id or "", session_id or "")
-        morsel["path"] = self.path
-        if self.domain is not None:
-            morsel["domain"] = self.domain
-        if (self.secure if self.secure is not None else secure_request) or self.samesite == "None" or self.partitioned:
-            morsel["secure"] = True
-        if self.httponly:
-            morsel["httponly"] = True
-        if self.samesite is not None:
-            morsel["samesite"] = self.samesite
+        morsel.update(self._attributes)
+        morsel["secure"] = secure_request if self.secure is None else self.secure
         if session_id is None:
-            morsel["max-age"] = 0
-            morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
-        elif self.cookie_max_age is not None:
-            morsel["max-age"] = self.cookie_max_age
+            morsel.update({"max-age": 0, "expires": "Thu, 01 Jan 1970 00:00:00 GMT"})
         # Morsel knows Partitioned only from Python 3.14 on.
         return morsel.OutputString() + ("; Partitioned" if self.partitioned else "")
 
@@ -2683,18 +2599,13 @@ class Session(MutableMapping):
     """One request's session: a dict loaded from the store on first use, and the request's lifecycle.
 
     The framework-free core every front end drives, given the request's
-    facts (the Cookie header or verified ``ids``; ``secure``): ``load()``,
+    facts (the Cookie header, None outside the cookie's path where no cookie
+    may be sent, or verified ``ids``; ``secure``): ``load()``,
     ``cookie()`` or ``response_headers()`` when the headers go out, then
     ``save()``, or ``rollback()`` if the request failed, ``abandon()`` if it
     never ended. ``state``: "unloaded", "new", "loaded" or "gone" (another
     request removed it). Belongs to one request; not shared between threads.
     """
-
-    __slots__ = (
-        "_client_id", "_cookie", "_created", "_current", "_data", "_data_class", "_doomed", "_fresh", "_id",
-        "_identity", "_ids", "_image", "_key", "_logged", "_mtime", "_promote", "_secure", "_settings", "_stored",
-        "_undo", "state",
-    )
 
     def __init__(self, settings, cookie_header="", *, secure=False, ids=None, data_class=dict):
         self._settings = settings
@@ -2703,8 +2614,10 @@ class Session(MutableMapping):
         self._ids = ids[:_MAX_COOKIE_CANDIDATES]
         self._secure = bool(secure)
         self._data_class = data_class
-        self.state, self._doomed, self._undo = _UNLOADED, [], []
-        self._data = self._current = self._cookie = None  # _cookie: (Set-Cookie value or None,) once decided
+        self.state, self._doomed, self._undo, self._logged = _UNLOADED, [], [], False
+        self._data = self._client_id = self._id = self._key = self._stored = self._created = self._image = None
+        self._accessed = False
+        self._cookie = (None,) if cookie_header is None else None  # (Set-Cookie value or None,) once decided
 
     def __getitem__(self, name):
         return self.load()[name]
@@ -2748,8 +2661,12 @@ class Session(MutableMapping):
 
     @property
     def accessed(self):
-        """True once the session has been loaded: the response then varies with the Cookie header."""
-        return self.state != _UNLOADED
+        """True once the session was loaded, or set by a front end: the response then varies with the Cookie header."""
+        return self._accessed or self.state != _UNLOADED
+
+    @accessed.setter
+    def accessed(self, value):
+        self._accessed = bool(value)
 
     @property
     def has_id_cookie(self):
@@ -2765,12 +2682,12 @@ class Session(MutableMapping):
     @property
     def id(self):
         """The session's id, as its cookie carries it; None until ``cookie()`` or ``save()`` gives it one."""
-        return None if self._data is None else self._id
+        return self._id
 
     @property
     def key(self):
         """The store key of the session's record (the SHA-256 of its id, never the id), or None."""
-        return None if self.id is None else _store_key(self._id)
+        return None if self._id is None else _store_key(self._id)
 
     @property
     def live(self):
@@ -2780,22 +2697,20 @@ class Session(MutableMapping):
     @property
     def pending(self):
         """True if ``save()`` has store I/O to do now: a front end on an event loop then calls it in a thread."""
+        if self._doomed or self.state == _NEW and self._holds():
+            return True
         if self.state != _LOADED:
-            return bool(self._doomed) or (self.state == _NEW and self._holds())
-        image = _snapshot(self._data)
-        due = self._doomed or self._touch_due(_now())
-        if image is not None and image == self._image and not due and self._identity_now() == self._identity:
             return False
-        self._current = (image,)  # taken once: the save() that follows uses it
-        return True
+        image = _snapshot(self._data)
+        changed = image is None or image != self._image or self._identity_now() != self._identity
+        return changed or self._touch_due(_now())
 
     def load(self):
         """Load the session if it is not loaded yet (store I/O) and return its data dict."""
         if self._data is not None:
             return self._data
         now, settings = _now(), self._settings
-        self._client_id = self._id = self._key = self._stored = self._created = self._image = None
-        self.state, self._logged = _NEW, False
+        self.state = _NEW
         data = {}
         for value in self._ids:
             key = _store_key(value)
@@ -2812,7 +2727,7 @@ class Session(MutableMapping):
                 self._doomed.append((key, None, False))
                 continue
             self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
-            self._promote = settings.store._on_probation(mtime)  # it came back: promote it at save
+            self._promote = _on_probation(mtime)  # it came back: promote it at save
             self._created, data, self._logged = record["created"], record["data"], record.get("log") is True
             self._image = _snapshot(data)
             break
@@ -2843,22 +2758,19 @@ class Session(MutableMapping):
 
     def _decide_cookie(self):
         settings = self._settings
-        if self.state == _UNLOADED:
+        if self.state == _UNLOADED or (self.state == _GONE and self._holds()):
             return None
         if not self._holds():
             return None if self._client_id is None else settings.set_cookie(None, self._secure)
-        if self.state == _GONE:
-            return None
-        if self._id is None:
-            self._id = _new_session_id()
+        self._id = self._id or _new_session_id()
         if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
             return settings.set_cookie(self._id, self._secure)
         return None
 
-    def response_headers(self, headers, *, used=None, names=("Vary", "Set-Cookie")):
-        """Return the (name, value) str pairs ``headers`` plus ``names``: Vary if ``used`` (default: loaded), Set-Cookie."""
+    def response_headers(self, headers, *, names=("Vary", "Set-Cookie")):
+        """Return the (name, value) str pairs ``headers`` plus ``names``: Vary if the session was loaded, Set-Cookie."""
         cookie = self.cookie()
-        if not (self.accessed if used is None else used) and cookie is None:
+        if not self.accessed and cookie is None:
             return headers
         headers = _vary_cookie(list(headers), names[0])
         if cookie is not None:
@@ -2882,28 +2794,21 @@ class Session(MutableMapping):
         if self.state == _UNLOADED:
             return
         self._rotate_on_new_identity()
-        image = _snapshot(self._data) if self._current is None else self._current[0]
-        self._current = key = stored = None
-        if self.state == _LOADED and (image is None or image != self._image):
-            key = self._key
-        elif self.state == _NEW and self._holds() and self._settings.cookie_max_age != 0:
-            if self._id is None and self._cookie is None:
-                self._id = _new_session_id()
-            key = None if self._id is None else _store_key(self._id)
-        first = self._created is None
-        if key is not None and self._holds():
-            self._created = now if first else self._created
-            stored = self._encode(key)
-        if key is not None:
-            self._write(key, stored, image, now, first)  # before the old record goes: a failed login keeps it
-        elif self.state == _LOADED:
+        image = _snapshot(self._data)
+        if self.state == _LOADED and image is not None and image == self._image:
             self._touch(now)
-        elif self.state == _NEW and self._holds() and self._settings.cookie_max_age == 0:
-            self.abandon()  # its cookie expires with this response: the session ends with it
+        elif self.state == _LOADED:
+            self._write(self._key, now)  # before the old record goes: a failed login keeps it
         elif self.state == _NEW and self._holds():
-            _logger.warning("session started after the response headers or outside the cookie's path: not saved")
+            if self._settings.cookie_max_age == 0:
+                self.abandon()  # its cookie expires with this response: the session ends with it
+            elif self._id is None and self._cookie is not None:
+                _logger.warning("session started after the response headers or outside the cookie's path: not saved")
+            else:
+                self._id = self._id or _new_session_id()
+                self._write(_store_key(self._id), now)
         if self._remove_doomed() and self.state == _LOADED:
-            self._write(self._key, self._encode(self._key), None, now, False)  # another request's change, carried
+            self._write(self._key, now)  # another request's change, carried here
 
     def _record(self):
         record = {"created": self._created, "data": self._data}
@@ -2919,10 +2824,9 @@ class Session(MutableMapping):
                 try:
                     store.serializer.dumps(value)
                 except (TypeError, ValueError, OverflowError, RecursionError):
-                    raise EncodeError(
-                        f"session key {name!r} holds a value the store's serializer cannot encode ({exc}): use "
-                        "serializer=tinysession.TaggedJSON() or convert the value; nothing was written"
-                    ) from exc
+                    raise EncodeError(f"session key {name!r} holds a value the store's serializer cannot encode "
+                                      f"({exc}): use serializer=tinysession.TaggedJSON() or convert the value; "
+                                      "nothing was written") from exc
             raise
 
     def _remove_doomed(self):
@@ -2939,7 +2843,7 @@ class Session(MutableMapping):
                 removed = store.remove(key) and previous is not None
                 previous = previous if theirs is None else theirs
             if carry is False:
-                store._forget_log(key)
+                _forget_log(store, key)
             elif removed:
                 self._undo.append((key, previous, None))  # a logout (no carry) is never undone
         self._doomed = []
@@ -2964,8 +2868,14 @@ class Session(MutableMapping):
         return stored
 
     def _touch_due(self, now):
-        """True once ``touch_interval`` has passed since the mtime, or at once if the session is on probation."""
-        interval = self._settings.touch_after()
+        """True once ``touch_interval`` has passed since the mtime, or at once if the session is on probation.
+
+        The interval is at most a quarter of the store's ``max_age``, so a
+        session used at least every three quarters of ``max_age`` never expires.
+        """
+        interval, max_age = self._settings.touch_interval, self._settings.store.max_age
+        if interval is not None and max_age is not None:
+            interval = min(interval, max_age / 4)
         return self._promote or (interval is not None and now - self._mtime >= interval)
 
     def _touch(self, now):
@@ -2973,18 +2883,26 @@ class Session(MutableMapping):
             return
         store = self._settings.store
         try:
-            if not store.set_mtime(self._key, store._stamp(now)):
+            if not store.set_mtime(self._key, _stamp(now)):
                 self.state = _GONE  # another request removed it meanwhile: no cookie may name it again
         except StoreError as exc:
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
         self._mtime, self._promote = now, False
 
-    def _write(self, key, stored, image, now, first):
-        """Write ``stored`` (None: remove) under ``key``, merging with other requests' saves; ``first`` on probation."""
+    def _write(self, key, now):
+        """Write the data under ``key``, or remove the record if the session holds nothing; ``now`` stamps it.
+
+        A save another request made since this one read the record is merged
+        in and the write tried again. A session's first write goes on probation.
+        """
         store, expected = self._settings.store, self._stored
+        new = self._created is None
+        self._created = now if new else self._created
         for attempt in range(_SAVE_ATTEMPTS + 1):
-            if stored == expected:
-                self._image = _snapshot(self._data) if image is None else image
+            image = _snapshot(self._data)
+            stored = self._encode(key) if self._holds() else None
+            if stored == expected:  # the store holds it already (what another request saved, merged in)
+                self._stored, self._image = stored, image
                 self._touch(now)
                 return
             if attempt == _SAVE_ATTEMPTS:
@@ -2993,16 +2911,16 @@ class Session(MutableMapping):
             if stored is None:
                 done = store.remove(key, expected=expected) or expected is None
             else:
-                done = store.save(key, stored, expected=expected, now=now, new=first)
+                done = store.save(key, stored, expected=expected, now=now, new=new)
             if done:
                 self._undo.append((key, expected, stored))
-                if stored is not None:
+                if stored is None:
+                    _forget_log(store, key)
+                    self.state, self._id, self._key, self._stored = _NEW, None, None, None
+                else:
                     self.state, self._key, self._stored, self._mtime, self._promote = _LOADED, key, stored, now, False
-                    self._image = _snapshot(self._data) if image is None else image
+                    self._image = image
                     self._identity = self._identity_now()
-                    return
-                store._forget_log(key)
-                self.state, self._id, self._key, self._stored = _NEW, None, None, None
                 return
             # Back off a random while before trying again, so that writers racing on one session spread out.
             time.sleep(min(0.05, 0.0005 * 2**attempt) * int.from_bytes(os.urandom(2), "big") / 65536)
@@ -3011,8 +2929,6 @@ class Session(MutableMapping):
                 _logger.info("session %s was removed by another request: its changes are dropped", key[:12])
                 self.state = _GONE
                 return
-            stored = self._encode(key) if self._holds() else None
-            image = None
 
     def rollback(self):
         """Put back the records a failed request changed, but not a logout; log, never raise."""
@@ -3025,7 +2941,7 @@ class Session(MutableMapping):
                 key, previous, written = self._undo.pop()
                 if previous is None:
                     store.remove(key, expected=written)
-                    store._forget_log(key)
+                    _forget_log(store, key)
                 else:
                     store.save(key, previous, expected=written)
             self.abandon()
@@ -3036,7 +2952,7 @@ class Session(MutableMapping):
         """Remove the message log of a new session that will never be saved (store I/O); never raise."""
         if self.state == _NEW and self._logged and self._id is not None:
             try:
-                self._settings.store._forget_log(_store_key(self._id))
+                _forget_log(self._settings.store, _store_key(self._id))
             except SessionError:
                 _logger.exception("could not remove the message log of an abandoned session")
 
@@ -3047,19 +2963,15 @@ class Session(MutableMapping):
     def history(self):
         """The session's ``MessageLog``, kept with it (even empty); new: SessionError once the headers are out."""
         self.load()
-        if self.state == _LOADED:
-            key = self._key
-        else:
-            if self._id is None:
-                if self._cookie is not None:
-                    raise SessionError("history of a new session after the response started: no cookie can be sent")
-                self._id = _new_session_id()
-            key = _store_key(self._id)
-            if self._logged:  # regenerated this request: the log follows now, so it reads the same
-                for index, (old_key, previous, carry) in enumerate(self._doomed):
-                    if carry:
-                        self._settings.store.log_move(old_key, key)
-                        self._doomed[index] = (old_key, previous, None)
+        if self.state != _LOADED and self._id is None:
+            if self._cookie is not None:
+                raise SessionError("history of a new session after the response started: no cookie can be sent")
+            self._id = _new_session_id()
+        key = _store_key(self._id)
+        for index, (old_key, previous, carry) in enumerate(self._doomed):
+            if carry and self._logged:  # regenerated this request: the log follows now, so it reads the same
+                self._settings.store.log_move(old_key, key)
+                self._doomed[index] = (old_key, previous, None)
         if not self._logged:
             self._logged, self._image = True, None  # the record must now say it has a log
         return MessageLog(self._settings.store, key)
@@ -3077,9 +2989,8 @@ def get_session(environ, environ_key="tinysession"):
     try:
         return environ[environ_key]
     except KeyError:
-        raise SessionError(
-            f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
-        ) from None
+        message = f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
+        raise SessionError(message) from None
 
 
 class _SessionBody:
@@ -3089,19 +3000,16 @@ class _SessionBody:
     a failed request leaves the store as it found it.
     """
 
-    __slots__ = ("_body", "_failed", "_session")
-
     def __init__(self, body, session):
         self._body = body
-        self._session = session
-        self._failed = False
+        self._session = session  # None once the body failed: nothing more is saved
 
     def __iter__(self):
         try:
             yield from self._body
         except Exception:
-            self._failed = True
             self._session.rollback()
+            self._session = None
             raise
 
     def close(self):
@@ -3109,7 +3017,7 @@ class _SessionBody:
             if hasattr(self._body, "close"):
                 self._body.close()
         finally:
-            if not self._failed:
+            if self._session is not None:
                 self._session.save()
 
 
@@ -3151,23 +3059,13 @@ class SessionMiddleware:
         self.app = app
         self.environ_key = environ_key
         self.settings = _Settings(store, **options)
+        self.store = store
+        self.cookie_name = self.settings.cookie_name
         interface = getattr(getattr(app, "__self__", app), "session_interface", None)
         if interface is not None and type(interface).__module__ != __name__:
-            _logger.warning(
-                "SessionMiddleware wraps a Flask app whose flask.session is still Flask's own cookie, never the "
-                "store: set app.session_interface = tinysession.FlaskSessionInterface(store) to serve it from the "
-                "store (get_session(request.environ) is the middleware's session)"
-            )
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
-
-    @property
-    def cookie_name(self):
-        """The session cookie's name."""
-        return self.settings.cookie_name
+            _logger.warning("SessionMiddleware wraps a Flask app whose flask.session is still Flask's own cookie, "
+                            "never the store: set app.session_interface = tinysession.FlaskSessionInterface(store) "
+                            "to serve it from the store (get_session(request.environ) is the middleware's session)")
 
     def __call__(self, environ, start_response):
         secure = environ.get("wsgi.url_scheme") == "https"
@@ -3196,21 +3094,13 @@ class SessionMiddleware:
 
 # -- Flask --
 
-_NO_SECRET_KEY = (
-    "The session is unavailable because no secret key was set. Set the secret_key on the application"
-    " to something unique and secret."
-)
-
-
 def _cookie_keys(app):
     """Return the HMAC keys derived from the app's SECRET_KEY then its SECRET_KEY_FALLBACKS."""
     if not app.secret_key:
         return []
     secrets = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
-    return [
-        hashlib.sha256(b"tinysession flask cookie\0" + (s.encode("utf-8") if isinstance(s, str) else s)).digest()
-        for s in secrets
-    ]
+    secrets = [each.encode("utf-8") if isinstance(each, str) else each for each in secrets]
+    return [hashlib.sha256(b"tinysession flask cookie\0" + each).digest() for each in secrets]
 
 
 def _signed_cookie(key, session_id, permanent):
@@ -3222,20 +3112,19 @@ def _signed_cookie(key, session_id, permanent):
 
 def _verify_cookie(value, keys):
     """Return ``(session_id, permanent)`` from a cookie value one of ``keys`` signed, or None."""
-    if not value.isascii():
-        return None  # never ours, and compare_digest refuses non-ASCII str
     session_id, _, rest = value.partition(".")
-    flag, _, _ = rest.partition(".")
-    if len(session_id) != _SESSION_ID_LENGTH or not _is_key(session_id) or flag not in ("p", "s"):
-        return None
-    for key in keys:
-        if hmac.compare_digest(value, _signed_cookie(key, session_id, flag == "p")):
-            return session_id, flag == "p"
+    permanent = rest.startswith("p.")
+    # A non-ASCII value is never ours, and compare_digest refuses non-ASCII str.
+    if value.isascii() and any(hmac.compare_digest(value, _signed_cookie(key, session_id, permanent)) for key in keys):
+        return session_id, permanent
     return None
 
 
 class _FlaskSession(Session):
     """``flask.session`` for one request: the core Session with Flask's ``SessionMixin`` flags.
+
+    Flask 3.1.3's request context sets ``accessed`` itself; ``modified`` is set
+    by every write.
 
     ``request_cookie`` is ``(session_id, permanent)`` from the request's
     verified cookie, or None.
@@ -3246,7 +3135,6 @@ class _FlaskSession(Session):
     def __init__(self, settings, verified, secure):
         super().__init__(settings, ids=[session_id for session_id, _ in verified], secure=secure)
         self.request_cookie = verified[0] if verified else None
-        self._accessed = False
 
     def __setitem__(self, name, value):
         super().__setitem__(name, value)
@@ -3265,15 +3153,6 @@ class _FlaskSession(Session):
     def permanent(self, value):
         self["_permanent"] = bool(value)
 
-    @property
-    def accessed(self):
-        """True once the session was used (Flask 3.1.3 also sets it): the response then varies with Cookie."""
-        return self._accessed or self.state != "unloaded"
-
-    @accessed.setter
-    def accessed(self, value):
-        self._accessed = bool(value)
-
 
 class _FlaskNullSession(dict):
     """The empty, read-only session of an app without a SECRET_KEY; any write raises RuntimeError."""
@@ -3282,7 +3161,8 @@ class _FlaskNullSession(dict):
     new = True
 
     def _fail(self, *args, **kwargs):
-        raise RuntimeError(_NO_SECRET_KEY)
+        raise RuntimeError("The session is unavailable because no secret key was set. Set the secret_key on the"
+                           " application to something unique and secret.")
 
     __setitem__ = __delitem__ = pop = popitem = update = setdefault = clear = __ior__ = _fail
     regenerate = invalidate = _fail
@@ -3319,18 +3199,13 @@ class FlaskSessionInterface:
     pickle_based = False
 
     def __init__(self, store, *, identity_key="_user_id", max_lifetime=None, touch_interval=60):
-        self.settings = _Settings(
-            store, identity_key=identity_key, max_lifetime=max_lifetime, touch_interval=touch_interval
-        )
+        self.settings = _Settings(store, identity_key=identity_key, max_lifetime=max_lifetime,
+                                  touch_interval=touch_interval)
+        self.store = store
         if type(store.serializer) is _JSONSerializer:
             _logger.warning("FlaskSessionInterface: the store's serializer is plain json, which cannot keep the "
                             "tuples, bytes, datetimes and Markup Flask apps put in flask.session: build the store "
                             "with serializer=tinysession.TaggedJSON()")
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
 
     def make_null_session(self, app):
         """Return the session of an app without a SECRET_KEY: empty, and any write raises RuntimeError."""
@@ -3356,7 +3231,6 @@ class FlaskSessionInterface:
         are rolled back instead. Raises StoreError if the store fails.
         """
         if sys.exc_info()[0] is not None:
-            session.cookie()
             session.rollback()
             return
         refresh = app.config["SESSION_REFRESH_EACH_REQUEST"]
@@ -3395,11 +3269,8 @@ class FlaskSessionInterface:
         if config.get("SESSION_COOKIE_PARTITIONED"):
             options["partitioned"] = True  # a keyword only Werkzeug 3.1 and later know
         if permanent:
-            lifetime = app.permanent_session_lifetime
-            options["max_age"] = int(lifetime.total_seconds())
-            options["expires"] = datetime.datetime.now(datetime.timezone.utc) + lifetime
+            options["max_age"] = app.permanent_session_lifetime  # a timedelta: Werkzeug adds the Expires it makes
         return options
-
 
 
 class QuartSessionInterface(FlaskSessionInterface):
@@ -3448,7 +3319,6 @@ class QuartSessionInterface(FlaskSessionInterface):
         if response is None:
             response = app.response_class("")  # an accepted websocket's: its cookie went with the accept
         if sys.exc_info()[0] is not None:
-            session.cookie()
             await _in_thread(session.rollback)
         elif session.state == "unloaded":
             super().save_session(app, session, response)  # the cookie alone: no store I/O
@@ -3458,25 +3328,18 @@ class QuartSessionInterface(FlaskSessionInterface):
 
 # -- ASGI --
 
-_START_MESSAGES = ("http.response.start", "websocket.http.response.start")
+_OPENING_MESSAGES = ("http.response.start", "websocket.http.response.start", "websocket.accept")
 _BODY_MESSAGES = ("http.response.body", "websocket.http.response.body", "http.response.zerocopysend",
-                  "http.response.pathsend")
+                  "http.response.pathsend", "websocket.close")  # and the close that ends a socket
 
 
-def _is_final(message):
-    """Return True for the message that completes an ASGI response or closes a socket."""
-    if message["type"] in ("http.response.pathsend", "websocket.close"):
-        return True
-    return not message.get("more_body", False)
-
-
-def _marking_use(name):
-    """Return dict's method ``name`` wrapped to mark the session accessed first."""
-    method = getattr(dict, name)
+def _marking_use(name, owner=dict):
+    """Return ``owner``'s method ``name`` wrapped to mark the session accessed first; a Session's runs on the core."""
+    method = getattr(owner, name)
 
     def marked(self, *args, **kwargs):
         self.accessed = True
-        return method(self, *args, **kwargs)
+        return method(self if owner is dict else self._core, *args, **kwargs)
 
     marked.__name__, marked.__doc__ = name, method.__doc__
     return marked
@@ -3496,11 +3359,7 @@ class ASGISession(dict):
     from that request's tasks.
     """
 
-    __slots__ = ("_core", "_run", "accessed")
-
-    def __init__(self, data=()):
-        dict.__init__(self, data)
-        self.accessed = False
+    accessed = False  # as in Starlette's session: set by any use of the dict
 
     def mark_accessed(self):
         """Note that the app used the session: the response then carries ``Vary: Cookie``.
@@ -3512,15 +3371,8 @@ class ASGISession(dict):
         """
         self.accessed = True
 
-    def regenerate(self):
-        """Give the session a new id and keep its data: call it on login (see ``Session.regenerate``)."""
-        self.accessed = True
-        self._core.regenerate()
-
-    def invalidate(self):
-        """Empty the session, remove its record and expire its cookie: logout (see ``Session.invalidate``)."""
-        self.accessed = True
-        self._core.invalidate()
+    regenerate = _marking_use("regenerate", Session)
+    invalidate = _marking_use("invalidate", Session)
 
     @property
     def history(self):
@@ -3531,8 +3383,9 @@ class ASGISession(dict):
     async def save(self):
         """Write the changes made so far, in a thread (store I/O); they then stay whatever happens next.
 
-        The middleware calls it when the response is complete or the socket
-        closes; call it yourself in a long-lived websocket. Raises StoreError
+        The middleware saves when the response is complete or the socket
+        closes, and calls it when the app returns; call it yourself in a
+        long-lived websocket. Raises StoreError
         (after undoing this request's writes) if the store fails.
         """
         self.accessed = True
@@ -3540,11 +3393,9 @@ class ASGISession(dict):
             await self._run(lambda: self._core.save(keep=True))
 
 
-_DICT_USES = (
-    "__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
-    "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear", "copy",
-)
-for _name in _DICT_USES:
+for _name in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
+              "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear",
+              "copy"):
     setattr(ASGISession, _name, _marking_use(_name))
 del _name
 
@@ -3555,32 +3406,38 @@ class _HeldSend:
     So the session is saved before the client has the whole response (see ``ASGISessionMiddleware``).
     """
 
-    def __init__(self, core, session, send, headers, run):
-        # headers(message) adds the session's headers to a start message; run(function) runs it in a thread
-        self.core, self.session, self._send, self._headers, self._run = core, session, send, headers, run
+    def __init__(self, session, send):
+        self.session, self.core, self._send = session, session._core, send
         self.opened = self.completed = None  # the message that opened the response, and the one that ended it
         self.start, self.body, self.sized = [], [], False
 
+    def _with_session(self, start):
+        """Return the start message with the session's Vary and Set-Cookie headers (decides the cookie)."""
+        if self.core.cookie() is None and not self.session.accessed:
+            return start  # the app never used the dict (the core, loaded before it ran, would say Vary)
+        pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in start.get("headers", ())]
+        pairs = self.core.response_headers(pairs, names=("vary", "set-cookie"))
+        return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]}
+
     async def flush(self):
         if self.start:
-            await self._send(self._headers(self.start.pop()))
+            await self._send(self._with_session(self.start.pop()))
         if self.body:
             await self._send(self.body.pop())
 
     async def send(self, message):
         kind = message["type"]
-        if kind in _START_MESSAGES or kind == "websocket.accept":
+        if kind in _OPENING_MESSAGES:
             if self.opened:
                 raise RuntimeError(f"ASGI: {kind} after {self.opened}: a response starts once")
             self.opened = kind
-            if kind == "websocket.accept":  # its cookie goes now, none can follow
-                await self._send(self._headers(message))
-                return
             self.start.append(message)
             self.sized = any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
-        elif kind not in _BODY_MESSAGES and kind != "websocket.close":
+            if kind == "websocket.accept":  # its cookie goes now, none can follow
+                await self.flush()
+        elif kind not in _BODY_MESSAGES:
             await self._send(message)
-        elif not _is_final(message):
+        elif message.get("more_body", False):
             if self.body:
                 await self.flush()  # the body goes one message late (the start with it): the last waits for the save
             self.body.append(message)
@@ -3596,7 +3453,7 @@ class _HeldSend:
     async def _save(self):
         try:
             if self.core.pending:
-                await self._run(self.core.save)  # while start is held, a failure is a whole 500
+                await self.session._run(self.core.save)  # while start is held, a failure is a whole 500
         except BaseException:
             if not self.start:
                 _logger.error("session %s could not be saved after the response headers went out: the "
@@ -3643,68 +3500,42 @@ class ASGISessionMiddleware:
 
         self.app = app
         self.settings = _Settings(store, **options)
-        threads = _check_count(threads, "threads")
+        self.store = store
+        threads = _check_count(threads, "threads")  # None: the executor's default
         self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinysession-asgi")
-
-    @property
-    def store(self):
-        """The store the sessions live in."""
-        return self.settings.store
-
-    async def _in_thread(self, function):
-        import asyncio
-
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise SessionError("ASGISessionMiddleware runs on an asyncio event loop, and none is running") from None
-        return await loop.run_in_executor(self._threads, function)
 
     def _cookie_header(self, scope):
         """Return the request's Cookie header, or None outside the cookie's path (where ours is never sent)."""
         path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and not path.startswith(root):
-            path = root + path
-        prefix = self.settings.path
-        if path != prefix and not path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+        path = path if path.startswith(root) else root + path  # servers differ on whether path includes it
+        if path != self.settings.path and not path.startswith(self.settings.path.rstrip("/") + "/"):
             return None
         cookies = [value for name, value in scope.get("headers", ()) if name.lower() == b"cookie"]
         return b"; ".join(cookies).decode("latin-1")
-
-    @staticmethod
-    def _with_session(core, session, start):
-        """Return the start message with the session's Vary and Set-Cookie headers (decides the cookie)."""
-        if core.cookie() is None and not session.accessed:
-            return start
-        pairs = [(raw_name.decode("latin-1"), raw.decode("latin-1")) for raw_name, raw in start.get("headers", ())]
-        pairs = core.response_headers(pairs, used=session.accessed, names=("vary", "set-cookie"))
-        return {**start, "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        header = self._cookie_header(scope)
+        import asyncio  # as concurrent.futures
+
+        in_thread = functools.partial(asyncio.get_running_loop().run_in_executor, self._threads)
+        header = self._cookie_header(scope)  # None outside the cookie's path: the core then sends no cookie
         core = Session(self.settings, header, secure=scope.get("scheme") in ("https", "wss"), data_class=ASGISession)
         if core.has_id_cookie:
-            await self._in_thread(core.load)
+            await in_thread(core.load)
         session = scope["session"] = core.load()
-        session._core, session._run = core, self._in_thread
-        if header is None:
-            core.cookie()  # outside the cookie's path: a cookie sent from here would replace the user's
-        sender = _HeldSend(core, session, send, lambda start: self._with_session(core, session, start),
-                           self._in_thread)
+        session._core, session._run = core, in_thread
+        sender = _HeldSend(session, send)
         try:
             await self.app(scope, receive, sender.send)
         except BaseException:
-            await self._in_thread(core.rollback)  # even after a complete response (an error page)
+            await in_thread(core.rollback)  # even after a complete response (an error page)
             raise
-        if sender.completed or sender.opened == "websocket.accept":
-            core.cookie()
-            if core.pending:
-                await self._in_thread(core.save)
+        if not (sender.completed or sender.opened == "websocket.accept"):
+            await in_thread(core.abandon)  # a new session's log, never to be saved
         else:
-            await self._in_thread(core.abandon)  # a new session's log, never to be saved
+            await session.save()  # what the app changed after the response
 
 
 # -- Command line --
