@@ -32,7 +32,10 @@ machine drift hits them all alike; tables show medians over repetitions.
    Flask's signed cookie.
 6. Writers racing on one session, in process.
 7. A flood of new sessions against max_sessions, and write latency during a
-   large clean.
+   large clean; then a writer saving every 10 ms through a SQLiteStore
+   clean(keep=1000) at each evict batch size (_SQLITE_EVICT_BATCH set at run
+   time), the clean in a thread and in another process, with and without a
+   CPU-bound process per core.
 8. Over HTTP: the same Starlette app under uvicorn (1 worker), 1 KB sessions:
    no sessions, Starlette's signed-cookie SessionMiddleware, starsessions on
    Redis and tinysession's ASGISessionMiddleware on each store; req/s and
