@@ -1467,11 +1467,15 @@ def evict_batch_run(template, directory, batch, mode):
             child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_evict", path, str(batch)],
                                      stdout=subprocess.PIPE, text=True,
                                      env=dict(os.environ, TINYSESSION_ROOT=os.path.dirname(tinysession.__file__)))
-            if child.stdout.readline().strip() != "go":
-                raise AssertionError("the cleaning child did not start")
-            latencies = paced_writes(store, lambda: child.poll() is not None)
-            outcome = json.loads(child.stdout.read())
-            child.wait()
+            with child:  # waits for it, its pipe closed, on an error too
+                try:
+                    if child.stdout.readline().strip() != "go":
+                        raise AssertionError("the cleaning child did not start")
+                    latencies = paced_writes(store, lambda: child.poll() is not None)
+                    outcome = json.loads(child.stdout.read())
+                except BaseException:
+                    child.kill()
+                    raise
     finally:
         tinysession._SQLITE_EVICT_BATCH = saved
         store.close()
