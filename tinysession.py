@@ -2132,8 +2132,7 @@ def _message_kind(message, index):
         if item_type in _LANGCHAIN_TYPES:
             return _ROLE_KINDS[item_type]
         if not isinstance(item_type, str) or item_type == "message":
-            raise ValueError(f"messages[{index}] has no 'role' and no known 'type': "
-                             f"keys {list(message)!r}")
+            raise ValueError(f"messages[{index}] has no 'role' and no known 'type': keys {list(message)!r}")
         if item_type.endswith(("_call", "_call_output")) or item_type in _ITEM_TYPES:
             return _OTHER
         raise ValueError(f"messages[{index}] has an unknown type {item_type!r}")
