@@ -1839,8 +1839,7 @@ class RedisStore(Store):
         scores = [score for reply in replies[2::4] + replies[3::4] for _, score in reply]
         sweep.seen, due = sum(replies[0::4]), sum(replies[1::4])
         sweep.oldest, sweep.newest = min(scores, default=None), max(scores, default=None)
-        if progress is not None:
-            progress(sweep)
+        (progress or _no_progress)(sweep)
         # Loaded for each clean, on every master: a failover may lose the scripts a master had loaded.
         self._evict_sha = self._call(self.client.script_load, _REDIS_EVICT)
         if cutoff is not None:
@@ -2191,15 +2190,17 @@ def _message_chars(message):
         if isinstance(call, Mapping):
             function = call.get("function")
             arguments = function.get("arguments") if isinstance(function, Mapping) else call.get("args")
-            total += _value_length(arguments)
+            total += _content_length(arguments)
     return total
 
 
 def _content_length(content):
-    """Return the characters of text in a content value: a str, a list of parts, or other."""
+    """Return the characters of text in a value: a str, a list of parts, or other (its JSON; 0 for None)."""
     if isinstance(content, (list, tuple)):
         return sum(_content_length(_part_text(part)) for part in content)
-    return _value_length(content)
+    if isinstance(content, str):
+        return len(content)
+    return 0 if content is None else len(json.dumps(content, ensure_ascii=False, default=str))
 
 
 def _part_text(part):
@@ -2208,13 +2209,6 @@ def _part_text(part):
     if isinstance(part_type, str) and part_type in _PART_TEXT_KEYS:
         return part.get(_PART_TEXT_KEYS[part_type])
     return part if isinstance(part, str) else None
-
-
-def _value_length(value):
-    """Return the length of a str, 0 for None, else the length of its JSON."""
-    if isinstance(value, str):
-        return len(value)
-    return 0 if value is None else len(json.dumps(value, ensure_ascii=False, default=str))
 
 
 
