@@ -3430,20 +3430,17 @@ class _HeldSend:
                 await self.flush()
         else:
             if self.opened:  # a socket refused before its accept has no cookie to reach a record: not saved
-                await self._save()
+                try:
+                    if self.core.pending:
+                        await self.session._run(self.core.save)  # while start is held, a failure is a whole 500
+                except BaseException:
+                    if not self.start:
+                        _logger.error("session %s could not be saved after the response headers went out: the "
+                                      "response is cut off", (self.core.key or "(none)")[:12])
+                    raise
                 self.completed = kind
             await self.flush()
             await self._send(message)
-
-    async def _save(self):
-        try:
-            if self.core.pending:
-                await self.session._run(self.core.save)  # while start is held, a failure is a whole 500
-        except BaseException:
-            if not self.start:
-                _logger.error("session %s could not be saved after the response headers went out: the "
-                              "response is cut off", (self.core.key or "(none)")[:12])
-            raise
 
 
 class ASGISessionMiddleware:
@@ -3506,9 +3503,7 @@ class ASGISessionMiddleware:
         in_thread = functools.partial(asyncio.get_running_loop().run_in_executor, self._threads)
         header = self._cookie_header(scope)  # None outside the cookie's path: the core then sends no cookie
         core = Session(self.settings, header, secure=scope.get("scheme") in ("https", "wss"), data_class=ASGISession)
-        if core.has_id_cookie:
-            await in_thread(core.load)
-        session = scope["session"] = core.load()
+        session = scope["session"] = await in_thread(core.load) if core.has_id_cookie else core.load()
         session._core, session._run = core, in_thread
         sender = _HeldSend(session, send)
         try:
