@@ -3117,14 +3117,14 @@ class _FlaskSession(Session):
     by every write.
 
     ``request_cookie`` is ``(session_id, permanent)`` from the request's
-    verified cookie, or None.
+    verified cookie, or ``(None, False)``.
     """
 
     modified = False
 
     def __init__(self, settings, verified, secure):
         super().__init__(settings, ids=[session_id for session_id, _ in verified], secure=secure)
-        self.request_cookie = verified[0] if verified else None
+        self.request_cookie = verified[0] if verified else (None, False)
 
     def __setitem__(self, name, value):
         super().__setitem__(name, value)
@@ -3224,26 +3224,23 @@ class FlaskSessionInterface:
             session.rollback()
             return
         refresh = app.config["SESSION_REFRESH_EACH_REQUEST"]
-        if session.accessed:
+        session_id, permanent = session.request_cookie  # an unused session: refreshed from its cookie alone
+        send = permanent and refresh
+        if session.state != "unloaded":
+            if set(session) <= {"_permanent"}:
+                session.pop("_permanent", None)  # a session holding only its permanence is empty
+            decision = session.cookie()
+            permanent = session.permanent
+            session.save()  # first: a session another request logged out meanwhile gets no cookie
+            session_id = session.id
+            send = session.live and (decision is not None or session.modified or (permanent and refresh))
+            if decision is not None and not session.live:
+                response.delete_cookie(**self._cookie_options(app, None))
+        if session.accessed or send:
             response.vary.add("Cookie")
-        if session.state == "unloaded":
-            if session.request_cookie is not None and session.request_cookie[1] and refresh:
-                response.vary.add("Cookie")  # refreshed from the cookie alone: no store access
-                self._set_cookie(app, response, session.request_cookie[0], True)
-            return
-        if set(session) <= {"_permanent"}:
-            session.pop("_permanent", None)  # a session holding only its permanence is empty
-        decision = session.cookie()
-        permanent = session.permanent
-        session.save()  # first: a session another request logged out meanwhile gets no cookie
-        if session.live and (decision is not None or session.modified or (permanent and refresh)):
-            self._set_cookie(app, response, session.id, permanent)
-        elif decision is not None and not session.live:
-            response.delete_cookie(**self._cookie_options(app, None))
-
-    def _set_cookie(self, app, response, session_id, permanent):
-        value = _signed_cookie(_cookie_keys(app)[0], session_id, permanent)
-        response.set_cookie(value=value, **self._cookie_options(app, permanent))
+        if send:
+            value = _signed_cookie(_cookie_keys(app)[0], session_id, permanent)
+            response.set_cookie(value=value, **self._cookie_options(app, permanent))
 
     def _cookie_options(self, app, permanent):
         """Return the keywords of Werkzeug's set_cookie / delete_cookie from the app's configuration."""
