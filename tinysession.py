@@ -2688,13 +2688,11 @@ class Session(MutableMapping):
     @property
     def pending(self):
         """True if ``save()`` has store I/O to do now: a front end on an event loop then calls it in a thread."""
-        if self._doomed or self.state == _NEW and self._holds():
-            return True
         if self.state != _LOADED:
-            return False
+            return bool(self._doomed) or self.state == _NEW and self._holds()
         image = _snapshot(self._data)
         changed = image is None or image != self._image or self._identity_now() != self._identity
-        return changed or self._touch_due(_now())
+        return changed or bool(self._doomed) or self._touch_due(_now())
 
     def load(self):
         """Load the session if it is not loaded yet (store I/O) and return its data dict."""
@@ -3059,8 +3057,7 @@ class SessionMiddleware:
 
     def __call__(self, environ, start_response):
         secure = environ.get("wsgi.url_scheme") == "https"
-        session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=secure)
-        environ[self.environ_key] = session
+        session = environ[self.environ_key] = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=secure)
 
         def session_start_response(status, headers, exc_info=None):
             # The cookie is decided now even when unused: a later first write cannot get one.
