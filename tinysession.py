@@ -1603,7 +1603,8 @@ local size = redis.call('HSTRLEN', KEYS[1], 'data')
 if ARGV[1] ~= '' and size > tonumber(ARGV[1]) then return {size, redis.call('HGET', KEYS[1], 'mtime')} end
 return redis.call('HMGET', KEYS[1], 'data', 'mtime')
 """
-# ARGV[4] is '1' for a conditional write, '2' for a touch (mtime only, an existing record only).
+# ARGV[4] is '1' for a conditional write, '2' for a touch (mtime only, an existing record only); ARGV[8]
+# is '1' for a session on probation: its member joins KEYS[4] and leaves KEYS[2], or the other way round.
 # The first command that writes is HSET, which Redis refuses when out of memory under noeviction;
 # once a script has written, Redis lets the rest run, so nothing that grows memory may come first.
 _REDIS_WRITE = """
@@ -1620,10 +1621,9 @@ else
     redis.call('PERSIST', KEYS[1])
     redis.call('PERSIST', KEYS[3])
 end
-local segment, other = KEYS[2], KEYS[4]
-if ARGV[8] == '1' then segment, other = KEYS[4], KEYS[2] end
-redis.call('ZADD', segment, ARGV[2], ARGV[7])
-redis.call('ZREM', other, ARGV[7])
+local segment = ARGV[8] == '1' and 4 or 2
+redis.call('ZADD', KEYS[segment], ARGV[2], ARGV[7])
+redis.call('ZREM', KEYS[6 - segment], ARGV[7])
 return 1
 """
 # Only commands Redis allows when it is out of memory: a logout always works.
@@ -1634,52 +1634,32 @@ redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
 return removed
 """
-# KEYS: one bucket's index and probation set, then a record and its log per member; ARGV: each
-# member and the mtime the clean saw. Removes each record still at that mtime, its log and member
-# (or the member of a record gone); returns each size, -1 for a record gone, -2 for one written since.
+# A clean's removal of the record of member ARGV[1], which it saw at mtime ARGV[2]: unless written since
+# (-2), the record, its log and its member go; returns the record's size, or -1 for a record already gone.
 _REDIS_EVICT = """
-local sizes = {}
-for j = 1, #ARGV / 2 do
-    local record, member = KEYS[2 * j + 1], ARGV[2 * j - 1]
-    local mtime = redis.call('HGET', record, 'mtime')
-    sizes[j] = -2
-    if not mtime or tonumber(mtime) == tonumber(ARGV[2 * j]) then
-        sizes[j] = mtime and redis.call('HSTRLEN', record, 'data') or -1
-        redis.call('DEL', record, KEYS[2 * j + 2])
-        redis.call('ZREM', KEYS[1], member)
-        redis.call('ZREM', KEYS[2], member)
-    end
-end
-return sizes
-"""
-# KEYS: a bucket's probation set and index; ARGV: a score range. Per set: size, members in range, ends.
-_REDIS_SUMMARY = """
-local summary = {}
-for i, name in ipairs(KEYS) do
-    local first, last = redis.call('ZRANGE', name, 0, 0, 'WITHSCORES'), redis.call('ZRANGE', name, -1, -1, 'WITHSCORES')
-    summary[i] = {redis.call('ZCARD', name), redis.call('ZCOUNT', name, ARGV[1], ARGV[2]), first[2] or '', last[2] or ''}
-end
-return summary
+local mtime = redis.call('HGET', KEYS[1], 'mtime')
+if mtime and tonumber(mtime) ~= tonumber(ARGV[2]) then return -2 end
+local size = mtime and redis.call('HSTRLEN', KEYS[1], 'data') or -1
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return size
 """
 _REDIS_SCAN_BATCH = 1000
 _REDIS_BUCKETS = 256
-_REDIS_SLOTS = 16384
 # The message log of a key is the list "#log:" + key in its bucket; its TTL follows the record's.
 # RPUSH in runs of 1,000 lines: Lua's unpack() has a limit.
 _REDIS_LOG_APPEND = """
-local length = redis.call('LLEN', KEYS[1])
-for i = 2, #ARGV, 1000 do length = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+for i = 2, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 if ARGV[1] ~= '' and #ARGV > 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return length
+return redis.call('LLEN', KEYS[1])
 """
+# Mark lines[ARGV[2]:ARGV[3]] with a newline, which no line holds, then remove the marks from the nearer end.
 _REDIS_LOG_TRIM = """
-if redis.call('LLEN', KEYS[1]) ~= tonumber(ARGV[1]) then return 0 end
-local start, stop = tonumber(ARGV[2]), tonumber(ARGV[3])
-local head = start > 0 and redis.call('LRANGE', KEYS[1], 0, start - 1) or {}
-local ttl = redis.call('PTTL', KEYS[1])
-redis.call('LTRIM', KEYS[1], stop, -1)
-for i = #head, 1, -1 do redis.call('LPUSH', KEYS[1], head[i]) end
-if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+local length, start, stop = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('LLEN', KEYS[1]) ~= length then return 0 end
+for i = start, stop - 1 do redis.call('LSET', KEYS[1], i, '\\n') end
+redis.call('LREM', KEYS[1], start < length - stop and stop - start or start - stop, '\\n')
 return 1
 """
 _REDIS_LOG_MOVE = """
@@ -1687,12 +1667,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
 """
-# Remove the lines ARGV[2..] from the head (ARGV[1] '0') or the tail ('-N') of a log, if they are still there.
+# Remove the lines ARGV from the head of a log, if they are still there.
 _REDIS_LOG_CUT = """
-local n = #ARGV - 1
-local lines = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[1] + n - 1)
-for i = 1, n do if lines[i] ~= ARGV[i + 1] then return 0 end end
-if ARGV[1] == '0' then redis.call('LTRIM', KEYS[1], n, -1) else redis.call('LTRIM', KEYS[1], 0, -n - 1) end
+local lines = redis.call('LRANGE', KEYS[1], 0, #ARGV - 1)
+for i = 1, #ARGV do if lines[i] ~= ARGV[i] then return 0 end end
+redis.call('LTRIM', KEYS[1], #ARGV, -1)
 return 1
 """
 
@@ -1705,15 +1684,8 @@ def _redis_cluster_tags(client):
     tags, numbers = {}, itertools.count()
     while len(tags) < _REDIS_BUCKETS:
         tag = f"{{{next(numbers):x}}}"
-        tags.setdefault(client.keyslot(tag) * _REDIS_BUCKETS // _REDIS_SLOTS, tag)
+        tags.setdefault(client.keyslot(tag) * _REDIS_BUCKETS // 16384, tag)  # a cluster has 16,384 slots
     return [tags[band] for band in range(_REDIS_BUCKETS)]
-
-
-def _redis_pairs(reply):
-    """Return ``[(member, score)]`` from a WITHSCORES reply, flat (redis-py before 8) or paired."""
-    if reply and not isinstance(reply[0], (list, tuple)):
-        reply = zip(reply[0::2], reply[1::2])
-    return [(member, float(score)) for member, score in reply]
 
 
 class RedisStore(Store):
@@ -1753,16 +1725,14 @@ class RedisStore(Store):
         super().__init__(**options)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
-        for name in ("execute_command", "evalsha"):  # 0x80 is inspect.CO_COROUTINE: an asyncio client
-            if getattr(getattr(getattr(client, name, None), "__code__", None), "co_flags", 0) & 0x80:
-                raise TypeError(f"RedisStore needs a synchronous client, not {type(client).__module__}."
-                                f"{type(client).__name__}: pass redis.Redis or redis.cluster.RedisCluster"
-                                f" (the ASGI middleware already runs store I/O in threads)")
+        # 0x80 is inspect.CO_COROUTINE: an asyncio client's execute_command is a coroutine function.
+        if getattr(getattr(getattr(client, "execute_command", None), "__code__", None), "co_flags", 0) & 0x80:
+            raise TypeError(f"RedisStore needs a synchronous client, not {type(client).__module__}."
+                            f"{type(client).__name__}: pass redis.Redis or redis.cluster.RedisCluster"
+                            f" (the ASGI middleware already runs store I/O in threads)")
         if getattr(client.get_encoder(), "decode_responses", False):
             raise ValueError("RedisStore needs a client that returns bytes: pass decode_responses=False")
-        self.client, self.prefix = client, prefix
-        describe = getattr(client, "get_connection_kwargs", None)
-        options = describe() if callable(describe) else {}
+        self.client, self.prefix, self._scripts = client, prefix, {}
         if callable(getattr(client, "get_nodes", None)):
             nodes = ",".join(sorted(f"{node.host}:{node.port}" for node in client.get_nodes()))
             self._address = f"redis+cluster://{nodes}"
@@ -1771,13 +1741,13 @@ class RedisStore(Store):
                                  f" own, so the prefix must hold no '{{' or '}}': pass prefix='session:'")
             self._buckets = [prefix + tag for tag in _redis_cluster_tags(client)]
         else:
-            if "path" in options:
-                self._address = f"unix://{options['path']}?db={options.get('db', 0)}"
-            else:
-                self._address = f"redis://{options.get('host')}:{options.get('port', 6379)}/{options.get('db', 0)}"
+            options = client.get_connection_kwargs()
+            db = options.get("db", 0)
+            self._address = (f"unix://{options['path']}?db={db}" if "path" in options
+                             else f"redis://{options.get('host')}:{options.get('port', 6379)}/{db}")
             self._buckets = [prefix]
-        # Every sorted set, in the order a clean evicts from them: probation sets first.
-        self._sets = [(bucket, bucket + name) for name in ("#probation", "#index") for bucket in self._buckets]
+        # Every sorted set, probation sets first: the order in which a clean evicts from them.
+        self._sets = [bucket + name for name in ("#probation", "#index") for bucket in self._buckets]
 
     def __repr__(self):
         return f"RedisStore({self._address!r}, prefix={self.prefix!r})"
@@ -1794,17 +1764,21 @@ class RedisStore(Store):
         return self._call(self.client.execute_command, *command)
 
     def _pipelined(self, commands):
-        """Run ``commands`` (tuples) in one pipeline, which a cluster client splits by node; return the replies."""
-        def run():
-            pipeline = self.client.pipeline(transaction=False)
-            for command in commands:
-                pipeline.execute_command(*command)
-            return pipeline.execute()
-        return self._call(run) if commands else []
+        """Run ``commands`` (tuples) in one pipeline, which a cluster client splits by node; return the replies.
+
+        A command that ends in WITHSCORES replies ``(member, score)`` pairs, whatever the protocol.
+        """
+        pipeline = self.client.pipeline(transaction=False)
+        for command in commands:  # withscores=True, as redis-py's own zrange() passes it, pairs the reply
+            options = {"withscores": True} if command[-1] == "WITHSCORES" else {}
+            pipeline.execute_command(*command, **options)
+        return self._call(pipeline.execute)
 
     def _script(self, source, keys, arguments):
         """Run a script by EVALSHA (redis-py loads it on NOSCRIPT): one round trip once loaded."""
-        return self._call(self.client.register_script(source), keys, arguments)
+        if source not in self._scripts:
+            self._scripts[source] = self.client.register_script(source)  # a race makes two alike: harmless
+        return self._call(self._scripts[source], keys, arguments)
 
     def _ttl(self):
         return "" if self.max_age is None else max(1, round(self.max_age * 1000))
@@ -1849,107 +1823,89 @@ class RedisStore(Store):
         """Yield ``(key, mtime, size)`` of every record, in pipelined pages of 1,000 members per set (by rank)."""
         sets, start = self._sets, 0
         while sets:
-            pages = [_redis_pairs(page) for page in self._pipelined(
-                [("ZRANGE", name, start, start + _REDIS_SCAN_BATCH - 1, "WITHSCORES") for _, name in sets])]
-            entries = [(bucket, member.decode("ascii"), mtime)
-                       for (bucket, _), page in zip(sets, pages) for member, mtime in page]
-            sizes = self._pipelined([("HSTRLEN", bucket + key, "data") for bucket, key, _ in entries])
-            yield from ((key, mtime, size) for (_, key, mtime), size in zip(entries, sizes) if size)
-            sets = [entry for entry, page in zip(sets, pages) if len(page) == _REDIS_SCAN_BATCH]
+            stop = start + _REDIS_SCAN_BATCH - 1
+            pages = self._pipelined([("ZRANGE", name, start, stop, "WITHSCORES") for name in sets])
+            entries = [(member.decode("ascii"), mtime) for page in pages for member, mtime in page]
+            sizes = self._pipelined([("HSTRLEN", self._keys(key)[0], "data") for key, _ in entries])
+            yield from ((key, mtime, size) for (key, mtime), size in zip(entries, sizes) if size)
+            sets = [name for name, page in zip(sets, pages) if len(page) == _REDIS_SCAN_BATCH]
             start += _REDIS_SCAN_BATCH
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
         """Run one cleaning pass, as ``Store.sweep`` does; a clean reads only the records it removes.
 
         A dry run (``stats``) scans every record, for their bytes. A clean
-        counts the members of each bucket's sets in one script per bucket,
-        removes those past ``max_age``, then the ``keep`` excess, probation
-        sets first (see ``_evict_lowest``). It passes its live Sweep to
-        ``progress`` once; ``seen`` counts the members, as ``len()`` does,
-        ``seen_bytes`` the bytes it removed.
+        counts the members of the sets, removes those past ``max_age``, then
+        the ``keep`` excess, probation sets first (see ``_evict_lowest``). It
+        passes its live Sweep to ``progress`` once; ``seen`` counts the
+        members, ``seen_bytes`` the bytes it removed.
         """
         if dry_run:
             return super().sweep(max_age, keep, now=now, dry_run=True, progress=progress)
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        started, sweep = _now() + 0.001, Sweep()  # started: as in Store.sweep
-        floor = float("-inf") if cutoff is None else cutoff
-        # A failover may lose the scripts a master had loaded: load them (on every master) for each clean.
-        summary, self._evict_sha = [self._call(self.client.script_load, script) for script in (_REDIS_SUMMARY, _REDIS_EVICT)]
-        replies = self._pipelined([("EVALSHA", summary, 2, bucket + "#probation", bucket + "#index", repr(floor),
-                                    repr(started)) for bucket in self._buckets])
-        due = [sum(int(reply[1]) for reply in segment) for segment in zip(*replies)]  # probation, index
-        scores = [float(score) for bucket in replies for reply in bucket for score in reply[2:] if score]
-        sweep.seen = sum(int(reply[0]) for bucket in replies for reply in bucket)
+        started, sweep = repr(_now() + 0.001), Sweep()  # started: as in Store.sweep
+        floor = "-inf" if cutoff is None else repr(cutoff)
+        replies = self._pipelined([command for name in self._sets for command in (
+            ("ZCARD", name), ("ZCOUNT", name, floor, started),
+            ("ZRANGE", name, 0, 0, "WITHSCORES"), ("ZRANGE", name, -1, -1, "WITHSCORES"))])
+        scores = [score for reply in replies[2::4] + replies[3::4] for _, score in reply]
+        sweep.seen, due = sum(replies[0::4]), sum(replies[1::4])
         sweep.oldest, sweep.newest = min(scores, default=None), max(scores, default=None)
         if progress is not None:
             progress(sweep)
+        # Loaded for each clean, on every master: a failover may lose the scripts a master had loaded.
+        self._evict_sha = self._call(self.client.script_load, _REDIS_EVICT)
         if cutoff is not None:
-            self._evict_range(self._sets, "-inf", "(" + repr(cutoff), sweep)
-        excess = -1 if keep is None else sum(due) - keep
-        for above, sets in zip(due, (self._sets[:len(self._buckets)], self._sets[len(self._buckets):])):
-            if excess > 0 and above:
-                self._evict_lowest(sets, max(floor, min(scores)), started, excess, above, sweep)
-                excess -= above
+            self._evict_lowest(self._sets, "-inf", "(" + floor, sys.maxsize, sweep)
+        excess = 0 if keep is None else due - keep
+        for sets in (self._sets[:len(self._buckets)], self._sets[len(self._buckets):]):  # probation first
+            excess = self._evict_lowest(sets, floor, started, excess, sweep)
         sweep.seen_bytes = sweep.removed_bytes
         return sweep
 
-    def _evict_lowest(self, sets, floor, high, excess, above, sweep):
-        """Remove the ``excess`` lowest, by (score, key), of the ``above`` members of ``sets`` from ``floor`` to ``high``.
+    def _evict_lowest(self, sets, low, high, count, sweep):
+        """Remove the ``count`` lowest members of ``sets`` from ``low`` to ``high``; return how many are left.
 
-        A bisection over pipelined ZCOUNTs narrows (low, high] to a page that
-        holds the ``excess``-th: the members up to ``low`` go, then the first of that page.
+        Lowest by (score, member): a merge of pipelined pages, at most 1,000
+        members per set and about 10,000 in all per round. Each round removes
+        the members up to the lowest end of a full page, below which no set
+        holds a member unread. A member written since the pass began counts
+        among the ``count``, and stays.
         """
-        low, below = (high, above) if excess >= above else (floor - 1, 0)
-        while above - below > _REDIS_SCAN_BATCH and high - low > 1e-6:
-            middle = (low + high) / 2
-            count = sum(self._pipelined([("ZCOUNT", name, repr(floor), repr(middle)) for _, name in sets]))
-            low, below, high, above = (middle, count, high, above) if count < excess else (low, below, middle, count)
-        if below:
-            self._evict_range(sets, repr(floor), repr(low), sweep)
-        if excess > below:
-            pages = self._pipelined([("ZRANGEBYSCORE", name, f"({low!r}", repr(high), "WITHSCORES") for _, name in sets])
-            window = sorted((mtime, member, bucket) for (bucket, _), page in zip(sets, pages)
-                            for member, mtime in _redis_pairs(page))
-            self._evict([(bucket, member, mtime) for mtime, member, bucket in window[:excess - below]], sweep)
-
-    def _evict_range(self, sets, low, high, sweep):
-        """Remove the members of ``sets`` that score from ``low`` to ``high``, in rounds of about 10,000."""
-        page = min(_REDIS_SCAN_BATCH, 1 + 10 * _REDIS_SCAN_BATCH // len(sets))  # members per set and round
-        while sets:
-            pages = [_redis_pairs(reply) for reply in self._pipelined(
-                [("ZRANGEBYSCORE", name, low, high, "WITHSCORES", "LIMIT", 0, page) for _, name in sets])]
-            if not self._evict([(bucket, *entry) for (bucket, _), part in zip(sets, pages) for entry in part], sweep):
-                return  # no member left: what remains was written since the pass began
-            sets = [entry for entry, part in zip(sets, pages) if len(part) == page]
+        while count > 0:
+            page = min(_REDIS_SCAN_BATCH, 1 + 10 * _REDIS_SCAN_BATCH // len(sets), count)  # per set
+            pages = self._pipelined(
+                [("ZRANGEBYSCORE", name, low, high, "LIMIT", 0, page, "WITHSCORES") for name in sets])
+            bound = min([(part[-1][1], part[-1][0]) for part in pages if len(part) == page], default=None)
+            entries = sorted((mtime, member) for part in pages for member, mtime in part)
+            entries = [entry for entry in entries if bound is None or entry <= bound][:count]
+            if not entries or not self._evict(entries, sweep):
+                break
+            count -= len(entries)
+        return count
 
     def _evict(self, entries, sweep):
-        """Remove each ``(bucket, member, mtime)`` still at that mtime: one script per bucket, one pipeline.
+        """Remove the record of each ``(mtime, member)`` still at that mtime, in one pipeline.
 
         Count the records removed into ``sweep``; return True if any member left its set.
         """
-        buckets = {}
-        for bucket, member, mtime in entries:
-            keys, arguments = buckets.setdefault(bucket, ([], []))
-            keys += (bucket.encode() + member, bucket.encode() + b"#log:" + member)
-            arguments += (member, repr(mtime))
-        replies = [size for reply in self._pipelined(
-            [("EVALSHA", self._evict_sha, len(keys) + 2, bucket + "#index", bucket + "#probation", *keys, *arguments)
-             for bucket, (keys, arguments) in buckets.items()]) for size in reply]
+        replies = self._pipelined([("EVALSHA", self._evict_sha, 4, *self._keys(member.decode()), member,
+                                    repr(mtime)) for mtime, member in entries])
         sizes = [size for size in replies if size >= 0]
         sweep.removed, sweep.removed_bytes = sweep.removed + len(sizes), sweep.removed_bytes + sum(sizes)
         return any(size != -2 for size in replies)
 
     def __iter__(self):
         floor = "-inf" if self.max_age is None else repr(_now() - self.max_age)
-        pages = self._pipelined([("ZRANGEBYSCORE", name, floor, "+inf") for _, name in self._sets])
+        pages = self._pipelined([("ZRANGEBYSCORE", name, floor, "+inf") for name in self._sets])
         return iter([member.decode("ascii") for page in pages for member in page])
 
     def __len__(self):
         """Count the live records: the members of the sorted sets not older than ``max_age``."""
         floor = "-inf" if self.max_age is None else repr(_now() - self.max_age)
-        return sum(self._pipelined([("ZCOUNT", name, floor, "+inf") for _, name in self._sets]))
+        return sum(self._pipelined([("ZCOUNT", name, floor, "+inf") for name in self._sets]))
 
-    # The message log: a list per key, RPUSH to append (plus LTRIM to trim), its TTL the record's.
+    # The message log: a list per key, RPUSH to append (LSET and LREM to trim), its TTL the record's.
     def _log_key(self, key):
         return self._keys(_check_key(key))[2]
 
@@ -1982,16 +1938,13 @@ class RedisStore(Store):
         if self._bucket(old) == self._bucket(new):
             return self._script(_REDIS_LOG_MOVE, [source, target], []) == 1
         self.log_remove(new)
-        moved = False
-        while True:
+        for rounds in itertools.count():
             lines = self._command("LRANGE", source, 0, _REDIS_SCAN_BATCH - 1)
             if not lines:
-                return moved
-            self.log_append(new, lines)
-            if self._script(_REDIS_LOG_CUT, [source], [0, *lines]):
-                moved = True
-            else:
-                self._script(_REDIS_LOG_CUT, [target], [-len(lines), *lines])
+                return rounds > 0
+            length = self.log_append(new, lines)
+            if not self._script(_REDIS_LOG_CUT, [source], lines):
+                self.log_trim(new, length - len(lines), length, length)
 
     def log_scan(self):
         """Yield ``(key, bytes)`` of every log, found with SCAN; the bytes are Redis's MEMORY USAGE."""
@@ -2179,8 +2132,7 @@ def _message_kind(message, index):
         if item_type in _LANGCHAIN_TYPES:
             return _ROLE_KINDS[item_type]
         if not isinstance(item_type, str) or item_type == "message":
-            raise ValueError(f"messages[{index}] has no 'role' and no known 'type': "
-                             f"keys {list(message)!r}")
+            raise ValueError(f"messages[{index}] has no 'role' and no known 'type': keys {list(message)!r}")
         if item_type.endswith(("_call", "_call_output")) or item_type in _ITEM_TYPES:
             return _OTHER
         raise ValueError(f"messages[{index}] has an unknown type {item_type!r}")
@@ -2264,20 +2216,17 @@ def _content_length(content):
 
 def _part_text(part):
     """Return the text of one content part or block (a str is its own), or None if it has none."""
-    if not isinstance(part, Mapping):
-        return part if isinstance(part, str) else None
-    part_type = part.get("type")
-    key = _PART_TEXT_KEYS.get(part_type) if isinstance(part_type, str) else None
-    return None if key is None else part.get(key)
+    part_type = part.get("type") if isinstance(part, Mapping) else None
+    if isinstance(part_type, str) and part_type in _PART_TEXT_KEYS:
+        return part.get(_PART_TEXT_KEYS[part_type])
+    return part if isinstance(part, str) else None
 
 
 def _value_length(value):
     """Return the length of a str, 0 for None, else the length of its JSON."""
-    if value is None:
-        return 0
     if isinstance(value, str):
         return len(value)
-    return len(json.dumps(value, ensure_ascii=False, default=str))
+    return 0 if value is None else len(json.dumps(value, ensure_ascii=False, default=str))
 
 
 
@@ -2349,7 +2298,7 @@ class MessageLog:
                 _logger.warning("message log %s: line %d is not JSON: ignored", self.key[:12], index)
         return pairs
 
-    def _window(self, max_rounds, budget=None):
+    def _window(self, max_rounds, budget=sys.maxsize):
         """Return ``(lead, kept, length)``: the leading instructions, the last ``max_rounds`` rounds (within
         ``budget`` messages), each as ``(line index, message)``, and the lines the log held.
 
@@ -2364,8 +2313,7 @@ class MessageLog:
             tail = [] if whole else self._decoded(self.store.log_read(self.key, -size), length - size)
             pairs = head + tail
             messages = [message for _, message in pairs]
-            count = None if budget is None else lambda message: 1
-            kept = trim_messages(messages, max_rounds, budget=budget, count=count)
+            kept = trim_messages(messages, max_rounds, budget=budget, count=lambda message: 1)
             lead = next((i for i, message in enumerate(kept) if message is not messages[i]), 0)
             if whole or lead < len(head) and len(kept) - lead <= len(tail):
                 return pairs[:lead], pairs[len(pairs) - len(kept) + lead :], length
@@ -2386,7 +2334,7 @@ class MessageLog:
         over = self.max_messages is not None and count > self.max_messages
         try:
             if over or (self.max_rounds is not None and count > self.max_rounds):
-                self._trim(self.max_rounds or count, self.max_messages * 3 // 4 if over else None)
+                self._trim(self.max_rounds or count, self.max_messages * 3 // 4 if over else sys.maxsize)
         except (TypeError, ValueError) as exc:  # the messages are in: an error would invite a retry, a duplicate
             _logger.warning("message log %s: not trimmed, its messages are not a chat: %s", self.key[:12], exc)
 
@@ -3588,14 +3536,12 @@ def _open_redis(spec, prefix):
         import redis
     except ImportError:
         raise SessionError(f"{spec}: Redis stores need redis-py: pip install redis") from None
-    scheme, _, rest = spec.partition("://")
+    url = urllib.parse.urlsplit(spec)
     try:
-        if scheme == "redis+cluster":  # any node: the client finds the others
-            client = redis.RedisCluster.from_url(f"redis://{rest}")
-        elif scheme == "redis+sentinel":  # redis+sentinel://host:port/service: the service's master
-            address, _, service = rest.partition("/")
-            host, _, port = address.rpartition(":")
-            client = redis.Sentinel([(host, int(port))]).master_for(service)
+        if url.scheme == "redis+cluster":  # any node: the client finds the others
+            client = redis.RedisCluster.from_url(spec.replace("redis+cluster://", "redis://", 1))
+        elif url.scheme == "redis+sentinel":  # redis+sentinel://host:port/service: the service's master
+            client = redis.Sentinel([(url.hostname, url.port or 26379)]).master_for(url.path.strip("/"))
         else:
             client = redis.Redis.from_url(spec)
     except ValueError as exc:

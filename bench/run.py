@@ -13,7 +13,10 @@ machine drift hits them all alike; tables show medians over repetitions.
    save) of a ~2 KB chat session, per operation, against a plain baseline of
    the same kind: ``raw-file`` (json + temp file + os.replace) for file stores,
    ``raw-sqlite`` (one table, WAL, INSERT OR REPLACE / SELECT) for SQLite
-   stores, raw redis-py SET/GET for Redis.
+   stores, raw redis-py SET/GET for Redis; the baselines and tinysession's
+   stores again with a 64 KB session; wall and CPU time. Then one load in a
+   new thread per request (as threaded servers run them) against the same load
+   in a reused thread and against starting a thread alone.
 2. A full WSGI request cycle, called in-process with prepared environs and a
    cookie jar per user: a request that appends a chat message, one that only
    reads, one that never touches the session.
@@ -29,7 +32,10 @@ machine drift hits them all alike; tables show medians over repetitions.
    Flask's signed cookie.
 6. Writers racing on one session, in process.
 7. A flood of new sessions against max_sessions, and write latency during a
-   large clean.
+   large clean; then a writer saving every 10 ms through a SQLiteStore
+   clean(keep=1000) at each evict batch size (_SQLITE_EVICT_BATCH set at run
+   time), the clean in a thread and in another process, with and without a
+   CPU-bound process per core.
 8. Over HTTP: the same Starlette app under uvicorn (1 worker), 1 KB sessions:
    no sessions, Starlette's signed-cookie SessionMiddleware, starsessions on
    Redis and tinysession's ASGISessionMiddleware on each store; req/s and
@@ -96,18 +102,22 @@ ROOT = os.path.abspath(os.environ.get("TINYSESSION_ROOT") or os.path.join(HERE, 
 # changes during the run.
 tinysession = None
 
-FULL = {"store_n": 2000, "store_reps": 3, "req_n": 400, "req_reps": 3, "users": 200,
+FULL = {"store_n": 2000, "store_big_n": 500, "big_messages": 440, "thread_n": 2000, "store_reps": 3,
+            "req_n": 400, "req_reps": 3, "users": 200,
             "clean_n": 100_000, "clean_reps": 1, "import_runs": 7, "http_s": 2, "http_reps": 3, "http_warmup_s": 1,
             "contended_saves": 50, "flood_keep": 1000, "flood_returning": 300, "flood_new": 20000,
-            "busy_files": 100_000, "busy_rows": 300_000, "busy_writes": 2000, "log_n": 200, "log_reps": 3,
+            "busy_files": 100_000, "busy_rows": 300_000, "busy_writes": 2000, "evict_reps": 3,
+            "log_n": 200, "log_reps": 3,
             "log_sizes": (10, 100, 1000, 10_000), "http_sizes": ["1 KB", "100 KB"], "http_only": None,
             "cluster_n": 2000, "cluster_reps": 3, "cluster_spread": 10_000}
 # One cleaning run each in the full run: building and tearing down a 100,000-file
 # layout costs ~30 s per cleaner on a 2-core VM disk; raise clean_reps on a faster one.
-QUICK = {"store_n": 100, "store_reps": 1, "req_n": 30, "req_reps": 1, "users": 20,
+QUICK = {"store_n": 100, "store_big_n": 30, "big_messages": 440, "thread_n": 100, "store_reps": 1,
+             "req_n": 30, "req_reps": 1, "users": 20,
              "clean_n": 1200, "clean_reps": 1, "import_runs": 1, "contended_saves": 5, "flood_keep": 50,
              "flood_returning": 15, "flood_new": 500, "busy_files": 1500, "busy_rows": 3000, "busy_writes": 100,
-             "log_n": 20, "log_reps": 1, "log_sizes": (10, 100), "http_s": 1, "http_reps": 1, "http_warmup_s": 0,
+             "evict_reps": 1, "log_n": 20, "log_reps": 1, "log_sizes": (10, 100), "http_s": 1, "http_reps": 1,
+             "http_warmup_s": 0,
              "http_sizes": ["1 KB"], "http_only": ["no sessions", "tinysession SQLiteStore"], "cluster_n": 100,
              "cluster_reps": 1, "cluster_spread": 2000}
 # --quick is CI's smoke run (once per build, under 2 minutes on a loaded 2-core VM): one repetition of small
@@ -619,6 +629,10 @@ def store_contenders(workdir, redis_server):
     if redis_server is not None:
         contenders.append(raw_redis_contender(redis_server))
     contenders += tinysession_contenders(redis_server)
+    for contender in contenders:
+        contender["big"] = True  # the baselines and tinysession's stores also run at 64 KB
+        if contender["group"] == "redis":
+            contender["server_pid"] = redis_server.process.pid  # its CPU counts with the client's
     if try_import("cachelib", "cachelib.file"):
         contenders += [cachelib_contender(0), cachelib_contender(100_000)]
     if try_import("Beaker", "beaker.session"):
@@ -634,30 +648,36 @@ def store_contenders(workdir, redis_server):
 
 
 def store_batch(contender, directory, count, record):
-    """Save ``count`` new keys, load them all, update them all; return µs per op of each.
+    """Save ``count`` new keys, load them all, update them all; return µs per op of each, wall then CPU.
 
-    Each of the three timed phases starts after settle(), outside its timing.
+    Each of the three timed phases starts after settle(), outside its timing. CPU = this process's
+    (every thread's, background cleans included) plus the server's for a contender with a "server_pid".
     """
     os.makedirs(directory)
     create, load, update = contender["create"], contender["load"], contender["update"]
+    server = contender.get("server_pid")
+
+    def cpu():
+        return time.process_time() + (0.0 if server is None else cpu_seconds(server))
+
     message = new_message()
     handle = contender["open"](directory)
     try:
         keys = [secrets.token_hex(16) for _ in range(count)]
         settle()
-        started = time.perf_counter()
+        cpu_started, started = cpu(), time.perf_counter()
         keys = [create(handle, key, record) for key in keys]
-        saved = time.perf_counter()
+        saved, cpu_saved = time.perf_counter(), cpu()
         settle()
-        load_started = time.perf_counter()
+        cpu_load_started, load_started = cpu(), time.perf_counter()
         for key in keys:
             load(handle, key)
-        loaded = time.perf_counter()
+        loaded, cpu_loaded = time.perf_counter(), cpu()
         settle()
-        update_started = time.perf_counter()
+        cpu_update_started, update_started = cpu(), time.perf_counter()
         for key in keys:
             update(handle, key, message)
-        updated = time.perf_counter()
+        updated, cpu_updated = time.perf_counter(), cpu()
         for key in (keys[0], keys[-1]):
             messages = load(handle, key)["messages"]
             if len(messages) != len(record["messages"]) + 1 or messages[-1]["content"] != APPEND_TEXT:
@@ -666,47 +686,195 @@ def store_batch(contender, directory, count, record):
         contender["close"](handle)
     shutil.rmtree(directory, ignore_errors=True)
     scale = 1e6 / count
-    return ((saved - started) * scale, (loaded - load_started) * scale, (updated - update_started) * scale)
+    return ((saved - started) * scale, (loaded - load_started) * scale, (updated - update_started) * scale,
+            (cpu_saved - cpu_started) * scale, (cpu_loaded - cpu_load_started) * scale,
+            (cpu_updated - cpu_update_started) * scale)
+
+
+# -- 1. (cont.) A request in a new thread --
+#
+# A server that runs each request in a new thread (wsgiref's or werkzeug's
+# threaded server, socketserver.ThreadingMixIn) pays for whatever a store
+# keeps per thread on every request. One load of a saved session, timed
+# around starting a thread that runs it and joining it, against the same
+# load in a thread that has run many (a thread pool's worker, or a
+# single-threaded server) and against starting and joining a thread that
+# does nothing. raw-sqlite opens its connection in the thread, as a store
+# with one connection per thread (threading.local) would.
+
+THREAD_MODES = ("reused", "new", "thread")  # a reused thread; a new thread per request; a new thread alone
+THREAD_CHUNK = 50
+
+
+def nothing(*_args):
+    """A thread's target that does nothing: what starting and joining a thread costs alone."""
+
+
+def thread_contenders():
+    """(name, open(directory) -> handle, load(handle, key), save(handle, key, record), close(handle))."""
+
+    def tinysession_store(name, factory):
+        def save(store, key, record):
+            store[key] = record
+
+        def close(store):
+            wait_for_cleans()
+            store.close()
+
+        return (name, factory, lambda store, key: store.load(key), save, close)
+
+    def raw_open(directory):
+        connection = raw_sqlite_contender()["open"](directory)
+        return {"path": os.path.join(directory, "raw.sqlite3"), "connection": connection,
+                "local": threading.local()}
+
+    def raw_load(handle, key):
+        local = handle["local"]
+        if not hasattr(local, "connection"):  # closed with the thread's locals when it ends
+            local.connection = sqlite3.connect(handle["path"], isolation_level=None)
+            local.connection.execute("PRAGMA synchronous=NORMAL")
+        row = local.connection.execute("SELECT v FROM s WHERE k = ?", (key,)).fetchone()
+        return json.loads(row[0])
+
+    def raw_save(handle, key, record):
+        handle["connection"].execute("INSERT OR REPLACE INTO s (k, v, mtime) VALUES (?, ?, ?)",
+                                     (key, json.dumps(record).encode(), time.time()))
+
+    return [
+        tinysession_store("tinysession SQLiteStore",
+                          lambda d: tinysession.SQLiteStore(os.path.join(d, "s.sqlite3"), max_age=86400)),
+        tinysession_store("tinysession FileStore",
+                          lambda d: tinysession.FileStore(os.path.join(d, "s"), max_age=86400)),
+        ("raw-sqlite, a connection per thread (threading.local)", raw_open, raw_load, raw_save,
+         lambda handle: handle["connection"].close()),
+    ]
+
+
+def thread_batch(contender, directory, count, record):
+    """Return µs per request of ``count`` loads: in this thread, each in a new thread, and a new thread alone.
+
+    Each mode's wall time, and the process's CPU time (every thread's) under "<mode> cpu". The
+    modes take turns every THREAD_CHUNK requests, so a change in the machine's load hits all three.
+    """
+    _name, open_, load, save, close = contender
+    os.makedirs(directory)
+    handle = open_(directory)
+    try:
+        keys = [secrets.token_hex(16) for _ in range(count)]
+        for key in keys:
+            save(handle, key, record)
+        load(handle, keys[0])  # this thread has run one before the timing, as a server's has
+        figures = dict.fromkeys([*THREAD_MODES, *(mode + " cpu" for mode in THREAD_MODES)], 0.0)
+        settle()
+        for turn, start in enumerate(range(0, count, THREAD_CHUNK)):
+            for mode in rotated(list(THREAD_MODES), turn):
+                started, cpu_started = time.perf_counter(), time.process_time()
+                for key in keys[start:start + THREAD_CHUNK]:
+                    if mode == "reused":
+                        load(handle, key)
+                        continue
+                    thread = threading.Thread(target=load if mode == "new" else nothing, args=(handle, key))
+                    thread.start()
+                    thread.join()
+                figures[mode] += (time.perf_counter() - started) * 1e6 / count
+                figures[mode + " cpu"] += (time.process_time() - cpu_started) * 1e6 / count
+    finally:
+        close(handle)
+    shutil.rmtree(directory, ignore_errors=True)
+    return figures
 
 
 def run_store_section(config, workdir, redis_server):
     contenders = store_contenders(workdir, redis_server)
-    record = chat_record()
-    results = {c["name"]: [] for c in contenders}
-    log(f"1. store operations: {len(contenders)} contenders, {config['store_n']} keys, "
-        f"{config['store_reps']} repetitions")
-    for contender in contenders:  # warm-up: lazy imports, caches, first connections
-        store_batch(contender, os.path.join(workdir, "warmup"), WARMUP, record)
+    big_record = chat_history(config["big_messages"])
+    sizes = [("1 KB", chat_record(), contenders, config["store_n"]),
+             ("64 KB", big_record, [c for c in contenders if c.get("big")], config["store_big_n"])]
+    results = {(label, c["name"]): [] for label, _, members, _ in sizes for c in members}
+    log(f"1. store operations: {len(contenders)} contenders, {config['store_n']} keys at 1 KB, "
+        f"{len(sizes[1][2])} contenders, {config['store_big_n']} keys at 64 KB, {config['store_reps']} repetitions")
+    for label, record, members, _ in sizes:  # warm-up: lazy imports, caches, first connections
+        for contender in members:
+            store_batch(contender, os.path.join(workdir, "warmup"), WARMUP, record)
     for rep in range(config["store_reps"]):
-        for contender in rotated(contenders, rep):
-            directory = os.path.join(workdir, f"store-{rep}-{secrets.token_hex(4)}")
-            results[contender["name"]].append(store_batch(contender, directory, config["store_n"], record))
+        for label, record, members, count in sizes:
+            for contender in rotated(members, rep):
+                directory = os.path.join(workdir, f"store-{rep}-{secrets.token_hex(4)}")
+                results[(label, contender["name"])].append(store_batch(contender, directory, count, record))
         log(f"  repetition {rep + 1}/{config['store_reps']} done")
-    return contenders, results
+    threads = thread_contenders()
+    record = chat_record()
+    results.update({("thread", contender[0]): [] for contender in threads})
+    for rep in range(config["store_reps"]):
+        for contender in rotated(threads, rep):
+            directory = os.path.join(workdir, f"thread-{rep}-{secrets.token_hex(4)}")
+            results[("thread", contender[0])].append(thread_batch(contender, directory, config["thread_n"], record))
+    log("  requests in new threads done")
+    info = {"contenders": contenders, "sizes": [(label, len(json.dumps(record, separators=(",", ":")).encode()),
+                                                 len(record["messages"]), members, count)
+                                                for label, record, members, count in sizes],
+            "threads": [c[0] for c in threads]}
+    return info, results
 
 
-def print_store_section(config, contenders, results):
-    print(f"## 1. Store operations: µs per operation ({config['store_n']:,} sessions, "
-          f"median of {config['store_reps']} repetitions)\n")
+def print_store_section(config, info, results):
+    print(f"## 1. Store operations: µs per operation (median of {config['store_reps']} repetitions)\n")
     print("save = a new key; load = read it back; update = load, append one message, save. Each of the "
           "three phases starts after os.sync() and gc.collect(), untimed. "
           "× = time relative to the first row of the table (the plain baseline of that kind; "
-          "lower is faster).\n")
+          "lower is faster). At 64 KB only the baselines and tinysession's stores run.\n")
     titles = {"file": "File stores, against raw-file", "sqlite": "SQLite stores, against raw-sqlite",
               "redis": "Redis, against raw redis-py"}
-    for group, title in titles.items():
-        members = [c for c in contenders if c["group"] == group]
-        if not members:
-            continue
-        print(f"### {title}\n")
-        print("| contender | save µs | × | load µs | × | update µs | × |")
+    for label, size, messages, members, count in info["sizes"]:
+        print(f"### {label}: a chat session of {messages} messages, {size:,} bytes as compact JSON "
+              f"({count:,} sessions)\n")
+        for group, title in titles.items():
+            rows = [c["name"] for c in members if c["group"] == group]
+            if not rows:
+                continue
+            print(f"#### {title}, {label}\n")
+            print("| contender | save µs | × | load µs | × | update µs | × |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+            baseline = [statistics.median(r[i] for r in results[(label, rows[0])]) for i in range(3)]
+            for name in rows:
+                medians = [statistics.median(r[i] for r in results[(label, name)]) for i in range(3)]
+                cells = " | ".join(f"{m:.1f} | {m / b:.2f}x" for m, b in zip(medians, baseline))
+                print(f"| {name} | {cells} |")
+            print()
+        print(f"#### CPU time, {label}\n")
+        print("The same operations in CPU µs per operation: this process's (every thread's, background cleans "
+              "included) plus redis-server's for the Redis rows; steadier than wall time on a busy machine. "
+              "× = against the baseline of the row's kind.\n")
+        print("| contender | save CPU µs | × | load CPU µs | × | update CPU µs | × |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        baseline = [statistics.median(r[i] for r in results[members[0]["name"]]) for i in range(3)]
-        for contender in members:
-            medians = [statistics.median(r[i] for r in results[contender["name"]]) for i in range(3)]
-            cells = " | ".join(f"{m:.1f} | {m / b:.2f}x" for m, b in zip(medians, baseline))
-            print(f"| {contender['name']} | {cells} |")
+        for group in titles:
+            rows = [c["name"] for c in members if c["group"] == group]
+            if not rows:
+                continue
+            baseline = [statistics.median(r[i] for r in results[(label, rows[0])]) for i in range(3, 6)]
+            for name in rows:
+                medians = [statistics.median(r[i] for r in results[(label, name)]) for i in range(3, 6)]
+                cells = " | ".join(f"{m:.1f} | {m / b:.2f}x" for m, b in zip(medians, baseline))
+                print(f"| {name} | {cells} |")
         print()
+    print(f"### A request in a new thread ({config['thread_n']:,} loads of the 1 KB session)\n")
+    print("µs per request: one load in a thread that has run many (reused), the load in a new thread "
+          "started and joined for it (new thread, as wsgiref's and werkzeug's threaded servers run each "
+          "request), and starting and joining a thread that does nothing; added = new thread − reused − "
+          "thread alone, what the store pays for being in a new thread; the same in CPU time (the process's, every "
+          "thread's: steadier than wall time on a busy machine). FileStore keeps nothing per thread: its added "
+          "time is what any work pays for running in a fresh thread. raw-sqlite keeps a connection per "
+          "thread in a threading.local, opened by the thread's first load.\n")
+    print("| store | reused thread µs | new thread µs | thread alone µs | added µs | CPU µs: reused | new thread "
+          "| thread alone | added |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in info["threads"]:
+        cells = []
+        for suffix in ("", " cpu"):
+            reused, new, alone = (statistics.median(r[mode + suffix] for r in results[("thread", name)])
+                                  for mode in THREAD_MODES)
+            cells.append(f"{reused:.1f} | {new:.1f} | {alone:.1f} | {new - reused - alone:.1f}")
+        print(f"| {name} | {' | '.join(cells)} |")
+    print()
 
 
 # -- 2. Request cycle --
@@ -1195,7 +1363,182 @@ def run_flood_section(config, workdir, redis_server):
         store.close()
         shutil.rmtree(directory, ignore_errors=True)
         log(f"  {name} done")
+    if hasattr(tinysession, "_SQLITE_EVICT_BATCH"):
+        results["evict"] = run_evict_batch_part(config, workdir)
     return stores, results
+
+
+# -- 7. (cont.) The SQLite clean's batch size against a writer's wait --
+#
+# SQLiteStore.sweep removes rows in transactions of _SQLITE_EVICT_BATCH rows.
+# While one is open, a writer's statement waits in SQLite's busy handler,
+# which sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100 ms between its
+# tries: a writer that keeps losing the lock to the next batch waits in those
+# steps. A writer saving a session every 10 ms while clean(keep=1000) runs
+# over busy_rows old rows, at each batch size (the module attribute set at
+# run time, in this process and in the child), with the clean in a thread of
+# the writer's process (as a background clean runs) and in another process
+# (as `tinysession clean` from cron runs), on the machine as it is and with
+# one CPU-bound process per core added.
+
+EVICT_MODES = ("thread", "process")
+EVICT_LOADS = ("as is", "+1 CPU hog per core")
+WRITE_EVERY = 0.010
+
+
+def evict_batches():
+    """The batch sizes to compare: the module's own first, then 500, 250 and 100."""
+    current = getattr(tinysession, "_SQLITE_EVICT_BATCH", None)
+    return [size for size in dict.fromkeys([current, 500, 250, 100]) if size is not None]
+
+
+def build_old_rows(path, count):
+    """Write ``count`` ten-day-old sessions into a new SQLiteStore database at ``path``, checkpointed."""
+    store = tinysession.SQLiteStore(path, max_sessions=None)
+    data = store.encode("old", {})
+    store.save("old", data)  # creates the schema
+    store.close()
+    old = time.time() - 10 * 86400
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        table = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        connection.execute("BEGIN")
+        connection.executemany(f'INSERT OR REPLACE INTO "{table}" (key, data, mtime) VALUES (?, ?, ?)',
+                               ((f"old{n}", data, old + n // 1000) for n in range(count)))
+        connection.execute("COMMIT")
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        connection.close()
+
+
+def evict_child_main(path, batch):
+    """The `run.py _evict DB BATCH` subprocess: clean(keep=1000) at that batch size, timed, as JSON."""
+    tinysession._SQLITE_EVICT_BATCH = batch
+    store = tinysession.SQLiteStore(path, max_sessions=None)
+    len(store)  # opens the connection before the parent starts writing
+    print("go", flush=True)
+    started = time.perf_counter()
+    removed = store.clean(keep=1000)
+    print(json.dumps({"seconds": time.perf_counter() - started, "removed": removed}), flush=True)
+    store.close()
+    return 0
+
+
+def paced_writes(store, done):
+    """Save a new session every WRITE_EVERY s until ``done()``; return each save's ms."""
+    latencies = []
+    due = time.perf_counter()
+    while not done():
+        key = f"w{len(latencies)}-{secrets.token_hex(4)}"
+        data = store.encode(key, {"n": len(latencies)})
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        started = time.perf_counter()
+        store.save(key, data)
+        finished = time.perf_counter()
+        latencies.append((finished - started) * 1000)
+        due = max(due + WRITE_EVERY, finished)  # a late write is not followed by a burst
+    return latencies
+
+
+def evict_batch_run(template, directory, batch, mode):
+    """One clean of a copy of ``template`` at ``batch`` beside a paced writer: (latencies ms, clean s)."""
+    path = os.path.join(directory, f"evict-{batch}-{mode}.db")
+    shutil.copy(template, path)
+    store = tinysession.SQLiteStore(path, max_sessions=None)
+    len(store)
+    saved = tinysession._SQLITE_EVICT_BATCH
+    try:
+        if mode == "thread":
+            tinysession._SQLITE_EVICT_BATCH = batch
+            outcome = {}
+
+            def clean():
+                started = time.perf_counter()
+                outcome["removed"] = store.clean(keep=1000)
+                outcome["seconds"] = time.perf_counter() - started
+
+            thread = threading.Thread(target=clean)
+            thread.start()
+            latencies = paced_writes(store, lambda: not thread.is_alive())
+            thread.join()
+        else:
+            child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_evict", path, str(batch)],
+                                     stdout=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, TINYSESSION_ROOT=os.path.dirname(tinysession.__file__)))
+            with child:  # waits for it, its pipe closed, on an error too
+                try:
+                    if child.stdout.readline().strip() != "go":
+                        raise AssertionError("the cleaning child did not start")
+                    latencies = paced_writes(store, lambda: child.poll() is not None)
+                    outcome = json.loads(child.stdout.read())
+                except BaseException:
+                    child.kill()
+                    raise
+    finally:
+        tinysession._SQLITE_EVICT_BATCH = saved
+        store.close()
+    os.remove(path)
+    if outcome.get("removed", 0) < 1:
+        raise AssertionError(f"the clean removed nothing: {outcome}")
+    return latencies, outcome["seconds"]
+
+
+def cpu_hogs(count):
+    """Start ``count`` processes that spin on a CPU; return them (terminate and wait when done)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def run_evict_batch_part(config, workdir):
+    """Return {(batch, mode, load): [(latencies, clean s), ...]} over config["evict_reps"] repetitions."""
+    directory = os.path.join(workdir, f"evict-{secrets.token_hex(4)}")
+    os.makedirs(directory)
+    template = os.path.join(directory, "template.db")
+    build_old_rows(template, config["busy_rows"])
+    batches = evict_batches()
+    runs = [(batch, mode) for batch in batches for mode in EVICT_MODES]
+    results = {(batch, mode, load): [] for batch, mode in runs for load in EVICT_LOADS}
+    log(f"  evict batch: {config['busy_rows']:,} rows, batches {batches}, {config['evict_reps']} repetitions")
+    for load in EVICT_LOADS:
+        hogs = cpu_hogs(os.cpu_count() or 1) if load != EVICT_LOADS[0] else []
+        try:
+            for rep in range(config["evict_reps"]):
+                for batch, mode in rotated(runs, rep):
+                    settle()
+                    results[(batch, mode, load)].append(evict_batch_run(template, directory, batch, mode))
+        finally:
+            for hog in hogs:
+                hog.terminate()
+                hog.wait()
+    shutil.rmtree(directory, ignore_errors=True)
+    return batches, results
+
+
+def print_evict_batch_part(config, batches, results):
+    print(f"### The SQLite clean's batch size against a writer's wait ({config['busy_rows']:,} rows, "
+          "clean(keep=1000))\n")
+    print(f"A writer saves a new session every {WRITE_EVERY * 1000:.0f} ms while `clean(keep=1000)` runs; "
+          "the clean in a thread of the writer's process or in another process, on the machine as it is "
+          "and with a CPU-bound process per core added. Each batch size is `_SQLITE_EVICT_BATCH` set at "
+          f"run time (this version's: {getattr(tinysession, '_SQLITE_EVICT_BATCH', 'none')}). "
+          f"Figures over {config['evict_reps']} repetitions: the writes' worst (the largest of the "
+          "repetitions' worsts), p99 and median (of all writes pooled), the count over 100 ms, and the "
+          "clean's median seconds.\n")
+    print("| load | clean in | batch | writes | worst ms | p99 ms | median ms | > 100 ms | clean s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for load in EVICT_LOADS:
+        for mode in EVICT_MODES:
+            for batch in batches:
+                runs = results[(batch, mode, load)]
+                pooled = sorted(ms for latencies, _ in runs for ms in latencies)
+                worst = max(max(latencies) for latencies, _ in runs)
+                p99 = pooled[min(len(pooled) - 1, int(len(pooled) * 0.99))]
+                over = sum(ms > 100 for ms in pooled)
+                seconds = statistics.median(s for _, s in runs)
+                print(f"| {load} | {mode} | {batch} | {len(pooled):,} | {worst:.1f} | {p99:.1f} | "
+                      f"{statistics.median(pooled):.2f} | {over} | {seconds:.2f} |")
+    print()
 
 
 def print_flood_section(config, stores, results):
@@ -1218,6 +1561,8 @@ def print_flood_section(config, stores, results):
         quiet, busy = results[(name, "quiet")], results[(name, "clean")]
         print(f"| {name} | {quiet[0]:.1f} | {quiet[1]:.2f} | {busy[0]:.1f} | {busy[1]:.2f} |")
     print()
+    if "evict" in results:
+        print_evict_batch_part(config, *results["evict"])
 
 
 # -- 3. Cleaning --
@@ -2835,6 +3180,9 @@ def main(argv=None):
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "_load":
         sys.exit(load_child_main(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5]))
+    if len(sys.argv) == 4 and sys.argv[1] == "_evict":
+        load_tinysession(ROOT)
+        sys.exit(evict_child_main(sys.argv[2], int(sys.argv[3])))
     if len(sys.argv) == 5 and sys.argv[1] == "_clean":
         load_tinysession(ROOT)  # the parent's snapshot, passed as TINYSESSION_ROOT
         sys.exit(clean_child_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
