@@ -248,11 +248,10 @@ class TaggedJSON:
         if kind is list:
             return [self._tag(item) for item in value]
         if kind is dict:
-            if len(value) == 1:
-                ((key, item),) = value.items()
-                if key in _TAGS:
-                    return {_ONE_KEY_DICT: [key, self._tag(item)]}
-            return {key: self._tag(item) for key, item in value.items()}
+            tagged = {key: self._tag(item) for key, item in value.items()}
+            if len(tagged) == 1 and tagged.keys() <= _TAGS:  # it would read back as a tagged value
+                return {_ONE_KEY_DICT: list(*tagged.items())}  # [key, value]
+            return tagged
         if kind is tuple:
             return {_TUPLE: [self._tag(item) for item in value]}
         if hasattr(value, "__html__"):
@@ -269,10 +268,9 @@ class TaggedJSON:
         raise TypeError(f"cannot store a {kind.__name__!r} in a session: not JSON, and no tag for it")
 
     def _untag(self, obj):
-        if len(obj) == 1:
+        if len(obj) == 1 and obj.keys() <= self._untaggers.keys():
             ((tag, value),) = obj.items()
-            if tag in self._untaggers:
-                return self._untaggers[tag](value)
+            return self._untaggers[tag](value)
         return obj
 
 
@@ -409,12 +407,16 @@ def _on_probation(mtime):
     return 0.25 <= scaled - int(scaled) <= 0.75
 
 
+def _no_progress(sweep):
+    """Report nothing: what ``sweep`` calls where no ``progress`` is given."""
+
+
 class _Cleaning:
     """The cleaning every store inherits through ``Store``: ``clean``, ``stats``, ``sweep``, the background clean.
 
     It is written over the store protocol of the next section: the hooks
     ``scan``, ``read`` and ``remove`` (and ``log_scan``, ``log_remove``), and
-    what ``Store`` keeps (``max_age``, ``max_sessions``, ``_checked()``, the
+    what ``Store`` keeps (``max_age``, ``max_sessions``, ``_checked()``, ``_current()``, the
     background clean's lock and state); a session's segment is read from its
     mtime (``_on_probation``, above). A store may override ``sweep`` whole
     (SQLiteStore, RedisStore), or only ``_sweep_scan`` and ``_evict`` (FileStore).
@@ -455,8 +457,8 @@ class _Cleaning:
         sweep = Sweep()
         kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
         doomed = []
-        if progress is not None:
-            progress(sweep)
+        progress = progress or _no_progress
+        progress(sweep)
         # The counts live in locals, and reach the Sweep every 10,000 records and when the pass ends or is
         # interrupted: this loop runs once per file.
         seen = seen_bytes = 0
@@ -469,8 +471,7 @@ class _Cleaning:
                 if not seen % 10000:
                     self._checked()
                     sweep.seen, sweep.seen_bytes, sweep.oldest, sweep.newest = seen, seen_bytes, oldest, newest
-                    if progress is not None:
-                        progress(sweep)
+                    progress(sweep)
                 if mtime < floor:
                     doomed.append((key, mtime, size))
                 elif keep is not None and mtime <= started:
@@ -511,11 +512,10 @@ class _Cleaning:
         """Remove each entry whose record still has the mtime the scan saw, and its log; return their sizes."""
         sizes = []
         for key, mtime, size in doomed:
-            with contextlib.suppress(KeyError):  # removed by someone else meanwhile
-                data, current = self.read(key)
-                if current == mtime and self.remove(key, expected=data):
-                    sizes.append(size)
-                    _forget_log(self, key)
+            data, current = self._current(key)  # (None, None) if removed by someone else meanwhile
+            if current == mtime and self.remove(key, expected=data):
+                sizes.append(size)
+                _forget_log(self, key)
         return sizes
 
     def _clean_in_background(self):
@@ -614,10 +614,9 @@ class Store(_Cleaning, MutableMapping):
         self._forks = _forks()
         self._forked()
         self._writes = itertools.count(1)  # its next() is atomic: no lock per write
+        self._clean_every = None if self.max_age is None else 1000
         if self.max_sessions is not None:
             self._clean_every = max(10, self.max_sessions // 10)
-        else:
-            self._clean_every = None if self.max_age is None else 1000
 
     def __init_subclass__(cls, **options):
         """Make each hook a subclass defines refuse to run once the store is closed: the one check, for every store."""
@@ -710,13 +709,17 @@ class Store(_Cleaning, MutableMapping):
     def _expired(self, mtime, now):
         return self.max_age is not None and mtime < (_now() if now is None else now) - self.max_age
 
+    def _current(self, key):
+        """Return ``(data, mtime)``, what ``read`` returns for ``key``, or ``(None, None)`` if it raises KeyError."""
+        try:
+            return self.read(key)
+        except KeyError:
+            return None, None
+
     def _live_mtime(self, key, now):
         """Return the mtime of the record for ``key`` if it is there and live at ``now``, else None."""
-        try:
-            _, mtime = self.read(key)
-        except KeyError:
-            return None
-        return None if self._expired(mtime, now) else mtime
+        _, mtime = self._current(key)
+        return None if mtime is None or self._expired(mtime, now) else mtime
 
     def _read_limit(self):
         """Return the largest stored record size worth reading, or None."""
@@ -777,9 +780,8 @@ class Store(_Cleaning, MutableMapping):
     def _take(self, key):
         """Remove the record for ``key`` atomically; return its bytes if it was live, else None."""
         for _ in range(_RETRIES):
-            try:
-                data, mtime = self.read(key)
-            except KeyError:
+            data, mtime = self._current(key)
+            if data is None:
                 return None
             if self.remove(key, expected=data):
                 _forget_log(self, key)
@@ -822,9 +824,8 @@ class Store(_Cleaning, MutableMapping):
     def popitem(self):
         """Remove and return some ``(key, record)``; KeyError if the store is empty."""
         for key in self:
-            record = self.pop(key, _MISSING)
-            if record is not _MISSING:
-                return key, record
+            with contextlib.suppress(KeyError):  # removed (or unreadable) meanwhile: the next one
+                return key, self.pop(key)
         raise KeyError("popitem(): the store is empty")
 
     def clear(self):
@@ -967,15 +968,12 @@ class FileStore(Store):
             os.makedirs(self.directory, 0o700)
             os.chmod(self.directory, 0o700)  # whatever the umask took away or left
         with _os_errors("use session directory", self.directory):
-            mode = os.stat(self.directory).st_mode
-        if not stat.S_ISDIR(mode):
-            raise StoreError(f"cannot use {self.directory!r} as the session directory: it is not a directory")
+            mode = os.stat(os.path.join(self.directory, "")).st_mode  # the trailing "/": ENOTDIR for a file
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            shared = mode & (stat.S_ISVTX | stat.S_IWOTH)  # /tmp and its kind: never to be chmod-ed
-            advice = (
-                f"use a private subdirectory, such as {os.path.join(self.directory, 'sessions')!r},"
-                f" which FileStore creates 0700" if shared else "make it writable by its owner alone (chmod go-w)"
-            )
+            advice = "make it writable by its owner alone (chmod go-w)"
+            if mode & (stat.S_ISVTX | stat.S_IWOTH):  # /tmp and its kind: never to be chmod-ed
+                private = os.path.join(self.directory, "sessions")
+                advice = f"use a private subdirectory, such as {private!r}, which FileStore creates 0700"
             raise StoreError(
                 f"session directory {self.directory!r} is writable by group or others"
                 f" (mode {stat.S_IMODE(mode):04o}): whoever can write there can plant or remove sessions; {advice}"
@@ -1057,17 +1055,10 @@ class FileStore(Store):
             _logger.warning("session file %s is a symbolic link: ignored", path)
             raise KeyError(key) from None
 
-    def _current(self, key):
-        """Return the bytes stored for ``key`` now, or None; call it holding the lock."""
-        try:
-            return self.read(key)[0]
-        except KeyError:
-            return None
-
     def write(self, key, data, mtime, expected=None):
         path = self._path(key)
         with _os_errors("write session file", path), self._temporary(data, mtime) as temp_path, self._locked():
-            if expected is not None and self._current(key) != expected:
+            if expected is not None and self._current(key)[0] != expected:
                 os.unlink(temp_path)
                 return False
             os.replace(temp_path, path)
@@ -1076,7 +1067,7 @@ class FileStore(Store):
     def remove(self, key, expected=None):
         path = self._path(key)
         with self._locked(), _os_errors("remove session file", path), contextlib.suppress(FileNotFoundError):
-            if expected is None or self._current(key) == expected:
+            if expected is None or self._current(key)[0] == expected:
                 os.unlink(path)
                 return True
         return False
@@ -1154,14 +1145,12 @@ class FileStore(Store):
                 _logger.warning("message log %r is not a regular file: ignored, as a corrupt record is", path)
                 if flags & os.O_CREAT:
                     os.unlink(path)
-            if not regular and not flags & os.O_CREAT:
-                yield None
-                return
-            fd = os.open(path, flags, 0o600)
+            fd = os.open(path, flags, 0o600) if regular or flags & os.O_CREAT else None
             try:
                 yield fd
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
 
     def _log_count(self, key, fd, lines=None, repair=False):
         """Return the whole lines of the open log of ``key``, counted or remembered by its state; remember ``lines``.
@@ -1448,17 +1437,16 @@ class SQLiteStore(Store):
         finally:
             self._checkin(connection)
 
-    def _execute(self, template, parameters=(), connection=None):
-        """Run one statement on ``connection`` or a pooled one; return its rows, or how many rows it changed."""
-        pooled = self._checkout() if connection is None else None
+    def _execute(self, template, parameters=()):
+        """Run one statement on a pooled connection; return its rows, or how many rows it changed."""
+        connection = self._checkout()
         try:
-            cursor = (connection if pooled is None else pooled).execute(self._sql[template], parameters)
+            cursor = connection.execute(self._sql[template], parameters)
             return cursor.fetchall() if cursor.description else cursor.rowcount
         except self._sqlite3.Error as exc:
             raise StoreError(f"session database {self.path!r}: {exc}") from exc
         finally:
-            if pooled is not None:
-                self._checkin(pooled)
+            self._checkin(connection)
 
     def read(self, key):
         limit = self._read_limit()
@@ -1498,18 +1486,17 @@ class SQLiteStore(Store):
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
         started = _now() + 0.001  # as in Store.sweep
         floor = float("-inf") if cutoff is None else cutoff
-        passes = [(_SQL_EXPIRED, (floor,), 0)]
-        if keep is not None:
-            passes.append((_SQL_BEYOND, (floor, started), keep))
         sweep = Sweep()
         with self._connected("clean") as connection:
             tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
             sweep.seen, size, sweep.oldest, sweep.newest, last = connection.execute(tally).fetchone()
             sweep.seen_bytes = None if size is None else int(size)
-            if progress is not None:
-                progress(sweep)
+            progress = progress or _no_progress
+            progress(sweep)
+            passes = [(_SQL_EXPIRED, (floor, last), 0)]  # last: NULL for an empty table, which picks nothing
+            if keep is not None:
+                passes.append((_SQL_BEYOND, (floor, started, last), keep))
             for select, parameters, offset in passes:
-                parameters += (last or 0,)
                 if not dry_run:
                     self._evict_batches(connection, select, parameters, offset, sweep, progress)
                     continue
@@ -1532,24 +1519,15 @@ class SQLiteStore(Store):
             sweep.removed_bytes += sum(sizes)
             # The cleaner copies its own WAL pages back, so that no writer's commit pays a large checkpoint.
             connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            if progress is not None:
-                progress(sweep)
+            progress(sweep)
             if len(rows) < _SQLITE_EVICT_BATCH:
                 return
 
     # The message log: the table <table>_log, one row per message, removed with its record by a trigger;
     # <table>_log_length, each log's length, kept by triggers.
 
-    @contextlib.contextmanager
-    def _log_transaction(self, action):
-        """Yield a pooled connection in one ``BEGIN IMMEDIATE`` transaction, the log's tables ready."""
-        if not self._log_ready:
-            raise StoreError(f"cannot {action} the message log in {self.path!r}: the store is read-only")
-        with self._connected(f"{action} the message log in") as connection, _transaction(connection):
-            yield connection
-
     def log_append(self, key, lines):
-        with self._log_transaction("append to") as connection:
+        with self._connected("append to the message log in") as connection, _transaction(connection):
             connection.executemany(self._sql[_SQL_LOG_APPEND], [(key, bytes(line)) for line in lines])
             return self._log_lines(key, connection)
 
@@ -1565,32 +1543,32 @@ class SQLiteStore(Store):
         return [bytes(row[0]) for row in rows]
 
     def log_length(self, key):
-        return self._log_lines(key) if self._log_ready else 0
+        return self._execute(_SQL_LOG_LENGTH, (key,))[0][0] if self._log_ready else 0
 
     def log_trim(self, key, start, stop, expected):
-        with self._log_transaction("trim") as connection:
+        with self._connected("trim the message log in") as connection, _transaction(connection):
             if self._log_lines(key, connection) != expected:
                 return False
-            self._execute(_SQL_LOG_TRIM, (key, max(0, stop - start), start), connection)
+            connection.execute(self._sql[_SQL_LOG_TRIM], (key, max(0, stop - start), start))
             return True
 
     def log_remove(self, key):
         return self._log_ready and self._execute(_SQL_LOG_REMOVE, (key,)) > 0  # one statement: atomic alone
 
     def log_move(self, old, new):
-        with self._log_transaction("move") as connection:
+        with self._connected("move the message log in") as connection, _transaction(connection):
             if not self._log_lines(old, connection):
                 return False
-            self._execute(_SQL_LOG_REMOVE, (new,), connection)
-            self._execute(_SQL_LOG_MOVE, (new, old), connection)
+            connection.execute(self._sql[_SQL_LOG_REMOVE], (new,))
+            connection.execute(self._sql[_SQL_LOG_MOVE], (new, old))
             return True
 
     def log_scan(self):
         return [(key, int(size)) for key, size in self._execute(_SQL_LOG_SCAN)] if self._log_ready else []
 
-    def _log_lines(self, key, connection=None):
-        """Return how many lines the log of ``key`` holds, 0 for none, on ``connection`` or a pooled one."""
-        return self._execute(_SQL_LOG_LENGTH, (key,), connection)[0][0]
+    def _log_lines(self, key, connection):
+        """Return how many lines the log of ``key`` holds, 0 for none, on ``connection`` (in a transaction)."""
+        return connection.execute(self._sql[_SQL_LOG_LENGTH], (key,)).fetchone()[0]
 
 
 # -- RedisStore --
