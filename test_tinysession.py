@@ -1654,9 +1654,14 @@ class SQLiteStoreOnDisk(unittest.TestCase):
             writer.execute("INSERT INTO other VALUES (?)", (sweep.removed,))
             seen.append(sweep.removed)
 
-        self.assertEqual(store.sweep(keep=100, progress=progress).removed, 1100)
-        self.assertEqual(seen, [0, 500, 1000, 1100])  # batches of 500, each counted as it is committed
-        self.assertEqual(writer.execute("SELECT COUNT(*) FROM other").fetchone()[0], 4)
+        with unittest.mock.patch("time.sleep") as sleep:
+            self.assertEqual(store.sweep(keep=100, progress=progress).removed, 1100)
+        batch = tinysession._SQLITE_EVICT_BATCH
+        self.assertEqual(seen, [0, *range(batch, 1100, batch), 1100])  # each batch counted as it is committed
+        self.assertEqual(writer.execute("SELECT COUNT(*) FROM other").fetchone()[0], len(seen))
+        # After each full batch the lock is left free as long as the batch held it: a pause of its length.
+        self.assertEqual(sleep.call_count, len(seen) - 2)
+        self.assertTrue(all(call.args[0] > 0 for call in sleep.call_args_list))
         self.assertEqual(sorted(store), sorted(key for key, _, _ in rows[-100:]))
 
     def test_an_in_memory_database_is_refused(self):
@@ -6385,6 +6390,13 @@ class CommandLineClean(CommandLineCase):
                               r" in \d+\.\d\d s, kept 3\n$")
         self.assertEqual(sorted(self.store), ["k0", "k1", "k2"])
 
+    def test_quiet_never_lists_the_message_logs(self):
+        # The counts go unprinted: listing every log (a directory of a million files) would be wasted.
+        with unittest.mock.patch.object(tinysession.FileStore, "log_scan", side_effect=AssertionError("listed")):
+            status, out, err = self.run_main("clean", self.directory, "--max-age", "1h", "--quiet")
+        self.assertEqual((status, out, err), (0, "", ""))
+        self.assertEqual(sorted(self.store), ["k0", "k1", "k2"])
+
     def test_keep_removes_all_but_the_newest(self):
         status, out, _ = self.run_main("clean", self.directory, "--keep", "2")
         self.assertEqual(status, 0)
@@ -6800,10 +6812,11 @@ class CommandLineProcess(unittest.TestCase):
         """)
         status, out, err = self.interrupt(path, setup, "--keep", "3")
         self.assertEqual((status, out), (130, ""))
-        self.assertIn("interrupted: removed 500 of the 1200 sessions seen", err)  # the second batch rolled back
+        batch = tinysession._SQLITE_EVICT_BATCH
+        self.assertIn(f"interrupted: removed {batch} of the 1200 sessions seen", err)  # the second batch rolled back
         self.assertNotIn("Traceback", err)
         with tinysession.SQLiteStore(path) as store:
-            self.assertEqual(len(store), 700)
+            self.assertEqual(len(store), 1200 - batch)
 
     def test_redis_url_without_redis_py(self):
         code = "import sys; sys.modules['redis'] = None; import tinysession; sys.exit(tinysession.main(sys.argv[1:]))"

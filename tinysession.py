@@ -411,6 +411,14 @@ def _no_progress(sweep):
     """Report nothing: what ``sweep`` calls where no ``progress`` is given."""
 
 
+def _log_totals(store):
+    """Return ``(count, bytes)`` of the store's message logs; ``(0, 0)`` for a store that keeps none."""
+    with contextlib.suppress(NotImplementedError):
+        sizes = [size for _, size in store.log_scan()]
+        return len(sizes), sum(sizes)
+    return 0, 0
+
+
 class _Cleaning:
     """The cleaning every store inherits through ``Store``: ``clean``, ``stats``, ``sweep``, the background clean.
 
@@ -436,9 +444,7 @@ class _Cleaning:
     def stats(self, max_age=None, *, now=None):
         """Return a dry-run ``Sweep``: the records, their bytes and times, and how many are past ``max_age``."""
         sweep = self.sweep(max_age, now=now, dry_run=True)
-        with contextlib.suppress(NotImplementedError):  # a store without message logs
-            sizes = [size for _, size in self.log_scan()]
-            sweep.logs, sweep.log_bytes = len(sizes), sum(sizes)
+        sweep.logs, sweep.log_bytes = _log_totals(self)
         return sweep
 
     def sweep(self, max_age=None, keep=None, *, now=None, dry_run=False, progress=None):
@@ -1246,7 +1252,7 @@ class FileStore(Store):
 _TABLE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 _SQLITE_BUSY_SECONDS = 5.0
 _SQLITE_IDLE_CONNECTIONS = 8
-_SQLITE_EVICT_BATCH = 500
+_SQLITE_EVICT_BATCH = 250
 # 1 for a returning session, 0 for one on probation: _on_probation in SQL (see _stamp).
 _SQL_RETURNING = "(mtime * 1000 - CAST(mtime * 1000 AS INTEGER) NOT BETWEEN 0.25 AND 0.75)"
 _SQL_SCHEMA = (
@@ -1509,6 +1515,7 @@ class SQLiteStore(Store):
         """Remove the rows ``select`` picks, a batch per ``BEGIN IMMEDIATE`` transaction, until it picks too few."""
         while True:
             self._checked()
+            started = time.perf_counter()
             rows = connection.execute(self._sql[select], (*parameters, _SQLITE_EVICT_BATCH, offset)).fetchall()
             if not rows:
                 return
@@ -1522,6 +1529,9 @@ class SQLiteStore(Store):
             progress(sweep)
             if len(rows) < _SQLITE_EVICT_BATCH:
                 return
+            # Leave the write lock free as long as the batch held it: a writer asleep in SQLite's busy handler
+            # (steps of up to 100 ms) then finds it free when it wakes, not taken by the next batch.
+            time.sleep(time.perf_counter() - started)
 
     # The message log: the table <table>_log, one row per message, removed with its record by a trigger;
     # <table>_log_length, each log's length, kept by triggers.
@@ -3527,15 +3537,6 @@ def _open_redis(spec, prefix):
     return RedisStore(client, prefix=prefix, **_UNBOUNDED)
 
 
-def _logs(store):
-    """Return ``(count, bytes)`` of the store's message logs; ``(0, 0)`` for a store that keeps none."""
-    try:
-        sizes = [size for _, size in store.log_scan()]
-    except NotImplementedError:
-        return 0, 0
-    return len(sizes), sum(sizes)
-
-
 def _no_sessions_status(args, store, sweep):
     """Warn if a session directory holds no session files but other files; return the exit status."""
     if sweep.seen or not isinstance(store, FileStore):
@@ -3562,7 +3563,9 @@ def _cmd_clean(args):
             print(f"\rscanned {sweep.seen} sessions...", end="", file=sys.stderr, flush=True)
 
     with _open_store(args.store, args.table, args.prefix, args.dry_run) as store:
-        started, logs = time.perf_counter(), _logs(store)
+        started = time.perf_counter()
+        # Only a report shows the logs' counts: with --quiet no listing of every log, before or after.
+        logs = None if args.quiet and not args.dry_run else _log_totals(store)
         try:
             sweep = store.sweep(args.max_age, args.keep, dry_run=args.dry_run, progress=progress)
         except KeyboardInterrupt:
@@ -3571,7 +3574,7 @@ def _cmd_clean(args):
                   f" sessions seen ({_format_bytes(live.removed_bytes)})", file=sys.stderr)
             return _EXIT_INTERRUPTED
         print(clear_line, end="", file=sys.stderr)
-        kept = _logs(store)
+        kept = None if args.quiet or args.dry_run else _log_totals(store)
     removed = f"{sweep.removed} of {sweep.seen} sessions ({_format_bytes(sweep.removed_bytes)})"
     if args.dry_run:
         print(f"would remove {removed} and their message logs (of {logs[0]}, {_format_bytes(logs[1])}),"
