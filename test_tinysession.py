@@ -7542,6 +7542,18 @@ class SessionHistory(unittest.TestCase):
         self.assertEqual(self.store.stats().logs, 0)
         self.assertEqual(self.browser.json("/read"), [])
 
+    def test_a_new_session_regenerated_after_its_first_message_keeps_its_log(self):
+        def say_then_log_in(environ, start_response):
+            session = tinysession.get_session(environ)
+            session.history.append({"role": "user", "content": "hi"})
+            session.regenerate()
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b""]
+
+        cookie = set_cookies(call(tinysession.SessionMiddleware(say_then_log_in, self.store), "/")[1])[0]
+        app = tinysession.SessionMiddleware(history_app, self.store)
+        self.assertEqual(json.loads(call(app, "/read", cookie=cookie.split(";")[0])[2]), ["hi"])
+        self.assertEqual(self.store.stats().logs, 1)
 
     def test_ten_thousand_appends_to_a_session_s_log_stay_within_the_default_bound(self):
         def say(environ, start_response):

@@ -2491,7 +2491,7 @@ class _Settings:
         self.cookie_max_age = None if cookie_max_age is None else max(cookie_max_age, 0)
         self.identity_key = identity_key
         self.merge = merge
-        self.refresh_each_request = bool(refresh_each_request)
+        self.refresh_each_request = bool(refresh_each_request) and cookie_max_age is not None  # as documented
         self.max_lifetime = _check_seconds(max_lifetime, "max_lifetime")
         self.touch_interval = _check_seconds(touch_interval, "touch_interval")
         # The attributes of every Set-Cookie, as Morsel takes them: "" (or False) leaves one out.
@@ -2534,7 +2534,9 @@ class Session(MutableMapping):
     ``cookie()`` or ``response_headers()`` when the headers go out, then
     ``save()``, or ``rollback()`` if the request failed, ``abandon()`` if it
     never ended. ``state``: "unloaded", "new", "loaded" or "gone" (another
-    request removed it). Belongs to one request; not shared between threads.
+    request removed it). ``accessed``: True once loaded, or set by a front
+    end; the response then varies with the Cookie header (``Vary``).
+    Belongs to one request; not shared between threads.
     """
 
     def __init__(self, settings, cookie_header="", *, secure=False, ids=None, data_class=dict):
@@ -2546,7 +2548,7 @@ class Session(MutableMapping):
         self._data_class = data_class
         self.state, self._doomed, self._undo, self._logged = _UNLOADED, [], [], False
         self._data = self._client_id = self._id = self._key = self._stored = self._created = self._image = None
-        self._accessed = False
+        self.accessed = False
         self._cookie = (None,) if cookie_header is None else None  # (Set-Cookie value or None,) once decided
 
     def __getitem__(self, name):
@@ -2577,26 +2579,15 @@ class Session(MutableMapping):
     def invalidate(self):
         """Empty the session, remove it from the store and expire its cookie: logout."""
         self.load()
-        if self.state == _NEW and self._logged and self._id is not None:
-            self._doomed.append((_store_key(self._id), None, False))  # its log goes at save, in the store's thread
         self._forget_record(carry=False)
         dict.clear(self._data)
         self._created, self._logged = None, False
 
     def _forget_record(self, carry):
-        """Leave the loaded record, to be removed at save; with ``carry``, another request's change there is kept."""
-        if self.state == _LOADED:
-            self._doomed.append((self._key, self._stored, carry))
+        """Leave the id's record and log, removed (or moved) at save; ``carry``: keep another request's change."""
+        if self._id is not None and (self.state == _LOADED or self._logged):
+            self._doomed.append((_store_key(self._id), self._stored, carry))
         self.state, self._id, self._key, self._stored = _NEW, None, None, None
-
-    @property
-    def accessed(self):
-        """True once the session was loaded, or set by a front end: the response then varies with the Cookie header."""
-        return self._accessed or self.state != _UNLOADED
-
-    @accessed.setter
-    def accessed(self, value):
-        self._accessed = bool(value)
 
     @property
     def has_id_cookie(self):
@@ -2627,13 +2618,11 @@ class Session(MutableMapping):
     @property
     def pending(self):
         """True if ``save()`` has store I/O to do now: a front end on an event loop then calls it in a thread."""
-        if self._doomed or self.state == _NEW and self._holds():
-            return True
         if self.state != _LOADED:
-            return False
+            return bool(self._doomed) or self.state == _NEW and self._holds()
         image = _snapshot(self._data)
         changed = image is None or image != self._image or self._identity_now() != self._identity
-        return changed or self._touch_due(_now())
+        return changed or bool(self._doomed) or self._touch_due(_now())
 
     def load(self):
         """Load the session if it is not loaded yet (store I/O) and return its data dict."""
@@ -2641,6 +2630,7 @@ class Session(MutableMapping):
             return self._data
         now, settings = _now(), self._settings
         self.state = _NEW
+        self.accessed = True
         data = {}
         for value in self._ids:
             key = _store_key(value)
@@ -2687,14 +2677,13 @@ class Session(MutableMapping):
         return self._cookie[0]
 
     def _decide_cookie(self):
-        settings = self._settings
         if self.state == _UNLOADED or (self.state == _GONE and self._holds()):
             return None
         if not self._holds():
-            return None if self._client_id is None else settings.set_cookie(None, self._secure)
+            return None if self._client_id is None else self._settings.set_cookie(None, self._secure)
         self._id = self._id or _new_session_id()
-        if self._id != self._client_id or (settings.refresh_each_request and settings.cookie_max_age is not None):
-            return settings.set_cookie(self._id, self._secure)
+        if self._id != self._client_id or self._settings.refresh_each_request:
+            return self._settings.set_cookie(self._id, self._secure)
         return None
 
     def response_headers(self, headers, *, names=("Vary", "Set-Cookie")):
@@ -2811,9 +2800,8 @@ class Session(MutableMapping):
     def _touch(self, now):
         if not self._touch_due(now):
             return
-        store = self._settings.store
         try:
-            if not store.set_mtime(self._key, _stamp(now)):
+            if not self._settings.store.set_mtime(self._key, _stamp(now)):
                 self.state = _GONE  # another request removed it meanwhile: no cookie may name it again
         except StoreError as exc:
             _logger.warning("could not refresh the mtime of session %s: %s", self._key[:12], exc)
@@ -2999,8 +2987,7 @@ class SessionMiddleware:
 
     def __call__(self, environ, start_response):
         secure = environ.get("wsgi.url_scheme") == "https"
-        session = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=secure)
-        environ[self.environ_key] = session
+        session = environ[self.environ_key] = Session(self.settings, environ.get("HTTP_COOKIE", ""), secure=secure)
 
         def session_start_response(status, headers, exc_info=None):
             # The cookie is decided now even when unused: a later first write cannot get one.
@@ -3057,14 +3044,14 @@ class _FlaskSession(Session):
     by every write.
 
     ``request_cookie`` is ``(session_id, permanent)`` from the request's
-    verified cookie, or None.
+    verified cookie, or ``(None, False)``.
     """
 
     modified = False
 
     def __init__(self, settings, verified, secure):
         super().__init__(settings, ids=[session_id for session_id, _ in verified], secure=secure)
-        self.request_cookie = verified[0] if verified else None
+        self.request_cookie = verified[0] if verified else (None, False)
 
     def __setitem__(self, name, value):
         super().__setitem__(name, value)
@@ -3164,26 +3151,23 @@ class FlaskSessionInterface:
             session.rollback()
             return
         refresh = app.config["SESSION_REFRESH_EACH_REQUEST"]
-        if session.accessed:
+        session_id, permanent = session.request_cookie  # an unused session: refreshed from its cookie alone
+        send = permanent and refresh
+        if session.state != "unloaded":
+            if set(session) <= {"_permanent"}:
+                session.pop("_permanent", None)  # a session holding only its permanence is empty
+            decision = session.cookie()
+            permanent = session.permanent
+            session.save()  # first: a session another request logged out meanwhile gets no cookie
+            session_id = session.id
+            send = session.live and (decision is not None or session.modified or (permanent and refresh))
+            if decision is not None and not session.live:
+                response.delete_cookie(**self._cookie_options(app, None))
+        if session.accessed or send:
             response.vary.add("Cookie")
-        if session.state == "unloaded":
-            if session.request_cookie is not None and session.request_cookie[1] and refresh:
-                response.vary.add("Cookie")  # refreshed from the cookie alone: no store access
-                self._set_cookie(app, response, session.request_cookie[0], True)
-            return
-        if set(session) <= {"_permanent"}:
-            session.pop("_permanent", None)  # a session holding only its permanence is empty
-        decision = session.cookie()
-        permanent = session.permanent
-        session.save()  # first: a session another request logged out meanwhile gets no cookie
-        if session.live and (decision is not None or session.modified or (permanent and refresh)):
-            self._set_cookie(app, response, session.id, permanent)
-        elif decision is not None and not session.live:
-            response.delete_cookie(**self._cookie_options(app, None))
-
-    def _set_cookie(self, app, response, session_id, permanent):
-        value = _signed_cookie(_cookie_keys(app)[0], session_id, permanent)
-        response.set_cookie(value=value, **self._cookie_options(app, permanent))
+        if send:
+            value = _signed_cookie(_cookie_keys(app)[0], session_id, permanent)
+            response.set_cookie(value=value, **self._cookie_options(app, permanent))
 
     def _cookie_options(self, app, permanent):
         """Return the keywords of Werkzeug's set_cookie / delete_cookie from the app's configuration."""
@@ -3263,15 +3247,14 @@ _BODY_MESSAGES = ("http.response.body", "websocket.http.response.body", "http.re
                   "http.response.pathsend", "websocket.close")  # and the close that ends a socket
 
 
-def _marking_use(name, owner=dict):
-    """Return ``owner``'s method ``name`` wrapped to mark the session accessed first; a Session's runs on the core."""
-    method = getattr(owner, name)
+def _marking_use(method, on_core=False):
+    """Return ``method`` wrapped to mark the session accessed first; ``on_core``: a Session's, run on the core."""
 
+    @functools.wraps(method)
     def marked(self, *args, **kwargs):
         self.accessed = True
-        return method(self if owner is dict else self._core, *args, **kwargs)
+        return method(self._core if on_core else self, *args, **kwargs)
 
-    marked.__name__, marked.__doc__ = name, method.__doc__
     return marked
 
 
@@ -3282,8 +3265,9 @@ class ASGISession(dict):
     ``websocket.session``; being a dict, it goes into ``JSONResponse`` as it
     is, and ``|=``, ``copy()`` and ``popitem()`` (the newest key) behave as on
     any dict. It is the core Session's own data, not a copy of it.
-    ``regenerate()`` and ``invalidate()`` are the core Session's (see
-    ``Session``); ``await save()`` writes the changes made so far.
+    ``regenerate()``, ``invalidate()`` and ``history`` are the core
+    Session's (see ``Session``; the history's store calls block: use a
+    thread); ``await save()`` writes the changes made so far.
 
     It belongs to one request or socket, on its event loop: change it only
     from that request's tasks.
@@ -3301,14 +3285,9 @@ class ASGISession(dict):
         """
         self.accessed = True
 
-    regenerate = _marking_use("regenerate", Session)
-    invalidate = _marking_use("invalidate", Session)
-
-    @property
-    def history(self):
-        """The session's ``MessageLog`` (see ``Session.history``); its store calls block: use a thread."""
-        self.accessed = True
-        return self._core.history
+    regenerate = _marking_use(Session.regenerate, on_core=True)
+    invalidate = _marking_use(Session.invalidate, on_core=True)
+    history = property(_marking_use(Session.history.fget, on_core=True))
 
     async def save(self):
         """Write the changes made so far, in a thread (store I/O); they then stay whatever happens next.
@@ -3326,7 +3305,7 @@ class ASGISession(dict):
 for _name in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__",
               "__or__", "__ior__", "get", "keys", "values", "items", "setdefault", "pop", "popitem", "update", "clear",
               "copy"):
-    setattr(ASGISession, _name, _marking_use(_name))
+    setattr(ASGISession, _name, _marking_use(getattr(dict, _name)))
 del _name
 
 
@@ -3375,20 +3354,17 @@ class _HeldSend:
                 await self.flush()
         else:
             if self.opened:  # a socket refused before its accept has no cookie to reach a record: not saved
-                await self._save()
+                try:
+                    if self.core.pending:
+                        await self.session._run(self.core.save)  # while start is held, a failure is a whole 500
+                except BaseException:
+                    if not self.start:
+                        _logger.error("session %s could not be saved after the response headers went out: the "
+                                      "response is cut off", (self.core.key or "(none)")[:12])
+                    raise
                 self.completed = kind
             await self.flush()
             await self._send(message)
-
-    async def _save(self):
-        try:
-            if self.core.pending:
-                await self.session._run(self.core.save)  # while start is held, a failure is a whole 500
-        except BaseException:
-            if not self.start:
-                _logger.error("session %s could not be saved after the response headers went out: the "
-                              "response is cut off", (self.core.key or "(none)")[:12])
-            raise
 
 
 class ASGISessionMiddleware:
@@ -3445,16 +3421,13 @@ class ASGISessionMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
+            return await self.app(scope, receive, send)
         import asyncio  # as concurrent.futures
 
         in_thread = functools.partial(asyncio.get_running_loop().run_in_executor, self._threads)
         header = self._cookie_header(scope)  # None outside the cookie's path: the core then sends no cookie
         core = Session(self.settings, header, secure=scope.get("scheme") in ("https", "wss"), data_class=ASGISession)
-        if core.has_id_cookie:
-            await in_thread(core.load)
-        session = scope["session"] = core.load()
+        session = scope["session"] = await in_thread(core.load) if core.has_id_cookie else core.load()
         session._core, session._run = core, in_thread
         sender = _HeldSend(session, send)
         try:
