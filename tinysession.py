@@ -3462,10 +3462,8 @@ holds other files but no session files, 130 interrupted (Ctrl-C)."""
 
 def _seconds(text):
     """Return the seconds in ``90``, ``1.5h`` or ``1h30m`` (text the parser has already checked)."""
-    match = re.fullmatch(_DURATION_PATTERN, text)
-    if match is None:
-        return float(text)
-    return sum(float(number) * seconds for number, seconds in zip(match.groups(), _DURATION_UNITS.values()) if number)
+    parts = re.findall(r"([\d.]+)(\D?)", text)  # "1h30m": ("1", "h"), ("30", "m"); "90": ("90", "")
+    return sum(float(number) * _DURATION_UNITS.get(unit, 1) for number, unit in parts)
 
 
 def _format_bytes(size):
