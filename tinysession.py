@@ -1486,7 +1486,7 @@ class SQLiteStore(Store):
 
         A clean counts from the indexes alone (``seen_bytes`` is None); a dry
         run sums the bytes too. The rows to remove are picked by plain reads
-        and removed in transactions of at most 500 rows, ``progress`` called
+        and removed in transactions of at most 250 rows, ``progress`` called
         after each; rows written meanwhile are neither counted nor removed.
         """
         cutoff, keep, now = self._sweep_limits(max_age, keep, now)
