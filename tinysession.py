@@ -2536,6 +2536,10 @@ class Session(MutableMapping):
     never ended. ``state``: "unloaded", "new", "loaded" or "gone" (another
     request removed it). ``accessed``: True once loaded, or set by a front
     end; the response then varies with the Cookie header (``Vary``).
+    ``id``: the session's id, as its cookie carries it; None until
+    ``cookie()`` or ``save()`` gives it one. ``has_id_cookie``: True if
+    the request carries a well-formed session id; only then does
+    ``load()`` do store I/O.
     Belongs to one request; not shared between threads.
     """
 
@@ -2544,10 +2548,11 @@ class Session(MutableMapping):
         if ids is None:
             ids = _session_ids(cookie_header or "", settings.cookie_name)
         self._ids = ids[:_MAX_COOKIE_CANDIDATES]
+        self.has_id_cookie = bool(self._ids)
         self._secure = bool(secure)
         self._data_class = data_class
         self.state, self._doomed, self._undo, self._logged = _UNLOADED, [], [], False
-        self._data = self._client_id = self._id = self._key = self._stored = self._created = self._image = None
+        self._data = self._client_id = self.id = self._key = self._stored = self._created = self._image = None
         self.accessed = False
         self._cookie = (None,) if cookie_header is None else None  # (Set-Cookie value or None,) once decided
 
@@ -2585,14 +2590,9 @@ class Session(MutableMapping):
 
     def _forget_record(self, carry):
         """Leave the id's record and log, removed (or moved) at save; ``carry``: keep another request's change."""
-        if self._id is not None and (self.state == _LOADED or self._logged):
-            self._doomed.append((_store_key(self._id), self._stored, carry))
-        self.state, self._id, self._key, self._stored = _NEW, None, None, None
-
-    @property
-    def has_id_cookie(self):
-        """True if the request carries a well-formed session id: only then does ``load()`` do store I/O."""
-        return bool(self._ids)
+        if self.id is not None and (self.state == _LOADED or self._logged):
+            self._doomed.append((_store_key(self.id), self._stored, carry))
+        self.state, self.id, self._key, self._stored = _NEW, None, None, None
 
     @property
     def new(self):
@@ -2601,14 +2601,9 @@ class Session(MutableMapping):
         return self._fresh
 
     @property
-    def id(self):
-        """The session's id, as its cookie carries it; None until ``cookie()`` or ``save()`` gives it one."""
-        return self._id
-
-    @property
     def key(self):
         """The store key of the session's record (the SHA-256 of its id, never the id), or None."""
-        return None if self._id is None else _store_key(self._id)
+        return None if self.id is None else _store_key(self.id)
 
     @property
     def live(self):
@@ -2646,7 +2641,7 @@ class Session(MutableMapping):
             if settings.max_lifetime is not None and now - record["created"] > settings.max_lifetime:
                 self._doomed.append((key, None, False))
                 continue
-            self.state, self._id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
+            self.state, self.id, self._key, self._stored, self._mtime = _LOADED, value, key, stored, mtime
             self._promote = _on_probation(mtime)  # it came back: promote it at save
             self._created, data, self._logged = record["created"], record["data"], record.get("log") is True
             self._image = _snapshot(data)
@@ -2681,9 +2676,9 @@ class Session(MutableMapping):
             return None
         if not self._holds():
             return None if self._client_id is None else self._settings.set_cookie(None, self._secure)
-        self._id = self._id or _new_session_id()
-        if self._id != self._client_id or self._settings.refresh_each_request:
-            return self._settings.set_cookie(self._id, self._secure)
+        self.id = self.id or _new_session_id()
+        if self.id != self._client_id or self._settings.refresh_each_request:
+            return self._settings.set_cookie(self.id, self._secure)
         return None
 
     def response_headers(self, headers, *, names=("Vary", "Set-Cookie")):
@@ -2721,11 +2716,11 @@ class Session(MutableMapping):
         elif self.state == _NEW and self._holds():
             if self._settings.cookie_max_age == 0:
                 self.abandon()  # its cookie expires with this response: the session ends with it
-            elif self._id is None and self._cookie is not None:
+            elif self.id is None and self._cookie is not None:
                 _logger.warning("session started after the response headers or outside the cookie's path: not saved")
             else:
-                self._id = self._id or _new_session_id()
-                self._write(_store_key(self._id), now)
+                self.id = self.id or _new_session_id()
+                self._write(_store_key(self.id), now)
         if self._remove_doomed() and self.state == _LOADED:
             self._write(self._key, now)  # another request's change, carried here
 
@@ -2753,8 +2748,8 @@ class Session(MutableMapping):
         store, carried = self._settings.store, False
         for key, previous, carry in self._doomed:
             if carry and self._logged:  # regenerated: the log moves to the new id, made now if need be
-                self._id = self._id or _new_session_id()
-                store.log_move(key, _store_key(self._id))
+                self.id = self.id or _new_session_id()
+                store.log_move(key, _store_key(self.id))
             removed = previous is not None and store.remove(key, expected=previous)
             if not removed:
                 theirs = self._merge_theirs(key, previous) if carry is not False and previous is not None else None
@@ -2834,7 +2829,7 @@ class Session(MutableMapping):
                 self._undo.append((key, expected, stored))
                 if stored is None:
                     _forget_log(store, key)
-                    self.state, self._id, self._key, self._stored = _NEW, None, None, None
+                    self.state, self.id, self._key, self._stored = _NEW, None, None, None
                 else:
                     self.state, self._key, self._stored, self._mtime, self._promote = _LOADED, key, stored, now, False
                     self._image = image
@@ -2868,9 +2863,9 @@ class Session(MutableMapping):
 
     def abandon(self):
         """Remove the message log of a new session that will never be saved (store I/O); never raise."""
-        if self.state == _NEW and self._logged and self._id is not None:
+        if self.state == _NEW and self._logged and self.id is not None:
             try:
-                _forget_log(self._settings.store, _store_key(self._id))
+                _forget_log(self._settings.store, _store_key(self.id))
             except SessionError:
                 _logger.exception("could not remove the message log of an abandoned session")
 
@@ -2881,11 +2876,11 @@ class Session(MutableMapping):
     def history(self):
         """The session's ``MessageLog``, kept with it (even empty); new: SessionError once the headers are out."""
         self.load()
-        if self.state != _LOADED and self._id is None:
+        if self.state != _LOADED and self.id is None:
             if self._cookie is not None:
                 raise SessionError("history of a new session after the response started: no cookie can be sent")
-            self._id = _new_session_id()
-        key = _store_key(self._id)
+            self.id = _new_session_id()
+        key = _store_key(self.id)
         for index, (old_key, previous, carry) in enumerate(self._doomed):
             if carry and self._logged:  # regenerated this request: the log follows now, so it reads the same
                 self._settings.store.log_move(old_key, key)
