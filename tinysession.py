@@ -1999,7 +1999,7 @@ def _merge_values(base, ours, theirs, path):
 
 
 def _same(a, b):
-    return a is b or (a is not _MISSING and b is not _MISSING and type(a) is type(b) and a == b)
+    return a is b or (type(a) is type(b) and a == b)  # _MISSING, a bare object, equals only itself
 
 
 def _kept_and_new(base, grown):
@@ -2899,11 +2899,9 @@ def get_session(environ, environ_key="tinysession"):
     Raises SessionError when the app is not wrapped in SessionMiddleware (or
     the middleware was given another ``environ_key``).
     """
-    try:
-        return environ[environ_key]
-    except KeyError:
-        message = f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware"
-        raise SessionError(message) from None
+    if environ_key not in environ:
+        raise SessionError(f"no session at environ[{environ_key!r}]: wrap the app in tinysession.SessionMiddleware")
+    return environ[environ_key]
 
 
 class _SessionBody:
