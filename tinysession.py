@@ -2724,15 +2724,12 @@ class Session(MutableMapping):
         if self._remove_doomed() and self.state == _LOADED:
             self._write(self._key, now)  # another request's change, carried here
 
-    def _record(self):
-        record = {"created": self._created, "data": self._data}
-        return {**record, "log": True} if self._logged else record
-
     def _encode(self, key):
         """Return the record's bytes; EncodeError names the first top-level key the serializer refuses."""
         store = self._settings.store
+        record = {"created": self._created, "data": self._data}
         try:
-            return store.encode(key, self._record())
+            return store.encode(key, {**record, "log": True} if self._logged else record)
         except EncodeError as exc:
             for name, value in dict.items(self._data):
                 try:
