@@ -2539,7 +2539,8 @@ class Session(MutableMapping):
     ``id``: the session's id, as its cookie carries it; None until
     ``cookie()`` or ``save()`` gives it one. ``has_id_cookie``: True if
     the request carries a well-formed session id; only then does
-    ``load()`` do store I/O.
+    ``load()`` do store I/O. These are plain attributes for front ends to
+    read: only the core changes ``state``, ``id`` and ``has_id_cookie``.
     Belongs to one request; not shared between threads.
     """
 

@@ -5,10 +5,11 @@
 A writer saves a new session every 10 ms (bench/run.py's paced_writes) while
 ``sweep(keep=1000)`` runs in a thread over N ten-day-old rows (default
 300,000), for each batch size (``_SQLITE_EVICT_BATCH`` set at run time, the
-module is not edited) and three pauses after each batch's commit, made with
-the sweep's ``progress`` callback (called once per batch): none (what the
-module does), a fixed 5 ms, and as long as the batch took (the lock held at
-most half the time). Prints one Markdown row per run: the writes, the worst
+module is not edited) and three extra pauses after each batch's commit, made
+with the sweep's ``progress`` callback (called once per batch): none (what the
+module does: since this version it leaves the lock free after each batch for
+as long as the batch held it; before, it did not pause at all), a fixed 5 ms,
+and as long as the batch took (on this version, a second such pause). Prints one Markdown row per run: the writes, the worst
 and p99 wait, the count over 100 ms, and the clean's seconds. bench/run.py's
 section 7 times the batch sizes alone (in a thread and in another process,
 with and without CPU hogs); this script is for trying the pause.
@@ -31,7 +32,7 @@ import run  # bench/run.py: build_old_rows, paced_writes
 import tinysession
 
 run.tinysession = tinysession
-PAUSES = (0.0, 0.005, "duty")  # none, 5 ms, as long as the batch took
+PAUSES = (0.0, 0.005, "duty")  # extra: none, 5 ms, as long as the batch took
 
 
 def one_clean(template, directory, batch, pause):
