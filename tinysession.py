@@ -456,10 +456,8 @@ class _Cleaning:
         ``scan()``, in memory bounded by ``keep`` (a heap of the records kept
         so far). A closed store stops the pass at its next batch (StoreError).
         """
-        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
+        floor, keep, started, now = self._sweep_limits(max_age, keep, now)
         self._checked()
-        started = _now() + 0.001  # what _stamp() makes of the present: rounded up, perhaps on probation
-        floor = float("-inf") if cutoff is None else cutoff
         sweep = Sweep()
         kept = []  # min-heap of (returning, mtime, key, size): the `keep` to keep so far
         doomed = []
@@ -497,11 +495,17 @@ class _Cleaning:
         return sweep
 
     def _sweep_limits(self, max_age, keep, now):
-        """Return ``(cutoff, keep, now)`` for a sweep, the store's options filling in the defaults."""
+        """Return ``(floor, keep, started, now)`` for a sweep, the store's options filling in the defaults.
+
+        A record with an mtime below ``floor`` (-inf without a ``max_age``) is
+        expired; one above ``started``, written after the pass began, is never
+        removed. ``started`` is what ``_stamp()`` makes of the present: rounded
+        up, perhaps on probation.
+        """
         max_age = self.max_age if max_age is None else _check_seconds(max_age, "max_age")
         keep = self.max_sessions if keep is None else _check_count(keep, "keep")
         now = _now() if now is None else now
-        return (None if max_age is None else now - max_age), keep, now
+        return (float("-inf") if max_age is None else now - max_age), keep, _now() + 0.001, now
 
     def _sweep_scan(self, now, dry_run):
         """Return what a sweep iterates: ``scan()``, which a store may extend (FileStore removes debris)."""
@@ -728,9 +732,9 @@ class Store(_Cleaning, MutableMapping):
         return None if mtime is None or self._expired(mtime, now) else mtime
 
     def _read_limit(self):
-        """Return the largest stored record size worth reading, or None."""
+        """Return the largest stored record size worth reading: ``sys.maxsize`` without a ``max_bytes``."""
         if self.max_bytes is None:
-            return None
+            return sys.maxsize
         return self.max_bytes + (_SIGNATURE_BYTES if self._signing_keys else 0)
 
     def decode(self, key, data):
@@ -740,8 +744,7 @@ class Store(_Cleaning, MutableMapping):
         the log line says when the secret probably changed.
         """
         try:
-            limit = self._read_limit()
-            if limit is not None and len(data) > limit:
+            if len(data) > self._read_limit():
                 raise ValueError(f"{len(data)} bytes, over the size limit")
             if not self._signing_keys:
                 return self.serializer.loads(data)
@@ -1046,8 +1049,7 @@ class FileStore(Store):
                 if not stat.S_ISREG(status.st_mode):
                     _logger.warning("session file %s is not a regular file: ignored", path)
                     raise KeyError(key)
-                limit = self._read_limit()
-                if limit is not None and status.st_size > limit:
+                if status.st_size > self._read_limit():
                     _logger.warning("session file %s is %d bytes, over the limit: ignored", path, status.st_size)
                     raise KeyError(key)
                 return os.read(fd, status.st_size), status.st_mtime
@@ -1455,8 +1457,7 @@ class SQLiteStore(Store):
             self._checkin(connection)
 
     def read(self, key):
-        limit = self._read_limit()
-        rows = self._execute(_SQL_READ, (2**62 if limit is None else limit, key))
+        rows = self._execute(_SQL_READ, (self._read_limit(), key))
         if not rows:
             raise KeyError(key)
         if rows[0][0] is None:
@@ -1489,9 +1490,7 @@ class SQLiteStore(Store):
         and removed in transactions of at most 250 rows, ``progress`` called
         after each; rows written meanwhile are neither counted nor removed.
         """
-        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        started = _now() + 0.001  # as in Store.sweep
-        floor = float("-inf") if cutoff is None else cutoff
+        floor, keep, started, _ = self._sweep_limits(max_age, keep, now)
         sweep = Sweep()
         with self._connected("clean") as connection:
             tally = self._sql[_SQL_SUMMARY if dry_run else _SQL_TALLY]
@@ -1588,7 +1587,7 @@ class SQLiteStore(Store):
 # The size is checked in the server, so an oversized record never crosses the network.
 _REDIS_READ = """
 local size = redis.call('HSTRLEN', KEYS[1], 'data')
-if ARGV[1] ~= '' and size > tonumber(ARGV[1]) then return {size, redis.call('HGET', KEYS[1], 'mtime')} end
+if size > tonumber(ARGV[1]) then return {size, redis.call('HGET', KEYS[1], 'mtime')} end
 return redis.call('HMGET', KEYS[1], 'data', 'mtime')
 """
 # ARGV[4] is '1' for a conditional write, '2' for a touch (mtime only, an existing record only); ARGV[8]
@@ -1782,8 +1781,7 @@ class RedisStore(Store):
         return [bucket + key, bucket + "#index", bucket + "#log:" + key, bucket + "#probation"]
 
     def read(self, key):
-        limit = self._read_limit()
-        data, mtime = self._script(_REDIS_READ, self._keys(key)[:1], ["" if limit is None else limit])
+        data, mtime = self._script(_REDIS_READ, self._keys(key)[:1], [self._read_limit()])
         if data is None or mtime is None:
             raise KeyError(key)
         if isinstance(data, int):
@@ -1830,9 +1828,8 @@ class RedisStore(Store):
         """
         if dry_run:
             return super().sweep(max_age, keep, now=now, dry_run=True, progress=progress)
-        cutoff, keep, now = self._sweep_limits(max_age, keep, now)
-        started, sweep = repr(_now() + 0.001), Sweep()  # started: as in Store.sweep
-        floor = "-inf" if cutoff is None else repr(cutoff)
+        floor, keep, started, _ = self._sweep_limits(max_age, keep, now)
+        floor, started, sweep = repr(floor), repr(started), Sweep()  # as scores travel: "-inf" for no max_age
         replies = self._pipelined([command for name in self._sets for command in (
             ("ZCARD", name), ("ZCOUNT", name, floor, started),
             ("ZRANGE", name, 0, 0, "WITHSCORES"), ("ZRANGE", name, -1, -1, "WITHSCORES"))])
@@ -1842,7 +1839,7 @@ class RedisStore(Store):
         (progress or _no_progress)(sweep)
         # Loaded for each clean, on every master: a failover may lose the scripts a master had loaded.
         self._evict_sha = self._call(self.client.script_load, _REDIS_EVICT)
-        if cutoff is not None:
+        if floor != "-inf":
             self._evict_lowest(self._sets, "-inf", "(" + floor, sys.maxsize, sweep)
         excess = 0 if keep is None else due - keep
         for sets in (self._sets[:len(self._buckets)], self._sets[len(self._buckets):]):  # probation first
