@@ -573,15 +573,10 @@ class _Cleaning:
 
 _MISSING = object()
 _RETRIES = 16
-_FORKS = []  # [forks of this process since a store first asked]: a child must not use its parent's handles
-
-
-def _forks():
-    """Return how many times this process was forked since the first call, without a system call."""
-    if not _FORKS:
-        _FORKS.append(0)
-        os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
-    return _FORKS[0]
+# [forks of this process], counted without a system call: a store made before a fork must not use its
+# handles in the child.
+_FORKS = [0]
+os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
 
 
 def _refused_once_closed(hook):
@@ -621,7 +616,7 @@ class Store(_Cleaning, MutableMapping):
         self.max_sessions = _check_count(max_sessions, "max_sessions")
         self.max_bytes = _check_count(max_bytes, "max_bytes")
         self._closed = False
-        self._forks = _forks()
+        self._forks = _FORKS[0]
         self._forked()
         self._writes = itertools.count(1)  # its next() is atomic: no lock per write
         self._clean_every = None if self.max_age is None else 1000
@@ -776,8 +771,8 @@ class Store(_Cleaning, MutableMapping):
 
     def _own(self):
         """In a forked child, drop the parent's clean, locks and handles (``_forked``) before any is used."""
-        if self._forks != _forks():
-            self._forks = _forks()
+        if self._forks != _FORKS[0]:
+            self._forks = _FORKS[0]
             self._forked()
 
     def _forked(self):
@@ -3263,6 +3258,10 @@ class ASGISession(dict):
 
     accessed = False  # as in Starlette's session: set by any use of the dict
 
+    def __init__(self, data, core, run):
+        super().__init__(data)
+        self._core, self._run = core, run  # the request's Session, and how it runs store I/O in a thread
+
     def mark_accessed(self):
         """Note that the app used the session: the response then carries ``Vary: Cookie``.
 
@@ -3303,8 +3302,8 @@ class _HeldSend:
     So the session is saved before the client has the whole response (see ``ASGISessionMiddleware``).
     """
 
-    def __init__(self, session, send):
-        self.session, self.core, self._send = session, session._core, send
+    def __init__(self, session, core, run, send):
+        self.session, self.core, self._run, self._send = session, core, run, send
         self.opened = self.completed = None  # the message that opened the response, and the one that ended it
         self.start, self.body, self.sized = [], [], False
 
@@ -3344,7 +3343,7 @@ class _HeldSend:
             if self.opened:  # a socket refused before its accept has no cookie to reach a record: not saved
                 try:
                     if self.core.pending:
-                        await self.session._run(self.core.save)  # while start is held, a failure is a whole 500
+                        await self._run(self.core.save)  # while start is held, a failure is a whole 500
                 except BaseException:
                     if not self.start:
                         _logger.error("session %s could not be saved after the response headers went out: the "
@@ -3414,10 +3413,12 @@ class ASGISessionMiddleware:
 
         in_thread = functools.partial(asyncio.get_running_loop().run_in_executor, self._threads)
         header = self._cookie_header(scope)  # None outside the cookie's path: the core then sends no cookie
-        core = Session(self.settings, header, secure=scope.get("scheme") in ("https", "wss"), data_class=ASGISession)
+        secure = scope.get("scheme") in ("https", "wss")
+        # The app's dict is the core's own data, made by core.load() (core is bound by then) with the core in it.
+        core = Session(self.settings, header, secure=secure,
+                       data_class=lambda data: ASGISession(data, core, in_thread))
         session = scope["session"] = await in_thread(core.load) if core.has_id_cookie else core.load()
-        session._core, session._run = core, in_thread
-        sender = _HeldSend(session, send)
+        sender = _HeldSend(session, core, in_thread, send)
         try:
             await self.app(scope, receive, sender.send)
         except BaseException:
